@@ -1,0 +1,110 @@
+"""The appliance service: owns startup, the event loop and a graceful shutdown.
+
+`Appliance` wires the configured broker, pipeline and proxy together. `run()` is what
+`appliance run` calls: it picks the event loop (uvloop when available), handles SIGINT/SIGTERM and
+returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import signal
+from collections.abc import Callable
+
+from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
+from appliance.config import Config
+from appliance.pipeline import CountingSink, Pipeline
+from appliance.proxy import ProxyServer, SessionLimits
+
+log = logging.getLogger(__name__)
+
+
+def raise_open_file_limit() -> None:
+    """Each client costs the appliance two descriptors (and mosquitto one): lift the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open file limit from %d: %s", soft, exc)
+
+
+class Appliance:
+    def __init__(self, config: Config, *, pipeline: Pipeline | None = None):
+        self.config = config
+        self.verdicts = CountingSink()
+        self.pipeline = pipeline if pipeline is not None else Pipeline(sinks=[self.verdicts])
+        self.broker: EmbeddedBroker | ExternalBroker | None = None
+        self.proxy: ProxyServer | None = None
+        self.events: list[tuple[str, dict[str, object]]] = []
+        self._listeners: list[Callable[[str, dict[str, object]], None]] = []
+
+    def on_event(self, kind: str, detail: dict[str, object]) -> None:
+        log.debug("event %s %s", kind, detail)
+        for listener in self._listeners:
+            listener(kind, detail)
+
+    def add_event_listener(self, listener: Callable[[str, dict[str, object]], None]) -> None:
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        config = self.config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        raise_open_file_limit()
+        self.broker = make_broker(config.broker, config.state_dir, on_event=self.on_event)
+        await self.broker.start()
+        limits = config.limits
+        self.proxy = ProxyServer(
+            host=config.listen.host,
+            port=config.listen.port,
+            pipeline=self.pipeline,
+            endpoint=self.broker.endpoint,
+            limits=SessionLimits(max_packet_size=limits.max_packet_size, max_connect_size=limits.max_connect_size),
+            connect_timeout=limits.connect_timeout,
+            max_connections=limits.max_connections,
+            write_buffer_high=limits.write_buffer_high,
+            on_event=self.on_event,
+        )
+        try:
+            await self.proxy.start()
+        except OSError as exc:
+            await self.broker.stop()
+            raise BrokerError(f"cannot listen on {config.listen}: {exc.strerror}") from exc
+
+    async def stop(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.stop()
+        if self.broker is not None:
+            await self.broker.stop()
+        log.info("stopped")
+
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Run until `stop` is set or SIGINT/SIGTERM arrives, then shut down gracefully."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            await self.stop()
+
+
+def run(config: Config) -> None:
+    """Run the appliance in the foreground; raises BrokerError when it cannot start."""
+    appliance = Appliance(config)
+    if config.use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            log.info("uvloop is not installed; using the default asyncio event loop")
+        else:
+            uvloop.run(appliance.serve())
+            return
+    asyncio.run(appliance.serve())

@@ -1,0 +1,186 @@
+"""The appliance's configuration: declared once, with defaults and help, validated as a whole.
+
+A config file is YAML. Relative paths in it are relative to the file's own directory, so a config
+and its state dir or schema set can move together. Command-line flags override file values through
+`load_config(..., overrides=...)`, and the result is checked again as a whole.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_STATE_DIR = Path("/var/lib/mqtt-appliance")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used: the message names the file and, where known, the line."""
+
+
+class Address(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    host: str
+    port: int = Field(ge=0, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """Parse `HOST:PORT`, `[IPv6]:PORT` or `:PORT` (all interfaces)."""
+        text = text.strip()
+        if text.startswith("["):
+            host, sep, port = text[1:].partition("]:")
+        else:
+            host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        return cls(host=host or "0.0.0.0", port=int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _address(value: Any) -> Any:
+    return Address.parse(value) if isinstance(value, str) else value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSConfig(_Section):
+    ca_file: Path | None = Field(None, description="CA bundle that signs the broker's certificate; system CAs when unset.")
+    cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    key_file: Path | None = Field(None, description="Private key (PEM) of cert_file.")
+    verify_hostname: bool = Field(True, description="Check that the broker's certificate names the host.")
+
+
+class BrokerConfig(_Section):
+    mode: Literal["embedded", "external"] = Field(
+        "embedded",
+        description="embedded: the appliance starts and supervises its own mosquitto on loopback; "
+        "external: front a broker named by host and port.",
+    )
+    mosquitto_binary: str | None = Field(
+        None, description="Path of the mosquitto executable (embedded mode); found on PATH or in /usr/sbin when unset."
+    )
+    host: str = Field("127.0.0.1", description="External broker host (external mode).")
+    port: int | None = Field(None, ge=1, le=65535, description="External broker port (external mode; 1883, or 8883 with TLS).")
+    tls: TLSConfig | None = Field(None, description="Connect to the external broker over TLS with these settings.")
+    username: str | None = Field(
+        None, description="Credentials the proxy presents to the broker in place of each client's own "
+        "(clients still authenticate to the appliance).",
+    )
+    password: str | None = Field(None, description="Password that goes with username.")
+    start_timeout: float = Field(10.0, gt=0, description="Seconds to wait for the embedded mosquitto to accept connections.")
+    restart_backoff_initial: float = Field(0.2, gt=0, description="First delay (s) before restarting a mosquitto that died.")
+    restart_backoff_max: float = Field(10.0, gt=0, description="Longest delay (s) between restarts.")
+    extra_config: list[str] = Field(
+        default_factory=list,
+        description="Extra mosquitto.conf lines appended to the generated config (embedded mode).",
+    )
+
+    @model_validator(mode="after")
+    def _external_needs_port(self) -> BrokerConfig:
+        if self.mode == "external" and self.port is None:
+            raise ValueError("broker.port is required when broker.mode is external")
+        if self.password is not None and self.username is None:
+            raise ValueError("broker.password needs broker.username")
+        return self
+
+
+class LimitsConfig(_Section):
+    max_packet_size: int = Field(
+        1024 * 1024, ge=64, le=268_435_460,
+        description="Largest MQTT packet (bytes) a client may send; larger ones close that client "
+        "(MQTT 5: DISCONNECT 0x95 Packet too large).",
+    )
+    max_connect_size: int = Field(
+        64 * 1024, ge=64, description="Largest first packet (the CONNECT) accepted before the client is known."
+    )
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds a new connection may take to send its CONNECT.")
+    max_connections: int = Field(10_000, ge=1, description="Client connections open at once; more are refused.")
+    write_buffer_high: int = Field(
+        256 * 1024, ge=1024, description="Bytes queued for one peer before the proxy stops reading from the other side."
+    )
+
+
+class Config(BaseModel):
+    """The whole appliance configuration (one YAML file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: Address = Field(
+        Address(host="127.0.0.1", port=1883), description="LAN listener for MQTT clients, HOST:PORT."
+    )
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="Directory for everything the appliance writes.")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The broker behind the proxy.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-client limits.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    use_uvloop: bool = Field(True, description="Run on uvloop when it is installed (faster relay).")
+
+    _listen = field_validator("listen", mode="before")(_address)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make relative paths in the raw YAML relative to the config file's directory."""
+    if isinstance(data.get("state_dir"), str):
+        data["state_dir"] = os.path.normpath(base / data["state_dir"])
+    broker = data.get("broker")
+    if isinstance(broker, dict) and isinstance(broker.get("tls"), dict):
+        for key in ("ca_file", "cert_file", "key_file"):
+            if isinstance(broker["tls"].get(key), str):
+                broker["tls"][key] = os.path.normpath(base / broker["tls"][key])
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read, resolve and validate a config file; `overrides` (dotted keys) win over the file."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: YAML syntax error: {exc.problem}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of settings")
+        data = loaded
+        _resolve_paths(data, path.parent.resolve())
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from exc
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

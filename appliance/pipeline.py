@@ -1,0 +1,128 @@
+"""The governance pipeline: every PUBLISH (and every will) gets a `Verdict` before it goes anywhere.
+
+Checks decide; sinks record. Neither knows about sockets: the proxy hands a `Message` to
+`Pipeline.judge()` and acts on the verdict it returns. Checks (topic allowlist, schemas, rules) and
+sinks (audit log, quarantine, outbox, metrics) plug in through the two small protocols below.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from appliance.mqtt import Properties, ProtocolVersion, ReasonCode
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Who sent a message, as the appliance saw them (mosquitto only ever sees the proxy)."""
+
+    client_id: str
+    username: str | None
+    peer: str
+    protocol_version: ProtocolVersion
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    client: ClientInfo
+    properties: Properties = Properties.EMPTY
+    is_will: bool = False
+    received_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """Why a check rejected a message: which check, against what, and the details."""
+
+    check: str
+    message: str
+    schema: str | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    accepted: bool
+    reasons: tuple[Reason, ...] = ()
+    # What an MQTT 5 publisher is told when the message is rejected.
+    reason_code: ReasonCode = ReasonCode.SUCCESS
+    # "reject": answer and drop the message; "disconnect": also close the client.
+    action: Literal["reject", "disconnect"] = "reject"
+
+    @classmethod
+    def reject(
+        cls,
+        *reasons: Reason,
+        reason_code: ReasonCode = ReasonCode.PAYLOAD_FORMAT_INVALID,
+        action: Literal["reject", "disconnect"] = "reject",
+    ) -> Verdict:
+        return cls(False, reasons, reason_code, action)
+
+    @property
+    def reason_text(self) -> str:
+        return "; ".join(reason.message for reason in self.reasons)
+
+
+ACCEPT = Verdict(True)
+
+
+class Check(Protocol):
+    """One governance check. Returns None to pass the message on to the next check."""
+
+    name: str
+
+    def check(self, message: Message) -> Verdict | None: ...
+
+
+class Sink(Protocol):
+    """Receives every verdict, after the fact. Must be fast: it runs on the event loop."""
+
+    def record(self, message: Message, verdict: Verdict) -> None: ...
+
+
+class Pipeline:
+    """Runs checks in order (the first rejection wins) and hands the verdict to every sink.
+
+    In dry-run mode every verdict is computed and recorded, but the proxy is told to accept.
+    """
+
+    __slots__ = ("_checks", "_sinks", "dry_run")
+
+    def __init__(self, checks: Sequence[Check] = (), sinks: Iterable[Sink] = (), *, dry_run: bool = False):
+        self._checks = tuple(checks)
+        self._sinks = tuple(sinks)
+        self.dry_run = dry_run
+
+    def judge(self, message: Message) -> Verdict:
+        verdict = ACCEPT
+        for check in self._checks:
+            result = check.check(message)
+            if result is not None and not result.accepted:
+                verdict = result
+                break
+        for sink in self._sinks:
+            sink.record(message, verdict)
+        return ACCEPT if self.dry_run else verdict
+
+
+class CountingSink:
+    """Counts verdicts and keeps the last few; for tests and the status command."""
+
+    def __init__(self, keep: int = 1000):
+        self.counts: Counter[str] = Counter()
+        self.recent: list[tuple[Message, Verdict]] = []
+        self._keep = keep
+
+    def record(self, message: Message, verdict: Verdict) -> None:
+        self.counts["accept" if verdict.accepted else "reject"] += 1
+        self.recent.append((message, verdict))
+        if len(self.recent) > self._keep:
+            del self.recent[: len(self.recent) - self._keep]

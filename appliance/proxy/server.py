@@ -1,0 +1,328 @@
+"""The one module that owns sockets: the LAN listener and every client's two legs.
+
+Each accepted client gets a `ClientLeg` protocol and, once its CONNECT has passed, a `BrokerLeg`
+to the broker. Both feed a `Session` and write what it queued, one write per received batch.
+Flow control: when one leg's write buffer passes the high-water mark, the other leg stops reading.
+Closing follows EVIDENCE.md pitfall 2: the broker leg is half-closed (EOF) and read to its end,
+never reset, so mosquitto processes every PUBLISH it was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+
+from appliance.broker import BrokerEndpoint
+from appliance.pipeline import Pipeline
+from appliance.proxy.session import BrokerCredentials, Session, SessionLimits, State
+
+log = logging.getLogger(__name__)
+
+# How long a half-closed broker leg may take to finish before it is aborted.
+BROKER_DRAIN_TIMEOUT_S = 10.0
+
+EventCallback = Callable[[str, dict[str, object]], None]
+
+
+def _peer_name(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer or "unknown")
+
+
+class ClientLeg(asyncio.Protocol):
+    def __init__(self, server: ProxyServer):
+        self._server = server
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.broker: BrokerLeg | None = None
+        self._broker_task: asyncio.Task[None] | None = None
+        self._connect_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._reading_paused = False
+
+    # asyncio.Protocol ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        server = self._server
+        peer = _peer_name(transport)
+        if len(server.clients) >= server.max_connections:
+            log.warning("refusing %s: %d connections open (limits.max_connections)", peer, len(server.clients))
+            transport.abort()
+            self._closed = True
+            return
+        server.clients.add(self)
+        transport.set_write_buffer_limits(high=server.write_buffer_high)
+        self.session = Session(
+            peer=peer, pipeline=server.pipeline, limits=server.limits, broker_credentials=server.broker_credentials
+        )
+        self._connect_timer = asyncio.get_running_loop().call_later(server.connect_timeout, self._on_connect_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            return
+        session.client_data(data)
+        self.flush()
+
+    def eof_received(self) -> bool:
+        # The client half-closed. Pass the EOF on and keep reading the broker leg to its end, so the
+        # broker handles every PUBLISH it was sent (and publishes the will if there was no DISCONNECT).
+        if self.broker is not None:
+            self.broker.write_eof()
+        else:
+            self._close_transport()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._server.clients.discard(self)
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+        if self.broker is not None:
+            self.broker.write_eof()
+        elif self._broker_task is not None:
+            self._broker_task.cancel()
+        session = self.session
+        if session is not None and session.client is not None:
+            self._server.emit(
+                "client_disconnected",
+                {"client_id": session.client.client_id, "peer": session.peer, "reason": session.close_reason or (str(exc) if exc else "closed")},
+            )
+
+    def pause_writing(self) -> None:
+        if self.broker is not None:
+            self.broker.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.broker is not None:
+            self.broker.resume_reading()
+
+    # the session's requests ----------------------------------------------------------------------
+
+    def flush(self) -> None:
+        session = self.session
+        assert session is not None
+        transport = self.transport
+        assert transport is not None
+        if session.to_client:
+            if not self._closed:
+                transport.write(b"".join(session.to_client))
+            session.to_client.clear()
+        if session.to_broker and self.broker is not None:
+            self.broker.write(b"".join(session.to_broker))
+            session.to_broker.clear()
+        if session.want_broker and self._broker_task is None and self.broker is None:
+            self._broker_task = asyncio.get_running_loop().create_task(self._open_broker(), name=f"broker-leg {session.peer}")
+            if self._connect_timer is not None:
+                self._connect_timer.cancel()
+                self._connect_timer = None
+        if session.close_broker and self.broker is not None:
+            self.broker.write_eof()
+        if session.close_client:
+            if session.close_reason and session.state is State.CLOSED:
+                log.info("closing %s: %s", session.describe(), session.close_reason)
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        if not self._closed and self.transport is not None:
+            self._closed = True
+            self.transport.close()
+
+    def _on_connect_timeout(self) -> None:
+        assert self.session is not None
+        self.session.connect_timeout()
+        self.flush()
+
+    async def _open_broker(self) -> None:
+        session = self.session
+        assert session is not None
+        endpoint = self._server.endpoint()
+        try:
+            if endpoint is None:
+                raise ConnectionRefusedError("the broker is not running")
+            loop = asyncio.get_running_loop()
+            _, leg = await loop.create_connection(
+                lambda: BrokerLeg(self), endpoint.host, endpoint.port,
+                ssl=endpoint.ssl, server_hostname=endpoint.server_hostname,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("cannot reach the broker for %s: %s", session.describe(), exc)
+            session.broker_unavailable()
+            self.flush()
+            return
+        finally:
+            self._broker_task = None
+        if self._closed and not session.to_broker:
+            leg.write_eof()
+            return
+        self.broker = leg
+        assert session.client is not None
+        self._server.emit(
+            "client_connected",
+            {"client_id": session.client.client_id, "peer": session.peer, "protocol_version": int(session.version or 0)},
+        )
+        self.flush()
+        if self._closed:
+            leg.write_eof()
+
+    # called by the broker leg --------------------------------------------------------------------
+
+    def from_broker(self, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        session.broker_data(data)
+        self.flush()
+
+    def broker_closed(self) -> None:
+        self.broker = None
+        self._close_transport()
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and not self._closed and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and not self._closed and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def shutdown(self) -> None:
+        if self.session is not None and not self._closed:
+            self.session.shutdown()
+            self.flush()
+
+
+class BrokerLeg(asyncio.Protocol):
+    def __init__(self, client: ClientLeg):
+        self._client = client
+        self.transport: asyncio.Transport | None = None
+        self._eof_sent = False
+        self._closed = False
+        self._reading_paused = False
+        self._drain_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        transport.set_write_buffer_limits(high=self._client._server.write_buffer_high)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self._client.from_broker(data)
+
+    def eof_received(self) -> bool:
+        return False  # the broker is done: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        self._client.broker_closed()
+
+    def pause_writing(self) -> None:
+        self._client.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._client.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if not self._eof_sent and not self._closed and self.transport is not None:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        """Half-close: the broker reads everything we sent, then closes; abort if it takes too long."""
+        if self._eof_sent or self._closed or self.transport is None:
+            return
+        self._eof_sent = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+        self.resume_reading()
+        self._drain_timer = asyncio.get_running_loop().call_later(BROKER_DRAIN_TIMEOUT_S, self.abort)
+
+    def abort(self) -> None:
+        if not self._closed and self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and not self._closed and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and not self._closed and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+
+class ProxyServer:
+    """The LAN listener. `start()` binds, `stop()` stops accepting and closes every client."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        pipeline: Pipeline,
+        endpoint: Callable[[], BrokerEndpoint | None],
+        limits: SessionLimits = SessionLimits(),
+        connect_timeout: float = 10.0,
+        max_connections: int = 10_000,
+        write_buffer_high: int = 256 * 1024,
+        on_event: EventCallback | None = None,
+    ):
+        self.host = host
+        self.port = port
+        self.pipeline = pipeline
+        self.endpoint = endpoint
+        self.limits = limits
+        self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self.write_buffer_high = write_buffer_high
+        self.clients: set[ClientLeg] = set()
+        self._on_event = on_event
+        self._server: asyncio.base_events.Server | None = None
+
+    @property
+    def broker_credentials(self) -> BrokerCredentials | None:
+        endpoint = self.endpoint()
+        if endpoint is None or endpoint.username is None:
+            return None
+        return BrokerCredentials(endpoint.username, endpoint.password)
+
+    def emit(self, kind: str, detail: dict[str, object]) -> None:
+        if self._on_event is not None:
+            self._on_event(kind, detail)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientLeg(self), self.host, self.port, reuse_address=True, backlog=1024
+        )
+        sockets = self._server.sockets
+        if sockets and self.port == 0:
+            self.port = sockets[0].getsockname()[1]
+        log.info("listening for MQTT clients on %s:%d", self.host, self.port)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.close()
+        for client in list(self.clients):
+            client.shutdown()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.clients and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for client in list(self.clients):
+            if client.transport is not None:
+                client.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -168,7 +169,8 @@ class Client:
             try:
                 got.append(self.messages.get(timeout=max(remaining, 0.001)))
             except queue.Empty:
-                raise AssertionError(f"expected {count} messages, got {len(got)}: {got}") from None
+                last = got[-1] if got else None
+                raise AssertionError(f"expected {count} messages, got {len(got)} (last: {last})") from None
         return got
 
     def expect_none(self, within: float = 0.3) -> None:
@@ -248,3 +250,14 @@ def drain(clients: Iterable[Client]) -> None:
             client.disconnect()
         except Exception:  # noqa: BLE001 - best-effort cleanup in tests
             client.paho.loop_stop()
+
+
+def mosquitto_sub(port: int, topic: str, count: int, *, client_id: str, qos: int = 1) -> subprocess.Popen[str]:
+    """A mosquitto_sub counting `count` messages, subscribed before this returns.
+
+    It subscribes once with a persistent session and exits (-E), then a second mosquitto_sub resumes
+    that session: messages published from now on are queued for it even before it reconnects.
+    """
+    args = ["mosquitto_sub", "-p", str(port), "-t", topic, "-q", str(qos), "-c", "-i", client_id]
+    subprocess.run([*args, "-E"], check=True, timeout=30)
+    return subprocess.Popen([*args, "-C", str(count), "-W", "60"], stdout=subprocess.PIPE, text=True)

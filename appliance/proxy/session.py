@@ -107,7 +107,7 @@ class Session:
         # Aliases whose topic the broker does not know (set by a message we rejected).
         self._stale_aliases: set[int] = set()
         self._alias_maximum = 0
-        # MQTT 3.1.1 QoS 2 packet ids the proxy answered itself: their PUBREL is ours to answer.
+        # QoS 2 packet ids the proxy answered itself: their PUBREL is ours to answer.
         self._proxy_qos2: set[int] = set()
         self._reason_strings = True
         self._client_max_packet: int | None = None
@@ -129,12 +129,12 @@ class Session:
                 kind = frame.first_byte >> 4
                 if self.state is State.AWAIT_CONNECT:
                     if kind != _CONNECT:
-                        raise RemoteProtocolError(ReasonCode.PROTOCOL_ERROR, "the first packet must be CONNECT")
+                        raise RemoteProtocolError("the first packet must be CONNECT", ReasonCode.PROTOCOL_ERROR)
                     self._on_connect(frame.first_byte, frame.body, frame.raw)
                 elif kind == _PUBLISH:
                     self._on_publish(frame.first_byte, frame.body, frame.raw)
                 elif kind == _CONNECT:
-                    raise RemoteProtocolError(ReasonCode.PROTOCOL_ERROR, "second CONNECT on one connection")
+                    raise RemoteProtocolError("second CONNECT on one connection", ReasonCode.PROTOCOL_ERROR)
                 elif kind == _PUBREL and self._proxy_qos2:
                     self._on_pubrel(frame.first_byte, frame.body, frame.raw)
                 else:
@@ -207,13 +207,13 @@ class Session:
 
     def _resolve_alias(self, alias: int, topic: str) -> str:
         if alias == 0 or alias > self._alias_maximum:
-            raise RemoteProtocolError(ReasonCode.TOPIC_ALIAS_INVALID, f"topic alias {alias} out of range")
+            raise RemoteProtocolError(f"topic alias {alias} out of range", ReasonCode.TOPIC_ALIAS_INVALID)
         if topic:
             self._aliases[alias] = topic
             return topic
         known = self._aliases.get(alias)
         if known is None:
-            raise RemoteProtocolError(ReasonCode.PROTOCOL_ERROR, f"topic alias {alias} was never set")
+            raise RemoteProtocolError(f"topic alias {alias} was never set", ReasonCode.PROTOCOL_ERROR)
         return known
 
     def _reject(self, qos: int, packet_id: int | None, verdict: Verdict) -> None:
@@ -234,8 +234,10 @@ class Session:
         else:
             # 3.1.1 has no way to say "rejected": a plain ack stops the publisher from retrying.
             ack = Puback(packet_id) if qos == 1 else Pubrec(packet_id)
-            if qos == 2:
-                self._proxy_qos2.add(packet_id)
+        if qos == 2:
+            # A 3.1.1 client answers our PUBREC with PUBREL, and so do some MQTT 5 clients (paho)
+            # even after a failure code: the broker never saw this id, so the PUBCOMP is ours.
+            self._proxy_qos2.add(packet_id)
         self._acks.inject(encode_packet(ack, self.version), self.to_client)
 
     def _reason_properties(self, text: str) -> Properties:

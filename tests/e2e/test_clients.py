@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import Client, paho_props, wait_until
+from tests.helpers import Client, mosquitto_sub, paho_props, wait_until
 
 VERSIONS = [pytest.param(4, id="mqtt311"), pytest.param(5, id="mqtt5")]
 
@@ -143,15 +143,7 @@ def test_mqtt5_user_properties_pass_through(appliance):
 
 def test_mosquitto_clients(appliance):
     lines = [f'{{"seq":{i}}}' for i in range(2000)]
-    sub_args = ["mosquitto_sub", "-p", str(appliance.port), "-t", "bulk/#", "-q", "1", "-c", "-i", "bulk-sub"]
-    # Subscribe once with a persistent session and exit (-E), so the subscription exists before
-    # anything is published; the second mosquitto_sub resumes that session and counts messages.
-    subprocess.run([*sub_args, "-E"], check=True, timeout=30)
-    sub = subprocess.Popen([*sub_args, "-C", str(len(lines)), "-W", "60"], stdout=subprocess.PIPE, text=True)
-    wait_until(
-        lambda: sum(1 for kind, d in appliance.events if kind == "client_connected" and d["client_id"] == "bulk-sub") == 2,
-        message="subscriber resumed its session",
-    )
+    sub = mosquitto_sub(appliance.port, "bulk/#", len(lines), client_id="bulk-sub")
     pub = subprocess.run(
         ["mosquitto_pub", "-p", str(appliance.port), "-t", "bulk/data", "-q", "1", "-l"],
         input="\n".join(lines) + "\n", text=True, capture_output=True, timeout=60,

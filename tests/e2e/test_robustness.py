@@ -1,0 +1,162 @@
+"""Bad input, many clients and a dying broker: each failure closes only the client it concerns."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from appliance.mqtt import (
+    NEED_DATA, Connack, Connect, Decoder, Disconnect, ProtocolVersion, Publish, ReasonCode, Suback,
+    Subscribe, Subscription, encode_packet,
+)
+from tests.helpers import Client, RawClient, wait_until
+
+
+@pytest.fixture
+def bystander(appliance):
+    """A subscriber and a publisher that must keep working while others misbehave."""
+    sub = Client(appliance.port, version=5).connect()
+    sub.subscribe("alive/#", qos=1)
+    pub = Client(appliance.port, version=5).connect()
+
+    def still_served(tag: str) -> None:
+        pub.publish(f"alive/{tag}", tag.encode(), qos=1)
+        [got] = sub.expect(1)
+        assert got.payload == tag.encode()
+
+    still_served("before")
+    yield still_served
+    sub.disconnect()
+    pub.disconnect()
+
+
+def test_garbage_bytes_close_only_that_connection(appliance, bystander):
+    raw = RawClient(appliance.port)
+    raw.send_raw(os.urandom(64) + b"\x00" * 16)
+    assert raw.closed_by_peer()
+    bystander("after-garbage")
+
+
+def test_connect_claiming_256mb_is_refused_at_once(appliance, bystander):
+    raw = RawClient(appliance.port)
+    # Fixed header of a CONNECT whose remaining length is 268,435,455 bytes; nothing else follows.
+    raw.send_raw(b"\x10\xff\xff\xff\x7f")
+    assert raw.closed_by_peer()
+    bystander("after-huge-connect")
+
+
+def test_publish_over_max_packet_size_gets_0x95(tmp_path):
+    from tests.conftest import make_config
+    from tests.helpers import RunningAppliance
+
+    running = RunningAppliance(make_config(tmp_path, **{"limits.max_packet_size": 4096})).start()
+    try:
+        raw = RawClient(running.port)
+        raw.send(Connect(client_id="big", protocol_version=ProtocolVersion.MQTT_5))
+        assert raw.receive().reason_code == 0
+        raw.send(Publish("t", b"x" * 5000, qos=1, packet_id=1))
+        assert raw.receive() == Disconnect(ReasonCode.PACKET_TOO_LARGE)
+        assert raw.receive() is None
+    finally:
+        running.stop()
+
+
+def test_client_that_never_sends_connect_times_out(appliance, bystander):
+    raw = RawClient(appliance.port)  # connect_timeout is 1 s in the test config
+    assert raw.closed_by_peer()
+    bystander("after-silent-client")
+
+
+def test_disconnect_mid_packet(appliance, bystander):
+    raw = RawClient(appliance.port)
+    raw.send(Connect(client_id="half", protocol_version=ProtocolVersion.MQTT_5))
+    assert raw.receive().reason_code == 0
+    packet = encode_packet(Publish("alive/half", b"x" * 100, qos=1, packet_id=1), ProtocolVersion.MQTT_5)
+    raw.send_raw(packet[:40])
+    raw.close()
+    bystander("after-half-packet")
+
+
+def test_first_packet_not_connect(appliance, bystander):
+    raw = RawClient(appliance.port)
+    raw.send(Publish("alive/x", b"sneaky"))
+    assert raw.receive() is None
+    bystander("after-no-connect")
+
+
+def test_protocol_error_after_connect_gets_mqtt5_disconnect(appliance, bystander):
+    raw = RawClient(appliance.port)
+    raw.send(Connect(client_id="twice", protocol_version=ProtocolVersion.MQTT_5))
+    assert raw.receive().reason_code == 0
+    raw.send(Connect(client_id="twice", protocol_version=ProtocolVersion.MQTT_5))
+    assert raw.receive() == Disconnect(ReasonCode.PROTOCOL_ERROR)
+    assert raw.receive() is None
+    bystander("after-second-connect")
+
+
+def test_unsupported_protocol_version(appliance):
+    raw = RawClient(appliance.port, ProtocolVersion.MQTT_3_1_1)  # the answer every version can read
+    raw.send_raw(b"\x10\x0c\x00\x04MQTT\x07\x02\x00\x3c\x00\x00")  # protocol level 7
+    assert raw.receive() == Connack(reason_code=1)
+    assert raw.receive() is None
+
+
+def test_500_concurrent_clients(appliance):
+    """500 MQTT 5 clients connect at once, each subscribes to its own topic and gets its message."""
+    port = appliance.port
+    count = 500
+
+    async def one(i: int, ready: asyncio.Barrier) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        decoder = Decoder(version=ProtocolVersion.MQTT_5)
+
+        async def receive():  # noqa: ANN202
+            while (packet := decoder.next_packet()) is NEED_DATA:
+                data = await reader.read(65536)
+                assert data, "connection closed"
+                decoder.receive_data(data)
+            return packet
+
+        v5 = ProtocolVersion.MQTT_5
+        writer.write(encode_packet(Connect(client_id=f"c{i}", protocol_version=v5), v5))
+        writer.write(encode_packet(Subscribe(1, (Subscription(f"many/{i}", qos=1),)), v5))
+        assert (await receive()).reason_code == 0
+        assert isinstance(await receive(), Suback)
+        await ready.wait()  # every client is subscribed: now publish to the next one
+        writer.write(encode_packet(Publish(f"many/{(i + 1) % count}", f"hello {i}".encode()), v5))
+        packet = await receive()
+        writer.write(encode_packet(Disconnect(), v5))
+        writer.close()
+        return packet.payload
+
+    async def main() -> list[bytes]:
+        ready = asyncio.Barrier(count)
+        return await asyncio.wait_for(asyncio.gather(*(one(i, ready) for i in range(count))), 60)
+
+    payloads = asyncio.run(main())
+    assert sorted(payloads) == sorted(f"hello {i}".encode() for i in range(count))
+
+
+def test_mosquitto_killed_is_restarted_and_clients_reconnect(appliance):
+    broker = appliance.app.broker
+    old_pid = broker.pid
+    sub = Client(appliance.port, version=5).connect()
+    sub.subscribe("r/#", qos=1)
+    os.kill(old_pid, signal.SIGKILL)
+    sub.disconnected.wait(10)
+    assert sub.disconnected.is_set(), "client not told that the broker died"
+    wait_until(lambda: broker.restarts == 1 and broker.endpoint() is not None, message="mosquitto restarted")
+    assert broker.pid != old_pid
+    assert any(kind == "broker_restart" for kind, _ in appliance.events)
+    sub.paho.loop_stop()
+    again = Client(appliance.port, version=5).connect()
+    again.subscribe("r/#", qos=1)
+    pub = Client(appliance.port, version=5).connect()
+    pub.publish("r/1", b"after restart", qos=1)
+    [got] = again.expect(1)
+    assert got.payload == b"after restart"
+    again.disconnect()
+    pub.disconnect()

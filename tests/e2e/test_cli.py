@@ -1,0 +1,146 @@
+"""`appliance run` as a user runs it: a real process, stopped by a signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.broker import free_loopback_port, render_mosquitto_conf
+from tests.helpers import Client, wait_until
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "appliance", "run", *args],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _wait_listening(proc: subprocess.Popen[str], port: int) -> None:
+    def ready() -> bool:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            import socket
+
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    wait_until(ready, timeout=20, message="appliance listening")
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_run_until_signal_then_exit_0(tmp_path, signum):
+    port = free_loopback_port()
+    config = tmp_path / "appliance.yaml"
+    config.write_text("listen: 127.0.0.1:1\nstate_dir: state\nbroker:\n  mode: embedded\n")
+    proc = _start(["--config", str(config), "--listen", f"127.0.0.1:{port}", "--verbose"], tmp_path)
+    try:
+        _wait_listening(proc, port)
+        mosquitto = [pid for pid in _children(proc.pid) if "mosquitto" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(mosquitto) == 1
+        assert (tmp_path / "state" / "mosquitto" / "mosquitto.conf").exists()  # relative to the config file
+        client = Client(port, version=5).connect()
+        client.subscribe("x", qos=1)
+        client.publish("x", b"1", qos=1)
+        client.expect(1)
+        proc.send_signal(signum)
+        output, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0, output
+        client.disconnected.wait(5)
+        assert client.disconnected.is_set()
+        assert client.disconnect_reason.value == 0x8B  # MQTT 5: server shutting down
+        assert not Path(f"/proc/{mosquitto[0]}").exists() or "zombie" in Path(f"/proc/{mosquitto[0]}/status").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_broken_config_is_a_clear_error(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("listen: 127.0.0.1:1883\nbroker:\n  mode: [oops\n")
+    proc = _start(["--config", str(config)], tmp_path)
+    output, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    assert f"{config}:4:1: YAML syntax error" in output  # where PyYAML notices the unclosed list
+
+    config.write_text("listen: 127.0.0.1:1883\nbroker:\n  mode: sideways\nunknown_key: 1\n")
+    output = subprocess.run([sys.executable, "-m", "appliance", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=20).stderr
+    assert "broker.mode" in output and "unknown_key" in output
+
+
+def test_listen_address_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _start(["--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "s")], tmp_path)
+        output, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in output
+
+
+def test_external_broker_mode(tmp_path):
+    """Front a mosquitto the user runs, with credentials the proxy presents in place of the client's."""
+    broker_port = free_loopback_port()
+    data = tmp_path / "ext"
+    data.mkdir()
+    passwd = data / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "gateway", "s3cret"], check=True)
+    conf = render_mosquitto_conf(port=broker_port, data_dir=data, extra=[]).replace(
+        "allow_anonymous true", f"allow_anonymous false\npassword_file {passwd}"
+    )
+    (data / "mosquitto.conf").write_text(conf)
+    mosquitto = subprocess.Popen(["mosquitto", "-c", str(data / "mosquitto.conf")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_loopback_port()
+    config = tmp_path / "appliance.yaml"
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\nstate_dir: state\n"
+        f"broker:\n  mode: external\n  host: 127.0.0.1\n  port: {broker_port}\n"
+        "  username: gateway\n  password: s3cret\n"
+    )
+    proc = _start(["--config", str(config)], tmp_path)
+    try:
+        wait_until(lambda: _can_connect(broker_port), message="external mosquitto up")
+        _wait_listening(proc, port)
+        sub = Client(port, version=4).connect()
+        sub.paho.username_pw_set("someone", "their-own")
+        sub.subscribe("ext/#", qos=1)
+        pub = Client(port, version=5).connect()
+        pub.publish("ext/1", b"through", qos=1)
+        [got] = sub.expect(1)
+        assert got.payload == b"through"
+        assert _children(proc.pid) == []  # no embedded mosquitto in external mode
+        sub.disconnect()
+        pub.disconnect()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        mosquitto.terminate()
+        mosquitto.wait(10)
+
+
+def _can_connect(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False

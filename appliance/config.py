@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import yaml
@@ -184,3 +185,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def iter_settings(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every setting as (dotted key, pydantic FieldInfo), sections included: for docs and their test."""
+    for name, info in model.model_fields.items():
+        yield prefix + name, info
+        for candidate in getattr(info.annotation, "__args__", (info.annotation,)):
+            if isinstance(candidate, type) and issubclass(candidate, _Section):
+                yield from iter_settings(candidate, f"{prefix}{name}.")

@@ -151,3 +151,40 @@ def test_mosquitto_clients(appliance):
     assert pub.returncode == 0, pub.stderr
     out, _ = sub.communicate(timeout=60)
     assert out.splitlines() == lines
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_keepalive_ping_and_silent_client_gets_will(appliance, version):
+    from appliance.mqtt import Connect, Pingreq, Pingresp, ProtocolVersion, Will
+    from tests.helpers import RawClient
+
+    v = ProtocolVersion(version)
+    watcher = Client(appliance.port, version=version).connect()
+    watcher.subscribe("ka/#", qos=1)
+    raw = RawClient(appliance.port, v)
+    raw.send(Connect(client_id="ka", protocol_version=v, keepalive=1, will=Will("ka/gone", b"silent")))
+    assert raw.receive().reason_code == 0
+    raw.send(Pingreq())
+    assert raw.receive() == Pingresp()
+    # Now silent: the broker enforces 1.5 × keepalive through the proxy and publishes the will.
+    [will] = watcher.expect(1, timeout=10)
+    assert will.payload == b"silent"
+    assert raw.receive() is None
+    watcher.disconnect()
+
+
+def test_plain_asyncio_event_loop(config):
+    from tests.helpers import RunningAppliance
+
+    running = RunningAppliance(config, uvloop=False).start()
+    try:
+        sub = Client(running.port, version=5).connect()
+        sub.subscribe("loop/#", qos=2)
+        pub = Client(running.port, version=4).connect()
+        for qos in (0, 1, 2):
+            pub.publish(f"loop/{qos}", b"x", qos=qos)
+        assert sorted(m.topic for m in sub.expect(3)) == ["loop/0", "loop/1", "loop/2"]
+        sub.disconnect()
+        pub.disconnect()
+    finally:
+        running.stop()

@@ -5,7 +5,7 @@ mosquitto broker and records both directions of every connection. The test
 suite replays the recording stored in fixtures/packets/captured.json; run this
 file to refresh it:
 
-    PYTHONPATH=. python tests/mqtt/mqtt_capture.py
+    python -m tests.mqtt.mqtt_capture
 """
 
 from __future__ import annotations

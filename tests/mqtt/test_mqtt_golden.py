@@ -9,7 +9,7 @@ from appliance.mqtt import (
     NEED_DATA, Decoder, FrameReader, PacketType, ProtocolVersion, ReasonCode, RemoteProtocolError,
     decode_packet, encode_packet,
 )
-from mqtt_golden import GOLDEN, golden_bytes
+from tests.mqtt.mqtt_golden import GOLDEN, golden_bytes
 
 CASES = [pytest.param(version, golden_bytes(hex_text), packet, id=name)
          for name, version, hex_text, packet in GOLDEN]

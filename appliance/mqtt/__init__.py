@@ -39,7 +39,7 @@ Nothing in this package does I/O or knows about asyncio.
 
 from .connection import Decoder
 from .errors import LocalProtocolError, RemoteProtocolError
-from .framing import NEED_DATA, Frame, FrameReader
+from .framing import NEED_DATA, Frame, FrameReader, read_fixed_header
 from .packets import (
     Auth, Connack, Connect, Disconnect, Packet, PacketType, Pingreq, Pingresp, ProtocolVersion,
     Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Subscription, Unsuback,
@@ -54,7 +54,7 @@ __all__ = [
     "NEED_DATA", "ProtocolVersion", "PacketType", "ReasonCode", "ConnectReturnCode", "PropertyId",
     "Properties", "Packet", "Connect", "Will", "Connack", "Publish", "Puback", "Pubrec", "Pubrel",
     "Pubcomp", "Subscribe", "Subscription", "Suback", "Unsubscribe", "Unsuback", "Pingreq",
-    "Pingresp", "Disconnect", "Auth", "Frame", "FrameReader", "Decoder", "decode_packet",
+    "Pingresp", "Disconnect", "Auth", "Frame", "FrameReader", "read_fixed_header", "Decoder", "decode_packet",
     "decode_publish", "encode_packet", "encode_publish", "RemoteProtocolError",
     "LocalProtocolError",
 ]

@@ -15,7 +15,7 @@ from typing import NamedTuple
 from .errors import RemoteProtocolError
 from .reason_codes import ReasonCode
 
-__all__ = ["NEED_DATA", "Frame", "FrameReader", "MAX_PACKET_SIZE"]
+__all__ = ["NEED_DATA", "Frame", "FrameReader", "MAX_PACKET_SIZE", "read_fixed_header"]
 
 # Largest packet MQTT can express: 1 type byte + 4 length bytes + 268435455.
 MAX_PACKET_SIZE = 268_435_460
@@ -75,44 +75,10 @@ class FrameReader:
     def next_frame(self) -> Frame | _NeedData:
         buf = self._buf
         pos = self._pos
-        avail = len(buf) - pos
-        if avail < 2:
-            if avail and not buf[pos] >> 4:
-                raise RemoteProtocolError("packet type 0 is reserved")
+        header = read_fixed_header(buf, pos, len(buf), self.max_packet_size)
+        if header is None or header[2] > len(buf):
             return NEED_DATA
-        first = buf[pos]
-        if not first >> 4:
-            raise RemoteProtocolError("packet type 0 is reserved")
-        byte = buf[pos + 1]
-        if byte < 0x80:
-            length = byte
-            header = 2
-        else:
-            length = byte & 0x7F
-            header = 2
-            shift = 7
-            while True:
-                if header == 5:
-                    raise RemoteProtocolError("remaining length longer than 4 bytes")
-                if header >= avail:
-                    return NEED_DATA
-                byte = buf[pos + header]
-                header += 1
-                length |= (byte & 0x7F) << shift
-                if byte < 0x80:
-                    if not byte:
-                        raise RemoteProtocolError("remaining length not in its shortest form")
-                    break
-                shift += 7
-        total = header + length
-        if total > self.max_packet_size:
-            raise RemoteProtocolError(
-                f"packet of {total} bytes exceeds the maximum of {self.max_packet_size}",
-                ReasonCode.PACKET_TOO_LARGE,
-            )
-        if avail < total:
-            return NEED_DATA
-        end = pos + total
+        first, body_start, end = header
         raw = bytes(buf[pos:end])
         if end == len(buf):
             buf.clear()
@@ -122,4 +88,51 @@ class FrameReader:
             self._pos = 0
         else:
             self._pos = end
-        return Frame(first, raw, header)
+        return Frame(first, raw, body_start - pos)
+
+
+def read_fixed_header(buf: bytes | bytearray, pos: int, end: int, max_packet_size: int = MAX_PACKET_SIZE) -> tuple[int, int, int] | None:
+    """The fixed header of the packet starting at `buf[pos]`, reading no further than `end`.
+
+    Returns `(first_byte, body_start, packet_end)` as offsets into `buf` once the header is complete
+    (`packet_end` may lie beyond `end`: the body has not all arrived), or None while the header
+    itself is incomplete. Raises RemoteProtocolError for packet type 0, a malformed remaining
+    length, or a packet larger than `max_packet_size` (known from the header alone).
+    This is the zero-copy primitive under `FrameReader`, for relays that forward runs of packets.
+    """
+    avail = end - pos
+    if avail < 2:
+        if avail > 0 and not buf[pos] >> 4:
+            raise RemoteProtocolError("packet type 0 is reserved")
+        return None
+    first = buf[pos]
+    if not first >> 4:
+        raise RemoteProtocolError("packet type 0 is reserved")
+    byte = buf[pos + 1]
+    if byte < 0x80:
+        length = byte
+        header = 2
+    else:
+        length = byte & 0x7F
+        header = 2
+        shift = 7
+        while True:
+            if header == 5:
+                raise RemoteProtocolError("remaining length longer than 4 bytes")
+            if header >= avail:
+                return None
+            byte = buf[pos + header]
+            header += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                if not byte:
+                    raise RemoteProtocolError("remaining length not in its shortest form")
+                break
+            shift += 7
+    total = header + length
+    if total > max_packet_size:
+        raise RemoteProtocolError(
+            f"packet of {total} bytes exceeds the maximum of {max_packet_size}",
+            ReasonCode.PACKET_TOO_LARGE,
+        )
+    return first, pos + header, pos + total

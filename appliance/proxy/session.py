@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from dataclasses import dataclass, replace
 
 from appliance.mqtt import (
-    NEED_DATA,
     Connack,
     Connect,
     ConnectReturnCode,
     Disconnect,
-    FrameReader,
     PacketType,
     Properties,
     PropertyId,
@@ -29,6 +28,7 @@ from appliance.mqtt import (
     RemoteProtocolError,
     decode_packet,
     decode_publish,
+    read_fixed_header,
     encode_packet,
 )
 from appliance.pipeline import ClientInfo, Message, Pipeline, Verdict
@@ -36,13 +36,13 @@ from appliance.proxy.acks import CONNACK_BARRIER, AckOrder
 
 log = logging.getLogger(__name__)
 
-_PUBLISH = PacketType.PUBLISH
-_CONNECT = PacketType.CONNECT
-_PUBREL = PacketType.PUBREL
-_PUBACK = PacketType.PUBACK
-_PUBREC = PacketType.PUBREC
-_CONNACK = PacketType.CONNACK
-_DISCONNECT = PacketType.DISCONNECT
+_PUBLISH = int(PacketType.PUBLISH)
+_CONNECT = int(PacketType.CONNECT)
+_PUBREL = int(PacketType.PUBREL)
+_PUBACK = int(PacketType.PUBACK)
+_PUBREC = int(PacketType.PUBREC)
+_CONNACK = int(PacketType.CONNACK)
+_DISCONNECT = int(PacketType.DISCONNECT)
 _MQTT5 = ProtocolVersion.MQTT_5
 
 # Reason strings are a courtesy to the publisher; keep them short.
@@ -74,7 +74,8 @@ class Session:
     __slots__ = (
         "peer", "client", "version", "state", "close_reason",
         "to_client", "to_broker", "want_broker", "close_client", "close_broker",
-        "_pipeline", "_limits", "_credentials", "_client_frames", "_broker_frames", "_acks",
+        "_pipeline", "_limits", "_credentials", "_max_packet_size", "_acks",
+        "_client_pending", "_client_need", "_broker_pending", "_broker_need",
         "_aliases", "_stale_aliases", "_alias_maximum", "_proxy_qos2", "_reason_strings",
         "_client_max_packet", "_client_disconnected",
     )
@@ -100,8 +101,12 @@ class Session:
         self._pipeline = pipeline
         self._limits = limits
         self._credentials = broker_credentials
-        self._client_frames = FrameReader(limits.max_connect_size)
-        self._broker_frames = FrameReader()
+        # Until CONNECT has arrived, only a small first packet is accepted from a stranger.
+        self._max_packet_size = limits.max_connect_size
+        self._client_pending = bytearray()  # an incomplete packet, waiting for more bytes
+        self._client_need = 0  # its total size, when its header is complete
+        self._broker_pending = bytearray()
+        self._broker_need = 0
         self._acks = AckOrder()
         self._aliases: dict[int, str] = {}
         # Aliases whose topic the broker does not know (set by a message we rejected).
@@ -114,44 +119,77 @@ class Session:
         self._client_disconnected = False
 
     # -- client → broker -------------------------------------------------------------------------
+    #
+    # Both directions scan packet headers in place (read_fixed_header) and relay runs of packets as
+    # one slice of the received chunk: no per-packet copies or objects except for what is judged.
 
     def client_data(self, data: bytes) -> None:
         if self.state is State.CLOSED:
             return
-        frames = self._client_frames
-        frames.feed(data)
+        if self._client_pending:
+            self._client_pending += data
+            if len(self._client_pending) < self._client_need:
+                return  # a large packet still arriving: don't rescan it for every chunk
+            data = bytes(self._client_pending)
+            self._client_pending = bytearray()
+        size = len(data)
+        pos = run = 0  # data[run:pos] is a run of packets to relay as they are
         to_broker = self.to_broker
+        max_size = self._max_packet_size
         try:
-            while True:
-                frame = frames.next_frame()
-                if frame is NEED_DATA:
-                    return
-                kind = frame.first_byte >> 4
-                if self.state is State.AWAIT_CONNECT:
+            while pos < size:
+                header = read_fixed_header(data, pos, size, max_size)
+                if header is None or header[2] > size:
+                    break
+                first, body, end = header
+                kind = first >> 4
+                if kind == _PUBLISH and self.state is not State.AWAIT_CONNECT:
+                    forward = self._on_publish(first, data[body:end])
+                    if forward is not True:
+                        if run < pos:
+                            to_broker.append(data[run:pos])
+                        if forward is not None:
+                            to_broker.append(forward)
+                        run = end
+                elif self.state is State.AWAIT_CONNECT:
                     if kind != _CONNECT:
                         raise RemoteProtocolError("the first packet must be CONNECT", ReasonCode.PROTOCOL_ERROR)
-                    self._on_connect(frame.first_byte, frame.body, frame.raw)
-                elif kind == _PUBLISH:
-                    self._on_publish(frame.first_byte, frame.body, frame.raw)
+                    self._on_connect(first, data[body:end], data[pos:end])
+                    run = end
+                    max_size = self._max_packet_size
                 elif kind == _CONNECT:
                     raise RemoteProtocolError("second CONNECT on one connection", ReasonCode.PROTOCOL_ERROR)
                 elif kind == _PUBREL and self._proxy_qos2:
-                    self._on_pubrel(frame.first_byte, frame.body, frame.raw)
-                else:
-                    if kind == _DISCONNECT:
-                        self._client_disconnected = True
-                    to_broker.append(frame.raw)
+                    packet_id = int.from_bytes(data[body : body + 2], "big")
+                    if packet_id in self._proxy_qos2:
+                        if run < pos:
+                            to_broker.append(data[run:pos])
+                        run = end
+                        self._proxy_qos2.discard(packet_id)
+                        self.to_client.append(encode_packet(Pubcomp(packet_id), self.version))
+                elif kind == _DISCONNECT:
+                    self._client_disconnected = True
+                pos = end
                 if self.state is State.CLOSED:
                     return
         except RemoteProtocolError as exc:
+            if run < pos:
+                to_broker.append(data[run:pos])  # the packets before the bad one were fine
             self._protocol_error(exc)
+            return
+        if run < pos:
+            to_broker.append(data if run == 0 and pos == size else data[run:pos])
+        if pos < size:
+            self._client_pending = bytearray(data[pos:])
+            header = read_fixed_header(data, pos, size, max_size)
+            self._client_need = header[2] - pos if header else 0
 
     def _on_connect(self, first_byte: int, body: bytes, raw: bytes) -> None:
         connect = decode_packet(first_byte, body, ProtocolVersion.MQTT_5)
         assert isinstance(connect, Connect)
         version = self.version = connect.protocol_version
         self.client = ClientInfo(connect.client_id, connect.username, self.peer, version)
-        self._client_frames.max_packet_size = self._limits.max_packet_size
+        self._max_packet_size = self._limits.max_packet_size
         if version is _MQTT5:
             props = connect.properties
             self._reason_strings = props.get(PropertyId.REQUEST_PROBLEM_INFORMATION, 1) == 1
@@ -180,7 +218,8 @@ class Session:
         self.to_client.append(encode_packet(connack, self.version))
         self._close(f"will refused: {verdict.reason_text}", broker=False)
 
-    def _on_publish(self, first_byte: int, body: bytes, raw: bytes) -> None:
+    def _on_publish(self, first_byte: int, body: bytes) -> bytes | bool | None:
+        """Judge one PUBLISH: True to relay it as it is, bytes to relay instead, None to drop it."""
         publish = decode_publish(first_byte, body, self.version)
         topic = publish.topic
         alias = None
@@ -190,20 +229,20 @@ class Session:
                 topic = self._resolve_alias(alias, topic)
         assert self.client is not None
         verdict = self._pipeline.judge(
-            Message(topic, publish.payload, publish.qos, publish.retain, self.client, publish.properties)
+            Message(topic, publish.payload, publish.qos, publish.retain, self.client, publish.properties, False, time.time())
         )
         if verdict.accepted:
-            if alias is not None and alias in self._stale_aliases:
-                if not publish.topic:
-                    raw = encode_packet(replace(publish, topic=topic), _MQTT5)
-                self._stale_aliases.discard(alias)
-            self.to_broker.append(raw)
             if publish.qos:
                 self._acks.wait_for(publish.packet_id)  # type: ignore[arg-type]
-            return
+            if alias is not None and alias in self._stale_aliases:
+                self._stale_aliases.discard(alias)
+                if not publish.topic:
+                    return encode_packet(replace(publish, topic=topic), _MQTT5)
+            return True
         if alias is not None and publish.topic:
             self._stale_aliases.add(alias)
         self._reject(publish.qos, publish.packet_id, verdict)
+        return None
 
     def _resolve_alias(self, alias: int, topic: str) -> str:
         if alias == 0 or alias > self._alias_maximum:
@@ -249,38 +288,49 @@ class Session:
             return Properties.EMPTY
         return Properties(((PropertyId.REASON_STRING, text),))
 
-    def _on_pubrel(self, first_byte: int, body: bytes, raw: bytes) -> None:
-        packet_id = int.from_bytes(body[:2], "big")
-        if packet_id in self._proxy_qos2:
-            self._proxy_qos2.discard(packet_id)
-            self.to_client.append(encode_packet(Pubcomp(packet_id), self.version))
-        else:
-            self.to_broker.append(raw)
-
     # -- broker → client -------------------------------------------------------------------------
 
     def broker_data(self, data: bytes) -> None:
-        frames = self._broker_frames
-        frames.feed(data)
+        if self._broker_pending:
+            self._broker_pending += data
+            if len(self._broker_pending) < self._broker_need:
+                return
+            data = bytes(self._broker_pending)
+            self._broker_pending = bytearray()
+        size = len(data)
+        pos = run = 0
         to_client = self.to_client
         acks = self._acks
         try:
-            while True:
-                frame = frames.next_frame()
-                if frame is NEED_DATA:
-                    return
-                kind = frame.first_byte >> 4
+            while pos < size:
+                header = read_fixed_header(data, pos, size)
+                if header is None or header[2] > size:
+                    break
+                first, body, end = header
+                kind = first >> 4
                 if (kind == _PUBACK or kind == _PUBREC) and len(acks):
-                    to_client.append(frame.raw)
-                    offset = frame.body_offset
-                    acks.acked(int.from_bytes(frame.raw[offset : offset + 2], "big"), to_client)
+                    # The broker acked a forwarded message: acks the proxy queued behind it may go.
+                    to_client.append(data[run:end])
+                    run = end
+                    acks.acked(int.from_bytes(data[body : body + 2], "big"), to_client)
                 elif kind == _CONNACK and self.state is State.CONNECTING:
-                    self._on_connack(frame.first_byte, frame.body, frame.raw)
-                else:
-                    to_client.append(frame.raw)
+                    if run < pos:
+                        to_client.append(data[run:pos])
+                    run = end
+                    self._on_connack(first, data[body:end], data[pos:end])
+                pos = end
         except RemoteProtocolError as exc:
             log.error("broker sent a malformed packet to %s: %s", self.describe(), exc)
+            if run < pos:
+                to_client.append(data[run:pos])
             self._close("malformed packet from the broker")
+            return
+        if run < pos:
+            to_client.append(data if run == 0 and pos == size else data[run:pos])
+        if pos < size:
+            self._broker_pending = bytearray(data[pos:])
+            header = read_fixed_header(data, pos, size)
+            self._broker_need = header[2] - pos if header else 0
 
     def _on_connack(self, first_byte: int, body: bytes, raw: bytes) -> None:
         connack = decode_packet(first_byte, body, self.version)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
 from appliance.config import Config
+from appliance.governance import Governance, load_schema_set
 from appliance.pipeline import CountingSink, Pipeline
 from appliance.proxy import ProxyServer, SessionLimits
 
@@ -33,9 +34,17 @@ def raise_open_file_limit() -> None:
 
 class Appliance:
     def __init__(self, config: Config, *, pipeline: Pipeline | None = None):
+        """Build the appliance; a broken schema set raises SchemaSetError here, before anything starts."""
         self.config = config
-        self.verdicts = CountingSink()
-        self.pipeline = pipeline if pipeline is not None else Pipeline(sinks=[self.verdicts])
+        self.verdicts = CountingSink(keep=20)  # the last few verdicts, for tests and `status`
+        self.governance: Governance | None = None
+        if pipeline is None:
+            checks = []
+            if config.schemas is not None:
+                self.governance = Governance(load_schema_set(config.schemas))
+                checks.append(self.governance)
+            pipeline = Pipeline(checks, [self.verdicts], dry_run=config.dry_run)
+        self.pipeline = pipeline
         self.broker: EmbeddedBroker | ExternalBroker | None = None
         self.proxy: ProxyServer | None = None
         self.events: list[tuple[str, dict[str, object]]] = []
@@ -54,6 +63,9 @@ class Appliance:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         raise_open_file_limit()
         self.broker = make_broker(config.broker, config.state_dir, on_event=self.on_event)
+        if self.governance is not None:
+            schema_set = self.governance.schema_set
+            log.info("schema set %s from %s%s", schema_set.version, schema_set.directory, " (dry run: verdicts are recorded, everything is delivered)" if self.pipeline.dry_run else "")
         await self.broker.start()
         limits = config.limits
         self.proxy = ProxyServer(

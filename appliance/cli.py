@@ -10,6 +10,8 @@ import click
 
 from appliance.broker import BrokerError
 from appliance.config import Address, ConfigError, load_config
+from appliance.governance import SchemaSetError, load_schema_set
+from appliance.governance.schemaset import describe_schema_set
 
 
 def _setup_logging(level: str) -> None:
@@ -32,10 +34,19 @@ def main() -> None:
 @click.option("--listen", metavar="HOST:PORT", help="LAN listener for MQTT clients (overrides `listen`).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Directory for everything the appliance writes (overrides `state_dir`).")
+@click.option("--schemas", type=click.Path(file_okay=False, path_type=Path),
+              help="Schema set directory to enforce (overrides `schemas`).")
+@click.option("--dry-run", is_flag=True, default=None,
+              help="Record every verdict but deliver every message (overrides `dry_run`).")
 @click.option("--verbose", "-v", is_flag=True, help="Log debug messages.")
-def run(config_path: Path | None, listen: str | None, state_dir: Path | None, verbose: bool) -> None:
+def run(config_path: Path | None, listen: str | None, state_dir: Path | None, schemas: Path | None,
+        dry_run: bool | None, verbose: bool) -> None:
     """Run the appliance in the foreground until SIGINT or SIGTERM."""
     overrides: dict[str, object] = {}
+    if schemas is not None:
+        overrides["schemas"] = schemas.resolve()
+    if dry_run:
+        overrides["dry_run"] = True
     if listen is not None:
         try:
             overrides["listen"] = Address.parse(listen)
@@ -54,5 +65,30 @@ def run(config_path: Path | None, listen: str | None, state_dir: Path | None, ve
 
     try:
         run_appliance(config)
-    except BrokerError as exc:
+    except (BrokerError, SchemaSetError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="APPLIANCE_CONFIG",
+              help="Config file to check, with the schema set it names.")
+@click.option("--schemas", type=click.Path(file_okay=False, path_type=Path),
+              help="Schema set directory to check (overrides the config's `schemas`).")
+def check(config_path: Path | None, schemas: Path | None) -> None:
+    """Check a config and its schema set offline; exit 1 listing every problem (for CI)."""
+    if config_path is None and schemas is None:
+        raise click.UsageError("give --config FILE, --schemas DIR, or both")
+    try:
+        config = load_config(config_path, {"schemas": schemas.resolve()} if schemas else None)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if config_path is not None:
+        click.echo(f"config {config_path}: ok")
+    if config.schemas is None:
+        click.echo("no schema set configured: every message would be accepted")
+        return
+    try:
+        schema_set = load_schema_set(config.schemas)
+    except SchemaSetError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(describe_schema_set(schema_set))

@@ -119,6 +119,14 @@ class Config(BaseModel):
         Address(host="127.0.0.1", port=1883), description="LAN listener for MQTT clients, HOST:PORT."
     )
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="Directory for everything the appliance writes.")
+    schemas: Path | None = Field(
+        None,
+        description="Schema set directory (manifest.yaml and its schema files) every PUBLISH is checked "
+        "against. Without one, every message is accepted.",
+    )
+    dry_run: bool = Field(
+        False, description="Compute and record every verdict, but deliver every message (try a schema set on live traffic)."
+    )
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The broker behind the proxy.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-client limits.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
@@ -129,8 +137,9 @@ class Config(BaseModel):
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make relative paths in the raw YAML relative to the config file's directory."""
-    if isinstance(data.get("state_dir"), str):
-        data["state_dir"] = os.path.normpath(base / data["state_dir"])
+    for key in ("state_dir", "schemas"):
+        if isinstance(data.get(key), str):
+            data[key] = os.path.normpath(base / data[key])
     broker = data.get("broker")
     if isinstance(broker, dict) and isinstance(broker.get("tls"), dict):
         for key in ("ca_file", "cert_file", "key_file"):

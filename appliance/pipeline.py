@@ -7,11 +7,10 @@ sinks (audit log, quarantine, outbox, metrics) plug in through the two small pro
 
 from __future__ import annotations
 
-import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Protocol
 
 from appliance.mqtt import Properties, ProtocolVersion, ReasonCode
 
@@ -26,8 +25,10 @@ class ClientInfo:
     protocol_version: ProtocolVersion
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
+    """One PUBLISH (or will) to judge. Immutable; a NamedTuple because one is built per message and
+    a frozen dataclass costs four times as much to construct (0.7 vs 0.2 µs)."""
+
     topic: str
     payload: bytes
     qos: int
@@ -35,7 +36,7 @@ class Message:
     client: ClientInfo
     properties: Properties = Properties.EMPTY
     is_will: bool = False
-    received_at: float = field(default_factory=time.time)
+    received_at: float = 0.0  # time.time() when the proxy read it; 0.0 when not from the proxy
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,11 @@ class Verdict:
     reason_code: ReasonCode = ReasonCode.SUCCESS
     # "reject": answer and drop the message; "disconnect": also close the client.
     action: Literal["reject", "disconnect"] = "reject"
+    # What judged it, for the audit log: the schema set's version, the mapping's topic filter and
+    # the schema's name (e.g. "temperature:v1"), where one applied.
+    schema_set: str | None = None
+    topic_filter: str | None = None
+    schema: str | None = None
 
     @classmethod
     def reject(
@@ -63,8 +69,11 @@ class Verdict:
         *reasons: Reason,
         reason_code: ReasonCode = ReasonCode.PAYLOAD_FORMAT_INVALID,
         action: Literal["reject", "disconnect"] = "reject",
+        schema_set: str | None = None,
+        topic_filter: str | None = None,
+        schema: str | None = None,
     ) -> Verdict:
-        return cls(False, reasons, reason_code, action)
+        return cls(False, reasons, reason_code, action, schema_set, topic_filter, schema)
 
     @property
     def reason_text(self) -> str:
@@ -75,7 +84,8 @@ ACCEPT = Verdict(True)
 
 
 class Check(Protocol):
-    """One governance check. Returns None to pass the message on to the next check."""
+    """One governance check. Returns a rejection, or an acceptance that says what judged the
+    message (kept for the sinks unless a later check rejects), or None when it has no opinion."""
 
     name: str
 
@@ -105,9 +115,10 @@ class Pipeline:
         verdict = ACCEPT
         for check in self._checks:
             result = check.check(message)
-            if result is not None and not result.accepted:
+            if result is not None:
                 verdict = result
-                break
+                if not result.accepted:
+                    break
         for sink in self._sinks:
             sink.record(message, verdict)
         return ACCEPT if self.dry_run else verdict
@@ -118,11 +129,8 @@ class CountingSink:
 
     def __init__(self, keep: int = 1000):
         self.counts: Counter[str] = Counter()
-        self.recent: list[tuple[Message, Verdict]] = []
-        self._keep = keep
+        self.recent: deque[tuple[Message, Verdict]] = deque(maxlen=keep)
 
     def record(self, message: Message, verdict: Verdict) -> None:
         self.counts["accept" if verdict.accepted else "reject"] += 1
         self.recent.append((message, verdict))
-        if len(self.recent) > self._keep:
-            del self.recent[: len(self.recent) - self._keep]

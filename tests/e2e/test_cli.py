@@ -144,3 +144,37 @@ def _can_connect(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_demo_config_and_sets():
+    result = _cli("check", "--config", str(REPO / "fixtures" / "demo" / "appliance.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "schema set v1" in result.stdout and "ok" in result.stdout
+    result = _cli("check", "--schemas", str(REPO / "schemas" / "v2"))
+    assert result.returncode == 0 and "schema set v2" in result.stdout
+
+
+def test_check_and_run_refuse_a_broken_set(tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(REPO / "schemas" / "v1", broken)
+    (broken / "temperature.json").write_text('{"type": "object",')
+    result = _cli("check", "--schemas", str(broken))
+    assert result.returncode == 1
+    assert f"{broken / 'temperature.json'}:1:" in result.stderr
+    result = _cli("run", "--schemas", str(broken), "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "s"))
+    assert result.returncode == 1 and "temperature.json" in result.stderr
+    assert not (tmp_path / "s" / "mosquitto").exists()  # refused before starting anything
+
+
+def test_check_needs_something_to_check():
+    result = _cli("check")
+    assert result.returncode == 2 and "--config" in result.stderr

@@ -1,0 +1,233 @@
+"""CEL rules: named boolean expressions over a decoded payload, its topic and its client.
+
+A rule is compiled once, when its schema set loads (`compile_rule`, which raises `RuleError` naming
+the rule and the line:column of the problem), and evaluated on the hot path of every message it
+applies to. The binding is Google's cel-cpp through `cel-expr-python`
+(docs/decisions/0002-cel-binding.md).
+
+Variables a rule can use (build them with `make_activation`, once per message):
+
+- `payload`: the decoded payload as the schema decoded it: a map, a list or a scalar (`null`
+  when the mapping has no schema). JSON objects are maps with string keys, so
+  `payload.device_id`, `payload.readings[0].value` and `has(payload.battery)` work.
+- `topic`: the topic levels, a `list(string)`: for `sensors/dev-7/climate`, `topic[1]` is
+  `"dev-7"` and `size(topic)` is 3. A leading `/` makes `topic[0]` the empty string.
+- `topic_name`: the whole topic, a `string`.
+- `client`: a `map(string, string)` with `id` (the MQTT client id), `username` (`""` when the
+  client sent none) and `peer` (the address the client connected from, `host:port`).
+
+Numbers: JSON `21` arrives as a CEL `int` and `21.5` as a `double`. Comparisons work across the two
+(`payload.temperature >= -40.0` holds for the int 21, and `21 == 21.0`), so range checks need
+nothing special. Arithmetic does not mix them: `payload.temperature * 1.8` fails on an int
+temperature; write `double(payload.temperature) * 1.8`. Payload values are handed over unchanged
+(converting ints to doubles would lose precision on large ids and break `list[index]`).
+Integers beyond int64 become `uint` up to 2^64-1; larger ones make the rule fail.
+
+Results: a rule passes only when it evaluates to `true`. `false`, an evaluation error (a missing
+key, division by zero, an int mixed with a double in arithmetic, an index out of range) and a
+non-bool result are all a `RuleFailure`; nothing raises on the hot path. `has(payload.x)` tests
+for a key, and `||` / `&&` absorb errors on the side they don't need (`!has(payload.x) ||
+payload.x > 0`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from cel_expr_python import cel  # type: ignore[import-untyped]  # ships .pyi but no py.typed
+
+__all__ = ["Rule", "RuleError", "RuleFailure", "RuleSet", "compile_rule", "make_activation"]
+
+
+class RuleError(Exception):
+    """A rule that does not compile. str() names the rule, where (line:column, 1-based, within the
+    expression) and the expression; the schema-set loader adds the manifest file and line."""
+
+    def __init__(
+        self,
+        rule: str,
+        expression: str,
+        problem: str,
+        line: int | None = None,
+        column: int | None = None,
+    ):
+        self.rule = rule
+        self.expression = expression
+        self.problem = problem
+        self.line = line
+        self.column = column
+        where = f" at {line}:{column}" if line is not None else ""
+        super().__init__(
+            f"rule {rule!r} does not compile{where}: {problem} (expression: {expression!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RuleFailure:
+    """Why a message broke a rule: the rule's name and a sentence for the audit log and reason string."""
+
+    rule: str
+    message: str
+
+
+_S = cel.Type.STRING
+_VARIABLES = {
+    "payload": cel.Type.DYN,
+    "topic": cel.Type.List(_S),
+    "topic_name": _S,
+    "client": cel.Type.Map(_S, _S),
+}
+_BOOL = cel.Type.BOOL
+_DYN = cel.Type.DYN
+_ERROR = cel.Type.ERROR
+
+
+@cache
+def _env() -> Any:
+    # Built on first use, not at import: NewEnv takes ~18 ms (the standard library's declarations).
+    return cel.NewEnv(variables=_VARIABLES)
+
+
+class Rule:
+    """One compiled rule. Evaluating it is thread-safe and can be repeated any number of times."""
+
+    __slots__ = ("_failed", "_program", "expression", "name")
+
+    name: str
+    expression: str
+
+    def __init__(self, name: str, expression: str, program: Any):
+        self.name = name
+        self.expression = expression
+        self._program = program
+        self._failed = RuleFailure(name, f"rule {name!r} failed: {expression}")
+
+    def __repr__(self) -> str:
+        return f"Rule({self.name!r}, {self.expression!r})"
+
+    def evaluate(self, activation: Mapping[str, object]) -> RuleFailure | None:
+        """None if the rule holds for this message, else why not. Never raises for the message's sake."""
+        return self._judge(self._program.eval(data=activation))
+
+    def _judge(self, result: Any) -> RuleFailure | None:
+        value = result.value()
+        if value is True:
+            return None
+        if value is False:
+            return self._failed
+        kind = result.type()
+        if kind == _ERROR:
+            return RuleFailure(
+                self.name, f"rule {self.name!r} could not be evaluated: {_explain(value)}"
+            )
+        return RuleFailure(
+            self.name,
+            f"rule {self.name!r} must give a bool, but gave {kind.name().lower()} {value!r}",
+        )
+
+
+def compile_rule(name: str, expression: str) -> Rule:
+    """Parse and type-check `expression` against the rule variables; raise RuleError if it can't hold."""
+    try:
+        program = _env().compile(expression)
+    except RuntimeError as exc:
+        problem, line, column = _compile_problem(str(exc))
+        raise RuleError(name, expression, problem, line, column) from None
+    returns = program.return_type()
+    if returns != _BOOL and returns != _DYN:
+        raise RuleError(
+            name, expression, f"a rule must give a bool, this one gives {returns.name().lower()}"
+        )
+    return Rule(name, expression, program)
+
+
+def make_activation(
+    payload: object, topic: str, client_id: str, username: str | None, peer: str
+) -> Mapping[str, object]:
+    """The variables for one message, built once and shared by every rule that judges it."""
+    return {
+        "payload": payload,
+        "topic": topic.split("/"),
+        "topic_name": topic,
+        "client": {"id": client_id, "username": username or "", "peer": peer},
+    }
+
+
+class RuleSet:
+    """The rules of one mapping, evaluated in manifest order; the first failure decides.
+
+    First, not all: a message is rejected with one reason either way, later rules often assume what
+    earlier ones checked (`has(payload.x)` then `payload.x > 0`), and stopping early keeps the hot path
+    at one evaluation per rule that passed."""
+
+    __slots__ = ("_single", "rules")
+
+    def __init__(self, rules: Sequence[Rule]):
+        self.rules = tuple(rules)
+        self._single = self.rules[0] if len(self.rules) == 1 else None
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def evaluate(self, activation: Mapping[str, object]) -> RuleFailure | None:
+        if self._single is not None:
+            return self._single.evaluate(activation)
+        if not self.rules:
+            return None
+        # Converting the variables once and reusing them is cheaper from the second rule on.
+        bound = _env().Activation(activation)
+        for rule in self.rules:
+            failure = rule._judge(rule._program.eval(bound))
+            if failure is not None:
+                return failure
+        return None
+
+
+# cel-cpp's compile errors: "INVALID_ARGUMENT: ERROR: <input>:1:22: Syntax error: ...\n | src\n | ..^"
+# (one ERROR per problem; line and column are 1-based).
+_COMPILE_ERROR = re.compile(r"ERROR: <input>:(\d+):(\d+): (.*)")
+# Evaluation errors start with an absl status code ("NOT_FOUND: ...") that means nothing to a rule author.
+_STATUS = re.compile(r"^[A-Z_]+: ")
+_NO_KEY = re.compile(r'Key not found in map : "(.*)"$')
+_NO_OVERLOAD = re.compile(r"No matching overloads found : (.*)$")
+
+
+def _compile_problem(text: str) -> tuple[str, int | None, int | None]:
+    found = _COMPILE_ERROR.findall(text)
+    if not found:
+        return _STATUS.sub("", text, count=1).removesuffix(" [INVALID_ARGUMENT]"), None, None
+    problems = [(line, column, _tidy(problem)) for line, column, problem in found]
+    line, column, problem = problems[0]
+    if len(problems) > 1:
+        problem += (
+            f" (and {len(problems) - 1} more: "
+            + "; ".join(f"{ln}:{col}: {p}" for ln, col, p in problems[1:])
+            + ")"
+        )
+    return problem, int(line), int(column)
+
+
+def _tidy(problem: str) -> str:
+    problem = problem.removesuffix(" [INVALID_ARGUMENT]")
+    if problem.endswith(" (in container '')"):
+        problem = (
+            problem.removesuffix(" (in container '')") + f" (variables: {', '.join(_VARIABLES)})"
+        )
+    return problem
+
+
+def _explain(error: object) -> str:
+    text = _STATUS.sub("", str(error), count=1)
+    if match := _NO_KEY.match(text):
+        return f"no such key: {match[1]}"
+    if match := _NO_OVERLOAD.match(text):
+        signature = match[1]
+        hint = ""
+        if "int64" in signature and "double" in signature:
+            hint = " (CEL does not mix int and double in arithmetic: write double(x))"
+        return f"no operator or function for {signature}{hint}"
+    return text

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from appliance.governance.topics import TopicTrie
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """The MQTT definition, written plainly, to check the trie against."""
+    f, t = topic_filter.split("/"), topic.split("/")
+    if topic.startswith("$") and f[0] in ("+", "#"):
+        return False
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i >= len(t) or (level != "+" and level != t[i]):
+            return False
+    return len(f) == len(t)
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "topic", "expected"),
+    [
+        ("sensor/+/temperature", "sensor/t1/temperature", True),
+        ("sensor/+/temperature", "sensor/t1/humidity", False),
+        ("sensor/+/temperature", "sensor/temperature", False),
+        ("events/#", "events", True),
+        ("events/#", "events/a/b/c", True),
+        ("#", "anything/at/all", True),
+        ("#", "$SYS/broker", False),
+        ("+/x", "$SYS/x", False),
+        ("$SYS/#", "$SYS/broker", True),
+        ("a/+", "a/", True),
+        ("+", "", True),
+        ("/+", "/x", True),
+    ],
+)
+def test_mqtt_matching(topic_filter, topic, expected):
+    trie: TopicTrie[int] = TopicTrie()
+    trie.insert(topic_filter, 1)
+    assert bool(trie.match(topic)) is expected
+    assert matches(topic_filter, topic) is expected
+
+
+def test_most_specific_first():
+    trie: TopicTrie[str] = TopicTrie()
+    for f in ["#", "sensor/#", "sensor/+/temperature", "sensor/t1/temperature", "sensor/+/+"]:
+        trie.insert(f, f)
+    assert [f for f, _ in trie.match("sensor/t1/temperature")] == [
+        "sensor/t1/temperature", "sensor/+/temperature", "sensor/+/+", "sensor/#", "#",
+    ]
+    assert trie.best("other") == ("#", "#")
+    assert len(trie) == 5
+
+
+@pytest.mark.parametrize("bad", ["a/#/b", "a+", "", "$share/g/a"])
+def test_invalid_filters_refused(bad):
+    with pytest.raises(ValueError):
+        TopicTrie().insert(bad, 1)
+
+
+levels = st.sampled_from(["a", "b", "", "$x"])
+filters = st.lists(st.sampled_from(["a", "b", "", "+"]), min_size=1, max_size=4).flatmap(
+    lambda ls: st.sampled_from(["/".join(ls), "/".join([*ls, "#"]), "#"])
+).filter(bool)
+
+
+@given(st.lists(filters, min_size=1, max_size=6, unique=True), st.lists(levels, min_size=1, max_size=5))
+def test_trie_agrees_with_definition(filter_list, topic_levels):
+    topic = "/".join(topic_levels)
+    trie: TopicTrie[str] = TopicTrie()
+    for f in filter_list:
+        trie.insert(f, f)
+    assert sorted(f for f, _ in trie.match(topic)) == sorted(f for f in filter_list if matches(f, topic))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from appliance.bench import bench
 from appliance.broker import BrokerError
 from appliance.config import Address, ConfigError, load_config
 from appliance.governance import SchemaSetError, load_schema_set
@@ -92,3 +93,5 @@ def check(config_path: Path | None, schemas: Path | None) -> None:
     except SchemaSetError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(describe_schema_set(schema_set))
+
+main.add_command(bench)

@@ -1,0 +1,83 @@
+"""`appliance bench`: the command-line face of the benchmark."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from appliance.bench.load import RunResult
+from appliance.bench.processes import BenchError
+from appliance.bench.report import render_tables, to_json
+from appliance.bench.runner import BenchOptions, run_benchmark
+from appliance.bench.scenarios import REFERENCE, SCENARIOS
+
+QUICK_MESSAGES = 10_000
+QUICK_RUNS = 1
+# mosquitto_pub -l at QoS 1 disconnects early once its packet identifiers wrap (after 65,535
+# messages): it sees the ack of an earlier message with the last identifier and stops.
+MAX_MESSAGES_QOS1 = 65_535
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds, so every scenario and client is stopped
+
+
+def _progress(result: RunResult) -> None:
+    label = "warm-up" if result.round == 0 else f"run {result.round}"
+    if result.ok:
+        assert result.msg_per_s is not None
+        outcome = f"{result.msg_per_s:>9,.0f} msg/s"
+    else:
+        outcome = f"FAILED: {result.error}"
+    click.echo(f"  {label:<7} QoS {result.qos} {result.load:<12} {result.scenario:<10} {outcome}", err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quick", is_flag=True,
+              help=f"A smoke run under a minute: {QUICK_MESSAGES:,} messages, {QUICK_RUNS} run (unless given).")
+@click.option("--runs", type=click.IntRange(min=1), help="Measured runs per scenario and load; medians are reported. [default: 3]")
+@click.option("--messages", type=click.IntRange(min=1, max=999_999), help="Messages per run; at most 65,535 with QoS 1. [default: 50,000]")
+@click.option("--warmup/--no-warmup", default=True, show_default=True, help="Run once first and discard it.")
+@click.option("--scenario", "scenarios", multiple=True, type=click.Choice(list(SCENARIOS)),
+              help=f"Scenario to run (repeatable). [default: all; {REFERENCE} is always included for the ratios]")
+@click.option("--qos", "qos", multiple=True, type=click.Choice(["0", "1"]), help="QoS to run (repeatable). [default: 0 and 1]")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True, path_type=Path),
+              help="Also write medians, ratios and every raw run to this file.")
+def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool, scenarios: tuple[str, ...],
+          qos: tuple[str, ...], json_file: Path | None) -> None:
+    """Measure throughput, CPU and memory: bare mosquitto versus the appliance in front of it.
+
+    One `mosquitto_pub -l` publisher and one `mosquitto_sub` subscriber per run; every run is
+    checked message by message and a run that lost a message is reported as failed. Exits with
+    status 1 if any run failed.
+    """
+    qos_levels = tuple(int(q) for q in qos) or BenchOptions.qos
+    count = messages or (QUICK_MESSAGES if quick else BenchOptions.messages)
+    if count > MAX_MESSAGES_QOS1 and any(q > 0 for q in qos_levels):
+        raise click.BadParameter(
+            f"at most {MAX_MESSAGES_QOS1:,} with QoS 1 (mosquitto_pub -l stops early once packet ids wrap)",
+            param_hint="--messages",
+        )
+    chosen = list(dict.fromkeys([REFERENCE, *scenarios])) if scenarios else list(SCENARIOS)
+    options = BenchOptions(
+        messages=count,
+        runs=runs or (QUICK_RUNS if quick else BenchOptions.runs),
+        warmup=warmup,
+        qos=qos_levels,
+        scenarios=chosen,
+    )
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        report = run_benchmark(options, progress=_progress)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(render_tables(report))
+    if json_file is not None:
+        json_file.write_text(json.dumps(to_json(report), indent=2) + "\n")
+        click.echo(f"\nwrote {json_file}", err=True)
+    if report.failed:
+        raise SystemExit(1)

@@ -1,0 +1,78 @@
+"""What the benchmark reads about a running process from /proc (Linux only, no psutil).
+
+CPU time is utime + stime from /proc/PID/stat (clock ticks, usually 10 ms), which also counts
+threads that have exited. Peak RSS is VmHWM from /proc/PID/status: the high-water mark over the
+process's whole life, not over one run. System call counts (syscr/syscw in /proc/PID/io) show
+how well the proxy batches: reads and writes per message.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    # The command name (field 2) may contain spaces and parentheses: split after its last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / CLOCK_TICKS
+
+
+def peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise LookupError(f"no VmHWM in /proc/{pid}/status")
+
+
+def syscalls(pid: int) -> tuple[int, int]:
+    """(read-like, write-like) system calls so far, from /proc/PID/io (syscr, syscw)."""
+    counts = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(counts["syscr"]), int(counts["syscw"])
+
+
+def command_name(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc/PID/task/*/children, or by scanning every parent pid."""
+    children: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children.extend(int(p) for p in (task / "children").read_text().split())
+        return children
+    except FileNotFoundError:
+        pass  # kernel without CONFIG_PROC_CHILDREN
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            data = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        if int(data[data.rindex(b")") + 2 :].split()[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """CPU seconds, peak RSS and system calls of each measured process (by role) at one instant."""
+
+    cpu_s: dict[str, float]
+    peak_rss_kb: dict[str, int]
+    syscalls: dict[str, tuple[int, int]]
+
+    @classmethod
+    def take(cls, pids: dict[str, int]) -> Snapshot:
+        return cls(
+            cpu_s={role: cpu_seconds(pid) for role, pid in pids.items()},
+            peak_rss_kb={role: peak_rss_kb(pid) for role, pid in pids.items()},
+            syscalls={role: syscalls(pid) for role, pid in pids.items()},
+        )

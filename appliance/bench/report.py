@@ -11,7 +11,7 @@ from typing import Any
 from appliance.bench.load import PAYLOAD_BYTES
 from appliance.bench.runner import BenchReport, Summary
 
-COLUMNS = ("scenario", "msg/s", "× mosquitto", "proxy CPU µs/msg", "proxy CPU %", "mosquitto CPU %",
+COLUMNS = ("scenario", "msg/s", "× mosquitto", "× stock", "proxy CPU µs/msg", "proxy CPU %", "mosquitto CPU %",
            "peak RSS proxy", "peak RSS mosquitto")
 
 
@@ -31,6 +31,7 @@ def _row(summary: Summary) -> list[str]:
         summary.scenario,
         rate,
         _number(summary.ratio_to_mosquitto, 2),
+        _number(summary.ratio_to_stock_mosquitto, 2),
         _number(summary.cpu_us_per_msg("proxy"), 1),
         _number(summary.cpu_percent("proxy")),
         _number(summary.cpu_percent("mosquitto")),
@@ -91,6 +92,7 @@ def to_json(report: BenchReport) -> dict[str, Any]:
                 "load": s.load,
                 "msg_per_s": s.msg_per_s,
                 "ratio_to_mosquitto": s.ratio_to_mosquitto,
+                "ratio_to_stock_mosquitto": s.ratio_to_stock_mosquitto,
                 "proxy_cpu_us_per_msg": s.cpu_us_per_msg("proxy"),
                 "proxy_cpu_percent": s.cpu_percent("proxy"),
                 "mosquitto_cpu_percent": s.cpu_percent("mosquitto"),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.bench.load import Load, RunResult, run_once, write_payloads
-from appliance.bench.scenarios import REFERENCE, SCENARIOS, Scenario, Target
+from appliance.bench.scenarios import REFERENCE, SCENARIOS, STOCK_REFERENCE, Scenario, Target
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class Summary:
     load: str
     runs: list[RunResult]
     ratios: list[float] = field(default_factory=list)
+    # Against mosquitto with the distribution's defaults, when that scenario ran in the same rounds.
+    stock_ratios: list[float] = field(default_factory=list)
 
     @property
     def failed(self) -> int:
@@ -57,6 +59,10 @@ class Summary:
     @property
     def ratio_to_mosquitto(self) -> float | None:
         return _median(list(self.ratios))
+
+    @property
+    def ratio_to_stock_mosquitto(self) -> float | None:
+        return _median(list(self.stock_ratios))
 
     def cpu_percent(self, role: str) -> float | None:
         return _median([run.cpu_percent(role) for run in self.runs])
@@ -111,14 +117,20 @@ def run_benchmark(options: BenchOptions, *, progress: Progress | None = None) ->
 def _summarise(options: BenchOptions, loads: list[Load], results: list[RunResult]) -> BenchReport:
     counted = [r for r in results if r.round > 0]
     summaries: list[Summary] = []
+    def same_round_ratios(runs: list[RunResult], reference_name: str, load: Load) -> list[float]:
+        reference = {r.round: r for r in counted if r.scenario == reference_name and r.qos == load.qos and r.load == load.name}
+        return [
+            run.msg_per_s / ref.msg_per_s
+            for run in runs
+            if (ref := reference.get(run.round)) is not None and run.msg_per_s and ref.msg_per_s
+        ]
+
     for load in loads:
-        reference = {r.round: r for r in counted if r.scenario == REFERENCE and r.qos == load.qos and r.load == load.name}
         for name in options.scenarios:
             runs = [r for r in counted if r.scenario == name and r.qos == load.qos and r.load == load.name]
-            ratios = [
-                run.msg_per_s / ref.msg_per_s
-                for run in runs
-                if (ref := reference.get(run.round)) is not None and run.msg_per_s and ref.msg_per_s
-            ]
-            summaries.append(Summary(scenario=name, qos=load.qos, load=load.name, runs=runs, ratios=ratios))
+            summaries.append(Summary(
+                scenario=name, qos=load.qos, load=load.name, runs=runs,
+                ratios=same_round_ratios(runs, REFERENCE, load),
+                stock_ratios=same_round_ratios(runs, STOCK_REFERENCE, load),
+            ))
     return BenchReport(options=options, summaries=summaries, warmup=[r for r in results if r.round == 0])

@@ -145,3 +145,4 @@ SCENARIOS: dict[str, Scenario] = {
     )
 }
 REFERENCE = "mosquitto"
+STOCK_REFERENCE = "mosquitto-stock"

@@ -47,14 +47,19 @@ def _progress(result: RunResult) -> None:
 @click.option("--qos", "qos", multiple=True, type=click.Choice(["0", "1"]), help="QoS to run (repeatable). [default: 0 and 1]")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="Also write medians, ratios and every raw run to this file.")
+@click.option("--verdict", is_flag=True,
+              help="Only measure the cost of one verdict (governance check on the demo schemas, one core, no sockets).")
 def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool, scenarios: tuple[str, ...],
-          qos: tuple[str, ...], json_file: Path | None) -> None:
+          qos: tuple[str, ...], json_file: Path | None, verdict: bool) -> None:
     """Measure throughput, CPU and memory: bare mosquitto versus the appliance in front of it.
 
     One `mosquitto_pub -l` publisher and one `mosquitto_sub` subscriber per run; every run is
     checked message by message and a run that lost a message is reported as failed. Exits with
     status 1 if any run failed.
     """
+    if verdict:
+        _verdict_bench(quick, json_file)
+        return
     qos_levels = tuple(int(q) for q in qos) or BenchOptions.qos
     count = messages or (QUICK_MESSAGES if quick else BenchOptions.messages)
     if count > MAX_MESSAGES_QOS1 and any(q > 0 for q in qos_levels):
@@ -81,3 +86,16 @@ def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool, sce
         click.echo(f"\nwrote {json_file}", err=True)
     if report.failed:
         raise SystemExit(1)
+
+
+def _verdict_bench(quick: bool, json_file: Path | None) -> None:
+    from appliance.bench.verdict import measure
+
+    results = measure(iterations=2_000 if quick else 20_000)
+    width = max(len(case.name) for case, _ in results)
+    click.echo(f"{'verdict (demo schema set v1)':<{width}}  median µs")
+    for case, micros in results:
+        click.echo(f"{case.name:<{width}}  {micros:9.2f}")
+    if json_file is not None:
+        document = {"verdict_us": {case.name: micros for case, micros in results}}
+        json_file.write_text(json.dumps(document, indent=2) + "\n")

@@ -71,3 +71,12 @@ def test_lost_duplicated_and_reordered_messages_fail_the_run() -> None:
     assert _check(expected[::-1], expected, qos=1) == ("delivered out of order", False)
     error, _ = _check(expected[:3] + expected[2:3], expected, qos=1)
     assert error == "received 4 of 5: 2 missing, 1 duplicates, 0 unexpected"
+
+
+def test_verdict_bench_runs_every_case(tmp_path: Path) -> None:
+    out = tmp_path / "verdict.json"
+    result = CliRunner().invoke(bench, ["--verdict", "--quick", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    from appliance.bench.verdict import CASES
+
+    assert set(json.loads(out.read_text())["verdict_us"]) == {case.name for case in CASES}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import signal
 import subprocess
@@ -178,3 +179,76 @@ def test_check_and_run_refuse_a_broken_set(tmp_path):
 def test_check_needs_something_to_check():
     result = _cli("check")
     assert result.returncode == 2 and "--config" in result.stderr
+
+
+def test_external_broker_over_mutual_tls(tmp_path):
+    from tests.tls import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    broker_port = free_loopback_port()
+    data = tmp_path / "ext"
+    data.mkdir()
+    (data / "mosquitto.conf").write_text(
+        f"listener {broker_port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
+        f"cafile {certs.ca}\ncertfile {certs.server_cert}\nkeyfile {certs.server_key}\n"
+        "require_certificate true\n"
+    )
+    mosquitto = subprocess.Popen(["mosquitto", "-c", str(data / "mosquitto.conf")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_loopback_port()
+    config = tmp_path / "appliance.yaml"
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\nstate_dir: state\n"
+        f"broker:\n  mode: external\n  host: localhost\n  port: {broker_port}\n"
+        f"  tls:\n    ca_file: {certs.ca}\n    cert_file: {certs.client_cert}\n    key_file: {certs.client_key}\n"
+    )
+    proc = _start(["--config", str(config)], tmp_path)
+    try:
+        wait_until(lambda: _can_connect(broker_port), message="external mosquitto up")
+        _wait_listening(proc, port)
+        sub = Client(port, version=5).connect()
+        sub.subscribe("tls/#", qos=1)
+        pub = Client(port, version=4).connect()
+        pub.publish("tls/1", b"encrypted upstream", qos=1)
+        assert sub.expect(1)[0].payload == b"encrypted upstream"
+        sub.disconnect()
+        pub.disconnect()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        mosquitto.terminate()
+        mosquitto.wait(10)
+
+
+def test_external_broker_with_wrong_ca_refuses_clients_cleanly(tmp_path):
+    from tests.tls import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    other = make_certificates(tmp_path / "other", ca_name="Other CA")
+    broker_port = free_loopback_port()
+    (tmp_path / "m.conf").write_text(
+        f"listener {broker_port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
+        f"cafile {certs.ca}\ncertfile {certs.server_cert}\nkeyfile {certs.server_key}\n"
+    )
+    mosquitto = subprocess.Popen(["mosquitto", "-c", str(tmp_path / "m.conf")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_loopback_port()
+    config = tmp_path / "appliance.yaml"
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\nstate_dir: state\n"
+        f"broker:\n  mode: external\n  host: localhost\n  port: {broker_port}\n  tls:\n    ca_file: {other.ca}\n"
+    )
+    proc = _start(["--config", str(config)], tmp_path)
+    try:
+        wait_until(lambda: _can_connect(broker_port), message="external mosquitto up")
+        _wait_listening(proc, port)
+        client = Client(port, version=5)
+        client.connect(expect_success=False)
+        assert client.connect_result.value == 0x88  # Server unavailable: the broker could not be reached
+        client.paho.loop_stop()
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=20)
+        mosquitto.terminate()
+        mosquitto.wait(10)
+    assert "CERTIFICATE_VERIFY_FAILED" in output or "certificate verify failed" in output

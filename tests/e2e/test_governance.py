@@ -156,3 +156,31 @@ def test_topic_with_wildcard_or_nul_is_a_protocol_error(appliance_v1, topic):
     disconnect = raw.receive()
     assert disconnect.reason_code == ReasonCode.TOPIC_NAME_INVALID
     assert raw.receive() is None
+
+
+def test_disconnect_policy_closes_the_offender_only(tmp_path):
+    import shutil
+
+    schemas = tmp_path / "strict"
+    shutil.copytree(REPO / "schemas" / "v1", schemas)
+    manifest = schemas / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace(
+        "  sensor/+/temperature: temperature:v1",
+        "  sensor/+/temperature:\n    schema: temperature:v1\n    on_reject: disconnect",
+    ))
+    running = RunningAppliance(make_config(tmp_path / "state", schemas=str(schemas))).start()
+    try:
+        sub = Client(running.port, version=5).connect()
+        sub.subscribe("sensor/#", qos=1)
+        offender = Client(running.port, version=5, client_id="t1").connect()
+        offender.publish("sensor/t1/temperature", b"{}", qos=1, wait=False)
+        assert offender.disconnected.wait(10)
+        assert offender.disconnect_reason.value == ReasonCode.PAYLOAD_FORMAT_INVALID
+        offender.paho.loop_stop()
+        good = Client(running.port, version=5, client_id="t2").connect()
+        good.publish("sensor/t2/temperature", temperature(device_id="t2"), qos=1)
+        assert sub.expect(1)[0].topic == "sensor/t2/temperature"
+        sub.disconnect()
+        good.disconnect()
+    finally:
+        running.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 
 import pytest
 
@@ -160,3 +161,43 @@ def test_mosquitto_killed_is_restarted_and_clients_reconnect(appliance):
     assert got.payload == b"after restart"
     again.disconnect()
     pub.disconnect()
+
+
+def test_subscriber_that_never_reads_is_contained(tmp_path):
+    """Flow control: a stuck subscriber's broker leg stops being read; the proxy's buffer for it
+    stays bounded and everyone else is served."""
+    from tests.conftest import make_config
+    from tests.helpers import RunningAppliance
+
+    high = 64 * 1024
+    running = RunningAppliance(make_config(tmp_path, **{"limits.write_buffer_high": high})).start()
+    try:
+        stuck = RawClient(running.port)
+        stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.send(Connect(client_id="stuck", protocol_version=ProtocolVersion.MQTT_5))
+        assert stuck.receive().reason_code == 0
+        stuck.send(Subscribe(1, (Subscription("flood/#", qos=0),)))
+        assert isinstance(stuck.receive(), Suback)
+        # From now on `stuck` reads nothing.
+        alive_sub = Client(running.port, version=5).connect()
+        alive_sub.subscribe("alive/#", qos=1)
+        pub = Client(running.port, version=5).connect()
+        chunk = b"x" * 100_000
+        for _ in range(300):  # 30 MB towards a client that reads nothing
+            pub.publish("flood/x", chunk, qos=0, wait=False)
+        pub.publish("alive/1", b"still here", qos=1)
+        assert alive_sub.expect(1)[0].payload == b"still here"
+
+        def stuck_leg():  # noqa: ANN202
+            legs = [c for c in running.app.proxy.clients if c.session and c.session.client and c.session.client.client_id == "stuck"]
+            return legs[0] if legs and legs[0].broker is not None and legs[0].broker._reading_paused else None
+
+        leg = wait_until(stuck_leg, message="the stuck client's broker leg paused")
+        assert leg.transport.get_write_buffer_size() <= 2 * high + len(chunk) + 1024
+        pub.publish("alive/2", b"and still", qos=1)
+        assert alive_sub.expect(1)[0].payload == b"and still"
+        alive_sub.disconnect()
+        pub.disconnect()
+        stuck.close()
+    finally:
+        running.stop()

@@ -148,3 +148,55 @@ def test_mapping_not_covered_by_topic_patterns(demo_set):
     d = demo_set()
     edit(d / "manifest.yaml", "  - device/+/status\n", "")
     assert any("not covered by topic_patterns" in p for p in broken(d))
+
+
+@pytest.mark.parametrize(
+    ("schema_uri", "exclusive", "value", "valid"),
+    [
+        # draft-04: exclusiveMaximum is a boolean modifying maximum
+        ("http://json-schema.org/draft-04/schema#", {"maximum": 10, "exclusiveMaximum": True}, 10, False),
+        ("http://json-schema.org/draft-04/schema#", {"maximum": 10, "exclusiveMaximum": True}, 9, True),
+        # draft-06 onwards: exclusiveMaximum is a number
+        ("http://json-schema.org/draft-06/schema#", {"exclusiveMaximum": 10}, 10, False),
+        ("http://json-schema.org/draft-07/schema#", {"exclusiveMaximum": 10}, 9.5, True),
+        ("https://json-schema.org/draft/2019-09/schema", {"exclusiveMaximum": 10}, 10, False),
+        ("https://json-schema.org/draft/2020-12/schema", {"exclusiveMaximum": 10}, 10, False),
+    ],
+)
+def test_drafts_picked_from_dollar_schema(demo_set, schema_uri, exclusive, value, valid):
+    import json
+
+    d = demo_set()
+    (d / "temperature.json").write_text(json.dumps({"$schema": schema_uri, "type": "object",
+                                                    "properties": {"v": {"type": "number", **exclusive}}}))
+    schema = load_schema_set(d).schemas["temperature:v1"]
+    assert (schema.validate(json.dumps({"v": value}).encode())[1] == []) is valid
+
+
+@pytest.mark.parametrize(("fmt", "good", "bad"), [
+    ("email", "ops@example.com", "not-an-email"),
+    ("uuid", "123e4567-e89b-12d3-a456-426614174000", "1234"),
+    ("ipv4", "192.0.2.1", "300.1.1.1"),
+    ("date-time", "2026-11-27T12:00:00+01:00", "27/11/2026"),
+])
+def test_formats_are_checked(demo_set, fmt, good, bad):
+    import json
+
+    d = demo_set()
+    (d / "temperature.json").write_text(json.dumps({"type": "object", "properties": {"v": {"type": "string", "format": fmt}}}))
+    schema = load_schema_set(d).schemas["temperature:v1"]
+    assert schema.validate(json.dumps({"v": good}).encode())[1] == []
+    [error] = schema.validate(json.dumps({"v": bad}).encode())[1]
+    assert error.path == "/v"
+
+
+def test_catastrophic_regex_is_rejected_not_hung(demo_set):
+    # A look-ahead forces the backtracking engine; its step limit (REGEX_BACKTRACK_LIMIT) bounds the
+    # work, and pytest-timeout would catch a hang.
+    import json
+
+    d = demo_set()
+    (d / "temperature.json").write_text(json.dumps({"type": "object", "properties": {"v": {"type": "string", "pattern": "^(a+)+(?!x)$"}}}))
+    schema = load_schema_set(d).schemas["temperature:v1"]
+    _, errors = schema.validate(json.dumps({"v": "a" * 40 + "b"}).encode())
+    assert [e.path for e in errors] == ["/v"]

@@ -8,6 +8,7 @@ returns the process exit code.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import resource
 import signal
@@ -16,7 +17,10 @@ from collections.abc import Callable
 from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
 from appliance.config import Config
 from appliance.governance import Governance, load_schema_set
-from appliance.pipeline import CountingSink, Pipeline
+from appliance.admin import AdminServer, socket_path
+from appliance.audit.operations import AuditOperations
+from appliance.audit.service import AuditService
+from appliance.pipeline import CountingSink, Pipeline, Sink
 from appliance.proxy import ProxyServer, SessionLimits
 
 log = logging.getLogger(__name__)
@@ -38,20 +42,38 @@ class Appliance:
         self.config = config
         self.verdicts = CountingSink(keep=20)  # the last few verdicts, for tests and `status`
         self.governance: Governance | None = None
+        self.audit: AuditService | None = None
         if pipeline is None:
             checks = []
             if config.schemas is not None:
                 self.governance = Governance(load_schema_set(config.schemas))
                 checks.append(self.governance)
-            pipeline = Pipeline(checks, [self.verdicts], dry_run=config.dry_run)
+            sinks: list[Sink] = [self.verdicts]
+            if config.audit.enabled:
+                self.audit = AuditService(
+                    config.audit, config.state_dir, config_revision=self.revision, dry_run=config.dry_run
+                )
+                sinks.append(self.audit.sink)
+            pipeline = Pipeline(checks, sinks, dry_run=config.dry_run)
         self.pipeline = pipeline
         self.broker: EmbeddedBroker | ExternalBroker | None = None
         self.proxy: ProxyServer | None = None
+        self.admin: AdminServer | None = None
         self.events: list[tuple[str, dict[str, object]]] = []
         self._listeners: list[Callable[[str, dict[str, object]], None]] = []
 
+    @property
+    def revision(self) -> str:
+        """A short hash of the config and the schema set in force, recorded with every verdict."""
+        digest = hashlib.sha256(self.config.model_dump_json().encode())
+        if self.governance is not None:
+            digest.update(self.governance.schema_set.revision.encode())
+        return digest.hexdigest()[:12]
+
     def on_event(self, kind: str, detail: dict[str, object]) -> None:
         log.debug("event %s %s", kind, detail)
+        if self.audit is not None:
+            self.audit.record_event(kind, detail)
         for listener in self._listeners:
             listener(kind, detail)
 
@@ -66,6 +88,8 @@ class Appliance:
         if self.governance is not None:
             schema_set = self.governance.schema_set
             log.info("schema set %s from %s%s", schema_set.version, schema_set.directory, " (dry run: verdicts are recorded, everything is delivered)" if self.pipeline.dry_run else "")
+        if self.audit is not None:
+            await self.audit.start()
         await self.broker.start()
         limits = config.limits
         self.proxy = ProxyServer(
@@ -78,7 +102,13 @@ class Appliance:
             max_connections=limits.max_connections,
             write_buffer_high=limits.write_buffer_high,
             on_event=self.on_event,
+            durability=self.audit.durability if self.audit is not None else None,
         )
+        if self.audit is not None:
+            self.audit.journal.add_listener(self.proxy.committed)
+            operations = AuditOperations(self.audit, self.pipeline, self.broker.endpoint)
+            self.admin = AdminServer(socket_path(config.state_dir), operations.handlers())
+            await self.admin.start()
         try:
             await self.proxy.start()
         except OSError as exc:
@@ -86,10 +116,14 @@ class Appliance:
             raise BrokerError(f"cannot listen on {config.listen}: {exc.strerror}") from exc
 
     async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
         if self.proxy is not None:
             await self.proxy.stop()
         if self.broker is not None:
             await self.broker.stop()
+        if self.audit is not None:
+            await self.audit.stop()
         log.info("stopped")
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:

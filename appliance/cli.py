@@ -10,6 +10,7 @@ import click
 
 from appliance.bench import bench
 from appliance.broker import BrokerError
+from appliance.cli_audit import audit, quarantine
 from appliance.config import Address, ConfigError, load_config
 from appliance.governance import SchemaSetError, load_schema_set
 from appliance.governance.schemaset import describe_schema_set
@@ -95,3 +96,5 @@ def check(config_path: Path | None, schemas: Path | None) -> None:
     click.echo(describe_schema_set(schema_set))
 
 main.add_command(bench)
+main.add_command(audit)
+main.add_command(quarantine)

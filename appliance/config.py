@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+from datetime import timedelta
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_STATE_DIR = Path("/var/lib/mqtt-appliance")
 
@@ -94,6 +96,70 @@ class BrokerConfig(_Section):
         return self
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_duration(value: Any) -> timedelta | None:
+    """'90d', '12h', '30m', '45s', '2w' or a number of seconds."""
+    if value is None or isinstance(value, timedelta):
+        return value
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"expected a duration like 90d, 12h, 30m or 45s, got {value!r}")
+    return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"])
+
+
+def parse_size(value: Any) -> int | None:
+    """'2GB', '256MiB', '1024' (bytes)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"expected a size like 2GB, 256MB or 1024, got {value!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
+
+
+Duration = Annotated[timedelta | None, BeforeValidator(parse_duration)]
+Size = Annotated[int | None, BeforeValidator(parse_size)]
+
+
+class VerdictRetention(_Section):
+    max_age: Duration = Field(timedelta(days=90), description="Verdict rows and events older than this are deleted (e.g. 90d); null: no age limit.")
+    max_bytes: Size = Field(2 * 1000**3, description="Oldest verdict rows are deleted beyond this size (e.g. 2GB); null: no size limit.")
+
+
+class PayloadRetention(_Section):
+    max_age: Duration = Field(timedelta(days=7), description="Payloads of accepted messages older than this are dropped (the verdict rows stay).")
+    max_bytes: Size = Field(None, description="Oldest accepted payloads are dropped beyond this total size; null: no size limit.")
+
+
+class QuarantineRetention(_Section):
+    max_age: Duration = Field(timedelta(days=30), description="Rejected messages' payloads (the quarantine) older than this are dropped.")
+    max_bytes: Size = Field(256 * 1000**2, description="Oldest quarantined payloads are dropped beyond this total size.")
+
+
+class RetentionConfig(_Section):
+    verdicts: VerdictRetention = Field(default_factory=VerdictRetention, description="Verdict rows (and events) in the audit log.")
+    payloads: PayloadRetention = Field(default_factory=PayloadRetention, description="Payloads of accepted messages.")
+    quarantine: QuarantineRetention = Field(default_factory=QuarantineRetention, description="Payloads of rejected messages: the quarantine.")
+    interval: Duration = Field(timedelta(minutes=10), description="How often retention runs in the background.")
+
+
+class AuditConfig(_Section):
+    enabled: bool = Field(True, description="Record every verdict and event in the audit log (STATE_DIR/audit/).")
+    record_payloads: bool = Field(True, description="Keep message payloads with their verdicts (needed for quarantine and replay).")
+    durable_acks: bool = Field(
+        True,
+        description="Acknowledge a QoS 1/2 message to its publisher only once its verdict is committed to disk "
+        "(survives kill -9 and power loss). false: acknowledge at once, recording stays asynchronous.",
+    )
+    retention: RetentionConfig = Field(default_factory=RetentionConfig, description="How long audit data is kept.")
+
+
 class LimitsConfig(_Section):
     max_packet_size: int = Field(
         1024 * 1024, ge=64, le=268_435_460,
@@ -127,6 +193,7 @@ class Config(BaseModel):
     dry_run: bool = Field(
         False, description="Compute and record every verdict, but deliver every message (try a schema set on live traffic)."
     )
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="The audit log (DuckDB) and its retention.")
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The broker behind the proxy.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-client limits.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from time import perf_counter_ns
 from typing import Literal, NamedTuple, Protocol
 
 from appliance.mqtt import Properties, ProtocolVersion, ReasonCode
@@ -37,6 +38,7 @@ class Message(NamedTuple):
     properties: Properties = Properties.EMPTY
     is_will: bool = False
     received_at: float = 0.0  # time.time() when the proxy read it; 0.0 when not from the proxy
+    released_from: int | None = None  # a message released from quarantine: the original verdict's id
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +95,10 @@ class Check(Protocol):
 
 
 class Sink(Protocol):
-    """Receives every verdict, after the fact. Must be fast: it runs on the event loop."""
+    """Receives every verdict, after the fact, with the time the checks took (µs). Must be fast:
+    it runs on the event loop."""
 
-    def record(self, message: Message, verdict: Verdict) -> None: ...
+    def record(self, message: Message, verdict: Verdict, latency_us: int) -> None: ...
 
 
 class Pipeline:
@@ -112,6 +115,7 @@ class Pipeline:
         self.dry_run = dry_run
 
     def judge(self, message: Message) -> Verdict:
+        started = perf_counter_ns()
         verdict = ACCEPT
         for check in self._checks:
             result = check.check(message)
@@ -119,9 +123,14 @@ class Pipeline:
                 verdict = result
                 if not result.accepted:
                     break
+        latency_us = (perf_counter_ns() - started) // 1000
         for sink in self._sinks:
-            sink.record(message, verdict)
+            sink.record(message, verdict, latency_us)
         return ACCEPT if self.dry_run else verdict
+
+    @property
+    def checks(self) -> tuple[Check, ...]:
+        return self._checks
 
 
 class CountingSink:
@@ -131,6 +140,6 @@ class CountingSink:
         self.counts: Counter[str] = Counter()
         self.recent: deque[tuple[Message, Verdict]] = deque(maxlen=keep)
 
-    def record(self, message: Message, verdict: Verdict) -> None:
+    def record(self, message: Message, verdict: Verdict, latency_us: int = 0) -> None:
         self.counts["accept" if verdict.accepted else "reject"] += 1
         self.recent.append((message, verdict))

@@ -8,6 +8,7 @@ compiled, topics in tries). See docs/schemas.md for the format.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ class SchemaSet:
     mappings: TopicTrie[Mapping]
     schemas: dict[str, PayloadSchema]
     unmapped: Literal["accept", "reject"] = "accept"
+    revision: str = ""  # a hash of every file in the set, recorded with each verdict
     _routes: dict[str, tuple[bool, Mapping | None]] = field(default_factory=dict, repr=False)
 
     ROUTE_CACHE_SIZE = 10_000
@@ -162,7 +164,11 @@ def _build(directory: Path, manifest: LineDict, problems: _Problems) -> SchemaSe
             if key != "unmapped":
                 problems.add(MANIFEST, policy.line_of(key), f"policy: unknown key {key!r}")
     version = manifest.get("version", directory.name)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return SchemaSet(
+        revision=digest.hexdigest()[:12],
         directory=directory,
         version=str(version),
         description=str(manifest.get("description", "")),

@@ -1,57 +1,82 @@
-"""Acknowledgement order for the acks the proxy injects.
+"""Acknowledgement order and durability for the acks a publisher receives.
 
 MQTT (§4.6) requires PUBACK and PUBREC to be sent in the order the PUBLISH packets arrived. The
 broker acks what the proxy forwarded; the proxy acks what it rejected. An injected ack sent at once
 would overtake the broker's acks for earlier messages, and clients such as mosquitto_pub disconnect
-when their last message is acked, losing the earlier ones (EVIDENCE.md, pitfall 1). So an injected
-ack waits until every earlier forwarded QoS 1/2 PUBLISH of that client has been acked by the broker.
+when their last message is acked, losing the earlier ones (EVIDENCE.md, pitfall 1). And with an
+audit journal, no ack may reach the publisher before the message's verdict is durable.
 
-The queue holds, in arrival order: packet ids of forwarded messages awaiting the broker's ack, and
-encoded acks ready to go once nothing before them is waiting. The CONNACK is a barrier too: nothing
-is sent to the client before it.
+So every QoS 1/2 PUBLISH gets an entry, in arrival order: the ack to send (the broker's, once it
+arrives, or the proxy's own) and the journal sequence number that must be committed first. The head
+entry leaves when it has its ack and its record is durable; entries behind it wait. The CONNACK is a
+barrier entry too: nothing is sent to the client before it.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
 
 CONNACK_BARRIER = -1
 
 
-class AckOrder:
-    __slots__ = ("_queue",)
+class Durability(Protocol):
+    """What the acks wait for: records numbered up to `committed` are durable."""
 
-    def __init__(self) -> None:
-        self._queue: deque[int | bytes] = deque()
+    committed: int
+    last_seq: int
+
+
+class AckOrder:
+    __slots__ = ("_queue", "_durability")
+
+    def __init__(self, durability: Durability | None = None) -> None:
+        # Entries are [packet id awaiting the broker's ack or None, ack bytes (None: not yet), sequence].
+        self._queue: deque[list[object]] = deque()
+        self._durability = durability
 
     def __len__(self) -> int:
         return len(self._queue)
 
-    def wait_for(self, packet_id: int) -> None:
-        """A QoS 1/2 PUBLISH was forwarded: its broker ack comes before anything queued later."""
-        self._queue.append(packet_id)
+    def _committed(self) -> int:
+        durability = self._durability
+        return durability.committed if durability is not None else 1 << 62
 
-    def inject(self, ack: bytes, out: list[bytes]) -> None:
-        """Send `ack` now if nothing earlier is pending, else queue it behind what is."""
-        if self._queue:
-            self._queue.append(ack)
-        else:
+    def wait_for(self, packet_id: int, seq: int = 0) -> None:
+        """A QoS 1/2 PUBLISH was forwarded: its broker ack goes out after everything queued before."""
+        self._queue.append([packet_id, None, seq])
+
+    def inject(self, ack: bytes, seq: int, out: list[bytes]) -> None:
+        """The proxy's own ack for a message it answered itself."""
+        if not self._queue and seq <= self._committed():
             out.append(ack)
-
-    def acked(self, packet_id: int, out: list[bytes]) -> bool:
-        """The broker's ack for `packet_id` was relayed; release the injected acks behind it.
-
-        Returns False when the id was not awaited (an ack the proxy did not expect), which is
-        harmless: the broker's own ack is relayed either way.
-        """
-        queue = self._queue
-        if queue and queue[0] == packet_id:
-            queue.popleft()
         else:
-            try:
-                queue.remove(packet_id)
-            except ValueError:
-                return False
-        while queue and isinstance(queue[0], bytes):
-            out.append(queue.popleft())  # type: ignore[arg-type]
-        return True
+            self._queue.append([None, ack, seq])
+
+    def acked(self, packet_id: int, ack: bytes, out: list[bytes]) -> bool:
+        """The broker's ack for `packet_id` arrived. Returns False when no entry awaited it (the
+        caller then relays it as is)."""
+        for entry in self._queue:
+            if entry[0] == packet_id and entry[1] is None:
+                entry[0] = None
+                entry[1] = ack
+                self.release(out)
+                return True
+        return False
+
+    def release(self, out: list[bytes]) -> None:
+        """Send every entry at the head that has its ack and whose record is durable."""
+        queue = self._queue
+        committed = self._committed()
+        while queue:
+            head = queue[0]
+            if head[1] is None or head[2] > committed:  # type: ignore[operator]
+                return
+            queue.popleft()
+            if head[1]:
+                out.append(head[1])  # type: ignore[arg-type]
+
+    @property
+    def waiting_for_durability(self) -> bool:
+        """The head is ready but for its record's commit: release() after the next commit."""
+        return bool(self._queue) and self._queue[0][1] is not None

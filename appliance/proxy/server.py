@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from appliance.broker import BrokerEndpoint
 from appliance.pipeline import Pipeline
+from appliance.proxy.acks import Durability
 from appliance.proxy.session import BrokerCredentials, Session, SessionLimits, State
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class ClientLeg(asyncio.Protocol):
         server.clients.add(self)
         transport.set_write_buffer_limits(high=server.write_buffer_high)
         self.session = Session(
-            peer=peer, pipeline=server.pipeline, limits=server.limits, broker_credentials=server.broker_credentials
+            peer=peer, pipeline=server.pipeline, limits=server.limits, broker_credentials=server.broker_credentials,
+            durability=server.durability,
         )
         self._connect_timer = asyncio.get_running_loop().call_later(server.connect_timeout, self._on_connect_timeout)
 
@@ -82,6 +84,7 @@ class ClientLeg(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._server.clients.discard(self)
+        self._server.durable_waiters.discard(self)
         if self._connect_timer is not None:
             self._connect_timer.cancel()
         if self.broker is not None:
@@ -114,6 +117,8 @@ class ClientLeg(asyncio.Protocol):
             if not self._closed:
                 transport.write(b"".join(session.to_client))
             session.to_client.clear()
+        if session.waiting_for_durability:
+            self._server.durable_waiters.add(self)
         if session.to_broker and self.broker is not None:
             self.broker.write(b"".join(session.to_broker))
             session.to_broker.clear()
@@ -279,6 +284,7 @@ class ProxyServer:
         max_connections: int = 10_000,
         write_buffer_high: int = 256 * 1024,
         on_event: EventCallback | None = None,
+        durability: Durability | None = None,
     ):
         self.host = host
         self.port = port
@@ -289,6 +295,9 @@ class ProxyServer:
         self.max_connections = max_connections
         self.write_buffer_high = write_buffer_high
         self.clients: set[ClientLeg] = set()
+        # Acks wait for the audit journal's commits when `durability` is set (see proxy/acks.py).
+        self.durability = durability
+        self.durable_waiters: set[ClientLeg] = set()
         self._on_event = on_event
         self._server: asyncio.base_events.Server | None = None
 
@@ -298,6 +307,14 @@ class ProxyServer:
         if endpoint is None or endpoint.username is None:
             return None
         return BrokerCredentials(endpoint.username, endpoint.password)
+
+    def committed(self, seq: int) -> None:
+        """The journal committed up to `seq`: send the acks that waited for it."""
+        waiters, self.durable_waiters = self.durable_waiters, set()
+        for leg in waiters:
+            if leg.session is not None and not leg._closed:
+                leg.session.release_acks()
+                leg.flush()
 
     def emit(self, kind: str, detail: dict[str, object]) -> None:
         if self._on_event is not None:

@@ -32,7 +32,7 @@ from appliance.mqtt import (
     encode_packet,
 )
 from appliance.pipeline import ClientInfo, Message, Pipeline, Verdict
-from appliance.proxy.acks import CONNACK_BARRIER, AckOrder
+from appliance.proxy.acks import CONNACK_BARRIER, AckOrder, Durability
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Session:
         "to_client", "to_broker", "want_broker", "close_client", "close_broker",
         "_pipeline", "_limits", "_credentials", "_max_packet_size", "_acks",
         "_client_pending", "_client_need", "_broker_pending", "_broker_need",
-        "_aliases", "_stale_aliases", "_alias_maximum", "_proxy_qos2", "_reason_strings",
+        "_durability", "_aliases", "_stale_aliases", "_alias_maximum", "_proxy_qos2", "_reason_strings",
         "_client_max_packet", "_client_disconnected",
     )
 
@@ -87,6 +87,7 @@ class Session:
         pipeline: Pipeline,
         limits: SessionLimits = SessionLimits(),
         broker_credentials: BrokerCredentials | None = None,
+        durability: Durability | None = None,
     ):
         self.peer = peer
         self.client: ClientInfo | None = None
@@ -107,7 +108,8 @@ class Session:
         self._client_need = 0  # its total size, when its header is complete
         self._broker_pending = bytearray()
         self._broker_need = 0
-        self._acks = AckOrder()
+        self._durability = durability
+        self._acks = AckOrder(durability)
         self._aliases: dict[int, str] = {}
         # Aliases whose topic the broker does not know (set by a message we rejected).
         self._stale_aliases: set[int] = set()
@@ -231,9 +233,11 @@ class Session:
         verdict = self._pipeline.judge(
             Message(topic, publish.payload, publish.qos, publish.retain, self.client, publish.properties, False, time.time())
         )
+        # The journal sequence number of this message's verdict: its ack waits for that commit.
+        seq = self._durability.last_seq if self._durability is not None and publish.qos else 0
         if verdict.accepted:
             if publish.qos:
-                self._acks.wait_for(publish.packet_id)  # type: ignore[arg-type]
+                self._acks.wait_for(publish.packet_id, seq)  # type: ignore[arg-type]
             if alias is not None and alias in self._stale_aliases:
                 self._stale_aliases.discard(alias)
                 if not publish.topic:
@@ -241,7 +245,7 @@ class Session:
             return True
         if alias is not None and publish.topic:
             self._stale_aliases.add(alias)
-        self._reject(publish.qos, publish.packet_id, verdict)
+        self._reject(publish.qos, publish.packet_id, verdict, seq)
         return None
 
     def _resolve_alias(self, alias: int, topic: str) -> str:
@@ -255,7 +259,7 @@ class Session:
             raise RemoteProtocolError(f"topic alias {alias} was never set", ReasonCode.PROTOCOL_ERROR)
         return known
 
-    def _reject(self, qos: int, packet_id: int | None, verdict: Verdict) -> None:
+    def _reject(self, qos: int, packet_id: int | None, verdict: Verdict, seq: int = 0) -> None:
         v5 = self.version is _MQTT5
         if verdict.action == "disconnect":
             if v5:
@@ -277,7 +281,7 @@ class Session:
             # A 3.1.1 client answers our PUBREC with PUBREL, and so do some MQTT 5 clients (paho)
             # even after a failure code: the broker never saw this id, so the PUBCOMP is ours.
             self._proxy_qos2.add(packet_id)
-        self._acks.inject(encode_packet(ack, self.version), self.to_client)
+        self._acks.inject(encode_packet(ack, self.version), seq, self.to_client)
 
     def _reason_properties(self, text: str) -> Properties:
         if not self._reason_strings or not text:
@@ -309,10 +313,12 @@ class Session:
                 first, body, end = header
                 kind = first >> 4
                 if (kind == _PUBACK or kind == _PUBREC) and len(acks):
-                    # The broker acked a forwarded message: acks the proxy queued behind it may go.
-                    to_client.append(data[run:end])
+                    # The broker acked a forwarded message: it goes out in order, once durable.
+                    if run < pos:
+                        to_client.append(data[run:pos])
                     run = end
-                    acks.acked(int.from_bytes(data[body : body + 2], "big"), to_client)
+                    if not acks.acked(int.from_bytes(data[body : body + 2], "big"), data[pos:end], to_client):
+                        to_client.append(data[pos:end])
                 elif kind == _CONNACK and self.state is State.CONNECTING:
                     if run < pos:
                         to_client.append(data[run:pos])
@@ -345,7 +351,15 @@ class Session:
             assigned = connack.properties.get(PropertyId.ASSIGNED_CLIENT_IDENTIFIER)
             if assigned is not None and self.client is not None:
                 self.client = replace(self.client, client_id=assigned)
-        self._acks.acked(CONNACK_BARRIER, self.to_client)
+        self._acks.acked(CONNACK_BARRIER, b"", self.to_client)
+
+    def release_acks(self) -> None:
+        """The journal committed more: send the acks that were waiting for it."""
+        self._acks.release(self.to_client)
+
+    @property
+    def waiting_for_durability(self) -> bool:
+        return self._acks.waiting_for_durability
 
     # -- connection events -----------------------------------------------------------------------
 

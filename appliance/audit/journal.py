@@ -1,0 +1,268 @@
+"""The audit journal: a small SQLite (WAL) file that makes every verdict durable before the
+publisher hears back, and from which verdicts move to DuckDB in batches.
+
+Why two stores: DuckDB is the place to query, but every DuckDB statement costs ~150 µs, so it is
+written in batches of thousands, seconds apart; an acknowledged message's verdict must survive a
+`kill -9` now. SQLite in WAL mode commits a batch of hundreds of rows in about a millisecond
+(EVIDENCE.md), so the journal group-commits whatever accumulated while the previous commit was being
+synced. A record is durable once `committed >= its sequence number`; the proxy holds the
+publisher's acknowledgement until then (see proxy/acks.py).
+
+Threads: the event loop only appends to an in-memory queue (~0.1 µs). A writer thread commits
+batches and reports the committed sequence number back to the loop. A mover thread copies committed
+rows to DuckDB (AuditStore.append) and then deletes them from the journal. After a crash, the rows
+still in the journal are moved on the next start; rows a crash left in both places are removed from
+DuckDB first (ids only grow, so they are exactly those at or after the journal's first id).
+
+A full disk or any other SQLite error never stops message flow: records are then released as if
+committed (and counted as lost), an event says so, and `healthy` turns false until a commit works
+again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from appliance.audit.records import DECISION_COLUMNS, EVENT_COLUMNS
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 5_000
+MOVE_BATCH = 10_000
+MOVE_INTERVAL_S = 1.0
+_STOP = object()
+
+_DECISION_DDL = f"CREATE TABLE IF NOT EXISTS decisions ({', '.join(c + (' INTEGER PRIMARY KEY' if c == 'id' else '') for c in DECISION_COLUMNS)})"
+_EVENT_DDL = f"CREATE TABLE IF NOT EXISTS events ({', '.join(c + (' INTEGER PRIMARY KEY' if c == 'id' else '') for c in EVENT_COLUMNS)})"
+_INSERT_DECISION = f"INSERT OR REPLACE INTO decisions VALUES ({', '.join('?' * len(DECISION_COLUMNS))})"
+_INSERT_EVENT = f"INSERT OR REPLACE INTO events VALUES ({', '.join('?' * len(EVENT_COLUMNS))})"
+
+
+class Destination(Protocol):
+    """Where committed rows go (the DuckDB AuditStore)."""
+
+    def append(self, decisions: Sequence[tuple[Any, ...]], events: Sequence[tuple[Any, ...]] = ()) -> None: ...
+
+    def delete_from(self, first_decision_id: int | None, first_event_id: int | None) -> None: ...
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not just a crash
+    return conn
+
+
+class Journal:
+    def __init__(
+        self,
+        path: Path,
+        destination: Destination | None = None,
+        *,
+        on_event: Callable[[str, dict[str, object]], None] | None = None,
+    ):
+        self.path = path
+        self._destination = destination
+        self._on_event = on_event or (lambda kind, detail: None)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[Callable[[int], None]] = []
+        self._writer: threading.Thread | None = None
+        self._mover: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._moved = threading.Condition()
+        self._move_lock = threading.Lock()  # one mover at a time: the thread, a flush, shutdown
+        self.last_seq = 0  # sequence number of the last record added (event loop only)
+        self.committed = 0  # highest sequence number known durable (event loop only)
+        self.healthy = True
+        self.lost = 0  # records that could not be made durable (disk full, I/O errors)
+        self.moved = 0  # rows moved to DuckDB since start
+        self.pending_rows = 0  # rows in the journal not yet moved (approximate, for metrics)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _connect(path) as conn:
+            conn.execute(_DECISION_DDL)
+            conn.execute(_EVENT_DDL)
+            self.pending_rows = conn.execute("SELECT (SELECT count(*) FROM decisions) + (SELECT count(*) FROM events)").fetchone()[0]
+        conn.close()
+
+    def max_ids(self) -> tuple[int, int]:
+        """The largest ids still in the journal (0 when empty), so ids keep growing across restarts."""
+        conn = _connect(self.path)
+        try:
+            row = conn.execute("SELECT (SELECT max(id) FROM decisions), (SELECT max(id) FROM events)").fetchone()
+        finally:
+            conn.close()
+        return row[0] or 0, row[1] or 0
+
+    # -- event loop side ---------------------------------------------------------------------------
+
+    def add_listener(self, listener: Callable[[int], None]) -> None:
+        """`listener(committed_seq)` runs on the event loop after every commit."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[int], None]) -> None:
+        self._listeners.remove(listener)
+
+    def add_decision(self, row: tuple[Any, ...]) -> int:
+        self.last_seq += 1
+        self._queue.put((self.last_seq, True, row))
+        return self.last_seq
+
+    def add_event(self, row: tuple[Any, ...]) -> int:
+        self.last_seq += 1
+        self._queue.put((self.last_seq, False, row))
+        return self.last_seq
+
+    def _on_commit(self, seq: int) -> None:
+        if seq > self.committed:
+            self.committed = seq
+            for listener in list(self._listeners):
+                listener(seq)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._writer = threading.Thread(target=self._write_loop, name="audit-journal-writer", daemon=True)
+        self._writer.start()
+        if self._destination is not None:
+            self._mover = threading.Thread(target=self._move_loop, name="audit-journal-mover", daemon=True)
+            self._mover.start()
+
+    def stop(self, *, move: bool = True) -> None:
+        """Commit what is queued, move what is committed (unless move=False), stop both threads."""
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            self._writer.join()
+        self._stopping.set()
+        with self._moved:
+            self._moved.notify_all()
+        if self._mover is not None:
+            self._mover.join()
+        if move and self._destination is not None:
+            self.move_all()
+
+    # -- writer thread -----------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        conn = _connect(self.path)
+        try:
+            while True:
+                item = self._queue.get()
+                items = [item]
+                while len(items) < MAX_BATCH:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = any(entry is _STOP for entry in items)
+                records = [entry for entry in items if entry is not _STOP]
+                if records:
+                    self._commit(conn, records)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, records: list[tuple[int, bool, tuple[Any, ...]]]) -> None:
+        decisions = [row for _, is_decision, row in records if is_decision]
+        events = [row for _, is_decision, row in records if not is_decision]
+        try:
+            conn.execute("BEGIN")
+            if decisions:
+                conn.executemany(_INSERT_DECISION, decisions)
+            if events:
+                conn.executemany(_INSERT_EVENT, events)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self.lost += len(records)
+            if self.healthy:
+                self.healthy = False
+                log.error("audit journal %s: cannot commit (%s); verdicts are not being recorded", self.path, exc)
+                self._call_on_loop(self._on_event, "audit_degraded", {"error": str(exc)})
+        else:
+            self.pending_rows += len(records)
+            if not self.healthy:
+                self.healthy = True
+                log.warning("audit journal %s: commits work again (%d records lost meanwhile)", self.path, self.lost)
+                self._call_on_loop(self._on_event, "audit_recovered", {"lost": self.lost})
+            if self.pending_rows >= MOVE_BATCH:
+                with self._moved:
+                    self._moved.notify_all()
+        # Released either way: a disk problem must not stop message flow.
+        self._call_on_loop(self._on_commit, records[-1][0])
+
+    def _call_on_loop(self, func: Callable[..., None], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(func, *args)
+            except RuntimeError:  # the loop closed meanwhile (shutdown)
+                pass
+
+    # -- mover thread ------------------------------------------------------------------------------
+
+    def _move_loop(self) -> None:
+        while not self._stopping.is_set():
+            with self._moved:
+                self._moved.wait(MOVE_INTERVAL_S)
+            if self._stopping.is_set():
+                return
+            try:
+                self.move_batch()
+            except Exception:  # noqa: BLE001 - keep moving later; the rows stay in the journal
+                log.exception("moving audit records to DuckDB failed; will retry")
+                time.sleep(MOVE_INTERVAL_S)
+
+    def recover(self) -> None:
+        """Before the first move after a start: drop from DuckDB what an interrupted move left there."""
+        assert self._destination is not None
+        conn = _connect(self.path)
+        try:
+            first_decision, first_event = conn.execute("SELECT (SELECT min(id) FROM decisions), (SELECT min(id) FROM events)").fetchone()
+        finally:
+            conn.close()
+        if first_decision is not None or first_event is not None:
+            self._destination.delete_from(first_decision, first_event)
+
+    def move_batch(self, limit: int = MOVE_BATCH) -> int:
+        """Move up to `limit` committed rows of each table to the destination; returns rows moved."""
+        with self._move_lock:
+            return self._move_batch(limit)
+
+    def _move_batch(self, limit: int) -> int:
+        assert self._destination is not None
+        conn = _connect(self.path)
+        try:
+            decisions = conn.execute(f"SELECT * FROM decisions ORDER BY id LIMIT {int(limit)}").fetchall()
+            events = conn.execute(f"SELECT * FROM events ORDER BY id LIMIT {int(limit)}").fetchall()
+            if not decisions and not events:
+                return 0
+            self._destination.append(decisions, events)
+            conn.execute("BEGIN")
+            if decisions:
+                conn.execute("DELETE FROM decisions WHERE id <= ?", (decisions[-1][0],))
+            if events:
+                conn.execute("DELETE FROM events WHERE id <= ?", (events[-1][0],))
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        moved = len(decisions) + len(events)
+        self.moved += moved
+        self.pending_rows = max(0, self.pending_rows - moved)
+        return moved
+
+    def move_all(self) -> int:
+        total = 0
+        while moved := self.move_batch():
+            total += moved
+        return total

@@ -1,0 +1,99 @@
+"""Quarantine queries: rejected messages whose payload the audit log still holds.
+
+Purging a message sets its payload to NULL; the verdict row stays in the audit log. These take a
+cursor (reads) or the writer connection inside a transaction (purge) from the store.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import duckdb
+
+from appliance.audit.results import QueryResult
+
+_LIST_COLUMNS = """
+    id, ts, client_id, topic, schema_name, schema_version, reason_code,
+    CASE WHEN len(reasons) > 0 THEN reasons[1]."check" || ': ' || reasons[1].message END AS reason,
+    len(reasons) AS reasons, payload_size"""
+
+
+def topic_filter_regex(topic_filter: str) -> str:
+    """An MQTT topic filter ('sensor/+/temperature', 'sensor/#') as a full-match regular expression."""
+    parts: list[str] = []
+    levels = topic_filter.split("/")
+    for index, level in enumerate(levels):
+        if level == "#" and index == len(levels) - 1:
+            # 'a/#' also matches 'a' itself (MQTT 4.7.1.2).
+            return ("/".join(parts) + "(/.*)?") if parts else ".*"
+        parts.append("[^/]*" if level == "+" else re.escape(level))
+    return "/".join(parts)
+
+
+def list_held(
+    cursor: duckdb.DuckDBPyConnection,
+    *,
+    topic: str | None,
+    since: datetime | None,
+    reason: str | None,
+    limit: int,
+) -> QueryResult:
+    """Newest first. `topic` is a topic or an MQTT filter; `reason` matches a check name exactly
+    or any part of a reason's message (case-insensitive)."""
+    where: list[str] = ["TRUE"]
+    params: list[object] = []
+    if topic is not None:
+        if "+" in topic or "#" in topic:
+            where.append("regexp_full_match(topic, ?)")
+            params.append(topic_filter_regex(topic))
+        else:
+            where.append("topic = ?")
+            params.append(topic)
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(since if since.tzinfo else since.replace(tzinfo=UTC))
+    if reason is not None:
+        where.append(
+            "len(list_filter(reasons, lambda r: lower(r.\"check\") = lower(?) "
+            "OR contains(lower(r.message), lower(?)))) > 0"
+        )
+        params += [reason, reason]
+    sql = (f"SELECT {_LIST_COLUMNS} FROM quarantine WHERE {' AND '.join(where)} "
+           f"ORDER BY id DESC LIMIT ?")
+    cursor.execute(sql, [*params, limit + 1])
+    columns = [d[0] for d in cursor.description or ()]
+    rows = cursor.fetchall()
+    return QueryResult(columns, rows[:limit], len(rows) > limit)
+
+
+def get(cursor: duckdb.DuckDBPyConnection, decision_id: int) -> dict[str, Any] | None:
+    """A quarantined message (rejected, payload still held) with every column; None when the id is
+    unknown, was accepted, or its payload was purged (the verdict is still in `rejected`)."""
+    cursor.execute("SELECT * FROM quarantine WHERE id = ?", [decision_id])
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    return dict(zip([d[0] for d in cursor.description or ()], row))
+
+
+def purge(con: duckdb.DuckDBPyConnection, ids: Sequence[int] | None) -> int:
+    sql = "UPDATE decisions SET payload = NULL WHERE verdict = 'reject' AND payload IS NOT NULL"
+    params: list[Any] = []
+    if ids is not None:
+        if not ids:
+            return 0
+        # The BETWEEN lets DuckDB skip row groups by their min/max id before the list lookup.
+        sql += " AND id BETWEEN ? AND ? AND list_contains(?, id)"
+        params = [min(ids), max(ids), [int(i) for i in ids]]
+    row = con.execute(sql, params).fetchone()
+    return int(row[0]) if row else 0
+
+
+def size_bytes(cursor: duckdb.DuckDBPyConnection) -> int:
+    # payload_size is the held payload's length (it is never changed), and summing it avoids
+    # reading the payloads themselves.
+    row = cursor.execute("SELECT coalesce(sum(payload_size), 0) FROM quarantine").fetchone()
+    return int(row[0]) if row else 0

@@ -1,0 +1,227 @@
+"""The audit log end to end: verdicts of real traffic, queried with SQL while the appliance runs,
+exported to Parquet, released from quarantine, and intact after kill -9."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from appliance import admin
+from tests.conftest import make_config
+from tests.e2e.test_governance import CASES
+from tests.governance.payloads import temperature
+from tests.helpers import Client, RunningAppliance, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, timeout=120)
+
+
+def sql(state_dir: Path, query: str) -> list[dict[str, object]]:
+    result = cli("audit", "sql", query, "--state-dir", str(state_dir), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def audited(tmp_path):
+    running = RunningAppliance(make_config(tmp_path / "state", schemas=str(REPO / "schemas" / "v1"))).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_verdicts_of_a_known_mix_queried_while_running(audited, tmp_path):
+    pub = Client(audited.port, version=5, client_id="mix-1").connect()
+    for topic, payload, _ in CASES:
+        pub.publish(topic, payload, qos=1)
+    pub.disconnect()
+    state = tmp_path / "state"
+    rows = sql(state, "SELECT verdict, count(*) AS n FROM decisions GROUP BY verdict ORDER BY verdict")
+    expected_rejects = sum(1 for *_, ok in CASES if not ok)
+    assert rows == [{"verdict": "accept", "n": len(CASES) - expected_rejects}, {"verdict": "reject", "n": expected_rejects}]
+    rejected = sql(state, "SELECT topic, reason_code, reasons[1].\"check\" AS first_check, schema_name, schema_version, "
+                          "client_id, peer, mqtt_version FROM decisions WHERE verdict = 'reject' ORDER BY id")
+    assert [r["topic"] for r in rejected] == [t for t, _, ok in CASES if not ok]
+    assert {r["first_check"] for r in rejected} == {"schema", "rule", "topic"}
+    assert all(r["client_id"] == "mix-1" and r["mqtt_version"] == 5 and str(r["peer"]).startswith("127.0.0.1:") for r in rejected)
+    topic_row = next(r for r in rejected if r["topic"] == "secret/door_code")
+    assert topic_row["reason_code"] == 0x90
+    schema_row = next(r for r in rejected if r["first_check"] == "schema")
+    assert (schema_row["schema_name"], schema_row["schema_version"]) == ("temperature", "v1")
+    events = sql(state, "SELECT kind FROM events WHERE client_id = 'mix-1' ORDER BY id")
+    assert [e["kind"] for e in events] == ["client_connected", "client_disconnected"]
+
+
+def test_payloads_hashes_and_latency_are_recorded(audited, tmp_path):
+    pub = Client(audited.port, version=4).connect()
+    pub.publish("sensor/t1/temperature", temperature(), qos=1)
+    pub.disconnect()
+    [row] = sql(tmp_path / "state", "SELECT payload_size, payload_sha256, latency_us >= 0 AS timed, "
+                                    "decode(payload) AS text, config_revision FROM decisions")
+    import hashlib
+
+    assert row["payload_size"] == len(temperature())
+    assert row["payload_sha256"] == hashlib.sha256(temperature()).hexdigest()
+    assert row["text"] == temperature().decode() and row["timed"] is True and len(row["config_revision"]) == 12
+
+
+@pytest.mark.parametrize("query", [
+    "DELETE FROM decisions",
+    "ATTACH '/tmp/x.duckdb' AS x",
+    "COPY decisions TO '/tmp/out.csv'",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT 1; DROP TABLE decisions",
+])
+def test_unsafe_sql_is_refused_clearly(audited, tmp_path, query):
+    result = cli("audit", "sql", query, "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 1
+    assert "Error:" in result.stderr and "not allowed" in result.stderr.lower() or "only" in result.stderr.lower()
+    assert sql(tmp_path / "state", "SELECT count(*) AS n FROM decisions") is not None
+
+
+def test_export_to_parquet_and_read_back(audited, tmp_path):
+    pub = Client(audited.port, version=5).connect()
+    for topic, payload, _ in CASES:
+        pub.publish(topic, payload, qos=1)
+    pub.disconnect()
+    out = tmp_path / "export"
+    result = cli("audit", "export", "--state-dir", str(tmp_path / "state"), "--since", "2000-01-01", "--to", str(out))
+    assert result.returncode == 0, result.stderr
+    files = list((out / "decisions").glob("day=*/*.parquet"))
+    assert files, list(out.rglob("*"))
+    count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/decisions/**/*.parquet', hive_partitioning = true)").fetchall()[0][0]
+    assert count == len(CASES)
+
+
+def test_quarantine_release_after_a_schema_fix(tmp_path):
+    schemas = tmp_path / "schemas"
+    shutil.copytree(REPO / "schemas" / "v1", schemas)
+    state = tmp_path / "state"
+    running = RunningAppliance(make_config(state, schemas=str(schemas))).start()
+    try:
+        pub = Client(running.port, version=5).connect()
+        pub.publish("sensor/t1/temperature", temperature(temperature=150), qos=1)  # above the v1 maximum
+        pub.disconnect()
+        listing = cli("quarantine", "list", "--state-dir", str(state), "--format", "json")
+        [entry] = json.loads(listing.stdout)
+        shown = cli("quarantine", "show", str(entry["id"]), "--state-dir", str(state))
+        assert '"temperature": 150' in shown.stdout and "maximum" in shown.stdout
+        still = cli("quarantine", "release", str(entry["id"]), "--state-dir", str(state))
+        assert still.returncode == 1 and "still rejected" in still.stdout
+    finally:
+        running.stop()
+    manifest_schema = schemas / "temperature.json"
+    manifest_schema.write_text(manifest_schema.read_text().replace('"maximum": 125', '"maximum": 200'))
+    running = RunningAppliance(make_config(state, schemas=str(schemas))).start()
+    try:
+        sub = Client(running.port, version=5).connect()
+        sub.subscribe("sensor/#", qos=1)
+        released = cli("quarantine", "release", str(entry["id"]), "--state-dir", str(state))
+        assert released.returncode == 0, released.stdout + released.stderr
+        assert sub.expect(1)[0].payload == temperature(temperature=150)
+        # Both release attempts left a verdict linked to the original: rejected, then accepted.
+        rows = sql(state, f"SELECT verdict FROM decisions WHERE released_from = {entry['id']} ORDER BY id")
+        assert rows == [{"verdict": "reject"}, {"verdict": "accept"}]
+        assert json.loads(cli("quarantine", "list", "--state-dir", str(state), "--format", "json").stdout) == []
+        sub.disconnect()
+    finally:
+        running.stop()
+
+
+def test_queries_work_on_a_stopped_appliance(tmp_path):
+    state = tmp_path / "state"
+    running = RunningAppliance(make_config(state, schemas=str(REPO / "schemas" / "v1"))).start()
+    pub = Client(running.port, version=5).connect()
+    pub.publish("sensor/t1/temperature", b"{}", qos=1)
+    pub.disconnect()
+    running.stop()
+    assert not admin.socket_path(state).exists()
+    assert sql(state, "SELECT count(*) AS n FROM quarantine") == [{"n": 1}]
+    purged = cli("quarantine", "purge", "--all", "--state-dir", str(state))
+    assert purged.returncode == 0 and "purged 1" in purged.stdout
+    assert sql(state, "SELECT count(*) AS n FROM quarantine") == [{"n": 0}]
+    assert sql(state, "SELECT count(*) AS n FROM decisions") == [{"n": 1}]  # the verdict stays
+
+
+def test_kill_9_under_load_keeps_every_acknowledged_verdict(tmp_path):
+    """QoS 1 publishers through a real `appliance run` process; kill -9 mid-stream; after a restart
+    every message a publisher saw acknowledged has its verdict in the audit log."""
+    from appliance.broker import free_loopback_port
+
+    state = tmp_path / "state"
+    port = free_loopback_port()
+    config = tmp_path / "appliance.yaml"
+    config.write_text(f"listen: 127.0.0.1:{port}\nstate_dir: state\nschemas: {REPO / 'schemas' / 'v1'}\nlog_level: warning\n")
+
+    def start() -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        import socket
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(up, timeout=30, message="appliance up")
+        return proc
+
+    proc = start()
+    acked: dict[str, set[bytes]] = {}
+    publishers = []
+    for n in range(4):
+        client = Client(port, version=5 if n % 2 else 4, client_id=f"t{n}").connect()
+        acked[client.paho._client_id.decode()] = set()
+        publishers.append(client)
+    stop = threading.Event()
+
+    def publish(client: Client) -> None:
+        name = client.paho._client_id.decode()
+        seq = 0
+        while not stop.is_set() and client.connected.is_set():
+            # Unique payloads; every fifth one is out of range (rejected, and still acknowledged).
+            payload = temperature(device_id=name, temperature=round(seq * 0.001, 3) if seq % 5 else 1000 + seq)
+            info = client.paho.publish(f"sensor/{name}/temperature", payload, qos=1)
+            try:
+                info.wait_for_publish(2)
+            except (RuntimeError, ValueError):
+                return
+            if info.is_published():
+                acked[name].add(payload)
+            seq += 1
+
+    threads = [threading.Thread(target=publish, args=(c,)) for c in publishers]
+    for t in threads:
+        t.start()
+    wait_until(lambda: sum(len(v) for v in acked.values()) >= 400, timeout=60, message="some traffic")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    for c in publishers:
+        c.paho.loop_stop()
+    total = sum(len(v) for v in acked.values())
+    assert total >= 400
+    proc = start()  # recovery moves what the journal held into DuckDB
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    recorded = {bytes(row[0]) for row in duckdb.connect(str(state / "audit" / "audit.duckdb"), read_only=True)
+                .execute("SELECT payload FROM decisions").fetchall()}
+    missing = [p for payloads in acked.values() for p in payloads if p not in recorded]
+    assert not missing, f"{len(missing)} of {total} acknowledged messages have no verdict, e.g. {missing[:3]}"

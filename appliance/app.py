@@ -51,7 +51,8 @@ class Appliance:
             sinks: list[Sink] = [self.verdicts]
             if config.audit.enabled:
                 self.audit = AuditService(
-                    config.audit, config.state_dir, config_revision=self.revision, dry_run=config.dry_run
+                    config.audit, config.state_dir, config_revision=self.revision, dry_run=config.dry_run,
+                    on_event=self.on_event,
                 )
                 sinks.append(self.audit.sink)
             pipeline = Pipeline(checks, sinks, dry_run=config.dry_run)

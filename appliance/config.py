@@ -149,6 +149,11 @@ class RetentionConfig(_Section):
     interval: Duration = Field(timedelta(minutes=10), description="How often retention runs in the background.")
 
 
+class ExportSchedule(_Section):
+    to: Path | None = Field(None, description="Export each finished UTC day to this directory as Parquet (hive-partitioned by day); none: no scheduled export.")
+    interval: Duration = Field(timedelta(hours=1), description="How often to look for finished days to export.")
+
+
 class AuditConfig(_Section):
     enabled: bool = Field(True, description="Record every verdict and event in the audit log (STATE_DIR/audit/).")
     record_payloads: bool = Field(True, description="Keep message payloads with their verdicts (needed for quarantine and replay).")
@@ -158,6 +163,12 @@ class AuditConfig(_Section):
         "(survives kill -9 and power loss). false: acknowledge at once, recording stays asynchronous.",
     )
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="How long audit data is kept.")
+    journal_max_bytes: Size = Field(
+        256 * 1000**2,
+        description="Largest size of the SQLite journal in front of DuckDB; when full (or the disk is), verdicts "
+        "are counted as lost and an audit_degraded event is raised, but messages keep flowing.",
+    )
+    export: ExportSchedule = Field(default_factory=lambda: ExportSchedule(), description="Scheduled Parquet export.")
 
 
 class LimitsConfig(_Section):
@@ -207,6 +218,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     for key in ("state_dir", "schemas"):
         if isinstance(data.get(key), str):
             data[key] = os.path.normpath(base / data[key])
+    audit = data.get("audit")
+    if isinstance(audit, dict) and isinstance(audit.get("export"), dict) and isinstance(audit["export"].get("to"), str):
+        audit["export"]["to"] = os.path.normpath(base / audit["export"]["to"])
     broker = data.get("broker")
     if isinstance(broker, dict) and isinstance(broker.get("tls"), dict):
         for key in ("ca_file", "cert_file", "key_file"):

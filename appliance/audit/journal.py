@@ -68,6 +68,7 @@ class Journal:
         destination: Destination | None = None,
         *,
         on_event: Callable[[str, dict[str, object]], None] | None = None,
+        max_bytes: int | None = None,
     ):
         self.path = path
         self._destination = destination
@@ -87,15 +88,23 @@ class Journal:
         self.moved = 0  # rows moved to DuckDB since start
         self.pending_rows = 0  # rows in the journal not yet moved (approximate, for metrics)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _connect(path) as conn:
+        self._max_bytes = max_bytes
+        with self._connect() as conn:
             conn.execute(_DECISION_DDL)
             conn.execute(_EVENT_DDL)
             self.pending_rows = conn.execute("SELECT (SELECT count(*) FROM decisions) + (SELECT count(*) FROM events)").fetchone()[0]
         conn.close()
 
+    def _connect(self) -> sqlite3.Connection:
+        conn = _connect(self.path)
+        if self._max_bytes is not None:
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {max(16, self._max_bytes // page_size)}")
+        return conn
+
     def max_ids(self) -> tuple[int, int]:
         """The largest ids still in the journal (0 when empty), so ids keep growing across restarts."""
-        conn = _connect(self.path)
+        conn = self._connect()
         try:
             row = conn.execute("SELECT (SELECT max(id) FROM decisions), (SELECT max(id) FROM events)").fetchone()
         finally:
@@ -151,7 +160,7 @@ class Journal:
     # -- writer thread -----------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        conn = _connect(self.path)
+        conn = self._connect()
         try:
             while True:
                 item = self._queue.get()
@@ -226,7 +235,7 @@ class Journal:
     def recover(self) -> None:
         """Before the first move after a start: drop from DuckDB what an interrupted move left there."""
         assert self._destination is not None
-        conn = _connect(self.path)
+        conn = self._connect()
         try:
             first_decision, first_event = conn.execute("SELECT (SELECT min(id) FROM decisions), (SELECT min(id) FROM events)").fetchone()
         finally:
@@ -241,7 +250,7 @@ class Journal:
 
     def _move_batch(self, limit: int) -> int:
         assert self._destination is not None
-        conn = _connect(self.path)
+        conn = self._connect()
         try:
             decisions = conn.execute(f"SELECT * FROM decisions ORDER BY id LIMIT {int(limit)}").fetchall()
             events = conn.execute(f"SELECT * FROM events ORDER BY id LIMIT {int(limit)}").fetchall()

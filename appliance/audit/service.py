@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,23 @@ log = logging.getLogger(__name__)
 
 DUCKDB_FILE = "audit.duckdb"
 JOURNAL_FILE = "journal.sqlite3"
+
+
+def export_finished_days(store: AuditStore, to_dir: Path, *, now: datetime | None = None) -> list[str]:
+    """Export each UTC day before today that has rows and no `.exported-DAY` marker in `to_dir`."""
+    now = now or datetime.now(UTC)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    result = store.query("SELECT DISTINCT CAST(date_trunc('day', ts) AS DATE) AS day FROM decisions ORDER BY day")
+    exported = []
+    for (day,) in result.rows:
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        marker = to_dir / f".exported-{day.isoformat()}"
+        if start >= today or marker.exists():
+            continue
+        store.export_parquet(to_dir, since=start, until=start + timedelta(days=1))
+        marker.write_text(now.isoformat() + "\n")
+        exported.append(day.isoformat())
+    return exported
 
 
 def audit_dir(state_dir: Path) -> Path:
@@ -41,12 +59,23 @@ def retention_policy(config: AuditConfig) -> RetentionPolicy:
 
 
 class AuditService:
-    def __init__(self, config: AuditConfig, state_dir: Path, *, config_revision: str, dry_run: bool):
+    def __init__(
+        self,
+        config: AuditConfig,
+        state_dir: Path,
+        *,
+        config_revision: str,
+        dry_run: bool,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ):
         self.config = config
         directory = audit_dir(state_dir)
         directory.mkdir(parents=True, exist_ok=True)
         self.store = AuditStore(directory / DUCKDB_FILE)
-        self.journal = Journal(directory / JOURNAL_FILE, self.store, on_event=self.record_event)
+        # The journal's own events (degraded, recovered) go to the appliance, which records them here.
+        self.journal = Journal(
+            directory / JOURNAL_FILE, self.store, on_event=on_event or self.record_event, max_bytes=config.journal_max_bytes
+        )
         # Rows a crash left in the journal go to DuckDB first; ids continue after everything stored.
         self.journal.recover()
         recovered = self.journal.move_all()
@@ -57,6 +86,7 @@ class AuditService:
             self.journal, self.clock, record_payloads=config.record_payloads, config_revision=config_revision, dry_run=dry_run
         )
         self._retention_task: asyncio.Task[None] | None = None
+        self._export_task: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -93,6 +123,9 @@ class AuditService:
         self.journal.start(asyncio.get_running_loop())
         interval = self.config.retention.interval or timedelta(minutes=10)
         self._retention_task = asyncio.create_task(self._retain(interval.total_seconds()), name="audit-retention")
+        if self.config.export.to is not None:
+            every = (self.config.export.interval or timedelta(hours=1)).total_seconds()
+            self._export_task = asyncio.create_task(self._export_days(self.config.export.to, every), name="audit-export")
 
     async def _retain(self, interval: float) -> None:
         policy = retention_policy(self.config)
@@ -104,12 +137,23 @@ class AuditService:
                 log.exception("audit retention failed; will try again in %.0fs", interval)
             await asyncio.sleep(interval)
 
+    async def _export_days(self, to_dir: Path, interval: float) -> None:
+        """Export every finished UTC day not exported yet (a marker file per day remembers which)."""
+        while True:
+            try:
+                await self.sync()
+                await asyncio.to_thread(export_finished_days, self.store, to_dir)
+            except Exception:  # noqa: BLE001 - a failed export is retried; it never stops message flow
+                log.exception("scheduled audit export to %s failed; will try again in %.0fs", to_dir, interval)
+            await asyncio.sleep(interval)
+
     async def stop(self) -> None:
         """Commit and move everything to DuckDB, then close; a second call does nothing."""
         if self._stopped:
             return
         self._stopped = True
-        if self._retention_task is not None:
-            self._retention_task.cancel()
+        for task in (self._retention_task, self._export_task):
+            if task is not None:
+                task.cancel()
         await asyncio.to_thread(self.journal.stop)
         self.store.close()

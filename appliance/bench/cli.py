@@ -89,13 +89,16 @@ def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool, sce
 
 
 def _verdict_bench(quick: bool, json_file: Path | None) -> None:
-    from appliance.bench.verdict import measure
+    from appliance.bench.verdict import measure, measure_audit_recording
 
-    results = measure(iterations=2_000 if quick else 20_000)
+    iterations = 2_000 if quick else 20_000
+    results = measure(iterations=iterations)
+    audit_us = measure_audit_recording(iterations=iterations)
     width = max(len(case.name) for case, _ in results)
     click.echo(f"{'verdict (demo schema set v1)':<{width}}  median µs")
     for case, micros in results:
         click.echo(f"{case.name:<{width}}  {micros:9.2f}")
+    click.echo(f"{'audit recording on the event loop':<{width}}  {audit_us:9.2f}")
     if json_file is not None:
-        document = {"verdict_us": {case.name: micros for case, micros in results}}
+        document = {"verdict_us": {case.name: micros for case, micros in results}, "audit_recording_us": audit_us}
         json_file.write_text(json.dumps(document, indent=2) + "\n")

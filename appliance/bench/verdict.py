@@ -52,6 +52,27 @@ def _without_rules(directory: Path) -> Path:
     return copy
 
 
+def measure_audit_recording(*, iterations: int = 20_000, repeats: int = 5) -> float:
+    """Median µs the audit sink adds on the event loop per message: building the row and handing it
+    to the journal's queue (the journal's threads do the I/O; they are not started here)."""
+    from appliance.audit.journal import Journal
+    from appliance.audit.records import IdClock
+    from appliance.audit.sink import AuditSink
+    from appliance.pipeline import ACCEPT
+
+    with tempfile.TemporaryDirectory(prefix="audit-bench-") as tmp:
+        journal = Journal(Path(tmp) / "journal.sqlite3")
+        sink = AuditSink(journal, IdClock(), record_payloads=True, config_revision="bench", dry_run=False)
+        message = Message("sensor/t1/temperature", TEMPERATURE, 1, False, CLIENT, received_at=time.time())
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter_ns()
+            for _ in range(iterations):
+                sink.record(message, ACCEPT, 5)
+            samples.append((time.perf_counter_ns() - start) / iterations / 1000)
+    return statistics.median(samples)
+
+
 def measure(schemas: Path = REPO_SCHEMAS / "v1", *, iterations: int = 20_000, repeats: int = 5) -> list[tuple[VerdictCase, float]]:
     """Median µs per verdict for each case (each repeat times `iterations` verdicts)."""
     plain = _without_rules(schemas)

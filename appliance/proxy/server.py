@@ -35,7 +35,25 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
     return str(peer or "unknown")
 
 
-class ClientLeg(asyncio.Protocol):
+class _Leg(asyncio.Protocol):
+    """What both legs share: a transport whose reading the other leg pauses for flow control."""
+
+    transport: asyncio.Transport | None
+    _closed: bool
+    _reading_paused: bool
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and not self._closed and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and not self._closed and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+
+class ClientLeg(_Leg):
     def __init__(self, server: ProxyServer):
         self._server = server
         self.transport: asyncio.Transport | None = None
@@ -188,23 +206,13 @@ class ClientLeg(asyncio.Protocol):
         self.broker = None
         self._close_transport()
 
-    def pause_reading(self) -> None:
-        if not self._reading_paused and not self._closed and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._reading_paused and not self._closed and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
-
     def shutdown(self) -> None:
         if self.session is not None and not self._closed:
             self.session.shutdown()
             self.flush()
 
 
-class BrokerLeg(asyncio.Protocol):
+class BrokerLeg(_Leg):
     def __init__(self, client: ClientLeg):
         self._client = client
         self.transport: asyncio.Transport | None = None
@@ -257,16 +265,6 @@ class BrokerLeg(asyncio.Protocol):
     def abort(self) -> None:
         if not self._closed and self.transport is not None:
             self.transport.abort()
-
-    def pause_reading(self) -> None:
-        if not self._reading_paused and not self._closed and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._reading_paused and not self._closed and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
 
 
 class ProxyServer:

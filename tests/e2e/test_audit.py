@@ -19,6 +19,7 @@ from tests.conftest import make_config
 from tests.e2e.test_governance import CASES
 from tests.governance.payloads import temperature
 from tests.helpers import Client, RunningAppliance, wait_until
+from tests.processes import start_appliance
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -166,20 +167,7 @@ def test_kill_9_under_load_keeps_every_acknowledged_verdict(tmp_path):
     config.write_text(f"listen: 127.0.0.1:{port}\nstate_dir: state\nschemas: {REPO / 'schemas' / 'v1'}\nlog_level: warning\n")
 
     def start() -> subprocess.Popen[str]:
-        proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        import socket
-
-        def up() -> bool:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-
-        wait_until(up, timeout=30, message="appliance up")
-        return proc
+        return start_appliance(["--config", str(config)], port=port)
 
     proc = start()
     acked: dict[str, set[bytes]] = {}

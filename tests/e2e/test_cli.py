@@ -1,40 +1,26 @@
-"""`appliance run` as a user runs it: a real process, stopped by a signal."""
+"""`appliance run` and `appliance check` as a user runs them: real processes, stopped by signals."""
 
 from __future__ import annotations
 
 import getpass
-import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from appliance.broker import free_loopback_port, render_mosquitto_conf
-from tests.helpers import Client, wait_until
+from tests.helpers import Client
+from tests.processes import appliance_process, mosquitto_process, output, start_appliance
+
+REPO = Path(__file__).resolve().parents[2]
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "appliance", "run", *args],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
-def _wait_listening(proc: subprocess.Popen[str], port: int) -> None:
-    def ready() -> bool:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        try:
-            import socket
-
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    wait_until(ready, timeout=20, message="appliance listening")
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, timeout=60)
 
 
 def _children(pid: int) -> list[int]:
@@ -42,14 +28,18 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+def _external_config(tmp_path: Path, port: int, broker: str) -> Path:
+    config = tmp_path / "appliance.yaml"
+    config.write_text(f"listen: 127.0.0.1:{port}\nstate_dir: state\nbroker:\n  mode: external\n{broker}")
+    return config
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_run_until_signal_then_exit_0(tmp_path, signum):
     port = free_loopback_port()
     config = tmp_path / "appliance.yaml"
     config.write_text("listen: 127.0.0.1:1\nstate_dir: state\nbroker:\n  mode: embedded\n")
-    proc = _start(["--config", str(config), "--listen", f"127.0.0.1:{port}", "--verbose"], tmp_path)
-    try:
-        _wait_listening(proc, port)
+    with appliance_process(["--config", str(config), "--listen", f"127.0.0.1:{port}", "--verbose"], port=port) as proc:
         mosquitto = [pid for pid in _children(proc.pid) if "mosquitto" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(mosquitto) == 1
         assert (tmp_path / "state" / "mosquitto" / "mosquitto.conf").exists()  # relative to the config file
@@ -58,100 +48,100 @@ def test_run_until_signal_then_exit_0(tmp_path, signum):
         client.publish("x", b"1", qos=1)
         client.expect(1)
         proc.send_signal(signum)
-        output, _ = proc.communicate(timeout=20)
-        assert proc.returncode == 0, output
+        assert proc.wait(20) == 0, output(proc)
         client.disconnected.wait(5)
         assert client.disconnected.is_set()
         assert client.disconnect_reason.value == 0x8B  # MQTT 5: server shutting down
         assert not Path(f"/proc/{mosquitto[0]}").exists() or "zombie" in Path(f"/proc/{mosquitto[0]}/status").read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def test_broken_config_is_a_clear_error(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("listen: 127.0.0.1:1883\nbroker:\n  mode: [oops\n")
-    proc = _start(["--config", str(config)], tmp_path)
-    output, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 1
-    assert f"{config}:4:1: YAML syntax error" in output  # where PyYAML notices the unclosed list
-
+    result = _cli("run", "--config", str(config))
+    assert result.returncode == 1
+    assert f"{config}:4:1: YAML syntax error" in result.stderr  # where PyYAML notices the unclosed list
     config.write_text("listen: 127.0.0.1:1883\nbroker:\n  mode: sideways\nunknown_key: 1\n")
-    output = subprocess.run([sys.executable, "-m", "appliance", "run", "--config", str(config)],
-                            capture_output=True, text=True, timeout=20).stderr
+    output = _cli("run", "--config", str(config)).stderr
     assert "broker.mode" in output and "unknown_key" in output
 
 
 def test_listen_address_in_use_is_a_clear_error(tmp_path):
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = _start(["--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "s")], tmp_path)
-        output, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in output
+        proc = start_appliance(["--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "s")])
+        assert proc.wait(20) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in output(proc)
 
 
 def test_external_broker_mode(tmp_path):
     """Front a mosquitto the user runs, with credentials the proxy presents in place of the client's."""
-    broker_port = free_loopback_port()
-    data = tmp_path / "ext"
-    data.mkdir()
-    passwd = data / "passwd"
+    broker_port, port = free_loopback_port(), free_loopback_port()
+    passwd = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "gateway", "s3cret"], check=True)
-    conf = render_mosquitto_conf(port=broker_port, data_dir=data, extra=[]).replace(
+    conf = render_mosquitto_conf(port=broker_port, data_dir=tmp_path / "ext", extra=[]).replace(
         "allow_anonymous true", f"allow_anonymous false\npassword_file {passwd}"
     )
-    (data / "mosquitto.conf").write_text(conf)
-    mosquitto = subprocess.Popen(["mosquitto", "-c", str(data / "mosquitto.conf")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    port = free_loopback_port()
-    config = tmp_path / "appliance.yaml"
-    config.write_text(
-        f"listen: 127.0.0.1:{port}\nstate_dir: state\n"
-        f"broker:\n  mode: external\n  host: 127.0.0.1\n  port: {broker_port}\n"
-        "  username: gateway\n  password: s3cret\n"
-    )
-    proc = _start(["--config", str(config)], tmp_path)
-    try:
-        wait_until(lambda: _can_connect(broker_port), message="external mosquitto up")
-        _wait_listening(proc, port)
-        sub = Client(port, version=4).connect()
+    config = _external_config(tmp_path, port, f"  host: 127.0.0.1\n  port: {broker_port}\n  username: gateway\n  password: s3cret\n")
+    with mosquitto_process(conf, tmp_path / "ext", broker_port), appliance_process(["--config", str(config)], port=port) as proc:
+        sub = Client(port, version=4)
         sub.paho.username_pw_set("someone", "their-own")
+        sub.connect()
         sub.subscribe("ext/#", qos=1)
         pub = Client(port, version=5).connect()
         pub.publish("ext/1", b"through", qos=1)
-        [got] = sub.expect(1)
-        assert got.payload == b"through"
+        assert sub.expect(1)[0].payload == b"through"
         assert _children(proc.pid) == []  # no embedded mosquitto in external mode
         sub.disconnect()
         pub.disconnect()
-    finally:
+
+
+def _tls_mosquitto(port: int, certs: object, *, require_certificate: bool) -> str:
+    return (
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
+        f"cafile {certs.ca}\ncertfile {certs.server_cert}\nkeyfile {certs.server_key}\n"  # type: ignore[attr-defined]
+        + ("require_certificate true\n" if require_certificate else "")
+    )
+
+
+def test_external_broker_over_mutual_tls(tmp_path):
+    from tests.tls import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    broker_port, port = free_loopback_port(), free_loopback_port()
+    config = _external_config(tmp_path, port, (
+        f"  host: localhost\n  port: {broker_port}\n"
+        f"  tls:\n    ca_file: {certs.ca}\n    cert_file: {certs.client_cert}\n    key_file: {certs.client_key}\n"
+    ))
+    with mosquitto_process(_tls_mosquitto(broker_port, certs, require_certificate=True), tmp_path / "ext", broker_port), \
+            appliance_process(["--config", str(config)], port=port):
+        sub = Client(port, version=5).connect()
+        sub.subscribe("tls/#", qos=1)
+        pub = Client(port, version=4).connect()
+        pub.publish("tls/1", b"encrypted upstream", qos=1)
+        assert sub.expect(1)[0].payload == b"encrypted upstream"
+        sub.disconnect()
+        pub.disconnect()
+
+
+def test_external_broker_with_wrong_ca_refuses_clients_cleanly(tmp_path):
+    from tests.tls import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    other = make_certificates(tmp_path / "other", ca_name="Other CA")
+    broker_port, port = free_loopback_port(), free_loopback_port()
+    config = _external_config(tmp_path, port, f"  host: localhost\n  port: {broker_port}\n  tls:\n    ca_file: {other.ca}\n")
+    with mosquitto_process(_tls_mosquitto(broker_port, certs, require_certificate=False), tmp_path / "ext", broker_port), \
+            appliance_process(["--config", str(config)], port=port) as proc:
+        client = Client(port, version=5)
+        client.connect(expect_success=False)
+        assert client.connect_result.value == 0x88  # Server unavailable: the broker could not be reached
+        client.paho.loop_stop()
         proc.terminate()
         proc.wait(20)
-        mosquitto.terminate()
-        mosquitto.wait(10)
-
-
-def _can_connect(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
-
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, timeout=60)
+    assert "certificate verify failed" in output(proc).lower()
 
 
 def test_check_demo_config_and_sets():
@@ -163,8 +153,6 @@ def test_check_demo_config_and_sets():
 
 
 def test_check_and_run_refuse_a_broken_set(tmp_path):
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(REPO / "schemas" / "v1", broken)
     (broken / "temperature.json").write_text('{"type": "object",')
@@ -179,76 +167,3 @@ def test_check_and_run_refuse_a_broken_set(tmp_path):
 def test_check_needs_something_to_check():
     result = _cli("check")
     assert result.returncode == 2 and "--config" in result.stderr
-
-
-def test_external_broker_over_mutual_tls(tmp_path):
-    from tests.tls import make_certificates
-
-    certs = make_certificates(tmp_path / "certs")
-    broker_port = free_loopback_port()
-    data = tmp_path / "ext"
-    data.mkdir()
-    (data / "mosquitto.conf").write_text(
-        f"listener {broker_port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
-        f"cafile {certs.ca}\ncertfile {certs.server_cert}\nkeyfile {certs.server_key}\n"
-        "require_certificate true\n"
-    )
-    mosquitto = subprocess.Popen(["mosquitto", "-c", str(data / "mosquitto.conf")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    port = free_loopback_port()
-    config = tmp_path / "appliance.yaml"
-    config.write_text(
-        f"listen: 127.0.0.1:{port}\nstate_dir: state\n"
-        f"broker:\n  mode: external\n  host: localhost\n  port: {broker_port}\n"
-        f"  tls:\n    ca_file: {certs.ca}\n    cert_file: {certs.client_cert}\n    key_file: {certs.client_key}\n"
-    )
-    proc = _start(["--config", str(config)], tmp_path)
-    try:
-        wait_until(lambda: _can_connect(broker_port), message="external mosquitto up")
-        _wait_listening(proc, port)
-        sub = Client(port, version=5).connect()
-        sub.subscribe("tls/#", qos=1)
-        pub = Client(port, version=4).connect()
-        pub.publish("tls/1", b"encrypted upstream", qos=1)
-        assert sub.expect(1)[0].payload == b"encrypted upstream"
-        sub.disconnect()
-        pub.disconnect()
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        mosquitto.terminate()
-        mosquitto.wait(10)
-
-
-def test_external_broker_with_wrong_ca_refuses_clients_cleanly(tmp_path):
-    from tests.tls import make_certificates
-
-    certs = make_certificates(tmp_path / "certs")
-    other = make_certificates(tmp_path / "other", ca_name="Other CA")
-    broker_port = free_loopback_port()
-    (tmp_path / "m.conf").write_text(
-        f"listener {broker_port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
-        f"cafile {certs.ca}\ncertfile {certs.server_cert}\nkeyfile {certs.server_key}\n"
-    )
-    mosquitto = subprocess.Popen(["mosquitto", "-c", str(tmp_path / "m.conf")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    port = free_loopback_port()
-    config = tmp_path / "appliance.yaml"
-    config.write_text(
-        f"listen: 127.0.0.1:{port}\nstate_dir: state\n"
-        f"broker:\n  mode: external\n  host: localhost\n  port: {broker_port}\n  tls:\n    ca_file: {other.ca}\n"
-    )
-    proc = _start(["--config", str(config)], tmp_path)
-    try:
-        wait_until(lambda: _can_connect(broker_port), message="external mosquitto up")
-        _wait_listening(proc, port)
-        client = Client(port, version=5)
-        client.connect(expect_success=False)
-        assert client.connect_result.value == 0x88  # Server unavailable: the broker could not be reached
-        client.paho.loop_stop()
-    finally:
-        proc.terminate()
-        output, _ = proc.communicate(timeout=20)
-        mosquitto.terminate()
-        mosquitto.wait(10)
-    assert "CERTIFICATE_VERIFY_FAILED" in output or "certificate verify failed" in output

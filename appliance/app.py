@@ -12,7 +12,12 @@ import hashlib
 import logging
 import resource
 import signal
+import time
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry
 
 from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
 from appliance.config import Config
@@ -20,6 +25,7 @@ from appliance.governance import Governance, load_schema_set
 from appliance.admin import AdminServer, socket_path
 from appliance.audit.operations import AuditOperations
 from appliance.audit.service import AuditService
+from appliance.metrics import ApplianceCollector, MetricsServer, MetricsSink
 from appliance.pipeline import CountingSink, Pipeline, Sink
 from appliance.proxy import ProxyServer, SessionLimits
 
@@ -41,6 +47,11 @@ class Appliance:
         """Build the appliance; a broken schema set raises SchemaSetError here, before anything starts."""
         self.config = config
         self.verdicts = CountingSink(keep=20)  # the last few verdicts, for tests and `status`
+        self.metrics = MetricsSink()
+        self.reloads: Counter[str] = Counter()
+        self.forwarder: Any = None  # the store-and-forward client, when upstream.url is set
+        self.metrics_server: MetricsServer | None = None
+        self._started = time.monotonic()
         self.governance: Governance | None = None
         self.audit: AuditService | None = None
         if pipeline is None:
@@ -48,7 +59,7 @@ class Appliance:
             if config.schemas is not None:
                 self.governance = Governance(load_schema_set(config.schemas))
                 checks.append(self.governance)
-            sinks: list[Sink] = [self.verdicts]
+            sinks: list[Sink] = [self.verdicts, self.metrics]
             if config.audit.enabled:
                 self.audit = AuditService(
                     config.audit, config.state_dir, config_revision=self.revision, dry_run=config.dry_run,
@@ -62,6 +73,35 @@ class Appliance:
         self.admin: AdminServer | None = None
         self.events: list[tuple[str, dict[str, object]]] = []
         self._listeners: list[Callable[[str, dict[str, object]], None]] = []
+
+    def uptime(self) -> float:
+        return time.monotonic() - self._started
+
+    def ready(self) -> dict[str, object]:
+        """What /readyz and `appliance status` report: ready when every part can do its job."""
+        checks: dict[str, object] = {
+            "broker": self.broker is not None and self.broker.endpoint() is not None,
+            "listener": self.proxy is not None,
+            "schema_set": self.governance.schema_set.version if self.governance is not None else "none (accept all)",
+            "audit": self.audit.journal.healthy if self.audit is not None else "disabled",
+        }
+        ready = all(value is not False for value in checks.values())
+        return {"ready": ready, "checks": checks}
+
+    def status(self) -> dict[str, object]:
+        report = self.ready()
+        report.update({
+            "uptime_s": round(self.uptime(), 1),
+            "clients": len(self.proxy.clients) if self.proxy else 0,
+            "messages": dict(self.verdicts.counts),
+            "broker_restarts": self.broker.restarts if self.broker else 0,
+            "config_revision": self.revision,
+            "reloads": dict(self.reloads),
+        })
+        if self.audit is not None:
+            journal = self.audit.journal
+            report["audit"] = {"healthy": journal.healthy, "pending_records": journal.pending_rows, "lost_records": journal.lost}
+        return report
 
     @property
     def revision(self) -> str:
@@ -91,6 +131,14 @@ class Appliance:
             log.info("schema set %s from %s%s", schema_set.version, schema_set.directory, " (dry run: verdicts are recorded, everything is delivered)" if self.pipeline.dry_run else "")
         if self.audit is not None:
             await self.audit.start()
+        if config.metrics.enabled:
+            registry = CollectorRegistry()
+            registry.register(ApplianceCollector(self, self.metrics))
+            self.metrics_server = MetricsServer(registry, self.ready)
+            try:
+                self.metrics_server.start(config.metrics.listen.host, config.metrics.listen.port)
+            except OSError as exc:
+                raise BrokerError(f"cannot serve metrics on {config.metrics.listen}: {exc.strerror} (set metrics.listen)") from exc
         await self.broker.start()
         limits = config.limits
         self.proxy = ProxyServer(
@@ -108,8 +156,12 @@ class Appliance:
         if self.audit is not None:
             self.audit.journal.add_listener(self.proxy.committed)
             operations = AuditOperations(self.audit, self.pipeline, self.broker.endpoint)
-            self.admin = AdminServer(socket_path(config.state_dir), operations.handlers())
-            await self.admin.start()
+            handlers = operations.handlers()
+        else:
+            handlers = {}
+        handlers["status"] = self._status_op
+        self.admin = AdminServer(socket_path(config.state_dir), handlers)
+        await self.admin.start()
         try:
             await self.proxy.start()
         except OSError as exc:
@@ -117,6 +169,8 @@ class Appliance:
             raise BrokerError(f"cannot listen on {config.listen}: {exc.strerror}") from exc
 
     async def stop(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self.admin is not None:
             await self.admin.stop()
         if self.proxy is not None:
@@ -126,6 +180,9 @@ class Appliance:
         if self.audit is not None:
             await self.audit.stop()
         log.info("stopped")
+
+    async def _status_op(self, request: dict[str, object]) -> dict[str, object]:
+        return {"status": self.status()}
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
         """Run until `stop` is set or SIGINT/SIGTERM arrives, then shut down gracefully."""

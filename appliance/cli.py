@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -94,6 +96,44 @@ def check(config_path: Path | None, schemas: Path | None) -> None:
     except SchemaSetError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(describe_schema_set(schema_set))
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="APPLIANCE_CONFIG",
+              help="Config file naming the state dir.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="The appliance's state dir.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(config_path: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Show whether the running appliance is ready, and its key figures (exit 1 when not ready)."""
+    from appliance import admin
+
+    if state_dir is None:
+        try:
+            state_dir = load_config(config_path).state_dir
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
+    try:
+        report = admin.call(state_dir, "status", timeout=10)["status"]
+    except (admin.AdminUnavailable, admin.AdminError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        click.echo(render_status(report))
+    if not report["ready"]:
+        raise SystemExit(1)
+
+
+def render_status(report: dict[str, Any], prefix: str = "") -> str:
+    lines = []
+    for key, value in report.items():
+        if isinstance(value, dict):
+            lines.append(f"{prefix}{key}:")
+            lines.append(render_status(value, prefix + "  "))
+        else:
+            lines.append(f"{prefix}{key}: {value}")
+    return "\n".join(lines)
+
 
 main.add_command(bench)
 main.add_command(audit)

@@ -171,6 +171,16 @@ class AuditConfig(_Section):
     export: ExportSchedule = Field(default_factory=lambda: ExportSchedule(), description="Scheduled Parquet export.")
 
 
+class MetricsConfig(_Section):
+    enabled: bool = Field(True, description="Serve Prometheus metrics and health endpoints over HTTP.")
+    listen: Address = Field(
+        Address(host="127.0.0.1", port=9100),
+        description="HOST:PORT for /metrics, /healthz and /readyz; 0.0.0.0:9100 lets a Prometheus elsewhere scrape it.",
+    )
+
+    _listen = field_validator("listen", mode="before")(_address)
+
+
 class LimitsConfig(_Section):
     max_packet_size: int = Field(
         1024 * 1024, ge=64, le=268_435_460,
@@ -205,6 +215,7 @@ class Config(BaseModel):
         False, description="Compute and record every verdict, but deliver every message (try a schema set on live traffic)."
     )
     audit: AuditConfig = Field(default_factory=AuditConfig, description="The audit log (DuckDB) and its retention.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics and health endpoints.")
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The broker behind the proxy.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-client limits.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")

@@ -64,6 +64,8 @@ class Verdict:
     schema_set: str | None = None
     topic_filter: str | None = None
     schema: str | None = None
+    # Whether an accepted message goes to the store-and-forward outbox (the mapping's `forward`).
+    forward: bool = True
 
     @classmethod
     def reject(

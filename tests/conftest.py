@@ -10,7 +10,8 @@ from tests.helpers import RunningAppliance
 
 
 def make_config(state_dir: Path, **overrides: object) -> Config:
-    values: dict[str, object] = {"listen": "127.0.0.1:0", "state_dir": str(state_dir), "log_level": "debug"}
+    values: dict[str, object] = {"listen": "127.0.0.1:0", "state_dir": str(state_dir), "log_level": "debug",
+                                 "metrics.listen": "127.0.0.1:0"}
     values.update(overrides)
     return load_config(None, values)
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from appliance.audit.records import DECISION_COLUMNS, EVENT_COLUMNS
+from appliance.audit.records import DECISION_COLUMNS, EVENT_COLUMNS, OUTBOX_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,12 @@ MAX_BATCH = 5_000
 MOVE_BATCH = 10_000
 MOVE_INTERVAL_S = 1.0
 _STOP = object()
+_DECISION, _EVENT, _OUTBOX = 0, 1, 2
 
 _DECISION_DDL = f"CREATE TABLE IF NOT EXISTS decisions ({', '.join(c + (' INTEGER PRIMARY KEY' if c == 'id' else '') for c in DECISION_COLUMNS)})"
 _EVENT_DDL = f"CREATE TABLE IF NOT EXISTS events ({', '.join(c + (' INTEGER PRIMARY KEY' if c == 'id' else '') for c in EVENT_COLUMNS)})"
+_OUTBOX_DDL = f"CREATE TABLE IF NOT EXISTS outbox ({', '.join(c + (' INTEGER PRIMARY KEY' if c == 'id' else '') for c in OUTBOX_COLUMNS)})"
+_INSERT_OUTBOX = f"INSERT OR REPLACE INTO outbox VALUES ({', '.join('?' * len(OUTBOX_COLUMNS))})"
 _INSERT_DECISION = f"INSERT OR REPLACE INTO decisions VALUES ({', '.join('?' * len(DECISION_COLUMNS))})"
 _INSERT_EVENT = f"INSERT OR REPLACE INTO events VALUES ({', '.join('?' * len(EVENT_COLUMNS))})"
 
@@ -86,12 +89,14 @@ class Journal:
         self.healthy = True
         self.lost = 0  # records that could not be made durable (disk full, I/O errors)
         self.moved = 0  # rows moved to DuckDB since start
+        self.outbox_added = 0  # outbox rows committed since start
         self.pending_rows = 0  # rows in the journal not yet moved (approximate, for metrics)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._max_bytes = max_bytes
         with self._connect() as conn:
             conn.execute(_DECISION_DDL)
             conn.execute(_EVENT_DDL)
+            conn.execute(_OUTBOX_DDL)
             self.pending_rows = conn.execute("SELECT (SELECT count(*) FROM decisions) + (SELECT count(*) FROM events)").fetchone()[0]
         conn.close()
 
@@ -122,12 +127,18 @@ class Journal:
 
     def add_decision(self, row: tuple[Any, ...]) -> int:
         self.last_seq += 1
-        self._queue.put((self.last_seq, True, row))
+        self._queue.put((self.last_seq, _DECISION, row))
         return self.last_seq
 
     def add_event(self, row: tuple[Any, ...]) -> int:
         self.last_seq += 1
-        self._queue.put((self.last_seq, False, row))
+        self._queue.put((self.last_seq, _EVENT, row))
+        return self.last_seq
+
+    def add_outbox(self, row: tuple[Any, ...]) -> int:
+        """An accepted message to forward (records.OUTBOX_COLUMNS); committed with its verdict."""
+        self.last_seq += 1
+        self._queue.put((self.last_seq, _OUTBOX, row))
         return self.last_seq
 
     def _on_commit(self, seq: int) -> None:
@@ -179,15 +190,18 @@ class Journal:
         finally:
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, records: list[tuple[int, bool, tuple[Any, ...]]]) -> None:
-        decisions = [row for _, is_decision, row in records if is_decision]
-        events = [row for _, is_decision, row in records if not is_decision]
+    def _commit(self, conn: sqlite3.Connection, records: list[tuple[int, int, tuple[Any, ...]]]) -> None:
+        decisions = [row for _, kind, row in records if kind == _DECISION]
+        events = [row for _, kind, row in records if kind == _EVENT]
+        outbox = [row for _, kind, row in records if kind == _OUTBOX]
         try:
             conn.execute("BEGIN")
             if decisions:
                 conn.executemany(_INSERT_DECISION, decisions)
             if events:
                 conn.executemany(_INSERT_EVENT, events)
+            if outbox:
+                conn.executemany(_INSERT_OUTBOX, outbox)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
@@ -200,7 +214,8 @@ class Journal:
                 log.error("audit journal %s: cannot commit (%s); verdicts are not being recorded", self.path, exc)
                 self._call_on_loop(self._on_event, "audit_degraded", {"error": str(exc)})
         else:
-            self.pending_rows += len(records)
+            self.pending_rows += len(decisions) + len(events)
+            self.outbox_added += len(outbox)
             if not self.healthy:
                 self.healthy = True
                 log.warning("audit journal %s: commits work again (%d records lost meanwhile)", self.path, self.lost)

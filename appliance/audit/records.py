@@ -72,3 +72,19 @@ def ts_of_id(record_id: int) -> float:
     return (record_id >> IdClock.SEQUENCE_BITS) / 1000.0
 
 
+
+
+# An outbox row: an accepted message waiting to be forwarded to the cloud broker (issue: store and
+# forward). It lives in the journal's SQLite file, committed in the same transaction as its verdict;
+# the forwarder deletes it once the cloud broker acknowledged it. `id` is the verdict's id, so the
+# outbox drains in arrival order.
+OUTBOX_COLUMNS = (
+    "id",         # INTEGER PRIMARY KEY: the decision id
+    "ts",         # REAL: when the proxy read the message (epoch seconds)
+    "client_id",  # TEXT: the publishing sensor
+    "topic",      # TEXT: the topic as published
+    "payload",    # BLOB
+    "qos",        # INTEGER: the publisher's QoS
+    "retain",     # INTEGER 0/1
+    "schema",     # TEXT: the schema name that judged it ("temperature:v1"), NULL when none
+)

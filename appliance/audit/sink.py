@@ -17,7 +17,19 @@ _NO_REASONS = "[]"
 
 
 class AuditSink:
-    def __init__(self, journal: Journal, clock: IdClock, *, record_payloads: bool, config_revision: str, dry_run: bool):
+    def __init__(
+        self,
+        journal: Journal,
+        clock: IdClock,
+        *,
+        record_payloads: bool,
+        config_revision: str,
+        dry_run: bool,
+        forward: bool = False,
+    ):
+        """With `forward`, accepted messages (dry run: all) whose mapping forwards them also go to the
+        store-and-forward outbox, under the same id and in the same journal commit as the verdict."""
+        self._forward = forward
         self._journal = journal
         self._clock = clock
         self._record_payloads = record_payloads
@@ -75,3 +87,7 @@ class AuditSink:
             message.released_from,
         )
         self._journal.add_decision(row)
+        if self._forward and verdict.forward and (verdict.accepted or self._dry_run) and not message.is_will:
+            self._journal.add_outbox(
+                (self.last_id, received, client.client_id, message.topic, payload, message.qos, message.retain, verdict.schema)
+            )

@@ -36,7 +36,9 @@ class Governance:
         version = schema_set.version
         accepts: dict[str | None, Verdict] = {None: Verdict(True, schema_set=version)}
         for topic_filter, mapping in schema_set.mappings:
-            accepts[topic_filter] = Verdict(True, schema_set=version, topic_filter=topic_filter, schema=mapping.schema_name)
+            accepts[topic_filter] = Verdict(
+                True, schema_set=version, topic_filter=topic_filter, schema=mapping.schema_name, forward=mapping.forward
+            )
         self._schema_set, self._accepts = schema_set, accepts
 
     def check(self, message: Message) -> Verdict:

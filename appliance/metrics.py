@@ -1,0 +1,160 @@
+"""Prometheus metrics and health endpoints.
+
+The hot path only bumps plain counters in `MetricsSink` (a dict increment, ~0.1 µs); everything is
+turned into Prometheus metric families when Prometheus scrapes (`ApplianceCollector`), reading the
+appliance's components as they are then. Labels are bounded: a topic filter of the schema set
+(or "none"), never a raw topic.
+
+`MetricsServer` serves /metrics, /healthz and /readyz from a small WSGI server on its own thread
+(as prometheus_client's own start_http_server does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from appliance.pipeline import Message, Verdict
+
+if TYPE_CHECKING:
+    from appliance.app import Appliance
+
+log = logging.getLogger(__name__)
+
+# Validation latency buckets, in seconds (the pipeline measures µs).
+BUCKETS = (0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.025, 0.1)
+_BUCKETS_US = [b * 1_000_000 for b in BUCKETS]
+
+
+class MetricsSink:
+    """Counts verdicts by outcome, topic filter and schema, and the time the checks took."""
+
+    def __init__(self) -> None:
+        self.messages: Counter[tuple[str, str, str]] = Counter()
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.latency_sum_us = 0
+
+    def record(self, message: Message, verdict: Verdict, latency_us: int) -> None:
+        status = "valid" if verdict.accepted else "invalid"
+        self.messages[(status, verdict.topic_filter or "none", verdict.schema or "none")] += 1
+        self.buckets[bisect_left(_BUCKETS_US, latency_us)] += 1
+        self.latency_sum_us += latency_us
+
+
+class ApplianceCollector(Collector):
+    def __init__(self, appliance: Appliance, sink: MetricsSink):
+        self._appliance = appliance
+        self._sink = sink
+        self._quarantine_bytes: tuple[float, int] = (0.0, 0)
+
+    def _quarantine_size(self) -> int:
+        """From DuckDB, at most every 30 s (a query costs milliseconds)."""
+        audit = self._appliance.audit
+        when, size = self._quarantine_bytes
+        if audit is not None and time.monotonic() - when > 30:
+            try:
+                size = audit.store.quarantine_size_bytes()
+            except Exception:  # noqa: BLE001 - a scrape must not fail because the audit log is busy
+                log.debug("quarantine size unavailable", exc_info=True)
+            self._quarantine_bytes = (time.monotonic(), size)
+        return size
+
+    def collect(self) -> Iterator[Any]:
+        app, sink = self._appliance, self._sink
+        messages = CounterMetricFamily("mqtt_proxy_messages", "Messages judged, by outcome (valid/invalid), topic filter and schema.",
+                                       labels=["status", "topic_filter", "schema"])
+        for (status, topic_filter, schema), count in list(sink.messages.items()):
+            messages.add_metric([status, topic_filter, schema], count)
+        yield messages
+        cumulative, buckets = 0, []
+        for bound, count in zip([*(str(b) for b in BUCKETS), "+Inf"], sink.buckets, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily("mqtt_proxy_validation_duration_seconds", "Time the pipeline's checks took per message.",
+                                    buckets=buckets, sum_value=sink.latency_sum_us / 1_000_000)
+        yield GaugeMetricFamily("mqtt_proxy_uptime_seconds", "Seconds since the appliance started.", value=app.uptime())
+        broker_up = app.broker is not None and app.broker.endpoint() is not None
+        yield GaugeMetricFamily("mqtt_proxy_connection_status", "1 while the broker behind the proxy accepts connections.",
+                                value=1 if broker_up else 0)
+        yield GaugeMetricFamily("mqtt_proxy_connected_clients", "Client connections open now.",
+                                value=len(app.proxy.clients) if app.proxy else 0)
+        yield CounterMetricFamily("mqtt_proxy_broker_restarts", "Times the embedded mosquitto was restarted.",
+                                  value=app.broker.restarts if app.broker else 0)
+        reloads = CounterMetricFamily("mqtt_proxy_config_reloads", "Config and schema set reloads, by result.", labels=["result"])
+        for result in ("ok", "failed"):
+            reloads.add_metric([result], app.reloads[result])
+        yield reloads
+        yield GaugeMetricFamily("mqtt_proxy_quarantine_size_bytes", "Bytes of rejected payloads held in the quarantine.",
+                                value=self._quarantine_size())
+        audit = app.audit
+        if audit is not None:
+            journal = audit.journal
+            yield GaugeMetricFamily("mqtt_proxy_audit_pending_records",
+                                    "Records in the audit journal not yet moved to DuckDB (writer lag).", value=journal.pending_rows)
+            yield CounterMetricFamily("mqtt_proxy_audit_lost_records", "Records that could not be made durable (full disk, I/O errors).",
+                                      value=journal.lost)
+            yield GaugeMetricFamily("mqtt_proxy_audit_healthy", "1 while the audit journal commits.", value=1 if journal.healthy else 0)
+        forwarder = app.forwarder
+        if forwarder is not None:
+            status = forwarder.status()
+            yield GaugeMetricFamily("mqtt_proxy_uplink_up", "1 while the cloud broker connection is up.", value=1 if status.uplink_up else 0)
+            yield GaugeMetricFamily("mqtt_proxy_outbox_messages", "Messages waiting in the outbox.", value=status.depth)
+            yield GaugeMetricFamily("mqtt_proxy_outbox_bytes", "Payload bytes waiting in the outbox.", value=status.bytes)
+            yield GaugeMetricFamily("mqtt_proxy_outbox_oldest_age_seconds", "Age of the oldest message in the outbox.",
+                                    value=status.oldest_age_s or 0)
+            yield CounterMetricFamily("mqtt_proxy_forwarded", "Messages the cloud broker acknowledged.", value=status.forwarded_total)
+            yield CounterMetricFamily("mqtt_proxy_dropped", "Messages dropped from the outbox by its bounds.", value=status.dropped_total)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - wsgiref's signature
+        log.debug("metrics http: " + format, *args)
+
+
+class MetricsServer:
+    """/metrics, /healthz and /readyz on HOST:PORT, served from a daemon thread."""
+
+    def __init__(self, registry: CollectorRegistry, ready: Callable[[], dict[str, Any]]):
+        self._metrics = make_wsgi_app(registry)
+        self._ready = ready
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            report = self._ready()
+            status = "200 OK" if report["ready"] else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "application/json")])
+            return [json.dumps(report).encode() + b"\n"]
+        if path in ("/metrics", "/"):
+            return self._metrics(environ, start_response)  # type: ignore[no-any-return]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: try /metrics, /healthz or /readyz\n"]
+
+    def start(self, host: str, port: int) -> None:
+        self._server = make_server(host, port, self._app, handler_class=_QuietHandler)
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", host, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

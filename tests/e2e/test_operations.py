@@ -1,0 +1,108 @@
+"""What an operator sees: Prometheus metrics, health endpoints and `appliance status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import make_config
+from tests.governance.payloads import temperature
+from tests.helpers import Client, RunningAppliance, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        metric_name, _, label_text = series.partition("{")
+        if metric_name == name and ",".join(sorted(label_text.rstrip("}").split(","))) == wanted:
+            return float(value)
+    return None
+
+
+def test_metrics_and_health(tmp_path):
+    running = RunningAppliance(make_config(tmp_path / "state", schemas=str(REPO / "schemas" / "v1"))).start()
+    try:
+        port = running.app.metrics_server.port
+        pub = Client(running.port, version=5).connect()
+        pub.publish("sensor/t1/temperature", temperature(), qos=1)
+        pub.publish("sensor/t1/temperature", b"{}", qos=1)
+        pub.publish("events/x", b"free", qos=1)
+        code, text = get(port, "/metrics")
+        assert code == 200
+        valid = metric(text, "mqtt_proxy_messages_total", status="valid", topic_filter="sensor/+/temperature", schema="temperature:v1")
+        invalid = metric(text, "mqtt_proxy_messages_total", status="invalid", topic_filter="sensor/+/temperature", schema="temperature:v1")
+        assert (valid, invalid) == (1.0, 1.0)
+        assert metric(text, "mqtt_proxy_messages_total", status="valid", topic_filter="none", schema="none") == 1.0
+        assert metric(text, "mqtt_proxy_validation_duration_seconds_count") == 3.0
+        assert metric(text, "mqtt_proxy_connection_status") == 1.0
+        assert metric(text, "mqtt_proxy_connected_clients") == 1.0
+        assert metric(text, "mqtt_proxy_uptime_seconds") > 0
+        assert metric(text, "mqtt_proxy_quarantine_size_bytes") is not None
+        assert metric(text, "mqtt_proxy_audit_healthy") == 1.0
+        assert get(port, "/healthz") == (200, "ok\n")
+        code, body = get(port, "/readyz")
+        assert code == 200 and json.loads(body)["checks"]["schema_set"] == "v1"
+        pub.disconnect()
+
+        os.kill(running.app.broker.pid, signal.SIGKILL)
+        wait_until(lambda: running.app.broker.restarts == 1 and running.app.broker.endpoint() is not None,
+                   message="mosquitto restarted")
+        text = get(port, "/metrics")[1]
+        assert metric(text, "mqtt_proxy_broker_restarts_total") == 1.0
+    finally:
+        running.stop()
+
+
+def test_readyz_is_503_while_the_broker_is_down(tmp_path):
+    # A broker restart delay long enough to observe the gap.
+    config = make_config(tmp_path / "state", **{"broker.restart_backoff_initial": 30})
+    running = RunningAppliance(config).start()
+    try:
+        port = running.app.metrics_server.port
+        os.kill(running.app.broker.pid, signal.SIGKILL)
+        wait_until(lambda: running.app.broker.endpoint() is None, message="broker seen down")
+        code, body = get(port, "/readyz")
+        assert code == 503 and json.loads(body)["checks"]["broker"] is False
+    finally:
+        running.stop()
+
+
+def test_appliance_status_command(tmp_path):
+    state = tmp_path / "state"
+    running = RunningAppliance(make_config(state, schemas=str(REPO / "schemas" / "v1"))).start()
+    try:
+        pub = Client(running.port, version=4).connect()
+        pub.publish("sensor/t1/temperature", temperature(), qos=1)
+        pub.disconnect()
+        result = subprocess.run([sys.executable, "-m", "appliance", "status", "--state-dir", str(state), "--json"],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["ready"] is True and report["messages"] == {"accept": 1}
+        human = subprocess.run([sys.executable, "-m", "appliance", "status", "--state-dir", str(state)],
+                               capture_output=True, text=True, timeout=30)
+        assert "ready: True" in human.stdout and "schema_set: v1" in human.stdout
+    finally:
+        running.stop()
+    stopped = subprocess.run([sys.executable, "-m", "appliance", "status", "--state-dir", str(state)],
+                             capture_output=True, text=True, timeout=30)
+    assert stopped.returncode == 1 and "no appliance" in stopped.stderr

@@ -15,19 +15,21 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
-from appliance.config import Config
-from appliance.governance import Governance, load_schema_set
+from appliance.config import Config, ConfigError, load_config
+from appliance.governance import Governance, SchemaSetError, load_schema_set
 from appliance.admin import AdminServer, socket_path
 from appliance.audit.operations import AuditOperations
 from appliance.audit.service import AuditService
 from appliance.metrics import ApplianceCollector, MetricsServer, MetricsSink
 from appliance.pipeline import CountingSink, Pipeline, Sink
 from appliance.proxy import ProxyServer, SessionLimits
+from appliance.reload import ReloadWatcher, needs_restart
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,21 @@ def raise_open_file_limit() -> None:
 
 
 class Appliance:
-    def __init__(self, config: Config, *, pipeline: Pipeline | None = None):
-        """Build the appliance; a broken schema set raises SchemaSetError here, before anything starts."""
+    def __init__(
+        self,
+        config: Config,
+        *,
+        pipeline: Pipeline | None = None,
+        config_path: Path | None = None,
+        overrides: dict[str, Any] | None = None,
+    ):
+        """Build the appliance; a broken schema set raises SchemaSetError here, before anything starts.
+        `config_path` and `overrides` are what a reload reads again."""
         self.config = config
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
+        self._own_pipeline = pipeline is None
+        self.watcher = ReloadWatcher(self.reload)
         self.verdicts = CountingSink(keep=20)  # the last few verdicts, for tests and `status`
         self.metrics = MetricsSink()
         self.reloads: Counter[str] = Counter()
@@ -160,8 +174,15 @@ class Appliance:
         else:
             handlers = {}
         handlers["status"] = self._status_op
+        handlers["reload"] = self._reload_op
         self.admin = AdminServer(socket_path(config.state_dir), handlers)
         await self.admin.start()
+        self.watcher.start(
+            asyncio.get_running_loop(),
+            config_file=self.config_path,
+            schema_dir=config.schemas,
+            watch=config.reload_on_change,
+        )
         try:
             await self.proxy.start()
         except OSError as exc:
@@ -169,6 +190,7 @@ class Appliance:
             raise BrokerError(f"cannot listen on {config.listen}: {exc.strerror}") from exc
 
     async def stop(self) -> None:
+        self.watcher.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         if self.admin is not None:
@@ -180,6 +202,44 @@ class Appliance:
         if self.audit is not None:
             await self.audit.stop()
         log.info("stopped")
+
+    async def reload(self, reason: str = "request") -> bool:
+        """Load the config and schema set again and swap them in, or keep the old ones (see reload.py)."""
+        try:
+            config = load_config(self.config_path, self.overrides) if self.config_path is not None else self.config
+            schema_set = await asyncio.to_thread(load_schema_set, config.schemas) if config.schemas is not None else None
+        except (ConfigError, SchemaSetError) as exc:
+            self.reloads["failed"] += 1
+            log.error("reload (%s) failed; the running config and schema set stay in force:\n%s", reason, exc)
+            self.on_event("config_reload", {"result": "failed", "reason": reason, "error": str(exc)})
+            return False
+        restart = needs_restart(self.config, config)
+        if self._own_pipeline:
+            if schema_set is None:
+                self.governance = None
+                self.pipeline.replace_checks(())
+            elif self.governance is None:
+                self.governance = Governance(schema_set)
+                self.pipeline.replace_checks((self.governance,))
+            else:
+                self.governance.schema_set = schema_set
+            self.pipeline.dry_run = config.dry_run
+        logging.getLogger().setLevel(config.log_level.upper())
+        self.config = config
+        if self.audit is not None:
+            self.audit.sink.config_revision = self.revision
+        self.reloads["ok"] += 1
+        version = schema_set.version if schema_set is not None else None
+        if restart:
+            log.warning("reloaded (%s); these settings changed but take effect only after a restart: %s", reason, ", ".join(restart))
+        else:
+            log.info("reloaded (%s): schema set %s, revision %s", reason, version, self.revision)
+        self.on_event("config_reload", {"result": "ok", "reason": reason, "schema_set": version,
+                                        "revision": self.revision, "needs_restart": restart})
+        return True
+
+    async def _reload_op(self, request: dict[str, object]) -> dict[str, object]:
+        return {"reloaded": await self.reload("admin request")}
 
     async def _status_op(self, request: dict[str, object]) -> dict[str, object]:
         return {"status": self.status()}
@@ -200,9 +260,9 @@ class Appliance:
             await self.stop()
 
 
-def run(config: Config) -> None:
+def run(config: Config, *, config_path: Path | None = None, overrides: dict[str, Any] | None = None) -> None:
     """Run the appliance in the foreground; raises BrokerError when it cannot start."""
-    appliance = Appliance(config)
+    appliance = Appliance(config, config_path=config_path, overrides=overrides)
     if config.use_uvloop:
         try:
             import uvloop

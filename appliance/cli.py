@@ -42,11 +42,17 @@ def main() -> None:
               help="Schema set directory to enforce (overrides `schemas`).")
 @click.option("--dry-run", is_flag=True, default=None,
               help="Record every verdict but deliver every message (overrides `dry_run`).")
+@click.option("--metrics-listen", metavar="HOST:PORT", help="Where to serve /metrics, /healthz, /readyz (overrides `metrics.listen`).")
 @click.option("--verbose", "-v", is_flag=True, help="Log debug messages.")
 def run(config_path: Path | None, listen: str | None, state_dir: Path | None, schemas: Path | None,
-        dry_run: bool | None, verbose: bool) -> None:
-    """Run the appliance in the foreground until SIGINT or SIGTERM."""
+        dry_run: bool | None, metrics_listen: str | None, verbose: bool) -> None:
+    """Run the appliance in the foreground until SIGINT or SIGTERM; SIGHUP reloads."""
     overrides: dict[str, object] = {}
+    if metrics_listen is not None:
+        try:
+            overrides["metrics.listen"] = Address.parse(metrics_listen)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-listen") from exc
     if schemas is not None:
         overrides["schemas"] = schemas.resolve()
     if dry_run:
@@ -68,7 +74,7 @@ def run(config_path: Path | None, listen: str | None, state_dir: Path | None, sc
     from appliance.app import run as run_appliance
 
     try:
-        run_appliance(config)
+        run_appliance(config, config_path=config_path, overrides=overrides)
     except (BrokerError, SchemaSetError) as exc:
         raise click.ClickException(str(exc)) from exc
 

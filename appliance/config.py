@@ -219,6 +219,9 @@ class Config(BaseModel):
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The broker behind the proxy.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-client limits.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    reload_on_change: bool = Field(
+        True, description="Reload the config and schema set when their files change (SIGHUP always reloads)."
+    )
     use_uvloop: bool = Field(True, description="Run on uvloop when it is installed (faster relay).")
 
     _listen = field_validator("listen", mode="before")(_address)

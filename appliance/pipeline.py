@@ -134,6 +134,10 @@ class Pipeline:
     def checks(self) -> tuple[Check, ...]:
         return self._checks
 
+    def replace_checks(self, checks: Sequence[Check]) -> None:
+        """Swap the checks (one assignment: a message sees the old tuple or the new one)."""
+        self._checks = tuple(checks)
+
 
 class CountingSink:
     """Counts verdicts and keeps the last few; for tests and the status command."""

@@ -41,14 +41,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float = TIMEOUT, message: 
 class RunningAppliance:
     """The appliance on its own event loop thread, as `appliance run` would run it."""
 
-    def __init__(self, config: Config, pipeline: Pipeline | None = None, *, uvloop: bool = True):
+    def __init__(self, config: Config, pipeline: Pipeline | None = None, *, uvloop: bool = True, **appliance: Any):
         if uvloop:
             import uvloop as _uvloop
 
             self.loop = _uvloop.new_event_loop()
         else:
             self.loop = asyncio.new_event_loop()
-        self.app = Appliance(config, pipeline=pipeline)
+        self.app = Appliance(config, pipeline=pipeline, **appliance)
         self.events: list[tuple[str, dict[str, object]]] = []
         self.app.add_event_listener(lambda kind, detail: self.events.append((kind, detail)))
         self._thread = threading.Thread(target=self.loop.run_forever, name="appliance-loop", daemon=True)

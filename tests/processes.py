@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import sys
@@ -14,6 +15,21 @@ from typing import IO
 from tests.helpers import wait_until
 
 _logs: dict[int, IO[str]] = {}
+
+
+def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range (32768+ on Linux): ports the kernel
+    hands out for bind(0) (mosquitto's, metrics') can never collide with one chosen here."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def can_connect(port: int) -> bool:

@@ -113,6 +113,7 @@ class ApplianceScenario:
                 "listen": f"127.0.0.1:{port}",
                 "state_dir": str(data_dir / "state"),
                 "log_level": "warning",
+                "metrics": {"enabled": False},
                 "broker": {"extra_config": list(BROKER_EXTRA_CONFIG)},
             },
             self.settings,

@@ -19,7 +19,7 @@ from tests.conftest import make_config
 from tests.e2e.test_governance import CASES
 from tests.governance.payloads import temperature
 from tests.helpers import Client, RunningAppliance, wait_until
-from tests.processes import start_appliance
+from tests.processes import free_port, start_appliance
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -159,12 +159,11 @@ def test_queries_work_on_a_stopped_appliance(tmp_path):
 def test_kill_9_under_load_keeps_every_acknowledged_verdict(tmp_path):
     """QoS 1 publishers through a real `appliance run` process; kill -9 mid-stream; after a restart
     every message a publisher saw acknowledged has its verdict in the audit log."""
-    from appliance.broker import free_loopback_port
-
+    
     state = tmp_path / "state"
-    port = free_loopback_port()
+    port = free_port()
     config = tmp_path / "appliance.yaml"
-    config.write_text(f"listen: 127.0.0.1:{port}\nstate_dir: state\nschemas: {REPO / 'schemas' / 'v1'}\nlog_level: warning\n")
+    config.write_text(f"listen: 127.0.0.1:{port}\nstate_dir: state\nschemas: {REPO / 'schemas' / 'v1'}\nlog_level: warning\nmetrics:\n  listen: 127.0.0.1:0\n")
 
     def start() -> subprocess.Popen[str]:
         return start_appliance(["--config", str(config)], port=port)

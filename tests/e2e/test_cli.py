@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.broker import free_loopback_port, render_mosquitto_conf
+from appliance.broker import render_mosquitto_conf
 from tests.helpers import Client
-from tests.processes import appliance_process, mosquitto_process, output, start_appliance
+from tests.processes import appliance_process, free_port, mosquitto_process, output, start_appliance
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,15 +30,15 @@ def _children(pid: int) -> list[int]:
 
 def _external_config(tmp_path: Path, port: int, broker: str) -> Path:
     config = tmp_path / "appliance.yaml"
-    config.write_text(f"listen: 127.0.0.1:{port}\nstate_dir: state\nbroker:\n  mode: external\n{broker}")
+    config.write_text(f"listen: 127.0.0.1:{port}\nstate_dir: state\nmetrics:\n  listen: 127.0.0.1:0\nbroker:\n  mode: external\n{broker}")
     return config
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_run_until_signal_then_exit_0(tmp_path, signum):
-    port = free_loopback_port()
+    port = free_port()
     config = tmp_path / "appliance.yaml"
-    config.write_text("listen: 127.0.0.1:1\nstate_dir: state\nbroker:\n  mode: embedded\n")
+    config.write_text("listen: 127.0.0.1:1\nstate_dir: state\nmetrics:\n  listen: 127.0.0.1:0\nbroker:\n  mode: embedded\n")
     with appliance_process(["--config", str(config), "--listen", f"127.0.0.1:{port}", "--verbose"], port=port) as proc:
         mosquitto = [pid for pid in _children(proc.pid) if "mosquitto" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(mosquitto) == 1
@@ -71,14 +71,15 @@ def test_listen_address_in_use_is_a_clear_error(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = start_appliance(["--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "s")])
+        proc = start_appliance(["--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "s"),
+                                "--metrics-listen", "127.0.0.1:0"])
         assert proc.wait(20) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in output(proc)
 
 
 def test_external_broker_mode(tmp_path):
     """Front a mosquitto the user runs, with credentials the proxy presents in place of the client's."""
-    broker_port, port = free_loopback_port(), free_loopback_port()
+    broker_port, port = free_port(), free_port()
     passwd = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "gateway", "s3cret"], check=True)
     conf = render_mosquitto_conf(port=broker_port, data_dir=tmp_path / "ext", extra=[]).replace(
@@ -110,7 +111,7 @@ def test_external_broker_over_mutual_tls(tmp_path):
     from tests.tls import make_certificates
 
     certs = make_certificates(tmp_path / "certs")
-    broker_port, port = free_loopback_port(), free_loopback_port()
+    broker_port, port = free_port(), free_port()
     config = _external_config(tmp_path, port, (
         f"  host: localhost\n  port: {broker_port}\n"
         f"  tls:\n    ca_file: {certs.ca}\n    cert_file: {certs.client_cert}\n    key_file: {certs.client_key}\n"
@@ -131,7 +132,7 @@ def test_external_broker_with_wrong_ca_refuses_clients_cleanly(tmp_path):
 
     certs = make_certificates(tmp_path / "certs")
     other = make_certificates(tmp_path / "other", ca_name="Other CA")
-    broker_port, port = free_loopback_port(), free_loopback_port()
+    broker_port, port = free_port(), free_port()
     config = _external_config(tmp_path, port, f"  host: localhost\n  port: {broker_port}\n  tls:\n    ca_file: {other.ca}\n")
     with mosquitto_process(_tls_mosquitto(broker_port, certs, require_certificate=False), tmp_path / "ext", broker_port), \
             appliance_process(["--config", str(config)], port=port) as proc:
@@ -159,7 +160,8 @@ def test_check_and_run_refuse_a_broken_set(tmp_path):
     result = _cli("check", "--schemas", str(broken))
     assert result.returncode == 1
     assert f"{broken / 'temperature.json'}:1:" in result.stderr
-    result = _cli("run", "--schemas", str(broken), "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "s"))
+    result = _cli("run", "--schemas", str(broken), "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "s"),
+                  "--metrics-listen", "127.0.0.1:0")
     assert result.returncode == 1 and "temperature.json" in result.stderr
     assert not (tmp_path / "s" / "mosquitto").exists()  # refused before starting anything
 

@@ -99,6 +99,10 @@ def _name(value: Any) -> str:
     return str(value or "").lower()
 
 
+# Query node types a read-only SELECT may contain.
+_QUERY_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
+
+
 class _Walker:
     """Walks a serialized statement; `scope` is the set of CTE names visible at each point."""
 
@@ -113,6 +117,11 @@ class _Walker:
         entries = cte_map.get("map") if isinstance(cte_map, dict) else None
         if isinstance(entries, list):
             scope = self._ctes(entries, scope)
+        node_type = node.get("type")
+        if isinstance(node_type, str) and node_type.endswith("_NODE") and node_type not in _QUERY_NODES:
+            # e.g. DELETE/UPDATE/INSERT ... RETURNING inside a WITH: the statement says SELECT.
+            raise QueryRefused(f"{node_type.removesuffix('_QUERY_NODE').removesuffix('_NODE')}: writes are not allowed: "
+                               "the audit log is read-only here")
         if "sample" in node and "query_location" in node and "class" not in node:
             self._table_ref(node, scope)
         function_name = node.get("function_name")
@@ -123,12 +132,17 @@ class _Walker:
                 self.visit(value, scope)
 
     def _ctes(self, entries: Iterable[dict[str, Any]], scope: frozenset[str]) -> frozenset[str]:
-        # A CTE sees the ones before it and itself (for WITH RECURSIVE); the query body sees all.
+        # A CTE sees the ones before it; itself only when it is recursive (otherwise DuckDB resolves
+        # its own name to a real table of that name: `WITH duckdb_tables AS (FROM duckdb_tables)`).
+        # The query body sees all of them.
         for entry in entries:
-            scope = scope | {_name(entry.get("key"))}
+            name = _name(entry.get("key"))
             value = entry.get("value") or {}
-            self.visit(value.get("query_node"), scope)
+            query_node = value.get("query_node")
+            recursive = isinstance(query_node, dict) and query_node.get("type") == "RECURSIVE_CTE_NODE"
+            self.visit(query_node, scope | {name} if recursive else scope)
             self.visit({k: v for k, v in value.items() if k != "query_node"}, scope)
+            scope = scope | {name}
         return scope
 
     def _table_ref(self, node: dict[str, Any], scope: frozenset[str]) -> None:

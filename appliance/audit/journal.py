@@ -184,7 +184,12 @@ class Journal:
                 stop = any(entry is _STOP for entry in items)
                 records = [entry for entry in items if entry is not _STOP]
                 if records:
-                    self._commit(conn, records)
+                    try:
+                        self._commit(conn, records)
+                    except Exception:  # noqa: BLE001 - a dead writer would hold every ack forever
+                        log.exception("audit journal writer failed on a batch; its %d records are lost", len(records))
+                        self.lost += len(records)
+                        self._call_on_loop(self._on_commit, records[-1][0])
                 if stop:
                     return
         finally:
@@ -272,12 +277,19 @@ class Journal:
             if not decisions and not events:
                 return 0
             self._destination.append(decisions, events)
-            conn.execute("BEGIN")
-            if decisions:
-                conn.execute("DELETE FROM decisions WHERE id <= ?", (decisions[-1][0],))
-            if events:
-                conn.execute("DELETE FROM events WHERE id <= ?", (events[-1][0],))
-            conn.execute("COMMIT")
+            try:
+                conn.execute("BEGIN")
+                if decisions:
+                    conn.execute("DELETE FROM decisions WHERE id <= ?", (decisions[-1][0],))
+                if events:
+                    conn.execute("DELETE FROM events WHERE id <= ?", (events[-1][0],))
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                # The rows stay in the journal and will be moved again: take them back out of DuckDB.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self._destination.delete_from(decisions[0][0] if decisions else None, events[0][0] if events else None)
+                raise
         finally:
             conn.close()
         moved = len(decisions) + len(events)

@@ -103,7 +103,7 @@ def enforce_retention(
 def _trim_payloads(con: duckdb.DuckDBPyConnection, verdict: str, max_bytes: int) -> int:
     """Drops the oldest held payloads of accepted or rejected (quarantined) messages until the rest
     fit in max_bytes."""
-    held = f"FROM decisions WHERE verdict = '{verdict}' AND payload IS NOT NULL"
+    held = f"FROM decisions WHERE verdict = '{verdict}' AND payload IS NOT NULL"  # dry-run rows count too: they hold bytes
     total = _count(con, f"SELECT sum(payload_size) {held}", [])
     if total <= max_bytes:
         return 0

@@ -66,10 +66,20 @@ def _v1(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def _v2(con: duckdb.DuckDBPyConnection) -> None:
+    # A dry run delivered its "rejected" messages: nothing was withheld, so nothing is quarantined
+    # (and releasing them would deliver them twice).
+    con.execute(
+        "CREATE OR REPLACE VIEW quarantine AS SELECT * FROM decisions "
+        "WHERE verdict = 'reject' AND payload IS NOT NULL AND NOT dry_run"
+    )
+
+
 Migration = tuple[int, str, Callable[[duckdb.DuckDBPyConnection], None]]
 
 MIGRATIONS: tuple[Migration, ...] = (
     (1, "decisions, events, views accepted/rejected/quarantine", _v1),
+    (2, "quarantine excludes dry-run verdicts (those messages were delivered)", _v2),
 )
 
 CURRENT_VERSION = MIGRATIONS[-1][0]

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from appliance.admin import AdminError
 from appliance.audit.journal import Journal
 from appliance.audit.records import IdClock
 from appliance.audit.sink import AuditSink
@@ -114,7 +115,9 @@ class AuditService:
 
             self.journal.add_listener(check)
             try:
-                await done
+                await asyncio.wait_for(done, 30)
+            except TimeoutError as exc:
+                raise AdminError("the audit journal has not committed for 30 s; see the appliance's log") from exc
             finally:
                 self.journal.remove_listener(check)
         await asyncio.to_thread(self.journal.move_all)
@@ -155,5 +158,6 @@ class AuditService:
         for task in (self._retention_task, self._export_task):
             if task is not None:
                 task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await asyncio.to_thread(self.journal.stop)
         self.store.close()

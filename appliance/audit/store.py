@@ -220,6 +220,8 @@ class AuditStore:
             timer.daemon = True
             timer.start()
             try:
+                # Second layer: whatever got past the check runs in a transaction that is rolled back.
+                cursor.begin()
                 cursor.execute(text)
                 columns = [d[0] for d in cursor.description or ()]
                 rows = cursor.fetchmany(max_rows + 1)
@@ -234,6 +236,10 @@ class AuditStore:
                 raise QueryRefused(f"the query failed: {_first(error)}") from None
             finally:
                 timer.cancel()
+                try:
+                    cursor.rollback()
+                except duckdb.Error:
+                    pass  # no transaction open (begin failed)
         return QueryResult(columns, rows[:max_rows], len(rows) > max_rows)
 
     def quarantine_list(

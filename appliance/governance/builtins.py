@@ -51,6 +51,9 @@ class RateLimit:
             self._buckets[client_id] = (tokens, now)
             return f"rule {self.name!r}: more than {self.count:g} messages per {self.per:g} s from client {client_id!r}"
         if len(self._buckets) >= self.MAX_CLIENTS and client_id not in self._buckets:
-            self._buckets.clear()  # bounded memory under a client-id storm; buckets refill anyway
+            # Bounded memory under a client-id storm: forget only buckets that are full again anyway
+            # (idle for a whole period), so active clients keep their state.
+            idle = now - self.per
+            self._buckets = {cid: state for cid, state in self._buckets.items() if state[1] > idle}
         self._buckets[client_id] = (tokens - 1.0, now)
         return None

@@ -203,6 +203,11 @@ class ProtobufSchema:
     def __repr__(self) -> str:
         return f"ProtobufSchema({self.name!r}, {self.message_type!r})"
 
+    @property
+    def descriptor(self) -> Any:
+        """The message type's descriptor (for static compatibility checks)."""
+        return self._class.DESCRIPTOR
+
     def validate(self, payload: bytes) -> tuple[dict[str, Any] | None, list[SchemaError]]:
         message = self._class()
         try:

@@ -23,7 +23,8 @@ from appliance.governance.yamlsource import LineDict, YamlError, load_yaml
 MANIFEST = "manifest.yaml"
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(:[A-Za-z0-9_.\-]+)?$")
 TOP_LEVEL_KEYS = {"version", "description", "topic_patterns", "schema_mappings", "schema_files", "rules", "policy"}
-FILE_KEYS = {"file", "format", "message", "allow_unknown_fields"}
+FILE_KEYS = {"file", "format", "message", "allow_unknown_fields", "compatibility"}
+COMPATIBILITY_MODES = {"NONE", "BACKWARD", "FORWARD", "FULL", "BACKWARD_TRANSITIVE", "FORWARD_TRANSITIVE", "FULL_TRANSITIVE"}
 MAPPING_KEYS = {"schema", "on_reject", "forward"}
 
 
@@ -89,6 +90,21 @@ class _Problems:
         self.items.append(f"{where}: {message}")
 
 
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both filters (MQTT wildcards), level by level."""
+    levels_a, levels_b = a.split("/"), b.split("/")
+    for i in range(max(len(levels_a), len(levels_b))):
+        x = levels_a[i] if i < len(levels_a) else None
+        y = levels_b[i] if i < len(levels_b) else None
+        if x == "#" or y == "#":
+            return True
+        if x is None or y is None:
+            return False
+        if x != y and x != "+" and y != "+":
+            return False
+    return True
+
+
 def load_schema_set(directory: Path) -> SchemaSet:
     """Load and compile a schema set; raises SchemaSetError listing every problem found."""
     directory = Path(directory)
@@ -145,7 +161,7 @@ def _build(directory: Path, manifest: LineDict, problems: _Problems) -> SchemaSe
             mapping = _mapping(topic_filter, target, line, schemas, declared, rules.pop(topic_filter, (None, (None, None), line)), problems)
             if mapping is None:
                 continue
-            if not patterns.match(topic_filter.replace("+", "x").replace("#", "x")):
+            if not any(filters_overlap(topic_filter, pattern) for pattern, _ in patterns):
                 problems.add(MANIFEST, line, f"schema_mappings: {topic_filter!r} is not covered by topic_patterns, so it can never apply")
             try:
                 mappings.insert(topic_filter, mapping)
@@ -196,6 +212,10 @@ def _load_schemas(directory: Path, manifest: LineDict, problems: _Problems) -> d
         for key in spec:
             if key not in FILE_KEYS:
                 problems.add(MANIFEST, spec.line_of(key), f"schema_files.{name}: unknown key {key!r}")
+        compatibility = spec.get("compatibility", "BACKWARD")
+        if not isinstance(compatibility, str) or compatibility.upper() not in COMPATIBILITY_MODES:
+            problems.add(MANIFEST, spec.line_of("compatibility"),
+                         f"schema_files.{name}: compatibility must be one of {sorted(COMPATIBILITY_MODES)}, got {compatibility!r}")
         file, fmt = spec.get("file"), spec.get("format")
         if not isinstance(file, str) or not file:
             problems.add(MANIFEST, line, f"schema_files.{name}: needs `file`")

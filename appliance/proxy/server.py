@@ -63,6 +63,7 @@ class ClientLeg(_Leg):
         self._connect_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._reading_paused = False
+        self._eof_pending = False
 
     # asyncio.Protocol ----------------------------------------------------------------------------
 
@@ -95,6 +96,8 @@ class ClientLeg(_Leg):
         # broker handles every PUBLISH it was sent (and publishes the will if there was no DISCONNECT).
         if self.broker is not None:
             self.broker.write_eof()
+        elif self._broker_task is not None:
+            self._eof_pending = True  # the broker leg is opening: EOF it once the bytes are sent
         else:
             self._close_transport()
         return True
@@ -107,8 +110,8 @@ class ClientLeg(_Leg):
             self._connect_timer.cancel()
         if self.broker is not None:
             self.broker.write_eof()
-        elif self._broker_task is not None:
-            self._broker_task.cancel()
+        elif self._broker_task is not None and not (self.session and self.session.to_broker):
+            self._broker_task.cancel()  # nothing to deliver; otherwise the opening leg delivers, then EOFs
         session = self.session
         if session is not None and session.client is not None:
             self._server.emit(
@@ -145,6 +148,8 @@ class ClientLeg(_Leg):
             if self._connect_timer is not None:
                 self._connect_timer.cancel()
                 self._connect_timer = None
+            # Until the broker leg exists, what the client sends piles up here: stop reading it.
+            self.pause_reading()
         if session.close_broker and self.broker is not None:
             self.broker.write_eof()
         if session.close_client:
@@ -185,13 +190,14 @@ class ClientLeg(_Leg):
             leg.write_eof()
             return
         self.broker = leg
+        self.resume_reading()
         assert session.client is not None
         self._server.emit(
             "client_connected",
             {"client_id": session.client.client_id, "peer": session.peer, "protocol_version": int(session.version or 0)},
         )
         self.flush()
-        if self._closed:
+        if self._closed or self._eof_pending:
             leg.write_eof()
 
     # called by the broker leg --------------------------------------------------------------------

@@ -223,6 +223,10 @@ class Session:
     def _on_publish(self, first_byte: int, body: bytes) -> bytes | bool | None:
         """Judge one PUBLISH: True to relay it as it is, bytes to relay instead, None to drop it."""
         publish = decode_publish(first_byte, body, self.version)
+        if publish.qos == 2 and self._proxy_qos2:
+            # The id of a QoS 2 message the proxy refused is free again (MQTT 5 §4.3.3 ends that flow
+            # at a failed PUBREC): its next PUBREL belongs to this new message.
+            self._proxy_qos2.discard(publish.packet_id)  # type: ignore[arg-type]
         topic = publish.topic
         alias = None
         if self.version is _MQTT5 and publish.properties:

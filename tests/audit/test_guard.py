@@ -155,3 +155,22 @@ def _literal(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+@pytest.mark.parametrize("sql", [
+    "WITH gone AS (DELETE FROM decisions WHERE verdict='reject' RETURNING id) SELECT count(*) FROM gone",
+    "WITH u AS (UPDATE decisions SET verdict='accept', client_id='forged' RETURNING id) SELECT count(*) FROM u",
+    "WITH i AS (INSERT INTO events VALUES (1, now(), 'forged', NULL, NULL, '{}') RETURNING id) SELECT * FROM i",
+    "WITH duckdb_tables AS (SELECT * FROM duckdb_tables) SELECT * FROM duckdb_tables",
+    "WITH schema_migrations AS (FROM schema_migrations) FROM schema_migrations",
+])
+def test_writes_and_catalog_reads_hidden_in_ctes_are_refused(filled, sql):
+    before = filled.query("SELECT count(*), count(*) FILTER (WHERE verdict = 'reject') FROM decisions").rows
+    with pytest.raises(QueryRefused):
+        filled.query(sql)
+    assert filled.query("SELECT count(*), count(*) FILTER (WHERE verdict = 'reject') FROM decisions").rows == before
+
+
+def test_recursive_ctes_still_work(filled):
+    sql = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT n FROM r ORDER BY n"
+    assert filled.query(sql).rows == [(1,), (2,), (3,)]

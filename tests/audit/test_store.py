@@ -90,7 +90,7 @@ def test_migrations_create_v1_and_reopening_changes_nothing(tmp_path: Path):
     with AuditStore(path) as store:
         assert store.query("SELECT count(*) FROM decisions").rows == [(0,)]
     con = duckdb.connect(str(path))
-    assert con.execute("SELECT version FROM schema_migrations").fetchall() == [(CURRENT_VERSION,)]
+    assert con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall() == [(v,) for v in range(1, CURRENT_VERSION + 1)]
     views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
     assert views == {"quarantine", "accepted", "rejected"}
     con.close()
@@ -98,16 +98,20 @@ def test_migrations_create_v1_and_reopening_changes_nothing(tmp_path: Path):
 
 def test_migrations_upgrade_an_older_file_step_by_step(tmp_path: Path):
     path = tmp_path / "audit.duckdb"
-    AuditStore(path).close()  # a v1 file
+    con = duckdb.connect(str(path))
+    assert migrate(con, str(path), MIGRATIONS[:1]) == 0  # a new file, brought to v1 (as a v1 appliance would)
+    con.execute("INSERT INTO decisions (id, ts, verdict, payload, dry_run) VALUES (1, now(), 'reject', 'x', true)")
+    assert con.execute("SELECT count(*) FROM quarantine").fetchone() == (1,)
 
-    def v2(con: duckdb.DuckDBPyConnection) -> None:
+    def v3(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("ALTER TABLE decisions ADD COLUMN region VARCHAR")
 
-    con = duckdb.connect(str(path))
-    assert migrate(con, str(path), (*MIGRATIONS, (2, "region", v2))) == 1
-    assert migrate(con, str(path), (*MIGRATIONS, (2, "region", v2))) == 2  # already there
-    assert [r[0] for r in con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall()] == [1, 2]
+    migrations = (*MIGRATIONS, (CURRENT_VERSION + 1, "region", v3))
+    assert migrate(con, str(path), migrations) == 1  # was at v1; v2 and v3 applied, in order
+    assert migrate(con, str(path), migrations) == 3  # already there
+    assert [r[0] for r in con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall()] == [1, 2, 3]
     assert "region" in [r[0] for r in con.execute("DESCRIBE decisions").fetchall()]
+    assert con.execute("SELECT count(*) FROM quarantine").fetchone() == (0,)  # v2: dry-run rows are not quarantined
     con.close()
     with pytest.raises(AuditError, match="newer appliance"):
         AuditStore(path)

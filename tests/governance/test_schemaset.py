@@ -200,3 +200,29 @@ def test_catastrophic_regex_is_rejected_not_hung(demo_set):
     schema = load_schema_set(d).schemas["temperature:v1"]
     _, errors = schema.validate(json.dumps({"v": "a" * 40 + "b"}).encode())
     assert [e.path for e in errors] == ["/v"]
+
+
+@pytest.mark.parametrize(("patterns", "mapping"), [
+    ("sensor/#", "#"),
+    ("sensor/t1", "sensor/+"),
+    ("sensor/+/temp", "+/+/temp"),
+    ("a/+/c", "a/b/#"),
+])
+def test_mappings_that_overlap_the_patterns_are_accepted(demo_set, patterns, mapping):
+    d = demo_set()
+    manifest = d / "manifest.yaml"
+    text = manifest.read_text()
+    text = text.replace("  - events/#\n", f"  - events/#\n  - {patterns}\n")
+    text = text.replace("  device/+/status: device_status:v1\n", f"  device/+/status: device_status:v1\n  '{mapping}': device_status:v1\n")
+    manifest.write_text(text)
+    assert load_schema_set(d).mappings is not None
+
+
+@pytest.mark.parametrize(("a", "b", "overlap"), [
+    ("sensor/#", "#", True), ("sensor/t1", "sensor/+", True), ("a/b", "a/c", False),
+    ("a/b", "a/b/c", False), ("a/#", "a", True), ("+/x", "y/+", True), ("a/+", "a/b/c", False),
+])
+def test_filters_overlap(a, b, overlap):
+    from appliance.governance.schemaset import filters_overlap
+
+    assert filters_overlap(a, b) is overlap and filters_overlap(b, a) is overlap

@@ -263,3 +263,19 @@ def test_dry_run_records_but_accepts():
     t.client(Publish("t", b"bad", qos=1, packet_id=1))
     assert t.to_broker() == [Publish("t", b"bad", qos=1, packet_id=1)]
     assert t.sink.counts == {"reject": 1}
+
+
+def test_qos2_packet_id_reused_after_a_rejection_goes_to_the_broker():
+    t = Transcript(V5, [RejectBad()])
+    t.connect()
+    t.client(Publish("t", b"bad", qos=2, packet_id=7))
+    [rec] = t.to_client()
+    assert rec.reason_code == ReasonCode.PAYLOAD_FORMAT_INVALID
+    # MQTT 5: the failed PUBREC ended that flow, so id 7 is free for the next message.
+    t.client(Publish("t", b"good", qos=2, packet_id=7))
+    assert t.to_broker() == [Publish("t", b"good", qos=2, packet_id=7)]
+    t.broker(Pubrec(7))
+    assert t.to_client() == [Pubrec(7)]
+    t.client(Pubrel(7))
+    assert t.to_broker() == [Pubrel(7)]  # the broker's flow, not the proxy's
+    assert t.to_client() == []

@@ -1,0 +1,1 @@
+"""Replay recorded traffic against a schema set, and diff schema sets (`replay diff`)."""

@@ -8,6 +8,7 @@ returns the process exit code.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import resource
@@ -26,8 +27,10 @@ from appliance.governance import Governance, SchemaSetError, load_schema_set
 from appliance.admin import AdminServer, socket_path
 from appliance.audit.operations import AuditOperations
 from appliance.audit.service import AuditService
+from appliance.forward import Forwarder, Outbox
+from appliance.forward.check import OutboxFull
 from appliance.metrics import ApplianceCollector, MetricsServer, MetricsSink
-from appliance.pipeline import CountingSink, Pipeline, Sink
+from appliance.pipeline import Check, CountingSink, Pipeline, Sink
 from appliance.proxy import ProxyServer, SessionLimits
 from appliance.reload import ReloadWatcher, needs_restart
 
@@ -63,13 +66,15 @@ class Appliance:
         self.verdicts = CountingSink(keep=20)  # the last few verdicts, for tests and `status`
         self.metrics = MetricsSink()
         self.reloads: Counter[str] = Counter()
-        self.forwarder: Any = None  # the store-and-forward client, when upstream.url is set
+        self.forwarder: Forwarder | None = None  # the store-and-forward client, when upstream.url is set
+        self.outbox: Outbox | None = None
+        self._outbox_check: OutboxFull | None = None
         self.metrics_server: MetricsServer | None = None
         self._started = time.monotonic()
         self.governance: Governance | None = None
         self.audit: AuditService | None = None
         if pipeline is None:
-            checks = []
+            checks: list[Check] = []
             if config.schemas is not None:
                 self.governance = Governance(load_schema_set(config.schemas))
                 checks.append(self.governance)
@@ -77,9 +82,15 @@ class Appliance:
             if config.audit.enabled:
                 self.audit = AuditService(
                     config.audit, config.state_dir, config_revision=self.revision, dry_run=config.dry_run,
-                    on_event=self.on_event,
+                    on_event=self.on_event, forward=config.upstream.url is not None,
                 )
                 sinks.append(self.audit.sink)
+            if config.upstream.url is not None:
+                assert self.audit is not None  # the config requires it
+                self.outbox = Outbox(self.audit.journal.path, config.upstream.outbox)
+                if config.upstream.outbox.policy == "reject_new":
+                    self._outbox_check = OutboxFull(self.outbox)
+                    checks.append(self._outbox_check)
             pipeline = Pipeline(checks, sinks, dry_run=config.dry_run)
         self.pipeline = pipeline
         self.broker: EmbeddedBroker | ExternalBroker | None = None
@@ -99,6 +110,9 @@ class Appliance:
             "schema_set": self.governance.schema_set.version if self.governance is not None else "none (accept all)",
             "audit": self.audit.journal.healthy if self.audit is not None else "disabled",
         }
+        if self.forwarder is not None:
+            # Informational: a gateway with its uplink down is still doing its job (it buffers).
+            checks["uplink"] = "up" if self.forwarder.status().uplink_up else "down (buffering)"
         ready = all(value is not False for value in checks.values())
         return {"ready": ready, "checks": checks}
 
@@ -115,6 +129,8 @@ class Appliance:
         if self.audit is not None:
             journal = self.audit.journal
             report["audit"] = {"healthy": journal.healthy, "pending_records": journal.pending_rows, "lost_records": journal.lost}
+        if self.forwarder is not None:
+            report["uplink"] = dataclasses.asdict(self.forwarder.status())
         return report
 
     @property
@@ -145,6 +161,9 @@ class Appliance:
             log.info("schema set %s from %s%s", schema_set.version, schema_set.directory, " (dry run: verdicts are recorded, everything is delivered)" if self.pipeline.dry_run else "")
         if self.audit is not None:
             await self.audit.start()
+        if self.outbox is not None:
+            self.forwarder = Forwarder(config.upstream, self.outbox, on_event=self.on_event)
+            await self.forwarder.start()
         if config.metrics.enabled:
             registry = CollectorRegistry()
             registry.register(ApplianceCollector(self, self.metrics))
@@ -199,6 +218,10 @@ class Appliance:
             await self.proxy.stop()
         if self.broker is not None:
             await self.broker.stop()
+        if self.forwarder is not None:
+            await self.forwarder.stop()
+        if self.outbox is not None:
+            self.outbox.close()
         if self.audit is not None:
             await self.audit.stop()
         log.info("stopped")
@@ -217,12 +240,11 @@ class Appliance:
         if self._own_pipeline:
             if schema_set is None:
                 self.governance = None
-                self.pipeline.replace_checks(())
             elif self.governance is None:
                 self.governance = Governance(schema_set)
-                self.pipeline.replace_checks((self.governance,))
             else:
                 self.governance.schema_set = schema_set
+            self.pipeline.replace_checks([c for c in (self.governance, self._outbox_check) if c is not None])
             self.pipeline.dry_run = config.dry_run
         logging.getLogger().setLevel(config.log_level.upper())
         self.config = config

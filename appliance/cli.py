@@ -42,12 +42,15 @@ def main() -> None:
               help="Schema set directory to enforce (overrides `schemas`).")
 @click.option("--dry-run", is_flag=True, default=None,
               help="Record every verdict but deliver every message (overrides `dry_run`).")
+@click.option("--upstream", metavar="URL", help="Forward accepted messages to this cloud broker, mqtt[s]://host:port (overrides `upstream.url`).")
 @click.option("--metrics-listen", metavar="HOST:PORT", help="Where to serve /metrics, /healthz, /readyz (overrides `metrics.listen`).")
 @click.option("--verbose", "-v", is_flag=True, help="Log debug messages.")
 def run(config_path: Path | None, listen: str | None, state_dir: Path | None, schemas: Path | None,
-        dry_run: bool | None, metrics_listen: str | None, verbose: bool) -> None:
+        dry_run: bool | None, upstream: str | None, metrics_listen: str | None, verbose: bool) -> None:
     """Run the appliance in the foreground until SIGINT or SIGTERM; SIGHUP reloads."""
     overrides: dict[str, object] = {}
+    if upstream is not None:
+        overrides["upstream.url"] = upstream
     if metrics_listen is not None:
         try:
             overrides["metrics.listen"] = Address.parse(metrics_listen)

@@ -9,57 +9,26 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from appliance.forward.config import UpstreamConfig
+from appliance.settings import (  # noqa: F401 - re-exported: the config's building blocks
+    Address, Duration, Size, TLSConfig, _address, _Section, parse_duration, parse_size,
+)
 
 DEFAULT_STATE_DIR = Path("/var/lib/mqtt-appliance")
 
 
+
+
 class ConfigError(Exception):
     """A config file that cannot be used: the message names the file and, where known, the line."""
-
-
-class Address(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    host: str
-    port: int = Field(ge=0, le=65535)
-
-    @classmethod
-    def parse(cls, text: str) -> Address:
-        """Parse `HOST:PORT`, `[IPv6]:PORT` or `:PORT` (all interfaces)."""
-        text = text.strip()
-        if text.startswith("["):
-            host, sep, port = text[1:].partition("]:")
-        else:
-            host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"expected HOST:PORT, got {text!r}")
-        return cls(host=host or "0.0.0.0", port=int(port))
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def _address(value: Any) -> Any:
-    return Address.parse(value) if isinstance(value, str) else value
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TLSConfig(_Section):
-    ca_file: Path | None = Field(None, description="CA bundle that signs the broker's certificate; system CAs when unset.")
-    cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
-    key_file: Path | None = Field(None, description="Private key (PEM) of cert_file.")
-    verify_hostname: bool = Field(True, description="Check that the broker's certificate names the host.")
 
 
 class BrokerConfig(_Section):
@@ -94,37 +63,6 @@ class BrokerConfig(_Section):
         if self.password is not None and self.username is None:
             raise ValueError("broker.password needs broker.username")
         return self
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
-
-
-def parse_duration(value: Any) -> timedelta | None:
-    """'90d', '12h', '30m', '45s', '2w' or a number of seconds."""
-    if value is None or isinstance(value, timedelta):
-        return value
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"expected a duration like 90d, 12h, 30m or 45s, got {value!r}")
-    return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"])
-
-
-def parse_size(value: Any) -> int | None:
-    """'2GB', '256MiB', '1024' (bytes)."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    match = _SIZE.match(str(value))
-    if not match:
-        raise ValueError(f"expected a size like 2GB, 256MB or 1024, got {value!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
-
-
-Duration = Annotated[timedelta | None, BeforeValidator(parse_duration)]
-Size = Annotated[int | None, BeforeValidator(parse_size)]
 
 
 class VerdictRetention(_Section):
@@ -217,6 +155,10 @@ class Config(BaseModel):
     audit: AuditConfig = Field(default_factory=AuditConfig, description="The audit log (DuckDB) and its retention.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics and health endpoints.")
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The broker behind the proxy.")
+    upstream: UpstreamConfig = Field(
+        default_factory=UpstreamConfig,
+        description="Store-and-forward of accepted messages to a cloud broker (off while upstream.url is null).",
+    )
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-client limits.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     reload_on_change: bool = Field(
@@ -226,12 +168,23 @@ class Config(BaseModel):
 
     _listen = field_validator("listen", mode="before")(_address)
 
+    @model_validator(mode="after")
+    def _forwarding_needs_the_journal(self) -> Config:
+        if self.upstream.url is not None and not self.audit.enabled:
+            raise ValueError("upstream.url needs audit.enabled: the outbox lives in the audit journal")
+        return self
+
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make relative paths in the raw YAML relative to the config file's directory."""
     for key in ("state_dir", "schemas"):
         if isinstance(data.get(key), str):
             data[key] = os.path.normpath(base / data[key])
+    upstream = data.get("upstream")
+    if isinstance(upstream, dict) and isinstance(upstream.get("tls"), dict):
+        for key in ("ca_file", "cert_file", "key_file"):
+            if isinstance(upstream["tls"].get(key), str):
+                upstream["tls"][key] = os.path.normpath(base / upstream["tls"][key])
     audit = data.get("audit")
     if isinstance(audit, dict) and isinstance(audit.get("export"), dict) and isinstance(audit["export"].get("to"), str):
         audit["export"]["to"] = os.path.normpath(base / audit["export"]["to"])
@@ -298,3 +251,4 @@ def iter_settings(model: type[BaseModel] = Config, prefix: str = "") -> Iterator
         for candidate in getattr(info.annotation, "__args__", (info.annotation,)):
             if isinstance(candidate, type) and issubclass(candidate, _Section):
                 yield from iter_settings(candidate, f"{prefix}{name}.")
+

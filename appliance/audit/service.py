@@ -68,6 +68,7 @@ class AuditService:
         config_revision: str,
         dry_run: bool,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        forward: bool = False,
     ):
         self.config = config
         directory = audit_dir(state_dir)
@@ -84,7 +85,8 @@ class AuditService:
             log.info("audit: moved %d records left in the journal by the last run to DuckDB", recovered)
         self.clock = IdClock(start_after=max(*self.store.max_ids(), *self.journal.max_ids()))
         self.sink = AuditSink(
-            self.journal, self.clock, record_payloads=config.record_payloads, config_revision=config_revision, dry_run=dry_run
+            self.journal, self.clock, record_payloads=config.record_payloads, config_revision=config_revision, dry_run=dry_run,
+            forward=forward,
         )
         self._retention_task: asyncio.Task[None] | None = None
         self._export_task: asyncio.Task[None] | None = None

@@ -1,0 +1,122 @@
+"""The `upstream:` section: where accepted messages are forwarded, and how much the outbox may hold
+while the uplink is down."""
+
+from __future__ import annotations
+
+import socket
+import string
+from datetime import timedelta
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, model_validator
+
+from appliance.settings import Duration, Size, TLSConfig, _Section
+
+TEMPLATE_FIELDS = frozenset({"topic", "gateway_id", "client_id"})
+
+
+class OutboxBounds(_Section):
+    max_bytes: Size = Field(
+        512 * 1000**2,
+        description="Most payload+topic bytes the outbox holds (e.g. 512MB); null: no size bound. "
+        "The SQLite file needs more than this (row overhead: see docs/forwarding.md).",
+    )
+    max_messages: int | None = Field(1_000_000, ge=1, description="Most messages the outbox holds; null: no count bound.")
+    max_age: Duration = Field(
+        timedelta(days=7),
+        description="Messages older than this are dropped (TTL), whatever the policy (e.g. 7d); null: keep forever.",
+    )
+    policy: Literal["drop_oldest", "reject_new"] = Field(
+        "drop_oldest",
+        description="When max_bytes or max_messages is reached: drop_oldest deletes the oldest messages "
+        "(each drop is reported); reject_new keeps them and the appliance refuses new messages "
+        "(MQTT 5 publishers get 0x97 Quota exceeded).",
+    )
+
+
+class UpstreamConfig(_Section):
+    url: str | None = Field(
+        None,
+        description="Cloud broker: mqtt://host[:port] (1883) or mqtts://host[:port] (8883); null: forwarding off.",
+    )
+    client_id: str | None = Field(
+        None, description="Client id at the cloud broker (AWS IoT: the thing name); default: appliance-<gateway_id>."
+    )
+    protocol: Literal[4, 5] = Field(5, description="MQTT protocol level: 4 (3.1.1) or 5 (adds user properties).")
+    keepalive: int = Field(30, ge=5, le=65535, description="MQTT keepalive (s) towards the cloud broker.")
+    username: str | None = Field(None, description="Username at the cloud broker.")
+    password: str | None = Field(None, description="Password that goes with username.")
+    tls: TLSConfig | None = Field(
+        None, description="CA, client certificate and key for mqtts:// (mutual TLS); system CAs when unset."
+    )
+    topic_template: str = Field(
+        "{topic}",
+        description="Topic at the cloud broker, built from {topic}, {gateway_id} and {client_id} "
+        "(e.g. gateways/{gateway_id}/{topic}).",
+    )
+    gateway_id: str = Field(
+        default_factory=socket.gethostname, description="This appliance's name in topic_template; default: the hostname."
+    )
+    qos: Literal[0, 1] = Field(
+        1,
+        description="QoS of forwarded messages. 1: a message leaves the outbox when the cloud broker's "
+        "PUBACK arrives; 0: when it was written to the socket (may be lost).",
+    )
+    retain: bool = Field(True, description="Forward the publisher's retain flag (false: never retain upstream).")
+    window: int = Field(100, ge=1, le=65535, description="Messages in flight (sent, not yet acknowledged) at most.")
+    ack_timeout: Duration = Field(
+        timedelta(seconds=30),
+        description="A connection whose oldest in-flight message (or CONNACK) waits longer than this is torn down and reopened.",
+    )
+    backoff_initial: Duration = Field(timedelta(seconds=0.5), description="First delay before reconnecting.")
+    backoff_max: Duration = Field(timedelta(seconds=60), description="Longest delay between reconnects (exponential, with jitter).")
+    outbox: OutboxBounds = Field(default_factory=OutboxBounds, description="Bounds of the outbox while the uplink is down.")
+
+    @model_validator(mode="after")
+    def _check(self) -> UpstreamConfig:
+        if self.url is not None:
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+                raise ValueError(f"upstream.url must look like mqtt://host:1883 or mqtts://host:8883, got {self.url!r}")
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+            if self.tls is not None and parts.scheme != "mqtts":
+                raise ValueError("upstream.tls needs an mqtts:// url")
+        if self.password is not None and self.username is None:
+            raise ValueError("upstream.password needs upstream.username")
+        if self.tls is not None and self.tls.key_file is not None and self.tls.cert_file is None:
+            raise ValueError("upstream.tls.key_file needs upstream.tls.cert_file")
+        try:
+            used = {name for _, name, _, _ in string.Formatter().parse(self.topic_template) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"upstream.topic_template: {exc}") from None
+        if unknown := used - TEMPLATE_FIELDS:
+            raise ValueError(f"upstream.topic_template: unknown field(s) {sorted(unknown)}; use {sorted(TEMPLATE_FIELDS)}")
+        for name in ("ack_timeout", "backoff_initial", "backoff_max"):
+            value = getattr(self, name)
+            if value is None or value <= timedelta(0):
+                raise ValueError(f"upstream.{name} must be a positive duration")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None
+
+    @property
+    def host(self) -> str:
+        assert self.url is not None
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        assert self.url is not None
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.url is not None and urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def effective_client_id(self) -> str:
+        return self.client_id or f"appliance-{self.gateway_id}"

@@ -1,0 +1,81 @@
+"""Building blocks of the configuration, shared by every section: addresses, durations, sizes, TLS.
+
+Separate from config.py so that sections living elsewhere (appliance/forward/config.py) can build
+on them while config.py assembles the whole.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+class Address(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    host: str
+    port: int = Field(ge=0, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """Parse `HOST:PORT`, `[IPv6]:PORT` or `:PORT` (all interfaces)."""
+        text = text.strip()
+        if text.startswith("["):
+            host, sep, port = text[1:].partition("]:")
+        else:
+            host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        return cls(host=host or "0.0.0.0", port=int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _address(value: Any) -> Any:
+    return Address.parse(value) if isinstance(value, str) else value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSConfig(_Section):
+    ca_file: Path | None = Field(None, description="CA bundle that signs the broker's certificate; system CAs when unset.")
+    cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    key_file: Path | None = Field(None, description="Private key (PEM) of cert_file.")
+    verify_hostname: bool = Field(True, description="Check that the broker's certificate names the host.")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_duration(value: Any) -> timedelta | None:
+    """'90d', '12h', '30m', '45s', '2w' or a number of seconds."""
+    if value is None or isinstance(value, timedelta):
+        return value
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"expected a duration like 90d, 12h, 30m or 45s, got {value!r}")
+    return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"])
+
+
+def parse_size(value: Any) -> int | None:
+    """'2GB', '256MiB', '1024' (bytes)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"expected a size like 2GB, 256MB or 1024, got {value!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
+
+
+Duration = Annotated[timedelta | None, BeforeValidator(parse_duration)]
+Size = Annotated[int | None, BeforeValidator(parse_size)]

@@ -66,6 +66,7 @@ class Verdict:
     schema: str | None = None
     # Whether an accepted message goes to the store-and-forward outbox (the mapping's `forward`).
     forward: bool = True
+    forward_qos: int | None = None  # the mapping's QoS towards the cloud; None: upstream.qos
 
     @classmethod
     def reject(

@@ -84,7 +84,7 @@ OUTBOX_COLUMNS = (
     "client_id",  # TEXT: the publishing sensor
     "topic",      # TEXT: the topic as published
     "payload",    # BLOB
-    "qos",        # INTEGER: the publisher's QoS
+    "qos",        # INTEGER: QoS towards the cloud broker (the mapping's forward_qos); NULL: upstream.qos
     "retain",     # INTEGER 0/1
     "schema",     # TEXT: the schema name that judged it ("temperature:v1"), NULL when none
 )

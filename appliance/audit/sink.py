@@ -89,5 +89,5 @@ class AuditSink:
         self._journal.add_decision(row)
         if self._forward and verdict.forward and (verdict.accepted or self._dry_run) and not message.is_will:
             self._journal.add_outbox(
-                (self.last_id, received, client.client_id, message.topic, payload, message.qos, message.retain, verdict.schema)
+                (self.last_id, received, client.client_id, message.topic, payload, verdict.forward_qos, message.retain, verdict.schema)
             )

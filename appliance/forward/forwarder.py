@@ -360,7 +360,8 @@ class Forwarder:
             if row.schema:
                 user.append(("schema", row.schema))
             properties = _UserProperties(user)
-        return client.publish(topic, row.payload, cfg.qos, row.retain and cfg.retain, properties)
+        qos = cfg.qos if row.qos is None else min(row.qos, 1)  # the mapping's forward_qos, else upstream.qos
+        return client.publish(topic, row.payload, qos, row.retain and cfg.retain, properties)
 
     def _drain_before_stop(self, client: paho.Client, inflight: dict[int, tuple[int, float]],
                            acked_mids: list[int], acked_ids: list[int]) -> None:

@@ -53,7 +53,7 @@ class OutboxRow:
     client_id: str
     topic: str
     payload: bytes
-    qos: int
+    qos: int | None  # QoS towards the cloud (the mapping's forward_qos); None: upstream.qos
     retain: bool
     schema: str | None
 
@@ -129,7 +129,7 @@ class Outbox:
                 self._error("read", exc)
                 return []
         return [
-            OutboxRow(r[0], r[1], r[2], r[3], b"" if r[4] is None else bytes(r[4]), r[5] or 0, bool(r[6]), r[7])
+            OutboxRow(r[0], r[1], r[2], r[3], b"" if r[4] is None else bytes(r[4]), r[5], bool(r[6]), r[7])
             for r in rows
         ]
 

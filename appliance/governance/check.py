@@ -37,7 +37,8 @@ class Governance:
         accepts: dict[str | None, Verdict] = {None: Verdict(True, schema_set=version)}
         for topic_filter, mapping in schema_set.mappings:
             accepts[topic_filter] = Verdict(
-                True, schema_set=version, topic_filter=topic_filter, schema=mapping.schema_name, forward=mapping.forward
+                True, schema_set=version, topic_filter=topic_filter, schema=mapping.schema_name,
+                forward=mapping.forward, forward_qos=mapping.forward_qos,
             )
         self._schema_set, self._accepts = schema_set, accepts
 

@@ -25,7 +25,7 @@ SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(:[A-Za-z0-9_.\-]+)?$")
 TOP_LEVEL_KEYS = {"version", "description", "topic_patterns", "schema_mappings", "schema_files", "rules", "policy"}
 FILE_KEYS = {"file", "format", "message", "allow_unknown_fields", "compatibility"}
 COMPATIBILITY_MODES = {"NONE", "BACKWARD", "FORWARD", "FULL", "BACKWARD_TRANSITIVE", "FORWARD_TRANSITIVE", "FULL_TRANSITIVE"}
-MAPPING_KEYS = {"schema", "on_reject", "forward"}
+MAPPING_KEYS = {"schema", "on_reject", "forward", "forward_qos"}
 
 
 class PayloadSchema(Protocol):
@@ -51,6 +51,7 @@ class Mapping:
     rate_limit: RateLimit | None = None
     on_reject: Literal["reject", "disconnect"] = "reject"
     forward: bool = True
+    forward_qos: int | None = None  # QoS towards the cloud broker; None: upstream.qos
 
 
 @dataclass(frozen=True)
@@ -332,12 +333,17 @@ def _mapping(
 ) -> Mapping | None:
     on_reject: Any = "reject"
     forward: Any = True
+    forward_qos: Any = None
     if isinstance(target, dict):
         for key in target:
             if key not in MAPPING_KEYS:
                 problems.add(MANIFEST, target.line_of(key), f"schema_mappings.{topic_filter}: unknown key {key!r}")
         on_reject = target.get("on_reject", "reject")
         forward = target.get("forward", True)
+        forward_qos = target.get("forward_qos")
+        if forward_qos not in (None, 0, 1) or isinstance(forward_qos, bool):
+            problems.add(MANIFEST, target.line_of("forward_qos"), f"schema_mappings.{topic_filter}: forward_qos must be 0 or 1")
+            return None
         target = target.get("schema")
         if on_reject not in ("reject", "disconnect"):
             problems.add(MANIFEST, line, f"schema_mappings.{topic_filter}: on_reject must be reject or disconnect")
@@ -356,7 +362,7 @@ def _mapping(
                 problems.add(MANIFEST, line, f"schema_mappings.{topic_filter}: schema {target!r} is not in schema_files")
             return None
     rule_set, (max_size, rate), _ = rules
-    return Mapping(topic_filter, target, schema, rule_set, max_size, rate, on_reject, forward)
+    return Mapping(topic_filter, target, schema, rule_set, max_size, rate, on_reject, forward, forward_qos)
 
 
 def describe_schema_set(schema_set: SchemaSet) -> str:

@@ -74,3 +74,31 @@ def test_reject_new_when_the_outbox_is_full(tmp_path):
         pub.disconnect()
     finally:
         running.stop()
+
+
+def test_forward_qos_per_mapping(tmp_path):
+    import shutil
+
+    schemas = tmp_path / "schemas"
+    shutil.copytree(REPO / "schemas" / "v1", schemas)
+    manifest = schemas / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace(
+        "  device/+/status: device_status:v1",
+        "  device/+/status:\n    schema: device_status:v1\n    forward_qos: 0",
+    ))
+    cloud = CloudBroker(tmp_path / "cloud").start()
+    consumer = Subscriber(cloud.port, "#").start()
+    running = RunningAppliance(make_config(tmp_path / "state", schemas=str(schemas), **{"upstream.url": cloud.url})).start()
+    try:
+        from tests.governance.payloads import device_status
+
+        pub = Client(running.port, version=5, client_id="t1").connect()
+        pub.publish("device/d1/status", device_status(), qos=1)
+        pub.publish("sensor/t1/temperature", temperature(), qos=1)
+        wait_until(lambda: consumer.count() >= 2, message="both forwarded")
+        assert {m.topic: m.qos for m in consumer.messages} == {"device/d1/status": 0, "sensor/t1/temperature": 1}
+        pub.disconnect()
+    finally:
+        running.stop()
+        consumer.stop()
+        cloud.stop()

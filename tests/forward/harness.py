@@ -164,7 +164,7 @@ class Harness:
         return len(rows)
 
     def row(self, client_id: str, seq: int, *, topic: str | None = None, payload: bytes | None = None,
-            ts: float | None = None, qos: int = 1, schema: str | None = "reading:v1") -> tuple[Any, ...]:
+            ts: float | None = None, qos: int | None = None, schema: str | None = "reading:v1") -> tuple[Any, ...]:
         now = time.time() if ts is None else ts
         return (self.clock.next(), now, client_id, topic or f"sensors/{client_id}/reading",
                 payload if payload is not None else f"{client_id}:{seq}".encode(), qos, 0, schema)

@@ -26,7 +26,7 @@ def test_next_batch_reads_in_id_order_and_delete_updates_the_counters(tmp_path: 
         assert [r.id for r in first] == [r[0] for r in rows[:100]]
         second = outbox.next_batch(first[-1].id, 1000)
         assert [r.id for r in second] == [r[0] for r in rows[100:]]
-        assert second[0].payload == rows[100][4] and second[0].schema == "reading:v1" and second[0].qos == 1
+        assert second[0].payload == rows[100][4] and second[0].schema == "reading:v1" and second[0].qos is None  # None: upstream.qos
 
         assert outbox.delete([r.id for r in first] + [12345]) == 100  # an unknown id is skipped
         depth = outbox.depth()

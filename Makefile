@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench clean system-packages
+.PHONY: setup run test bench fuzz clean system-packages
 
 setup: system-packages $(STAMP)
 
@@ -53,6 +53,10 @@ test: setup
 
 bench: setup
 	$(BIN)/appliance bench --quick
+
+# A long fuzz run of the codec and whole proxy sessions (outside the normal suite; docs/security.md).
+fuzz: setup
+	$(BIN)/python -m tests.security.fuzz --cases 1000000
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .hypothesis

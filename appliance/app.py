@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
 from appliance.config import Config, ConfigError, load_config
 from appliance.governance import Governance, SchemaSetError, load_schema_set
+from appliance import sdnotify
 from appliance.admin import AdminServer, socket_path
 from appliance.audit.operations import AuditOperations
 from appliance.audit.service import AuditService
@@ -31,10 +32,28 @@ from appliance.forward import Forwarder, Outbox
 from appliance.forward.check import OutboxFull
 from appliance.metrics import ApplianceCollector, MetricsServer, MetricsSink
 from appliance.pipeline import Check, CountingSink, Pipeline, Sink
+from appliance.config import AuthConfig, is_loopback
 from appliance.proxy import ProxyServer, SessionLimits
+from appliance.proxy.server import Listener
 from appliance.reload import ReloadWatcher, needs_restart
+from appliance.security import AclCheck, AclError, Authenticator, PasswordFile, PasswordFileError, load_acl_file
+from appliance.security.tls import server_ssl_context
 
 log = logging.getLogger(__name__)
+
+
+class AccessError(Exception):
+    """The password file, ACL file or a listener's TLS files cannot be used."""
+
+
+def load_access(auth: AuthConfig) -> tuple[PasswordFile | None, AclCheck]:
+    """The password file and ACL rules the config names (AccessError when unusable)."""
+    try:
+        passwords = PasswordFile.load(auth.password_file) if auth.password_file is not None else None
+        rules = load_acl_file(auth.acl_file) if auth.acl_file is not None else None
+    except (PasswordFileError, AclError) as exc:
+        raise AccessError(str(exc)) from exc
+    return passwords, AclCheck(rules)
 
 
 def raise_open_file_limit() -> None:
@@ -73,8 +92,11 @@ class Appliance:
         self._started = time.monotonic()
         self.governance: Governance | None = None
         self.audit: AuditService | None = None
+        # Who may connect and what they may do; built now so that a broken file stops the start.
+        self.passwords, self.acl = load_access(config.auth)
+        self.authenticators: list[Authenticator] = []
         if pipeline is None:
-            checks: list[Check] = []
+            checks: list[Check] = [self.acl]
             if config.schemas is not None:
                 self.governance = Governance(load_schema_set(config.schemas))
                 checks.append(self.governance)
@@ -172,19 +194,25 @@ class Appliance:
                 self.metrics_server.start(config.metrics.listen.host, config.metrics.listen.port)
             except OSError as exc:
                 raise BrokerError(f"cannot serve metrics on {config.metrics.listen}: {exc.strerror} (set metrics.listen)") from exc
+        listeners = self._listeners_from(config)
         await self.broker.start()
         limits = config.limits
         self.proxy = ProxyServer(
-            host=config.listen.host,
-            port=config.listen.port,
+            listeners=listeners,
             pipeline=self.pipeline,
             endpoint=self.broker.endpoint,
-            limits=SessionLimits(max_packet_size=limits.max_packet_size, max_connect_size=limits.max_connect_size),
+            limits=SessionLimits(
+                max_packet_size=limits.max_packet_size, max_connect_size=limits.max_connect_size,
+                max_inflight=limits.max_inflight, max_subscriptions=limits.max_subscriptions,
+                message_rate=limits.message_rate, message_burst=limits.message_burst,
+            ),
             connect_timeout=limits.connect_timeout,
             max_connections=limits.max_connections,
+            max_connections_per_address=limits.max_connections_per_address,
             write_buffer_high=limits.write_buffer_high,
             on_event=self.on_event,
             durability=self.audit.durability if self.audit is not None else None,
+            access=self.acl,
         )
         if self.audit is not None:
             self.audit.journal.add_listener(self.proxy.committed)
@@ -206,7 +234,28 @@ class Appliance:
             await self.proxy.start()
         except OSError as exc:
             await self.broker.stop()
-            raise BrokerError(f"cannot listen on {config.listen}: {exc.strerror}") from exc
+            raise BrokerError(f"cannot listen on {exc.strerror}") from exc
+
+    @staticmethod
+    def _anonymous_ok(auth: AuthConfig, loopback: bool) -> bool:
+        return loopback if auth.allow_anonymous == "loopback" else bool(auth.allow_anonymous)
+
+    def _listeners_from(self, config: Config) -> list[Listener]:
+        listeners = []
+        self.authenticators = []
+        for spec in config.all_listeners():
+            loopback = is_loopback(spec.listen.host)
+            authenticator = Authenticator(self.passwords, allow_anonymous=self._anonymous_ok(config.auth, loopback), loopback=loopback)
+            self.authenticators.append(authenticator)
+            context = None
+            if spec.tls is not None:
+                try:
+                    context = server_ssl_context(spec.tls)
+                except (OSError, ValueError) as exc:
+                    raise BrokerError(f"listener {spec.listen}: TLS: {exc}") from exc
+            listeners.append(Listener(spec.listen.host, spec.listen.port, context,
+                                      spec.tls.use_identity_as_username if spec.tls else "none", authenticator))
+        return listeners
 
     async def stop(self) -> None:
         self.watcher.stop()
@@ -226,12 +275,26 @@ class Appliance:
             await self.audit.stop()
         log.info("stopped")
 
+    def status_line(self) -> str:
+        """One line for `systemctl status`."""
+        version = self.governance.schema_set.version if self.governance is not None else "none (accept all)"
+        listen = f"{self.config.listen.host}:{self.proxy.port}" if self.proxy is not None and self.config.listen else "listeners"
+        return f"serving MQTT on {listen}; schema set {version}; revision {self.revision}"
+
     async def reload(self, reason: str = "request") -> bool:
         """Load the config and schema set again and swap them in, or keep the old ones (see reload.py)."""
+        sdnotify.notify(sdnotify.reloading())
+        try:
+            return await self._reload(reason)
+        finally:
+            sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}")
+
+    async def _reload(self, reason: str) -> bool:
         try:
             config = load_config(self.config_path, self.overrides) if self.config_path is not None else self.config
             schema_set = await asyncio.to_thread(load_schema_set, config.schemas) if config.schemas is not None else None
-        except (ConfigError, SchemaSetError) as exc:
+            passwords, acl = await asyncio.to_thread(load_access, config.auth)
+        except (ConfigError, SchemaSetError, AccessError) as exc:
             self.reloads["failed"] += 1
             log.error("reload (%s) failed; the running config and schema set stay in force:\n%s", reason, exc)
             self.on_event("config_reload", {"result": "failed", "reason": reason, "error": str(exc)})
@@ -244,8 +307,14 @@ class Appliance:
                 self.governance = Governance(schema_set)
             else:
                 self.governance.schema_set = schema_set
-            self.pipeline.replace_checks([c for c in (self.governance, self._outbox_check) if c is not None])
+            self.pipeline.replace_checks([c for c in (self.acl, self.governance, self._outbox_check) if c is not None])
             self.pipeline.dry_run = config.dry_run
+        # Password file, ACL and allow_anonymous take effect for the next CONNECT / SUBSCRIBE / PUBLISH.
+        self.passwords = passwords
+        self.acl.rules = acl.rules
+        for authenticator in self.authenticators:
+            authenticator.passwords = passwords
+            authenticator.allow_anonymous = self._anonymous_ok(config.auth, authenticator.loopback)
         logging.getLogger().setLevel(config.log_level.upper())
         self.config = config
         if self.audit is not None:
@@ -272,18 +341,26 @@ class Appliance:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        watchdog: asyncio.Task[None] | None = None
         try:
             await self.start()
+            sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}")
+            if (interval := sdnotify.watchdog_interval()) is not None:
+                watchdog = asyncio.create_task(sdnotify.feed_watchdog(interval), name="systemd-watchdog")
             await stop.wait()
             log.info("shutting down")
         finally:
+            sdnotify.notify("STOPPING=1\nSTATUS=shutting down")
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
             await self.stop()
+            if watchdog is not None:
+                watchdog.cancel()
 
 
 def run(config: Config, *, config_path: Path | None = None, overrides: dict[str, Any] | None = None) -> None:
     """Run the appliance in the foreground; raises BrokerError when it cannot start."""
+    sdnotify.claim_environment()  # before mosquitto starts: it must not inherit $NOTIFY_SOCKET
     appliance = Appliance(config, config_path=config_path, overrides=overrides)
     if config.use_uvloop:
         try:

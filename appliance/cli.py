@@ -14,16 +14,10 @@ from appliance.bench import bench
 from appliance.broker import BrokerError
 from appliance.cli_audit import audit, quarantine
 from appliance.config import Address, ConfigError, load_config
+from appliance.logs import FORMATS, LogFormat, setup_logging
+from appliance.simulate import simulate_command
 from appliance.governance import SchemaSetError, load_schema_set
 from appliance.governance.schemaset import describe_schema_set
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,8 +39,10 @@ def main() -> None:
 @click.option("--upstream", metavar="URL", help="Forward accepted messages to this cloud broker, mqtt[s]://host:port (overrides `upstream.url`).")
 @click.option("--metrics-listen", metavar="HOST:PORT", help="Where to serve /metrics, /healthz, /readyz (overrides `metrics.listen`).")
 @click.option("--verbose", "-v", is_flag=True, help="Log debug messages.")
+@click.option("--log-format", type=click.Choice(FORMATS), envvar="APPLIANCE_LOG_FORMAT",
+              help="Log lines as text (default) or JSON objects, one per line (overrides `log_format`).")
 def run(config_path: Path | None, listen: str | None, state_dir: Path | None, schemas: Path | None,
-        dry_run: bool | None, upstream: str | None, metrics_listen: str | None, verbose: bool) -> None:
+        dry_run: bool | None, upstream: str | None, metrics_listen: str | None, verbose: bool, log_format: LogFormat | None) -> None:
     """Run the appliance in the foreground until SIGINT or SIGTERM; SIGHUP reloads."""
     overrides: dict[str, object] = {}
     if upstream is not None:
@@ -69,16 +65,20 @@ def run(config_path: Path | None, listen: str | None, state_dir: Path | None, sc
         overrides["state_dir"] = state_dir.resolve()
     if verbose:
         overrides["log_level"] = "debug"
+    if log_format is not None:
+        overrides["log_format"] = log_format
     try:
         config = load_config(config_path, overrides)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    _setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     from appliance.app import run as run_appliance
+
+    from appliance.app import AccessError
 
     try:
         run_appliance(config, config_path=config_path, overrides=overrides)
-    except (BrokerError, SchemaSetError) as exc:
+    except (BrokerError, SchemaSetError, AccessError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -96,6 +96,12 @@ def check(config_path: Path | None, schemas: Path | None) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     if config_path is not None:
+        from appliance.app import AccessError, load_access
+
+        try:
+            load_access(config.auth)
+        except AccessError as exc:
+            raise click.ClickException(str(exc)) from exc
         click.echo(f"config {config_path}: ok")
     if config.schemas is None:
         click.echo("no schema set configured: every message would be accepted")
@@ -144,6 +150,44 @@ def render_status(report: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+@main.command()
+@click.argument("password_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("user", required=False)
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
+@click.option("--delete", "delete_user", metavar="USER", help="Remove USER from the file.")
+def passwd(password_file: Path, user: str | None, password_stdin: bool, delete_user: str | None) -> None:
+    """Add or change USER's password in PASSWORD_FILE (created when missing), or --delete USER.
+
+    The file is mosquitto_passwd-compatible ($7$ PBKDF2-SHA512, 101 iterations) and written with
+    mode 0600. The running appliance picks changes up on reload (SIGHUP, or at once when watched).
+    """
+    from appliance.security import PasswordFile, PasswordFileError
+
+    if (user is None) == (delete_user is None):
+        raise click.UsageError("give USER to set a password, or --delete USER")
+    try:
+        passwords = PasswordFile.load(password_file, missing_ok=delete_user is None)
+        if delete_user is not None:
+            if not passwords.delete(delete_user):
+                raise click.ClickException(f"{password_file}: no user {delete_user!r}")
+            passwords.save()
+            click.echo(f"deleted {delete_user!r} from {password_file}", err=True)
+            return
+        assert user is not None
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = click.prompt(f"password for {user}", hide_input=True, confirmation_prompt=True)
+        if not password:
+            raise click.ClickException("empty password")
+        passwords.set(user, password)
+        passwords.save()
+    except PasswordFileError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"set the password of {user!r} in {password_file}", err=True)
+
+
 main.add_command(bench)
+main.add_command(simulate_command)
 main.add_command(audit)
 main.add_command(quarantine)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from appliance.forward.config import UpstreamConfig
 from appliance.settings import (  # noqa: F401 - re-exported: the config's building blocks
-    Address, Duration, Size, TLSConfig, _address, _Section, parse_duration, parse_size,
+    Address, Duration, ListenerConfig, ListenerTLSConfig, Size, TLSConfig, _address, _Section, parse_duration, parse_size,
 )
 
 DEFAULT_STATE_DIR = Path("/var/lib/mqtt-appliance")
@@ -133,6 +133,42 @@ class LimitsConfig(_Section):
     write_buffer_high: int = Field(
         256 * 1024, ge=1024, description="Bytes queued for one peer before the proxy stops reading from the other side."
     )
+    max_connections_per_address: int = Field(
+        1000, ge=0, description="Client connections open at once from one source IP address; more are refused at "
+        "accept. 0: no limit.",
+    )
+    max_inflight: int = Field(
+        1000, ge=0, le=65535,
+        description="QoS 1/2 messages a client may have unacknowledged; advertised to MQTT 5 clients as Receive "
+        "Maximum; a client exceeding it is disconnected (MQTT 5: 0x93 Receive Maximum exceeded). 0: no limit.",
+    )
+    max_subscriptions: int = Field(
+        1000, ge=0, description="Topic filters one client may be subscribed to; more get SUBACK 0x97 Quota exceeded "
+        "(3.1.1: 0x80). 0: no limit.",
+    )
+    message_rate: float = Field(
+        0, ge=0, description="PUBLISH packets per second one client may send on average; a faster client is throttled "
+        "(the appliance stops reading it for a while; nothing is dropped). 0: no limit.",
+    )
+    message_burst: int = Field(
+        100, ge=1, description="PUBLISH packets a client may send at once before message_rate applies."
+    )
+
+
+class AuthConfig(_Section):
+    allow_anonymous: bool | Literal["loopback"] = Field(
+        "loopback",
+        description="Accept clients without a username (or any username when there is no password_file): true, "
+        "false, or loopback (only on listeners bound to a loopback address, as mosquitto 2.0's local-only mode).",
+    )
+    password_file: Path | None = Field(
+        None, description="mosquitto_passwd-compatible password file ($7$ PBKDF2-SHA512 or $6$ SHA-512 hashes); "
+        "manage it with `appliance passwd` or mosquitto_passwd.",
+    )
+    acl_file: Path | None = Field(
+        None, description="mosquitto-style ACL file (user/topic/pattern lines, %c and %u); what it does not allow is "
+        "denied. None: every client may publish and subscribe to everything.",
+    )
 
 
 class Config(BaseModel):
@@ -140,9 +176,14 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    listen: Address = Field(
-        Address(host="127.0.0.1", port=1883), description="LAN listener for MQTT clients, HOST:PORT."
+    listen: Address | None = Field(
+        Address(host="127.0.0.1", port=1883),
+        description="The plain (non-TLS) listener for MQTT clients, HOST:PORT; null: only the `listeners` list.",
     )
+    listeners: list[ListenerConfig] = Field(
+        default_factory=list, description="More listeners, each plain or TLS; served in addition to `listen`."
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Client authentication and access control.")
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="Directory for everything the appliance writes.")
     schemas: Path | None = Field(
         None,
@@ -161,12 +202,30 @@ class Config(BaseModel):
     )
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-client limits.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text for people, or JSON objects for log shippers (`appliance run --log-format`)."
+    )
     reload_on_change: bool = Field(
         True, description="Reload the config and schema set when their files change (SIGHUP always reloads)."
     )
     use_uvloop: bool = Field(True, description="Run on uvloop when it is installed (faster relay).")
 
     _listen = field_validator("listen", mode="before")(_address)
+
+    def all_listeners(self) -> list[ListenerConfig]:
+        """`listen` (a plain listener) first, then `listeners`."""
+        first = [ListenerConfig(listen=self.listen)] if self.listen is not None else []
+        return first + list(self.listeners)
+
+    @model_validator(mode="after")
+    def _listeners_are_distinct(self) -> Config:
+        addresses = [str(listener.listen) for listener in self.all_listeners()]
+        if not addresses:
+            raise ValueError("no listener: set `listen` or `listeners`")
+        duplicates = sorted({a for a in addresses if addresses.count(a) > 1 and not a.endswith(":0")})
+        if duplicates:
+            raise ValueError(f"listeners bound twice: {', '.join(duplicates)}")
+        return self
 
     @model_validator(mode="after")
     def _forwarding_needs_the_journal(self) -> Config:
@@ -188,6 +247,16 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     audit = data.get("audit")
     if isinstance(audit, dict) and isinstance(audit.get("export"), dict) and isinstance(audit["export"].get("to"), str):
         audit["export"]["to"] = os.path.normpath(base / audit["export"]["to"])
+    auth = data.get("auth")
+    if isinstance(auth, dict):
+        for key in ("password_file", "acl_file"):
+            if isinstance(auth.get(key), str):
+                auth[key] = os.path.normpath(base / auth[key])
+    for listener in data.get("listeners") or []:
+        if isinstance(listener, dict) and isinstance(listener.get("tls"), dict):
+            for key in ("ca_file", "cert_file", "key_file"):
+                if isinstance(listener["tls"].get(key), str):
+                    listener["tls"][key] = os.path.normpath(base / listener["tls"][key])
     broker = data.get("broker")
     if isinstance(broker, dict) and isinstance(broker.get("tls"), dict):
         for key in ("ca_file", "cert_file", "key_file"):
@@ -245,10 +314,15 @@ def is_loopback(host: str) -> bool:
 
 
 def iter_settings(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Every setting as (dotted key, pydantic FieldInfo), sections included: for docs and their test."""
+    """Every setting as (dotted key, pydantic FieldInfo), sections included: for docs and their test.
+    Items of a list of sections appear as `key[].field`."""
     for name, info in model.model_fields.items():
         yield prefix + name, info
-        for candidate in getattr(info.annotation, "__args__", (info.annotation,)):
+        annotation = info.annotation
+        suffix = "."
+        if getattr(annotation, "__origin__", None) is list:
+            annotation, suffix = annotation.__args__[0], "[]."
+        for candidate in getattr(annotation, "__args__", (annotation,)):
             if isinstance(candidate, type) and issubclass(candidate, _Section):
-                yield from iter_settings(candidate, f"{prefix}{name}.")
+                yield from iter_settings(candidate, f"{prefix}{name}{suffix}")
 

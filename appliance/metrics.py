@@ -95,6 +95,20 @@ class ApplianceCollector(Collector):
         for result in ("ok", "failed"):
             reloads.add_metric([result], app.reloads[result])
         yield reloads
+        counters = app.proxy.counters if app.proxy is not None else {}
+        families = {
+            "limit_exceeded": CounterMetricFamily("mqtt_proxy_limit_exceeded", "Times a client hit a limit, by limit "
+                                                  "(connections, connections_per_address, inflight, subscriptions, message_rate).",
+                                                  labels=["limit"]),
+            "auth_failures": CounterMetricFamily("mqtt_proxy_auth_failures", "Refused CONNECTs, by reason.", labels=["reason"]),
+            "acl_denied": CounterMetricFamily("mqtt_proxy_acl_denied", "SUBSCRIBE filters the ACL denied (denied PUBLISHes "
+                                              "are invalid messages with check acl).", labels=["action"]),
+        }
+        for key, count in list(counters.items()):
+            name, _, label = key.partition(":")
+            if name in families:
+                families[name].add_metric([label], count)
+        yield from families.values()
         yield GaugeMetricFamily("mqtt_proxy_quarantine_size_bytes", "Bytes of rejected payloads held in the quarantine.",
                                 value=self._quarantine_size())
         audit = app.audit

@@ -90,7 +90,8 @@ ACCEPT = Verdict(True)
 
 class Check(Protocol):
     """One governance check. Returns a rejection, or an acceptance that says what judged the
-    message (kept for the sinks unless a later check rejects), or None when it has no opinion."""
+    message (kept for the sinks unless a later check rejects), or None when it has no opinion.
+    A check with a true `enforced_in_dry_run` attribute (the ACL) rejects even in dry-run mode."""
 
     name: str
 
@@ -129,7 +130,9 @@ class Pipeline:
         latency_us = (perf_counter_ns() - started) // 1000
         for sink in self._sinks:
             sink.record(message, verdict, latency_us)
-        return ACCEPT if self.dry_run else verdict
+        if self.dry_run and not (not verdict.accepted and getattr(check, "enforced_in_dry_run", False)):
+            return ACCEPT
+        return verdict
 
     @property
     def checks(self) -> tuple[Check, ...]:

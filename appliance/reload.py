@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 DEBOUNCE_S = 0.5
 # Settings that take effect only at start: sockets, directories, the broker and its credentials.
-RESTART_KEYS = ("listen", "state_dir", "broker", "metrics", "limits", "use_uvloop", "audit", "upstream")
+RESTART_KEYS = ("listen", "listeners", "state_dir", "broker", "metrics", "limits", "use_uvloop", "audit", "upstream")
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 class Address(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -48,6 +48,35 @@ class TLSConfig(_Section):
     cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
     key_file: Path | None = Field(None, description="Private key (PEM) of cert_file.")
     verify_hostname: bool = Field(True, description="Check that the broker's certificate names the host.")
+
+
+class ListenerTLSConfig(_Section):
+    cert_file: Path = Field(description="Server certificate (PEM, with its chain) this listener presents.")
+    key_file: Path = Field(description="Private key (PEM) of cert_file.")
+    ca_file: Path | None = Field(None, description="CA bundle that signs client certificates (needed to verify them).")
+    require_client_certificate: bool = Field(
+        False, description="Refuse TLS clients without a certificate signed by ca_file (mutual TLS)."
+    )
+    use_identity_as_username: Literal["cn", "san", "none"] = Field(
+        "none",
+        description="cn or san: the client certificate's common name (or first subjectAltName) is the client's "
+        "username for ACLs and the audit log, and no password is needed; none: the CONNECT's own username counts.",
+    )
+
+    @model_validator(mode="after")
+    def _identity_needs_a_certificate(self) -> ListenerTLSConfig:
+        if self.use_identity_as_username != "none" and not self.require_client_certificate:
+            raise ValueError("use_identity_as_username needs require_client_certificate: true")
+        if self.require_client_certificate and self.ca_file is None:
+            raise ValueError("require_client_certificate needs ca_file (the CA that signs client certificates)")
+        return self
+
+
+class ListenerConfig(_Section):
+    listen: Address = Field(description="HOST:PORT this listener binds ([::]:8883 for IPv6).")
+    tls: ListenerTLSConfig | None = Field(None, description="Serve MQTT over TLS with these settings; none: plain TCP.")
+
+    _listen = field_validator("listen", mode="before")(_address)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")

@@ -2,10 +2,12 @@
 
 Vocabulary:
 - A *scenario* (scenarios.py) is a broker setup under test, started once for the whole benchmark:
-  bare mosquitto (the reference every ratio is taken against) or the appliance in front of its
-  embedded mosquitto. It yields the port clients connect to and the pids to measure.
-- A *load* (load.py) is a message flow driven by mosquitto_pub / mosquitto_sub; one *run* is one
-  load against one scenario, timed and then verified message by message.
+  bare mosquitto (the reference every ratio is taken against), the appliance in front of its
+  embedded mosquitto (optionally validating and forwarding to a cloud mosquitto), or a mosquitto
+  bridge. It yields the port clients connect to, the pids to measure and the cloud port, if any.
+- A *load* (load.py) is a message flow of demo readings (payloads.py), one in ten invalid: one
+  mosquitto_pub publisher, or 100 sensors in 4 processes (sensors.py), flat out or at a fixed rate;
+  one *run* is one load against one scenario, timed and then verified message by message.
 - A *round* measures every scenario under every load once; ratios are taken within a round
   (runner.py). Round 0 is the warm-up.
 """

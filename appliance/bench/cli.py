@@ -9,14 +9,15 @@ from types import FrameType
 
 import click
 
-from appliance.bench.load import RunResult
+from appliance.bench.load import LOAD_KINDS, RunResult
 from appliance.bench.processes import BenchError
-from appliance.bench.report import render_tables, to_json
+from appliance.bench.report import render_tables, to_json, write_chart
 from appliance.bench.runner import BenchOptions, run_benchmark
 from appliance.bench.scenarios import REFERENCE, SCENARIOS
 
-QUICK_MESSAGES = 10_000
+QUICK_MESSAGES = 5_000
 QUICK_RUNS = 1
+QUICK_DURATION_S = 1.5
 # mosquitto_pub -l at QoS 1 disconnects early once its packet identifiers wrap (after 65,535
 # messages): it sees the ack of an earlier message with the last identifier and stops.
 MAX_MESSAGES_QOS1 = 65_535
@@ -33,29 +34,43 @@ def _progress(result: RunResult) -> None:
         outcome = f"{result.msg_per_s:>9,.0f} msg/s"
     else:
         outcome = f"FAILED: {result.error}"
-    click.echo(f"  {label:<7} QoS {result.qos} {result.load:<12} {result.scenario:<10} {outcome}", err=True)
+    if result.ok and result.cloud_msg_per_s:
+        outcome += f", cloud {result.cloud_msg_per_s:>9,.0f} msg/s"
+    if result.ok and result.latency_ms:
+        outcome += "".join(f", {where} p99 {stats['p99']:.2f} ms" for where, stats in result.latency_ms.items())
+    click.echo(f"  {label:<7} QoS {result.qos} {result.load:<18} {result.scenario:<15} {outcome}", err=True)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True,
-              help=f"A smoke run under a minute: {QUICK_MESSAGES:,} messages, {QUICK_RUNS} run (unless given).")
+              help=f"A smoke run under a minute: {QUICK_MESSAGES:,} messages, {QUICK_RUNS} run, no warm-up, "
+              f"{QUICK_DURATION_S} s at the fixed rate and QoS 1 only there (unless given).")
 @click.option("--runs", type=click.IntRange(min=1), help="Measured runs per scenario and load; medians are reported. [default: 3]")
 @click.option("--messages", type=click.IntRange(min=1, max=999_999), help="Messages per run; at most 65,535 with QoS 1. [default: 50,000]")
-@click.option("--warmup/--no-warmup", default=True, show_default=True, help="Run once first and discard it.")
+@click.option("--warmup/--no-warmup", default=None, help="Run once first and discard it. [default: on, off with --quick]")
 @click.option("--scenario", "scenarios", multiple=True, type=click.Choice(list(SCENARIOS)),
               help=f"Scenario to run (repeatable). [default: all; {REFERENCE} is always included for the ratios]")
 @click.option("--qos", "qos", multiple=True, type=click.Choice(["0", "1"]), help="QoS to run (repeatable). [default: 0 and 1]")
+@click.option("--load", "loads", multiple=True, type=click.Choice(list(LOAD_KINDS)),
+              help="Load to run (repeatable): one pipelined publisher, 100 sensors flat out, 100 sensors at --rate. [default: all]")
+@click.option("--rate", type=click.FloatRange(min=4), default=1000.0, show_default=True,
+              help="Total msg/s of the fixed-rate load (latency).")
+@click.option("--duration", type=click.FloatRange(min=0.1), help="Seconds of the fixed-rate load. [default: 5]")
+@click.option("--workdir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Where the brokers' and appliances' state goes (not tmpfs: disk writes are measured). [default: $TMPDIR]")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True, path_type=Path),
-              help="Also write medians, ratios and every raw run to this file.")
+              help="Also write medians, ratios and every raw run to this file, and a PNG chart next to it (with matplotlib).")
 @click.option("--verdict", is_flag=True,
               help="Only measure the cost of one verdict (governance check on the demo schemas, one core, no sockets).")
-def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool, scenarios: tuple[str, ...],
-          qos: tuple[str, ...], json_file: Path | None, verdict: bool) -> None:
-    """Measure throughput, CPU and memory: bare mosquitto versus the appliance in front of it.
+def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool | None, scenarios: tuple[str, ...],
+          qos: tuple[str, ...], loads: tuple[str, ...], rate: float, duration: float | None, workdir: Path | None,
+          json_file: Path | None, verdict: bool) -> None:
+    """Measure throughput, latency, CPU, memory and disk writes: bare mosquitto, the appliance, the
+    full governance path with forwarding, and a mosquitto bridge.
 
-    One `mosquitto_pub -l` publisher and one `mosquitto_sub` subscriber per run; every run is
-    checked message by message and a run that lost a message is reported as failed. Exits with
-    status 1 if any run failed.
+    Demo temperature readings, 10% invalid, from one pipelined publisher or 100 sensors; every run
+    is checked message by message (sent = delivered + rejected, rejections counted in the audit
+    log) and a run that lost a message is reported as failed. Exits with status 1 if any run failed.
     """
     if verdict:
         _verdict_bench(quick, json_file)
@@ -71,9 +86,14 @@ def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool, sce
     options = BenchOptions(
         messages=count,
         runs=runs or (QUICK_RUNS if quick else BenchOptions.runs),
-        warmup=warmup,
+        warmup=(not quick) if warmup is None else warmup,
         qos=qos_levels,
         scenarios=chosen,
+        loads_=loads or LOAD_KINDS,
+        rate=rate,
+        duration=duration or (QUICK_DURATION_S if quick else BenchOptions.duration),
+        rate_qos=(1,) if quick and not qos else None,
+        workdir=workdir,
     )
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
@@ -84,6 +104,11 @@ def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool, sce
     if json_file is not None:
         json_file.write_text(json.dumps(to_json(report), indent=2) + "\n")
         click.echo(f"\nwrote {json_file}", err=True)
+        chart = json_file.with_suffix(".png")
+        if write_chart(report, chart):
+            click.echo(f"wrote {chart}", err=True)
+        else:
+            click.echo("no chart: matplotlib is not installed (pip install 'appliance[bench]')", err=True)
     if report.failed:
         raise SystemExit(1)
 

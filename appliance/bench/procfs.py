@@ -30,10 +30,21 @@ def peak_rss_kb(pid: int) -> int:
     raise LookupError(f"no VmHWM in /proc/{pid}/status")
 
 
+def _io(pid: int) -> dict[str, int]:
+    return {key: int(value) for key, value in (line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())}
+
+
 def syscalls(pid: int) -> tuple[int, int]:
     """(read-like, write-like) system calls so far, from /proc/PID/io (syscr, syscw)."""
-    counts = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-    return int(counts["syscr"]), int(counts["syscw"])
+    counts = _io(pid)
+    return counts["syscr"], counts["syscw"]
+
+
+def disk_write_bytes(pid: int) -> int:
+    """Bytes this process (all its threads) caused to be written to storage: /proc/PID/io write_bytes.
+
+    Charged when a page is dirtied, so it counts writes the kernel flushes later; 0 on tmpfs."""
+    return _io(pid)["write_bytes"]
 
 
 def command_name(pid: int) -> str:
@@ -63,11 +74,12 @@ def child_pids(pid: int) -> list[int]:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """CPU seconds, peak RSS and system calls of each measured process (by role) at one instant."""
+    """CPU seconds, peak RSS, system calls and disk writes of each measured process (by role) at one instant."""
 
     cpu_s: dict[str, float]
     peak_rss_kb: dict[str, int]
     syscalls: dict[str, tuple[int, int]]
+    write_bytes: dict[str, int]
 
     @classmethod
     def take(cls, pids: dict[str, int]) -> Snapshot:
@@ -75,4 +87,17 @@ class Snapshot:
             cpu_s={role: cpu_seconds(pid) for role, pid in pids.items()},
             peak_rss_kb={role: peak_rss_kb(pid) for role, pid in pids.items()},
             syscalls={role: syscalls(pid) for role, pid in pids.items()},
+            write_bytes={role: disk_write_bytes(pid) for role, pid in pids.items()},
         )
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path` (tmpfs would make disk figures meaningless)."""
+    best, kind = "", "unknown"
+    resolved = str(path.resolve())
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        mount = fields[1]
+        if (resolved == mount or resolved.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, kind = mount, fields[2]
+    return kind

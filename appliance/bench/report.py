@@ -1,4 +1,5 @@
-"""The benchmark's two outputs: a table per QoS for people, a JSON document for machines."""
+"""The benchmark's outputs: a table per QoS and load for people, a JSON document for machines, and
+a PNG chart (optional: needs matplotlib, the `bench` extra)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import dataclasses
 import os
 import platform
 import subprocess
+from pathlib import Path
 from typing import Any
 
-from appliance.bench.load import PAYLOAD_BYTES
 from appliance.bench.runner import BenchReport, Summary
+from appliance.bench.scenarios import SCENARIOS
 
-COLUMNS = ("scenario", "msg/s", "× mosquitto", "× stock", "proxy CPU µs/msg", "proxy CPU %", "mosquitto CPU %",
-           "peak RSS proxy", "peak RSS mosquitto")
+COLUMNS = ("scenario", "msg/s", "× mosquitto", "× stock", "cloud msg/s", "cloud × mosq.", "latency ms p50/p99/max",
+           "cloud latency ms", "CPU % proxy/mosq./cloud", "peak RSS proxy/mosq.", "disk B/msg", "disk B/payload B",
+           "accounted")
+ROLES = ("proxy", "mosquitto", "cloud")
 
 
 def _number(value: float | None, digits: int = 0) -> str:
@@ -20,44 +24,62 @@ def _number(value: float | None, digits: int = 0) -> str:
 
 
 def _megabytes(kb: int | None) -> str:
-    return "–" if kb is None else f"{kb / 1024:.1f} MB"
+    return "–" if kb is None else f"{kb / 1024:.1f}"
+
+
+def _latency(summary: Summary, where: str) -> str:
+    values = [summary.latency_ms(where, stat) for stat in ("p50", "p99", "max")]
+    return "–" if values[0] is None else "/".join(_number(v, 1 if v is not None and v < 10 else 0) for v in values)
 
 
 def _row(summary: Summary) -> list[str]:
     rate = _number(summary.msg_per_s)
     if summary.failed:
         rate += f" ({summary.failed}/{len(summary.runs)} runs FAILED)"
+    accounted = "–"
+    if summary.runs:
+        accounted = "yes" if summary.accounted else "NO"
+    cpu = [summary.cpu_percent(role) for role in ROLES]
     return [
         summary.scenario,
         rate,
         _number(summary.ratio_to_mosquitto, 2),
         _number(summary.ratio_to_stock_mosquitto, 2),
-        _number(summary.cpu_us_per_msg("proxy"), 1),
-        _number(summary.cpu_percent("proxy")),
-        _number(summary.cpu_percent("mosquitto")),
-        _megabytes(summary.peak_rss_kb("proxy")),
-        _megabytes(summary.peak_rss_kb("mosquitto")),
+        _number(summary.cloud_msg_per_s),
+        _number(summary.cloud_ratio_to_mosquitto, 2),
+        _latency(summary, "local"),
+        _latency(summary, "cloud"),
+        "/".join(_number(value) for value in cpu),
+        "/".join(_megabytes(summary.peak_rss_kb(role)) for role in ("proxy", "mosquitto")) + " MB",
+        _number(summary.disk_bytes_per_msg, 0),
+        _number(summary.disk_bytes_per_payload_byte, 2),
+        accounted,
     ]
 
 
 def render_tables(report: BenchReport) -> str:
     options = report.options
     blocks: list[str] = []
-    for qos in options.qos:
-        summaries = [s for s in report.summaries if s.qos == qos]
-        for load in dict.fromkeys(s.load for s in summaries):
-            rows = [list(COLUMNS)] + [_row(s) for s in summaries if s.load == load]
-            widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-            lines = [
-                (f"QoS {qos}, {load}, {options.messages:,} × {PAYLOAD_BYTES} B, "
-                 f"median of {options.runs} run{'s' if options.runs != 1 else ''}")
-            ]
-            for index, row in enumerate(rows):
-                cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
-                lines.append("  ".join(cells).rstrip())
-                if index == 0:
-                    lines.append("  ".join("-" * width for width in widths))
-            blocks.append("\n".join(lines))
+    runs = f"median of {options.runs} run{'s' if options.runs != 1 else ''}"
+    for load in dict.fromkeys((s.qos, s.load) for s in report.summaries):
+        summaries = [s for s in report.summaries if (s.qos, s.load) == load]
+        rows = [list(COLUMNS)] + [_row(s) for s in summaries]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+        sent = summaries[0].runs[0].messages if summaries and summaries[0].runs else 0
+        lines = [f"QoS {load[0]}, {load[1]}, {sent:,} messages (10% invalid), {runs}"]
+        for index, row in enumerate(rows):
+            cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+            lines.append("  ".join(cells).rstrip())
+            if index == 0:
+                lines.append("  ".join("-" * width for width in widths))
+        blocks.append("\n".join(lines))
+    blocks.append(
+        "msg/s: messages published ÷ time until the last one was delivered (or rejected) at the local subscriber; "
+        "cloud: at the cloud subscriber. × mosquitto: median of same-round ratios. disk: /proc/PID/io write_bytes "
+        "of the appliance and brokers, per message sent and per byte of accepted payload."
+        + (f"\nWARNING: the work directory is on {report.workdir_fs}: disk figures are meaningless."
+           if report.workdir_fs in ("tmpfs", "ramfs") else "")
+    )
     failures = [run for s in report.summaries for run in s.runs if not run.ok]
     if failures:
         blocks.append("\n".join(["Failed runs:"] + [
@@ -77,14 +99,23 @@ def _mosquitto_version() -> str | None:
     return None
 
 
+def _run(run: Any) -> dict[str, Any]:
+    document = dataclasses.asdict(run)
+    document["disk_bytes_per_msg"] = run.disk_bytes_per_msg
+    document["disk_bytes_per_payload_byte"] = run.disk_bytes_per_payload_byte
+    return document
+
+
 def to_json(report: BenchReport) -> dict[str, Any]:
     options = report.options
     return {
         "options": {"messages": options.messages, "runs": options.runs, "warmup": options.warmup,
-                    "qos": list(options.qos), "scenarios": list(options.scenarios),
-                    "payload_bytes": PAYLOAD_BYTES},
+                    "qos": list(options.qos), "scenarios": list(options.scenarios), "loads": list(options.loads_),
+                    "rate": options.rate, "duration_s": options.duration},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "mosquitto": _mosquitto_version()},
+                    "python": platform.python_version(), "mosquitto": _mosquitto_version(),
+                    "workdir_filesystem": report.workdir_fs},
+        "scenarios": {name: SCENARIOS[name].description for name in options.scenarios},
         "results": [
             {
                 "scenario": s.scenario,
@@ -93,15 +124,58 @@ def to_json(report: BenchReport) -> dict[str, Any]:
                 "msg_per_s": s.msg_per_s,
                 "ratio_to_mosquitto": s.ratio_to_mosquitto,
                 "ratio_to_stock_mosquitto": s.ratio_to_stock_mosquitto,
+                "delivered_per_s": s.delivered_per_s,
+                "cloud_msg_per_s": s.cloud_msg_per_s,
+                "cloud_ratio_to_mosquitto": s.cloud_ratio_to_mosquitto,
+                "latency_ms": {
+                    where: {stat: s.latency_ms(where, stat) for stat in ("p50", "p99", "max")}
+                    for where in ("local", "cloud") if s.latency_ms(where, "p50") is not None
+                },
                 "proxy_cpu_us_per_msg": s.cpu_us_per_msg("proxy"),
-                "proxy_cpu_percent": s.cpu_percent("proxy"),
-                "mosquitto_cpu_percent": s.cpu_percent("mosquitto"),
-                "peak_rss_kb": {role: s.peak_rss_kb(role) for role in ("proxy", "mosquitto")
-                                if s.peak_rss_kb(role) is not None},
+                "cpu_percent": {role: s.cpu_percent(role) for role in ROLES if s.cpu_percent(role) is not None},
+                "peak_rss_kb": {role: s.peak_rss_kb(role) for role in ROLES if s.peak_rss_kb(role) is not None},
+                "disk_bytes_per_msg": s.disk_bytes_per_msg,
+                "disk_bytes_per_accepted_payload_byte": s.disk_bytes_per_payload_byte,
+                "accounted": s.accounted,
                 "failed_runs": s.failed,
-                "runs": [dataclasses.asdict(run) for run in s.runs],
+                "runs": [_run(run) for run in s.runs],
             }
             for s in report.summaries
         ],
-        "warmup_runs": [dataclasses.asdict(run) for run in report.warmup],
+        "warmup_runs": [_run(run) for run in report.warmup],
     }
+
+
+def write_chart(report: BenchReport, path: Path) -> bool:
+    """A bar chart of each scenario's ratio to bare mosquitto per QoS and load (local and cloud).
+    False when matplotlib is not installed (`pip install 'appliance[bench]'`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = [g for g in dict.fromkeys((s.qos, s.load) for s in report.summaries) if "/s" not in g[1]]
+    scenarios = list(report.options.scenarios)
+    series: list[tuple[str, list[float]]] = []
+    for name in scenarios:
+        by_group = {(s.qos, s.load): s for s in report.summaries if s.scenario == name}
+        series.append((name, [by_group[g].ratio_to_mosquitto or 0.0 if g in by_group else 0.0 for g in groups]))
+        if any(by_group[g].cloud_ratio_to_mosquitto for g in groups if g in by_group):
+            series.append((f"{name} → cloud",
+                           [by_group[g].cloud_ratio_to_mosquitto or 0.0 if g in by_group else 0.0 for g in groups]))
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.5))
+    width = 0.8 / max(1, len(series))
+    for index, (label, values) in enumerate(series):
+        axes.bar([g + index * width for g in range(len(groups))], values, width, label=label)
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+    axes.set_xticklabels([f"QoS {qos}\n{load}" for qos, load in groups])
+    axes.set_ylabel("throughput × bare mosquitto (same round)")
+    axes.set_title(f"appliance bench: median of {report.options.runs} run(s)")
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

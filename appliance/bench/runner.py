@@ -15,7 +15,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.bench.load import Load, RunResult, run_once, write_payloads
+from appliance.bench.load import LOAD_KINDS, Load, RunResult, run_once
+from appliance.bench.procfs import filesystem_type
 from appliance.bench.scenarios import REFERENCE, SCENARIOS, STOCK_REFERENCE, Scenario, Target
 
 
@@ -26,9 +27,22 @@ class BenchOptions:
     warmup: bool = True
     qos: Sequence[int] = (0, 1)
     scenarios: Sequence[str] = (REFERENCE, "proxy")
+    loads_: Sequence[str] = LOAD_KINDS
+    rate: float = 1000.0
+    duration: float = 5.0
+    # QoS levels of the fixed-rate load (None: the same as `qos`)
+    rate_qos: Sequence[int] | None = None
+    workdir: Path | None = None
 
     def loads(self) -> list[Load]:
-        return [Load(name="1 publisher", qos=qos, messages=self.messages) for qos in self.qos]
+        loads = []
+        for kind in self.loads_:
+            for qos in (self.rate_qos or self.qos) if kind == "rate" else self.qos:
+                if kind == "rate":
+                    loads.append(Load(kind=kind, qos=qos, rate=self.rate, duration=self.duration))
+                else:
+                    loads.append(Load(kind=kind, qos=qos, messages=self.messages))
+        return loads
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -47,6 +61,8 @@ class Summary:
     ratios: list[float] = field(default_factory=list)
     # Against mosquitto with the distribution's defaults, when that scenario ran in the same rounds.
     stock_ratios: list[float] = field(default_factory=list)
+    # Cloud subscriber's rate against bare mosquitto's local rate, same round.
+    cloud_ratios: list[float] = field(default_factory=list)
 
     @property
     def failed(self) -> int:
@@ -64,6 +80,36 @@ class Summary:
     def ratio_to_stock_mosquitto(self) -> float | None:
         return _median(list(self.stock_ratios))
 
+    @property
+    def delivered_per_s(self) -> float | None:
+        return _median([run.delivered_per_s for run in self.runs])
+
+    @property
+    def cloud_msg_per_s(self) -> float | None:
+        return _median([run.cloud_msg_per_s for run in self.runs])
+
+    @property
+    def cloud_ratio_to_mosquitto(self) -> float | None:
+        return _median(list(self.cloud_ratios))
+
+    def latency_ms(self, where: str, stat: str) -> float | None:
+        """Median over runs of one latency figure (p50, p99, max) at the local or cloud subscriber."""
+        return _median([run.latency_ms[where][stat] for run in self.runs
+                        if run.ok and run.latency_ms and where in run.latency_ms])
+
+    @property
+    def disk_bytes_per_msg(self) -> float | None:
+        return _median([run.disk_bytes_per_msg for run in self.runs])
+
+    @property
+    def disk_bytes_per_payload_byte(self) -> float | None:
+        return _median([run.disk_bytes_per_payload_byte for run in self.runs])
+
+    @property
+    def accounted(self) -> bool:
+        """Every message of every run accounted for (the run passed its verification)."""
+        return bool(self.runs) and all(run.ok for run in self.runs)
+
     def cpu_percent(self, role: str) -> float | None:
         return _median([run.cpu_percent(role) for run in self.runs])
 
@@ -80,6 +126,7 @@ class BenchReport:
     options: BenchOptions
     summaries: list[Summary]
     warmup: list[RunResult]
+    workdir_fs: str = "unknown"
 
     @property
     def failed(self) -> int:
@@ -97,32 +144,34 @@ def run_benchmark(options: BenchOptions, *, progress: Progress | None = None) ->
     loads = options.loads()
     first_round = 0 if options.warmup else 1
     results: list[RunResult] = []
-    with tempfile.TemporaryDirectory(prefix="appliance-bench-") as tmp, ExitStack() as stack:
+    with tempfile.TemporaryDirectory(prefix="appliance-bench-", dir=options.workdir) as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        payloads = workdir / "payloads.txt"
-        expected = write_payloads(payloads, options.messages)
+        workdir_fs = filesystem_type(workdir)
         targets: dict[str, Target] = {s.name: stack.enter_context(s.start(workdir)) for s in scenarios}
         for round_ in range(first_round, options.runs + 1):
             for load in loads:
                 order = scenarios if round_ % 2 else scenarios[::-1]
                 for scenario in order:
                     result = run_once(targets[scenario.name], load, scenario=scenario.name, round=round_,
-                                      workdir=workdir, payloads=payloads, expected=expected)
+                                      workdir=workdir)
                     results.append(result)
                     if progress is not None:
                         progress(result)
-    return _summarise(options, loads, results)
+    report = _summarise(options, loads, results)
+    report.workdir_fs = workdir_fs
+    return report
 
 
 def _summarise(options: BenchOptions, loads: list[Load], results: list[RunResult]) -> BenchReport:
     counted = [r for r in results if r.round > 0]
     summaries: list[Summary] = []
-    def same_round_ratios(runs: list[RunResult], reference_name: str, load: Load) -> list[float]:
+    def same_round_ratios(runs: list[RunResult], reference_name: str, load: Load, cloud: bool = False) -> list[float]:
         reference = {r.round: r for r in counted if r.scenario == reference_name and r.qos == load.qos and r.load == load.name}
         return [
-            run.msg_per_s / ref.msg_per_s
+            rate / ref.msg_per_s
             for run in runs
-            if (ref := reference.get(run.round)) is not None and run.msg_per_s and ref.msg_per_s
+            if (ref := reference.get(run.round)) is not None and ref.msg_per_s
+            and (rate := run.cloud_msg_per_s if cloud else run.msg_per_s)
         ]
 
     for load in loads:
@@ -132,5 +181,6 @@ def _summarise(options: BenchOptions, loads: list[Load], results: list[RunResult
                 scenario=name, qos=load.qos, load=load.name, runs=runs,
                 ratios=same_round_ratios(runs, REFERENCE, load),
                 stock_ratios=same_round_ratios(runs, STOCK_REFERENCE, load),
+                cloud_ratios=same_round_ratios(runs, REFERENCE, load, cloud=True),
             ))
     return BenchReport(options=options, summaries=summaries, warmup=[r for r in results if r.round == 0])

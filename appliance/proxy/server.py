@@ -5,6 +5,11 @@ to the broker. Both feed a `Session` and write what it queued, one write per rec
 Flow control: when one leg's write buffer passes the high-water mark, the other leg stops reading.
 Closing follows EVIDENCE.md pitfall 2: the broker leg is half-closed (EOF) and read to its end,
 never reset, so mosquitto processes every PUBLISH it was sent.
+
+The server listens on one or more `Listener`s (plain or TLS). It also enforces what needs the
+socket: connections per source address, the TLS identity, and the message-rate throttle (the session
+asks for a pause; the server stops reading that client for that long). What sessions report (audit
+events, metric keys) goes to `on_event` and `counters`.
 """
 
 from __future__ import annotations
@@ -12,12 +17,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+import ssl
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from appliance.broker import BrokerEndpoint
 from appliance.pipeline import Pipeline
 from appliance.proxy.acks import Durability
 from appliance.proxy.session import BrokerCredentials, Session, SessionLimits, State
+from appliance.security.acl import AclCheck
+from appliance.security.passwords import Authenticator
+from appliance.security.tls import certificate_identity
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +36,27 @@ log = logging.getLogger(__name__)
 BROKER_DRAIN_TIMEOUT_S = 10.0
 
 EventCallback = Callable[[str, dict[str, object]], None]
+
+
+@dataclass
+class Listener:
+    """One LAN listener: where it binds, TLS, and who may connect through it."""
+
+    host: str
+    port: int
+    ssl: ssl.SSLContext | None = None
+    # "cn"/"san": the client certificate names the client (its username); "none": the CONNECT does.
+    identity: str = "none"
+    authenticator: Authenticator | None = None
+
+    def __str__(self) -> str:
+        where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return where + (" (TLS)" if self.ssl is not None else "")
+
+
+def _peer_host(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
 
 def _peer_name(transport: asyncio.BaseTransport) -> str:
@@ -54,8 +86,11 @@ class _Leg(asyncio.Protocol):
 
 
 class ClientLeg(_Leg):
-    def __init__(self, server: ProxyServer):
+    def __init__(self, server: ProxyServer, listener: Listener):
         self._server = server
+        self._listener = listener
+        self._address: str | None = None  # counted in server.per_address while set
+        self._throttle: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.broker: BrokerLeg | None = None
@@ -73,14 +108,34 @@ class ClientLeg(_Leg):
         peer = _peer_name(transport)
         if len(server.clients) >= server.max_connections:
             log.warning("refusing %s: %d connections open (limits.max_connections)", peer, len(server.clients))
-            transport.abort()
+            server.refuse(transport, peer, "connections", f"{len(server.clients)} connections open")
             self._closed = True
             return
+        address = _peer_host(transport)
+        per_address = server.max_connections_per_address
+        if per_address and server.per_address[address] >= per_address:
+            log.warning("refusing %s: %d connections open from %s (limits.max_connections_per_address)", peer, per_address, address)
+            server.refuse(transport, peer, "connections_per_address", f"{per_address} connections open from {address}")
+            self._closed = True
+            return
+        listener = self._listener
+        identity = None
+        if listener.identity != "none":
+            identity = certificate_identity(transport.get_extra_info("peercert"), listener.identity)
+            if identity is None:
+                log.warning("refusing %s: its client certificate has no %s to use as the username", peer, listener.identity)
+                server.count("auth_failures:no_identity")
+                server.emit("auth_failed", {"peer": peer, "reason": f"client certificate without {listener.identity}"})
+                transport.abort()
+                self._closed = True
+                return
+        self._address = address
+        server.per_address[address] += 1
         server.clients.add(self)
         transport.set_write_buffer_limits(high=server.write_buffer_high)
         self.session = Session(
             peer=peer, pipeline=server.pipeline, limits=server.limits, broker_credentials=server.broker_credentials,
-            durability=server.durability,
+            durability=server.durability, authenticator=listener.authenticator, access=server.access, identity=identity,
         )
         self._connect_timer = asyncio.get_running_loop().call_later(server.connect_timeout, self._on_connect_timeout)
 
@@ -106,6 +161,11 @@ class ClientLeg(_Leg):
         self._closed = True
         self._server.clients.discard(self)
         self._server.durable_waiters.discard(self)
+        if self._address is not None:
+            self._server.release_address(self._address)
+            self._address = None
+        if self._throttle is not None:
+            self._throttle.cancel()
         if self._connect_timer is not None:
             self._connect_timer.cancel()
         if self.broker is not None:
@@ -138,6 +198,11 @@ class ClientLeg(_Leg):
             if not self._closed:
                 transport.write(b"".join(session.to_client))
             session.to_client.clear()
+        if session.events or session.counts:
+            self._server.report(session)
+        if session.pause_for > 0:
+            self._pause_for(session.pause_for)
+            session.pause_for = 0.0
         if session.waiting_for_durability:
             self._server.durable_waiters.add(self)
         if session.to_broker and self.broker is not None:
@@ -156,6 +221,25 @@ class ClientLeg(_Leg):
             if session.close_reason and session.state is State.CLOSED:
                 log.info("closing %s: %s", session.describe(), session.close_reason)
             self._close_transport()
+
+    def _pause_for(self, seconds: float) -> None:
+        """The message rate limit: stop reading this client for a while (flow control still applies)."""
+        if self._throttle is not None or self._closed or self.transport is None:
+            return
+        self.transport.pause_reading()
+
+        def resume() -> None:
+            self._throttle = None
+            if not self._closed and not self._reading_paused and self.transport is not None:
+                self.transport.resume_reading()
+
+        self._throttle = asyncio.get_running_loop().call_later(seconds, resume)
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and not self._closed and self.transport is not None:
+            self._reading_paused = False
+            if self._throttle is None:  # a throttled client stays paused until its timer
+                self.transport.resume_reading()
 
     def _close_transport(self) -> None:
         if not self._closed and self.transport is not None:
@@ -279,8 +363,9 @@ class ProxyServer:
     def __init__(
         self,
         *,
-        host: str,
-        port: int,
+        listeners: Sequence[Listener] = (),
+        host: str | None = None,
+        port: int = 0,
         pipeline: Pipeline,
         endpoint: Callable[[], BrokerEndpoint | None],
         limits: SessionLimits = SessionLimits(),
@@ -289,9 +374,15 @@ class ProxyServer:
         write_buffer_high: int = 256 * 1024,
         on_event: EventCallback | None = None,
         durability: Durability | None = None,
+        max_connections_per_address: int = 0,
+        access: AclCheck | None = None,
     ):
-        self.host = host
-        self.port = port
+        self.listeners = list(listeners) or [Listener(host or "127.0.0.1", port)]
+        self.max_connections_per_address = max_connections_per_address
+        self.per_address: Counter[str] = Counter()
+        # Metric keys "name:label" → count: limits hit, authentication failures, ACL denials.
+        self.counters: Counter[str] = Counter()
+        self.access = access
         self.pipeline = pipeline
         self.endpoint = endpoint
         self.limits = limits
@@ -303,7 +394,16 @@ class ProxyServer:
         self.durability = durability
         self.durable_waiters: set[ClientLeg] = set()
         self._on_event = on_event
-        self._server: asyncio.base_events.Server | None = None
+        self._servers: list[asyncio.base_events.Server] = []
+
+    @property
+    def port(self) -> int:
+        """The first listener's port (the actual one once started, when configured as 0)."""
+        return self.listeners[0].port
+
+    @property
+    def host(self) -> str:
+        return self.listeners[0].host
 
     @property
     def broker_credentials(self) -> BrokerCredentials | None:
@@ -324,19 +424,49 @@ class ProxyServer:
         if self._on_event is not None:
             self._on_event(kind, detail)
 
+    def count(self, key: str) -> None:
+        self.counters[key] += 1
+
+    def report(self, session: Session) -> None:
+        for key in session.counts:
+            self.counters[key] += 1
+        session.counts.clear()
+        events, session.events = session.events, []
+        for kind, detail in events:
+            self.emit(kind, detail)
+
+    def refuse(self, transport: asyncio.BaseTransport, peer: str, limit: str, detail: str) -> None:
+        """A connection over a limit at accept: closed before any MQTT is exchanged."""
+        transport.abort()
+        self.count("limit_exceeded:" + limit)
+        self.emit("limit_exceeded", {"peer": peer, "limit": limit, "detail": detail})
+
+    def release_address(self, address: str) -> None:
+        self.per_address[address] -= 1
+        if self.per_address[address] <= 0:
+            del self.per_address[address]
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: ClientLeg(self), self.host, self.port, reuse_address=True, backlog=1024
-        )
-        sockets = self._server.sockets
-        if sockets and self.port == 0:
-            self.port = sockets[0].getsockname()[1]
-        log.info("listening for MQTT clients on %s:%d", self.host, self.port)
+        try:
+            for listener in self.listeners:
+                server = await loop.create_server(
+                    lambda listener=listener: ClientLeg(self, listener),  # type: ignore[misc]
+                    listener.host, listener.port, reuse_address=True, backlog=1024, ssl=listener.ssl,
+                )
+                self._servers.append(server)
+                sockets = server.sockets
+                if sockets and listener.port == 0:
+                    listener.port = sockets[0].getsockname()[1]
+                log.info("listening for MQTT clients on %s", listener)
+        except OSError as exc:
+            for server in self._servers:
+                server.close()
+            raise OSError(exc.errno, f"{listener}: {exc.strerror}") from exc
 
     async def stop(self, timeout: float = 5.0) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for client in list(self.clients):
             client.shutdown()
         deadline = asyncio.get_running_loop().time() + timeout
@@ -345,5 +475,5 @@ class ProxyServer:
         for client in list(self.clients):
             if client.transport is not None:
                 client.transport.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in self._servers:
+            await server.wait_closed()

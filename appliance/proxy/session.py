@@ -2,7 +2,14 @@
 
 The server feeds bytes in with `client_data()` / `broker_data()` and after each call takes what
 the session queued in `to_client` / `to_broker` (one write per leg per batch) and looks at the
-flags: `want_broker` (open the broker leg), `close_client`, `close_broker`.
+flags: `want_broker` (open the broker leg), `close_client`, `close_broker`, `pause_for` (stop
+reading the client for that many seconds: the message rate limit), and drains `events` (for the
+audit log) and `counts` (for metrics).
+
+Access control happens here too, without I/O: the `Authenticator` decides each CONNECT, the ACL's
+read side filters SUBSCRIBE packets (denied filters are cut out and their failure codes merged back
+into the broker's SUBACK, in order), and the per-client limits (in-flight messages, subscriptions,
+message rate) are counted.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from appliance.mqtt import (
     Connack,
@@ -26,6 +35,9 @@ from appliance.mqtt import (
     Pubrec,
     ReasonCode,
     RemoteProtocolError,
+    Suback,
+    Subscribe,
+    Unsubscribe,
     decode_packet,
     decode_publish,
     read_fixed_header,
@@ -33,6 +45,11 @@ from appliance.mqtt import (
 )
 from appliance.pipeline import ClientInfo, Message, Pipeline, Verdict
 from appliance.proxy.acks import CONNACK_BARRIER, AckOrder, Durability
+
+from appliance.security.passwords import AuthResult
+
+if TYPE_CHECKING:
+    from appliance.security import AclCheck, Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +60,18 @@ _PUBACK = int(PacketType.PUBACK)
 _PUBREC = int(PacketType.PUBREC)
 _CONNACK = int(PacketType.CONNACK)
 _DISCONNECT = int(PacketType.DISCONNECT)
+_SUBSCRIBE = int(PacketType.SUBSCRIBE)
+_SUBACK = int(PacketType.SUBACK)
+_UNSUBSCRIBE = int(PacketType.UNSUBSCRIBE)
 _MQTT5 = ProtocolVersion.MQTT_5
 
 # Reason strings are a courtesy to the publisher; keep them short.
 MAX_REASON_STRING = 200
+# One throttling pause at most (s): the debt carries over, but the client's PINGREQs must still
+# reach the broker within its keepalive.
+MAX_THROTTLE_PAUSE_S = 1.0
+# MQTT 3.1.1 has one failure code in a SUBACK.
+_V3_SUBACK_FAILURE = 0x80
 
 
 class State(enum.Enum):
@@ -60,6 +85,15 @@ class State(enum.Enum):
 class SessionLimits:
     max_packet_size: int = 1024 * 1024
     max_connect_size: int = 64 * 1024
+    # QoS 1/2 PUBLISHes not yet acknowledged to the client; 0: no limit. Advertised to MQTT 5
+    # clients as Receive Maximum; exceeding it: DISCONNECT 0x93.
+    max_inflight: int = 0
+    # Topic filters subscribed at once; 0: no limit. Beyond: SUBACK 0x97 Quota exceeded (3.1.1: 0x80).
+    max_subscriptions: int = 0
+    # PUBLISH packets per second (token bucket with `message_burst`); 0: no limit. Beyond: the
+    # client is not read for a while (throttled), nothing is dropped.
+    message_rate: float = 0.0
+    message_burst: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +112,8 @@ class Session:
         "_client_pending", "_client_need", "_broker_pending", "_broker_need",
         "_durability", "_aliases", "_stale_aliases", "_alias_maximum", "_proxy_qos2", "_reason_strings",
         "_client_max_packet", "_client_disconnected",
+        "events", "counts", "pause_for", "_authenticator", "_access", "_identity", "_clock",
+        "_filter_subscriptions", "_subscriptions", "_suback_merges", "_tokens", "_tokens_at", "_throttled",
     )
 
     def __init__(
@@ -88,6 +124,10 @@ class Session:
         limits: SessionLimits = SessionLimits(),
         broker_credentials: BrokerCredentials | None = None,
         durability: Durability | None = None,
+        authenticator: Authenticator | None = None,
+        access: AclCheck | None = None,
+        identity: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.peer = peer
         self.client: ClientInfo | None = None
@@ -119,6 +159,22 @@ class Session:
         self._reason_strings = True
         self._client_max_packet: int | None = None
         self._client_disconnected = False
+        # What the server records: (kind, detail) audit events, and metric keys "name:label".
+        self.events: list[tuple[str, dict[str, object]]] = []
+        self.counts: list[str] = []
+        self.pause_for = 0.0
+        self._authenticator = authenticator
+        self._access = access
+        # A TLS client certificate's CN or SAN, used as the username (use_identity_as_username).
+        self._identity = identity
+        self._clock = clock
+        self._filter_subscriptions = access is not None or limits.max_subscriptions > 0
+        self._subscriptions: set[str] = set()
+        # SUBSCRIBE packet id → the proxy's failure code per filter (None: the broker's code).
+        self._suback_merges: dict[int, list[int | None]] = {}
+        self._tokens = float(max(limits.message_burst, 1))
+        self._tokens_at = clock()
+        self._throttled = False
 
     # -- client → broker -------------------------------------------------------------------------
     #
@@ -169,6 +225,18 @@ class Session:
                         run = end
                         self._proxy_qos2.discard(packet_id)
                         self.to_client.append(encode_packet(Pubcomp(packet_id), self.version))
+                elif kind == _SUBSCRIBE and self._filter_subscriptions:
+                    forward = self._on_subscribe(first, data[body:end])
+                    if forward is not True:
+                        if run < pos:
+                            to_broker.append(data[run:pos])
+                        if forward is not None:
+                            to_broker.append(forward)
+                        run = end
+                elif kind == _UNSUBSCRIBE and self._limits.max_subscriptions:
+                    unsubscribe = decode_packet(first, data[body:end], self.version)  # type: ignore[arg-type]
+                    assert isinstance(unsubscribe, Unsubscribe)
+                    self._subscriptions.difference_update(unsubscribe.topic_filters)
                 elif kind == _DISCONNECT:
                     self._client_disconnected = True
                 pos = end
@@ -190,12 +258,18 @@ class Session:
         connect = decode_packet(first_byte, body, ProtocolVersion.MQTT_5)
         assert isinstance(connect, Connect)
         version = self.version = connect.protocol_version
-        self.client = ClientInfo(connect.client_id, connect.username, self.peer, version)
+        username = self._identity if self._identity is not None else connect.username
+        self.client = ClientInfo(connect.client_id, username, self.peer, version)
         self._max_packet_size = self._limits.max_packet_size
         if version is _MQTT5:
             props = connect.properties
             self._reason_strings = props.get(PropertyId.REQUEST_PROBLEM_INFORMATION, 1) == 1
             self._client_max_packet = props.get(PropertyId.MAXIMUM_PACKET_SIZE)
+        if self._authenticator is not None:
+            result = self._authenticator.authenticate(connect.username, connect.password, identity=self._identity)
+            if result is not AuthResult.OK:
+                self._refuse_auth(result)
+                return
         if connect.will is not None:
             will = connect.will
             verdict = self._pipeline.judge(
@@ -220,6 +294,57 @@ class Session:
         self.to_client.append(encode_packet(connack, self.version))
         self._close(f"will refused: {verdict.reason_text}", broker=False)
 
+    def _refuse_auth(self, result: AuthResult) -> None:
+        bad, text = result is AuthResult.BAD_CREDENTIALS, result.value
+        if self.version is _MQTT5:
+            code: int = ReasonCode.BAD_USER_NAME_OR_PASSWORD if bad else ReasonCode.NOT_AUTHORIZED
+        else:
+            code = ConnectReturnCode.BAD_USER_NAME_OR_PASSWORD if bad else ConnectReturnCode.NOT_AUTHORIZED
+        self.to_client.append(encode_packet(Connack(reason_code=code), self.version))
+        assert self.client is not None
+        self.events.append(("auth_failed", {"client_id": self.client.client_id, "username": self.client.username,
+                                            "peer": self.peer, "reason": text}))
+        self.counts.append("auth_failures:" + ("bad_credentials" if bad else "not_authorized"))
+        self._close(f"authentication failed: {text}", broker=False)
+
+    def _on_subscribe(self, first_byte: int, body: bytes) -> bytes | bool | None:
+        """Filter a SUBSCRIBE by the ACL and the subscription limit: True to relay it as it is,
+        bytes to relay instead (denied filters cut out), None when the proxy answered it whole."""
+        subscribe = decode_packet(first_byte, body, self.version)  # type: ignore[arg-type]
+        assert isinstance(subscribe, Subscribe) and self.client is not None
+        v5 = self.version is _MQTT5
+        codes: list[int | None] = []
+        limit = self._limits.max_subscriptions
+        for subscription in subscribe.subscriptions:
+            topic_filter = subscription.topic_filter
+            if self._access is not None and not self._access.can_subscribe(self.client.username, self.client.client_id, topic_filter):
+                codes.append(ReasonCode.NOT_AUTHORIZED if v5 else _V3_SUBACK_FAILURE)
+                self.counts.append("acl_denied:subscribe")
+                self.events.append(("acl_denied", {"client_id": self.client.client_id, "username": self.client.username,
+                                                   "peer": self.peer, "action": "subscribe", "topic_filter": topic_filter}))
+            elif limit and topic_filter not in self._subscriptions and len(self._subscriptions) >= limit:
+                codes.append(ReasonCode.QUOTA_EXCEEDED if v5 else _V3_SUBACK_FAILURE)
+                self._limit_exceeded("subscriptions", f"more than {limit} subscriptions")
+            else:
+                codes.append(None)
+                if limit:
+                    self._subscriptions.add(topic_filter)
+        if all(code is None for code in codes):
+            return True
+        if all(code is not None for code in codes):
+            suback = Suback(subscribe.packet_id, tuple(code for code in codes if code is not None))
+            # Behind the CONNACK (and earlier acks) like any ack of the proxy's own.
+            self._acks.inject(encode_packet(suback, self.version), 0, self.to_client)  # type: ignore[arg-type]
+            return None
+        self._suback_merges[subscribe.packet_id] = codes
+        kept = tuple(s for s, code in zip(subscribe.subscriptions, codes, strict=True) if code is None)
+        return encode_packet(replace(subscribe, subscriptions=kept), self.version)  # type: ignore[arg-type]
+
+    def _limit_exceeded(self, limit: str, text: str) -> None:
+        self.counts.append("limit_exceeded:" + limit)
+        client_id = self.client.client_id if self.client is not None else None
+        self.events.append(("limit_exceeded", {"client_id": client_id, "peer": self.peer, "limit": limit, "detail": text}))
+
     def _on_publish(self, first_byte: int, body: bytes) -> bytes | bool | None:
         """Judge one PUBLISH: True to relay it as it is, bytes to relay instead, None to drop it."""
         publish = decode_publish(first_byte, body, self.version)
@@ -234,6 +359,14 @@ class Session:
             if alias is not None:
                 topic = self._resolve_alias(alias, topic)
         assert self.client is not None
+        if publish.qos and self._limits.max_inflight and self._inflight() >= self._limits.max_inflight:
+            self._limit_exceeded("inflight", f"more than {self._limits.max_inflight} unacknowledged QoS 1/2 messages")
+            if self.version is _MQTT5:
+                self.to_client.append(encode_packet(Disconnect(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED), _MQTT5))
+            self._close("receive maximum exceeded")
+            return None
+        if self._limits.message_rate:
+            self._take_token()
         verdict = self._pipeline.judge(
             Message(topic, publish.payload, publish.qos, publish.retain, self.client, publish.properties, False, time.time())
         )
@@ -251,6 +384,24 @@ class Session:
             self._stale_aliases.add(alias)
         self._reject(publish.qos, publish.packet_id, verdict, seq)
         return None
+
+    def _inflight(self) -> int:
+        return len(self._acks) - (1 if self.state is State.CONNECTING else 0)
+
+    def _take_token(self) -> None:
+        limits = self._limits
+        now = self._clock()
+        burst = max(limits.message_burst, 1)
+        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * limits.message_rate)
+        self._tokens_at = now
+        self._tokens -= 1
+        if self._tokens < 0:
+            self.pause_for = min(-self._tokens / limits.message_rate, MAX_THROTTLE_PAUSE_S)
+            self.counts.append("limit_exceeded:message_rate")
+            if not self._throttled:  # one audit event per connection; the metric counts every pause
+                self._throttled = True
+                self._limit_exceeded("message_rate", f"more than {limits.message_rate:g} messages/s: throttled")
+                self.counts.pop()
 
     def _resolve_alias(self, alias: int, topic: str) -> str:
         if alias == 0 or alias > self._alias_maximum:
@@ -323,6 +474,14 @@ class Session:
                     run = end
                     if not acks.acked(int.from_bytes(data[body : body + 2], "big"), data[pos:end], to_client):
                         to_client.append(data[pos:end])
+                elif kind == _SUBACK and self._suback_merges:
+                    packet_id = int.from_bytes(data[body : body + 2], "big")
+                    codes = self._suback_merges.pop(packet_id, None)
+                    if codes is not None:
+                        if run < pos:
+                            to_client.append(data[run:pos])
+                        run = end
+                        to_client.append(self._merge_suback(first, data[body:end], codes))
                 elif kind == _CONNACK and self.state is State.CONNECTING:
                     if run < pos:
                         to_client.append(data[run:pos])
@@ -342,9 +501,24 @@ class Session:
             header = read_fixed_header(data, pos, size)
             self._broker_need = header[2] - pos if header else 0
 
+    def _merge_suback(self, first_byte: int, body: bytes, codes: list[int | None]) -> bytes:
+        """The broker answered the filters we kept: put the proxy's refusals back in their places."""
+        suback = decode_packet(first_byte, body, self.version)  # type: ignore[arg-type]
+        assert isinstance(suback, Suback)
+        broker_codes = iter(suback.reason_codes)
+        merged = tuple(code if code is not None else next(broker_codes, ReasonCode.UNSPECIFIED_ERROR) for code in codes)
+        return encode_packet(replace(suback, reason_codes=merged), self.version)  # type: ignore[arg-type]
+
     def _on_connack(self, first_byte: int, body: bytes, raw: bytes) -> None:
         connack = decode_packet(first_byte, body, self.version)
         assert isinstance(connack, Connack)
+        limit = self._limits.max_inflight
+        if limit and self.version is _MQTT5 and connack.reason_code == 0:
+            # Tell the client the in-flight limit so a well-behaved one never hits it.
+            broker_max = connack.properties.get(PropertyId.RECEIVE_MAXIMUM, 65535)
+            if broker_max > limit:  # type: ignore[operator]
+                connack = replace(connack, properties=connack.properties.with_(PropertyId.RECEIVE_MAXIMUM, limit))
+                raw = encode_packet(connack, _MQTT5)
         self.to_client.append(raw)
         if connack.reason_code != 0:
             self._close(f"broker refused the connection (code {connack.reason_code})", broker=False)

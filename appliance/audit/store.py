@@ -69,10 +69,16 @@ def _insert_sql(stage: str, table: str, columns: Sequence[str]) -> str:
     return f"INSERT INTO {table} ({names}) SELECT {select} FROM {stage}"
 
 
+MEMORY_LIMIT = "128MB"
+
+
 def _open(path: Path, read_only: bool, export_dir: Path) -> duckdb.DuckDBPyConnection:
     config: dict[str, str | bool | int | float | list[str]] = {
         "autoinstall_known_extensions": False,
         "autoload_known_extensions": False,
+        # A gateway has little memory: DuckDB's default is 80% of RAM. Bigger queries spill to disk.
+        "memory_limit": MEMORY_LIMIT,
+        "threads": 2,
     }
     try:
         con = duckdb.connect(str(path), read_only=read_only, config=config)

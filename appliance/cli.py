@@ -26,6 +26,13 @@ def main() -> None:
     """MQTT schema governance appliance: validate, quarantine, audit and forward MQTT traffic."""
 
 
+def _address(text: str, option: str) -> Address:
+    try:
+        return Address.parse(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from exc
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar="APPLIANCE_CONFIG",
               help="Config file (YAML). Without it, built-in defaults.")
@@ -48,19 +55,13 @@ def run(config_path: Path | None, listen: str | None, state_dir: Path | None, sc
     if upstream is not None:
         overrides["upstream.url"] = upstream
     if metrics_listen is not None:
-        try:
-            overrides["metrics.listen"] = Address.parse(metrics_listen)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--metrics-listen") from exc
+        overrides["metrics.listen"] = _address(metrics_listen, "--metrics-listen")
     if schemas is not None:
         overrides["schemas"] = schemas.resolve()
     if dry_run:
         overrides["dry_run"] = True
     if listen is not None:
-        try:
-            overrides["listen"] = Address.parse(listen)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--listen") from exc
+        overrides["listen"] = _address(listen, "--listen")
     if state_dir is not None:
         overrides["state_dir"] = state_dir.resolve()
     if verbose:

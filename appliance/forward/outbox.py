@@ -140,18 +140,7 @@ class Outbox:
             return 0
         with self._lock:
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    removed: list[tuple[int, int]] = []
-                    for start in range(0, len(ids), _DELETE_CHUNK):
-                        chunk = ids[start : start + _DELETE_CHUNK]
-                        removed += self._conn.execute(
-                            f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))}) RETURNING id, {_SIZE}", chunk
-                        ).fetchall()
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
+                removed = self._delete_ids(ids)
             except sqlite3.Error as exc:
                 self._error("delete", exc)
                 return 0
@@ -283,10 +272,8 @@ class Outbox:
             after = rows[-1][0]
         return self._delete_victims(victims)
 
-    def _delete_victims(self, victims: list[Dropped]) -> list[Dropped]:
-        if not victims:
-            return []
-        ids = [v.id for v in victims]
+    def _delete_ids(self, ids: list[int]) -> list[tuple[int, int]]:
+        """Delete these rows in one transaction; returns (id, size) of the rows that existed."""
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             removed: list[tuple[int, int]] = []
@@ -299,6 +286,12 @@ class Outbox:
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
+        return removed
+
+    def _delete_victims(self, victims: list[Dropped]) -> list[Dropped]:
+        if not victims:
+            return []
+        removed = self._delete_ids([v.id for v in victims])
         self._forget(removed)
         gone = {row_id for row_id, _ in removed}  # a row acknowledged meanwhile was not dropped
         return [v for v in victims if v.id in gone]

@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 from appliance.governance.builtins import MaxPayloadSize, RateLimit, parse_rate
 from appliance.governance.errors import SchemaError, SchemaSetError
 from appliance.governance.jsonschemas import JsonSchemaFileError, JsonSchemaRegistry
-from appliance.governance.topics import TopicTrie
+from appliance.governance.topics import TopicTrie, filters_overlap
 from appliance.governance.yamlsource import LineDict, YamlError, load_yaml
 
 MANIFEST = "manifest.yaml"
@@ -89,21 +89,6 @@ class _Problems:
     def add(self, file: str, line: int | None, message: str) -> None:
         where = f"{self.directory / file}:{line}" if line else str(self.directory / file)
         self.items.append(f"{where}: {message}")
-
-
-def filters_overlap(a: str, b: str) -> bool:
-    """Whether some topic matches both filters (MQTT wildcards), level by level."""
-    levels_a, levels_b = a.split("/"), b.split("/")
-    for i in range(max(len(levels_a), len(levels_b))):
-        x = levels_a[i] if i < len(levels_a) else None
-        y = levels_b[i] if i < len(levels_b) else None
-        if x == "#" or y == "#":
-            return True
-        if x is None or y is None:
-            return False
-        if x != y and x != "+" and y != "+":
-            return False
-    return True
 
 
 def load_schema_set(directory: Path) -> SchemaSet:

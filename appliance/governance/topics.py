@@ -96,3 +96,18 @@ class TopicTrie(Generic[T]):
             stack.extend(node.children.values())
             if node.plus is not None:
                 stack.append(node.plus)
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both filters (MQTT wildcards), level by level."""
+    levels_a, levels_b = a.split("/"), b.split("/")
+    for i in range(max(len(levels_a), len(levels_b))):
+        x = levels_a[i] if i < len(levels_a) else None
+        y = levels_b[i] if i < len(levels_b) else None
+        if x == "#" or y == "#":
+            return True
+        if x is None or y is None:
+            return False
+        if x != y and x != "+" and y != "+":
+            return False
+    return True

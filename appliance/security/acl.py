@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.governance.topics import filters_overlap
 from appliance.mqtt import ReasonCode
 from appliance.mqtt.topics import topic_filter_problem
 from appliance.pipeline import Message, Reason, Verdict
@@ -75,21 +76,6 @@ def filter_covers(outer: str, inner: str) -> bool:
         if level != "+" and (i_levels[i] == "+" or level != i_levels[i]):
             return False
     return len(o_levels) == len(i_levels)
-
-
-def filters_overlap(a: str, b: str) -> bool:
-    """Some topic matches both filters."""
-    a_levels, b_levels = a.split("/"), b.split("/")
-    for i in range(max(len(a_levels), len(b_levels))):
-        x = a_levels[i] if i < len(a_levels) else None
-        y = b_levels[i] if i < len(b_levels) else None
-        if x == "#" or y == "#":
-            return True
-        if x is None or y is None:
-            return False
-        if x != "+" and y != "+" and x != y:
-            return False
-    return True
 
 
 def _subscription_filter(topic_filter: str) -> str:

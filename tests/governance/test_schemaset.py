@@ -223,6 +223,6 @@ def test_mappings_that_overlap_the_patterns_are_accepted(demo_set, patterns, map
     ("a/b", "a/b/c", False), ("a/#", "a", True), ("+/x", "y/+", True), ("a/+", "a/b/c", False),
 ])
 def test_filters_overlap(a, b, overlap):
-    from appliance.governance.schemaset import filters_overlap
+    from appliance.governance.topics import filters_overlap
 
     assert filters_overlap(a, b) is overlap and filters_overlap(b, a) is overlap

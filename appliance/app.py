@@ -111,7 +111,8 @@ class Appliance:
                 assert self.audit is not None  # the config requires it
                 self.outbox = Outbox(self.audit.journal.path, config.upstream.outbox)
                 if config.upstream.outbox.policy == "reject_new":
-                    self._outbox_check = OutboxFull(self.outbox)
+                    journal = self.audit.journal
+                    self._outbox_check = OutboxFull(self.outbox, lambda: journal.healthy)
                     checks.append(self._outbox_check)
             pipeline = Pipeline(checks, sinks, dry_run=config.dry_run)
         self.pipeline = pipeline
@@ -319,6 +320,7 @@ class Appliance:
         self.config = config
         if self.audit is not None:
             self.audit.sink.config_revision = self.revision
+            self.audit.sink.dry_run = config.dry_run
         self.reloads["ok"] += 1
         version = schema_set.version if schema_set is not None else None
         if restart:

@@ -23,6 +23,8 @@ from appliance.settings import (  # noqa: F401 - re-exported: the config's build
 )
 
 DEFAULT_STATE_DIR = Path("/var/lib/mqtt-appliance")
+# Bytes an outbox row costs in the journal's SQLite file beyond its payload and topic (docs/forwarding.md).
+OUTBOX_ROW_OVERHEAD = 1_000
 
 
 
@@ -102,7 +104,7 @@ class AuditConfig(_Section):
     )
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="How long audit data is kept.")
     journal_max_bytes: Size = Field(
-        256 * 1000**2,
+        2 * 1000**3,
         description="Largest size of the SQLite journal in front of DuckDB; when full (or the disk is), verdicts "
         "are counted as lost and an audit_degraded event is raised, but messages keep flowing.",
     )
@@ -231,6 +233,16 @@ class Config(BaseModel):
     def _forwarding_needs_the_journal(self) -> Config:
         if self.upstream.url is not None and not self.audit.enabled:
             raise ValueError("upstream.url needs audit.enabled: the outbox lives in the audit journal")
+        bounds, journal = self.upstream.outbox, self.audit.journal_max_bytes
+        if self.upstream.url is not None and journal is not None:
+            # The outbox lives in the journal's file: its bounds must be reached first, or a long
+            # outage fills the journal and loses what the outbox policy should have handled.
+            needed = (bounds.max_bytes or 0) + (bounds.max_messages or 0) * OUTBOX_ROW_OVERHEAD
+            if not bounds.max_bytes or not bounds.max_messages or needed > journal:
+                raise ValueError(
+                    f"upstream.outbox bounds (max_bytes + max_messages × {OUTBOX_ROW_OVERHEAD} B ≈ {needed:,} B) must "
+                    f"fit in audit.journal_max_bytes ({journal:,} B): lower the bounds or raise journal_max_bytes"
+                )
         return self
 
 

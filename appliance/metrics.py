@@ -45,7 +45,7 @@ class MetricsSink:
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.latency_sum_us = 0
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int) -> None:
+    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True) -> None:
         status = "valid" if verdict.accepted else "invalid"
         self.messages[(status, verdict.topic_filter or "none", verdict.schema or "none")] += 1
         self.buckets[bisect_left(_BUCKETS_US, latency_us)] += 1

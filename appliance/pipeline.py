@@ -102,7 +102,7 @@ class Sink(Protocol):
     """Receives every verdict, after the fact, with the time the checks took (µs). Must be fast:
     it runs on the event loop."""
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int) -> None: ...
+    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool) -> None: ...
 
 
 class Pipeline:
@@ -128,11 +128,12 @@ class Pipeline:
                 if not result.accepted:
                     break
         latency_us = (perf_counter_ns() - started) // 1000
+        # In dry run a rejection is recorded but the message is delivered, unless the rejecting
+        # check is enforced even then (the ACL).
+        delivered = verdict.accepted or (self.dry_run and not getattr(check, "enforced_in_dry_run", False))
         for sink in self._sinks:
-            sink.record(message, verdict, latency_us)
-        if self.dry_run and not (not verdict.accepted and getattr(check, "enforced_in_dry_run", False)):
-            return ACCEPT
-        return verdict
+            sink.record(message, verdict, latency_us, delivered)
+        return ACCEPT if delivered else verdict
 
     @property
     def checks(self) -> tuple[Check, ...]:
@@ -150,6 +151,6 @@ class CountingSink:
         self.counts: Counter[str] = Counter()
         self.recent: deque[tuple[Message, Verdict]] = deque(maxlen=keep)
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int = 0) -> None:
+    def record(self, message: Message, verdict: Verdict, latency_us: int = 0, delivered: bool = True) -> None:
         self.counts["accept" if verdict.accepted else "reject"] += 1
         self.recent.append((message, verdict))

@@ -204,6 +204,9 @@ def cli(ctx: click.Context, target_dir: Path | None, sources: tuple[str, ...], s
     if tally.replayed == 0:
         matching = " matching the filters" if any(v not in (None, 1) for v in filters.describe().values()) else ""
         raise InputError(f"nothing to replay: {source.description} has no recorded messages{matching}")
+    if tally.errors >= tally.replayed:
+        raise InputError(f"nothing could be judged: all {tally.replayed} recorded messages lack a payload "
+                         "(removed by payload retention, or recorded with audit.record_payloads: false)")
 
     notes = list(source.notes)
     disabled = rate_rules(target)
@@ -314,7 +317,11 @@ def capture(broker: str, topics: tuple[str, ...], to_file: Path, count: int | No
 
 
 def main() -> None:
-    cli(prog_name="replay")
+    try:
+        cli(prog_name="replay")
+    except Exception as exc:  # noqa: BLE001 - exit 1 means "breaking" to CI: a crash must not look like one
+        click.echo(f"replay: internal error: {type(exc).__name__}: {exc}", err=True)
+        raise SystemExit(2) from exc
 
 
 if __name__ == "__main__":

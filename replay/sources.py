@@ -111,6 +111,10 @@ class SqlSource:
                 select.append("epoch(ts)")
             elif name in ("qos", "mqtt_version"):
                 select.append(f"CAST({name} AS INTEGER)")
+            elif name == "verdict" and "dry_run" in present:
+                # A dry run delivered its rejected messages: what the device experienced, and so the
+                # reference to compare with, is "accept" (else enforcing that set would look harmless).
+                select.append("CASE WHEN dry_run AND verdict = 'reject' THEN 'accept' ELSE verdict END")
             else:
                 select.append(f'"{name}"')
         self._select = ", ".join(select)

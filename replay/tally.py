@@ -165,6 +165,10 @@ class Tally:
             group = self.groups[key] = GroupTally(topic_filter, schema)
         return group
 
+    @property
+    def errors(self) -> int:
+        return sum(group.errors for group in self.groups.values())
+
     def merge(self, other: Tally) -> None:
         for key, group in other.groups.items():
             mine = self.groups.get(key)

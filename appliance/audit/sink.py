@@ -34,7 +34,7 @@ class AuditSink:
         self._clock = clock
         self._record_payloads = record_payloads
         self.config_revision = config_revision
-        self._dry_run = dry_run
+        self.dry_run = dry_run
         self._schema_parts: dict[str | None, tuple[str | None, str | None]] = {None: (None, None)}
         self.last_id = 0  # id of the last verdict recorded
 
@@ -46,7 +46,7 @@ class AuditSink:
             parts = self._schema_parts[schema] = (name, version or None)
         return parts
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int) -> None:
+    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True) -> None:
         client = message.client
         payload = message.payload
         received = message.received_at or time.time()
@@ -82,12 +82,14 @@ class AuditSink:
             reasons,
             latency_us,
             self.config_revision,
-            self._dry_run,
+            self.dry_run,
             message.is_will,
             message.released_from,
         )
         self._journal.add_decision(row)
-        if self._forward and verdict.forward and (verdict.accepted or self._dry_run) and not message.is_will:
+        # Forward what was delivered locally: accepted messages, and in dry run the rejected ones
+        # that were delivered anyway (never what an enforced check such as the ACL refused).
+        if self._forward and delivered and verdict.forward and not message.is_will:
             self._journal.add_outbox(
                 (self.last_id, received, client.client_id, message.topic, payload, verdict.forward_qos, message.retain, verdict.schema)
             )

@@ -3,6 +3,8 @@ refused (MQTT 5 publishers get 0x97 Quota exceeded) instead of buffered."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from appliance.forward.outbox import Outbox
 from appliance.mqtt import ReasonCode
 from appliance.pipeline import Message, Reason, Verdict
@@ -11,11 +13,13 @@ from appliance.pipeline import Message, Reason, Verdict
 class OutboxFull:
     name = "outbox"
 
-    def __init__(self, outbox: Outbox):
+    def __init__(self, outbox: Outbox, journal_healthy: Callable[[], bool] = lambda: True):
         self._outbox = outbox
+        self._journal_healthy = journal_healthy
 
     def check(self, message: Message) -> Verdict | None:
-        if self._outbox.is_full():
+        # A journal that cannot commit (full disk) cannot take the message either.
+        if self._outbox.is_full() or not self._journal_healthy():
             return Verdict.reject(
                 Reason("outbox", "the store-and-forward outbox is full (upstream.outbox.policy: reject_new)"),
                 reason_code=ReasonCode.QUOTA_EXCEEDED,

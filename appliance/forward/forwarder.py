@@ -212,7 +212,12 @@ class Forwarder:
 
     def _session(self) -> str:
         """One connection: connect, drain, return why it ended."""
-        client = self._make_client()
+        try:
+            client = self._make_client()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            # A missing or unreadable CA/certificate/key (a typo, a rotation in progress): back off
+            # and try again like any other failed connection, rather than stop forwarding for good.
+            return f"TLS files: {exc}"
         acked_mids: list[int] = []
         state: dict[str, Any] = {"connack": None, "disconnect": None}
 

@@ -134,7 +134,7 @@ class ClientLeg(_Leg):
         server.clients.add(self)
         transport.set_write_buffer_limits(high=server.write_buffer_high)
         self.session = Session(
-            peer=peer, pipeline=server.pipeline, limits=server.limits, broker_credentials=server.broker_credentials,
+            peer=peer, pipeline=server.pipeline, limits=server.limits, broker_credentials=server.current_broker_credentials,
             durability=server.durability, authenticator=listener.authenticator, access=server.access, identity=identity,
         )
         self._connect_timer = asyncio.get_running_loop().call_later(server.connect_timeout, self._on_connect_timeout)
@@ -405,6 +405,9 @@ class ProxyServer:
     def host(self) -> str:
         return self.listeners[0].host
 
+    def current_broker_credentials(self) -> BrokerCredentials | None:
+        return self.broker_credentials
+
     @property
     def broker_credentials(self) -> BrokerCredentials | None:
         endpoint = self.endpoint()
@@ -453,6 +456,9 @@ class ProxyServer:
                 server = await loop.create_server(
                     lambda listener=listener: ClientLeg(self, listener),  # type: ignore[misc]
                     listener.host, listener.port, reuse_address=True, backlog=1024, ssl=listener.ssl,
+                    # A TLS handshake happens before connection_made (and so before the connection
+                    # limits and the CONNECT timer see it): bound it by the same timeout.
+                    **({"ssl_handshake_timeout": self.connect_timeout} if listener.ssl is not None else {}),
                 )
                 self._servers.append(server)
                 sockets = server.sockets

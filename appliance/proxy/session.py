@@ -104,6 +104,11 @@ class BrokerCredentials:
     password: bytes | None
 
 
+def broker_client_id(username: str, client_id: str) -> str:
+    """The client id the broker sees for `client_id` of `username`: unique per identity."""
+    return f"u{len(username)}:{username}:{client_id}"
+
+
 class Session:
     __slots__ = (
         "peer", "client", "version", "state", "close_reason",
@@ -122,7 +127,7 @@ class Session:
         peer: str,
         pipeline: Pipeline,
         limits: SessionLimits = SessionLimits(),
-        broker_credentials: BrokerCredentials | None = None,
+        broker_credentials: BrokerCredentials | Callable[[], BrokerCredentials | None] | None = None,
         durability: Durability | None = None,
         authenticator: Authenticator | None = None,
         access: AclCheck | None = None,
@@ -278,8 +283,19 @@ class Session:
             if not verdict.accepted:
                 self._refuse_connect(verdict)
                 return
-        if self._credentials is not None:
-            connect = replace(connect, username=self._credentials.username, password=self._credentials.password)
+        changes: dict[str, object] = {}
+        # Read now, not when the TCP connection was accepted: the broker may have restarted since
+        # (new generated password) or been down then.
+        credentials = self._credentials() if callable(self._credentials) else self._credentials
+        if credentials is not None:
+            changes.update(username=credentials.username, password=credentials.password)
+        if credentials is not None and connect.client_id and username is not None:
+            # The broker then sees every client as the appliance's one account, so a client id alone
+            # would let bob resume alice's persistent session (her subscriptions and queued messages).
+            # Each identity gets its own client-id namespace at the broker.
+            changes["client_id"] = broker_client_id(username, connect.client_id)
+        if changes:
+            connect = replace(connect, **changes)  # type: ignore[arg-type]
             raw = encode_packet(connect, version)
         self.to_broker.append(raw)
         self._acks.wait_for(CONNACK_BARRIER)

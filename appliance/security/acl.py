@@ -66,6 +66,8 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
 def filter_covers(outer: str, inner: str) -> bool:
     """Every topic `inner` matches, `outer` matches too."""
     o_levels, i_levels = outer.split("/"), inner.split("/")
+    if inner.startswith("$") and o_levels[0] in ("+", "#"):
+        return False  # wildcards at the first level never match $-topics (MQTT §4.7.2)
     for i, level in enumerate(o_levels):
         if level == "#":
             return True
@@ -121,7 +123,8 @@ class AccessRules:
 
 
 def _safe(value: str) -> bool:
-    return not any(c in value for c in "+#/")
+    # An empty value would turn `devices/%c/#` into `devices//#`: no match for a client without an id.
+    return bool(value) and not any(c in value for c in "+#/")
 
 
 def parse_acl(text: str, source: str = "<acl>") -> AccessRules:

@@ -233,3 +233,13 @@ def test_expired_messages_are_dropped_while_the_uplink_is_down(tmp_path: Path):
         (detail,) = wait_until(lambda: [d for kind, d in h.events if kind == "outbox_dropped"], message="event")
         assert detail["reason"] == "expired" and detail["count"] == 20 and len(detail["messages"]) == 20
         assert fwd.status().depth == 5
+
+
+def test_missing_tls_files_back_off_instead_of_stopping_the_forwarder(tmp_path: Path):
+    with harness(tmp_path / "journal.sqlite3") as h:
+        h.add(sensor_rows(h, sensors=1, per_sensor=3))
+        forwarder = h.start_forwarder(upstream(f"mqtts://localhost:{free_port()}",
+                                               tls={"ca_file": str(tmp_path / "not-there.pem")}))
+        wait_until(lambda: "TLS files" in (forwarder.status().last_error or ""), message="TLS error reported")
+        assert forwarder._thread is not None and forwarder._thread.is_alive()  # backing off, not dead
+        assert forwarder.status().depth == 3

@@ -279,3 +279,29 @@ def test_qos2_packet_id_reused_after_a_rejection_goes_to_the_broker():
     t.client(Pubrel(7))
     assert t.to_broker() == [Pubrel(7)]  # the broker's flow, not the proxy's
     assert t.to_client() == []
+
+
+def test_client_ids_are_namespaced_per_identity_at_the_broker():
+    """Two users with the same client id get different broker sessions: bob cannot resume alice's
+    persistent session (her subscriptions and queued messages) by reusing her client id."""
+    seen = []
+    for user in ("alice", "bob"):
+        t = Transcript(V5, broker_credentials=lambda: BrokerCredentials("appliance", b"generated"))
+        t.client(Connect(client_id="dev-1", protocol_version=V5, clean_start=False, username=user, password=b"pw"))
+        [connect] = t.to_broker()
+        seen.append(connect.client_id)
+        assert (connect.username, connect.password) == ("appliance", b"generated")
+        assert t.session.client.client_id == "dev-1"  # the audit log and ACLs see the client's own id
+    assert seen == ["u5:alice:dev-1", "u3:bob:dev-1"]
+    anonymous = Transcript(V5)
+    anonymous.client(Connect(client_id="dev-1", protocol_version=V5))
+    assert anonymous.to_broker()[0].client_id == "dev-1"
+
+
+def test_broker_credentials_are_read_at_connect_time():
+    current = {"creds": None}
+    t = Transcript(V5, broker_credentials=lambda: current["creds"])
+    current["creds"] = BrokerCredentials("appliance", b"after-restart")  # changed after accept
+    t.client(Connect(client_id="", protocol_version=V5, username="alice", password=b"pw"))
+    [connect] = t.to_broker()
+    assert (connect.username, connect.password) == ("appliance", b"after-restart")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -187,3 +189,47 @@ def test_usage_errors_exit_2(run, parquet):
     assert run("--from", parquet, "--against", V2, "--sample", "0").exit_code == 2
     assert run("--from", parquet, "--against", V2, "--since", "yesterday").exit_code == 2
     assert run("--from", parquet, "--against", V2, "--topic", "a/#/b").exit_code == 2
+
+
+def test_dry_run_rejections_count_as_delivered_and_breaking(tmp_path):
+    """A dry run delivered what it rejected: enforcing that set would break those messages."""
+    from appliance.audit.records import IdClock
+    from appliance.audit.store import AuditStore
+    from tests.audit.factory import decision
+
+    store_path = tmp_path / "audit.duckdb"
+    clock = IdClock()
+    rows = []
+    for i in range(10):
+        row = list(decision(clock.next(1_795_000_000 + i), 1_795_000_000 + i, device=f"t{i}", verdict="reject",
+                            payload=f'{{"device_id":"t{i}","ts":"2026-11-27T12:00:00Z","temperature":21}}'.encode(),
+                            topic=f"sensor/t{i}/temperature"))
+        row[21] = True  # dry_run
+        rows.append(tuple(row))
+    with AuditStore(store_path) as store:
+        store.append(rows)
+    result = subprocess.run([sys.executable, "-m", "replay.cli", "--from", str(store_path), "--against",
+                             str(V2), "--format", "json", "--no-progress"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["totals"]["newly_rejected"] == 10
+
+
+def test_a_recording_without_payloads_is_an_input_error(tmp_path):
+    from appliance.audit.records import IdClock
+    from appliance.audit.store import AuditStore
+    from tests.audit.factory import decision
+
+    store_path = tmp_path / "audit.duckdb"
+    clock = IdClock()
+    rows = []
+    for i in range(5):
+        row = list(decision(clock.next(1_795_000_000 + i), 1_795_000_000 + i))
+        row[9] = None  # payload removed by retention
+        rows.append(tuple(row))
+    with AuditStore(store_path) as store:
+        store.append(rows)
+    result = subprocess.run([sys.executable, "-m", "replay.cli", "--from", str(store_path), "--against",
+                             str(V1), "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "nothing could be judged" in result.stderr

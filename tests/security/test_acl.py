@@ -78,3 +78,16 @@ def test_check_rejects_with_not_authorized(rules):
     assert verdict.reason_code == ReasonCode.NOT_AUTHORIZED
     assert "user 'bob' is not authorized to publish to 'alice/x'" in verdict.reason_text
     assert AclCheck(None).check(Message("x", b"", 0, False, client)) is None
+
+
+def test_empty_ids_never_satisfy_a_pattern(rules):
+    assert not rules.can_publish("alice", "", "devices/alice//t")
+    assert not rules.can_subscribe("bob", "", "cmd/")
+
+
+def test_wildcards_at_the_first_level_do_not_cover_dollar_topics():
+    assert filter_covers("#", "sensor/x") and not filter_covers("#", "$SYS/#")
+    assert not filter_covers("+/broker/#", "$SYS/broker/load")
+    assert filter_covers("$SYS/#", "$SYS/broker/load")
+    rules = parse_acl("topic read #\n")
+    assert not rules.can_subscribe(None, "c", "$SYS/#")

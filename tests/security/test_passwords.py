@@ -49,7 +49,7 @@ def test_hash_format_matches_mosquitto_2_0():
 
 def test_broken_lines_name_file_and_line(tmp_path):
     path = tmp_path / "passwd"
-    path.write_text("alice:$7$101$AAAA$AAAA\nbob:plaintext\n")
+    path.write_text(f"alice:{hash_password('a')}\nbob:plaintext\n")
     with pytest.raises(PasswordFileError, match=r"passwd:2: user 'bob'"):
         PasswordFile.load(path)
     path.write_text("alice:$7$999999999$AAAA$AAAA\n")
@@ -108,3 +108,11 @@ def test_passwd_command(tmp_path):
         # mosquitto's own tool reads the file we wrote without complaint.
         subprocess.run(["mosquitto_passwd", "-b", str(path), "carol", "pw-c"], check=True)
         assert PasswordFile.load(path).verify("bob", b"pw-b")
+
+
+def test_short_digests_are_refused(tmp_path):
+    # A 1-byte digest would match one password in 256.
+    path = tmp_path / "passwd"
+    path.write_text("alice:$7$101$AAAAAAAAAAAAAAAA$AA==\n")
+    with pytest.raises(PasswordFileError, match="not 64"):
+        PasswordFile.load(path)

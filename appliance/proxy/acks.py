@@ -28,12 +28,14 @@ class Durability(Protocol):
 
 
 class AckOrder:
-    __slots__ = ("_queue", "_durability")
+    __slots__ = ("_queue", "_durability", "publishes")
 
     def __init__(self, durability: Durability | None = None) -> None:
-        # Entries are [packet id awaiting the broker's ack or None, ack bytes (None: not yet), sequence].
+        # Entries are [packet id awaiting the broker's ack or None, ack bytes (None: not yet), sequence,
+        # whether it answers a PUBLISH (the CONNACK barrier and a proxy-made SUBACK do not)].
         self._queue: deque[list[object]] = deque()
         self._durability = durability
+        self.publishes = 0  # PUBLISH packets whose PUBACK/PUBREC the client has not received yet
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -44,14 +46,17 @@ class AckOrder:
 
     def wait_for(self, packet_id: int, seq: int = 0) -> None:
         """A QoS 1/2 PUBLISH was forwarded: its broker ack goes out after everything queued before."""
-        self._queue.append([packet_id, None, seq])
+        publish = packet_id != CONNACK_BARRIER
+        self.publishes += publish
+        self._queue.append([packet_id, None, seq, publish])
 
-    def inject(self, ack: bytes, seq: int, out: list[bytes]) -> None:
-        """The proxy's own ack for a message it answered itself."""
+    def inject(self, ack: bytes, seq: int, out: list[bytes], *, publish: bool = True) -> None:
+        """The proxy's own ack for a message it answered itself (`publish`: a PUBACK/PUBREC)."""
         if not self._queue and seq <= self._committed():
             out.append(ack)
         else:
-            self._queue.append([None, ack, seq])
+            self.publishes += publish
+            self._queue.append([None, ack, seq, publish])
 
     def acked(self, packet_id: int, ack: bytes, out: list[bytes]) -> bool:
         """The broker's ack for `packet_id` arrived. Returns False when no entry awaited it (the
@@ -73,6 +78,7 @@ class AckOrder:
             if head[1] is None or head[2] > committed:  # type: ignore[operator]
                 return
             queue.popleft()
+            self.publishes -= head[3]  # type: ignore[operator]
             if head[1]:
                 out.append(head[1])  # type: ignore[arg-type]
 

@@ -350,7 +350,7 @@ class Session:
         if all(code is not None for code in codes):
             suback = Suback(subscribe.packet_id, tuple(code for code in codes if code is not None))
             # Behind the CONNACK (and earlier acks) like any ack of the proxy's own.
-            self._acks.inject(encode_packet(suback, self.version), 0, self.to_client)  # type: ignore[arg-type]
+            self._acks.inject(encode_packet(suback, self.version), 0, self.to_client, publish=False)  # type: ignore[arg-type]
             return None
         self._suback_merges[subscribe.packet_id] = codes
         kept = tuple(s for s, code in zip(subscribe.subscriptions, codes, strict=True) if code is None)
@@ -402,7 +402,7 @@ class Session:
         return None
 
     def _inflight(self) -> int:
-        return len(self._acks) - (1 if self.state is State.CONNECTING else 0)
+        return self._acks.publishes
 
     def _take_token(self) -> None:
         limits = self._limits

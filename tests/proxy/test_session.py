@@ -305,3 +305,22 @@ def test_broker_credentials_are_read_at_connect_time():
     t.client(Connect(client_id="", protocol_version=V5, username="alice", password=b"pw"))
     [connect] = t.to_broker()
     assert (connect.username, connect.password) == ("appliance", b"after-restart")
+
+
+def test_a_proxy_made_suback_does_not_count_as_an_inflight_message():
+    from appliance.mqtt import Subscribe, Subscription
+    from appliance.security import AclCheck
+    from appliance.security.acl import parse_acl
+
+    acl = AclCheck(parse_acl("topic readwrite up/#\n"))
+    t = Transcript(V5, access=acl, checks=[acl], limits=SessionLimits(max_inflight=2))
+    t.client(Connect(client_id="dev", protocol_version=V5))
+    t.to_broker()
+    t.broker(Connack(properties=Properties(((PropertyId.TOPIC_ALIAS_MAXIMUM, 10),))))
+    t.to_client()
+    t.client(Publish("up/x", b"1", qos=1, packet_id=1))  # one unacknowledged QoS 1 message
+    t.client(Subscribe(9, (Subscription("secret/#"),)))  # wholly denied: the SUBACK waits behind PUBACK 1
+    t.client(Publish("up/x", b"2", qos=1, packet_id=2))  # two in flight: within the limit of 2
+    assert t.session.state is State.CONNECTED
+    t.client(Publish("up/x", b"3", qos=1, packet_id=3))  # three: over it
+    assert t.session.state is State.CLOSED and "receive maximum" in t.session.close_reason

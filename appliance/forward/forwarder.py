@@ -130,6 +130,7 @@ class Forwarder:
         self._on_event = on_event
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._handed_out = 0  # the highest outbox id read for sending on the current connection
         self._stopping = threading.Event()
         self._topic_template = config.topic_template
         self._ack_timeout = config.ack_timeout.total_seconds()  # type: ignore[union-attr]
@@ -251,7 +252,7 @@ class Forwarder:
                     rows = self.outbox.next_batch(cursor, max(window, 500))
                     buffer.extend(rows)
                     if rows:
-                        cursor = rows[-1].id
+                        cursor = self._handed_out = rows[-1].id
                 while buffer and len(inflight) < window:
                     row = buffer.popleft()
                     info = self._publish(client, row)
@@ -290,6 +291,7 @@ class Forwarder:
             if acked_ids:
                 self._delete(acked_ids)
             self._inflight_count = 0
+            self._handed_out = 0  # the next connection starts over from the oldest row
             self._close(client)
 
     @staticmethod
@@ -400,7 +402,7 @@ class Forwarder:
         self._next_maintain = now + MAINTAIN_INTERVAL_S
         had_error = self.outbox.last_error
         while True:
-            dropped = self.outbox.enforce()
+            dropped = self.outbox.enforce(handed_out=self._handed_out)
             if dropped:
                 self.dropped_total += len(dropped)
                 self._report_drops(dropped)

@@ -214,19 +214,21 @@ class Outbox:
 
     # -- bounds ----------------------------------------------------------------------------------
 
-    def enforce(self, now: float | None = None) -> list[Dropped]:
+    def enforce(self, now: float | None = None, *, handed_out: int = 0) -> list[Dropped]:
         """Apply the bounds: expired rows are always dropped; beyond max_messages or max_bytes the
         oldest are dropped under drop_oldest (under reject_new nothing is, `is_full()` turns true).
-        Drops at most MAX_DROPS_PER_CALL rows; call again while it returns that many."""
+        Rows with ids up to `handed_out` are being sent (in flight or read ahead): they are left
+        alone, since they would arrive anyway. Drops at most MAX_DROPS_PER_CALL rows; call again
+        while it returns that many."""
         now = time.time() if now is None else now
         dropped: list[Dropped] = []
         with self._lock:
             self._refresh_locked()
             try:
                 if self.bounds.max_age is not None:
-                    dropped += self._drop_expired(now - self.bounds.max_age.total_seconds())
+                    dropped += self._drop_expired(now - self.bounds.max_age.total_seconds(), handed_out)
                 if self.bounds.policy == "drop_oldest":
-                    dropped += self._drop_beyond_bounds(MAX_DROPS_PER_CALL - len(dropped))
+                    dropped += self._drop_beyond_bounds(MAX_DROPS_PER_CALL - len(dropped), handed_out)
             except sqlite3.Error as exc:
                 self._error("enforce bounds", exc)
             self._refresh_locked()
@@ -237,10 +239,9 @@ class Outbox:
             f"SELECT id, ts, client_id, topic, {_SIZE} FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (after_id, _SCAN_CHUNK)
         ).fetchall()
 
-    def _drop_expired(self, cutoff: float) -> list[Dropped]:
+    def _drop_expired(self, cutoff: float, after: int = 0) -> list[Dropped]:
         # ids grow with time, so expired rows are a prefix: stop at the first young one.
         victims: list[Dropped] = []
-        after = 0
         while len(victims) < MAX_DROPS_PER_CALL:
             rows = self._scan(after)
             for row_id, ts, client_id, topic, size in rows:
@@ -252,12 +253,11 @@ class Outbox:
             after = rows[-1][0]
         return self._delete_victims(victims)
 
-    def _drop_beyond_bounds(self, limit: int) -> list[Dropped]:
+    def _drop_beyond_bounds(self, limit: int, after: int = 0) -> list[Dropped]:
         b = self.bounds
         excess_messages = self._messages - b.max_messages if b.max_messages is not None else 0
         excess_bytes = self._bytes - b.max_bytes if b.max_bytes is not None else 0
         victims: list[Dropped] = []
-        after = 0
         while (excess_messages > 0 or excess_bytes > 0) and len(victims) < limit:
             rows = self._scan(after)
             if not rows:

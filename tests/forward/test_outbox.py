@@ -89,3 +89,14 @@ def test_sqlite_errors_are_reported_not_raised(tmp_path: Path):
     assert outbox.enforce() == []
     assert outbox.last_error is not None and "no such table" in outbox.last_error
     outbox.close()
+
+
+def test_rows_handed_to_the_forwarder_are_not_dropped(tmp_path: Path):
+    with harness(tmp_path / "journal.sqlite3") as h:
+        rows = [h.row("s", i) for i in range(10)]
+        h.add(rows)
+        outbox = Outbox(h.journal_path, bounds(policy="drop_oldest", max_messages=5))
+        dropped = outbox.enforce(handed_out=rows[2][0])  # the first three are in flight
+        assert [d.id for d in dropped] == [r[0] for r in rows[3:8]]
+        assert [r.id for r in outbox.next_batch(0, 100)] == [r[0] for r in rows[:3] + rows[8:]]
+        outbox.close()

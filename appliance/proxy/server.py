@@ -15,6 +15,7 @@ events, metric keys) goes to `on_event` and `counters`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import ssl
@@ -56,7 +57,21 @@ class Listener:
 
 def _peer_host(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
-    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+    return address_key(str(peer[0]) if isinstance(peer, tuple) and peer else str(peer))
+
+
+def address_key(host: str) -> str:
+    """The source a per-address limit counts: the IPv4 address, or the IPv6 /64 (one host usually
+    owns a whole /64 and could otherwise rotate through it)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return host
 
 
 def _peer_name(transport: asyncio.BaseTransport) -> str:

@@ -324,3 +324,16 @@ def test_a_proxy_made_suback_does_not_count_as_an_inflight_message():
     assert t.session.state is State.CONNECTED
     t.client(Publish("up/x", b"3", qos=1, packet_id=3))  # three: over it
     assert t.session.state is State.CLOSED and "receive maximum" in t.session.close_reason
+
+
+@pytest.mark.parametrize(("host", "counted_as"), [
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("fe80::1%eth0", "fe80::/64"),
+])
+def test_per_address_limits_count_ipv6_by_its_64(host, counted_as):
+    from appliance.proxy.server import address_key
+
+    assert address_key(host) == counted_as

@@ -44,9 +44,11 @@ class AckOrder:
         durability = self._durability
         return durability.committed if durability is not None else 1 << 62
 
-    def wait_for(self, packet_id: int, seq: int = 0) -> None:
-        """A QoS 1/2 PUBLISH was forwarded: its broker ack goes out after everything queued before."""
-        publish = packet_id != CONNACK_BARRIER
+    def wait_for(self, packet_id: int, seq: int = 0, *, counted: bool = True) -> None:
+        """A QoS 1/2 PUBLISH was forwarded: its broker ack goes out after everything queued before.
+        `counted`: it counts in `publishes` until then (a QoS 2 message is counted by the session
+        until its PUBCOMP instead)."""
+        publish = counted and packet_id != CONNACK_BARRIER
         self.publishes += publish
         self._queue.append([packet_id, None, seq, publish])
 

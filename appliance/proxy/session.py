@@ -58,6 +58,7 @@ _CONNECT = int(PacketType.CONNECT)
 _PUBREL = int(PacketType.PUBREL)
 _PUBACK = int(PacketType.PUBACK)
 _PUBREC = int(PacketType.PUBREC)
+_PUBCOMP = int(PacketType.PUBCOMP)
 _CONNACK = int(PacketType.CONNACK)
 _DISCONNECT = int(PacketType.DISCONNECT)
 _SUBSCRIBE = int(PacketType.SUBSCRIBE)
@@ -115,7 +116,7 @@ class Session:
         "to_client", "to_broker", "want_broker", "close_client", "close_broker",
         "_pipeline", "_limits", "_credentials", "_max_packet_size", "_acks",
         "_client_pending", "_client_need", "_broker_pending", "_broker_need",
-        "_durability", "_aliases", "_stale_aliases", "_alias_maximum", "_proxy_qos2", "_reason_strings",
+        "_durability", "_qos2_open", "_aliases", "_stale_aliases", "_alias_maximum", "_proxy_qos2", "_reason_strings",
         "_client_max_packet", "_client_disconnected",
         "events", "counts", "pause_for", "_authenticator", "_access", "_identity", "_clock",
         "_filter_subscriptions", "_subscriptions", "_suback_merges", "_tokens", "_tokens_at", "_throttled",
@@ -155,6 +156,7 @@ class Session:
         self._broker_need = 0
         self._durability = durability
         self._acks = AckOrder(durability)
+        self._qos2_open: set[int] = set()  # forwarded QoS 2 ids the broker has not PUBCOMPed yet
         self._aliases: dict[int, str] = {}
         # Aliases whose topic the broker does not know (set by a message we rejected).
         self._stale_aliases: set[int] = set()
@@ -389,7 +391,11 @@ class Session:
         # The journal sequence number of this message's verdict: its ack waits for that commit.
         seq = self._durability.last_seq if self._durability is not None and publish.qos else 0
         if verdict.accepted:
-            if publish.qos:
+            if publish.qos == 2:
+                # In flight until the broker's PUBCOMP, not just its PUBREC (MQTT 5 Receive Maximum).
+                self._qos2_open.add(publish.packet_id)  # type: ignore[arg-type]
+                self._acks.wait_for(publish.packet_id, seq, counted=False)  # type: ignore[arg-type]
+            elif publish.qos:
                 self._acks.wait_for(publish.packet_id, seq)  # type: ignore[arg-type]
             if alias is not None and alias in self._stale_aliases:
                 self._stale_aliases.discard(alias)
@@ -402,7 +408,7 @@ class Session:
         return None
 
     def _inflight(self) -> int:
-        return self._acks.publishes
+        return self._acks.publishes + len(self._qos2_open)
 
     def _take_token(self) -> None:
         limits = self._limits
@@ -498,6 +504,8 @@ class Session:
                             to_client.append(data[run:pos])
                         run = end
                         to_client.append(self._merge_suback(first, data[body:end], codes))
+                elif kind == _PUBCOMP and self._qos2_open:
+                    self._qos2_open.discard(int.from_bytes(data[body : body + 2], "big"))
                 elif kind == _CONNACK and self.state is State.CONNECTING:
                     if run < pos:
                         to_client.append(data[run:pos])

@@ -337,3 +337,26 @@ def test_per_address_limits_count_ipv6_by_its_64(host, counted_as):
     from appliance.proxy.server import address_key
 
     assert address_key(host) == counted_as
+
+
+def test_qos2_counts_as_inflight_until_the_brokers_pubcomp():
+    t = Transcript(V3, limits=SessionLimits(max_inflight=2))
+    t.connect()
+    for pid in (1, 2):
+        t.client(Publish("t", b"x", qos=2, packet_id=pid))
+        t.broker(Pubrec(pid))
+    assert t.to_client() == [Pubrec(1), Pubrec(2)]
+    # The client never sends PUBREL: both are still in flight at the broker.
+    t.client(Publish("t", b"x", qos=2, packet_id=3))
+    assert t.session.state is State.CLOSED and "receive maximum" in t.session.close_reason
+
+
+def test_pubcomp_frees_the_qos2_slot():
+    t = Transcript(V3, limits=SessionLimits(max_inflight=1))
+    t.connect()
+    t.client(Publish("t", b"x", qos=2, packet_id=1))
+    t.broker(Pubrec(1))
+    t.client(Pubrel(1))
+    t.broker(Pubcomp(1))
+    t.client(Publish("t", b"y", qos=2, packet_id=2))
+    assert t.session.state is State.CONNECTED

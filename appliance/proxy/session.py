@@ -15,6 +15,7 @@ message rate) are counted.
 from __future__ import annotations
 
 import enum
+from collections import deque
 import logging
 import time
 from collections.abc import Callable
@@ -178,7 +179,7 @@ class Session:
         self._filter_subscriptions = access is not None or limits.max_subscriptions > 0
         self._subscriptions: set[str] = set()
         # SUBSCRIBE packet id → the proxy's failure code per filter (None: the broker's code).
-        self._suback_merges: dict[int, list[int | None]] = {}
+        self._suback_merges: dict[int, deque[list[int | None] | None]] = {}
         self._tokens = float(max(limits.message_burst, 1))
         self._tokens_at = clock()
         self._throttled = False
@@ -348,13 +349,16 @@ class Session:
                 if limit:
                     self._subscriptions.add(topic_filter)
         if all(code is None for code in codes):
+            if subscribe.packet_id in self._suback_merges:
+                self._suback_merges[subscribe.packet_id].append(None)  # keeps the FIFO aligned
             return True
         if all(code is not None for code in codes):
             suback = Suback(subscribe.packet_id, tuple(code for code in codes if code is not None))
             # Behind the CONNACK (and earlier acks) like any ack of the proxy's own.
             self._acks.inject(encode_packet(suback, self.version), 0, self.to_client, publish=False)  # type: ignore[arg-type]
             return None
-        self._suback_merges[subscribe.packet_id] = codes
+        # FIFO per packet id: a client may (wrongly) reuse an id before its SUBACK came back.
+        self._suback_merges.setdefault(subscribe.packet_id, deque()).append(codes)
         kept = tuple(s for s, code in zip(subscribe.subscriptions, codes, strict=True) if code is None)
         return encode_packet(replace(subscribe, subscriptions=kept), self.version)  # type: ignore[arg-type]
 
@@ -498,7 +502,10 @@ class Session:
                         to_client.append(data[pos:end])
                 elif kind == _SUBACK and self._suback_merges:
                     packet_id = int.from_bytes(data[body : body + 2], "big")
-                    codes = self._suback_merges.pop(packet_id, None)
+                    pending = self._suback_merges.get(packet_id)
+                    codes = pending.popleft() if pending else None
+                    if pending is not None and not pending:
+                        del self._suback_merges[packet_id]
                     if codes is not None:
                         if run < pos:
                             to_client.append(data[run:pos])

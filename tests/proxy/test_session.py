@@ -360,3 +360,19 @@ def test_pubcomp_frees_the_qos2_slot():
     t.broker(Pubcomp(1))
     t.client(Publish("t", b"y", qos=2, packet_id=2))
     assert t.session.state is State.CONNECTED
+
+
+def test_suback_merges_follow_subscribe_order_when_an_id_is_reused():
+    from appliance.mqtt import Suback, Subscribe, Subscription
+    from appliance.security import AclCheck
+    from appliance.security.acl import parse_acl
+
+    acl = AclCheck(parse_acl("topic read public/#\n"))
+    t = Transcript(V5, access=acl)
+    t.connect()
+    t.client(Subscribe(7, (Subscription("secret/a"), Subscription("public/a"))))
+    t.client(Subscribe(7, (Subscription("public/b"), Subscription("secret/b"), Subscription("public/c"))))
+    t.client(Subscribe(7, (Subscription("public/d"),)))  # wholly allowed: relayed as it is
+    t.to_broker()
+    t.broker(Suback(7, (0,)), Suback(7, (0, 0)), Suback(7, (1,)))
+    assert [s.reason_codes for s in t.to_client()] == [(0x87, 0), (0, 0x87, 0), (1,)]

@@ -10,7 +10,7 @@ from typing import Callable
 
 from .errors import LocalProtocolError
 from .packets import (
-    Auth, Connack, Connect, Disconnect, Packet, PacketType, Pingreq, Pingresp, ProtocolVersion,
+    Auth, Connack, Connect, Disconnect, Packet, Pingreq, Pingresp, ProtocolVersion,
     Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Unsuback, Unsubscribe,
 )
 from .properties import Properties, encode_properties

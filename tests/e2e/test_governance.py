@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.mqtt import Connack, Connect, ProtocolVersion, Puback, Publish, Pubrec, ReasonCode, Will
+from appliance.mqtt import Connect, ProtocolVersion, Puback, Publish, Pubrec, ReasonCode, Will
 from tests.conftest import make_config
 from tests.governance.payloads import device_status, temperature
 from tests.helpers import Client, RawClient, RunningAppliance

@@ -32,7 +32,7 @@ def setup(tmp_path: Path) -> tuple[Path, Path]:
     schemas = tmp_path / "schemas"
     shutil.copytree(REPO / "schemas" / "v1", schemas)
     config = tmp_path / "appliance.yaml"
-    config.write_text(f"listen: 127.0.0.1:0\nstate_dir: state\nschemas: schemas\nmetrics:\n  listen: 127.0.0.1:0\n")
+    config.write_text("listen: 127.0.0.1:0\nstate_dir: state\nschemas: schemas\nmetrics:\n  listen: 127.0.0.1:0\n")
     return schemas, config
 
 

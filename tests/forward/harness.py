@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import socket
 import subprocess
 import threading
 import time

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.mqtt import (
-    NEED_DATA, Connack, Connect, Decoder, Disconnect, PacketType, Pingreq, Properties, PropertyId, ProtocolVersion,
+    NEED_DATA, Connack, Connect, Decoder, Disconnect, Pingreq, Properties, PropertyId, ProtocolVersion,
     Puback, Pubcomp, Publish, Pubrec, Pubrel, ReasonCode, Will, encode_packet,
 )
 from appliance.pipeline import CountingSink, Message, Pipeline, Reason, Verdict

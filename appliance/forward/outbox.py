@@ -40,6 +40,7 @@ _SIZE = "coalesce(length(payload), 0) + coalesce(length(CAST(topic AS BLOB)), 0)
 _DDL = f"CREATE TABLE IF NOT EXISTS outbox ({', '.join(c + (' INTEGER PRIMARY KEY' if c == 'id' else '') for c in OUTBOX_COLUMNS)})"
 _SELECT = f"SELECT {', '.join(OUTBOX_COLUMNS)} FROM outbox WHERE id > ? ORDER BY id LIMIT ?"
 _DELETE_CHUNK = 500
+MIN_PLAUSIBLE_TS = 1_700_000_000.0  # 2023-11-14: no real message is older than this software
 _SCAN_CHUNK = 2_000
 MAX_DROPS_PER_CALL = 10_000
 
@@ -245,7 +246,9 @@ class Outbox:
         while len(victims) < MAX_DROPS_PER_CALL:
             rows = self._scan(after)
             for row_id, ts, client_id, topic, size in rows:
-                if ts is None or ts >= cutoff or len(victims) >= MAX_DROPS_PER_CALL:
+                # A receive time before MIN_PLAUSIBLE_TS means the gateway's clock was wrong then (no
+                # RTC, before NTP): its age is unknown, so it is not expired.
+                if ts is None or ts >= cutoff or ts < MIN_PLAUSIBLE_TS or len(victims) >= MAX_DROPS_PER_CALL:
                     return self._delete_victims(victims)
                 victims.append(Dropped(row_id, ts, client_id, topic, size, "expired"))
             if len(rows) < _SCAN_CHUNK:

@@ -100,3 +100,14 @@ def test_rows_handed_to_the_forwarder_are_not_dropped(tmp_path: Path):
         assert [d.id for d in dropped] == [r[0] for r in rows[3:8]]
         assert [r.id for r in outbox.next_batch(0, 100)] == [r[0] for r in rows[:3] + rows[8:]]
         outbox.close()
+
+
+def test_rows_received_while_the_clock_was_wrong_are_not_expired(tmp_path: Path):
+    """A gateway without an RTC boots in 1970, buffers, then NTP sets the clock: the backlog's age is
+    unknown, not 56 years."""
+    with harness(tmp_path / "journal.sqlite3") as h:
+        h.add([h.row("s", i, ts=86_400.0 + i) for i in range(5)])
+        outbox = Outbox(h.journal_path, bounds(max_age="1h", policy="drop_oldest"))
+        assert outbox.enforce() == []
+        assert outbox.depth().messages == 5
+        outbox.close()

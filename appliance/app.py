@@ -26,7 +26,7 @@ from appliance.config import Config, ConfigError, load_config
 from appliance.governance import Governance, SchemaSetError, load_schema_set
 from appliance import sdnotify
 from appliance.admin import AdminServer, socket_path
-from appliance.audit.operations import AuditOperations
+from appliance.audit.operations import AuditOperations, forget_session
 from appliance.audit.service import AuditService
 from appliance.forward import Forwarder, Outbox
 from appliance.forward.check import OutboxFull
@@ -316,6 +316,7 @@ class Appliance:
         for authenticator in self.authenticators:
             authenticator.passwords = passwords
             authenticator.allow_anonymous = self._anonymous_ok(config.auth, authenticator.loopback)
+        await self._revoke_withdrawn_access()
         logging.getLogger().setLevel(config.log_level.upper())
         self.config = config
         if self.audit is not None:
@@ -330,6 +331,35 @@ class Appliance:
         self.on_event("config_reload", {"result": "ok", "reason": reason, "schema_set": version,
                                         "revision": self.revision, "needs_restart": restart})
         return True
+
+    async def _revoke_withdrawn_access(self) -> None:
+        """After a reload: close clients whose user left the password file or whose granted
+        subscriptions the ACL now refuses, and discard their broker sessions (a persistent session
+        would otherwise keep the subscriptions across the reconnect)."""
+        if self.proxy is None or self.broker is None:
+            return
+        endpoint = self.broker.endpoint()
+        for leg in list(self.proxy.clients):
+            session = leg.session
+            if session is None or session.client is None:
+                continue
+            reason = None
+            if self.passwords is not None and session.password_user is not None \
+                    and session.password_user not in self.passwords.entries:
+                reason = f"user {session.password_user!r} is no longer in the password file"
+            elif denied := session.denied_subscriptions():
+                reason = f"no longer allowed to read {denied[0]!r}"
+            if reason is None:
+                continue
+            log.warning("closing %s: %s", session.describe(), reason)
+            session.revoke(reason)
+            leg.flush()
+            self.on_event("access_revoked", {"client_id": session.client.client_id, "peer": session.peer, "reason": reason})
+            if endpoint is not None and session.broker_client_id:
+                try:
+                    await forget_session(endpoint, session.broker_client_id)
+                except (OSError, TimeoutError) as exc:
+                    log.warning("could not discard the broker session of %s: %s", session.describe(), exc)
 
     async def _reload_op(self, request: dict[str, object]) -> dict[str, object]:
         return {"reloaded": await self.reload("admin request")}

@@ -149,3 +149,26 @@ async def publish_once(endpoint: BrokerEndpoint, message: Message, *, timeout: f
         await writer.drain()
     finally:
         writer.close()
+
+
+async def forget_session(endpoint: BrokerEndpoint, client_id: str, *, timeout: float = 10.0) -> None:
+    """Discard the broker's session for `client_id` (its subscriptions and queued messages): connect
+    with that id and a clean session, which replaces the old one, then disconnect."""
+    v = ProtocolVersion.MQTT_3_1_1
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(endpoint.host, endpoint.port, ssl=endpoint.ssl, server_hostname=endpoint.server_hostname),
+        timeout,
+    )
+    decoder = Decoder(version=v)
+    try:
+        writer.write(encode_packet(Connect(client_id=client_id, clean_start=True,
+                                           username=endpoint.username, password=endpoint.password), v))
+        while (packet := decoder.next_packet()) is NEED_DATA:
+            data = await asyncio.wait_for(reader.read(65536), timeout)
+            if not data:
+                return
+            decoder.receive_data(data)
+        writer.write(encode_packet(Disconnect(), v))
+        await writer.drain()
+    finally:
+        writer.close()

@@ -117,7 +117,7 @@ class Session:
         "to_client", "to_broker", "want_broker", "close_client", "close_broker",
         "_pipeline", "_limits", "_credentials", "_max_packet_size", "_acks",
         "_client_pending", "_client_need", "_broker_pending", "_broker_need",
-        "_durability", "_qos2_open", "_aliases", "_stale_aliases", "_alias_maximum", "_proxy_qos2", "_reason_strings",
+        "_durability", "_qos2_open", "password_user", "broker_client_id", "_aliases", "_stale_aliases", "_alias_maximum", "_proxy_qos2", "_reason_strings",
         "_client_max_packet", "_client_disconnected",
         "events", "counts", "pause_for", "_authenticator", "_access", "_identity", "_clock",
         "_filter_subscriptions", "_subscriptions", "_suback_merges", "_tokens", "_tokens_at", "_throttled",
@@ -158,6 +158,8 @@ class Session:
         self._durability = durability
         self._acks = AckOrder(durability)
         self._qos2_open: set[int] = set()  # forwarded QoS 2 ids the broker has not PUBCOMPed yet
+        self.password_user: str | None = None  # the user a password file authenticated, if any
+        self.broker_client_id: str | None = None  # the client id the broker sees (see broker_client_id)
         self._aliases: dict[int, str] = {}
         # Aliases whose topic the broker does not know (set by a message we rejected).
         self._stale_aliases: set[int] = set()
@@ -241,7 +243,7 @@ class Session:
                         if forward is not None:
                             to_broker.append(forward)
                         run = end
-                elif kind == _UNSUBSCRIBE and self._limits.max_subscriptions:
+                elif kind == _UNSUBSCRIBE and (self._limits.max_subscriptions or self._access is not None):
                     unsubscribe = decode_packet(first, data[body:end], self.version)  # type: ignore[arg-type]
                     assert isinstance(unsubscribe, Unsubscribe)
                     self._subscriptions.difference_update(unsubscribe.topic_filters)
@@ -278,6 +280,8 @@ class Session:
             if result is not AuthResult.OK:
                 self._refuse_auth(result)
                 return
+            if self._identity is None and connect.username is not None and connect.password is not None:
+                self.password_user = connect.username
         if connect.will is not None:
             will = connect.will
             verdict = self._pipeline.judge(
@@ -297,6 +301,7 @@ class Session:
             # would let bob resume alice's persistent session (her subscriptions and queued messages).
             # Each identity gets its own client-id namespace at the broker.
             changes["client_id"] = broker_client_id(username, connect.client_id)
+        self.broker_client_id = str(changes.get("client_id", connect.client_id))
         if changes:
             connect = replace(connect, **changes)  # type: ignore[arg-type]
             raw = encode_packet(connect, version)
@@ -346,7 +351,7 @@ class Session:
                 self._limit_exceeded("subscriptions", f"more than {limit} subscriptions")
             else:
                 codes.append(None)
-                if limit:
+                if limit or self._access is not None:  # granted filters: counted, and re-checked on reload
                     self._subscriptions.add(topic_filter)
         if all(code is None for code in codes):
             if subscribe.packet_id in self._suback_merges:
@@ -582,6 +587,19 @@ class Session:
     def connect_timeout(self) -> None:
         if self.state is State.AWAIT_CONNECT:
             self._close("no CONNECT within the connect timeout", broker=False)
+
+    def denied_subscriptions(self) -> list[str]:
+        """Filters this client was granted that the access rules in force now refuse."""
+        if self._access is None or self.client is None:
+            return []
+        client = self.client
+        return sorted(f for f in self._subscriptions if not self._access.can_subscribe(client.username, client.client_id, f))
+
+    def revoke(self, reason: str) -> None:
+        """Access was withdrawn (a reload): tell MQTT 5 clients, then close."""
+        if self.state is State.CONNECTED and self.version is _MQTT5:
+            self.to_client.append(encode_packet(Disconnect(ReasonCode.NOT_AUTHORIZED), _MQTT5))
+        self._close(f"access revoked: {reason}")
 
     def shutdown(self) -> None:
         """The appliance is stopping: tell MQTT 5 clients why, then close."""

@@ -182,3 +182,29 @@ def test_limits_and_refusals_are_metrics(secured):
     port = secured.app.metrics_server.port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'mqtt_proxy_auth_failures_total{reason="bad_credentials"}' in text
+
+
+def test_reload_revokes_withdrawn_read_rights_and_their_broker_session(secured, tmp_path):
+    """After the ACL stops granting alice/#, alice's open connection is closed and her persistent
+    session is gone from the broker: reconnecting with the same id delivers nothing on alice/#."""
+    from tests.forward.harness import _session_expiry
+
+    def as_alice(**kwargs):  # noqa: ANN003, ANN202
+        client = Client(secured.port, version=5, **kwargs)
+        client.paho.username_pw_set("alice", "alice-pw")
+        return client
+
+    alice = as_alice(client_id="alice-phone", clean=False, properties=_session_expiry()).connect()
+    alice.subscribe("alice/#", qos=1)
+    (tmp_path / "acl").write_text(ACL.replace("topic readwrite alice/#\n", "topic write alice/#\n"))
+    assert secured.call(secured.app.reload("test"))
+    assert alice.disconnected.wait(10)
+    assert alice.disconnect_reason.value == ReasonCode.NOT_AUTHORIZED
+    alice.paho.loop_stop()
+    assert any(kind == "access_revoked" for kind, _ in secured.events)
+    writer = as_alice().connect()
+    writer.publish("alice/x", b"after the revocation", qos=1)
+    again = as_alice(client_id="alice-phone", clean=False, properties=_session_expiry()).connect()
+    again.expect_none(within=0.5)
+    again.disconnect()
+    writer.disconnect()

@@ -181,7 +181,8 @@ class Session:
         self._filter_subscriptions = access is not None or limits.max_subscriptions > 0
         self._subscriptions: set[str] = set()
         # SUBSCRIBE packet id → the proxy's failure code per filter (None: the broker's code).
-        self._suback_merges: dict[int, deque[list[int | None] | None]] = {}
+        # Per packet id, in order: (the proxy's own codes to merge in or None, the filters relayed).
+        self._suback_merges: dict[int, deque[tuple[list[int | None] | None, tuple[str, ...]]]] = {}
         self._tokens = float(max(limits.message_burst, 1))
         self._tokens_at = clock()
         self._throttled = False
@@ -353,9 +354,10 @@ class Session:
                 codes.append(None)
                 if limit or self._access is not None:  # granted filters: counted, and re-checked on reload
                     self._subscriptions.add(topic_filter)
+        relayed = tuple(s.topic_filter for s, code in zip(subscribe.subscriptions, codes, strict=True) if code is None)
         if all(code is None for code in codes):
-            if subscribe.packet_id in self._suback_merges:
-                self._suback_merges[subscribe.packet_id].append(None)  # keeps the FIFO aligned
+            # Remembered so that a filter the broker refuses stops counting against the limit.
+            self._suback_merges.setdefault(subscribe.packet_id, deque()).append((None, relayed))
             return True
         if all(code is not None for code in codes):
             suback = Suback(subscribe.packet_id, tuple(code for code in codes if code is not None))
@@ -363,7 +365,7 @@ class Session:
             self._acks.inject(encode_packet(suback, self.version), 0, self.to_client, publish=False)  # type: ignore[arg-type]
             return None
         # FIFO per packet id: a client may (wrongly) reuse an id before its SUBACK came back.
-        self._suback_merges.setdefault(subscribe.packet_id, deque()).append(codes)
+        self._suback_merges.setdefault(subscribe.packet_id, deque()).append((codes, relayed))
         kept = tuple(s for s, code in zip(subscribe.subscriptions, codes, strict=True) if code is None)
         return encode_packet(replace(subscribe, subscriptions=kept), self.version)  # type: ignore[arg-type]
 
@@ -508,9 +510,11 @@ class Session:
                 elif kind == _SUBACK and self._suback_merges:
                     packet_id = int.from_bytes(data[body : body + 2], "big")
                     pending = self._suback_merges.get(packet_id)
-                    codes = pending.popleft() if pending else None
+                    codes, relayed = pending.popleft() if pending else (None, ())
                     if pending is not None and not pending:
                         del self._suback_merges[packet_id]
+                    if relayed:
+                        self._forget_refused(first, data[body:end], relayed)
                     if codes is not None:
                         if run < pos:
                             to_client.append(data[run:pos])
@@ -536,6 +540,14 @@ class Session:
             self._broker_pending = bytearray(data[pos:])
             header = read_fixed_header(data, pos, size)
             self._broker_need = header[2] - pos if header else 0
+
+    def _forget_refused(self, first_byte: int, body: bytes, relayed: tuple[str, ...]) -> None:
+        """Filters the broker refused are not subscriptions: they neither count nor get re-checked."""
+        suback = decode_packet(first_byte, body, self.version)  # type: ignore[arg-type]
+        assert isinstance(suback, Suback)
+        for topic_filter, code in zip(relayed, suback.reason_codes, strict=False):
+            if code >= 0x80:
+                self._subscriptions.discard(topic_filter)
 
     def _merge_suback(self, first_byte: int, body: bytes, codes: list[int | None]) -> bytes:
         """The broker answered the filters we kept: put the proxy's refusals back in their places."""

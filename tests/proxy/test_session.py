@@ -376,3 +376,16 @@ def test_suback_merges_follow_subscribe_order_when_an_id_is_reused():
     t.to_broker()
     t.broker(Suback(7, (0,)), Suback(7, (0, 0)), Suback(7, (1,)))
     assert [s.reason_codes for s in t.to_client()] == [(0x87, 0), (0, 0x87, 0), (1,)]
+
+
+def test_a_filter_the_broker_refuses_does_not_count_against_the_limit():
+    from appliance.mqtt import Suback, Subscribe, Subscription
+
+    t = Transcript(V5, limits=SessionLimits(max_subscriptions=1))
+    t.connect()
+    t.client(Subscribe(1, (Subscription("a/#"),)))
+    t.to_broker()
+    t.broker(Suback(1, (0x87,)))  # the broker said no
+    assert [s.reason_codes for s in t.to_client()] == [(0x87,)]
+    t.client(Subscribe(2, (Subscription("b/#"),)))  # so the one allowed subscription is still free
+    assert t.to_broker() == [Subscribe(2, (Subscription("b/#"),))]

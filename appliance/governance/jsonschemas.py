@@ -8,6 +8,7 @@ and never reaches outside it. Drafts 4, 6, 7, 2019-09 and 2020-12 are picked fro
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,13 @@ import orjson
 from appliance.governance.errors import SchemaError
 
 BASE_URI = "https://schema-set.invalid/"
-# Bounds the work one `pattern` may do on one payload (catastrophic backtracking).
-REGEX_BACKTRACK_LIMIT = 100_000
+# Patterns without look-around or backreferences run on a linear-time engine. The others backtrack:
+# one evaluation is bounded by this many steps (about 0.3 ms here), and a message checked against
+# such a schema may hold at most MAX_STRINGS_WITH_BACKTRACKING strings (keys included), so one
+# message costs at most about 0.1 s however it is crafted; more is rejected with a reason.
+REGEX_BACKTRACK_LIMIT = 20_000
+MAX_STRINGS_WITH_BACKTRACKING = 300
+_BACKTRACKING = re.compile(r"\(\?<?[=!]|\\[1-9]|\\k<|\(\?>|[*+?}]\+")
 
 
 class JsonSchemaFileError(Exception):
@@ -37,7 +43,7 @@ class JsonSchema:
     """A compiled JSON Schema: `validate(payload bytes)` → (decoded value, errors)."""
 
     format = "jsonschema"
-    __slots__ = ("name", "file", "_validator", "_max_errors", "document")
+    __slots__ = ("name", "file", "_validator", "_max_errors", "document", "max_strings")
 
     def __init__(self, name: str, file: str, validator: Any, document: Any, max_errors: int = 10):
         self.name = name
@@ -45,12 +51,16 @@ class JsonSchema:
         self.document = document
         self._validator = validator
         self._max_errors = max_errors
+        self.max_strings = MAX_STRINGS_WITH_BACKTRACKING if uses_backtracking(document) else None
 
     def validate(self, payload: bytes) -> tuple[Any, list[SchemaError]]:
         try:
             value = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             return None, [SchemaError("", f"not valid JSON: {exc}")]
+        if self.max_strings is not None and _more_strings_than(value, self.max_strings):
+            return None, [SchemaError("", f"more than {self.max_strings} strings: this schema has patterns that need "
+                                          "backtracking (look-around or backreferences), which bounds a message's size")]
         if self._validator.is_valid(value):
             return value, []
         errors = []
@@ -59,6 +69,41 @@ class JsonSchema:
             if len(errors) >= self._max_errors:
                 break
         return None, errors
+
+
+def uses_backtracking(document: Any) -> bool:
+    """Whether any `pattern` (or `patternProperties` key) needs the backtracking engine."""
+    stack = [document]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            pattern = node.get("pattern")
+            if isinstance(pattern, str) and _BACKTRACKING.search(pattern):
+                return True
+            keys = node.get("patternProperties")
+            if isinstance(keys, dict) and any(_BACKTRACKING.search(k) for k in keys):
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+def _more_strings_than(value: Any, limit: int) -> bool:
+    count = 0
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            count += 1
+        elif isinstance(node, dict):
+            count += len(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        if count > limit:
+            return True
+    return False
 
 
 class JsonSchemaRegistry:

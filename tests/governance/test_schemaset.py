@@ -226,3 +226,20 @@ def test_filters_overlap(a, b, overlap):
     from appliance.governance.topics import filters_overlap
 
     assert filters_overlap(a, b) is overlap and filters_overlap(b, a) is overlap
+
+
+def test_backtracking_patterns_bound_the_strings_per_message(demo_set):
+    import json
+
+    from appliance.governance.jsonschemas import MAX_STRINGS_WITH_BACKTRACKING
+
+    d = demo_set()
+    (d / "temperature.json").write_text(json.dumps({
+        "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "pattern": "^(a|aa)+(?=b)c?"}}}}))
+    schema = load_schema_set(d).schemas["temperature:v1"]
+    assert schema.max_strings == MAX_STRINGS_WITH_BACKTRACKING
+    assert schema.validate(json.dumps({"tags": ["aab"] * 10}).encode())[1] == []
+    _, [error] = schema.validate(json.dumps({"tags": ["aab"] * (MAX_STRINGS_WITH_BACKTRACKING + 1)}).encode())
+    assert "backtracking" in error.message and error.path == ""
+    plain = load_schema_set(demo_set("v2")).schemas["temperature:v2"]
+    assert plain.max_strings is None  # linear-time patterns only: no cap

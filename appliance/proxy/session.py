@@ -212,14 +212,11 @@ class Session:
                     break
                 first, body, end = header
                 kind = first >> 4
+                # What goes to the broker for this packet: True relays it as it is (in the run),
+                # bytes replace it, None drops it.
+                forward: bytes | bool | None = True
                 if kind == _PUBLISH and self.state is not State.AWAIT_CONNECT:
                     forward = self._on_publish(first, data[body:end])
-                    if forward is not True:
-                        if run < pos:
-                            to_broker.append(data[run:pos])
-                        if forward is not None:
-                            to_broker.append(forward)
-                        run = end
                 elif self.state is State.AWAIT_CONNECT:
                     if kind != _CONNECT:
                         raise RemoteProtocolError("the first packet must be CONNECT", ReasonCode.PROTOCOL_ERROR)
@@ -231,25 +228,23 @@ class Session:
                 elif kind == _PUBREL and self._proxy_qos2:
                     packet_id = int.from_bytes(data[body : body + 2], "big")
                     if packet_id in self._proxy_qos2:
-                        if run < pos:
-                            to_broker.append(data[run:pos])
-                        run = end
+                        forward = None
                         self._proxy_qos2.discard(packet_id)
                         self.to_client.append(encode_packet(Pubcomp(packet_id), self.version))
                 elif kind == _SUBSCRIBE and self._filter_subscriptions:
                     forward = self._on_subscribe(first, data[body:end])
-                    if forward is not True:
-                        if run < pos:
-                            to_broker.append(data[run:pos])
-                        if forward is not None:
-                            to_broker.append(forward)
-                        run = end
                 elif kind == _UNSUBSCRIBE and (self._limits.max_subscriptions or self._access is not None):
                     unsubscribe = decode_packet(first, data[body:end], self.version)  # type: ignore[arg-type]
                     assert isinstance(unsubscribe, Unsubscribe)
                     self._subscriptions.difference_update(unsubscribe.topic_filters)
                 elif kind == _DISCONNECT:
                     self._client_disconnected = True
+                if forward is not True:
+                    if run < pos:
+                        to_broker.append(data[run:pos])
+                    if isinstance(forward, bytes):
+                        to_broker.append(forward)
+                    run = end
                 pos = end
                 if self.state is State.CLOSED:
                     return

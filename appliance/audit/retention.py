@@ -63,24 +63,8 @@ def enforce_retention(
             cutoff = now - policy.verdicts_max_age
             decisions += _count(con, "DELETE FROM decisions WHERE ts < ?", [cutoff])
             events += _count(con, "DELETE FROM events WHERE ts < ?", [cutoff])
-        if policy.payloads_max_age is not None:
-            payloads += _count(
-                con,
-                "UPDATE decisions SET payload = NULL "
-                "WHERE verdict = 'accept' AND payload IS NOT NULL AND ts < ?",
-                [now - policy.payloads_max_age],
-            )
-        if policy.quarantine_max_age is not None:
-            quarantined += _count(
-                con,
-                "UPDATE decisions SET payload = NULL "
-                "WHERE verdict = 'reject' AND payload IS NOT NULL AND ts < ?",
-                [now - policy.quarantine_max_age],
-            )
-        if policy.payloads_max_bytes is not None:
-            payloads += _trim_payloads(con, "accept", policy.payloads_max_bytes)
-        if policy.quarantine_max_bytes is not None:
-            quarantined += _trim_payloads(con, "reject", policy.quarantine_max_bytes)
+        payloads += _drop_payloads(con, "accept", now, policy.payloads_max_age, policy.payloads_max_bytes)
+        quarantined += _drop_payloads(con, "reject", now, policy.quarantine_max_age, policy.quarantine_max_bytes)
         if policy.verdicts_max_bytes is not None:
             d, e = _trim_verdicts(con, policy.verdicts_max_bytes)
             decisions, events = decisions + d, events + e
@@ -98,6 +82,23 @@ def enforce_retention(
             # its own once the write-ahead log grows, so nothing is lost by not forcing it now.
             pass
     return RetentionReport(decisions, events, payloads, quarantined, checkpointed)
+
+
+def _drop_payloads(
+    con: duckdb.DuckDBPyConnection, verdict: str, now: datetime, max_age: timedelta | None, max_bytes: int | None
+) -> int:
+    """Payloads of accepted ("accept") or quarantined ("reject") messages: older than max_age, then
+    the oldest beyond max_bytes. The verdict rows stay."""
+    dropped = 0
+    if max_age is not None:
+        dropped += _count(
+            con,
+            f"UPDATE decisions SET payload = NULL WHERE verdict = '{verdict}' AND payload IS NOT NULL AND ts < ?",
+            [now - max_age],
+        )
+    if max_bytes is not None:
+        dropped += _trim_payloads(con, verdict, max_bytes)
+    return dropped
 
 
 def _trim_payloads(con: duckdb.DuckDBPyConnection, verdict: str, max_bytes: int) -> int:

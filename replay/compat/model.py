@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -103,6 +104,11 @@ class Finding:
         }
 
 
+def compatible(findings: Iterable[Finding], mode: Mode) -> bool:
+    """No finding breaks a direction the mode checks."""
+    return not any(f.breaks & mode.directions for f in findings)
+
+
 def verdicts(findings: tuple[Finding, ...] | list[Finding]) -> dict[str, bool]:
     """Compatible or not under BACKWARD, FORWARD and FULL."""
     broken = {d for f in findings for d in f.breaks}
@@ -131,7 +137,7 @@ class SchemaResult:
 
     @property
     def compatible(self) -> bool:
-        return not any(f.breaks & self.mode.directions for f in self.findings)
+        return compatible(self.findings, self.mode)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -164,7 +170,7 @@ class TopicResult:
 
     @property
     def compatible(self) -> bool:
-        return not any(f.breaks & self.mode.directions for f in self.findings)
+        return compatible(self.findings, self.mode)
 
     def to_dict(self) -> dict[str, Any]:
         return {

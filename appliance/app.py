@@ -109,7 +109,7 @@ class Appliance:
                 sinks.append(self.audit.sink)
             if config.upstream.url is not None:
                 assert self.audit is not None  # the config requires it
-                self.outbox = Outbox(self.audit.journal.path, config.upstream.outbox)
+                self.outbox = Outbox(self.audit.journal.path, config.upstream.outbox, write=self.audit.journal.write)
                 if config.upstream.outbox.policy == "reject_new":
                     journal = self.audit.journal
                     self._outbox_check = OutboxFull(self.outbox, lambda: journal.healthy)

@@ -10,7 +10,13 @@ publisher's acknowledgement until then (see proxy/acks.py).
 
 Threads: the event loop only appends to an in-memory queue (~0.1 µs). A writer thread commits
 batches and reports the committed sequence number back to the loop. A mover thread copies committed
-rows to DuckDB (AuditStore.append) and then deletes them from the journal. After a crash, the rows
+rows to DuckDB (AuditStore.append) and then deletes them from the journal.
+
+One writer: every write to the file goes through the writer thread (`write()`: the mover's deletes,
+the outbox's deletes and drops), inside the next group commit. SQLite allows one write transaction
+at a time, and a connection that finds the lock taken sleeps in its busy handler (1, 2, 5, 10 ms...):
+with three connections writing, the commits that release publishers' acknowledgements waited behind
+the others' (measured: a quarter of the writer's time; docs/performance.md). After a crash, the rows
 still in the journal are moved on the next start; rows a crash left in both places are removed from
 DuckDB first (ids only grow, so they are exactly those at or after the journal's first id).
 
@@ -29,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from appliance.audit.records import DECISION_COLUMNS, EVENT_COLUMNS, OUTBOX_COLUMNS
 
@@ -40,6 +46,19 @@ MOVE_BATCH = 10_000
 MOVE_INTERVAL_S = 1.0
 _STOP = object()
 _DECISION, _EVENT, _OUTBOX = 0, 1, 2
+T = TypeVar("T")
+
+
+class _Write:
+    """A write another thread asked for; run on the writer's connection, inside its transaction."""
+
+    __slots__ = ("func", "done", "result", "error")
+
+    def __init__(self, func: Callable[[sqlite3.Connection], Any]):
+        self.func = func
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
 
 _DECISION_DDL = f"CREATE TABLE IF NOT EXISTS decisions ({', '.join(c + (' INTEGER PRIMARY KEY' if c == 'id' else '') for c in DECISION_COLUMNS)})"
 _EVENT_DDL = f"CREATE TABLE IF NOT EXISTS events ({', '.join(c + (' INTEGER PRIMARY KEY' if c == 'id' else '') for c in EVENT_COLUMNS)})"
@@ -90,6 +109,8 @@ class Journal:
         self._stopping = threading.Event()
         self._moved = threading.Condition()
         self._move_lock = threading.Lock()  # one mover at a time: the thread, a flush, shutdown
+        self._accepting = threading.Lock()  # write() vs stop(): nothing is queued after _STOP
+        self._writing = False  # the writer thread takes write() requests
         self.last_seq = 0  # sequence number of the last record added (event loop only)
         self.committed = 0  # highest sequence number known durable (event loop only)
         self.healthy = True
@@ -153,9 +174,39 @@ class Journal:
             for listener in list(self._listeners):
                 listener(seq)
 
+    def write(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `func(conn)` as a write to the journal file and return its result once committed
+        (any thread but the event loop's: it blocks). While the writer thread runs, it runs there,
+        inside the next group commit and in a savepoint of its own: an exception undoes only its
+        own changes and is raised here. Otherwise (before start, after stop) in a transaction of
+        its own on a new connection."""
+        with self._accepting:
+            request = _Write(func) if self._writing else None
+            if request is not None:
+                self._queue.put(request)
+        if request is None:
+            conn = self._connect()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = func(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                return result
+            finally:
+                conn.close()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.result
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._writer = threading.Thread(target=self._write_loop, name="audit-journal-writer", daemon=True)
+        with self._accepting:
+            self._writing = True
         self._writer.start()
         if self._destination is not None:
             self._mover = threading.Thread(target=self._move_loop, name="audit-journal-mover", daemon=True)
@@ -164,7 +215,9 @@ class Journal:
     def stop(self, *, move: bool = True) -> None:
         """Commit what is queued, move what is committed (unless move=False), stop both threads."""
         if self._writer is not None:
-            self._queue.put(_STOP)
+            with self._accepting:
+                self._writing = False
+                self._queue.put(_STOP)
             self._writer.join()
         self._stopping.set()
         with self._moved:
@@ -188,20 +241,26 @@ class Journal:
                     except queue.Empty:
                         break
                 stop = any(entry is _STOP for entry in items)
-                records = [entry for entry in items if entry is not _STOP]
-                if records:
+                records = [entry for entry in items if entry is not _STOP and type(entry) is not _Write]
+                writes = [entry for entry in items if type(entry) is _Write]
+                if records or writes:
                     try:
-                        self._commit(conn, records)
-                    except Exception:  # noqa: BLE001 - a dead writer would hold every ack forever
+                        self._commit(conn, records, writes)
+                    except Exception as exc:  # noqa: BLE001 - a dead writer would hold every ack forever
                         log.exception("audit journal writer failed on a batch; its %d records are lost", len(records))
                         self.lost += len(records)
-                        self._call_on_loop(self._on_commit, records[-1][0])
+                        if records:
+                            self._call_on_loop(self._on_commit, records[-1][0])
+                        for write in writes:
+                            if not write.done.is_set():
+                                write.error = exc
+                                write.done.set()
                 if stop:
                     return
         finally:
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, records: list[tuple[int, int, tuple[Any, ...]]]) -> None:
+    def _commit(self, conn: sqlite3.Connection, records: list[tuple[int, int, tuple[Any, ...]]], writes: Sequence[_Write] = ()) -> None:
         decisions = [row for _, kind, row in records if kind == _DECISION]
         events = [row for _, kind, row in records if kind == _EVENT]
         outbox = [row for _, kind, row in records if kind == _OUTBOX]
@@ -213,18 +272,35 @@ class Journal:
                 conn.executemany(_INSERT_EVENT, events)
             if outbox:
                 conn.executemany(_INSERT_OUTBOX, outbox)
+            for write in writes:
+                conn.execute("SAVEPOINT write")
+                try:
+                    write.result = write.func(conn)
+                except Exception as exc:  # noqa: BLE001 - raised in the thread that asked
+                    write.error = exc
+                    conn.execute("ROLLBACK TO write")
+                conn.execute("RELEASE write")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+            for write in writes:
+                write.result, write.error = None, exc
+                write.done.set()
+            if not records:
+                return
             self.lost += len(records)
             if self.healthy:
                 self.healthy = False
                 log.error("audit journal %s: cannot commit (%s); verdicts are not being recorded", self.path, exc)
                 self._call_on_loop(self._on_event, "audit_degraded", {"error": str(exc)})
         else:
+            for write in writes:
+                write.done.set()
+            if not records:
+                return
             self.pending_rows += len(decisions) + len(events)
             self.outbox_added += len(outbox)
             if not self.healthy:
@@ -282,22 +358,22 @@ class Journal:
             events = conn.execute(f"SELECT * FROM events ORDER BY id LIMIT {int(limit)}").fetchall()
             if not decisions and not events:
                 return 0
-            self._destination.append(decisions, events)
-            try:
-                conn.execute("BEGIN")
-                if decisions:
-                    conn.execute("DELETE FROM decisions WHERE id <= ?", (decisions[-1][0],))
-                if events:
-                    conn.execute("DELETE FROM events WHERE id <= ?", (events[-1][0],))
-                conn.execute("COMMIT")
-            except sqlite3.Error:
-                # The rows stay in the journal and will be moved again: take them back out of DuckDB.
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                self._destination.delete_from(decisions[0][0] if decisions else None, events[0][0] if events else None)
-                raise
         finally:
             conn.close()
+        self._destination.append(decisions, events)
+
+        def delete_moved(conn: sqlite3.Connection) -> None:
+            if decisions:
+                conn.execute("DELETE FROM decisions WHERE id <= ?", (decisions[-1][0],))
+            if events:
+                conn.execute("DELETE FROM events WHERE id <= ?", (events[-1][0],))
+
+        try:
+            self.write(delete_moved)
+        except sqlite3.Error:
+            # The rows stay in the journal and will be moved again: take them back out of DuckDB.
+            self._destination.delete_from(decisions[0][0] if decisions else None, events[0][0] if events else None)
+            raise
         moved = len(decisions) + len(events)
         self.moved += moved
         self.pending_rows = max(0, self.pending_rows - moved)

@@ -111,7 +111,7 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
 
         config = UpstreamConfig.model_validate({"url": f"mqtt://127.0.0.1:{port}", "window": window, "protocol": protocol,
                                                 "client_id": "bench", "gateway_id": "bench"})
-        outbox = Outbox(journal.path, config.outbox)
+        outbox = Outbox(journal.path, config.outbox, write=journal.write)
         forwarder = Forwarder(config, outbox, on_event=lambda kind, detail: None)
         stop_live = asyncio.Event()
 

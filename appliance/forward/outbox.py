@@ -3,8 +3,10 @@ until the cloud broker has acknowledged them.
 
 The journal's writer thread inserts rows (in the same transaction as each message's verdict); this
 class reads them in id order, deletes them once acknowledged, and keeps the outbox within its
-bounds. It has its own connection to the same WAL file, so reads never wait for the writer; every
-write here is one short transaction (busy_timeout covers the writer's millisecond commits).
+bounds. It has its own connection to the same WAL file, so reads never wait for the writer. Its
+writes (deletes, drops) go through `write`, normally the journal's `Journal.write`, which runs them
+on the journal's writer thread inside its next group commit: one writer, so nobody sleeps in
+SQLite's busy handler. Without one (tools, tests) they are short transactions on this connection.
 
 Counters: `depth()` must be cheap (status, metrics, and the reject_new check run often), so the
 message and byte counts live in memory. Rows are added by another connection, so they are brought
@@ -26,10 +28,10 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from appliance.audit.records import OUTBOX_COLUMNS
 from appliance.forward.config import OutboxBounds
@@ -89,6 +91,7 @@ class Outbox:
         refresh_interval: float = 1.0,
         full_refresh_interval: float = 60.0,
         busy_timeout: float = 5.0,
+        write: Callable[[Callable[[sqlite3.Connection], Any]], Any] | None = None,
     ):
         self.path = path
         self.bounds = bounds
@@ -112,6 +115,7 @@ class Outbox:
         # this connection's commits need not wait for fsync; the journal's inserts still do.
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute(_DDL)
+        self._write = write or self._write_here
         with self._lock:
             self._refresh_locked(full=True)
 
@@ -277,19 +281,27 @@ class Outbox:
 
     def _delete_ids(self, ids: list[int]) -> list[tuple[int, int]]:
         """Delete these rows in one transaction; returns (id, size) of the rows that existed."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+
+        def delete(conn: sqlite3.Connection) -> list[tuple[int, int]]:
             removed: list[tuple[int, int]] = []
             for start in range(0, len(ids), _DELETE_CHUNK):
                 chunk = ids[start : start + _DELETE_CHUNK]
-                removed += self._conn.execute(
+                removed += conn.execute(
                     f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))}) RETURNING id, {_SIZE}", chunk
                 ).fetchall()
-            self._conn.execute("COMMIT")
+            return removed
+
+        return self._write(delete)
+
+    def _write_here(self, func: Callable[[sqlite3.Connection], Any]) -> Any:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = func(self._conn)
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
-        return removed
+        self._conn.execute("COMMIT")
+        return result
 
     def _delete_victims(self, victims: list[Dropped]) -> list[Dropped]:
         if not victims:

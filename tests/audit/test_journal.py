@@ -114,3 +114,51 @@ def test_durable_acks_setting_decides_what_acks_wait_for(tmp_path: Path, durable
     service = AuditService(config.audit, tmp_path, config_revision="r", dry_run=False)
     assert (service.durability is service.journal) is durable
     service.store.close()
+
+
+def test_writes_from_other_threads_run_in_the_writers_commits(tmp_path: Path):
+    """Journal.write: the mover's and the outbox's deletes run on the writer thread, each in a
+    savepoint (a failing one undoes only itself and raises in its caller), interleaved with live
+    commits; before start and after stop they run in a transaction of their own."""
+    import sqlite3
+    import threading
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    assert journal.write(lambda conn: conn.execute("CREATE TABLE marks (n INTEGER, thread TEXT)").rowcount) == -1
+    threads: list[str] = []
+
+    def mark(n: int):  # noqa: ANN202
+        def insert(conn: sqlite3.Connection) -> int:
+            threads.append(threading.current_thread().name)
+            return conn.execute("INSERT INTO marks VALUES (?, ?)", (n, threading.current_thread().name)).rowcount
+        return insert
+
+    def broken(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO marks VALUES (-1, 'undone')")
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        for n in range(200):
+            assert journal.write(mark(n)) == 1
+        try:
+            journal.write(broken)
+        except sqlite3.OperationalError as exc:
+            errors.append(exc)
+
+    def work(j: Journal) -> None:
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        for r in rows(2_000):
+            j.add_decision(r)
+        worker.join(30)
+
+    run_journal(journal, work)
+    assert len(errors) == 1 and "no_such_table" in str(errors[0])
+    assert set(threads) == {"audit-journal-writer"}
+    assert journal.write(mark(999)) == 1  # stopped: a transaction of its own, in this thread
+    conn = sqlite3.connect(tmp_path / "journal.sqlite3")
+    assert conn.execute("SELECT count(*), min(n), max(n) FROM marks").fetchone() == (201, 0, 999)
+    assert conn.execute("SELECT count(*) FROM decisions").fetchone() == (2_000,)
+    assert conn.execute("SELECT count(*) FROM marks WHERE thread = 'undone'").fetchone() == (0,)

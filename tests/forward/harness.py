@@ -169,7 +169,7 @@ class Harness:
                 payload if payload is not None else f"{client_id}:{seq}".encode(), qos, 0, schema)
 
     def start_forwarder(self, config: UpstreamConfig) -> Forwarder:
-        self.outbox = Outbox(self.journal_path, config.outbox)
+        self.outbox = Outbox(self.journal_path, config.outbox, write=self.journal.write)
         self.forwarder = Forwarder(config, self.outbox, on_event=lambda kind, detail: self.events.append((kind, detail)))
         self.run(self.forwarder.start())
         return self.forwarder

@@ -109,7 +109,7 @@ class Appliance:
                 sinks.append(self.audit.sink)
             if config.upstream.url is not None:
                 assert self.audit is not None  # the config requires it
-                self.outbox = Outbox(self.audit.journal.path, config.upstream.outbox, write=self.audit.journal.write)
+                self.outbox = Outbox(self.audit.journal.path, config.upstream.outbox, journal=self.audit.journal)
                 if config.upstream.outbox.policy == "reject_new":
                     journal = self.audit.journal
                     self._outbox_check = OutboxFull(self.outbox, lambda: journal.healthy)
@@ -187,6 +187,8 @@ class Appliance:
         if self.outbox is not None:
             self.forwarder = Forwarder(config.upstream, self.outbox, on_event=self.on_event)
             await self.forwarder.start()
+            assert self.audit is not None
+            self.audit.journal.on_outbox_commit = self.forwarder.wake
         if config.metrics.enabled:
             registry = CollectorRegistry()
             registry.register(ApplianceCollector(self, self.metrics))
@@ -269,6 +271,8 @@ class Appliance:
         if self.broker is not None:
             await self.broker.stop()
         if self.forwarder is not None:
+            if self.audit is not None:
+                self.audit.journal.on_outbox_commit = None
             await self.forwarder.stop()
         if self.outbox is not None:
             self.outbox.close()

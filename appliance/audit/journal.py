@@ -52,13 +52,26 @@ T = TypeVar("T")
 class _Write:
     """A write another thread asked for; run on the writer's connection, inside its transaction."""
 
-    __slots__ = ("func", "done", "result", "error")
+    __slots__ = ("done", "error", "func", "on_done", "result")
 
-    def __init__(self, func: Callable[[sqlite3.Connection], Any]):
+    def __init__(self, func: Callable[[sqlite3.Connection], Any],
+                 on_done: Callable[[Any, BaseException | None], None] | None = None):
         self.func = func
+        self.on_done = on_done
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+
+    def finish(self, result: Any, error: BaseException | None) -> None:
+        """Committed (or failed): record the outcome, call on_done, wake whoever waits."""
+        self.result, self.error = result, error
+        if self.on_done is not None:
+            try:
+                self.on_done(result, error)
+            except Exception:  # noqa: BLE001 - the writer thread must survive a caller's bug
+                log.exception("journal write callback failed")
+        self.done.set()
+
 
 _DECISION_DDL = f"CREATE TABLE IF NOT EXISTS decisions ({', '.join(c + (' INTEGER PRIMARY KEY' if c == 'id' else '') for c in DECISION_COLUMNS)})"
 _EVENT_DDL = f"CREATE TABLE IF NOT EXISTS events ({', '.join(c + (' INTEGER PRIMARY KEY' if c == 'id' else '') for c in EVENT_COLUMNS)})"
@@ -117,6 +130,8 @@ class Journal:
         self.lost = 0  # records that could not be made durable (disk full, I/O errors)
         self.moved = 0  # rows moved to DuckDB since start
         self.outbox_added = 0  # outbox rows committed since start
+        # Called on the writer thread after a commit that added outbox rows (wakes the forwarder).
+        self.on_outbox_commit: Callable[[], None] | None = None
         self.pending_rows = 0  # rows in the journal not yet moved (approximate, for metrics)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._max_bytes = max_bytes
@@ -176,31 +191,44 @@ class Journal:
 
     def write(self, func: Callable[[sqlite3.Connection], T]) -> T:
         """Run `func(conn)` as a write to the journal file and return its result once committed
-        (any thread but the event loop's: it blocks). While the writer thread runs, it runs there,
-        inside the next group commit and in a savepoint of its own: an exception undoes only its
-        own changes and is raised here. Otherwise (before start, after stop) in a transaction of
-        its own on a new connection."""
-        with self._accepting:
-            request = _Write(func) if self._writing else None
-            if request is not None:
-                self._queue.put(request)
-        if request is None:
-            conn = self._connect()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = func(conn)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-                return result
-            finally:
-                conn.close()
+        (any thread but the event loop's: it blocks). See submit()."""
+        request = self.submit(func)
         request.done.wait()
         if request.error is not None:
             raise request.error
-        return request.result
+        result: T = request.result
+        return result
+
+    def submit(self, func: Callable[[sqlite3.Connection], Any],
+               on_done: Callable[[Any, BaseException | None], None] | None = None) -> _Write:
+        """Queue `func(conn)` as a write to the journal file without waiting: `on_done(result,
+        error)` runs once it is committed or failed, and the returned request's `done` event is set
+        after that. While the writer thread runs, `func` runs there, inside the next group commit
+        and in a savepoint of its own: an exception undoes only its own changes. Otherwise (before
+        start, after stop) it runs now, in this thread, in a transaction of its own."""
+        request = _Write(func, on_done)
+        with self._accepting:
+            queued = self._writing
+            if queued:
+                self._queue.put(request)
+        if queued:
+            return request
+        result, error = None, None
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = func(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - reported through the request, as on the writer
+            error = exc
+        finally:
+            conn.close()
+        request.finish(result, error)
+        return request
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -253,8 +281,7 @@ class Journal:
                             self._call_on_loop(self._on_commit, records[-1][0])
                         for write in writes:
                             if not write.done.is_set():
-                                write.error = exc
-                                write.done.set()
+                                write.finish(None, exc)
                 if stop:
                     return
         finally:
@@ -272,12 +299,13 @@ class Journal:
                 conn.executemany(_INSERT_EVENT, events)
             if outbox:
                 conn.executemany(_INSERT_OUTBOX, outbox)
+            outcomes: list[tuple[Any, BaseException | None]] = []
             for write in writes:
                 conn.execute("SAVEPOINT write")
                 try:
-                    write.result = write.func(conn)
-                except Exception as exc:  # noqa: BLE001 - raised in the thread that asked
-                    write.error = exc
+                    outcomes.append((write.func(conn), None))
+                except Exception as exc:  # noqa: BLE001 - reported to the thread that asked
+                    outcomes.append((None, exc))
                     conn.execute("ROLLBACK TO write")
                 conn.execute("RELEASE write")
             conn.execute("COMMIT")
@@ -287,8 +315,7 @@ class Journal:
             except sqlite3.Error:
                 pass
             for write in writes:
-                write.result, write.error = None, exc
-                write.done.set()
+                write.finish(None, exc)
             if not records:
                 return
             self.lost += len(records)
@@ -297,12 +324,14 @@ class Journal:
                 log.error("audit journal %s: cannot commit (%s); verdicts are not being recorded", self.path, exc)
                 self._call_on_loop(self._on_event, "audit_degraded", {"error": str(exc)})
         else:
-            for write in writes:
-                write.done.set()
+            for write, (result, error) in zip(writes, outcomes, strict=True):
+                write.finish(result, error)
             if not records:
                 return
             self.pending_rows += len(decisions) + len(events)
             self.outbox_added += len(outbox)
+            if outbox and self.on_outbox_commit is not None:
+                self.on_outbox_commit()
             if not self.healthy:
                 self.healthy = True
                 log.warning("audit journal %s: commits work again (%d records lost meanwhile)", self.path, self.lost)

@@ -111,7 +111,7 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
 
         config = UpstreamConfig.model_validate({"url": f"mqtt://127.0.0.1:{port}", "window": window, "protocol": protocol,
                                                 "client_id": "bench", "gateway_id": "bench"})
-        outbox = Outbox(journal.path, config.outbox, write=journal.write)
+        outbox = Outbox(journal.path, config.outbox, journal=journal)
         forwarder = Forwarder(config, outbox, on_event=lambda kind, detail: None)
         stop_live = asyncio.Event()
 
@@ -131,6 +131,7 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
 
         started = time.monotonic()
         await forwarder.start()
+        journal.on_outbox_commit = forwarder.wake
         live_task = asyncio.create_task(live())
         while forwarder.forwarded_total < backlog:
             await asyncio.sleep(0.005)

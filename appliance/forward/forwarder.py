@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import ssl
 import threading
@@ -29,12 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from appliance.forward.config import UpstreamConfig
+from appliance.forward.link import Link, LinkClosed, user_properties
 from appliance.forward.outbox import Dropped, Outbox, OutboxRow
 
 log = logging.getLogger(__name__)
@@ -42,7 +39,7 @@ log = logging.getLogger(__name__)
 MAINTAIN_INTERVAL_S = 1.0
 DELETE_EVERY_S = 0.05  # acknowledged rows are deleted in batches: at most this late...
 DELETE_BATCH = 1_000  # ...or as soon as this many are acknowledged
-IDLE_POLL_S = 0.01  # how often an empty outbox is looked at again (latency of live messages)
+IDLE_POLL_S = 0.01  # how often an empty outbox is looked at again when nothing wakes the forwarder
 STABLE_SESSION_S = 10.0  # a connection that lasted this long resets the backoff
 RATE_WINDOW_S = 10.0
 STOP_GRACE_S = 2.0  # on stop, wait this long for in-flight acknowledgements (fewer duplicates later)
@@ -59,46 +56,6 @@ class ForwarderStatus:
     dropped_total: int  # removed by the outbox bounds (TTL, drop_oldest), since start
     last_error: str | None  # the last connection or outbox problem; None once forwarding works again
     inflight: int = 0
-
-
-class _SessionEnded(Exception):
-    """The current connection is over; the message is the reason."""
-
-
-class _UserProperties(Properties):
-    """PUBLISH properties holding only user properties, packed once. paho's Properties validates
-    every attribute by name and costs ~30 µs a message, a third of the forwarder's time."""
-
-    _packed: bytes
-    _pairs: list[tuple[str, str]]
-
-    def __init__(self, pairs: list[tuple[str, str]]):
-        body = bytearray()
-        for name, value in pairs:
-            body.append(0x26)  # User Property
-            for text in (name, value):
-                data = text.encode()
-                body += len(data).to_bytes(2, "big") + data
-        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
-        object.__setattr__(self, "_packed", _varint(len(body)) + bytes(body))
-        object.__setattr__(self, "_pairs", pairs)
-
-    def pack(self) -> bytes:
-        return self._packed
-
-    def __str__(self) -> str:
-        return f"[UserProperty: {self._pairs}]"
-
-    __repr__ = __str__
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value % 128, value // 128
-        out.append(byte | 0x80 if value else byte)
-        if not value:
-            return bytes(out)
 
 
 def render_topic(template: str, *, topic: str, gateway_id: str, client_id: str) -> str:
@@ -137,7 +94,8 @@ class Forwarder:
         # Shared with status() (reads of ints and references are atomic enough for a status view).
         self._uplink_up = False
         self._down_reason: str | None = None
-        self.forwarded_total = 0
+        self.forwarded_total = 0  # counted on the journal's writer thread (delete_later)
+        self._failed_deletes: list[int] = []  # acknowledged rows whose delete failed: retried
         self.dropped_total = 0
         self.sent_total = 0  # publishes written, resends included
         self.connects = 0
@@ -145,22 +103,56 @@ class Forwarder:
         self._last_error: str | None = None
         self._rate_samples: deque[tuple[float, int]] = deque()
         self._next_maintain = 0.0
+        self._idle = False  # waiting in poll() for acks or new rows: wake() writes to the pipe
+        self._wake_r = self._wake_w = -1  # a pipe while started
+
+    # -- waking up -------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New rows are in the outbox (any thread; the journal calls it after a commit): stop
+        waiting. Without it, a live message waits up to IDLE_POLL_S for the next look."""
+        fd = self._wake_w
+        if self._idle and fd >= 0:
+            try:
+                os.write(fd, b"w")
+            except (BlockingIOError, OSError):
+                pass  # full (a wake is already pending) or closed (stopping)
+
+    def _drain_wakes(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
 
     # -- lifecycle (event loop) ------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping.clear()
+        if self._wake_r < 0:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="upstream-forwarder", daemon=True)
         self._thread.start()
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"s")  # out of poll() now, not after IDLE_POLL_S
+            except OSError:
+                pass
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout)
             if self._thread.is_alive():
                 log.error("forwarder thread did not stop within %.0f s", timeout)
+                return  # it may still poll the pipe
             self._thread = None
+        fds = (self._wake_r, self._wake_w)
+        self._wake_r = self._wake_w = -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
 
     def status(self) -> ForwarderStatus:
         depth = self.outbox.depth()
@@ -214,34 +206,16 @@ class Forwarder:
     def _session(self) -> str:
         """One connection: connect, drain, return why it ended."""
         try:
-            client = self._make_client()
+            link = self._make_link()
         except (OSError, ssl.SSLError, ValueError) as exc:
             # A missing or unreadable CA/certificate/key (a typo, a rotation in progress): back off
             # and try again like any other failed connection, rather than stop forwarding for good.
             return f"TLS files: {exc}"
-        acked_mids: list[int] = []
-        state: dict[str, Any] = {"connack": None, "disconnect": None}
-
-        def on_connect(_c: Any, _u: Any, _flags: Any, reason_code: Any, props: Any) -> None:
-            state["connack"] = reason_code
-            state["receive_maximum"] = getattr(props, "ReceiveMaximum", None)  # MQTT 5: the broker's own window
-
-        def on_disconnect(_c: Any, _u: Any, flags: Any, reason_code: Any, _props: Any) -> None:
-            if getattr(flags, "is_disconnect_packet_from_server", False):
-                state["disconnect"] = reason_code
-
-        def on_publish(_c: Any, _u: Any, mid: int, reason_code: Any, _props: Any) -> None:
-            acked_mids.append(mid)  # processed after publish()/loop() return: a QoS 0 write calls this inside publish()
-
-        client.on_connect = on_connect
-        client.on_disconnect = on_disconnect
-        client.on_publish = on_publish
-
-        inflight: dict[int, tuple[int, float]] = {}  # mid -> (row id, sent at), in send order
+        inflight: dict[int, tuple[int, float]] = {}  # packet id -> (row id, sent at), in send order
         acked_ids: list[int] = []
         try:
-            self._connect(client, state)
-            window = min(self.config.window, state.get("receive_maximum") or self.config.window)
+            link.connect(self._ack_timeout, self._stopping.is_set)
+            window = min(self.config.window, link.receive_maximum or self.config.window)
             self._uplink_is_up(window)
             cursor = 0  # every connection starts over from the oldest row still in the outbox
             buffer: deque[OutboxRow] = deque()
@@ -255,145 +229,101 @@ class Forwarder:
                         cursor = self._handed_out = rows[-1].id
                 while buffer and len(inflight) < window:
                     row = buffer.popleft()
-                    info = self._publish(client, row)
-                    if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                        raise _SessionEnded(self._disconnect_reason(state, info.rc))
-                    inflight[info.mid] = (row.id, now)
+                    pid = self._publish(link, row)
+                    if pid:
+                        inflight[pid] = (row.id, now)
                     self.sent_total += 1
                 waiting = not buffer or len(inflight) >= window
-                rc = client.loop(IDLE_POLL_S if waiting else 0.0)
-                if acked_mids:
-                    for mid in acked_mids:
-                        entry = inflight.pop(mid, None)
-                        if entry is not None:
-                            acked_ids.append(entry[0])
-                    acked_mids.clear()
+                if waiting:
+                    self._idle = True
+                    acked, written = link.poll(IDLE_POLL_S, self._wake_r if self._wake_r >= 0 else None)
+                    self._idle = False
+                    self._drain_wakes()
+                else:
+                    acked, written = link.poll(0.0)
+                for pid in acked:
+                    entry = inflight.pop(pid, None)
+                    if entry is not None:
+                        acked_ids.append(entry[0])
+                acked_ids += written  # QoS 0: delivered once written
                 self._inflight_count = len(inflight)
                 now = time.monotonic()
-                if acked_ids and (len(acked_ids) >= DELETE_BATCH or now - last_delete >= DELETE_EVERY_S):
+                if (acked_ids or self._failed_deletes) and (len(acked_ids) >= DELETE_BATCH or now - last_delete >= DELETE_EVERY_S):
                     self._delete(acked_ids)
                     last_delete = now
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    raise _SessionEnded(self._disconnect_reason(state, rc))
                 if inflight:
                     _, sent_at = next(iter(inflight.values()))
                     if now - sent_at > self._ack_timeout:
-                        raise _SessionEnded(
+                        raise LinkClosed(
                             f"no acknowledgement within {self._ack_timeout:g} s ({len(inflight)} in flight): uplink hung"
                         )
                 if now >= self._next_maintain:
                     self._maintain()
-            self._drain_before_stop(client, inflight, acked_mids, acked_ids)
+            self._drain_before_stop(link, inflight, acked_ids)
             return "stopped"
-        except _SessionEnded as ended:
+        except LinkClosed as ended:
             return str(ended)
         finally:
-            if acked_ids:
+            if acked_ids or self._failed_deletes:
                 self._delete(acked_ids)
+            # The next connection starts over from the oldest row still in the outbox: let these
+            # deletes land first, or it would send their rows again.
+            self.outbox.settle()
             self._inflight_count = 0
             self._handed_out = 0  # the next connection starts over from the oldest row
-            self._close(client)
+            link.disconnect()
 
-    @staticmethod
-    def _close(client: paho.Client) -> None:
-        if client.is_connected():
-            client.disconnect()
-            client.loop(0.1)  # writes the DISCONNECT, then paho closes the socket
-        sock = client.socket()
-        if sock is not None:
-            sock.close()
-        # Each connection gets a fresh client (so paho never resends on its own): release its
-        # wake-up socket pair now rather than whenever the garbage collector gets to it.
-        reset = getattr(client, "_reset_sockets", None)
-        if reset is not None:
-            reset()
-
-    def _make_client(self) -> paho.Client:
+    def _make_link(self) -> Link:
         cfg = self.config
-        v5 = cfg.protocol == 5
-        kwargs: dict[str, Any] = {"client_id": cfg.effective_client_id, "protocol": paho.MQTTv5 if v5 else paho.MQTTv311}
-        if not v5:
-            kwargs["clean_session"] = True
-        client = paho.Client(CallbackAPIVersion.VERSION2, **kwargs)
-        # The window is enforced here; paho's own limit would rescan every in-flight message on each ack.
-        client.max_inflight_messages_set(0)
-        client.max_queued_messages_set(0)
-        client.connect_timeout = min(self._ack_timeout, 10.0)  # bounds how long stop() can wait on a connect
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
+        context = None
         if cfg.uses_tls:
             tls = cfg.tls
             context = ssl.create_default_context(cafile=str(tls.ca_file) if tls and tls.ca_file else None)
             if tls is not None and tls.cert_file is not None:
                 context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-            client.tls_set_context(context)
             if tls is not None and not tls.verify_hostname:
-                client.tls_insecure_set(True)
-        return client
+                context.check_hostname = False
+        return Link(cfg.host, cfg.port, client_id=cfg.effective_client_id, protocol=cfg.protocol,
+                    keepalive=cfg.keepalive, username=cfg.username, password=cfg.password, tls=context)
 
-    def _connect(self, client: paho.Client, state: dict[str, Any]) -> None:
-        cfg = self.config
-        try:
-            if cfg.protocol == 5:
-                client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive, clean_start=True)
-            else:
-                client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive)
-        except ssl.SSLCertVerificationError as exc:
-            raise _SessionEnded(
-                f"TLS: certificate verify failed: {exc.verify_message} (is upstream.tls.ca_file the CA of the cloud broker?)"
-            ) from None
-        except ssl.SSLError as exc:
-            raise _SessionEnded(f"TLS: {exc.reason or exc}") from None
-        except (OSError, ValueError) as exc:
-            raise _SessionEnded(f"cannot connect to {cfg.host}:{cfg.port}: {exc}") from None
-        deadline = time.monotonic() + self._ack_timeout
-        while state["connack"] is None:
-            rc = client.loop(0.05)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                raise _SessionEnded(self._disconnect_reason(state, rc, connecting=True))
-            if self._stopping.is_set():
-                raise _SessionEnded("stopped")
-            if time.monotonic() > deadline:
-                raise _SessionEnded(f"no CONNACK within {self._ack_timeout:g} s: uplink hung")
-        if state["connack"].is_failure:
-            raise _SessionEnded(f"the cloud broker refused the connection: {state['connack']}")
-
-    def _publish(self, client: paho.Client, row: OutboxRow) -> paho.MQTTMessageInfo:
+    def _publish(self, link: Link, row: OutboxRow) -> int:
         cfg = self.config
         topic = render_topic(self._topic_template, topic=row.topic, gateway_id=cfg.gateway_id, client_id=row.client_id)
-        properties = None
+        properties = b"\x00"
         if cfg.protocol == 5:
             user = [("message-id", str(row.id)), ("client-id", row.client_id)]
             if row.schema:
                 user.append(("schema", row.schema))
-            properties = _UserProperties(user)
+            properties = user_properties(user)
         qos = cfg.qos if row.qos is None else min(row.qos, 1)  # the mapping's forward_qos, else upstream.qos
-        return client.publish(topic, row.payload, qos, row.retain and cfg.retain, properties)
+        return link.publish(topic, row.payload, qos, row.retain and cfg.retain, properties, token=row.id)
 
-    def _drain_before_stop(self, client: paho.Client, inflight: dict[int, tuple[int, float]],
-                           acked_mids: list[int], acked_ids: list[int]) -> None:
+    def _drain_before_stop(self, link: Link, inflight: dict[int, tuple[int, float]], acked_ids: list[int]) -> None:
         deadline = time.monotonic() + min(STOP_GRACE_S, self._ack_timeout)
         while inflight and time.monotonic() < deadline:
-            if client.loop(0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            try:
+                acked, written = link.poll(0.05)
+            except LinkClosed:
                 break
-            for mid in acked_mids:
-                entry = inflight.pop(mid, None)
+            for pid in acked:
+                entry = inflight.pop(pid, None)
                 if entry is not None:
                     acked_ids.append(entry[0])
-            acked_mids.clear()
-
-    def _disconnect_reason(self, state: dict[str, Any], rc: MQTTErrorCode, *, connecting: bool = False) -> str:
-        if state.get("disconnect") is not None:
-            return f"the cloud broker sent DISCONNECT: {state['disconnect']}"
-        during = " while waiting for CONNACK" if connecting else ""
-        return f"connection lost{during}: {paho.error_string(rc)}"
+            acked_ids += written
 
     def _delete(self, acked_ids: list[int]) -> None:
-        removed = self.outbox.delete(acked_ids)
-        if removed or self.outbox.last_error is None:
-            acked_ids.clear()  # on a failure they stay queued and are retried (or sent again)
-        self.forwarded_total += removed
-        if removed:
+        """Delete acknowledged rows without waiting for the journal's commit (the forwarder keeps
+        sending meanwhile); failed deletes come back through _failed_deletes and are retried."""
+        ids = acked_ids[:]
+        acked_ids.clear()
+        if self._failed_deletes:
+            ids += self._failed_deletes
+            self._failed_deletes = []
+        self.outbox.delete_later(ids, self._deleted, self._failed_deletes.extend)
+
+    def _deleted(self, count: int) -> None:  # on the journal's writer thread
+        self.forwarded_total += count
+        if count:
             self._last_error = None
 
     def _maintain(self) -> None:

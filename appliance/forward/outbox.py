@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from appliance.audit.records import OUTBOX_COLUMNS
 from appliance.forward.config import OutboxBounds
@@ -47,6 +47,58 @@ _SCAN_CHUNK = 2_000
 MAX_DROPS_PER_CALL = 10_000
 
 DropReason = Literal["expired", "max_messages", "max_bytes"]
+
+
+class Done(Protocol):
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class Submitted(Protocol):
+    @property
+    def done(self) -> Done: ...
+
+
+class Writes(Protocol):
+    """Where the outbox's writes go: the audit Journal (its writer thread), or _OwnWrites."""
+
+    def write(self, func: Callable[[sqlite3.Connection], Any]) -> Any: ...
+
+    def submit(self, func: Callable[[sqlite3.Connection], Any],
+               on_done: Callable[[Any, BaseException | None], None] | None = None) -> Submitted: ...
+
+
+class _OwnWrites:
+    """Writes in a transaction of their own on the outbox's connection, in the calling thread (no
+    journal writer: tools and tests). The caller holds Outbox._lock or is the only user."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+
+    def write(self, func: Callable[[sqlite3.Connection], Any]) -> Any:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = func(self._conn)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+        return result
+
+    def submit(self, func: Callable[[sqlite3.Connection], Any],
+               on_done: Callable[[Any, BaseException | None], None] | None = None) -> Submitted:
+        result, error = None, None
+        try:
+            result = self.write(func)
+        except Exception as exc:  # noqa: BLE001 - reported through on_done, as the journal does
+            error = exc
+        if on_done is not None:
+            on_done(result, error)
+        return _Finished()
+
+
+class _Finished:
+    done = threading.Event()
+    done.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +143,7 @@ class Outbox:
         refresh_interval: float = 1.0,
         full_refresh_interval: float = 60.0,
         busy_timeout: float = 5.0,
-        write: Callable[[Callable[[sqlite3.Connection], Any]], Any] | None = None,
+        journal: Writes | None = None,
     ):
         self.path = path
         self.bounds = bounds
@@ -99,7 +151,7 @@ class Outbox:
         self.full_refresh_interval = full_refresh_interval
         self.last_error: str | None = None
         self.errors = 0  # SQLite errors since start
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # delete_later's callback takes it, on _OwnWrites in the same call
         self._messages = 0
         self._bytes = 0
         self._oldest_ts: float | None = None
@@ -115,7 +167,8 @@ class Outbox:
         # this connection's commits need not wait for fsync; the journal's inserts still do.
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute(_DDL)
-        self._write = write or self._write_here
+        self._writes: Writes = journal or _OwnWrites(self._conn)
+        self._pending_delete: Done | None = None  # the last delete_later() not yet committed
         with self._lock:
             self._refresh_locked(full=True)
 
@@ -137,6 +190,36 @@ class Outbox:
             OutboxRow(r[0], r[1], r[2], r[3], b"" if r[4] is None else bytes(r[4]), r[5], bool(r[6]), r[7])
             for r in rows
         ]
+
+    def delete_later(self, ids: Iterable[int], on_deleted: Callable[[int], None],
+                     on_failed: Callable[[list[int]], None]) -> None:
+        """Remove acknowledged rows without waiting for the commit: `on_deleted(count)` or, when the
+        delete failed (the rows stay and are sent again), `on_failed(ids)` runs once it is done, on
+        the journal's writer thread. settle() waits for every delete queued so far."""
+        ids = list(ids)
+        if not ids:
+            return
+
+        def done(removed: list[tuple[int, int]] | None, error: BaseException | None) -> None:
+            with self._lock:
+                if error is not None or removed is None:
+                    self._error("delete", error if isinstance(error, sqlite3.Error) else sqlite3.Error(str(error)))
+                else:
+                    self._forget(removed)
+                    self._ok()
+            if error is not None or removed is None:
+                on_failed(ids)
+            else:
+                on_deleted(len(removed))
+
+        with self._lock:
+            self._pending_delete = self._writes.submit(self._delete_in(ids), done).done
+
+    def settle(self) -> None:
+        """Wait until every delete_later() so far is committed (or failed): they run in order."""
+        pending = self._pending_delete
+        if pending is not None:
+            pending.wait()
 
     def delete(self, ids: Iterable[int]) -> int:
         """Remove acknowledged rows; returns how many existed (an id dropped meanwhile is skipped)."""
@@ -281,7 +364,11 @@ class Outbox:
 
     def _delete_ids(self, ids: list[int]) -> list[tuple[int, int]]:
         """Delete these rows in one transaction; returns (id, size) of the rows that existed."""
+        removed: list[tuple[int, int]] = self._writes.write(self._delete_in(ids))
+        return removed
 
+    @staticmethod
+    def _delete_in(ids: list[int]) -> Callable[[sqlite3.Connection], list[tuple[int, int]]]:
         def delete(conn: sqlite3.Connection) -> list[tuple[int, int]]:
             removed: list[tuple[int, int]] = []
             for start in range(0, len(ids), _DELETE_CHUNK):
@@ -291,17 +378,7 @@ class Outbox:
                 ).fetchall()
             return removed
 
-        return self._write(delete)
-
-    def _write_here(self, func: Callable[[sqlite3.Connection], Any]) -> Any:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = func(self._conn)
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
-        return result
+        return delete
 
     def _delete_victims(self, victims: list[Dropped]) -> list[Dropped]:
         if not victims:

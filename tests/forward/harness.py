@@ -169,13 +169,15 @@ class Harness:
                 payload if payload is not None else f"{client_id}:{seq}".encode(), qos, 0, schema)
 
     def start_forwarder(self, config: UpstreamConfig) -> Forwarder:
-        self.outbox = Outbox(self.journal_path, config.outbox, write=self.journal.write)
+        self.outbox = Outbox(self.journal_path, config.outbox, journal=self.journal)
         self.forwarder = Forwarder(config, self.outbox, on_event=lambda kind, detail: self.events.append((kind, detail)))
         self.run(self.forwarder.start())
+        self.journal.on_outbox_commit = self.forwarder.wake  # as the appliance wires them
         return self.forwarder
 
     def stop_forwarder(self) -> None:
         if self.forwarder is not None:
+            self.journal.on_outbox_commit = None
             self.run(self.forwarder.stop())
             self.forwarder = None
         if self.outbox is not None:

@@ -93,3 +93,24 @@ def test_fifo_rows_added_while_draining_go_after_the_stored_ones(tmp_path: Path)
     finally:
         sub.stop()
         broker.stop()
+
+
+def test_a_commit_wakes_the_idle_forwarder(tmp_path: Path, monkeypatch):  # noqa: ANN001
+    """Live messages do not wait for the next look at the outbox: the journal's commit wakes the
+    forwarder. With the periodic look pushed out to an hour, only the wake-up can deliver them."""
+    from appliance.forward import forwarder as forwarder_module
+
+    broker = CloudBroker(tmp_path / "cloud").start()
+    sub = Subscriber(broker.port, "#", version=5).start()
+    try:
+        with harness(tmp_path / "journal.sqlite3") as h:
+            h.start_forwarder(upstream(broker.url))
+            wait_until(lambda: "uplink_up" in h.kinds(), message="connected")
+            monkeypatch.setattr(forwarder_module, "IDLE_POLL_S", 3600.0)
+            wait_until(lambda: h.forwarder is not None and h.forwarder._idle, message="forwarder waiting")  # noqa: SLF001
+            for i in range(3):
+                h.add([h.row("s", i)])
+                wait_until(lambda i=i: sub.count() == i + 1, message=f"live message {i}")
+    finally:
+        sub.stop()
+        broker.stop()

@@ -111,3 +111,25 @@ def test_rows_received_while_the_clock_was_wrong_are_not_expired(tmp_path: Path)
         assert outbox.enforce() == []
         assert outbox.depth().messages == 5
         outbox.close()
+
+
+@pytest.mark.parametrize("through_journal", [True, False])
+def test_delete_later_reports_deleted_rows_and_failures(tmp_path: Path, through_journal: bool):
+    """The forwarder deletes acknowledged rows without waiting for the journal's commit: the count
+    comes back through a callback, and a failed delete hands its ids back for a retry."""
+    with harness(tmp_path / "journal.sqlite3") as h:
+        rows = [h.row("s", i) for i in range(20)]
+        h.add(rows)
+        outbox = Outbox(h.journal_path, bounds(), journal=h.journal if through_journal else None)
+        deleted: list[int] = []
+        failed: list[list[int]] = []
+        outbox.delete_later([r[0] for r in rows[:15]] + [10**18], deleted.append, failed.append)
+        outbox.settle()
+        assert deleted == [15] and failed == []  # an id already gone is not counted
+        assert outbox.refresh(full=True).messages == 5
+        h.journal.write(lambda conn: conn.execute("DROP TABLE outbox"))
+        outbox.delete_later([rows[15][0]], deleted.append, failed.append)
+        outbox.settle()
+        assert failed == [[rows[15][0]]] and deleted == [15]
+        assert outbox.last_error is not None and "no such table" in outbox.last_error
+        outbox.close()

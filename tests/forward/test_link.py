@@ -1,0 +1,150 @@
+"""The forwarder's own MQTT connection (appliance/forward/link.py) against a real mosquitto and a
+silent server: acks, QoS 0, big payloads, keepalive, refusals and the broker's DISCONNECT."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.forward.link import Link, LinkClosed, user_properties
+from tests.forward.harness import CloudBroker, Subscriber
+from tests.forward.test_resilience import hung_server
+
+
+def link(port: int, *, protocol: int = 5, keepalive: int = 30, client_id: str = "link-test", **kwargs: object) -> Link:
+    return Link("127.0.0.1", port, client_id=client_id, protocol=protocol, keepalive=keepalive, **kwargs)  # type: ignore[arg-type]
+
+
+def drain(conn: Link, pids: set[int], tokens: set[int], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (pids or tokens) and time.monotonic() < deadline:
+        acked, written = conn.poll(0.05)
+        pids -= set(acked)
+        tokens -= set(written)
+    assert not pids and not tokens, (len(pids), len(tokens))
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_qos1_acks_qos0_writes_user_properties_and_big_payloads(tmp_path: Path, protocol: int):
+    broker = CloudBroker(tmp_path / "cloud").start()
+    sub = Subscriber(broker.port, version=5).start()
+    try:
+        conn = link(broker.port, protocol=protocol)
+        conn.connect(5)
+        big = bytes(range(256)) * 8192  # 2 MB: many partial writes on a non-blocking socket
+        pids = {conn.publish(f"t/{i}", b"m%d" % i, 1, False, user_properties([("n", str(i))])) for i in range(3000)}
+        assert len(pids) == 3000 and 0 not in pids and conn.inflight == 3000
+        pids.add(conn.publish("t/big", big, 1, False))
+        assert conn.publish("t/zero", b"z", 0, False, token=77) == 0
+        drain(conn, pids, {77})
+        assert conn.inflight == 0
+        conn.disconnect()
+        deadline = time.monotonic() + 10
+        while sub.count() < 3002 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        messages = sub.messages
+        numbered = [m for m in messages if m.topic.startswith("t/") and m.topic[2:].isdigit()]
+        # In order (mosquitto may deliver the QoS 0 one ahead of QoS 1 messages still queued for the subscriber).
+        assert [m.payload for m in numbered] == [b"m%d" % i for i in range(3000)]
+        assert {m.topic: m.payload for m in messages if not m.topic[2:].isdigit()} == {"t/big": big, "t/zero": b"z"}
+        user = getattr(numbered[1].properties, "UserProperty", None)
+        assert user == ([("n", "1")] if protocol == 5 else None)
+    finally:
+        sub.stop()
+        broker.stop()
+
+
+def test_packet_ids_wrap_and_skip_those_in_flight(tmp_path: Path):
+    broker = CloudBroker(tmp_path / "cloud").start()
+    try:
+        conn = link(broker.port)
+        conn.connect(5)
+        seen: list[int] = []
+        for _ in range(3):  # 90,000 messages: the ids wrap past 65535 and acks still match
+            pids = [conn.publish("t", b"x", 1, False) for _ in range(30_000)]
+            seen += pids
+            drain(conn, set(pids), set())
+        assert max(seen) == 65535 and seen[65535] == 1
+        conn.disconnect()
+    finally:
+        broker.stop()
+    with hung_server(connack=b"\x20\x02\x00\x00") as (port, _):  # never acknowledges
+        conn = link(port, protocol=4)
+        conn.connect(5)
+        held = [conn.publish("t", b"x", 1, False) for _ in range(65_535)]
+        assert sorted(held) == list(range(1, 65_536))  # every id once: none reused while in flight
+        conn.close()
+
+
+def test_keepalive_pings_an_idle_link_and_a_silent_server_is_hung(tmp_path: Path):
+    broker = CloudBroker(tmp_path / "cloud").start()
+    try:
+        conn = link(broker.port, keepalive=1)
+        conn.connect(5)
+        deadline = time.monotonic() + 2.5  # pings at 0.75 s, 1.5 s, 2.25 s; mosquitto closes at 1.5 × keepalive without them
+        while time.monotonic() < deadline:
+            assert conn.poll(0.05) == ([], [])
+        conn.disconnect()
+    finally:
+        broker.stop()
+    with hung_server(connack=b"\x20\x02\x00\x00") as (port, _):
+        conn = link(port, protocol=4, keepalive=1)
+        conn.connect(5)
+        with pytest.raises(LinkClosed, match="no PINGRESP within 1 s"):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                conn.poll(0.05)
+        conn.close()
+
+
+def test_refused_connect_and_the_brokers_disconnect_say_why(tmp_path: Path):
+    passwords = tmp_path / "passwords"
+    passwords.write_text("")
+    broker = CloudBroker(tmp_path / "cloud", extra=f"allow_anonymous false\npassword_file {passwords}\n").start()
+    try:
+        for protocol, reason in ((5, "not authorized"), (4, "not authorized")):
+            with pytest.raises(LinkClosed, match=f"the cloud broker refused the connection: .*{reason}"):
+                link(broker.port, protocol=protocol).connect(5)
+    finally:
+        broker.stop()
+    # mosquitto 2.0 closes without a DISCONNECT; a broker shutting down (EMQX, HiveMQ) sends one
+    # and then closes: its reason is what the status shows, not just "connection lost".
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)  # CONNECT
+                conn.sendall(b"\x20\x03\x00\x00\x00" + b"\xe0\x02\x8b\x00")  # CONNACK, DISCONNECT 0x8B
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        conn = link(server.getsockname()[1])
+        conn.connect(5)
+        with pytest.raises(LinkClosed, match=r"sent DISCONNECT: server shutting down \(0x8b\)"):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                conn.poll(0.05)
+        conn.close()
+        thread.join(5)
+
+
+def test_receive_maximum_and_unreachable_broker(tmp_path: Path):
+    broker = CloudBroker(tmp_path / "cloud", extra="max_inflight_messages 7\n").start()
+    try:
+        conn = link(broker.port)
+        conn.connect(5)
+        assert conn.receive_maximum == 7
+        conn.disconnect()
+        conn = link(broker.port, protocol=4)
+        conn.connect(5)
+        assert conn.receive_maximum is None
+        conn.disconnect()
+        port = broker.port
+    finally:
+        broker.stop()
+    with pytest.raises(LinkClosed, match=f"cannot connect to 127.0.0.1:{port}"):
+        link(port).connect(2)

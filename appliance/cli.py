@@ -9,17 +9,35 @@ from typing import Any
 
 import click
 
-from appliance.bench import bench
 from appliance.broker import BrokerError
 from appliance.cli_audit import audit, quarantine
 from appliance.config import Address, ConfigError, load_config
 from appliance.logs import FORMATS, LogFormat, setup_logging
-from appliance.simulate import simulate_command
 from appliance.governance import SchemaSetError, load_schema_set
 from appliance.governance.schemaset import describe_schema_set
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Subcommands whose modules import what `appliance run` does not need (paho-mqtt for
+    `simulate`, the benchmark harness) are imported when used: the running service stays smaller
+    (docs/performance.md, memory)."""
+
+    LAZY = {"bench": ("appliance.bench", "bench"), "simulate": ("appliance.simulate", "simulate_command")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY:
+            import importlib
+
+            module, attribute = self.LAZY[cmd_name]
+            command: click.Command = getattr(importlib.import_module(module), attribute)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mqtt-governance-appliance")
 def main() -> None:
     """MQTT schema governance appliance: validate, quarantine, audit and forward MQTT traffic."""
@@ -187,7 +205,5 @@ def passwd(password_file: Path, user: str | None, password_stdin: bool, delete_u
     click.echo(f"set the password of {user!r} in {password_file}", err=True)
 
 
-main.add_command(bench)
-main.add_command(simulate_command)
 main.add_command(audit)
 main.add_command(quarantine)

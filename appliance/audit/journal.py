@@ -42,7 +42,10 @@ from appliance.audit.records import DECISION_COLUMNS, EVENT_COLUMNS, OUTBOX_COLU
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 5_000
-MOVE_BATCH = 10_000
+# Rows moved to DuckDB per batch. Smaller batches keep the peak memory of a move down (the rows as
+# Python tuples, then DuckDB's copies): 2,000 instead of 10,000 lowered the appliance's peak RSS by
+# ~25 MB under load at no measurable cost in throughput (docs/performance.md, memory).
+MOVE_BATCH = 2_000
 MOVE_INTERVAL_S = 1.0
 _STOP = object()
 _DECISION, _EVENT, _OUTBOX = 0, 1, 2

@@ -12,9 +12,11 @@ cannot read or write other files, attach databases or load extensions.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -69,7 +71,24 @@ def _insert_sql(stage: str, table: str, columns: Sequence[str]) -> str:
     return f"INSERT INTO {table} ({names}) SELECT {select} FROM {stage}"
 
 
-MEMORY_LIMIT = "128MB"
+# DuckDB's buffer pool, not a cap on everything it allocates. Its default is 80 % of RAM; a gateway
+# has 0.5-4 GB. 64 MB: appends need little, and bigger analyst queries spill to disk.
+MEMORY_LIMIT = "64MB"
+
+
+def _malloc_trim() -> Callable[[], None]:
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0) and None
+
+
+# DuckDB allocates with the process's malloc; glibc keeps what a batch freed (tens of MB across its
+# arenas) instead of giving it back. Trimming after each batch (~1 ms, once a second at most)
+# keeps the resident size near what is in use (docs/performance.md, memory).
+release_free_memory = _malloc_trim()
 
 
 def _open(path: Path, read_only: bool, export_dir: Path) -> duckdb.DuckDBPyConnection:
@@ -182,6 +201,8 @@ class AuditStore:
                 f"could not store a batch of {len(decisions)} decisions and {len(events)} events: "
                 f"{str(error).splitlines()[0]}"
             ) from error
+        finally:
+            release_free_memory()
 
     def delete_from(self, first_decision_id: int | None, first_event_id: int | None) -> None:
         """Drops rows with ids at or above the given ones (None: leave that table alone), to redo

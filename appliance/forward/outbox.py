@@ -166,6 +166,7 @@ class Outbox:
         # A delete lost to a power cut only means the message is sent again (at-least-once), so
         # this connection's commits need not wait for fsync; the journal's inserts still do.
         self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA secure_delete=OFF")  # as the journal's connections (journal._connect)
         self._conn.execute(_DDL)
         self._writes: Writes = journal or _OwnWrites(self._conn)
         self._pending_delete: Done | None = None  # the last delete_later() not yet committed

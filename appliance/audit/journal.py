@@ -239,7 +239,8 @@ class Journal:
             try:
                 result = func(conn)
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLITE_FULL and I/O errors may have rolled it back already
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - reported through the request, as on the writer
@@ -277,7 +278,7 @@ class Journal:
     # -- writer thread -----------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        conn = self._connect()
+        conn: sqlite3.Connection | None = None
         try:
             while True:
                 item = self._queue.get()
@@ -292,6 +293,8 @@ class Journal:
                 writes = [entry for entry in items if type(entry) is _Write]
                 if records or writes:
                     try:
+                        if conn is None:
+                            conn = self._connect()  # again after a failure: the disk may be back
                         self._commit(conn, records, writes)
                     except Exception as exc:  # noqa: BLE001 - a dead writer would hold every ack forever
                         log.exception("audit journal writer failed on a batch; its %d records are lost", len(records))
@@ -301,32 +304,45 @@ class Journal:
                         for write in writes:
                             if not write.done.is_set():
                                 write.finish(None, exc)
+                        if conn is None and self.healthy:
+                            self.healthy = False
+                            self._call_on_loop(self._on_event, "audit_degraded", {"error": str(exc)})
                 if stop:
                     return
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def _commit(self, conn: sqlite3.Connection, records: list[tuple[int, int, tuple[Any, ...]]], writes: Sequence[_Write] = ()) -> None:
+        """One transaction: the other threads' writes first (deletes: they free space), each in a
+        savepoint of its own, then the records in one more savepoint. When the disk is full the
+        records fail (lost, as below) but the deletes still commit, so space comes back."""
         decisions = [row for _, kind, row in records if kind == _DECISION]
         events = [row for _, kind, row in records if kind == _EVENT]
         outbox = [row for _, kind, row in records if kind == _OUTBOX]
+        failure: sqlite3.Error | None = None  # why the records could not be stored
         try:
             conn.execute("BEGIN")
-            if decisions:
-                conn.executemany(_INSERT_DECISION, decisions)
-            if events:
-                conn.executemany(_INSERT_EVENT, events)
-            if outbox:
-                conn.executemany(_INSERT_OUTBOX, outbox)
-            outcomes: list[tuple[Any, BaseException | None]] = []
-            for write in writes:
-                conn.execute("SAVEPOINT write")
+            outcomes = self._run_writes(conn, writes)
+            if records:
+                conn.execute("SAVEPOINT records")
                 try:
-                    outcomes.append((write.func(conn), None))
-                except Exception as exc:  # noqa: BLE001 - reported to the thread that asked
-                    outcomes.append((None, exc))
-                    conn.execute("ROLLBACK TO write")
-                conn.execute("RELEASE write")
+                    if decisions:
+                        conn.executemany(_INSERT_DECISION, decisions)
+                    if events:
+                        conn.executemany(_INSERT_EVENT, events)
+                    if outbox:
+                        conn.executemany(_INSERT_OUTBOX, outbox)
+                except sqlite3.Error as exc:
+                    failure = exc
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK TO records")
+                        conn.execute("RELEASE records")
+                    else:  # SQLITE_FULL and I/O errors roll back the whole transaction: redo the writes
+                        conn.execute("BEGIN")
+                        outcomes = self._run_writes(conn, writes)
+                else:
+                    conn.execute("RELEASE records")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
@@ -335,22 +351,24 @@ class Journal:
                 pass
             for write in writes:
                 write.finish(None, exc)
-            if not records:
-                return
-            self.lost += len(records)
-            if self.healthy:
-                self.healthy = False
-                log.error("audit journal %s: cannot commit (%s); verdicts are not being recorded", self.path, exc)
-                self._call_on_loop(self._on_event, "audit_degraded", {"error": str(exc)})
+            failure = exc
         else:
             for write, (result, error) in zip(writes, outcomes, strict=True):
                 write.finish(result, error)
-            if not records:
-                return
+        if not records:
+            return
+        if failure is not None:
+            self.lost += len(records)
+            if self.healthy:
+                self.healthy = False
+                log.error("audit journal %s: cannot commit (%s); verdicts are not being recorded", self.path, failure)
+                self._call_on_loop(self._on_event, "audit_degraded", {"error": str(failure)})
+        else:
             self.pending_rows += len(decisions) + len(events)
             self.outbox_added += len(outbox)
-            if outbox and self.on_outbox_commit is not None:
-                self.on_outbox_commit()
+            on_outbox_commit = self.on_outbox_commit  # read once: stop() may clear it meanwhile
+            if outbox and on_outbox_commit is not None:
+                on_outbox_commit()
             if not self.healthy:
                 self.healthy = True
                 log.warning("audit journal %s: commits work again (%d records lost meanwhile)", self.path, self.lost)
@@ -360,6 +378,21 @@ class Journal:
                     self._moved.notify_all()
         # Released either way: a disk problem must not stop message flow.
         self._call_on_loop(self._on_commit, records[-1][0])
+
+    @staticmethod
+    def _run_writes(conn: sqlite3.Connection, writes: Sequence[_Write]) -> list[tuple[Any, BaseException | None]]:
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        for write in writes:
+            conn.execute("SAVEPOINT write")
+            try:
+                outcomes.append((write.func(conn), None))
+            except Exception as exc:  # noqa: BLE001 - reported to the thread that asked
+                outcomes.append((None, exc))
+                if not conn.in_transaction:
+                    raise  # the error rolled back the whole transaction: nothing of this batch stays
+                conn.execute("ROLLBACK TO write")
+            conn.execute("RELEASE write")
+        return outcomes
 
     def _call_on_loop(self, func: Callable[..., None], *args: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():

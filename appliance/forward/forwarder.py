@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.forward.config import UpstreamConfig
-from appliance.forward.link import Link, LinkClosed, user_properties
+from appliance.forward.link import Link, LinkClosed, TooLarge, reason_name, user_properties
 from appliance.forward.outbox import Dropped, Outbox, OutboxRow
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ class Forwarder:
         self._uplink_up = False
         self._down_reason: str | None = None
         self.forwarded_total = 0  # counted on the journal's writer thread (delete_later)
-        self._failed_deletes: list[int] = []  # acknowledged rows whose delete failed: retried
+        # Acknowledged rows whose delete failed (appended on the journal's writer thread): retried.
+        self._failed_deletes: deque[int] = deque()
         self.dropped_total = 0
         self.sent_total = 0  # publishes written, resends included
         self.connects = 0
@@ -105,18 +106,21 @@ class Forwarder:
         self._next_maintain = 0.0
         self._idle = False  # waiting in poll() for acks or new rows: wake() writes to the pipe
         self._wake_r = self._wake_w = -1  # a pipe while started
+        self._wake_lock = threading.Lock()
 
     # -- waking up -------------------------------------------------------------------------------
 
     def wake(self) -> None:
         """New rows are in the outbox (any thread; the journal calls it after a commit): stop
         waiting. Without it, a live message waits up to IDLE_POLL_S for the next look."""
-        fd = self._wake_w
-        if self._idle and fd >= 0:
-            try:
-                os.write(fd, b"w")
-            except (BlockingIOError, OSError):
-                pass  # full (a wake is already pending) or closed (stopping)
+        if not self._idle:
+            return
+        with self._wake_lock:  # stop() closes the pipe under it: never write to a reused descriptor
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, b"w")
+                except OSError:
+                    pass  # full: a wake-up is already pending
 
     def _drain_wakes(self) -> None:
         try:
@@ -128,6 +132,8 @@ class Forwarder:
     # -- lifecycle (event loop) ------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("the forwarder is running (or its thread did not stop)")
         self._loop = asyncio.get_running_loop()
         self._stopping.clear()
         if self._wake_r < 0:
@@ -148,11 +154,12 @@ class Forwarder:
                 log.error("forwarder thread did not stop within %.0f s", timeout)
                 return  # it may still poll the pipe
             self._thread = None
-        fds = (self._wake_r, self._wake_w)
-        self._wake_r = self._wake_w = -1
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
+        with self._wake_lock:
+            fds = (self._wake_r, self._wake_w)
+            self._wake_r = self._wake_w = -1
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
 
     def status(self) -> ForwarderStatus:
         depth = self.outbox.depth()
@@ -229,7 +236,11 @@ class Forwarder:
                         cursor = self._handed_out = rows[-1].id
                 while buffer and len(inflight) < window:
                     row = buffer.popleft()
-                    pid = self._publish(link, row)
+                    try:
+                        pid = self._publish(link, row)
+                    except TooLarge as exc:
+                        self._drop_unsendable(row, str(exc))
+                        continue
                     if pid:
                         inflight[pid] = (row.id, now)
                     self.sent_total += 1
@@ -246,6 +257,8 @@ class Forwarder:
                     if entry is not None:
                         acked_ids.append(entry[0])
                 acked_ids += written  # QoS 0: delivered once written
+                if link.refused:
+                    self._report_refused(link)
                 self._inflight_count = len(inflight)
                 now = time.monotonic()
                 if (acked_ids or self._failed_deletes) and (len(acked_ids) >= DELETE_BATCH or now - last_delete >= DELETE_EVERY_S):
@@ -284,7 +297,8 @@ class Forwarder:
             if tls is not None and not tls.verify_hostname:
                 context.check_hostname = False
         return Link(cfg.host, cfg.port, client_id=cfg.effective_client_id, protocol=cfg.protocol,
-                    keepalive=cfg.keepalive, username=cfg.username, password=cfg.password, tls=context)
+                    keepalive=cfg.keepalive, username=cfg.username, password=cfg.password, tls=context,
+                    write_timeout=self._ack_timeout)
 
     def _publish(self, link: Link, row: OutboxRow) -> int:
         cfg = self.config
@@ -316,10 +330,25 @@ class Forwarder:
         sending meanwhile); failed deletes come back through _failed_deletes and are retried."""
         ids = acked_ids[:]
         acked_ids.clear()
-        if self._failed_deletes:
-            ids += self._failed_deletes
-            self._failed_deletes = []
+        while self._failed_deletes:
+            ids.append(self._failed_deletes.popleft())
         self.outbox.delete_later(ids, self._deleted, self._failed_deletes.extend)
+
+    @staticmethod
+    def _report_refused(link: Link) -> None:
+        """MQTT 5 PUBACKs with an error reason code (e.g. 0x87 Not authorized): the broker answered,
+        so the messages are not sent again, but somebody must hear about it."""
+        for code, count in link.refused.items():
+            log.warning("the cloud broker refused %d message(s): %s", count, reason_name(code))
+        link.refused.clear()
+
+    def _drop_unsendable(self, row: OutboxRow, why: str) -> None:
+        """A message the cloud broker cannot take would end every connection and hold up the rest
+        (FIFO) forever: drop it, loudly (outbox_dropped, reason too_large)."""
+        log.warning("outbox: dropping message %d on %s: %s", row.id, row.topic, why)
+        self.dropped_total += 1
+        self.outbox.delete_later([row.id], lambda count: None, lambda ids: None)  # failed: dropped next time
+        self._report_drops([Dropped(row.id, row.ts, row.client_id, row.topic, row.size, "too_large")], why)
 
     def _deleted(self, count: int) -> None:  # on the journal's writer thread
         self.forwarded_total += count
@@ -352,7 +381,7 @@ class Forwarder:
         elapsed = time.monotonic() - t0
         return (self.forwarded_total - n0) / elapsed if elapsed > 0.5 else 0.0
 
-    def _report_drops(self, dropped: list[Dropped]) -> None:
+    def _report_drops(self, dropped: list[Dropped], detail: str | None = None) -> None:
         by_reason: dict[str, list[Dropped]] = {}
         for drop in dropped:
             by_reason.setdefault(drop.reason, []).append(drop)
@@ -360,6 +389,7 @@ class Forwarder:
             log.warning("outbox: dropped %d message(s) (%s)", len(drops), reason)
             self._emit("outbox_dropped", {
                 "reason": reason,
+                **({"detail": detail} if detail else {}),
                 "count": len(drops),
                 "bytes": sum(d.size for d in drops),
                 "first_id": drops[0].id,

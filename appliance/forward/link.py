@@ -51,6 +51,10 @@ class LinkClosed(Exception):
     """The connection is over; the message says why."""
 
 
+class TooLarge(ValueError):
+    """A message this broker cannot take (its Maximum Packet Size, or a topic over 65,535 bytes)."""
+
+
 def user_properties(pairs: Iterable[tuple[str, str]]) -> bytes:
     """MQTT 5 PUBLISH properties holding only user properties, encoded (length included)."""
     body = bytearray()
@@ -62,7 +66,7 @@ def user_properties(pairs: Iterable[tuple[str, str]]) -> bytes:
     return encode_varint(len(body)) + bytes(body)
 
 
-def _reason_name(code: int) -> str:
+def reason_name(code: int) -> str:
     try:
         return f"{ReasonCode(code).name.replace('_', ' ').lower()} (0x{code:02x})"
     except ValueError:
@@ -77,14 +81,21 @@ class Link:
 
     def __init__(self, host: str, port: int, *, client_id: str, protocol: int, keepalive: int,
                  username: str | None = None, password: str | None = None,
-                 tls: ssl.SSLContext | None = None, server_hostname: str | None = None):
+                 tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
+                 write_timeout: float = 30.0):
         self.host, self.port = host, port
         self.version = ProtocolVersion.MQTT_5 if protocol == 5 else ProtocolVersion.MQTT_3_1_1
         self.client_id = client_id
         self.keepalive = keepalive
         self.username, self.password = username, password
         self.tls, self.server_hostname = tls, server_hostname
-        self.receive_maximum: int | None = None  # the broker's own window (MQTT 5 CONNACK)
+        self.write_timeout = write_timeout  # bytes waiting this long without any being written: hung
+        # What the broker's MQTT 5 CONNACK allows (3.1.1: no limits announced).
+        self.receive_maximum: int | None = None  # its own window
+        self.maximum_qos = 1
+        self.retain_available = True
+        self.maximum_packet_size: int | None = None
+        self.refused: dict[int, int] = {}  # MQTT 5 PUBACK error reason code -> messages, until read
         self._sock: socket.socket | None = None
         self._out = bytearray()
         self._reader = FrameReader(_MAX_PACKET)
@@ -93,7 +104,8 @@ class Link:
         # QoS 0 messages count as delivered once written: (end offset in the output stream, token).
         self._unwritten: deque[tuple[int, int]] = deque()
         self._written = 0  # bytes written to the socket since connect
-        self._last_send = 0.0
+        self._last_send = 0.0  # when bytes were last written
+        self._progress_at = 0.0  # when bytes were last written, or started waiting in _out
         self._ping_sent_at: float | None = None
 
     # -- connecting ------------------------------------------------------------------------------
@@ -145,8 +157,17 @@ class Link:
         if connack.reason_code != 0:
             self.close()
             raise LinkClosed(f"the cloud broker refused the connection: {self._connack_reason(connack.reason_code)}")
-        maximum = connack.properties.get(PropertyId.RECEIVE_MAXIMUM)
+        props = connack.properties
+        maximum = props.get(PropertyId.RECEIVE_MAXIMUM)
         self.receive_maximum = int(maximum) if isinstance(maximum, int) else None
+        server_keepalive = props.get(PropertyId.SERVER_KEEP_ALIVE)
+        if isinstance(server_keepalive, int) and server_keepalive > 0:
+            self.keepalive = server_keepalive  # MQTT 5: the broker's value replaces ours
+        qos = props.get(PropertyId.MAXIMUM_QOS)
+        self.maximum_qos = int(qos) if isinstance(qos, int) else 1
+        self.retain_available = props.get(PropertyId.RETAIN_AVAILABLE) != 0
+        size = props.get(PropertyId.MAXIMUM_PACKET_SIZE)
+        self.maximum_packet_size = int(size) if isinstance(size, int) else None
         return connack
 
     def _read_connack(self, deadline: float, timeout: float) -> Connack:
@@ -158,7 +179,7 @@ class Link:
                 if isinstance(packet, Connack):
                     return packet
                 if isinstance(packet, Disconnect):
-                    raise LinkClosed(f"the cloud broker sent DISCONNECT: {_reason_name(packet.reason_code)}")
+                    raise LinkClosed(f"the cloud broker sent DISCONNECT: {reason_name(packet.reason_code)}")
                 raise LinkClosed(f"protocol error: {type(packet).__name__} before CONNACK")
             left = deadline - time.monotonic()
             if left <= 0:
@@ -178,7 +199,7 @@ class Link:
 
     def _connack_reason(self, code: int) -> str:
         if self.version == ProtocolVersion.MQTT_5:
-            return _reason_name(code)
+            return reason_name(code)
         try:
             return ConnectReturnCode(code).name.replace("_", " ").lower()
         except ValueError:
@@ -195,8 +216,19 @@ class Link:
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool, properties: bytes = b"\x00",
                 token: int = 0) -> int:
         """Queue one PUBLISH; returns its packet identifier (0 at QoS 0, whose `token` is returned
-        by poll() once written). `properties`: encoded MQTT 5 properties (user_properties())."""
+        by poll() once written). `properties`: encoded MQTT 5 properties (user_properties()).
+        QoS and retain are lowered to what the broker's CONNACK allows. Raises TooLarge for a
+        message the broker would refuse to take (nothing is queued then)."""
         data = topic.encode()
+        if len(data) > 0xFFFF:
+            raise TooLarge(f"topic of {len(data)} bytes (at most 65,535)")
+        qos = min(qos, self.maximum_qos)
+        retain = retain and self.retain_available
+        v5 = self.version == ProtocolVersion.MQTT_5
+        remaining = 2 + len(data) + (2 if qos else 0) + (len(properties) if v5 else 0) + len(payload)
+        size = 1 + len(encode_varint(remaining)) + remaining
+        if self.maximum_packet_size is not None and size > self.maximum_packet_size:
+            raise TooLarge(f"{size} bytes, the cloud broker takes packets up to {self.maximum_packet_size}")
         if qos:
             pid = self._take_pid()
             variable = len(data).to_bytes(2, "big") + data + pid.to_bytes(2, "big")
@@ -206,6 +238,8 @@ class Link:
         if self.version == ProtocolVersion.MQTT_5:
             variable += properties
         out = self._out
+        if not out:
+            self._progress_at = time.monotonic()
         out.append(0x30 | (qos << 1) | (1 if retain else 0))
         out += encode_varint(len(variable) + len(payload))
         out += variable
@@ -246,14 +280,22 @@ class Link:
             self._flush()
         if self._ping_sent_at is not None and now - self._ping_sent_at > self.keepalive:
             raise LinkClosed(f"no PINGRESP within {self.keepalive} s: uplink hung")
+        if self._out and now - self._progress_at > self.write_timeout:
+            # The broker stopped reading (QoS 0 has no acknowledgement to wait for).
+            raise LinkClosed(f"nothing written for {self.write_timeout:g} s ({len(self._out)} bytes waiting): uplink hung")
         pending_tls = isinstance(sock, ssl.SSLSocket) and sock.pending()
         if not pending_tls and timeout > 0:
+            # poll(), not select(): the proxy may hold thousands of sockets, and select() cannot
+            # watch a descriptor numbered 1024 or more.
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | (select.POLLOUT if self._out else 0))
+            if wake_fd is not None:
+                poller.register(wake_fd, select.POLLIN)
             try:
-                readers: list[socket.socket | int] = [sock] if wake_fd is None else [sock, wake_fd]
-                _, writable, _ = select.select(readers, [sock] if self._out else [], [], timeout)
-            except (OSError, ValueError) as exc:
+                ready = poller.poll(timeout * 1000)
+            except OSError as exc:
                 raise LinkClosed(f"connection lost: {exc}") from None
-            if writable:
+            if any(fd == sock.fileno() and events & select.POLLOUT for fd, events in ready):
                 self._flush()
         acked = self._read()
         written: list[int] = []
@@ -273,7 +315,7 @@ class Link:
                     break
                 del out[:sent]
                 self._written += sent
-                self._last_send = time.monotonic()
+                self._last_send = self._progress_at = time.monotonic()
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             pass
         except OSError as exc:
@@ -308,6 +350,8 @@ class Link:
                 if pid in inflight:
                     inflight.discard(pid)
                     acked.append(pid)
+                    if len(raw) > body_at + 2 and raw[body_at + 2] >= 0x80:  # MQTT 5: an answer, but "no"
+                        self.refused[raw[body_at + 2]] = self.refused.get(raw[body_at + 2], 0) + 1
                 continue
             try:
                 packet = decode_packet(first, raw[body_at:], self.version)
@@ -316,7 +360,7 @@ class Link:
             if isinstance(packet, Pingresp):
                 self._ping_sent_at = None
             elif isinstance(packet, Disconnect):
-                raise LinkClosed(f"the cloud broker sent DISCONNECT: {_reason_name(packet.reason_code)}")
+                raise LinkClosed(f"the cloud broker sent DISCONNECT: {reason_name(packet.reason_code)}")
             else:
                 raise LinkClosed(f"protocol error: unexpected {type(packet).__name__} from the cloud broker")
         if closed:
@@ -329,10 +373,12 @@ class Link:
             self._out += encode_packet(Disconnect(), self.version)
             deadline = time.monotonic() + grace
             try:
+                poller = select.poll()
+                poller.register(self._sock, select.POLLOUT)
                 while self._out and time.monotonic() < deadline:
                     self._flush()
                     if self._out:
-                        select.select([], [self._sock], [], max(0.0, deadline - time.monotonic()))
+                        poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
             except (LinkClosed, OSError, ValueError):
                 pass
         self.close()

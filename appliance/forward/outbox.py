@@ -28,6 +28,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ MIN_PLAUSIBLE_TS = 1_700_000_000.0  # 2023-11-14: no real message is older than 
 _SCAN_CHUNK = 2_000
 MAX_DROPS_PER_CALL = 10_000
 
-DropReason = Literal["expired", "max_messages", "max_bytes"]
+DropReason = Literal["expired", "max_messages", "max_bytes", "too_large"]
 
 
 class Done(Protocol):
@@ -79,7 +80,8 @@ class _OwnWrites:
         try:
             result = func(self._conn)
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # SQLITE_FULL and I/O errors may have rolled it back already
+                self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
         return result
@@ -170,6 +172,8 @@ class Outbox:
         self._conn.execute(_DDL)
         self._writes: Writes = journal or _OwnWrites(self._conn)
         self._pending_delete: Done | None = None  # the last delete_later() not yet committed
+        # Finished delete_later() calls, appended on the writer thread, applied under _lock.
+        self._deleted: deque[tuple[list[tuple[int, int]] | None, BaseException | None]] = deque()
         with self._lock:
             self._refresh_locked(full=True)
 
@@ -182,6 +186,7 @@ class Outbox:
     def next_batch(self, after_id: int, limit: int) -> list[OutboxRow]:
         """Up to `limit` rows with id > after_id, oldest first."""
         with self._lock:
+            self._apply_deletes()
             try:
                 rows = self._conn.execute(_SELECT, (after_id, limit)).fetchall()
             except sqlite3.Error as exc:
@@ -202,12 +207,10 @@ class Outbox:
             return
 
         def done(removed: list[tuple[int, int]] | None, error: BaseException | None) -> None:
-            with self._lock:
-                if error is not None or removed is None:
-                    self._error("delete", error if isinstance(error, sqlite3.Error) else sqlite3.Error(str(error)))
-                else:
-                    self._forget(removed)
-                    self._ok()
+            # On the writer thread: never take self._lock here. Its holders may be waiting for this
+            # very thread (enforce() drops through Journal.write) or reading a big outbox, and every
+            # verdict commit would wait with them. The counters catch up in _apply_deletes().
+            self._deleted.append((removed, error))
             if error is not None or removed is None:
                 on_failed(ids)
             else:
@@ -221,6 +224,18 @@ class Outbox:
         pending = self._pending_delete
         if pending is not None:
             pending.wait()
+        with self._lock:
+            self._apply_deletes()
+
+    def _apply_deletes(self) -> None:
+        """Bring the counters and last_error up to date with finished delete_later() calls (under _lock)."""
+        while self._deleted:
+            removed, error = self._deleted.popleft()
+            if error is not None or removed is None:
+                self._error("delete", error if isinstance(error, sqlite3.Error) else sqlite3.Error(str(error)))
+            else:
+                self._forget(removed)
+                self._ok()
 
     def delete(self, ids: Iterable[int]) -> int:
         """Remove acknowledged rows; returns how many existed (an id dropped meanwhile is skipped)."""
@@ -242,6 +257,7 @@ class Outbox:
     def depth(self) -> OutboxDepth:
         """The in-memory counters, refreshed from SQL when older than refresh_interval."""
         with self._lock:
+            self._apply_deletes()
             if time.monotonic() - self._refreshed_at >= self.refresh_interval:
                 self._refresh_locked()
             return OutboxDepth(self._messages, self._bytes, self._oldest_ts)
@@ -249,6 +265,7 @@ class Outbox:
     def refresh(self, *, full: bool = False) -> OutboxDepth:
         """Bring the counters up to date now (full: recount every row)."""
         with self._lock:
+            self._apply_deletes()
             self._refresh_locked(full=full)
             return OutboxDepth(self._messages, self._bytes, self._oldest_ts)
 
@@ -311,7 +328,11 @@ class Outbox:
         while it returns that many."""
         now = time.time() if now is None else now
         dropped: list[Dropped] = []
+        pending = self._pending_delete
+        if pending is not None:
+            pending.wait()  # acknowledged rows still being deleted count against no bound
         with self._lock:
+            self._apply_deletes()
             self._refresh_locked()
             try:
                 if self.bounds.max_age is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -89,6 +90,44 @@ def test_a_full_journal_loses_records_but_never_blocks(tmp_path: Path):
     assert journal.lost > 0 and not journal.healthy
     assert [kind for kind, _ in events][:1] == ["audit_degraded"]
     assert "full" in str(events[0][1]["error"])
+
+
+def test_deletes_free_a_full_journal_while_records_keep_failing(tmp_path: Path):
+    """A full journal: the records of a batch fail (and SQLite rolls the whole transaction back),
+    but the deletes queued with them (mover, forwarder) still commit, so space comes back while
+    traffic keeps arriving."""
+    import sqlite3
+
+    journal = Journal(tmp_path / "journal.sqlite3", max_bytes=64 * 1024)
+    insert = f"INSERT INTO decisions VALUES ({', '.join('?' * len(decision(1, START)))})"
+    filled = 0
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        while True:  # fill it, a row per transaction
+            journal.write(lambda conn: conn.execute(insert, decision(filled + 1, START, payload=b"x" * 2000)))
+            filled += 1
+    assert filled > 10
+    outcomes: list[object] = []
+
+    def work(j: Journal) -> None:
+        for i in range(10):  # full: these are lost
+            j.add_decision(decision(1000 + i, START, payload=b"y" * 2000))
+        deadline = time.monotonic() + 10
+        while j.lost < 10 and time.monotonic() < deadline:  # the writer has tried them (its own thread)
+            time.sleep(0.001)
+        for i in range(10):  # still full: in the same batch as the delete below, and lost with it
+            j.add_decision(decision(2000 + i, START, payload=b"y" * 40_000))
+        request = j.submit(lambda conn: conn.execute("DELETE FROM decisions").rowcount,
+                           lambda result, error: outcomes.append(error or result))
+        assert request.done.wait(10)
+        j.add_decision(decision(200, START, payload=b"z" * 100))  # after the delete: fits again
+
+    run_journal(journal, work)
+    assert journal.lost >= 10  # the first ten at least (the rest depends on how batches fall)
+    assert outcomes == [filled]
+    conn = sqlite3.connect(tmp_path / "journal.sqlite3")
+    assert conn.execute("SELECT count(*) FROM decisions WHERE id <= ?", (filled,)).fetchone() == (0,)
+    assert (200,) in conn.execute("SELECT id FROM decisions").fetchall()
+    assert journal.healthy
 
 
 def test_scheduled_export_of_finished_days(tmp_path: Path):

@@ -114,3 +114,25 @@ def test_a_commit_wakes_the_idle_forwarder(tmp_path: Path, monkeypatch):  # noqa
     finally:
         sub.stop()
         broker.stop()
+
+
+def test_a_message_the_cloud_cannot_take_is_dropped_not_retried_forever(tmp_path: Path):
+    """Over the broker's MQTT 5 Maximum Packet Size, a message would close the connection on
+    every attempt and hold up everything behind it (FIFO): it is dropped with an event."""
+    broker = CloudBroker(tmp_path / "cloud", extra="max_packet_size 1000\n").start()
+    sub = Subscriber(broker.port, "#", version=5).start()
+    try:
+        with harness(tmp_path / "journal.sqlite3") as h:
+            rows = [h.row("s", 0, payload=b"small-0"), h.row("s", 1, payload=b"x" * 5000), h.row("s", 2, payload=b"small-2")]
+            h.add(rows)
+            fwd = h.start_forwarder(upstream(broker.url))
+            wait_until(lambda: sub.count() == 2, message="the two small messages")
+            assert sub.payloads() == [b"small-0", b"small-2"]
+            wait_until(lambda: fwd.outbox.refresh(full=True).messages == 0, message="outbox empty")
+            drops = [detail for kind, detail in h.events if kind == "outbox_dropped"]
+            assert len(drops) == 1 and drops[0]["reason"] == "too_large" and drops[0]["first_id"] == rows[1][0]
+            assert "1000" in drops[0]["detail"]
+            assert fwd.status().dropped_total == 1 and h.kinds().count("uplink_up") == 1  # no reconnects
+    finally:
+        sub.stop()
+        broker.stop()

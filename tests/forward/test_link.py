@@ -148,3 +148,97 @@ def test_receive_maximum_and_unreachable_broker(tmp_path: Path):
         broker.stop()
     with pytest.raises(LinkClosed, match=f"cannot connect to 127.0.0.1:{port}"):
         link(port).connect(2)
+
+
+def test_a_broker_that_stops_reading_is_hung_even_at_qos0(tmp_path: Path):
+    """QoS 0 has no acknowledgement to time out: bytes that wait `write_timeout` without any being
+    written end the connection (the forwarder then reconnects and starts over)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        accepted: list[socket.socket] = []
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            accepted.append(conn)
+            conn.recv(1024)  # CONNECT
+            conn.sendall(b"\x20\x02\x00\x00")  # CONNACK (3.1.1), then never reads again
+
+        threading.Thread(target=serve, daemon=True).start()
+        conn = link(server.getsockname()[1], protocol=4, keepalive=30, write_timeout=0.5)
+        conn.connect(5)
+        with pytest.raises(LinkClosed, match=r"nothing written for 0.5 s \(\d+ bytes waiting\): uplink hung"):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                conn.publish("t", b"x" * 65536, 0, False, token=1)
+                conn.poll(0.05)
+        conn.close()
+        for sock in accepted:
+            sock.close()
+
+
+def test_connack_limits_server_keepalive_qos_retain_and_packet_size(tmp_path: Path):
+    """An MQTT 5 broker's CONNACK caps what we send: its Server Keep Alive replaces ours, QoS and
+    retain are lowered to what it allows, and a message over its Maximum Packet Size is refused
+    here (TooLarge) instead of getting the connection closed."""
+    from appliance.forward.link import TooLarge
+
+    broker = CloudBroker(tmp_path / "cloud", extra="max_keepalive 10\nmax_qos 0\nretain_available false\nmax_packet_size 1000\n").start()
+    sub = Subscriber(broker.port, version=5).start()
+    try:
+        conn = link(broker.port, keepalive=60)
+        conn.connect(5)
+        assert (conn.keepalive, conn.maximum_qos, conn.retain_available, conn.maximum_packet_size) == (10, 0, False, 1000)
+        assert conn.publish("t/a", b"fits", 1, True, token=5) == 0  # sent at QoS 0, not retained
+        with pytest.raises(TooLarge, match="1000"):
+            conn.publish("t/b", b"x" * 2000, 1, False)
+        with pytest.raises(TooLarge, match="topic of 70000 bytes"):
+            conn.publish("t" * 70_000, b"x", 1, False)
+        drain(conn, set(), {5})
+        deadline = time.monotonic() + 5
+        while sub.count() < 1 and time.monotonic() < deadline:
+            conn.poll(0.05)
+        assert [(m.topic, m.payload, m.retain) for m in sub.messages] == [("t/a", b"fits", False)]
+        conn.disconnect()
+    finally:
+        sub.stop()
+        broker.stop()
+
+
+def test_sockets_numbered_above_1024_work(tmp_path: Path):
+    """The proxy holds thousands of client sockets: the link's descriptor may be numbered over
+    1024, which select() cannot watch."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [socket.socket() for _ in range(1100)]
+    broker = CloudBroker(tmp_path / "cloud").start()
+    try:
+        conn = link(broker.port)
+        conn.connect(5)
+        assert conn._sock is not None and conn._sock.fileno() >= 1024  # noqa: SLF001
+        drain(conn, {conn.publish("t", b"x", 1, False)}, set())
+        conn.disconnect()
+    finally:
+        broker.stop()
+        for sock in held:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_pubacks_with_an_error_reason_are_answers_and_counted(tmp_path: Path):
+    """mosquitto answers a PUBLISH its ACL forbids with PUBACK 0x87 (MQTT 5): acknowledged, so
+    not sent again, and counted by reason for the forwarder's warning."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic write allowed/#\n")
+    broker = CloudBroker(tmp_path / "cloud", extra=f"acl_file {acl}\n").start()
+    try:
+        conn = link(broker.port)
+        conn.connect(5)
+        pids = {conn.publish("allowed/a", b"1", 1, False), conn.publish("denied/b", b"2", 1, False)}
+        drain(conn, pids, set())
+        assert conn.refused == {0x87: 1}
+        conn.disconnect()
+    finally:
+        broker.stop()

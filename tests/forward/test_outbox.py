@@ -133,3 +133,32 @@ def test_delete_later_reports_deleted_rows_and_failures(tmp_path: Path, through_
         assert failed == [[rows[15][0]]] and deleted == [15]
         assert outbox.last_error is not None and "no such table" in outbox.last_error
         outbox.close()
+
+
+def test_a_drop_right_after_an_asynchronous_delete_does_not_deadlock(tmp_path: Path):
+    """The forwarder queues a delete (delete_later) and then applies the bounds (enforce), which
+    drops rows through the journal's writer while holding the outbox's lock. The delete's callback
+    runs on that writer and must not wait for the same lock (it did: both threads stopped, and with
+    them every verdict commit)."""
+    import threading
+
+    with harness(tmp_path / "journal.sqlite3") as h:
+        h.add([h.row("s", i) for i in range(2000)])
+        outbox = Outbox(h.journal_path, bounds(max_messages=100, policy="drop_oldest"), journal=h.journal)
+        ids = [r.id for r in outbox.next_batch(0, 10)]
+        result: list[int] = []
+        deleted: list[int] = []
+
+        def forwarder_like() -> None:  # one iteration of Forwarder._session: _delete() then _maintain()
+            outbox.delete_later(ids, deleted.append, lambda failed: None)
+            result.append(len(outbox.enforce(handed_out=ids[-1])))
+
+        thread = threading.Thread(target=forwarder_like, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "deadlock between the journal writer and the outbox lock"
+        outbox.settle()
+        assert deleted == [10] and result == [1890]
+        assert outbox.refresh(full=True).messages == 100
+        h.add([h.row("s", 5000)])  # the writer still commits
+        outbox.close()

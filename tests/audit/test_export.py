@@ -66,3 +66,25 @@ def test_export_of_an_empty_range_writes_nothing(filled: AuditStore, tmp_path: P
     report = filled.export_parquet(tmp_path / "none", since=datetime(2030, 1, 1, tzinfo=UTC),
                                    until=None)
     assert (report.decisions, report.events, report.files) == (0, 0, ())
+
+
+def test_a_large_export_stays_within_the_memory_limit(tmp_path: Path):
+    """A busy day: 800,000 verdicts with payloads export under the store's memory_limit (one
+    PARTITION_BY (day) COPY ordered by id ran out of memory at 600,000), in id order."""
+    store = AuditStore(tmp_path / "audit.duckdb")
+    with store._transaction() as con:  # noqa: SLF001 - bulk rows, far faster than the journal
+        con.execute(
+            "INSERT INTO decisions (id, ts, client_id, topic, qos, retain, payload, payload_size, payload_sha256, verdict) "
+            "SELECT i, TIMESTAMPTZ '2026-11-20 00:00:00+00' + to_microseconds(i * 200_000), 'sensor-' || (i % 100), "
+            "'sensor/' || (i % 100) || '/temperature', 1, false, "
+            "encode('{\"device_id\":\"sensor-' || (i % 100) || '\",\"ts\":\"2026-11-27T12:00:00.123456Z\",\"temperature\":21.5,\"n\":' || i || '}'), "
+            "95, sha256(i::VARCHAR), 'accept' FROM range(800000) t(i)"
+        )
+    out = tmp_path / "export"
+    report = store.export_parquet(out, since=None, until=None)
+    assert report.decisions == 800_000 and report.days == (date(2026, 11, 20), date(2026, 11, 21))
+    con = read_back(out, "decisions")
+    assert con.execute("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM t").fetchone() == (800_000, 800_000, 0, 799_999)
+    ids = con.execute("SELECT id FROM read_parquet(?)", [str(next((out / "decisions" / "day=2026-11-20").iterdir()))]).fetchall()
+    assert [i for (i,) in ids] == sorted(i for (i,) in ids)  # in id order within the file
+    store.close()

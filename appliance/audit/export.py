@@ -65,6 +65,7 @@ def export_parquet(
     staging.mkdir(parents=True)
     counts = {}
     try:
+        cursor.begin()  # one snapshot for every COPY below: a purge meanwhile changes none of them
         for table in TABLES:
             counts[table] = 0
             # One COPY per day into its day=... directory, rather than one PARTITION_BY (day) COPY
@@ -85,6 +86,7 @@ def export_parquet(
                     f"TO '{target}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_ROWS})"
                 ).fetchone()
                 counts[table] += int(row[0]) if row else 0
+        cursor.commit()
         files, days = [], set()
         for source in sorted(staging.rglob("*.parquet")):
             relative = source.relative_to(staging)
@@ -94,6 +96,10 @@ def export_parquet(
             files.append(destination)
             days.add(date.fromisoformat(relative.parent.name.removeprefix("day=")))
     except duckdb.Error as error:
+        try:
+            cursor.rollback()
+        except duckdb.Error:
+            pass  # no transaction left to end
         raise AuditError(f"export to {to_dir} failed: {error}") from error
     except OSError as error:
         raise AuditError(f"export to {to_dir} failed: {error}") from error

@@ -344,14 +344,15 @@ class Journal:
                 else:
                     conn.execute("RELEASE records")
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # noqa: BLE001 - also a value sqlite3 cannot bind: never leave the transaction open
             try:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
             for write in writes:
                 write.finish(None, exc)
-            failure = exc
+            failure = exc if isinstance(exc, sqlite3.Error) else sqlite3.Error(f"{type(exc).__name__}: {exc}")
         else:
             for write, (result, error) in zip(writes, outcomes, strict=True):
                 write.finish(result, error)
@@ -368,7 +369,10 @@ class Journal:
             self.outbox_added += len(outbox)
             on_outbox_commit = self.on_outbox_commit  # read once: stop() may clear it meanwhile
             if outbox and on_outbox_commit is not None:
-                on_outbox_commit()
+                try:
+                    on_outbox_commit()
+                except Exception:  # noqa: BLE001 - the records are committed; a wake-up is not worth losing them
+                    log.exception("waking the forwarder failed")
             if not self.healthy:
                 self.healthy = True
                 log.warning("audit journal %s: commits work again (%d records lost meanwhile)", self.path, self.lost)

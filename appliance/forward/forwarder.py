@@ -345,9 +345,10 @@ class Forwarder:
     def _drop_unsendable(self, row: OutboxRow, why: str) -> None:
         """A message the cloud broker cannot take would end every connection and hold up the rest
         (FIFO) forever: drop it, loudly (outbox_dropped, reason too_large)."""
-        log.warning("outbox: dropping message %d on %s: %s", row.id, row.topic, why)
+        if not self.outbox.delete([row.id]):  # rare: wait for this one commit
+            return  # not deleted (a disk error, reported by the outbox): tried again next connection
+        log.warning("outbox: dropped message %d on %s: %s", row.id, row.topic, why)
         self.dropped_total += 1
-        self.outbox.delete_later([row.id], lambda count: None, lambda ids: None)  # failed: dropped next time
         self._report_drops([Dropped(row.id, row.ts, row.client_id, row.topic, row.size, "too_large")], why)
 
     def _deleted(self, count: int) -> None:  # on the journal's writer thread

@@ -278,11 +278,6 @@ class Link:
             self._out += _PINGREQ
             self._ping_sent_at = now
             self._flush()
-        if self._ping_sent_at is not None and now - self._ping_sent_at > self.keepalive:
-            raise LinkClosed(f"no PINGRESP within {self.keepalive} s: uplink hung")
-        if self._out and now - self._progress_at > self.write_timeout:
-            # The broker stopped reading (QoS 0 has no acknowledgement to wait for).
-            raise LinkClosed(f"nothing written for {self.write_timeout:g} s ({len(self._out)} bytes waiting): uplink hung")
         pending_tls = isinstance(sock, ssl.SSLSocket) and sock.pending()
         if not pending_tls and timeout > 0:
             # poll(), not select(): the proxy may hold thousands of sockets, and select() cannot
@@ -298,6 +293,14 @@ class Link:
             if any(fd == sock.fileno() and events & select.POLLOUT for fd, events in ready):
                 self._flush()
         acked = self._read()
+        # Deadlines after reading: a PINGRESP that arrived while this thread was busy elsewhere
+        # is an answer, not a hung uplink.
+        now = time.monotonic()
+        if self._ping_sent_at is not None and now - self._ping_sent_at > self.keepalive:
+            raise LinkClosed(f"no PINGRESP within {self.keepalive} s: uplink hung")
+        if self._out and now - self._progress_at > self.write_timeout:
+            # The broker stopped reading (QoS 0 has no acknowledgement to wait for).
+            raise LinkClosed(f"nothing written for {self.write_timeout:g} s ({len(self._out)} bytes waiting): uplink hung")
         written: list[int] = []
         while self._unwritten and self._unwritten[0][0] <= self._written:
             written.append(self._unwritten.popleft()[1])

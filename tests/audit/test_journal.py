@@ -201,3 +201,27 @@ def test_writes_from_other_threads_run_in_the_writers_commits(tmp_path: Path):
     assert conn.execute("SELECT count(*), min(n), max(n) FROM marks").fetchone() == (201, 0, 999)
     assert conn.execute("SELECT count(*) FROM decisions").fetchone() == (2_000,)
     assert conn.execute("SELECT count(*) FROM marks WHERE thread = 'undone'").fetchone() == (0,)
+
+
+def test_a_record_sqlite_cannot_store_loses_only_its_batch(tmp_path: Path):
+    """A value sqlite3 cannot bind (an int over 2**63) fails its batch; the transaction must not be
+    left open, or every later batch would fail too."""
+    import sqlite3
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    request: list[object] = []
+
+    def work(j: Journal) -> None:
+        j.add_decision(decision(1, START)[:1] + (2**70,) + decision(1, START)[2:])
+        deadline = time.monotonic() + 10
+        while j.lost < 1 and time.monotonic() < deadline:  # the writer tried it (its own thread)
+            time.sleep(0.001)
+        request.append(j.submit(lambda conn: conn.execute("SELECT 1").fetchone()[0]))
+        for i in range(5):
+            j.add_decision(decision(100 + i, START))
+
+    run_journal(journal, work)
+    assert journal.lost == 1
+    conn = sqlite3.connect(tmp_path / "journal.sqlite3")
+    assert conn.execute("SELECT id FROM decisions ORDER BY id").fetchall() == [(100 + i,) for i in range(5)]
+    assert request[0].error is None and request[0].result == 1  # type: ignore[attr-defined]

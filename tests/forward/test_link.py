@@ -242,3 +242,23 @@ def test_pubacks_with_an_error_reason_are_answers_and_counted(tmp_path: Path):
         conn.disconnect()
     finally:
         broker.stop()
+
+
+def test_a_pingresp_that_arrived_while_the_thread_was_busy_counts(tmp_path: Path):
+    """The forwarder thread can be busy (an outbox scan, a slow commit) past the keepalive after a
+    PINGREQ: the PINGRESP waiting in the socket is read before the deadline is judged."""
+    broker = CloudBroker(tmp_path / "cloud").start()
+    try:
+        conn = link(broker.port, keepalive=1)
+        conn.connect(5)
+        deadline = time.monotonic() + 5
+        while conn._ping_sent_at is None and time.monotonic() < deadline:  # noqa: SLF001
+            conn.poll(0)  # sends the PINGREQ when due, reads at once (the PINGRESP is not back yet)
+            time.sleep(0.01)
+        assert conn._ping_sent_at is not None  # noqa: SLF001
+        time.sleep(1.3)  # busy elsewhere; mosquitto answers meanwhile
+        assert conn.poll(0) == ([], [])
+        assert conn._ping_sent_at is None  # noqa: SLF001
+        conn.disconnect()
+    finally:
+        broker.stop()

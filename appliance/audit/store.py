@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -74,6 +75,10 @@ def _insert_sql(stage: str, table: str, columns: Sequence[str]) -> str:
 # DuckDB's buffer pool, not a cap on everything it allocates. Its default is 80 % of RAM; a gateway
 # has 0.5-4 GB. 64 MB: appends need little, and bigger analyst queries spill to disk.
 MEMORY_LIMIT = "64MB"
+# The appender converts Python rows holding the GIL, ~4 µs a row: 2,000 rows in one call kept the
+# event loop waiting up to ~8 ms. Appending 200 at a time and yielding in between took the max
+# latency at 1k msg/s from ~10 ms to ~5 ms and p99 from 1.4-1.9 to 1.2-1.4 ms (3 A/B pairs).
+YIELD_EVERY = 200
 
 
 def _malloc_trim() -> Callable[[], None]:
@@ -192,7 +197,9 @@ class AuditStore:
                 ):
                     if rows:
                         appender = con.appender(stage)
-                        appender.append_rows(rows)
+                        for start in range(0, len(rows), YIELD_EVERY):
+                            appender.append_rows(rows[start:start + YIELD_EVERY])
+                            time.sleep(0)  # let the event loop have the GIL (see YIELD_EVERY)
                         appender.flush()
                         con.execute(insert)
                         con.execute(f"DELETE FROM {stage}")

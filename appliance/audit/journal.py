@@ -52,6 +52,19 @@ _DECISION, _EVENT, _OUTBOX = 0, 1, 2
 T = TypeVar("T")
 
 
+def write_transaction(conn: sqlite3.Connection, func: Callable[[sqlite3.Connection], T]) -> T:
+    """`func(conn)` in a write transaction of its own: committed, or rolled back and raised."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = func(conn)
+    except BaseException:
+        if conn.in_transaction:  # SQLITE_FULL and I/O errors may have rolled it back already
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
 class _Write:
     """A write another thread asked for; run on the writer's connection, inside its transaction."""
 
@@ -245,14 +258,7 @@ class Journal:
         result, error = None, None
         conn = self._connect()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = func(conn)
-            except BaseException:
-                if conn.in_transaction:  # SQLITE_FULL and I/O errors may have rolled it back already
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            result = write_transaction(conn, func)
         except Exception as exc:  # noqa: BLE001 - reported through the request, as on the writer
             error = exc
         finally:

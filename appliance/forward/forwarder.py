@@ -252,11 +252,7 @@ class Forwarder:
                     self._drain_wakes()
                 else:
                     acked, written = link.poll(0.0)
-                for pid in acked:
-                    entry = inflight.pop(pid, None)
-                    if entry is not None:
-                        acked_ids.append(entry[0])
-                acked_ids += written  # QoS 0: delivered once written
+                self._collect(acked, written, inflight, acked_ids)
                 if link.refused:
                     self._report_refused(link)
                 self._inflight_count = len(inflight)
@@ -319,11 +315,17 @@ class Forwarder:
                 acked, written = link.poll(0.05)
             except LinkClosed:
                 break
-            for pid in acked:
-                entry = inflight.pop(pid, None)
-                if entry is not None:
-                    acked_ids.append(entry[0])
-            acked_ids += written
+            self._collect(acked, written, inflight, acked_ids)
+
+    @staticmethod
+    def _collect(acked: list[int], written: list[int], inflight: dict[int, tuple[int, float]],
+                 acked_ids: list[int]) -> None:
+        """Rows that may leave the outbox: acknowledged packet ids, and QoS 0 rows once written."""
+        for pid in acked:
+            entry = inflight.pop(pid, None)
+            if entry is not None:
+                acked_ids.append(entry[0])
+        acked_ids += written
 
     def _delete(self, acked_ids: list[int]) -> None:
         """Delete acknowledged rows without waiting for the journal's commit (the forwarder keeps

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from appliance.audit.journal import write_transaction
 from appliance.audit.records import OUTBOX_COLUMNS
 from appliance.forward.config import OutboxBounds
 
@@ -76,15 +77,7 @@ class _OwnWrites:
         self._conn = conn
 
     def write(self, func: Callable[[sqlite3.Connection], Any]) -> Any:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = func(self._conn)
-        except BaseException:
-            if self._conn.in_transaction:  # SQLITE_FULL and I/O errors may have rolled it back already
-                self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
-        return result
+        return write_transaction(self._conn, func)
 
     def submit(self, func: Callable[[sqlite3.Connection], Any],
                on_done: Callable[[Any, BaseException | None], None] | None = None) -> Submitted:

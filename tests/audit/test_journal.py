@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from appliance.audit.records import IdClock
 from appliance.audit.service import export_finished_days
 from appliance.audit.store import AuditStore
 from tests.audit.factory import decision, epoch, event
+from tests.helpers import wait_until
 
 START = epoch("2026-11-27T10:00:00")
 
@@ -111,9 +111,7 @@ def test_deletes_free_a_full_journal_while_records_keep_failing(tmp_path: Path):
     def work(j: Journal) -> None:
         for i in range(10):  # full: these are lost
             j.add_decision(decision(1000 + i, START, payload=b"y" * 2000))
-        deadline = time.monotonic() + 10
-        while j.lost < 10 and time.monotonic() < deadline:  # the writer has tried them (its own thread)
-            time.sleep(0.001)
+        wait_until(lambda: j.lost >= 10, message="the writer tried them (its own thread)")
         for i in range(10):  # still full: in the same batch as the delete below, and lost with it
             j.add_decision(decision(2000 + i, START, payload=b"y" * 40_000))
         request = j.submit(lambda conn: conn.execute("DELETE FROM decisions").rowcount,
@@ -213,9 +211,7 @@ def test_a_record_sqlite_cannot_store_loses_only_its_batch(tmp_path: Path):
 
     def work(j: Journal) -> None:
         j.add_decision(decision(1, START)[:1] + (2**70,) + decision(1, START)[2:])
-        deadline = time.monotonic() + 10
-        while j.lost < 1 and time.monotonic() < deadline:  # the writer tried it (its own thread)
-            time.sleep(0.001)
+        wait_until(lambda: j.lost >= 1, message="the writer tried it (its own thread)")
         request.append(j.submit(lambda conn: conn.execute("SELECT 1").fetchone()[0]))
         for i in range(5):
             j.add_decision(decision(100 + i, START))

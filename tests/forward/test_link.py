@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from appliance.forward.link import Link, LinkClosed, user_properties
 from tests.forward.harness import CloudBroker, Subscriber
 from tests.forward.test_resilience import hung_server
+from tests.helpers import wait_until
 
 
 def link(port: int, *, protocol: int = 5, keepalive: int = 30, client_id: str = "link-test", **kwargs: object) -> Link:
@@ -26,6 +28,15 @@ def drain(conn: Link, pids: set[int], tokens: set[int], timeout: float = 10) -> 
         pids -= set(acked)
         tokens -= set(written)
     assert not pids and not tokens, (len(pids), len(tokens))
+
+
+def poll_until_closed(conn: Link, timeout: float, each: Callable[[], object] = lambda: None) -> None:
+    """Poll (calling `each` first) until the link raises LinkClosed; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        each()
+        conn.poll(0.05)
+    raise AssertionError(f"the link is still open after {timeout:g} s")
 
 
 @pytest.mark.parametrize("protocol", [4, 5])
@@ -43,9 +54,7 @@ def test_qos1_acks_qos0_writes_user_properties_and_big_payloads(tmp_path: Path, 
         drain(conn, pids, {77})
         assert conn.inflight == 0
         conn.disconnect()
-        deadline = time.monotonic() + 10
-        while sub.count() < 3002 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: sub.count() >= 3002, message="3002 messages at the subscriber")
         messages = sub.messages
         numbered = [m for m in messages if m.topic.startswith("t/") and m.topic[2:].isdigit()]
         # In order (mosquitto may deliver the QoS 0 one ahead of QoS 1 messages still queued for the subscriber).
@@ -95,9 +104,7 @@ def test_keepalive_pings_an_idle_link_and_a_silent_server_is_hung(tmp_path: Path
         conn = link(port, protocol=4, keepalive=1)
         conn.connect(5)
         with pytest.raises(LinkClosed, match="no PINGRESP within 1 s"):
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                conn.poll(0.05)
+            poll_until_closed(conn, 5)
         conn.close()
 
 
@@ -125,9 +132,7 @@ def test_refused_connect_and_the_brokers_disconnect_say_why(tmp_path: Path):
         conn = link(server.getsockname()[1])
         conn.connect(5)
         with pytest.raises(LinkClosed, match=r"sent DISCONNECT: server shutting down \(0x8b\)"):
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                conn.poll(0.05)
+            poll_until_closed(conn, 5)
         conn.close()
         thread.join(5)
 
@@ -166,10 +171,7 @@ def test_a_broker_that_stops_reading_is_hung_even_at_qos0(tmp_path: Path):
         conn = link(server.getsockname()[1], protocol=4, keepalive=30, write_timeout=0.5)
         conn.connect(5)
         with pytest.raises(LinkClosed, match=r"nothing written for 0.5 s \(\d+ bytes waiting\): uplink hung"):
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                conn.publish("t", b"x" * 65536, 0, False, token=1)
-                conn.poll(0.05)
+            poll_until_closed(conn, 10, each=lambda: conn.publish("t", b"x" * 65536, 0, False, token=1))
         conn.close()
         for sock in accepted:
             sock.close()
@@ -193,9 +195,11 @@ def test_connack_limits_server_keepalive_qos_retain_and_packet_size(tmp_path: Pa
         with pytest.raises(TooLarge, match="topic of 70000 bytes"):
             conn.publish("t" * 70_000, b"x", 1, False)
         drain(conn, set(), {5})
-        deadline = time.monotonic() + 5
-        while sub.count() < 1 and time.monotonic() < deadline:
-            conn.poll(0.05)
+        def delivered() -> bool:
+            conn.poll(0.05)  # the link is ours to drive
+            return sub.count() >= 1
+
+        wait_until(delivered, message="the message at the subscriber")
         assert [(m.topic, m.payload, m.retain) for m in sub.messages] == [("t/a", b"fits", False)]
         conn.disconnect()
     finally:
@@ -251,11 +255,11 @@ def test_a_pingresp_that_arrived_while_the_thread_was_busy_counts(tmp_path: Path
     try:
         conn = link(broker.port, keepalive=1)
         conn.connect(5)
-        deadline = time.monotonic() + 5
-        while conn._ping_sent_at is None and time.monotonic() < deadline:  # noqa: SLF001
-            conn.poll(0)  # sends the PINGREQ when due, reads at once (the PINGRESP is not back yet)
-            time.sleep(0.01)
-        assert conn._ping_sent_at is not None  # noqa: SLF001
+        def ping_out() -> bool:
+            conn.poll(0)  # sends the PINGREQ when due and reads at once (the PINGRESP is not back yet)
+            return conn._ping_sent_at is not None  # noqa: SLF001
+
+        wait_until(ping_out, timeout=5, message="a PINGREQ out")
         time.sleep(1.3)  # busy elsewhere; mosquitto answers meanwhile
         assert conn.poll(0) == ([], [])
         assert conn._ping_sent_at is None  # noqa: SLF001

@@ -226,7 +226,8 @@ class Link:
         retain = retain and self.retain_available
         v5 = self.version == ProtocolVersion.MQTT_5
         remaining = 2 + len(data) + (2 if qos else 0) + (len(properties) if v5 else 0) + len(payload)
-        size = 1 + len(encode_varint(remaining)) + remaining
+        length = encode_varint(remaining)
+        size = 1 + len(length) + remaining
         if self.maximum_packet_size is not None and size > self.maximum_packet_size:
             raise TooLarge(f"{size} bytes, the cloud broker takes packets up to {self.maximum_packet_size}")
         if qos:
@@ -235,13 +236,13 @@ class Link:
         else:
             pid = 0
             variable = len(data).to_bytes(2, "big") + data
-        if self.version == ProtocolVersion.MQTT_5:
+        if v5:
             variable += properties
         out = self._out
         if not out:
             self._progress_at = time.monotonic()
         out.append(0x30 | (qos << 1) | (1 if retain else 0))
-        out += encode_varint(len(variable) + len(payload))
+        out += length
         out += variable
         out += payload
         if not qos:

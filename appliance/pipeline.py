@@ -7,6 +7,7 @@ sinks (audit log, quarantine, outbox, metrics) plug in through the two small pro
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -100,9 +101,44 @@ class Check(Protocol):
 
 class Sink(Protocol):
     """Receives every verdict, after the fact, with the time the checks took (µs). Must be fast:
-    it runs on the event loop."""
+    it runs on the event loop. Returns a durability ticket: the message log's sequence number of
+    the record it wrote (an acknowledgement waits until that record is durable), or 0 when the sink
+    wrote nothing durable."""
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool) -> None: ...
+    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool) -> int | None: ...
+
+
+class Judged(NamedTuple):
+    """What `Pipeline.judge` returns: the verdict to act on, and the ticket its acknowledgement
+    waits for (0: nothing to wait for)."""
+
+    verdict: Verdict
+    ticket: int
+
+
+class FailedTickets:
+    """Which tickets (sequence numbers) were never made durable: kept as ranges, in the order the
+    store reported them (increasing). Only recent failures matter (an ack waits seconds at most), so
+    at most `keep` ranges are remembered."""
+
+    __slots__ = ("_firsts", "_lasts", "_keep")
+
+    def __init__(self, keep: int = 4096) -> None:
+        self._firsts: list[int] = []
+        self._lasts: list[int] = []
+        self._keep = keep
+
+    def add(self, first: int, last: int) -> None:
+        self._firsts.append(first)
+        self._lasts.append(last)
+        if len(self._firsts) > self._keep:
+            del self._firsts[: -self._keep], self._lasts[: -self._keep]
+
+    def __contains__(self, seq: int) -> bool:
+        if not self._firsts:
+            return False
+        i = bisect_right(self._firsts, seq) - 1
+        return i >= 0 and seq <= self._lasts[i]
 
 
 class Pipeline:
@@ -118,7 +154,7 @@ class Pipeline:
         self._sinks = tuple(sinks)
         self.dry_run = dry_run
 
-    def judge(self, message: Message) -> Verdict:
+    def judge(self, message: Message) -> Judged:
         started = perf_counter_ns()
         verdict = ACCEPT
         for check in self._checks:
@@ -131,9 +167,10 @@ class Pipeline:
         # In dry run a rejection is recorded but the message is delivered, unless the rejecting
         # check is enforced even then (the ACL).
         delivered = verdict.accepted or (self.dry_run and not getattr(check, "enforced_in_dry_run", False))
+        ticket = 0
         for sink in self._sinks:
-            sink.record(message, verdict, latency_us, delivered)
-        return ACCEPT if delivered else verdict
+            ticket = sink.record(message, verdict, latency_us, delivered) or ticket
+        return Judged(ACCEPT if delivered else verdict, ticket)
 
     @property
     def checks(self) -> tuple[Check, ...]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from appliance.audit.records import DECISION_COLUMNS, EVENT_COLUMNS, OUTBOX_COLUMNS
+from appliance.pipeline import FailedTickets
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ class Journal:
         self.committed = 0  # highest sequence number known durable (event loop only)
         self.healthy = True
         self.lost = 0  # records that could not be made durable (disk full, I/O errors)
+        self._failed = FailedTickets()  # their sequence numbers (event loop only)
         self.moved = 0  # rows moved to DuckDB since start
         self.outbox_added = 0  # outbox rows committed since start
         # Called on the writer thread after a commit that added outbox rows (wakes the forwarder).
@@ -224,6 +226,14 @@ class Journal:
         self.last_seq += 1
         self._queue.put((self.last_seq, _OUTBOX, row))
         return self.last_seq
+
+    def failed(self, seq: int) -> bool:
+        """Whether the record numbered `seq` could not be committed (its ack must not say success)."""
+        return seq in self._failed
+
+    def _on_failure(self, first: int, last: int, seq: int) -> None:
+        self._failed.add(first, last)
+        self._on_commit(seq)
 
     def _on_commit(self, seq: int) -> None:
         if seq > self.committed:
@@ -316,7 +326,7 @@ class Journal:
                         log.exception("audit journal writer failed on a batch; its %d records are lost", len(records))
                         self.lost += len(records)
                         if records:
-                            self._call_on_loop(self._on_commit, records[-1][0])
+                            self._call_on_loop(self._on_failure, records[0][0], records[-1][0], records[-1][0])
                         for write in writes:
                             if not write.done.is_set():
                                 write.finish(None, exc)
@@ -396,8 +406,11 @@ class Journal:
             if self.pending_rows >= MOVE_BATCH:
                 with self._moved:
                     self._moved.notify_all()
-        # Released either way: a disk problem must not stop message flow.
-        self._call_on_loop(self._on_commit, records[-1][0])
+        if failure is not None:
+            # Settled, not durable: their acks must not claim success (proxy/acks.py).
+            self._call_on_loop(self._on_failure, records[0][0], records[-1][0], records[-1][0])
+        else:
+            self._call_on_loop(self._on_commit, records[-1][0])
 
     @staticmethod
     def _run_writes(conn: sqlite3.Connection, writes: Sequence[_Write]) -> list[tuple[Any, BaseException | None]]:

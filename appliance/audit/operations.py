@@ -101,7 +101,7 @@ class AuditOperations:
         client = ClientInfo(row["client_id"], row.get("username"), row["peer"], ProtocolVersion(row["mqtt_version"]))
         message = Message(row["topic"], bytes(row["payload"]), row["qos"], row["retain"], client,
                           received_at=time.time(), released_from=decision_id)
-        verdict = self._pipeline.judge(message)
+        verdict = self._pipeline.judge(message).verdict
         new_id = self._service.sink.last_id
         if not verdict.accepted:
             return {"id": decision_id, "released": False, "new_id": new_id,

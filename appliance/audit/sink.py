@@ -46,7 +46,7 @@ class AuditSink:
             parts = self._schema_parts[schema] = (name, version or None)
         return parts
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True) -> None:
+    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True) -> int:
         client = message.client
         payload = message.payload
         received = message.received_at or time.time()
@@ -86,10 +86,11 @@ class AuditSink:
             message.is_will,
             message.released_from,
         )
-        self._journal.add_decision(row)
+        ticket = self._journal.add_decision(row)
         # Forward what was delivered locally: accepted messages, and in dry run the rejected ones
         # that were delivered anyway (never what an enforced check such as the ACL refused).
         if self._forward and delivered and verdict.forward and not message.is_will:
-            self._journal.add_outbox(
+            ticket = self._journal.add_outbox(
                 (self.last_id, received, client.client_id, message.topic, payload, verdict.forward_qos, message.retain, verdict.schema)
             )
+        return ticket

@@ -7,34 +7,51 @@ when their last message is acked, losing the earlier ones (EVIDENCE.md, pitfall 
 audit journal, no ack may reach the publisher before the message's verdict is durable.
 
 So every QoS 1/2 PUBLISH gets an entry, in arrival order: the ack to send (the broker's, once it
-arrives, or the proxy's own) and the journal sequence number that must be committed first. The head
-entry leaves when it has its ack and its record is durable; entries behind it wait. The CONNACK is a
-barrier entry too: nothing is sent to the client before it.
+arrives, or the proxy's own) and the message log's sequence number (the sink's ticket) that must be
+durable first. The head entry leaves when it has its ack and its record is durable; entries behind
+it wait. The CONNACK is a barrier entry too: nothing is sent to the client before it.
+
+A record the log could not write (a full disk) is never durable. An accepted message whose record
+failed must not get the broker's success ack: `on_failure(packet_id, qos)` gives the ack to send
+instead (MQTT 5 QoS 1: PUBACK 0x97 Quota exceeded) or None, and then nothing more is released and
+`broken` is set: the session closes the connection, and the client resends after reconnecting.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 CONNACK_BARRIER = -1
 
 
 class Durability(Protocol):
-    """What the acks wait for: records numbered up to `committed` are durable."""
+    """What the acks wait for: records numbered up to `committed` are settled, durable unless
+    `failed(seq)`."""
 
-    committed: int
-    last_seq: int
+    @property
+    def committed(self) -> int: ...
+
+    def failed(self, seq: int) -> bool: ...
+
+
+def _no_replacement(packet_id: int, qos: int) -> bytes | None:
+    return None
 
 
 class AckOrder:
-    __slots__ = ("_queue", "_durability", "publishes")
+    __slots__ = ("_queue", "_durability", "_on_failure", "broken", "publishes")
 
-    def __init__(self, durability: Durability | None = None) -> None:
+    def __init__(self, durability: Durability | None = None,
+                 on_failure: Callable[[int, int], bytes | None] = _no_replacement) -> None:
         # Entries are [packet id awaiting the broker's ack or None, ack bytes (None: not yet), sequence,
-        # whether it answers a PUBLISH (the CONNACK barrier and a proxy-made SUBACK do not)].
+        # whether it answers a PUBLISH (the CONNACK barrier and a proxy-made SUBACK do not),
+        # the packet id and QoS of an accepted PUBLISH (its ack must not claim success if its record failed)].
         self._queue: deque[list[object]] = deque()
         self._durability = durability
+        self._on_failure = on_failure
+        self.broken = False  # a failed record's ack could not be replaced: close the connection
         self.publishes = 0  # PUBLISH packets whose PUBACK/PUBREC the client has not received yet
 
     def __len__(self) -> int:
@@ -44,13 +61,13 @@ class AckOrder:
         durability = self._durability
         return durability.committed if durability is not None else 1 << 62
 
-    def wait_for(self, packet_id: int, seq: int = 0, *, counted: bool = True) -> None:
+    def wait_for(self, packet_id: int, seq: int = 0, *, counted: bool = True, qos: int = 1) -> None:
         """A QoS 1/2 PUBLISH was forwarded: its broker ack goes out after everything queued before.
         `counted`: it counts in `publishes` until then (a QoS 2 message is counted by the session
         until its PUBCOMP instead)."""
         publish = counted and packet_id != CONNACK_BARRIER
         self.publishes += publish
-        self._queue.append([packet_id, None, seq, publish])
+        self._queue.append([packet_id, None, seq, publish, packet_id, qos])
 
     def inject(self, ack: bytes, seq: int, out: list[bytes], *, publish: bool = True) -> None:
         """The proxy's own ack for a message it answered itself (`publish`: a PUBACK/PUBREC)."""
@@ -58,7 +75,7 @@ class AckOrder:
             out.append(ack)
         else:
             self.publishes += publish
-            self._queue.append([None, ack, seq, publish])
+            self._queue.append([None, ack, seq, publish, 0, 0])
 
     def acked(self, packet_id: int, ack: bytes, out: list[bytes]) -> bool:
         """The broker's ack for `packet_id` arrived. Returns False when no entry awaited it (the
@@ -75,14 +92,21 @@ class AckOrder:
         """Send every entry at the head that has its ack and whose record is durable."""
         queue = self._queue
         committed = self._committed()
-        while queue:
+        durability = self._durability
+        while queue and not self.broken:
             head = queue[0]
             if head[1] is None or head[2] > committed:  # type: ignore[operator]
                 return
+            ack = head[1]
+            if head[5] and head[2] and durability is not None and durability.failed(head[2]):  # type: ignore[arg-type]
+                ack = self._on_failure(head[4], head[5])  # type: ignore[arg-type]
+                if ack is None:
+                    self.broken = True
+                    return
             queue.popleft()
             self.publishes -= head[3]  # type: ignore[operator]
-            if head[1]:
-                out.append(head[1])  # type: ignore[arg-type]
+            if ack:
+                out.append(ack)  # type: ignore[arg-type]
 
     @property
     def waiting_for_durability(self) -> bool:

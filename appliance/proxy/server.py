@@ -220,6 +220,8 @@ class ClientLeg(_Leg):
             session.pause_for = 0.0
         if session.waiting_for_durability:
             self._server.durable_waiters.add(self)
+            if session.blocked_on_durability:
+                self._server.sync_now()
         if session.to_broker and self.broker is not None:
             self.broker.write(b"".join(session.to_broker))
             session.to_broker.clear()
@@ -429,6 +431,13 @@ class ProxyServer:
         if endpoint is None or endpoint.username is None:
             return None
         return BrokerCredentials(endpoint.username, endpoint.password)
+
+    def sync_now(self) -> None:
+        """A publisher has as many messages in flight as it will send: waiting for the message log's
+        sync window would only stall it. Ask for the sync now."""
+        request = getattr(self.durability, "request_sync", None)
+        if request is not None:
+            request()
 
     def committed(self, seq: int) -> None:
         """The journal committed up to `seq`: send the acks that waited for it."""

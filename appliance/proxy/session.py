@@ -64,6 +64,9 @@ _CONNACK = int(PacketType.CONNACK)
 _DISCONNECT = int(PacketType.DISCONNECT)
 _SUBSCRIBE = int(PacketType.SUBSCRIBE)
 _SUBACK = int(PacketType.SUBACK)
+# Acks waiting for durability at which a client is taken to be blocked on us (see
+# blocked_on_durability): mosquitto_pub and paho keep 20 QoS 1 messages in flight by default.
+SYNC_HINT_INFLIGHT = 10
 _UNSUBSCRIBE = int(PacketType.UNSUBSCRIBE)
 _MQTT5 = ProtocolVersion.MQTT_5
 
@@ -115,7 +118,7 @@ class Session:
     __slots__ = (
         "peer", "client", "version", "state", "close_reason",
         "to_client", "to_broker", "want_broker", "close_client", "close_broker",
-        "_pipeline", "_limits", "_credentials", "_max_packet_size", "_acks",
+        "_pipeline", "_limits", "_credentials", "_max_packet_size", "_acks", "_sync_hint",
         "_client_pending", "_client_need", "_broker_pending", "_broker_need",
         "_durability", "_qos2_open", "password_user", "broker_client_id", "_aliases", "_stale_aliases", "_alias_maximum", "_proxy_qos2", "_reason_strings",
         "_client_max_packet", "_client_disconnected",
@@ -156,7 +159,8 @@ class Session:
         self._broker_pending = bytearray()
         self._broker_need = 0
         self._durability = durability
-        self._acks = AckOrder(durability)
+        self._acks = AckOrder(durability, self._failed_ack)
+        self._sync_hint = SYNC_HINT_INFLIGHT
         self._qos2_open: set[int] = set()  # forwarded QoS 2 ids the broker has not PUBCOMPed yet
         self.password_user: str | None = None  # the user a password file authenticated, if any
         self.broker_client_id: str | None = None  # the client id the broker sees (see broker_client_id)
@@ -271,6 +275,7 @@ class Session:
             props = connect.properties
             self._reason_strings = props.get(PropertyId.REQUEST_PROBLEM_INFORMATION, 1) == 1
             self._client_max_packet = props.get(PropertyId.MAXIMUM_PACKET_SIZE)
+            self._sync_hint = min(props.get(PropertyId.RECEIVE_MAXIMUM, 65535), SYNC_HINT_INFLIGHT)
         if self._authenticator is not None:
             result = self._authenticator.authenticate(connect.username, connect.password, identity=self._identity)
             if result is not AuthResult.OK:
@@ -282,7 +287,7 @@ class Session:
             will = connect.will
             verdict = self._pipeline.judge(
                 Message(will.topic, will.payload, will.qos, will.retain, self.client, will.properties, is_will=True)
-            )
+            ).verdict
             if not verdict.accepted:
                 self._refuse_connect(verdict)
                 return
@@ -302,7 +307,7 @@ class Session:
             connect = replace(connect, **changes)  # type: ignore[arg-type]
             raw = encode_packet(connect, version)
         self.to_broker.append(raw)
-        self._acks.wait_for(CONNACK_BARRIER)
+        self._acks.wait_for(CONNACK_BARRIER, qos=0)
         self.state = State.CONNECTING
         self.want_broker = True
 
@@ -391,16 +396,16 @@ class Session:
             return None
         if self._limits.message_rate:
             self._take_token()
-        verdict = self._pipeline.judge(
+        verdict, ticket = self._pipeline.judge(
             Message(topic, publish.payload, publish.qos, publish.retain, self.client, publish.properties, False, time.time())
         )
-        # The journal sequence number of this message's verdict: its ack waits for that commit.
-        seq = self._durability.last_seq if self._durability is not None and publish.qos else 0
+        # The message log's sequence number of this message's verdict: its ack waits until it is durable.
+        seq = ticket if self._durability is not None and publish.qos else 0
         if verdict.accepted:
             if publish.qos == 2:
                 # In flight until the broker's PUBCOMP, not just its PUBREC (MQTT 5 Receive Maximum).
                 self._qos2_open.add(publish.packet_id)  # type: ignore[arg-type]
-                self._acks.wait_for(publish.packet_id, seq, counted=False)  # type: ignore[arg-type]
+                self._acks.wait_for(publish.packet_id, seq, counted=False, qos=2)  # type: ignore[arg-type]
             elif publish.qos:
                 self._acks.wait_for(publish.packet_id, seq)  # type: ignore[arg-type]
             if alias is not None and alias in self._stale_aliases:
@@ -531,6 +536,8 @@ class Session:
             return
         if run < pos:
             to_client.append(data if run == 0 and pos == size else data[run:pos])
+        if acks.broken:
+            self._close_if_unacknowledgeable()
         if pos < size:
             self._broker_pending = bytearray(data[pos:])
             header = read_fixed_header(data, pos, size)
@@ -575,12 +582,38 @@ class Session:
         self._acks.acked(CONNACK_BARRIER, b"", self.to_client)
 
     def release_acks(self) -> None:
-        """The journal committed more: send the acks that were waiting for it."""
+        """The message log made more records durable: send the acks that were waiting for them."""
         self._acks.release(self.to_client)
+        self._close_if_unacknowledgeable()
+
+    def _failed_ack(self, packet_id: int, qos: int) -> bytes | None:
+        """An accepted message's record could not be stored: what its publisher gets instead of the
+        broker's success ack. MQTT 5 QoS 1: PUBACK 0x97 Quota exceeded (the client may resend).
+        Otherwise there is no honest ack to give: None, and the connection is closed, so the client
+        resends after reconnecting (MQTT 3.1.1 §4.4)."""
+        self.counts.append("audit_unavailable")
+        if self.version is _MQTT5 and qos == 1:
+            return encode_packet(
+                Puback(packet_id, ReasonCode.QUOTA_EXCEEDED, self._reason_properties("the message log cannot store messages")),
+                _MQTT5,
+            )
+        return None
+
+    def _close_if_unacknowledgeable(self) -> None:
+        if self._acks.broken:
+            if self.version is _MQTT5:
+                self.to_client.append(encode_packet(Disconnect(ReasonCode.QUOTA_EXCEEDED), _MQTT5))
+            self._close("the message log could not store a message awaiting its acknowledgement")
 
     @property
     def waiting_for_durability(self) -> bool:
         return self._acks.waiting_for_durability
+
+    @property
+    def blocked_on_durability(self) -> bool:
+        """The client has (about) as many QoS 1/2 messages in flight as it will send before waiting
+        for acks: MQTT 5 says so (Receive Maximum); 3.1.1 clients commonly stop at 10-20."""
+        return self._acks.publishes >= self._sync_hint
 
     # -- connection events -----------------------------------------------------------------------
 

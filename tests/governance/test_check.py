@@ -178,5 +178,5 @@ def test_dry_run_records_the_real_verdict(v1):
 
     sink = CountingSink()
     pipeline = Pipeline([v1], [sink], dry_run=True)
-    assert pipeline.judge(Message("sensor/t1/temperature", b"{}", 0, False, CLIENT)).accepted
+    assert pipeline.judge(Message("sensor/t1/temperature", b"{}", 0, False, CLIENT)).verdict.accepted
     assert sink.counts == {"reject": 1}

@@ -73,7 +73,7 @@ def test_bad_lines():
 def test_check_rejects_with_not_authorized(rules):
     check = AclCheck(rules)
     client = ClientInfo("c1", "bob", "192.0.2.1:1", ProtocolVersion.MQTT_5)
-    verdict = Pipeline([check], dry_run=True).judge(Message("alice/x", b"{}", 1, False, client))
+    verdict = Pipeline([check], dry_run=True).judge(Message("alice/x", b"{}", 1, False, client)).verdict
     assert not verdict.accepted  # enforced even in dry-run mode
     assert verdict.reason_code == ReasonCode.NOT_AUTHORIZED
     assert "user 'bob' is not authorized to publish to 'alice/x'" in verdict.reason_text

@@ -28,6 +28,7 @@ from appliance.governance import Governance, SchemaSetError, load_schema_set
 from appliance import sdnotify
 from appliance.admin import AdminServer, socket_path
 from appliance.audit.operations import AuditOperations, forget_session
+from appliance.audit.check import StoreUnavailable
 from appliance.audit.service import AuditService
 from appliance.forward import Forwarder, Outbox
 from appliance.forward.check import OutboxFull
@@ -108,6 +109,9 @@ class Appliance:
                     on_event=self.on_event, forward=config.upstream.url is not None,
                 )
                 sinks.append(self.audit.sink)
+                if config.audit.durable_acks:
+                    audit = self.audit
+                    checks.insert(0, StoreUnavailable(lambda: audit.journal.healthy))
             if config.upstream.url is not None:
                 assert self.audit is not None  # the config requires it
                 self.outbox = Outbox(self.audit.journal.path, config.upstream.outbox, journal=self.audit.journal)

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import getpass
 import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import time
@@ -27,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.children import die_with_parent
 from appliance.config import BrokerConfig, TLSConfig
 from appliance.security.passwords import PasswordFile, hash_password
 
@@ -93,15 +92,6 @@ def render_mosquitto_conf(*, port: int, data_dir: Path, extra: list[str], passwo
         f"user {getpass.getuser()}",
     ]
     return "\n".join([*lines, *extra]) + "\n"
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the appliance dies, even by kill -9 (Linux only)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
@@ -188,7 +178,7 @@ class EmbeddedBroker:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         asyncio.create_task(self._pump_output(self._process), name="mosquitto-output")
         await self._wait_ready(self._process, port)

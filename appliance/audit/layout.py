@@ -1,0 +1,166 @@
+"""Where the audit log lives on disk, and the small durable-file tools every writer of it uses.
+
+    STATE_DIR/log/                          the message log (appliance/msglog): the durable record
+    STATE_DIR/audit/parquet/decisions/day=YYYY-MM-DD/{first_seq:020d}.parquet
+    STATE_DIR/audit/parquet/events/day=YYYY-MM-DD/{first_seq:020d}.parquet
+    STATE_DIR/audit/converted.json          the watermark: the last log segment converted to Parquet
+    STATE_DIR/audit/audit.duckdb            views over the Parquet files, for `duckdb -readonly`
+    STATE_DIR/audit/maintenance.lock        held by whoever rewrites files (seal, purge, retention)
+
+A Parquet file is named after the first seq of the batch of segments it came from. A batch's files
+are all renamed into place before the watermark moves past it, so a reader that read watermark W
+takes exactly the files named <= W.last_seq and reads the records after W from the log: a file a
+crashed conversion left behind (named > W) is ignored until the conversion is redone, which
+replaces it under the same name.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+TABLES = ("decisions", "events")
+_PARQUET_NAME = re.compile(r"^(\d{20})\.parquet$")
+_DAY_DIR = re.compile(r"^day=(\d{4}-\d{2}-\d{2})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Watermark:
+    segment: int = -1   # first_seq of the last segment converted (-1: none yet)
+    last_seq: int = 0   # the last seq converted: the tail starts after it
+
+
+@dataclass(frozen=True, slots=True)
+class ParquetFile:
+    path: Path
+    table: str
+    day: date
+    first_seq: int
+
+
+class Layout:
+    def __init__(self, state_dir: Path):
+        self.state_dir = Path(state_dir).absolute()
+        self.log_dir = self.state_dir / "log"
+        self.audit_dir = self.state_dir / "audit"
+        self.parquet_dir = self.audit_dir / "parquet"
+        self.views_file = self.audit_dir / "audit.duckdb"
+        self.watermark_file = self.audit_dir / "converted.json"
+        self.lock_file = self.audit_dir / "maintenance.lock"
+        self.tmp_dir = self.audit_dir / "tmp"  # DuckDB spills here
+
+    def table_dir(self, table: str) -> Path:
+        return self.parquet_dir / table
+
+    def day_dir(self, table: str, day: date) -> Path:
+        return self.parquet_dir / table / f"day={day.isoformat()}"
+
+    def parquet_path(self, table: str, day: date, first_seq: int) -> Path:
+        return self.day_dir(table, day) / f"{first_seq:020d}.parquet"
+
+    def files(self, table: str, *, upto_seq: int | None = None) -> list[ParquetFile]:
+        """The table's Parquet files sorted by (day, first_seq); with upto_seq, only those named
+        <= upto_seq (the ones a watermark covers)."""
+        found = []
+        try:
+            days = os.listdir(self.table_dir(table))
+        except FileNotFoundError:
+            return []
+        for day_name in days:
+            match = _DAY_DIR.match(day_name)
+            if not match:
+                continue
+            day = date.fromisoformat(match.group(1))
+            try:
+                names = os.listdir(self.table_dir(table) / day_name)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                named = _PARQUET_NAME.match(name)
+                if named and (upto_seq is None or int(named.group(1)) <= upto_seq):
+                    found.append(ParquetFile(self.table_dir(table) / day_name / name, table, day,
+                                             int(named.group(1))))
+        found.sort(key=lambda f: (f.day, f.first_seq))
+        return found
+
+    def read_watermark(self) -> Watermark:
+        try:
+            data = json.loads(self.watermark_file.read_text())
+        except FileNotFoundError:
+            return Watermark()
+        return Watermark(int(data["segment"]), int(data["last_seq"]))
+
+    def write_watermark(self, mark: Watermark) -> None:
+        write_durably(self.watermark_file, json.dumps(
+            {"segment": mark.segment, "last_seq": mark.last_seq}).encode() + b"\n")
+
+    @contextmanager
+    def maintenance(self) -> Iterator[None]:
+        """One file rewriter at a time across processes (the seal helper, purge, retention)."""
+        make_dirs(self.audit_dir)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p, fsyncing the parent of every directory it creates (so a power cut cannot take a
+    directory, and what was renamed into it, away)."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    make_dirs(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return
+    fsync_dir(path.parent)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make a fully written temp file durable under its final name: fsync, rename, fsync the dir."""
+    fsync_file(tmp)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    publish(tmp, path)
+
+
+def temp_name(final: Path) -> Path:
+    """A temp file beside `final` that no reader's glob (*.parquet, *.seg) matches."""
+    return final.with_name(f".{final.name}.tmp")
+
+
+def sql_string(text: str) -> str:
+    return "'" + str(text).replace("'", "''") + "'"

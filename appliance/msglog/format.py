@@ -1,0 +1,158 @@
+"""The message log's on-disk format, without I/O (docs/decisions/0004-message-log.md).
+
+A segment file is a 16-byte file header followed by records:
+
+    file header  <4sHHQ   magic b"MQLG", version (1), reserved (0), first_seq
+    record       <IIBQ    crc32, body length, kind (1..255), seq   then `length` body bytes
+
+The CRC (zlib.crc32) covers everything after the CRC field: length, kind, seq and body, so a record
+whose length field was torn fails its CRC instead of sending a reader off into the body. A kind of 0
+is never written: a zero-filled region (a preallocated or half-persisted tail) therefore reads as
+"end" rather than as a record.
+
+`scan_records` parses a buffer that may end anywhere (partial input is normal: it answers how far it
+got and why it stopped), so the same code serves whole files, chunked reads and a reader tailing a
+file that another process is still writing.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from typing import NamedTuple
+
+MAGIC = b"MQLG"
+VERSION = 1
+FILE_HEADER = struct.Struct("<4sHHQ")
+FILE_HEADER_SIZE = FILE_HEADER.size  # 16
+RECORD_HEADER = struct.Struct("<IIBQ")
+RECORD_HEADER_SIZE = RECORD_HEADER.size  # 17
+# The part of the header the CRC covers (length, kind, seq), packed on its own to seed the CRC.
+_CRC_PREFIX = struct.Struct("<IBQ")
+MAX_BODY = (1 << 31) - 1  # a length above this is damage, not a record
+MAX_SEQ = (1 << 64) - 1
+SEGMENT_SUFFIX = ".seg"
+_SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
+
+
+class LogRecord(NamedTuple):
+    seq: int
+    kind: int
+    body: bytes
+
+
+class FormatError(ValueError):
+    """The caller asked for something the format cannot hold (kind 0, a seq out of range...)."""
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(name: str) -> int | None:
+    """The first_seq a segment file name declares, or None for any other file."""
+    match = _SEGMENT_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def encode_file_header(first_seq: int) -> bytes:
+    return FILE_HEADER.pack(MAGIC, VERSION, 0, first_seq)
+
+
+def decode_file_header(data: bytes | bytearray | memoryview) -> int | None:
+    """first_seq from a segment's file header, or None if the header is missing or not ours."""
+    if len(data) < FILE_HEADER_SIZE:
+        return None
+    magic, version, _reserved, first_seq = FILE_HEADER.unpack_from(data, 0)
+    if magic != MAGIC or version != VERSION:
+        return None
+    return int(first_seq)
+
+
+def record_header(seq: int, kind: int, body: bytes, *, _prefix=_CRC_PREFIX.pack, _pack=RECORD_HEADER.pack,
+                  _crc=zlib.crc32) -> bytes:
+    """The 17 header bytes of a record (the hot path: the writer appends header + body)."""
+    length = len(body)
+    return _pack(_crc(body, _crc(_prefix(length, kind, seq))), length, kind, seq)
+
+
+def encode_record(seq: int, kind: int, body: bytes) -> bytes:
+    check_record(seq, kind, body)
+    return record_header(seq, kind, body) + body
+
+
+def check_record(seq: int, kind: int, body: bytes) -> None:
+    if not 1 <= kind <= 255:
+        raise FormatError(f"record kind must be 1..255, not {kind!r}")
+    if not 0 < seq <= MAX_SEQ:
+        raise FormatError(f"seq out of range: {seq!r}")
+    if len(body) > MAX_BODY:
+        raise FormatError(f"record body too long: {len(body)} bytes")
+
+
+# Why scan_records stopped.
+END = "end"  # the buffer ends exactly at a record boundary
+ZEROS = "zeros"  # only zero bytes from `offset` to the end of the buffer (a preallocated tail?)
+INCOMPLETE = "incomplete"  # a record starts but the buffer ends inside it (need more data, or torn)
+CORRUPT = "corrupt"  # a complete record fails its CRC, has kind 0 or does not increase the seq
+
+
+class Scan(NamedTuple):
+    offset: int  # where parsing stopped: the end of the last good record
+    last_seq: int  # seq of the last good record (the `last_seq` passed in if none)
+    stop: str  # END, ZEROS, INCOMPLETE or CORRUPT
+
+
+_ZERO_BLOCK = bytes(1 << 16)
+
+
+def is_zero(buf: bytes | bytearray | memoryview, start: int, end: int) -> bool:
+    view = memoryview(buf)
+    step = len(_ZERO_BLOCK)
+    for pos in range(start, end, step):
+        stop = min(pos + step, end)
+        if view[pos:stop] != _ZERO_BLOCK[:stop - pos]:
+            return False
+    return True
+
+
+def scan_records(buf: bytes | bytearray | memoryview, offset: int, end: int, *, last_seq: int = 0,
+                 from_seq: int = 0, out: list[LogRecord] | None = None) -> Scan:
+    """Parse records from buf[offset:end], appending those with seq >= from_seq to `out`.
+
+    Partial input is normal: a record cut by `end` stops the scan with INCOMPLETE at its start, and
+    the caller decides whether more data can come (read on) or not (a torn tail).
+    """
+    unpack = RECORD_HEADER.unpack_from
+    crc32 = zlib.crc32
+    view = memoryview(buf)
+    append = out.append if out is not None else None
+    header = RECORD_HEADER_SIZE
+    pos = offset
+    while True:
+        if pos + header > end:
+            if pos == end:
+                return Scan(pos, last_seq, END)
+            return Scan(pos, last_seq, ZEROS if is_zero(view, pos, end) else INCOMPLETE)
+        crc, length, kind, seq = unpack(view, pos)
+        if kind == 0:
+            if crc == 0 and length == 0 and seq == 0 and is_zero(view, pos, end):
+                return Scan(pos, last_seq, ZEROS)
+            return Scan(pos, last_seq, CORRUPT)
+        stop = pos + header + length
+        if stop > end:
+            return Scan(pos, last_seq, INCOMPLETE)
+        if crc32(view[pos + 4:stop]) != crc or seq <= last_seq:
+            return Scan(pos, last_seq, CORRUPT)
+        if append is not None and seq >= from_seq:
+            append(LogRecord(seq, kind, bytes(view[pos + header:stop])))
+        last_seq = seq
+        pos = stop
+
+
+def record_length_at(buf: bytes | bytearray | memoryview, offset: int) -> int | None:
+    """Total bytes of the record whose header starts at `offset`, or None if the header is cut."""
+    if len(buf) - offset < RECORD_HEADER_SIZE:
+        return None
+    return RECORD_HEADER_SIZE + int(RECORD_HEADER.unpack_from(buf, offset)[1])

@@ -111,7 +111,7 @@ class Appliance:
                 sinks.append(self.audit.sink)
                 if config.audit.durable_acks:
                     audit = self.audit
-                    checks.insert(0, StoreUnavailable(lambda: audit.journal.healthy))
+                    checks.insert(0, StoreUnavailable(lambda: audit.healthy))
             if config.upstream.url is not None:
                 assert self.audit is not None  # the config requires it
                 self.outbox = Outbox(self.audit.journal.path, config.upstream.outbox, journal=self.audit.journal)
@@ -136,7 +136,7 @@ class Appliance:
             "broker": self.broker is not None and self.broker.endpoint() is not None,
             "listener": self.proxy is not None,
             "schema_set": self.governance.schema_set.version if self.governance is not None else "none (accept all)",
-            "audit": self.audit.journal.healthy if self.audit is not None else "disabled",
+            "audit": self.audit.healthy if self.audit is not None else "disabled",
         }
         if self.forwarder is not None:
             # Informational: a gateway with its uplink down is still doing its job (it buffers).
@@ -155,8 +155,7 @@ class Appliance:
             "reloads": dict(self.reloads),
         })
         if self.audit is not None:
-            journal = self.audit.journal
-            report["audit"] = {"healthy": journal.healthy, "pending_records": journal.pending_rows, "lost_records": journal.lost}
+            report["audit"] = self.audit.status()
         if self.forwarder is not None:
             report["uplink"] = dataclasses.asdict(self.forwarder.status())
         return report
@@ -223,7 +222,7 @@ class Appliance:
             access=self.acl,
         )
         if self.audit is not None:
-            self.audit.journal.add_listener(self.proxy.committed)
+            self.audit.add_listener(self.proxy.committed)
             operations = AuditOperations(self.audit, self.pipeline, self.broker.endpoint)
             handlers = operations.handlers()
         else:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -56,19 +55,6 @@ class ApplianceCollector(Collector):
     def __init__(self, appliance: Appliance, sink: MetricsSink):
         self._appliance = appliance
         self._sink = sink
-        self._quarantine_bytes: tuple[float, int] = (0.0, 0)
-
-    def _quarantine_size(self) -> int:
-        """From DuckDB, at most every 30 s (a query costs milliseconds)."""
-        audit = self._appliance.audit
-        when, size = self._quarantine_bytes
-        if audit is not None and time.monotonic() - when > 30:
-            try:
-                size = audit.store.quarantine_size_bytes()
-            except Exception:  # noqa: BLE001 - a scrape must not fail because the audit log is busy
-                log.debug("quarantine size unavailable", exc_info=True)
-            self._quarantine_bytes = (time.monotonic(), size)
-        return size
 
     def collect(self) -> Iterator[Any]:
         app, sink = self._appliance, self._sink
@@ -109,16 +95,27 @@ class ApplianceCollector(Collector):
             if name in families:
                 families[name].add_metric([label], count)
         yield from families.values()
-        yield GaugeMetricFamily("mqtt_proxy_quarantine_size_bytes", "Bytes of rejected payloads held in the quarantine.",
-                                value=self._quarantine_size())
         audit = app.audit
         if audit is not None:
-            journal = audit.journal
+            if audit.quarantine_bytes is not None:
+                yield GaugeMetricFamily("mqtt_proxy_quarantine_size_bytes",
+                                        "Bytes of rejected payloads held in the quarantine (as of the last retention pass).",
+                                        value=audit.quarantine_bytes)
+            status = audit.status()
             yield GaugeMetricFamily("mqtt_proxy_audit_pending_records",
-                                    "Records in the audit journal not yet moved to DuckDB (writer lag).", value=journal.pending_rows)
+                                    "Records in the message log not yet converted to Parquet (approximate).",
+                                    value=max(0, status["last_seq"] - status["converted_seq"]))
             yield CounterMetricFamily("mqtt_proxy_audit_lost_records", "Records that could not be made durable (full disk, I/O errors).",
-                                      value=journal.lost)
-            yield GaugeMetricFamily("mqtt_proxy_audit_healthy", "1 while the audit journal commits.", value=1 if journal.healthy else 0)
+                                      value=status["lost_records"])
+            yield GaugeMetricFamily("mqtt_proxy_audit_healthy", "1 while the message log writes.", value=1 if status["healthy"] else 0)
+            log_stats = status["log"]
+            if "syncs" in log_stats:
+                yield CounterMetricFamily("mqtt_proxy_log_syncs", "fdatasync calls of the message log.", value=log_stats["syncs"])
+            if "bytes_appended" in log_stats:
+                yield CounterMetricFamily("mqtt_proxy_log_appended_bytes", "Bytes appended to the message log.", value=log_stats["bytes_appended"])
+            helper_failures = sum(entry["failures"] for entry in status["helpers"].values())
+            yield CounterMetricFamily("mqtt_proxy_audit_helper_failures", "Helper processes (Parquet sealing, retention) that failed.",
+                                      value=helper_failures)
         forwarder = app.forwarder
         if forwarder is not None:
             status = forwarder.status()

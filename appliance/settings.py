@@ -79,15 +79,15 @@ class ListenerConfig(_Section):
     _listen = field_validator("listen", mode="before")(_address)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
                "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 
 def parse_duration(value: Any) -> timedelta | None:
-    """'90d', '12h', '30m', '45s', '2w' or a number of seconds."""
+    """'90d', '12h', '30m', '45s', '20ms', '2w' or a number of seconds."""
     if value is None or isinstance(value, timedelta):
         return value
     match = _DURATION.match(str(value))

@@ -1,62 +1,83 @@
-"""The audit log as a running service: the DuckDB store, the journal in front of it, the pipeline
-sink, event recording and background retention, started and stopped with the appliance."""
+"""The audit log as a running service: the message log (the single durable record of every verdict
+and event), the pipeline sink, and the helper processes that turn sealed segments into Parquet and
+apply retention. DuckDB never runs in this process (docs/decisions/0004-message-log.md).
+
+Durability, as the proxy sees it (`Durability` in proxy/acks.py): a record's ticket (its seq) is
+settled once `committed` reaches it; it is durable unless `failed(ticket)`. The log settles batches
+in order, so `committed` is the larger of the last durable seq and the last failed one.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import subprocess
+import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from appliance.admin import AdminError
-from appliance.audit.journal import Journal
-from appliance.audit.records import IdClock
-from appliance.audit.sink import AuditSink
-from appliance.audit.store import AuditStore, RetentionPolicy
+from appliance.audit.helpers import HELPER_MODULE, HelperProcesses, HelperRun
+from appliance.audit.layout import Layout
+from appliance.audit.records import DECISION, EVENT, IdClock
+from appliance.audit.sink import AuditSink, event_record
 from appliance.config import AuditConfig
+from appliance.msglog import MessageLog, SyncPolicy, list_segments, read_segment
+from appliance.pipeline import FailedTickets
 
 log = logging.getLogger(__name__)
 
-DUCKDB_FILE = "audit.duckdb"
-JOURNAL_FILE = "journal.sqlite3"
-
-
-def export_finished_days(store: AuditStore, to_dir: Path, *, now: datetime | None = None) -> list[str]:
-    """Export each UTC day before today that has rows and no `.exported-DAY` marker in `to_dir`."""
-    now = now or datetime.now(UTC)
-    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    result = store.query("SELECT DISTINCT CAST(date_trunc('day', ts) AS DATE) AS day FROM decisions ORDER BY day")
-    exported = []
-    for (day,) in result.rows:
-        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-        marker = to_dir / f".exported-{day.isoformat()}"
-        if start >= today or marker.exists():
-            continue
-        store.export_parquet(to_dir, since=start, until=start + timedelta(days=1))
-        marker.write_text(now.isoformat() + "\n")
-        exported.append(day.isoformat())
-    return exported
+LEGACY_FILES = ("journal.sqlite3",)
+_EVENT = EVENT.code
+_ID_KINDS = (DECISION.code, EVENT.code)
 
 
 def audit_dir(state_dir: Path) -> Path:
     return state_dir / "audit"
 
 
-def retention_policy(config: AuditConfig) -> RetentionPolicy:
-    retention = config.retention
-    return RetentionPolicy(
-        verdicts_max_age=retention.verdicts.max_age,
-        verdicts_max_bytes=retention.verdicts.max_bytes,
-        payloads_max_age=retention.payloads.max_age,
-        payloads_max_bytes=retention.payloads.max_bytes,
-        quarantine_max_age=retention.quarantine.max_age,
-        quarantine_max_bytes=retention.quarantine.max_bytes,
+def sync_policy(config: AuditConfig) -> SyncPolicy:
+    def seconds(value: timedelta | None, default: float) -> float:
+        return value.total_seconds() if value is not None else default
+
+    return SyncPolicy(
+        mode=config.durability,
+        window=seconds(config.sync_window, 0.020),
+        max_pending_bytes=config.sync_bytes or 64 * 1024,
+        interval=seconds(config.sync_interval, 1.0),
     )
+
+
+def last_id(log_dir: Path) -> int:
+    """The largest decision or event id in the newest segments that hold any (ids keep growing across
+    restarts even when the wall clock went back)."""
+    for segment in reversed(list_segments(log_dir)):
+        found = 0
+        for record in read_segment(segment.path):
+            if record.kind in _ID_KINDS:
+                found = max(found, int.from_bytes(record.body[4:12], "little", signed=True))
+        if found:
+            return found
+    return 0
+
+
+def upgrade_legacy(state_dir: Path) -> None:
+    """A state dir written by the SQLite + DuckDB version: imported on first start, in a helper
+    process (it needs DuckDB), before the log opens. Raises RuntimeError if the import failed."""
+    directory = audit_dir(state_dir)
+    # The previous version always created its journal beside its DuckDB file; the import renames both.
+    if not any((directory / name).exists() for name in LEGACY_FILES):
+        return
+    log.info("audit: importing the previous version's journal and DuckDB file from %s", directory)
+    done = subprocess.run([sys.executable, "-m", HELPER_MODULE, "upgrade", "--state-dir", str(state_dir)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"importing the previous audit log in {directory} failed: "
+                           f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    log.info("audit: import done: %s", done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
 
 
 class AuditService:
@@ -71,95 +92,181 @@ class AuditService:
         forward: bool = False,
     ):
         self.config = config
-        directory = audit_dir(state_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.store = AuditStore(directory / DUCKDB_FILE)
-        # The journal's own events (degraded, recovered) go to the appliance, which records them here.
-        self.journal = Journal(
-            directory / JOURNAL_FILE, self.store, on_event=on_event or self.record_event, max_bytes=config.journal_max_bytes
+        self.state_dir = state_dir
+        self.layout = Layout(state_dir)
+        self._on_event = on_event or self.record_event
+        upgrade_legacy(state_dir)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.log = MessageLog(
+            self.layout.log_dir,
+            policy=sync_policy(config),
+            segment_bytes=config.segment_bytes or 16 * 1024 * 1024,
+            segment_max_age=config.segment_max_age.total_seconds() if config.segment_max_age else None,
+            on_event=self._log_event,
+            on_seal=self._sealed,
         )
-        # Rows a crash left in the journal go to DuckDB first; ids continue after everything stored.
-        self.journal.recover()
-        recovered = self.journal.move_all()
-        if recovered:
-            log.info("audit: moved %d records left in the journal by the last run to DuckDB", recovered)
-        self.clock = IdClock(start_after=max(*self.store.max_ids(), *self.journal.max_ids()))
+        self.recovery = self.log.open()
+        self.clock = IdClock(start_after=last_id(self.layout.log_dir))
         self.sink = AuditSink(
-            self.journal, self.clock, record_payloads=config.record_payloads, config_revision=config_revision, dry_run=dry_run,
-            forward=forward,
+            self.log, self.clock, record_payloads=config.record_payloads, config_revision=config_revision,
+            dry_run=dry_run, forward=forward,
         )
-        self._retention_task: asyncio.Task[None] | None = None
-        self._export_task: asyncio.Task[None] | None = None
+        self._failed = FailedTickets()
+        self._last_failed = 0
+        self._listeners: list[Callable[[int], None]] = []
+        self.log.add_listener(self._durable)
+        self.log.add_failure_listener(self._failure)
+        self.helpers = HelperProcesses(["--state-dir", str(state_dir)], on_done=self._helper_done)
+        # The oldest seq a reader other than the audit still needs (the forwarder's cursor + 1).
+        self.keep_from: Callable[[], int] | None = None
+        self.quarantine_bytes: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
 
+    # -- durability, as the proxy's acks see it ----------------------------------------------------
+
     @property
-    def durability(self) -> Journal | None:
+    def committed(self) -> int:
+        return max(self.log.durable_seq, self._last_failed)
+
+    def failed(self, seq: int) -> bool:
+        return seq in self._failed
+
+    def request_sync(self) -> None:
+        self.log.request_sync()
+
+    @property
+    def durability(self) -> AuditService | None:
         """What acks wait for, when `durable_acks` is on."""
-        return self.journal if self.config.durable_acks else None
+        return self if self.config.durable_acks else None
 
-    def record_event(self, kind: str, detail: dict[str, Any]) -> None:
-        now = time.time()
-        client_id = detail.get("client_id")
-        peer = detail.get("peer")
-        rest = {k: v for k, v in detail.items() if k not in ("client_id", "peer")}
-        self.journal.add_event((self.clock.next(now), now, kind, client_id, peer, orjson.dumps(rest, default=str).decode()))
+    def add_listener(self, listener: Callable[[int], None]) -> None:
+        """`listener(committed)` on the event loop whenever records were settled (stored or failed)."""
+        self._listeners.append(listener)
 
-    async def sync(self) -> None:
-        """Make everything recorded so far visible in DuckDB: wait for the journal to commit it,
-        then move it (analysts expect a query to see the messages they just sent)."""
-        target = self.journal.last_seq
-        if self.journal.committed < target:
-            done = asyncio.get_running_loop().create_future()
+    def _durable(self, seq: int) -> None:
+        for listener in list(self._listeners):
+            listener(self.committed)
 
-            def check(seq: int) -> None:
-                if seq >= target and not done.done():
-                    done.set_result(None)
+    def _failure(self, first: int, last: int, error: str) -> None:
+        self._failed.add(first, last)
+        self._last_failed = max(self._last_failed, last)
+        self._durable(last)
 
-            self.journal.add_listener(check)
+    @property
+    def healthy(self) -> bool:
+        return self.log.healthy
+
+    # -- recording ----------------------------------------------------------------------------------
+
+    def record_event(self, kind: str, detail: dict[str, Any]) -> int:
+        return self.log.append(_EVENT, event_record(self.clock, kind, detail))
+
+    def _log_event(self, kind: str, detail: dict[str, Any]) -> None:
+        """The log's own events (degraded, recovered, a torn tail cut...), from any thread."""
+        if kind == "log_degraded":
+            log.error("message log %s: cannot write (%s); QoS 1/2 publishes are refused until it can",
+                      self.layout.log_dir, detail.get("error"))
+        elif kind == "log_recovered":
+            log.warning("message log %s: writes work again", self.layout.log_dir)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
             try:
-                await asyncio.wait_for(done, 30)
-            except TimeoutError as exc:
-                raise AdminError("the audit journal has not committed for 30 s; see the appliance's log") from exc
-            finally:
-                self.journal.remove_listener(check)
-        await asyncio.to_thread(self.journal.move_all)
+                loop.call_soon_threadsafe(self._on_event, kind, detail)
+                return
+            except RuntimeError:
+                return
+        self._on_event(kind, detail)
+
+    async def sync(self, timeout: float = 30.0) -> None:
+        """Until everything recorded so far is settled in the log (a reader of the log then sees it)."""
+        target = self.log.last_seq
+        if self.committed >= target:
+            return
+        done = asyncio.get_running_loop().create_future()
+
+        def check(committed: int) -> None:
+            if committed >= target and not done.done():
+                done.set_result(None)
+
+        self.add_listener(check)
+        self.request_sync()
+        try:
+            await asyncio.wait_for(done, timeout)
+        finally:
+            self._listeners.remove(check)
+
+    # -- sealing, retention, export: helper processes -----------------------------------------------
+
+    def _sealed(self, segment: object) -> None:  # on the log's writer thread
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self.helpers.request, "seal")
+            except RuntimeError:
+                pass
+
+    def _helper_done(self, run: HelperRun) -> None:
+        if "quarantine_bytes" in run.result:
+            self.quarantine_bytes = int(run.result["quarantine_bytes"])
+        if run.task == "seal" and run.exit_status == 0:
+            self.remove_converted()
+
+    def remove_converted(self) -> int:
+        """Delete sealed segments every reader is done with: converted to Parquet and, with
+        forwarding, acknowledged by the cloud broker (or dropped)."""
+        upto = self.layout.read_watermark().last_seq + 1
+        if self.keep_from is not None:
+            upto = min(upto, self.keep_from())
+        return self.log.remove_segments_before(upto)
 
     async def start(self) -> None:
-        self.journal.start(asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()
+        self.log.start(self._loop)
+        for problem in getattr(self.recovery, "problems", ()) or ():
+            self._on_event("log_repaired", dict(problem) if isinstance(problem, dict) else {"detail": str(problem)})
+        # Segments sealed before a crash, or by a previous run, are converted now.
+        self.helpers.request("seal")
         interval = self.config.retention.interval or timedelta(minutes=10)
-        self._retention_task = asyncio.create_task(self._retain(interval.total_seconds()), name="audit-retention")
+        self._tasks.append(asyncio.create_task(self._every(interval.total_seconds(), self._retain), name="audit-retention"))
         if self.config.export.to is not None:
             every = (self.config.export.interval or timedelta(hours=1)).total_seconds()
-            self._export_task = asyncio.create_task(self._export_days(self.config.export.to, every), name="audit-export")
+            self._tasks.append(asyncio.create_task(self._every(every, self._export), name="audit-export"))
 
-    async def _retain(self, interval: float) -> None:
-        policy = retention_policy(self.config)
-        while True:
-            try:
-                report = await asyncio.to_thread(self.store.enforce_retention, policy)
-                log.debug("audit retention: %s", report)
-            except Exception:  # noqa: BLE001 - retention must never take the appliance down
-                log.exception("audit retention failed; will try again in %.0fs", interval)
-            await asyncio.sleep(interval)
+    def _retain(self) -> None:
+        self.helpers.request("retain", "--policy", orjson.dumps(self.config.retention.model_dump(mode="json")).decode())
 
-    async def _export_days(self, to_dir: Path, interval: float) -> None:
-        """Export every finished UTC day not exported yet (a marker file per day remembers which)."""
+    def _export(self) -> None:
+        assert self.config.export.to is not None
+        self.helpers.request("export-days", "--to", str(self.config.export.to))
+
+    @staticmethod
+    async def _every(interval: float, func: Callable[[], None]) -> None:
         while True:
-            try:
-                await self.sync()
-                await asyncio.to_thread(export_finished_days, self.store, to_dir)
-            except Exception:  # noqa: BLE001 - a failed export is retried; it never stops message flow
-                log.exception("scheduled audit export to %s failed; will try again in %.0fs", to_dir, interval)
             await asyncio.sleep(interval)
+            func()
+
+    def status(self) -> dict[str, Any]:
+        stats = self.log.stats() if callable(getattr(self.log, "stats", None)) else {}
+        return {
+            "healthy": self.log.healthy,
+            "lost_records": self.log.lost,
+            "last_seq": self.log.last_seq,
+            "durable_seq": self.log.durable_seq,
+            "converted_seq": self.layout.read_watermark().last_seq,
+            "log": stats,
+            "helpers": self.helpers.stats(),
+        }
 
     async def stop(self) -> None:
-        """Commit and move everything to DuckDB, then close; a second call does nothing."""
+        """Write and sync everything, stop the helpers; a second call does nothing."""
         if self._stopped:
             return
         self._stopped = True
-        for task in (self._retention_task, self._export_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        await asyncio.to_thread(self.journal.stop)
-        self.store.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.helpers.stop()
+        await asyncio.to_thread(self.log.stop)
+        self._loop = None
+

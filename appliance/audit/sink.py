@@ -1,25 +1,33 @@
-"""The pipeline sink that turns every verdict into an audit row in the journal (on the event loop:
-~1–2 µs per message, no I/O)."""
+"""The pipeline sink that turns every verdict into a decision record in the message log (on the
+event loop: encode ~2 µs and an append to the writer's queue, no I/O). Its return value is the
+record's sequence number: the ticket a publisher's acknowledgement waits for."""
 
 from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any
+from typing import Protocol
 
 import orjson
 
-from appliance.audit.journal import Journal
-from appliance.audit.records import IdClock
+from appliance.audit.records import DECISION, EVENT, IdClock
 from appliance.pipeline import Message, Verdict
 
 _NO_REASONS = "[]"
+_DECISION = DECISION.code
+_encode_decision = DECISION.encode
+
+
+class Appender(Protocol):
+    """Where records go: the message log (`MessageLog.append`)."""
+
+    def append(self, kind: int, body: bytes) -> int: ...
 
 
 class AuditSink:
     def __init__(
         self,
-        journal: Journal,
+        log: Appender,
         clock: IdClock,
         *,
         record_payloads: bool,
@@ -27,10 +35,10 @@ class AuditSink:
         dry_run: bool,
         forward: bool = False,
     ):
-        """With `forward`, accepted messages (dry run: all) whose mapping forwards them also go to the
-        store-and-forward outbox, under the same id and in the same journal commit as the verdict."""
+        """With `forward`, accepted messages (dry run: all delivered ones) whose mapping forwards them
+        are marked for the forwarder in the same record: the log is the outbox."""
         self._forward = forward
-        self._journal = journal
+        self._log = log
         self._clock = clock
         self._record_payloads = record_payloads
         self.config_revision = config_revision
@@ -58,8 +66,13 @@ class AuditSink:
             reasons = orjson.dumps(
                 [{"check": r.check, "message": r.message, "schema": r.schema, "path": r.path} for r in verdict.reasons]
             ).decode()
+        # Forward what was delivered locally: accepted messages, and in dry run the rejected ones
+        # that were delivered anyway (never what an enforced check such as the ACL refused).
+        forward = self._forward and delivered and verdict.forward and not message.is_will
+        # A release that fails again keeps the original in quarantine, without a second copy.
+        audited = self._record_payloads and (verdict.accepted or message.released_from is None)
         self.last_id = self._clock.next(received)
-        row: tuple[Any, ...] = (
+        row = (
             self.last_id,
             received,
             client.client_id,
@@ -69,8 +82,7 @@ class AuditSink:
             message.topic,
             message.qos,
             message.retain,
-            # A release that fails again keeps the original in quarantine, without a second copy.
-            payload if self._record_payloads and (verdict.accepted or message.released_from is None) else None,
+            payload if audited or forward else None,  # stored once, for the audit and the forwarder
             len(payload),
             hashlib.sha256(payload).hexdigest(),
             verdict.schema_set,
@@ -85,12 +97,17 @@ class AuditSink:
             self.dry_run,
             message.is_will,
             message.released_from,
+            forward,
+            verdict.forward_qos,
+            audited,
         )
-        ticket = self._journal.add_decision(row)
-        # Forward what was delivered locally: accepted messages, and in dry run the rejected ones
-        # that were delivered anyway (never what an enforced check such as the ACL refused).
-        if self._forward and delivered and verdict.forward and not message.is_will:
-            ticket = self._journal.add_outbox(
-                (self.last_id, received, client.client_id, message.topic, payload, verdict.forward_qos, message.retain, verdict.schema)
-            )
-        return ticket
+        return self._log.append(_DECISION, _encode_decision(row))
+
+
+def event_record(clock: IdClock, kind: str, detail: dict[str, object], now: float | None = None) -> bytes:
+    """An event's log record body (connects, reloads, uplink changes...)."""
+    now = time.time() if now is None else now
+    client_id = detail.get("client_id")
+    peer = detail.get("peer")
+    rest = {k: v for k, v in detail.items() if k not in ("client_id", "peer")}
+    return EVENT.encode((clock.next(now), now, kind, client_id, peer, orjson.dumps(rest, default=str).decode()))

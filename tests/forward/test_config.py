@@ -76,11 +76,3 @@ def test_every_status_field_and_event_is_documented():
         assert f"`{kind}`" in text
 
 
-def test_outbox_bounds_must_fit_in_the_journal():
-    from appliance.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match="journal_max_bytes"):
-        load_config(None, {"upstream.url": "mqtt://127.0.0.1:1883", "audit.journal_max_bytes": "100MB"})
-    with pytest.raises(ConfigError, match="journal_max_bytes"):
-        load_config(None, {"upstream.url": "mqtt://127.0.0.1:1883", "upstream.outbox.max_messages": None})
-    assert load_config(None, {"upstream.url": "mqtt://127.0.0.1:1883"}).audit.journal_max_bytes == 2 * 1000**3

@@ -288,9 +288,10 @@ class MessageLog:
         try:
             while True:
                 batch, first, last, final, commands = self._next_work()
-                self._timers()
                 if batch:
                     self._write_batch(batch, first, last)
+                # Only after the batch: a roll names the new segment after the next seq not yet written.
+                self._timers()
                 for fn, waiter in commands:  # after the batch: seal() covers what was appended before
                     waiter.run(fn)
                 if final:

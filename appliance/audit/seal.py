@@ -41,7 +41,7 @@ from appliance.msglog.reader import SegmentInfo, list_segments, read_segment
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_BYTES = 64 << 20
+MAX_BATCH_BYTES = 16 << 20  # one default segment: peak RSS ~145 MB (64 MiB: ~290 MB)
 ROW_GROUP_ROWS = 122_880  # DuckDB's default row group: large groups scan fastest
 APPEND_ROWS = 10_000
 MEMORY_LIMIT = "64MB"

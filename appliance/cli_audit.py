@@ -1,11 +1,13 @@
-"""`appliance audit ...` and `appliance quarantine ...`: the audit log and the quarantine, through
-the running appliance (its admin socket), or straight from the files when it is stopped."""
+"""`appliance audit ...` and `appliance quarantine ...`: the audit log and the quarantine. They read
+the Parquet files and the message log themselves (DuckDB runs in this process, never in the
+service); the running appliance is asked over its admin socket only for what it alone can do
+(make recent records readable, seal the active segment, publish released messages)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,49 +45,86 @@ def _datetime(value: str | None) -> datetime | None:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise click.BadParameter(f"expected an ISO 8601 date or time, e.g. 2026-11-27 or 2026-11-27T12:00:00Z, got {value!r}") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _running_or_offline(state_dir: Path, op: str, offline: Callable[[Any], T], *, writable: bool = False, **arguments: Any) -> dict[str, Any] | T:
-    """Ask the running appliance; when none runs on `state_dir`, open the store ourselves."""
+def _parse_id(value: str) -> int:
+    """Ids are printed as strings in JSON (they exceed 2^53): accept both forms."""
     try:
-        return admin.call(state_dir, op, **arguments)
+        return int(str(value).strip().strip('"'))
+    except ValueError:
+        raise click.BadParameter(f"expected a message id (a number), got {value!r}") from None
+
+
+def _sync(state_dir: Path) -> bool:
+    """Ask a running appliance to make everything recorded so far readable; False when none runs."""
+    try:
+        admin.call(state_dir, "audit_sync", timeout=60.0)
+    except admin.AdminUnavailable:
+        return False
     except admin.AdminError as exc:
         raise click.ClickException(str(exc)) from exc
-    except admin.AdminUnavailable:
-        pass
-    from appliance.audit.errors import AuditError
-    from appliance.audit.service import DUCKDB_FILE, JOURNAL_FILE, audit_dir
-    from appliance.audit.store import AuditStore
+    return True
 
-    path = audit_dir(state_dir) / DUCKDB_FILE
-    if not path.exists():
-        raise click.ClickException(f"no audit log at {path}: has the appliance run with state dir {state_dir}?")
-    if (audit_dir(state_dir) / JOURNAL_FILE).exists():
-        _warn_unmoved(audit_dir(state_dir) / JOURNAL_FILE)
+
+def _open(state_dir: Path) -> Any:
+    """The audit log as of now: Parquet files plus the message log's tail, in this process."""
+    from appliance.audit.errors import AuditError
+    from appliance.audit.query import AuditQuery
+
+    if not (state_dir / "log").exists() and not (state_dir / "audit" / "parquet").exists():
+        raise click.ClickException(f"no audit log under {state_dir}: has the appliance run with this state dir?")
+    _sync(state_dir)
     try:
-        store = AuditStore(path, read_only=not writable)
+        return AuditQuery(state_dir)
     except AuditError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _reading(state_dir: Path, func: Callable[[Any], T]) -> T:
+    from appliance.audit.errors import AuditError
+
+    query = _open(state_dir)
     try:
-        return offline(store)
+        return func(query)
     except AuditError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
-        store.close()
+        query.close()
 
 
-def _warn_unmoved(journal: Path) -> None:
-    import sqlite3
+def _who() -> str:
+    """The person behind a command, for the audit events of what it changed."""
+    import getpass
+    import os
 
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def _record_event(state_dir: Path, kind: str, detail: dict[str, Any]) -> None:
+    """An event in the audit log: through the running appliance (the log's one writer), or, when
+    none runs, by opening the log for this one record."""
     try:
-        with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as conn:
-            pending = conn.execute("SELECT (SELECT count(*) FROM decisions) + (SELECT count(*) FROM events)").fetchone()[0]
-    except sqlite3.Error:
+        admin.call(state_dir, "audit_event", kind=kind, detail=detail)
         return
-    if pending:
-        click.echo(f"note: {pending} records from an unclean shutdown are still in {journal}; "
-                   "they move to the audit log when the appliance next starts", err=True)
+    except admin.AdminUnavailable:
+        pass
+    except admin.AdminError as exc:
+        raise click.ClickException(str(exc)) from exc
+    from appliance.audit.records import EVENT, IdClock
+    from appliance.audit.service import last_id
+    from appliance.audit.sink import event_record
+    from appliance.msglog import MessageLog
+
+    log_dir = state_dir / "log"
+    message_log = MessageLog(log_dir)
+    message_log.open()
+    message_log.start(None)
+    try:
+        seq = message_log.append(EVENT.code, event_record(IdClock(start_after=last_id(log_dir)), kind, detail))
+        message_log.wait_durable(seq, timeout=30)
+    finally:
+        message_log.stop()
 
 
 @click.group()
@@ -98,14 +137,25 @@ def audit() -> None:
 @_target
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds before the query is interrupted.")
-def audit_sql(query: str, config_path: Path | None, state_dir: Path | None, fmt: str, timeout: float) -> None:
-    """Run a read-only SQL query (SELECT only) over decisions, events and quarantine."""
+@click.option("--max-rows", type=int, default=None,
+              help="Rows printed at most (default 100,000 for table and json, no limit for csv; 0: no limit). "
+              "A cut result says so: a line under the table, \"truncated\": true in JSON.")
+def audit_sql(query: str, config_path: Path | None, state_dir: Path | None, fmt: str, timeout: float,
+              max_rows: int | None) -> None:
+    """Run a read-only SQL query (SELECT only) over decisions, events and quarantine.
+
+    DuckDB runs in this process, over the Parquet files and the records not converted yet: a
+    verdict is visible as soon as its record is written (within the sync window)."""
     from appliance.audit.results import format_result
 
     target = _state_dir(config_path, state_dir)
-    answer = _running_or_offline(target, "sql", lambda store: format_result(store.query(query, timeout=timeout), fmt),
-                                 sql=query, format=fmt, timeout=timeout)
-    click.echo(answer["output"] if isinstance(answer, dict) else answer)
+    if max_rows is None:
+        max_rows = 0 if fmt == "csv" else 100_000
+    limit = max_rows if max_rows > 0 else 1 << 62
+    result = _reading(target, lambda store: store.query(query, timeout=timeout, max_rows=limit))
+    click.echo(format_result(result, fmt), nl=False)
+    if result.truncated and fmt == "csv":
+        click.echo(f"note: the result was cut at {max_rows} rows (--max-rows)", err=True)
 
 
 @audit.command("export")
@@ -116,12 +166,21 @@ def audit_sql(query: str, config_path: Path | None, state_dir: Path | None, fmt:
               help="Directory for the Parquet files (hive-partitioned by day).")
 def audit_export(config_path: Path | None, state_dir: Path | None, since: str | None, until: str | None, to_dir: Path) -> None:
     """Export decisions and events to Parquet, partitioned by day, for DuckDB, pandas or Spark."""
+    from appliance.audit.archive import export_range
+
     target = _state_dir(config_path, state_dir)
     start, end = _datetime(since), _datetime(until)
     to_dir = to_dir.resolve()
-    answer = _running_or_offline(target, "export", lambda store: str(store.export_parquet(to_dir, since=start, until=end)),
-                                 to=str(to_dir), since=start.isoformat() if start else None, until=end.isoformat() if end else None)
-    click.echo(answer["report"] if isinstance(answer, dict) else answer)
+    if not (target / "log").exists() and not (target / "audit" / "parquet").exists():
+        raise click.ClickException(f"no audit log under {target}: has the appliance run with this state dir?")
+    _sync(target)
+    from appliance.audit.errors import AuditError
+
+    try:
+        report = export_range(target, to_dir, since=start, until=end)
+    except AuditError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(report))
 
 
 @click.group()
@@ -143,29 +202,21 @@ def quarantine_list(config_path: Path | None, state_dir: Path | None, topic: str
 
     target = _state_dir(config_path, state_dir)
     start = _datetime(since)
-    answer = _running_or_offline(
-        target, "quarantine_list",
-        lambda store: format_result(store.quarantine_list(topic=topic, since=start, reason=reason, limit=limit), fmt),
-        topic=topic, since=start.isoformat() if start else None, reason=reason, limit=limit, format=fmt,
-    )
-    click.echo(answer["output"] if isinstance(answer, dict) else answer)
+    result = _reading(target, lambda store: store.quarantine_list(topic=topic, since=start, reason=reason, limit=limit))
+    click.echo(format_result(result, fmt), nl=False)
 
 
 @quarantine.command("show")
-@click.argument("decision_id", type=int)
+@click.argument("decision_id")
 @_target
-def quarantine_show(decision_id: int, config_path: Path | None, state_dir: Path | None) -> None:
+def quarantine_show(decision_id: str, config_path: Path | None, state_dir: Path | None) -> None:
     """Show one quarantined message: its reasons and its payload, pretty-printed."""
     target = _state_dir(config_path, state_dir)
-
-    def offline(store: Any) -> dict[str, Any]:
-        row = store.quarantine_get(decision_id)
-        if row is None:
-            raise click.ClickException(f"no quarantined message with id {decision_id}")
-        return {"message": {**row, "payload": bytes(row["payload"]).hex(), "payload_encoding": "hex"}}
-
-    answer = _running_or_offline(target, "quarantine_show", offline, id=decision_id)
-    click.echo(render_message(answer["message"]))
+    wanted = _parse_id(decision_id)
+    row = _reading(target, lambda store: store.quarantine_get(wanted))
+    if row is None:
+        raise click.ClickException(f"no quarantined message with id {wanted}")
+    click.echo(render_message({**row, "payload": bytes(row["payload"]).hex(), "payload_encoding": "hex"}))
 
 
 def render_message(row: dict[str, Any]) -> str:
@@ -189,40 +240,99 @@ def render_message(row: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _held(target: Path, ids: list[int]) -> dict[int, dict[str, Any]]:
+    def fetch(store: Any) -> dict[int, dict[str, Any]]:
+        rows = {}
+        for decision_id in ids:
+            row = store.quarantine_get(decision_id)
+            if row is not None:
+                rows[decision_id] = row
+        return rows
+
+    return _reading(target, fetch)
+
+
 @quarantine.command("release")
-@click.argument("decision_ids", type=int, nargs=-1, required=True)
+@click.argument("decision_ids", nargs=-1, required=True)
 @_target
-def quarantine_release(decision_ids: tuple[int, ...], config_path: Path | None, state_dir: Path | None) -> None:
-    """Judge messages again with the schema set in force; publish those that now pass."""
+def quarantine_release(decision_ids: tuple[str, ...], config_path: Path | None, state_dir: Path | None) -> None:
+    """Judge messages again with the schema set in force; publish those that now pass (and drop
+    them from the quarantine)."""
+    from appliance.audit.purge import purge_quarantine
+
     target = _state_dir(config_path, state_dir)
-    try:
-        answer = admin.call(target, "quarantine_release", ids=list(decision_ids))
-    except admin.AdminUnavailable as exc:
-        raise click.ClickException(f"{exc}: releasing publishes through the running appliance") from exc
-    except admin.AdminError as exc:
-        raise click.ClickException(str(exc)) from exc
+    ids = [_parse_id(value) for value in decision_ids]
+    held = _held(target, ids)
     failed = False
-    for result in answer["results"]:
-        if result.get("released"):
-            click.echo(f"{result['id']}: released (new verdict {result['new_id']})")
-        else:
+    messages = []
+    for decision_id in ids:
+        row = held.get(decision_id)
+        if row is None:
             failed = True
-            why = result.get("error") or "; ".join(result.get("reasons", []))
-            click.echo(f"{result['id']}: still rejected: {why}")
+            click.echo(f"{decision_id}: no quarantined message with this id")
+            continue
+        messages.append({key: row[key] for key in ("id", "client_id", "username", "peer", "mqtt_version", "topic", "qos", "retain")}
+                        | {"payload": bytes(row["payload"]).hex(), "id": str(decision_id)})
+    if messages:
+        try:
+            answer = admin.call(target, "quarantine_release", messages=messages)
+        except admin.AdminUnavailable as exc:
+            raise click.ClickException(f"{exc}: releasing publishes through the running appliance") from exc
+        except admin.AdminError as exc:
+            raise click.ClickException(str(exc)) from exc
+        released = []
+        for result in answer["results"]:
+            if result.get("released"):
+                released.append(int(result["id"]))
+                click.echo(f"{result['id']}: released (new verdict {result['new_id']})")
+            else:
+                failed = True
+                click.echo(f"{result['id']}: still rejected: {'; '.join(result.get('reasons', []))}")
+        if released:
+            purge_quarantine(target, released, seal=lambda: admin.call(target, "audit_seal"))
+            _record_event(target, "quarantine_released", {"ids": [str(i) for i in released], "user": _who()})
     if failed:
         raise SystemExit(1)
 
 
 @quarantine.command("purge")
-@click.argument("decision_ids", type=int, nargs=-1)
+@click.argument("decision_ids", nargs=-1)
 @click.option("--all", "purge_all", is_flag=True, help="Purge every quarantined message.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation with --all.")
 @_target
-def quarantine_purge(decision_ids: tuple[int, ...], purge_all: bool, config_path: Path | None, state_dir: Path | None) -> None:
-    """Drop quarantined payloads (the verdicts stay in the audit log)."""
+def quarantine_purge(decision_ids: tuple[str, ...], purge_all: bool, yes: bool, config_path: Path | None,
+                     state_dir: Path | None) -> None:
+    """Remove quarantined payloads from disk (the verdicts stay in the audit log). Recorded as a
+    `quarantine_purged` event with the user who did it."""
+    from appliance.audit.purge import purge_quarantine
+
     if not decision_ids and not purge_all:
         raise click.UsageError("name message ids, or --all")
     target = _state_dir(config_path, state_dir)
-    ids = list(decision_ids) or None
-    answer = _running_or_offline(target, "quarantine_purge", lambda store: {"purged": store.quarantine_purge(ids)},
-                                 writable=True, ids=ids)
-    click.echo(f"purged {answer['purged']} message(s)")
+    ids = [_parse_id(value) for value in decision_ids] or None
+    if ids is not None:
+        missing = [i for i in ids if i not in _held(target, ids)]
+        if missing:
+            raise click.ClickException(f"no quarantined message with id {', '.join(map(str, missing))}")
+    elif not yes:
+        click.confirm("Purge the payload of EVERY quarantined message? This cannot be undone", abort=True)
+    else:
+        _sync(target)
+
+    def seal() -> object:
+        try:
+            return admin.call(target, "audit_seal")
+        except admin.AdminUnavailable:
+            return None
+
+    running = True
+    try:
+        admin.call(target, "status")
+    except admin.AdminUnavailable:
+        running = False
+    except admin.AdminError:
+        pass
+    count = purge_quarantine(target, ids, seal=seal if running else None)
+    _record_event(target, "quarantine_purged", {"ids": None if ids is None else [str(i) for i in ids],
+                                                "count": count, "user": _who()})
+    click.echo(f"purged {count} message(s)")

@@ -1,117 +1,88 @@
-"""What `appliance audit ...` and `appliance quarantine ...` ask the running appliance to do,
-as admin-socket handlers (see appliance/admin.py)."""
+"""What `appliance audit ...` and `appliance quarantine ...` need from the running appliance, as
+admin-socket handlers (see appliance/admin.py). Reading the audit log needs no service: the CLI
+reads the Parquet files and the log's tail itself (query.py). The service is asked only for what
+only its process can do: make everything recorded so far readable (`sync`), seal the active
+segment (before a purge rewrites it), re-judge and publish released messages, and record an event."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from appliance.admin import AdminError, Handler
-from appliance.audit.errors import AuditError
-from appliance.audit.results import format_result
 from appliance.audit.service import AuditService
 from appliance.broker import BrokerEndpoint
 from appliance.mqtt import (
-    NEED_DATA, Connect, Decoder, Disconnect, ProtocolVersion, Publish, Pubrel, encode_packet,
+    NEED_DATA,
+    Connect,
+    Decoder,
+    Disconnect,
+    ProtocolVersion,
+    Publish,
+    Pubrel,
+    encode_packet,
 )
 from appliance.pipeline import ClientInfo, Message, Pipeline
-
-
-def _time(value: Any) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
 
 
 class AuditOperations:
     def __init__(self, service: AuditService, pipeline: Pipeline, endpoint: Callable[[], BrokerEndpoint | None]):
         self._service = service
-        self._store = service.store
         self._pipeline = pipeline
         self._endpoint = endpoint
 
     def handlers(self) -> dict[str, Handler]:
         return {
-            "sql": self.sql,
-            "export": self.export,
-            "quarantine_list": self.quarantine_list,
-            "quarantine_show": self.quarantine_show,
+            "audit_sync": self.sync,
+            "audit_seal": self.seal,
+            "audit_event": self.event,
             "quarantine_release": self.quarantine_release,
-            "quarantine_purge": self.quarantine_purge,
         }
 
-    async def _run(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def sync(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
-            return await asyncio.to_thread(func, *args, **kwargs)
-        except AuditError as exc:
-            raise AdminError(str(exc)) from exc
+            await self._service.sync(timeout=float(request.get("timeout", 30)))
+        except TimeoutError as exc:
+            raise AdminError("the message log has not written for 30 s; see the appliance's log") from exc
+        return {"last_seq": self._service.log.last_seq}
 
-    async def sql(self, request: dict[str, Any]) -> dict[str, Any]:
-        await self._service.sync()
-        result = await self._run(self._store.query, str(request["sql"]), timeout=float(request.get("timeout", 30)))
-        return {"output": format_result(result, request.get("format", "table"))}
+    async def seal(self, request: dict[str, Any]) -> dict[str, Any]:
+        sealed = await asyncio.to_thread(self._service.log.seal)
+        return {"sealed": str(sealed.path) if sealed is not None else None}
 
-    async def export(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def event(self, request: dict[str, Any]) -> dict[str, Any]:
+        """An event another process wants in the audit log (e.g. who purged what)."""
+        kind = str(request["kind"])
+        if not kind.startswith(("quarantine_", "audit_")):
+            raise AdminError(f"event kind {kind!r} cannot be recorded from outside")
+        self._service.record_event(kind, dict(request.get("detail") or {}))
         await self._service.sync()
-        report = await self._run(
-            self._store.export_parquet, Path(request["to"]), since=_time(request.get("since")), until=_time(request.get("until"))
-        )
-        return {"report": str(report)}
-
-    async def quarantine_list(self, request: dict[str, Any]) -> dict[str, Any]:
-        await self._service.sync()
-        result = await self._run(
-            self._store.quarantine_list,
-            topic=request.get("topic"), since=_time(request.get("since")), reason=request.get("reason"),
-            limit=int(request.get("limit", 100)),
-        )
-        return {"output": format_result(result, request.get("format", "table"))}
-
-    async def quarantine_show(self, request: dict[str, Any]) -> dict[str, Any]:
-        await self._service.sync()
-        row = await self._run(self._store.quarantine_get, int(request["id"]))
-        if row is None:
-            raise AdminError(f"no quarantined message with id {request['id']}")
-        row = dict(row)
-        if isinstance(row.get("payload"), bytes | bytearray):
-            row["payload"] = bytes(row["payload"]).hex()
-            row["payload_encoding"] = "hex"
-        return {"message": row}
-
-    async def quarantine_purge(self, request: dict[str, Any]) -> dict[str, Any]:
-        await self._service.sync()
-        ids = request.get("ids")
-        count = await self._run(self._store.quarantine_purge, [int(i) for i in ids] if ids else None)
-        return {"purged": count}
+        return {}
 
     async def quarantine_release(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Judge each message again with the schema set in force; publish the ones that pass."""
+        """Judge each message again with the schema set in force; publish the ones that pass. The
+        CLI read them from the audit log: `messages` holds their rows (payload in hex)."""
+        results = [await self._release(row) for row in request["messages"]]
         await self._service.sync()
-        results = []
-        for raw_id in request["ids"]:
-            results.append(await self._release(int(raw_id)))
         return {"results": results}
 
-    async def _release(self, decision_id: int) -> dict[str, Any]:
-        row = await self._run(self._store.quarantine_get, decision_id)
-        if row is None:
-            return {"id": decision_id, "released": False, "error": "no quarantined message with this id"}
+    async def _release(self, row: dict[str, Any]) -> dict[str, Any]:
+        decision_id = int(row["id"])
         client = ClientInfo(row["client_id"], row.get("username"), row["peer"], ProtocolVersion(row["mqtt_version"]))
-        message = Message(row["topic"], bytes(row["payload"]), row["qos"], row["retain"], client,
+        message = Message(row["topic"], bytes.fromhex(row["payload"]), int(row["qos"]), bool(row["retain"]), client,
                           received_at=time.time(), released_from=decision_id)
         verdict = self._pipeline.judge(message).verdict
         new_id = self._service.sink.last_id
         if not verdict.accepted:
-            return {"id": decision_id, "released": False, "new_id": new_id,
+            return {"id": str(decision_id), "released": False, "new_id": str(new_id),
                     "reasons": [reason.message for reason in verdict.reasons]}
         endpoint = self._endpoint()
         if endpoint is None:
             raise AdminError("the broker is not running; try again once it is")
         await publish_once(endpoint, message)
-        await self._run(self._store.quarantine_purge, [decision_id])
-        return {"id": decision_id, "released": True, "new_id": new_id}
+        return {"id": str(decision_id), "released": True, "new_id": str(new_id)}
 
 
 async def publish_once(endpoint: BrokerEndpoint, message: Message, *, timeout: float = 10.0) -> None:

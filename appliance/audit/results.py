@@ -35,11 +35,18 @@ def format_result(result: QueryResult, fmt: Format) -> str:
     raise ValueError(f"unknown format {fmt!r}: use table, csv or json")
 
 
+# JavaScript (and jq) read JSON numbers as doubles: integers beyond 2^53 would be rounded, and an id
+# read back that way names another message. They are written as strings instead.
+_SAFE_INT = (1 << 53) - 1
+
+
 def to_jsonable(value: Any) -> Any:
-    """Bytes as base64, times as ISO 8601, decimals and UUIDs as strings; lists, dicts (DuckDB
-    STRUCTs and MAPs) recursively."""
-    if value is None or isinstance(value, (bool, int, str)):
+    """Bytes as base64, times as ISO 8601, decimals and UUIDs as strings, integers beyond 2^53 (ids)
+    as strings; lists, dicts (DuckDB STRUCTs and MAPs) recursively."""
+    if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, int):
+        return value if -_SAFE_INT <= value <= _SAFE_INT else str(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -79,11 +86,14 @@ def _csv(result: QueryResult) -> str:
 
 
 def _json(result: QueryResult) -> str:
+    """{"columns": [...], "rows": [{column: value}, ...], "truncated": bool}: a script counting
+    rows can tell a cut result from a complete one."""
     objects = [
         {column: to_jsonable(value) for column, value in zip(result.columns, row)}
         for row in result.rows
     ]
-    return json.dumps(objects, ensure_ascii=False, indent=2) + "\n"
+    document = {"columns": list(result.columns), "rows": objects, "truncated": result.truncated}
+    return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
 
 
 _MAX_CELL = 60

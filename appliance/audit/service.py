@@ -223,8 +223,14 @@ class AuditService:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.log.start(self._loop)
-        for problem in getattr(self.recovery, "problems", ()) or ():
-            self._on_event("log_repaired", dict(problem) if isinstance(problem, dict) else {"detail": str(problem)})
+        recovery = self.recovery
+        if recovery.torn_tail is not None:
+            path, offset, cut = recovery.torn_tail
+            log.warning("message log: cut a torn tail of %d bytes at offset %d of %s (an interrupted write)", cut, offset, path)
+            self._on_event("log_torn_tail", {"segment": str(path), "offset": offset, "bytes": cut})
+        for path, offset, problem in recovery.corrupt:
+            log.error("message log: %s at offset %d of %s; the rest of that segment is skipped", problem, offset, path)
+            self._on_event("log_corrupt", {"segment": str(path), "offset": offset, "problem": problem})
         # Segments sealed before a crash, or by a previous run, are converted now.
         self.helpers.request("seal")
         interval = self.config.retention.interval or timedelta(minutes=10)
@@ -247,7 +253,7 @@ class AuditService:
             func()
 
     def status(self) -> dict[str, Any]:
-        stats = self.log.stats() if callable(getattr(self.log, "stats", None)) else {}
+        stats = self.log.stats
         return {
             "healthy": self.log.healthy,
             "lost_records": self.log.lost,

@@ -8,7 +8,25 @@ ticket that listeners later report durable (or failed). Readers (`read_log`) wor
 or process; a `Cursor` keeps a reader's durable position.
 """
 
-from .format import LogRecord
+from .cursor import Cursor
+from .fileio import FileIO, OsIO
+from .format import FormatError, LogRecord
+from .log import LogClosed, MessageLog, RecoveryReport, SyncPolicy
 from .reader import SegmentInfo, SegmentScan, list_segments, read_log, read_segment
 
-__all__ = ["LogRecord", "SegmentInfo", "SegmentScan", "list_segments", "read_log", "read_segment"]
+__all__ = [
+    "Cursor",
+    "FileIO",
+    "FormatError",
+    "LogClosed",
+    "LogRecord",
+    "MessageLog",
+    "OsIO",
+    "RecoveryReport",
+    "SegmentInfo",
+    "SegmentScan",
+    "SyncPolicy",
+    "list_segments",
+    "read_log",
+    "read_segment",
+]

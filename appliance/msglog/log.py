@@ -1,0 +1,715 @@
+"""The message log's writer: one thread appends records to the newest segment and group-commits them
+under a SyncPolicy; append() only encodes the record and hands it over (docs/decisions/0004-message-log.md).
+
+Threads: append() may be called from any thread (the event loop, normally) and never touches the
+disk; everything on disk is done by the "msglog-writer" thread (or by the caller before start() and
+after stop()). Durability is reported, never read back: append() returns the record's seq (a
+ticket); listeners get the new durable_seq on the event loop after each sync, failure listeners get
+the seq range of a batch that could not be written. A seq at or below durable_seq is durable unless
+it was reported failed first (failures are delivered before any durable_seq that passes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .fileio import FileIO, OsIO
+from .format import (
+    _CRC_PREFIX,
+    FILE_HEADER_SIZE,
+    RECORD_HEADER,
+    MAX_BODY,
+    MAX_SEQ,
+    FormatError,
+    encode_file_header,
+    segment_name,
+)
+from .reader import SegmentInfo, SegmentScan, list_segments
+
+log = logging.getLogger(__name__)
+
+_pack_header = RECORD_HEADER.pack
+_pack_prefix = _CRC_PREFIX.pack
+_crc32 = zlib.crc32
+_monotonic = time.monotonic
+
+POWER_SAFE = "power_safe"
+OS_BUFFERED = "os_buffered"
+RETRY_INTERVAL = 1.0  # while unhealthy, probe the disk at least this often
+PREALLOCATE_MODES = ("none", "fallocate")
+
+
+@dataclass(frozen=True)
+class SyncPolicy:
+    """When a record counts as durable, and how syncs are batched.
+
+    power_safe: durable once fdatasync'd. A sync happens when the oldest unsynced record has waited
+        `window` seconds, when `max_pending_bytes` are pending, or when request_sync() is called.
+    os_buffered: durable once written to the OS (survives the process being killed, not a power cut);
+        written as soon as the writer wakes, fdatasync'd every `interval` seconds, so a power cut
+        loses at most the last `interval` of records that were reported durable.
+    """
+
+    mode: Literal["power_safe", "os_buffered"] = POWER_SAFE
+    window: float = 0.020
+    max_pending_bytes: int = 64 * 1024
+    interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in (POWER_SAFE, OS_BUFFERED):
+            raise ValueError(f"sync mode must be {POWER_SAFE!r} or {OS_BUFFERED!r}, not {self.mode!r}")
+        if self.window < 0 or self.interval <= 0 or self.max_pending_bytes < 1:
+            raise ValueError(f"invalid sync policy {self!r}")
+
+
+@dataclass
+class RecoveryReport:
+    """What open() found: the damage it reported or cut, and where the log continues."""
+
+    directory: Path
+    segments: int = 0
+    last_seq: int = 0
+    created: bool = False  # the directory had no segment yet
+    torn_tail: tuple[Path, int, int] | None = None  # (segment, offset cut at, bytes cut)
+    corrupt: list[tuple[Path, int, str]] = field(default_factory=list)  # sealed segments: (path, offset, problem)
+
+
+class LogClosed(RuntimeError):
+    """append() after stop(), or after the writer thread died of a bug."""
+
+
+Listener = Callable[[int], None]
+FailureListener = Callable[[int, int, str], None]
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+
+class MessageLog:
+    def __init__(self, directory: Path, *, policy: SyncPolicy = SyncPolicy(), segment_bytes: int = 16 << 20,
+                 segment_max_age: float | None = 600.0, io: FileIO | None = None,
+                 on_event: EventCallback | None = None, on_seal: Callable[[SegmentInfo], None] | None = None,
+                 preallocate: str = "none", preallocate_bytes: int = 1 << 20):
+        if preallocate not in PREALLOCATE_MODES:
+            raise ValueError(f"preallocate must be one of {PREALLOCATE_MODES}, not {preallocate!r}")
+        self.directory = Path(directory)
+        self.policy = policy
+        self.segment_bytes = segment_bytes
+        self.segment_max_age = segment_max_age
+        self.io = io or OsIO()
+        self.on_event = on_event
+        self.on_seal = on_seal
+        self.preallocate = preallocate
+        self.preallocate_bytes = preallocate_bytes
+        self._power_safe = policy.mode == POWER_SAFE
+        self._window = policy.window if self._power_safe else 0.0
+        self._max_pending = policy.max_pending_bytes
+
+        # Shared with append(): guarded by _lock.
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._buf = bytearray()
+        self._buf_first = 0
+        self._since = 0.0
+        self._next_seq = 1
+        self._sync_requested = False
+        self._stopping = False
+        self._closed = False
+        self._commands: list[tuple[Callable[[], Any], _Waiter]] = []
+
+        # Writer state (the writer thread, or the caller before start()/after stop()).
+        self._fd: int | None = None
+        self._segment: SegmentInfo | None = None
+        self._segment_opened = 0.0
+        self._end = 0  # end of the last record written to the active segment
+        self._allocated = 0  # file size when preallocating
+        self._unsynced = False  # os_buffered: written since the last fdatasync
+        self._last_sync = 0.0
+        self._taken = 0  # last seq taken from the pending buffer
+        self._next_probe = 0.0
+        self._segments = 0
+        self._stats = {"records": 0, "bytes_appended": 0, "syncs": 0, "failed_batches": 0}
+
+        # Durability, as the writer knows it (wait_durable) and as the loop knows it (durable_seq).
+        self._dcond = threading.Condition()
+        self._durable_w = 0
+        self._failed_first: list[int] = []
+        self._failed_last: list[int] = []
+        self.durable_seq = 0
+        # Highest seq known to be fdatasync'd (= durable in power_safe; lags by up to `interval` in
+        # os_buffered): what survives a power cut. Written by the writer thread.
+        self.synced_seq = 0
+        self._written_seq = 0
+        self.healthy = True
+        self.lost = 0
+        self._listeners: list[Listener] = []
+        self._failure_listeners: list[FailureListener] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._opened = False
+
+    # --- public API ----------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The last seq handed out by append()."""
+        return self._next_seq - 1
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {**self._stats, "segments": self._segments}
+
+    def add_listener(self, fn: Listener) -> None:
+        self._listeners.append(fn)
+
+    def add_failure_listener(self, fn: FailureListener) -> None:
+        self._failure_listeners.append(fn)
+
+    def open(self) -> RecoveryReport:
+        """Create the directory (durably), scan the segments, cut a torn tail off the newest one and
+        note damage in sealed ones; appends continue after the last record on disk."""
+        if self._opened:
+            raise RuntimeError("MessageLog.open() called twice")
+        io = self.io
+        io.makedirs(self.directory)
+        report = RecoveryReport(self.directory)
+        segments = list_segments(self.directory)
+        last_seq = 0
+        for info in segments[:-1]:
+            scan = SegmentScan(info.path, from_seq=MAX_SEQ + 1)
+            for _ in scan:
+                pass
+            last_seq = max(last_seq, scan.last_seq, info.first_seq - 1)
+            if scan.problem is not None:
+                report.corrupt.append((info.path, scan.problem_offset or 0, scan.problem))
+                log.warning("message log: %s sealed segment %s at offset %d: records after it are unreadable",
+                            scan.problem, info.path, scan.problem_offset)
+                self._event("log_corruption", {"segment": str(info.path), "offset": scan.problem_offset,
+                                               "problem": scan.problem}, direct=True)
+        if segments:
+            newest = segments[-1]
+            last_seq = max(last_seq, self._recover_newest(newest, report))
+        else:
+            report.created = True
+            self._create_segment(last_seq + 1)
+        self._segments = len(list_segments(self.directory))
+        report.segments = self._segments
+        report.last_seq = last_seq
+        self._next_seq = last_seq + 1
+        self._taken = last_seq
+        self._durable_w = self.durable_seq = self.synced_seq = self._written_seq = last_seq
+        self._last_sync = time.monotonic()
+        self._opened = True
+        return report
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the writer thread; listeners and events run on `loop` (on the writer thread if None)."""
+        if not self._opened:
+            self.open()
+        if self._thread is not None:
+            raise RuntimeError("MessageLog.start() called twice")
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="msglog-writer", daemon=True)
+        self._thread.start()
+
+    def append(self, kind: int, body: bytes) -> int:
+        """Queue one record; returns its seq. Never waits for the disk."""
+        if not 0 < kind < 256 or len(body) > MAX_BODY:
+            raise FormatError(f"bad record: kind {kind!r}, {len(body)} bytes")
+        with self._lock:
+            if self._closed:
+                raise LogClosed("message log is closed")
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            length = len(body)
+            header = _pack_header(_crc32(body, _crc32(_pack_prefix(length, kind, seq))), length, kind, seq)
+            buf = self._buf
+            if not buf:
+                self._buf_first = seq
+                self._since = _monotonic()
+                buf += header
+                buf += body
+                self._wake.notify()
+            else:
+                before = len(buf)
+                buf += header
+                buf += body
+                if before < self._max_pending <= len(buf):
+                    self._wake.notify()
+        return seq
+
+    def request_sync(self) -> None:
+        """Someone is blocked on what is pending (a publisher's in-flight window is full): sync now."""
+        with self._lock:
+            if self._buf:
+                self._sync_requested = True
+                self._wake.notify()
+
+    def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
+        """Block (another thread, not the loop) until `seq` is durable: False if it failed or timed out."""
+        with self._dcond:
+            self._dcond.wait_for(lambda: self._durable_w >= seq or self._failed(seq) or self._closed_w, timeout)
+            return self._durable_w >= seq and not self._failed(seq)
+
+    def seal(self) -> SegmentInfo | None:
+        """Roll the active segment now, if it holds any record; returns the segment sealed."""
+        return self._command(  # type: ignore[no-any-return]
+            lambda: self._roll() if self._fd is not None and self._end > FILE_HEADER_SIZE else None)
+
+    def remove_segments_before(self, seq: int) -> int:
+        """Delete the sealed segments whose every record is below `seq`; returns how many."""
+        return self._command(lambda: self._remove_before(seq))  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        """Write and sync what is pending, close the segment, join the writer."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        elif self._opened:
+            self._finish()
+
+    # --- the writer ----------------------------------------------------------------------------
+
+    _closed_w = False
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch, first, last, final, commands = self._next_work()
+                self._timers()
+                if batch:
+                    self._write_batch(batch, first, last)
+                for fn, waiter in commands:  # after the batch: seal() covers what was appended before
+                    waiter.run(fn)
+                if final:
+                    self._finish()
+                    return
+        except BaseException as exc:  # a bug: never leave appenders waiting forever
+            log.exception("message log writer died")
+            self._died(exc)
+            raise
+
+    def _next_work(self) -> tuple[bytearray | None, int, int, bool, list[tuple[Callable[[], Any], _Waiter]]]:
+        power_safe = self._power_safe
+        window = self._window
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                if self._stopping:
+                    return self._take(), self._buf_first, self._next_seq - 1, True, self._take_commands()
+                if self._commands:
+                    return self._take(), self._buf_first, self._next_seq - 1, False, self._take_commands()
+                timeout: float | None = None
+                if self._buf:
+                    if (not power_safe or window <= 0 or self._sync_requested or len(self._buf) >= self._max_pending
+                            or now >= self._since + window):
+                        first = self._buf_first
+                        return self._take(), first, self._next_seq - 1, False, []
+                    timeout = self._since + window - now
+                deadline = self._timer_deadline()
+                if deadline is not None:
+                    if deadline <= now:
+                        return None, 0, 0, False, []
+                    timeout = deadline - now if timeout is None else min(timeout, deadline - now)
+                self._wake.wait(timeout)
+
+    def _take(self) -> bytearray | None:
+        if not self._buf:
+            return None
+        batch = self._buf
+        self._buf = bytearray()
+        self._sync_requested = False
+        self._taken = self._next_seq - 1
+        return batch
+
+    def _take_commands(self) -> list[tuple[Callable[[], Any], _Waiter]]:
+        commands, self._commands = self._commands, []
+        return commands
+
+    def _timer_deadline(self) -> float | None:
+        deadlines = []
+        if self._unsynced:
+            deadlines.append(self._last_sync + self.policy.interval)
+        if self.segment_max_age is not None and self._end > FILE_HEADER_SIZE:
+            deadlines.append(self._segment_opened + self.segment_max_age)
+        if not self.healthy:
+            deadlines.append(self._next_probe)
+        return min(deadlines) if deadlines else None
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        if self._unsynced and now >= self._last_sync + self.policy.interval:
+            self._sync_buffered()
+        if (self.segment_max_age is not None and self._end > FILE_HEADER_SIZE
+                and now >= self._segment_opened + self.segment_max_age):
+            self._roll()
+        if not self.healthy and now >= self._next_probe:
+            self._probe()
+
+    def _write_batch(self, batch: bytearray, first: int, last: int) -> None:
+        self._stats["records"] += last - first + 1
+        self._stats["bytes_appended"] += len(batch)
+        if self._fd is not None and self._end >= self.segment_bytes:
+            self._roll(first)
+        if self._fd is None and not self._reopen(first):
+            self._fail(first, last, self._last_error)
+            return
+        fd = self._fd
+        assert fd is not None
+        offset = self._end
+        io = self.io
+        try:
+            if self.preallocate == "fallocate" and offset + len(batch) > self._allocated:
+                grow = max(self.preallocate_bytes, offset + len(batch) - self._allocated)
+                io.fallocate(fd, self._allocated, grow)
+                self._allocated += grow
+            io.write_all(fd, batch, offset)
+            if self._power_safe:
+                io.fdatasync(fd)
+        except OSError as exc:
+            self._cut_back(offset)
+            self._fail(first, last, _describe(exc))
+            return
+        self._end = offset + len(batch)
+        self._written_seq = last
+        if self._power_safe:
+            self._stats["syncs"] += 1
+            self._last_sync = time.monotonic()
+            self.synced_seq = last
+        else:
+            self._unsynced = True
+        self._recovered()
+        self._durable(last)
+
+    def _sync_buffered(self) -> None:
+        """os_buffered: the periodic fdatasync. Its records were already reported durable, so a failure
+        fails nothing; it makes the log unhealthy until a sync works again."""
+        if self._fd is None:
+            self._unsynced = False
+            return
+        written = self._written_seq
+        try:
+            self.io.fdatasync(self._fd)
+        except OSError as exc:
+            self._degraded(_describe(exc))
+            self._last_sync = time.monotonic()
+            return
+        self.synced_seq = written
+        self._unsynced = False
+        self._last_sync = time.monotonic()
+        self._stats["syncs"] += 1
+        self._recovered()
+
+    def _cut_back(self, good_end: int) -> None:
+        """After a failed write or sync: cut the segment back to its last good end, so the failed
+        records cannot come back, and make that cut durable (best effort: the disk is failing)."""
+        if self._fd is None:
+            return
+        try:
+            self.io.truncate(self._fd, good_end)
+            self._allocated = good_end
+            self.io.fdatasync(self._fd)
+        except OSError as exc:
+            # Writing goes on at good_end (pwrite), overwriting what is there; a stale tail past the
+            # last record is cut at the next open or seal.
+            log.warning("message log: cannot cut %s back to %d: %s", self._segment, good_end, exc)
+
+    def _fail(self, first: int, last: int, error: str) -> None:
+        self._stats["failed_batches"] += 1
+        self.lost += last - first + 1
+        with self._dcond:
+            self._failed_first.append(first)
+            self._failed_last.append(last)
+            if len(self._failed_first) > 100_000:
+                del self._failed_first[:50_000], self._failed_last[:50_000]
+            self._dcond.notify_all()
+        self._degraded(error)
+        self._call(self._deliver_failure, first, last, error)
+
+    def _degraded(self, error: str) -> None:
+        self._next_probe = time.monotonic() + RETRY_INTERVAL
+        if self.healthy:
+            self.healthy = False
+            log.error("message log degraded: %s", error)
+            self._event("log_degraded", {"error": error})
+
+    def _recovered(self) -> None:
+        if not self.healthy:
+            self.healthy = True
+            log.warning("message log recovered")
+            self._event("log_recovered", {})
+
+    def _probe(self) -> None:
+        """Unhealthy and nothing to write: check whether the disk takes a page again."""
+        self._next_probe = time.monotonic() + RETRY_INTERVAL
+        if self._unsynced:
+            self._sync_buffered()
+            return
+        if self._fd is None:
+            if self._reopen(self._taken + 1):
+                self._recovered()
+            return
+        try:
+            self.io.write_all(self._fd, bytes(4096), self._end)
+            self.io.fdatasync(self._fd)
+        except OSError as exc:
+            self._cut_back(self._end)
+            log.info("message log: still failing: %s", _describe(exc))
+            return
+        self._cut_back(self._end)
+        self._recovered()
+
+    def _durable(self, seq: int) -> None:
+        with self._dcond:
+            self._durable_w = seq
+            self._dcond.notify_all()
+        self._call(self._deliver_durable, seq)
+
+    def _failed(self, seq: int) -> bool:
+        i = bisect.bisect_right(self._failed_first, seq) - 1
+        return i >= 0 and seq <= self._failed_last[i]
+
+    # --- segments ------------------------------------------------------------------------------
+
+    _last_error = ""
+
+    def _create_segment(self, first_seq: int) -> None:
+        """Create and durably name a new, empty active segment starting at first_seq."""
+        path = self.directory / segment_name(first_seq)
+        io = self.io
+        fd = io.open(path, create=True)
+        try:
+            io.truncate(fd, 0)
+            io.write_all(fd, encode_file_header(first_seq), 0)
+            io.fdatasync(fd)
+            io.fsync_dir(self.directory)
+        except OSError:
+            io.close(fd)
+            try:
+                io.unlink(path)
+                io.fsync_dir(self.directory)
+            except OSError:
+                pass
+            raise
+        self._fd = fd
+        self._segment = SegmentInfo(path, first_seq)
+        self._segment_opened = time.monotonic()
+        self._end = self._allocated = FILE_HEADER_SIZE
+        self._segments += 1
+
+    def _reopen(self, first_seq: int) -> bool:
+        """No active segment (creating one failed): try again."""
+        try:
+            self._create_segment(first_seq)
+        except OSError as exc:
+            self._last_error = _describe(exc)
+            return False
+        return True
+
+    def _roll(self, first_seq: int | None = None) -> SegmentInfo | None:
+        """Seal the active segment (synced, cut to its last record) and start a new one."""
+        old = self._segment
+        if self._fd is not None:
+            if self._unsynced:
+                self._sync_buffered()
+            try:
+                if self._allocated > self._end:
+                    self.io.truncate(self._fd, self._end)
+                    self.io.fdatasync(self._fd)
+            except OSError as exc:
+                log.warning("message log: cannot cut preallocated tail of %s: %s", old, exc)
+            self.io.close(self._fd)
+            self._fd = None
+            self._segment = None
+        if not self._reopen(first_seq if first_seq is not None else self._taken + 1):
+            self._degraded(self._last_error)
+        if old is not None and self.on_seal is not None:
+            try:
+                self.on_seal(old)
+            except Exception:
+                log.exception("message log: on_seal failed for %s", old.path)
+        return old
+
+    def _remove_before(self, seq: int) -> int:
+        segments = list_segments(self.directory)
+        removed = 0
+        for info, after in zip(segments, segments[1:]):
+            if after.first_seq > seq or (self._segment is not None and info.first_seq >= self._segment.first_seq):
+                break
+            self.io.unlink(info.path)
+            removed += 1
+        if removed:
+            self.io.fsync_dir(self.directory)
+            self._segments -= removed
+        return removed
+
+    def _recover_newest(self, newest: SegmentInfo, report: RecoveryReport) -> int:
+        """Scan the newest segment, cut a torn tail (or a stale preallocated one) and reopen it for
+        appending; returns its last seq."""
+        scan = SegmentScan(newest.path, from_seq=MAX_SEQ + 1)
+        for _ in scan:
+            pass
+        io = self.io
+        if scan.end_offset < FILE_HEADER_SIZE:  # the file header itself never made it to disk
+            if scan.problem == "corrupt":
+                # Not ours, or damaged beyond a torn write: keep it for inspection, start a new one.
+                aside = newest.path.with_name(newest.path.name + ".corrupt")
+                io.rename(newest.path, aside)
+                io.fsync_dir(self.directory)
+                report.corrupt.append((aside, 0, "corrupt"))
+                self._event("log_corruption", {"segment": str(aside), "offset": 0, "problem": "corrupt"},
+                            direct=True)
+                self._create_segment(newest.first_seq)
+                return newest.first_seq - 1
+            fd = io.open(newest.path)
+            io.truncate(fd, 0)
+            io.write_all(fd, encode_file_header(newest.first_seq), 0)
+            io.fdatasync(fd)
+            report.torn_tail = (newest.path, 0, scan.size)
+        else:
+            fd = io.open(newest.path)
+            if scan.size > scan.end_offset:
+                io.truncate(fd, scan.end_offset)
+                io.fdatasync(fd)
+                if scan.problem is not None:
+                    report.torn_tail = (newest.path, scan.end_offset, scan.size - scan.end_offset)
+                    log.warning("message log: cut a torn tail of %d bytes off %s at offset %d",
+                                scan.size - scan.end_offset, newest.path, scan.end_offset)
+                    self._event("log_torn_tail", {"segment": str(newest.path), "offset": scan.end_offset,
+                                                  "bytes": scan.size - scan.end_offset}, direct=True)
+        self._fd = fd
+        self._segment = newest
+        self._segment_opened = time.monotonic()
+        self._end = self._allocated = max(scan.end_offset, FILE_HEADER_SIZE)
+        return max(scan.last_seq, newest.first_seq - 1)
+
+    def _finish(self) -> None:
+        """Stop: write what is pending, sync, close (on the writer thread, or the caller's)."""
+        with self._lock:
+            batch = self._take()
+            first, last = self._buf_first, self._next_seq - 1
+            commands = self._take_commands()
+        if batch:
+            self._write_batch(batch, first, last)
+        for fn, waiter in commands:
+            waiter.run(fn)
+        if self._unsynced:
+            self._sync_buffered()
+        if self._fd is not None:
+            try:
+                if self._allocated > self._end:
+                    self.io.truncate(self._fd, self._end)
+                    self.io.fdatasync(self._fd)
+            except OSError as exc:
+                log.warning("message log: cannot cut preallocated tail: %s", exc)
+            self.io.close(self._fd)
+            self._fd = None
+        with self._dcond:
+            self._closed_w = True
+            self._dcond.notify_all()
+
+    def _died(self, exc: BaseException) -> None:
+        with self._lock:
+            self._closed = True
+            batch = self._take()
+            first, last = self._buf_first, self._next_seq - 1
+            commands = self._take_commands()
+        for _fn, waiter in commands:
+            waiter.fail(exc)
+        if batch:
+            self._fail(first, last, f"writer died: {exc!r}")
+        with self._dcond:
+            self._closed_w = True
+            self._dcond.notify_all()
+
+    def _command(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the writer thread (which owns the directory) and wait for it."""
+        waiter = _Waiter()
+        with self._lock:
+            running = self._thread is not None and self._thread.is_alive() and not self._stopping
+            if running:
+                self._commands.append((fn, waiter))
+                self._wake.notify()
+        if not running:
+            if not self._opened:
+                raise RuntimeError("message log is not open")
+            return fn()
+        return waiter.result()
+
+    # --- delivery to the loop ------------------------------------------------------------------
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+                return
+            except RuntimeError:  # the loop is closed: nobody is listening there any more
+                return
+        fn(*args)
+
+    def _deliver_durable(self, seq: int) -> None:
+        if seq > self.durable_seq:
+            self.durable_seq = seq
+        for fn in self._listeners:
+            try:
+                fn(seq)
+            except Exception:
+                log.exception("message log: durable listener failed")
+
+    def _deliver_failure(self, first: int, last: int, error: str) -> None:
+        for fn in self._failure_listeners:
+            try:
+                fn(first, last, error)
+            except Exception:
+                log.exception("message log: failure listener failed")
+
+    def _event(self, kind: str, detail: dict[str, Any], *, direct: bool = False) -> None:
+        if self.on_event is None:
+            return
+        if direct:
+            self.on_event(kind, detail)
+        else:
+            self._call(self.on_event, kind, detail)
+
+
+class _Waiter:
+    """A command's result, handed from the writer thread to the caller."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:  # handed to the caller, who raises it
+            self._error = exc
+        self._done.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._done.set()
+
+    def result(self) -> Any:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _describe(exc: OSError) -> str:
+    return f"{type(exc).__name__}: {exc.strerror or exc}" if exc.errno else f"{type(exc).__name__}: {exc}"

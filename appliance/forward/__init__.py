@@ -1,8 +1,10 @@
-"""Store-and-forward to a cloud MQTT broker: accepted messages wait in the outbox (a table in the
-audit journal's SQLite file) until the cloud broker acknowledged them.
+"""Store-and-forward to a cloud MQTT broker: accepted messages are read from the message log
+(appliance/msglog) after the forwarder's durable cursor and sent until the cloud broker acknowledged
+them.
 
 - `config`: the `upstream:` section (UpstreamConfig, OutboxBounds).
-- `outbox`: reading, deleting and bounding the outbox rows (Outbox).
+- `outbox`: what is still to forward: the cursor, its index and bounds (Outbox); `pending` (the
+  in-memory index) and `logtail` (reading the log forward from a position) serve it.
 - `forwarder`: the MQTT client that drains the outbox in order (Forwarder, ForwarderStatus).
 """
 

@@ -13,13 +13,13 @@ from appliance.pipeline import Message, Reason, Verdict
 class OutboxFull:
     name = "outbox"
 
-    def __init__(self, outbox: Outbox, journal_healthy: Callable[[], bool] = lambda: True):
+    def __init__(self, outbox: Outbox, log_healthy: Callable[[], bool] = lambda: True):
         self._outbox = outbox
-        self._journal_healthy = journal_healthy
+        self._log_healthy = log_healthy  # the message log's `healthy`
 
     def check(self, message: Message) -> Verdict | None:
-        # A journal that cannot commit (full disk) cannot take the message either.
-        if self._outbox.is_full() or not self._journal_healthy():
+        # A log that cannot be written (full disk) cannot take the message either.
+        if self._outbox.is_full() or not self._log_healthy():
             return Verdict.reject(
                 Reason("outbox", "the store-and-forward outbox is full (upstream.outbox.policy: reject_new)"),
                 reason_code=ReasonCode.QUOTA_EXCEEDED,

@@ -1,19 +1,19 @@
-"""The forwarder: one MQTT client to the cloud broker that drains the outbox in id order.
+"""The forwarder: one MQTT client to the cloud broker that drains the outbox in log order.
 
 Guarantees (docs/forwarding.md has the long version):
-- At-least-once: a row leaves the outbox only after the cloud broker acknowledged it (PUBACK at
-  QoS 1; at QoS 0, once paho wrote it to the socket). Every connection starts over from the oldest
-  row still in the outbox, so whatever was in flight when a connection or the process died is sent
-  again (duplicates are possible, losses are not).
-- FIFO: rows are read in id order, published in that order over one connection, and live messages
-  never bypass the outbox, so stored messages always go before newer ones.
+- At-least-once: a message leaves the outbox only after the cloud broker acknowledged it (PUBACK at
+  QoS 1; at QoS 0, once it was written to the socket). Every connection starts over from the oldest
+  message not acknowledged, and a restart from the outbox's saved cursor, so whatever was in flight
+  when a connection or the process died is sent again (duplicates are possible, losses are not).
+- FIFO: messages are read in log (seq) order, published in that order over one connection, and
+  live messages never bypass the log, so stored messages always go before newer ones.
 - Nothing hides a stall: a connection whose oldest in-flight message (or its CONNACK) waits longer
   than ack_timeout is torn down and reopened, and `status()` always shows the oldest waiting
   message's age and the forward rate.
 
-Threads: the MQTT client (paho-mqtt, driven by `loop()` calls, no thread of its own) and the outbox's
-SQLite reads and deletes run on one dedicated thread, so neither competes with the proxy's event
-loop for latency. Events go back to the event loop with call_soon_threadsafe.
+Threads: the MQTT connection (Link, driven by `poll()` calls, no thread of its own) and the outbox's
+log reads, acknowledgements and cursor saves run on one dedicated thread, so neither competes with
+the proxy's event loop for latency. Events go back to the event loop with call_soon_threadsafe.
 """
 
 from __future__ import annotations
@@ -32,13 +32,11 @@ from typing import Any
 
 from appliance.forward.config import UpstreamConfig
 from appliance.forward.link import Link, LinkClosed, TooLarge, reason_name, user_properties
-from appliance.forward.outbox import Dropped, Outbox, OutboxRow
+from appliance.forward.outbox import MAX_DROPS_PER_CALL, Dropped, Outbox, OutboxRow
 
 log = logging.getLogger(__name__)
 
 MAINTAIN_INTERVAL_S = 1.0
-DELETE_EVERY_S = 0.05  # acknowledged rows are deleted in batches: at most this late...
-DELETE_BATCH = 1_000  # ...or as soon as this many are acknowledged
 IDLE_POLL_S = 0.01  # how often an empty outbox is looked at again when nothing wakes the forwarder
 STABLE_SESSION_S = 10.0  # a connection that lasted this long resets the backoff
 RATE_WINDOW_S = 10.0
@@ -51,7 +49,7 @@ class ForwarderStatus:
     depth: int  # messages waiting in the outbox (including those in flight)
     bytes: int
     oldest_age_s: float | None  # age of the oldest message waiting; None when the outbox is empty
-    forwarded_total: int  # acknowledged by the cloud broker and deleted, since start
+    forwarded_total: int  # acknowledged by the cloud broker, since start
     forward_rate: float  # messages/s acknowledged over the last ~10 s
     dropped_total: int  # removed by the outbox bounds (TTL, drop_oldest), since start
     last_error: str | None  # the last connection or outbox problem; None once forwarding works again
@@ -87,16 +85,14 @@ class Forwarder:
         self._on_event = on_event
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._handed_out = 0  # the highest outbox id read for sending on the current connection
+        self._handed_out = 0  # the highest seq read for sending on the current connection
         self._stopping = threading.Event()
         self._topic_template = config.topic_template
         self._ack_timeout = config.ack_timeout.total_seconds()  # type: ignore[union-attr]
         # Shared with status() (reads of ints and references are atomic enough for a status view).
         self._uplink_up = False
         self._down_reason: str | None = None
-        self.forwarded_total = 0  # counted on the journal's writer thread (delete_later)
-        # Acknowledged rows whose delete failed (appended on the journal's writer thread): retried.
-        self._failed_deletes: deque[int] = deque()
+        self.forwarded_total = 0
         self.dropped_total = 0
         self.sent_total = 0  # publishes written, resends included
         self.connects = 0
@@ -111,8 +107,8 @@ class Forwarder:
     # -- waking up -------------------------------------------------------------------------------
 
     def wake(self) -> None:
-        """New rows are in the outbox (any thread; the journal calls it after a commit): stop
-        waiting. Without it, a live message waits up to IDLE_POLL_S for the next look."""
+        """New messages are durable in the log (any thread; the outbox calls it from the log's
+        durable listener): stop waiting. Without it, a live message waits up to IDLE_POLL_S."""
         if not self._idle:
             return
         with self._wake_lock:  # stop() closes the pipe under it: never write to a reused descriptor
@@ -140,8 +136,10 @@ class Forwarder:
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="upstream-forwarder", daemon=True)
         self._thread.start()
+        self.outbox.waiter = self.wake
 
     async def stop(self, timeout: float = 10.0) -> None:
+        self.outbox.waiter = None
         self._stopping.set()
         if self._wake_w >= 0:
             try:
@@ -209,6 +207,7 @@ class Forwarder:
         finally:
             if self._uplink_up:
                 self._uplink_is_down("stopped")
+            self.outbox.checkpoint(force=True)  # a clean stop resends nothing after a restart
 
     def _session(self) -> str:
         """One connection: connect, drain, return why it ended."""
@@ -218,22 +217,21 @@ class Forwarder:
             # A missing or unreadable CA/certificate/key (a typo, a rotation in progress): back off
             # and try again like any other failed connection, rather than stop forwarding for good.
             return f"TLS files: {exc}"
-        inflight: dict[int, tuple[int, float]] = {}  # packet id -> (row id, sent at), in send order
-        acked_ids: list[int] = []
+        inflight: dict[int, tuple[int, float]] = {}  # packet id -> (seq, sent at), in send order
+        acked: list[int] = []  # seqs acknowledged, not yet handed to the outbox
         try:
             link.connect(self._ack_timeout, self._stopping.is_set)
             window = min(self.config.window, link.receive_maximum or self.config.window)
             self._uplink_is_up(window)
-            cursor = 0  # every connection starts over from the oldest row still in the outbox
+            read_to = 0  # every connection starts over from the oldest message not acknowledged
             buffer: deque[OutboxRow] = deque()
-            last_delete = time.monotonic()
             while not self._stopping.is_set():
                 now = time.monotonic()
                 if not buffer and len(inflight) < window:
-                    rows = self.outbox.next_batch(cursor, max(window, 500))
+                    rows = self.outbox.next_batch(read_to, max(window, 500))
                     buffer.extend(rows)
                     if rows:
-                        cursor = self._handed_out = rows[-1].id
+                        read_to = self._handed_out = rows[-1].seq
                 while buffer and len(inflight) < window:
                     row = buffer.popleft()
                     try:
@@ -242,24 +240,23 @@ class Forwarder:
                         self._drop_unsendable(row, str(exc))
                         continue
                     if pid:
-                        inflight[pid] = (row.id, now)
+                        inflight[pid] = (row.seq, now)
                     self.sent_total += 1
                 waiting = not buffer or len(inflight) >= window
                 if waiting:
                     self._idle = True
-                    acked, written = link.poll(IDLE_POLL_S, self._wake_r if self._wake_r >= 0 else None)
+                    acked_pids, written = link.poll(IDLE_POLL_S, self._wake_r if self._wake_r >= 0 else None)
                     self._idle = False
                     self._drain_wakes()
                 else:
-                    acked, written = link.poll(0.0)
-                self._collect(acked, written, inflight, acked_ids)
+                    acked_pids, written = link.poll(0.0)
+                self._collect(acked_pids, written, inflight, acked)
                 if link.refused:
                     self._report_refused(link)
                 self._inflight_count = len(inflight)
                 now = time.monotonic()
-                if (acked_ids or self._failed_deletes) and (len(acked_ids) >= DELETE_BATCH or now - last_delete >= DELETE_EVERY_S):
-                    self._delete(acked_ids)
-                    last_delete = now
+                if acked:
+                    self._acknowledge(acked)
                 if inflight:
                     _, sent_at = next(iter(inflight.values()))
                     if now - sent_at > self._ack_timeout:
@@ -268,18 +265,15 @@ class Forwarder:
                         )
                 if now >= self._next_maintain:
                     self._maintain()
-            self._drain_before_stop(link, inflight, acked_ids)
+            self._drain_before_stop(link, inflight, acked)
             return "stopped"
         except LinkClosed as ended:
             return str(ended)
         finally:
-            if acked_ids or self._failed_deletes:
-                self._delete(acked_ids)
-            # The next connection starts over from the oldest row still in the outbox: let these
-            # deletes land first, or it would send their rows again.
-            self.outbox.settle()
+            if acked:
+                self._acknowledge(acked)
             self._inflight_count = 0
-            self._handed_out = 0  # the next connection starts over from the oldest row
+            self._handed_out = 0  # the next connection starts over from the oldest message waiting
             link.disconnect()
 
     def _make_link(self) -> Link:
@@ -301,40 +295,39 @@ class Forwarder:
         topic = render_topic(self._topic_template, topic=row.topic, gateway_id=cfg.gateway_id, client_id=row.client_id)
         properties = b"\x00"
         if cfg.protocol == 5:
-            user = [("message-id", str(row.id)), ("client-id", row.client_id)]
+            user = [("message-id", str(row.id)), ("client-id", row.client_id)]  # id: the verdict's
             if row.schema:
                 user.append(("schema", row.schema))
             properties = user_properties(user)
         qos = cfg.qos if row.qos is None else min(row.qos, 1)  # the mapping's forward_qos, else upstream.qos
-        return link.publish(topic, row.payload, qos, row.retain and cfg.retain, properties, token=row.id)
+        return link.publish(topic, row.payload, qos, row.retain and cfg.retain, properties, token=row.seq)
 
-    def _drain_before_stop(self, link: Link, inflight: dict[int, tuple[int, float]], acked_ids: list[int]) -> None:
+    def _drain_before_stop(self, link: Link, inflight: dict[int, tuple[int, float]], acked: list[int]) -> None:
         deadline = time.monotonic() + min(STOP_GRACE_S, self._ack_timeout)
         while inflight and time.monotonic() < deadline:
             try:
-                acked, written = link.poll(0.05)
+                acked_pids, written = link.poll(0.05)
             except LinkClosed:
                 break
-            self._collect(acked, written, inflight, acked_ids)
+            self._collect(acked_pids, written, inflight, acked)
 
     @staticmethod
-    def _collect(acked: list[int], written: list[int], inflight: dict[int, tuple[int, float]],
-                 acked_ids: list[int]) -> None:
-        """Rows that may leave the outbox: acknowledged packet ids, and QoS 0 rows once written."""
-        for pid in acked:
+    def _collect(acked_pids: list[int], written: list[int], inflight: dict[int, tuple[int, float]],
+                 acked: list[int]) -> None:
+        """Messages that may leave the outbox: acknowledged packet ids, and QoS 0 ones once written."""
+        for pid in acked_pids:
             entry = inflight.pop(pid, None)
             if entry is not None:
-                acked_ids.append(entry[0])
-        acked_ids += written
+                acked.append(entry[0])
+        acked += written
 
-    def _delete(self, acked_ids: list[int]) -> None:
-        """Delete acknowledged rows without waiting for the journal's commit (the forwarder keeps
-        sending meanwhile); failed deletes come back through _failed_deletes and are retried."""
-        ids = acked_ids[:]
-        acked_ids.clear()
-        while self._failed_deletes:
-            ids.append(self._failed_deletes.popleft())
-        self.outbox.delete_later(ids, self._deleted, self._failed_deletes.extend)
+    def _acknowledge(self, acked: list[int]) -> None:
+        """Move the outbox's cursor past acknowledged messages (in memory; saved when due)."""
+        count = self.outbox.acknowledge(acked)
+        acked.clear()
+        self.forwarded_total += count
+        if count:
+            self._last_error = None
 
     @staticmethod
     def _report_refused(link: Link) -> None:
@@ -347,16 +340,12 @@ class Forwarder:
     def _drop_unsendable(self, row: OutboxRow, why: str) -> None:
         """A message the cloud broker cannot take would end every connection and hold up the rest
         (FIFO) forever: drop it, loudly (outbox_dropped, reason too_large)."""
-        if not self.outbox.delete([row.id]):  # rare: wait for this one commit
-            return  # not deleted (a disk error, reported by the outbox): tried again next connection
+        dropped = self.outbox.drop(row, "too_large")
+        if dropped is None:
+            return  # dropped by the bounds meanwhile: reported already
         log.warning("outbox: dropped message %d on %s: %s", row.id, row.topic, why)
         self.dropped_total += 1
-        self._report_drops([Dropped(row.id, row.ts, row.client_id, row.topic, row.size, "too_large")], why)
-
-    def _deleted(self, count: int) -> None:  # on the journal's writer thread
-        self.forwarded_total += count
-        if count:
-            self._last_error = None
+        self._report_drops([dropped], why)
 
     def _maintain(self) -> None:
         """Once a second: enforce the outbox bounds, report drops and outbox errors, sample the rate."""
@@ -368,7 +357,7 @@ class Forwarder:
             if dropped:
                 self.dropped_total += len(dropped)
                 self._report_drops(dropped)
-            if len(dropped) < 10_000:
+            if len(dropped) < MAX_DROPS_PER_CALL:
                 break
         if self.outbox.last_error and self.outbox.last_error != had_error:
             self._emit("outbox_error", {"error": self.outbox.last_error})
@@ -397,7 +386,10 @@ class Forwarder:
                 "bytes": sum(d.size for d in drops),
                 "first_id": drops[0].id,
                 "last_id": drops[-1].id,
-                "messages": [{"id": d.id, "client_id": d.client_id, "topic": d.topic, "ts": d.ts} for d in drops],
+                "first_seq": drops[0].seq,
+                "last_seq": drops[-1].seq,
+                "messages": [{"id": d.id, "seq": d.seq, "client_id": d.client_id, "topic": d.topic, "ts": d.ts}
+                             for d in drops],
             })
 
     def _uplink_is_up(self, window: int) -> None:

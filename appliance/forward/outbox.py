@@ -1,104 +1,79 @@
-"""The reading side of the outbox: accepted messages waiting in the audit journal's SQLite file
-until the cloud broker has acknowledged them.
+"""The outbox: the messages in the message log that the cloud broker has not acknowledged yet.
 
-The journal's writer thread inserts rows (in the same transaction as each message's verdict); this
-class reads them in id order, deletes them once acknowledged, and keeps the outbox within its
-bounds. It has its own connection to the same WAL file, so reads never wait for the writer. Its
-writes (deletes, drops) go through `write`, normally the journal's `Journal.write`, which runs them
-on the journal's writer thread inside its next group commit: one writer, so nobody sleeps in
-SQLite's busy handler. Without one (tools, tests) they are short transactions on this connection.
+Nothing is copied or deleted per message. The log (appliance/msglog) already holds every accepted
+message durably; the outbox is a position in it and an index after that position:
 
-Counters: `depth()` must be cheap (status, metrics, and the reject_new check run often), so the
-message and byte counts live in memory. Rows are added by another connection, so they are brought
-up to date from SQL at most every `refresh_interval` seconds by counting only the rows newer than
-the newest one already counted (a range scan on the primary key), and recounted in full every
-`full_refresh_interval` seconds to correct any drift. Deletions made here are subtracted exactly
-(DELETE ... RETURNING).
+- A durable **cursor** (appliance/msglog/cursor.py): every record at or before it has been
+  acknowledged by the cloud broker, or dropped by the bounds. On start the outbox reads the log from
+  the cursor and rebuilds its index (pending.py); the forwarder then sends from there.
+- Only records the publisher was told are stored are read: seq <= the log's `durable_seq`. Only
+  DECISION records marked `forward` and FORWARD_ONLY records (an old outbox's rows, imported) are
+  messages to forward; everything else is passed over.
+- Acknowledgements may arrive out of order inside the forwarder's window: the cursor moves to the
+  highest seq below which everything is acknowledged (or dropped).
+- The cursor is saved at most every `save_interval` seconds, or after `save_every`
+  acknowledgements, whichever comes first, and on close: each save is an `fdatasync`, i.e. SD-card
+  wear. After a crash the forwarder starts over from the last saved cursor, so what was acknowledged
+  after that save is sent again: duplicates (at-least-once), never a loss.
+- The log keeps what the outbox still needs: `needed_from()` is the first seq after the *saved*
+  cursor (what a restart would read from); the log's segment cleaner removes only segments below
+  min(needed_from(), the audit sealer's watermark).
 
-"bytes" are payload bytes plus topic bytes, the part that grows with the traffic; the file itself
-needs roughly 60-100 bytes more per row (see docs/forwarding.md).
+Counters (`depth()`) are kept in memory and read without a lock (status, metrics, the reject_new
+check): messages, bytes and the oldest message's receive time. "bytes" are the messages' bytes in
+the log (record header and body: what their part of the log costs on disk).
 
-Any SQLite error (a full disk, an I/O error) is caught, kept in `last_error` and counted: reads then
-return nothing, deletes leave the rows in place (they are sent again later: at-least-once).
+Threads: the forwarder's thread does the reading, acknowledging and bounding; the event loop reads
+`depth()`/`is_full()` and calls `on_durable()` (a listener of the log) to wake the forwarder.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
-from collections import deque
+from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from appliance.audit.journal import write_transaction
-from appliance.audit.records import OUTBOX_COLUMNS
+from appliance.audit.records import DECISION, FORWARD_ONLY
 from appliance.forward.config import OutboxBounds
+from appliance.forward.logtail import LogTail, SegmentFiles
+from appliance.forward.pending import Entry, Pending
+from appliance.msglog.format import MAX_SEQ, RECORD_HEADER, RECORD_HEADER_SIZE
 
 log = logging.getLogger(__name__)
 
-_SIZE = "coalesce(length(payload), 0) + coalesce(length(CAST(topic AS BLOB)), 0)"
-_DDL = f"CREATE TABLE IF NOT EXISTS outbox ({', '.join(c + (' INTEGER PRIMARY KEY' if c == 'id' else '') for c in OUTBOX_COLUMNS)})"
-_SELECT = f"SELECT {', '.join(OUTBOX_COLUMNS)} FROM outbox WHERE id > ? ORDER BY id LIMIT ?"
-_DELETE_CHUNK = 500
 MIN_PLAUSIBLE_TS = 1_700_000_000.0  # 2023-11-14: no real message is older than this software
-_SCAN_CHUNK = 2_000
 MAX_DROPS_PER_CALL = 10_000
+SAVE_INTERVAL_S = 1.0
+SAVE_EVERY = 10_000
+READ_SPAN = 1 << 20  # one pread covers at most this much of a segment
+CATCH_UP_BATCH = 50_000
 
 DropReason = Literal["expired", "max_messages", "max_bytes", "too_large"]
 
-
-class Done(Protocol):
-    def wait(self, timeout: float | None = None) -> bool: ...
-
-
-class Submitted(Protocol):
-    @property
-    def done(self) -> Done: ...
+_DECISION, _FORWARD_ONLY = DECISION.code, FORWARD_ONLY.code
+_D = {name: i for i, name in enumerate(DECISION.names)}
+_F = {name: i for i, name in enumerate(FORWARD_ONLY.names)}
 
 
-class Writes(Protocol):
-    """Where the outbox's writes go: the audit Journal (its writer thread), or _OwnWrites."""
+class CursorStore(Protocol):
+    """appliance.msglog.cursor.Cursor: a durable seq."""
 
-    def write(self, func: Callable[[sqlite3.Connection], Any]) -> Any: ...
+    def load(self) -> int: ...
 
-    def submit(self, func: Callable[[sqlite3.Connection], Any],
-               on_done: Callable[[Any, BaseException | None], None] | None = None) -> Submitted: ...
+    def save(self, seq: int) -> None: ...
 
-
-class _OwnWrites:
-    """Writes in a transaction of their own on the outbox's connection, in the calling thread (no
-    journal writer: tools and tests). The caller holds Outbox._lock or is the only user."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self._conn = conn
-
-    def write(self, func: Callable[[sqlite3.Connection], Any]) -> Any:
-        return write_transaction(self._conn, func)
-
-    def submit(self, func: Callable[[sqlite3.Connection], Any],
-               on_done: Callable[[Any, BaseException | None], None] | None = None) -> Submitted:
-        result, error = None, None
-        try:
-            result = self.write(func)
-        except Exception as exc:  # noqa: BLE001 - reported through on_done, as the journal does
-            error = exc
-        if on_done is not None:
-            on_done(result, error)
-        return _Finished()
-
-
-class _Finished:
-    done = threading.Event()
-    done.set()
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
-    id: int
+    seq: int  # the record's position in the log: what the forwarder acknowledges
+    id: int  # the verdict's id (the `message-id` user property; joins with the audit log)
     ts: float
     client_id: str
     topic: str
@@ -106,10 +81,7 @@ class OutboxRow:
     qos: int | None  # QoS towards the cloud (the mapping's forward_qos); None: upstream.qos
     retain: bool
     schema: str | None
-
-    @property
-    def size(self) -> int:
-        return len(self.payload) + len(self.topic.encode())
+    size: int  # bytes of the record in the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +93,7 @@ class OutboxDepth:
 
 @dataclass(frozen=True, slots=True)
 class Dropped:
+    seq: int
     id: int
     ts: float
     client_id: str
@@ -129,290 +102,337 @@ class Dropped:
     reason: DropReason
 
 
+def forward_ts(kind: int, body: bytes) -> float | None:
+    """The receive time of a record that is a message to forward; None for any other record."""
+    if kind == _DECISION:
+        row = DECISION.decode(body)
+        return row[_D["ts"]] if row[_D["forward"]] else None  # type: ignore[no-any-return]
+    if kind == _FORWARD_ONLY:
+        return FORWARD_ONLY.decode(body)[_F["ts"]]  # type: ignore[no-any-return]
+    return None
+
+
+def to_row(seq: int, kind: int, body: bytes) -> OutboxRow:
+    size = RECORD_HEADER_SIZE + len(body)
+    if kind == _DECISION:
+        r = DECISION.decode(body)
+        name, version = r[_D["schema_name"]], r[_D["schema_version"]]
+        schema = None if name is None else name if version is None else f"{name}:{version}"
+        payload = r[_D["payload"]]
+        return OutboxRow(seq, r[_D["id"]], r[_D["ts"]], r[_D["client_id"]], r[_D["topic"]],
+                         b"" if payload is None else payload, r[_D["forward_qos"]], r[_D["retain"]], schema, size)
+    if kind == _FORWARD_ONLY:
+        r = FORWARD_ONLY.decode(body)
+        return OutboxRow(seq, r[_F["id"]], r[_F["ts"]], r[_F["client_id"]], r[_F["topic"]], r[_F["payload"]],
+                         r[_F["qos"]], bool(r[_F["retain"]]), r[_F["schema"]], size)
+    raise ValueError(f"record kind {kind} is not a message to forward")
+
+
 class Outbox:
     def __init__(
         self,
-        path: Path,
+        directory: Path,
         bounds: OutboxBounds,
         *,
-        refresh_interval: float = 1.0,
-        full_refresh_interval: float = 60.0,
-        busy_timeout: float = 5.0,
-        journal: Writes | None = None,
+        cursor: CursorStore,
+        durable_seq: Callable[[], int] | None = None,
+        save_interval: float = SAVE_INTERVAL_S,
+        save_every: int = SAVE_EVERY,
     ):
-        self.path = path
+        """`directory`: the message log's; `durable_seq`: the log's durable_seq (None: every complete
+        record on disk counts, for a log no writer is appending to)."""
+        self.directory = Path(directory)
         self.bounds = bounds
-        self.refresh_interval = refresh_interval
-        self.full_refresh_interval = full_refresh_interval
+        self.save_interval = save_interval
+        self.save_every = save_every
         self.last_error: str | None = None
-        self.errors = 0  # SQLite errors since start
-        self._lock = threading.RLock()  # delete_later's callback takes it, on _OwnWrites in the same call
-        self._messages = 0
-        self._bytes = 0
-        self._oldest_ts: float | None = None
-        self._counted_to = 0  # rows with id <= this are in the counters
-        self._refreshed_at = float("-inf")
-        self._full_refreshed_at = float("-inf")
+        self._failing: str | None = None
+        self.errors = 0  # read, decode and cursor-save errors since start
+        self.waiter: Callable[[], None] | None = None  # the forwarder's wake(), while it runs
+        self._cursor = cursor
+        self._durable_seq = durable_seq or (lambda: MAX_SEQ)
+        self._lock = threading.RLock()
+        self._files = SegmentFiles(self.directory)
+        self._pending = Pending()
+        self._segments: list[int] = []  # first_seq of each segment holding a pending message
+        self._saved = cursor.load()
+        self._saved_at = time.monotonic()
+        self._moved_since_save = 0  # acknowledgements and drops not in the saved cursor yet
+        self._tail = LogTail(self.directory, self._saved, self._files, on_problem=self._damaged)
         self._full = False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
-        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        # A delete lost to a power cut only means the message is sent again (at-least-once), so
-        # this connection's commits need not wait for fsync; the journal's inserts still do.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA secure_delete=OFF")  # as the journal's connections (journal._connect)
-        self._conn.execute(_DDL)
-        self._writes: Writes = journal or _OwnWrites(self._conn)
-        self._pending_delete: Done | None = None  # the last delete_later() not yet committed
-        # Finished delete_later() calls, appended on the writer thread, applied under _lock.
-        self._deleted: deque[tuple[list[tuple[int, int]] | None, BaseException | None]] = deque()
+        self._depth = OutboxDepth(0, 0, None)
         with self._lock:
-            self._refresh_locked(full=True)
+            self._catch_up()
+
+    @classmethod
+    def for_log(cls, message_log: Any, cursor: CursorStore, bounds: OutboxBounds, **options: Any) -> Outbox:
+        """An outbox over a running MessageLog: reads up to its durable_seq, and is told (wakes
+        the forwarder) whenever that advances."""
+        outbox = cls(message_log.directory, bounds, cursor=cursor, durable_seq=lambda: message_log.durable_seq, **options)
+        message_log.add_listener(outbox.on_durable)
+        return outbox
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self.checkpoint(force=True)
+            self._files.close()
+            self._cursor.close()
+
+    def on_durable(self, durable_seq: int) -> None:
+        """A listener of the log (event loop): new records are durable, wake the forwarder."""
+        waiter = self.waiter
+        if waiter is not None:
+            waiter()
 
     # -- reading and acknowledging ---------------------------------------------------------------
 
-    def next_batch(self, after_id: int, limit: int) -> list[OutboxRow]:
-        """Up to `limit` rows with id > after_id, oldest first."""
+    def next_batch(self, after_seq: int, limit: int) -> list[OutboxRow]:
+        """Up to `limit` messages waiting, with seq > after_seq, oldest first."""
         with self._lock:
-            self._apply_deletes()
+            self._catch_up()
+            return self._read(self._pending.entries(after_seq, limit))
+
+    def acknowledge(self, seqs: Iterable[int]) -> int:
+        """The cloud broker has these messages: returns how many were waiting (a message dropped
+        meanwhile, or acknowledged already, is not counted)."""
+        with self._lock:
+            pending = self._pending
+            count = 0
+            for seq in seqs:
+                count += pending.acknowledge(seq)
+            if count:
+                pending.advance()
+                self._moved_since_save += count
+                self._changed()
+            self.checkpoint()
+            return count
+
+    def drop(self, row: OutboxRow, reason: DropReason) -> Dropped | None:
+        """Give up on one message (the forwarder: too large for the cloud broker). None if it was
+        not waiting any more."""
+        with self._lock:
+            if not self._pending.acknowledge(row.seq):
+                return None
+            self._pending.advance()
+            self._moved_since_save += 1
+            self._changed()
+            return Dropped(row.seq, row.id, row.ts, row.client_id, row.topic, row.size, reason)
+
+    # -- the cursor ------------------------------------------------------------------------------
+
+    @property
+    def cursor(self) -> int:
+        """Every record at or before this seq is acknowledged or dropped (in memory)."""
+        with self._lock:
+            first = self._pending.first_seq()
+            return first - 1 if first is not None else self._tail.last_seq
+
+    @property
+    def saved_cursor(self) -> int:
+        return self._saved
+
+    def needed_from(self) -> int:
+        """The first seq a restart would read: the log must keep the segments from here on."""
+        return self._saved + 1
+
+    def checkpoint(self, *, force: bool = False) -> bool:
+        """Save the cursor if it moved and a save is due (save_interval elapsed, or save_every
+        acknowledgements), or whenever it moved with `force`. True if it was saved."""
+        with self._lock:
+            now = time.monotonic()
+            if not force and self._moved_since_save < self.save_every and now - self._saved_at < self.save_interval:
+                return False
+            position = self.cursor
+            if position <= self._saved:
+                self._saved_at = now
+                return False
             try:
-                rows = self._conn.execute(_SELECT, (after_id, limit)).fetchall()
-            except sqlite3.Error as exc:
-                self._error("read", exc)
-                return []
-        return [
-            OutboxRow(r[0], r[1], r[2], r[3], b"" if r[4] is None else bytes(r[4]), r[5], bool(r[6]), r[7])
-            for r in rows
-        ]
+                self._cursor.save(position)
+            except OSError as exc:
+                self._error("cursor", f"outbox cursor save failed: {exc}")
+                return False
+            self._saved, self._saved_at, self._moved_since_save = position, now, 0
+            self._release_segments()
+            self._ok("cursor")
+            return True
 
-    def delete_later(self, ids: Iterable[int], on_deleted: Callable[[int], None],
-                     on_failed: Callable[[list[int]], None]) -> None:
-        """Remove acknowledged rows without waiting for the commit: `on_deleted(count)` or, when the
-        delete failed (the rows stay and are sent again), `on_failed(ids)` runs once it is done, on
-        the journal's writer thread. settle() waits for every delete queued so far."""
-        ids = list(ids)
-        if not ids:
-            return
-
-        def done(removed: list[tuple[int, int]] | None, error: BaseException | None) -> None:
-            # On the writer thread: never take self._lock here. Its holders may be waiting for this
-            # very thread (enforce() drops through Journal.write) or reading a big outbox, and every
-            # verdict commit would wait with them. The counters catch up in _apply_deletes().
-            self._deleted.append((removed, error))
-            if error is not None or removed is None:
-                on_failed(ids)
-            else:
-                on_deleted(len(removed))
-
-        with self._lock:
-            self._pending_delete = self._writes.submit(self._delete_in(ids), done).done
-
-    def settle(self) -> None:
-        """Wait until every delete_later() so far is committed (or failed): they run in order."""
-        pending = self._pending_delete
-        if pending is not None:
-            pending.wait()
-        with self._lock:
-            self._apply_deletes()
-
-    def _apply_deletes(self) -> None:
-        """Bring the counters and last_error up to date with finished delete_later() calls (under _lock)."""
-        while self._deleted:
-            removed, error = self._deleted.popleft()
-            if error is not None or removed is None:
-                self._error("delete", error if isinstance(error, sqlite3.Error) else sqlite3.Error(str(error)))
-            else:
-                self._forget(removed)
-                self._ok()
-
-    def delete(self, ids: Iterable[int]) -> int:
-        """Remove acknowledged rows; returns how many existed (an id dropped meanwhile is skipped)."""
-        ids = list(ids)
-        if not ids:
-            return 0
-        with self._lock:
-            try:
-                removed = self._delete_ids(ids)
-            except sqlite3.Error as exc:
-                self._error("delete", exc)
-                return 0
-            self._forget(removed)
-            self._ok()
-            return len(removed)
+    def _release_segments(self) -> None:
+        """Forget (and close) the segments before the oldest pending message's."""
+        first, segments = self._pending.first_seq(), self._segments
+        if first is None:
+            segments.clear()
+        elif (keep := bisect_right(segments, first) - 1) > 0:
+            del segments[:keep]
+        oldest = segments[0] if segments else self._tail.segment
+        if oldest is not None:
+            self._files.close_before(oldest)
 
     # -- counters --------------------------------------------------------------------------------
 
     def depth(self) -> OutboxDepth:
-        """The in-memory counters, refreshed from SQL when older than refresh_interval."""
-        with self._lock:
-            self._apply_deletes()
-            if time.monotonic() - self._refreshed_at >= self.refresh_interval:
-                self._refresh_locked()
-            return OutboxDepth(self._messages, self._bytes, self._oldest_ts)
+        """Messages waiting, their bytes and the oldest one's receive time (no lock, no I/O): up to
+        date as of the forwarder's last look at the log (at least once a second)."""
+        return self._depth
 
-    def refresh(self, *, full: bool = False) -> OutboxDepth:
-        """Bring the counters up to date now (full: recount every row)."""
+    def refresh(self) -> OutboxDepth:
+        """Read what the log has made durable since the last look, now."""
         with self._lock:
-            self._apply_deletes()
-            self._refresh_locked(full=full)
-            return OutboxDepth(self._messages, self._bytes, self._oldest_ts)
+            self._catch_up()
+            return self._depth
 
     def is_full(self) -> bool:
         """reject_new policy: true while a bound is reached; the pipeline then refuses new messages.
-        Never true under drop_oldest. Up to date within refresh_interval (enforce() refreshes)."""
+        Never true under drop_oldest."""
         return self._full
 
-    def _refresh_locked(self, *, full: bool = False) -> None:
-        now = time.monotonic()
-        full = full or now - self._full_refreshed_at >= self.full_refresh_interval
-        try:
-            if full:
-                count, size, newest = self._conn.execute(f"SELECT count(*), coalesce(sum({_SIZE}), 0), max(id) FROM outbox").fetchone()
-                self._messages, self._bytes = count, size
-                self._full_refreshed_at = now
-            else:
-                count, size, newest = self._conn.execute(
-                    f"SELECT count(*), coalesce(sum({_SIZE}), 0), max(id) FROM outbox WHERE id > ?", (self._counted_to,)
-                ).fetchone()
-                self._messages += count
-                self._bytes += size
-            if newest is not None:
-                self._counted_to = max(self._counted_to, newest) if not full else newest
-            oldest = self._conn.execute("SELECT ts FROM outbox ORDER BY id LIMIT 1").fetchone()
-        except sqlite3.Error as exc:
-            self._error("count", exc)
-            return
-        self._oldest_ts = oldest[0] if oldest else None
-        if self._messages == 0:
-            self._bytes = 0
-        self._refreshed_at = now
-        self._update_full()
-
-    def _forget(self, removed: list[tuple[int, int]]) -> None:
-        for row_id, size in removed:
-            if row_id <= self._counted_to:  # newer rows were never counted
-                self._messages -= 1
-                self._bytes -= size
-        self._messages = max(self._messages, 0)
-        self._bytes = max(self._bytes, 0)
-        if removed:
-            self._refreshed_at = float("-inf")  # the oldest row may have changed
-        self._update_full()
-
-    def _update_full(self) -> None:
-        b = self.bounds
+    def _changed(self) -> None:
+        p, b = self._pending, self.bounds
+        self._depth = OutboxDepth(p.messages, p.bytes, p.oldest_ts())
         self._full = b.policy == "reject_new" and (
-            (b.max_messages is not None and self._messages >= b.max_messages)
-            or (b.max_bytes is not None and self._bytes >= b.max_bytes)
+            (b.max_messages is not None and p.messages >= b.max_messages)
+            or (b.max_bytes is not None and p.bytes >= b.max_bytes)
         )
 
     # -- bounds ----------------------------------------------------------------------------------
 
     def enforce(self, now: float | None = None, *, handed_out: int = 0) -> list[Dropped]:
-        """Apply the bounds: expired rows are always dropped; beyond max_messages or max_bytes the
-        oldest are dropped under drop_oldest (under reject_new nothing is, `is_full()` turns true).
-        Rows with ids up to `handed_out` are being sent (in flight or read ahead): they are left
-        alone, since they would arrive anyway. Drops at most MAX_DROPS_PER_CALL rows; call again
-        while it returns that many."""
+        """Apply the bounds: expired messages are always dropped; beyond max_messages or max_bytes
+        the oldest are dropped under drop_oldest (under reject_new nothing is: `is_full()` turns
+        true). Messages with seq up to `handed_out` are being sent: they are left alone, since they
+        would arrive anyway. Drops at most MAX_DROPS_PER_CALL; call again while it returns that
+        many. Also saves the cursor when due."""
         now = time.time() if now is None else now
-        dropped: list[Dropped] = []
-        pending = self._pending_delete
-        if pending is not None:
-            pending.wait()  # acknowledged rows still being deleted count against no bound
         with self._lock:
-            self._apply_deletes()
-            self._refresh_locked()
-            try:
-                if self.bounds.max_age is not None:
-                    dropped += self._drop_expired(now - self.bounds.max_age.total_seconds(), handed_out)
-                if self.bounds.policy == "drop_oldest":
-                    dropped += self._drop_beyond_bounds(MAX_DROPS_PER_CALL - len(dropped), handed_out)
-            except sqlite3.Error as exc:
-                self._error("enforce bounds", exc)
-            self._refresh_locked()
-        return dropped
+            self._catch_up()
+            victims: list[tuple[Entry, DropReason]] = []
+            b = self.bounds
+            scan = self._pending.scan(handed_out)
+            entry: Entry | None = next(scan, None)
+            if b.max_age is not None:
+                cutoff = now - b.max_age.total_seconds()
+                # Receive times grow with seq, so the expired messages are a prefix. A time before
+                # MIN_PLAUSIBLE_TS means the clock was wrong then (no RTC, before NTP): age unknown.
+                while entry is not None and MIN_PLAUSIBLE_TS <= entry.ts < cutoff and len(victims) < MAX_DROPS_PER_CALL:
+                    victims.append((entry, "expired"))
+                    entry = next(scan, None)
+            if b.policy == "drop_oldest":
+                messages = self._pending.messages - len(victims)
+                size = self._pending.bytes - sum(e.size for e, _ in victims)
+                while entry is not None and len(victims) < MAX_DROPS_PER_CALL:
+                    if b.max_messages is not None and messages > b.max_messages:
+                        reason: DropReason = "max_messages"
+                    elif b.max_bytes is not None and size > b.max_bytes:
+                        reason = "max_bytes"
+                    else:
+                        break
+                    victims.append((entry, reason))
+                    messages -= 1
+                    size -= entry.size
+                    entry = next(scan, None)
+            dropped = self._drop(victims)
+            self.checkpoint()
+            return dropped
 
-    def _scan(self, after_id: int) -> list[tuple[int, float, str, str, int]]:
-        return self._conn.execute(
-            f"SELECT id, ts, client_id, topic, {_SIZE} FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (after_id, _SCAN_CHUNK)
-        ).fetchall()
-
-    def _drop_expired(self, cutoff: float, after: int = 0) -> list[Dropped]:
-        # ids grow with time, so expired rows are a prefix: stop at the first young one.
-        victims: list[Dropped] = []
-        while len(victims) < MAX_DROPS_PER_CALL:
-            rows = self._scan(after)
-            for row_id, ts, client_id, topic, size in rows:
-                # A receive time before MIN_PLAUSIBLE_TS means the gateway's clock was wrong then (no
-                # RTC, before NTP): its age is unknown, so it is not expired.
-                if ts is None or ts >= cutoff or ts < MIN_PLAUSIBLE_TS or len(victims) >= MAX_DROPS_PER_CALL:
-                    return self._delete_victims(victims)
-                victims.append(Dropped(row_id, ts, client_id, topic, size, "expired"))
-            if len(rows) < _SCAN_CHUNK:
-                break
-            after = rows[-1][0]
-        return self._delete_victims(victims)
-
-    def _drop_beyond_bounds(self, limit: int, after: int = 0) -> list[Dropped]:
-        b = self.bounds
-        excess_messages = self._messages - b.max_messages if b.max_messages is not None else 0
-        excess_bytes = self._bytes - b.max_bytes if b.max_bytes is not None else 0
-        victims: list[Dropped] = []
-        while (excess_messages > 0 or excess_bytes > 0) and len(victims) < limit:
-            rows = self._scan(after)
-            if not rows:
-                break
-            for row_id, ts, client_id, topic, size in rows:
-                if not (excess_messages > 0 or excess_bytes > 0) or len(victims) >= limit:
-                    break
-                reason: DropReason = "max_messages" if excess_messages > 0 else "max_bytes"
-                victims.append(Dropped(row_id, ts, client_id, topic, size, reason))
-                excess_messages -= 1
-                excess_bytes -= size
-            after = rows[-1][0]
-        return self._delete_victims(victims)
-
-    def _delete_ids(self, ids: list[int]) -> list[tuple[int, int]]:
-        """Delete these rows in one transaction; returns (id, size) of the rows that existed."""
-        removed: list[tuple[int, int]] = self._writes.write(self._delete_in(ids))
-        return removed
-
-    @staticmethod
-    def _delete_in(ids: list[int]) -> Callable[[sqlite3.Connection], list[tuple[int, int]]]:
-        def delete(conn: sqlite3.Connection) -> list[tuple[int, int]]:
-            removed: list[tuple[int, int]] = []
-            for start in range(0, len(ids), _DELETE_CHUNK):
-                chunk = ids[start : start + _DELETE_CHUNK]
-                removed += conn.execute(
-                    f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))}) RETURNING id, {_SIZE}", chunk
-                ).fetchall()
-            return removed
-
-        return delete
-
-    def _delete_victims(self, victims: list[Dropped]) -> list[Dropped]:
+    def _drop(self, victims: list[tuple[Entry, DropReason]]) -> list[Dropped]:
         if not victims:
             return []
-        removed = self._delete_ids([v.id for v in victims])
-        self._forget(removed)
-        gone = {row_id for row_id, _ in removed}  # a row acknowledged meanwhile was not dropped
-        return [v for v in victims if v.id in gone]
+        rows = {row.seq: row for row in self._read([e for e, _ in victims])}  # who they were, for the event
+        removed = {e.seq for e in self._pending.remove(victims[0][0].seq, victims[-1][0].seq)}
+        self._moved_since_save += len(removed)
+        self._changed()
+        dropped = []
+        for entry, reason in victims:
+            if entry.seq not in removed:
+                continue
+            row = rows.get(entry.seq)
+            if row is None:  # unreadable (reported): still dropped, with what the index knows
+                dropped.append(Dropped(entry.seq, 0, entry.ts, "", "", entry.size, reason))
+            else:
+                dropped.append(Dropped(entry.seq, row.id, row.ts, row.client_id, row.topic, row.size, reason))
+        return dropped
+
+    # -- the log ---------------------------------------------------------------------------------
+
+    def _catch_up(self) -> None:
+        """Index the messages the log made durable since the last call."""
+        tail, pending, segments = self._tail, self._pending, self._segments
+        upto = self._durable_seq()
+        if upto <= tail.last_seq:
+            return
+        while True:
+            try:
+                located = tail.read(upto, CATCH_UP_BATCH)
+            except OSError as exc:
+                self._error("read", f"outbox read failed: {exc}")
+                self._changed()
+                return
+            for record, segment, offset in located:
+                try:
+                    ts = forward_ts(record.kind, record.body)
+                except (ValueError, IndexError, UnicodeDecodeError) as exc:  # struct.error is a ValueError
+                    self._error("decode", f"outbox: record {record.seq} cannot be decoded, not forwarded: {exc}")
+                    continue
+                if ts is None:
+                    continue
+                if not segments or segments[-1] != segment:
+                    segments.append(segment)
+                pending.add(record.seq, ts, RECORD_HEADER_SIZE + len(record.body), offset)
+            if len(located) < CATCH_UP_BATCH:
+                break
+        if tail.stuck is not None and upto > tail.last_seq:
+            # Durable records lie beyond: this is not a record being written, it is damage.
+            segment, offset = tail.stuck
+            self._error("read", f"outbox: damaged record in the newest log segment {segment} at offset {offset}: "
+                        "forwarding waits there")
+        else:
+            self._ok("read")
+        self._changed()
+
+    def _read(self, entries: list[Entry]) -> list[OutboxRow]:
+        """The messages at these index entries, read back from the log (one pread per span)."""
+        rows: list[OutboxRow] = []
+        segments, files = self._segments, self._files
+        i = 0
+        while i < len(entries):
+            k = bisect_right(segments, entries[i].seq)
+            segment = segments[k - 1]
+            next_segment = segments[k] if k < len(segments) else MAX_SEQ + 1
+            start = entries[i].offset
+            j = i + 1
+            while j < len(entries) and entries[j].seq < next_segment and entries[j].offset + entries[j].size - start <= READ_SPAN:
+                j += 1
+            end = entries[j - 1].offset + entries[j - 1].size
+            try:
+                buf = files.pread(segment, start, end - start)
+            except OSError as exc:
+                self._error("read", f"outbox read failed: {exc}")
+                return rows
+            for entry in entries[i:j]:
+                at = entry.offset - start
+                if len(buf) < at + entry.size:
+                    self._error("read", f"outbox: message {entry.seq} is missing from log segment {segment}")
+                    return rows
+                _, length, kind, seq = RECORD_HEADER.unpack_from(buf, at)
+                if seq != entry.seq or RECORD_HEADER_SIZE + length != entry.size:
+                    self._error("read", f"outbox: log segment {segment} changed under the outbox at offset {entry.offset}")
+                    return rows
+                rows.append(to_row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size]))
+            i = j
+        return rows
+
+    def _damaged(self, path: Path, offset: int, kind: str) -> None:
+        self._error("damage", f"outbox: {kind} log segment {path.name} at offset {offset}: the rest of it is skipped")
 
     # -- errors ----------------------------------------------------------------------------------
 
-    def _error(self, action: str, exc: sqlite3.Error) -> None:
+    def _error(self, what: str, message: str) -> None:
+        """`what` failed ("read", "cursor"): counted, logged once, shown until `what` works again."""
         self.errors += 1
-        message = f"outbox {action} failed: {exc}"
         if message != self.last_error:
-            log.error("%s (%s)", message, self.path)
-        self.last_error = message
+            log.error("%s (%s)", message, self.directory)
+        self.last_error, self._failing = message, what
 
-    def _ok(self) -> None:
-        if self.last_error is not None:
-            log.warning("outbox %s works again", self.path)
-            self.last_error = None
+    def _ok(self, what: str) -> None:
+        if self.last_error is not None and self._failing == what:
+            log.warning("outbox %s works again", what)
+            self.last_error = self._failing = None

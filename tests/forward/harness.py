@@ -1,5 +1,5 @@
-"""Real pieces for forwarding tests: a cloud mosquitto, a subscriber on it, a real audit Journal
-writing outbox rows on its own event loop, and a Forwarder on that loop."""
+"""Real pieces for forwarding tests: a cloud mosquitto, a subscriber on it, a real MessageLog
+written on its own event loop, and an Outbox (real Cursor file) with a Forwarder on that loop."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from appliance.audit.journal import Journal
-from appliance.audit.records import IdClock
+from appliance.audit.records import DECISION, EVENT, FORWARD_ONLY, IdClock, RecordKind, payload_sha256
 from appliance.forward import Forwarder, Outbox, OutboxBounds, UpstreamConfig
+from appliance.msglog.cursor import Cursor
+from appliance.msglog.format import RECORD_HEADER_SIZE
+from appliance.msglog.log import MessageLog
 from tests.helpers import wait_until
 from tests.processes import can_connect, free_port
 
@@ -122,22 +124,59 @@ def _session_expiry() -> Any:
     return props
 
 
+class Msg(NamedTuple):
+    """One record for the log: a DECISION (forwarded or not) or a FORWARD_ONLY."""
+
+    kind: RecordKind
+    row: tuple[Any, ...]
+
+    @property
+    def id(self) -> int:
+        return int(self.row[0])
+
+    @property
+    def ts(self) -> float:
+        return float(self.row[1])
+
+    @property
+    def topic(self) -> str:
+        return str(self.row[_TOPIC[self.kind.code]])
+
+    @property
+    def payload(self) -> bytes:
+        return bytes(self.row[_PAYLOAD[self.kind.code]])
+
+    @property
+    def size(self) -> int:
+        """Bytes of its record in the log."""
+        return RECORD_HEADER_SIZE + len(self.kind.encode(self.row))
+
+
+_TOPIC = {DECISION.code: DECISION.names.index("topic"), FORWARD_ONLY.code: FORWARD_ONLY.names.index("topic")}
+_PAYLOAD = {DECISION.code: DECISION.names.index("payload"), FORWARD_ONLY.code: FORWARD_ONLY.names.index("payload")}
+
+
 @dataclass
 class Harness:
-    """A real Journal (writer thread) and, when started, a Forwarder, on one background event loop."""
+    """A real MessageLog (writer thread, power-safe syncs) on a background event loop, and, when
+    started, an Outbox over it with a real Cursor and a Forwarder on that loop."""
 
-    journal_path: Path
+    directory: Path
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     clock: IdClock = field(default_factory=IdClock)
     forwarder: Forwarder | None = None
     outbox: Outbox | None = None
+    outbox_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
         self._thread.start()
-        self.journal = Journal(self.journal_path)
-        self.journal.start(self.loop)
+        self.log_dir = self.directory / "log"
+        self.cursor_path = self.directory / "forward.cursor"
+        self.log = MessageLog(self.log_dir, segment_bytes=256 * 1024)  # small segments: many rolls
+        self.log.open()
+        self.log.start(self.loop)
 
     def call(self, func: Callable[[], Any]) -> Any:
         async def run() -> Any:
@@ -148,36 +187,66 @@ class Harness:
     def run(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def add(self, rows: Iterable[tuple[Any, ...]]) -> int:
-        """Queue outbox rows on the journal (as the pipeline does) and wait until committed."""
-        rows = list(rows)
+    def add(self, msgs: Iterable[Msg]) -> int:
+        """Append records (as the pipeline's sink does, on the loop) and wait until durable."""
+        msgs = list(msgs)
 
         def add_all() -> int:
             seq = 0
-            for row in rows:
-                seq = self.journal.add_outbox(row)
+            for msg in msgs:
+                seq = self.log.append(msg.kind.code, msg.kind.encode(msg.row))
             return seq
 
         seq = self.call(add_all)
-        wait_until(lambda: self.journal.committed >= seq, message="journal commit")
-        return len(rows)
+        wait_until(lambda: self.log.durable_seq >= seq, message="log durable")
+        return sum(1 for m in msgs if forwarded(m))
 
     def row(self, client_id: str, seq: int, *, topic: str | None = None, payload: bytes | None = None,
-            ts: float | None = None, qos: int | None = None, schema: str | None = "reading:v1") -> tuple[Any, ...]:
+            ts: float | None = None, qos: int | None = None, schema: str | None = "reading:v1",
+            forward: bool = True) -> Msg:
+        """A decision (accepted) for a message to forward, or with forward=False one that is not."""
         now = time.time() if ts is None else ts
-        return (self.clock.next(), now, client_id, topic or f"sensors/{client_id}/reading",
-                payload if payload is not None else f"{client_id}:{seq}".encode(), qos, 0, schema)
+        topic = topic or f"sensors/{client_id}/reading"
+        payload = payload if payload is not None else f"{client_id}:{seq}".encode()
+        name, _, version = (schema or "").partition(":")
+        row = (self.clock.next(now), now, client_id, None, "127.0.0.1:40000", 5, topic, 1, False, payload,
+               len(payload), payload_sha256(payload), "v1" if schema else None, name or None, version or None,
+               "sensors/#", "accept", 0, "[]", 12, "rev", False, False, None, forward, qos, True)
+        return Msg(DECISION, row)
 
-    def start_forwarder(self, config: UpstreamConfig) -> Forwarder:
-        self.outbox = Outbox(self.journal_path, config.outbox, journal=self.journal)
+    def imported(self, client_id: str, seq: int, *, ts: float | None = None) -> Msg:
+        """A FORWARD_ONLY record: a row of an old outbox, imported by the upgrade."""
+        now = time.time() if ts is None else ts
+        payload = f"{client_id}:{seq}".encode()
+        return Msg(FORWARD_ONLY, (self.clock.next(now), now, client_id, f"sensors/{client_id}/reading", payload, None,
+                                  False, "reading:v1"))
+
+    def rejected(self, client_id: str) -> Msg:
+        """A decision that is not forwarded (rejected): the forwarder passes over it."""
+        now = time.time()
+        payload = b"not json"
+        return Msg(DECISION, (self.clock.next(now), now, client_id, None, "127.0.0.1:40000", 5, "sensors/x", 1, False,
+                              payload, len(payload), payload_sha256(payload), None, None, None, None, "reject", 153,
+                              '[{"check": "schema", "message": "bad", "schema": null, "path": null}]', 9, "rev", False,
+                              False, None, False, None, True))
+
+    def event(self, kind: str = "client_connected") -> Msg:
+        now = time.time()
+        return Msg(EVENT, (self.clock.next(now), now, kind, "sensor-x", "127.0.0.1:40000", "{}"))
+
+    def make_outbox(self, bounds: OutboxBounds | None = None, **options: Any) -> Outbox:
+        """An outbox over the running log, with the real cursor file (not started by a forwarder)."""
+        return Outbox.for_log(self.log, Cursor(self.cursor_path), bounds or OutboxBounds(),
+                              **{**self.outbox_options, **options})
+
+    def start_forwarder(self, config: UpstreamConfig, **options: Any) -> Forwarder:
+        self.outbox = self.make_outbox(config.outbox, **options)
         self.forwarder = Forwarder(config, self.outbox, on_event=lambda kind, detail: self.events.append((kind, detail)))
         self.run(self.forwarder.start())
-        self.journal.on_outbox_commit = self.forwarder.wake  # as the appliance wires them
         return self.forwarder
 
     def stop_forwarder(self) -> None:
         if self.forwarder is not None:
-            self.journal.on_outbox_commit = None
             self.run(self.forwarder.stop())
             self.forwarder = None
         if self.outbox is not None:
@@ -189,15 +258,19 @@ class Harness:
 
     def close(self) -> None:
         self.stop_forwarder()
-        self.journal.stop(move=False)
+        self.log.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
 
 
+def forwarded(msg: Msg) -> bool:
+    return msg.kind is FORWARD_ONLY or (msg.kind is DECISION and bool(msg.row[DECISION.names.index("forward")]))
+
+
 @contextmanager
-def harness(path: Path) -> Iterator[Harness]:
-    h = Harness(path)
+def harness(directory: Path) -> Iterator[Harness]:
+    h = Harness(directory)
     try:
         yield h
     finally:
@@ -211,9 +284,16 @@ def upstream(url: str, **values: Any) -> UpstreamConfig:
     return UpstreamConfig.model_validate(defaults)
 
 
-def sensor_rows(h: Harness, sensors: int, per_sensor: int) -> list[tuple[Any, ...]]:
-    """Interleaved rows: s0:0, s1:0, ..., s0:1, ..."""
-    return [h.row(f"sensor-{s}", i) for i in range(per_sensor) for s in range(sensors)]
+def sensor_rows(h: Harness, sensors: int, per_sensor: int, *, noise_every: int = 0) -> list[Msg]:
+    """Interleaved messages: s0:0, s1:0, ..., s0:1, ...; with noise_every, a rejected decision and
+    an event after every that many (records the forwarder must pass over)."""
+    msgs: list[Msg] = []
+    for i in range(per_sensor):
+        for s in range(sensors):
+            msgs.append(h.row(f"sensor-{s}", i))
+            if noise_every and len(msgs) % (noise_every + 2) == noise_every:
+                msgs += [h.rejected(f"sensor-{s}"), h.event()]
+    return msgs
 
 
 def check_per_sensor_order(payloads: list[bytes]) -> tuple[dict[str, int], int]:

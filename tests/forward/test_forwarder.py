@@ -1,4 +1,4 @@
-"""The forwarder against a real mosquitto as the cloud broker, fed by a real audit Journal."""
+"""The forwarder against a real mosquitto as the cloud broker, fed by a real MessageLog."""
 
 from __future__ import annotations
 
@@ -20,15 +20,16 @@ def test_topic_template_user_properties_and_ack_delete(tmp_path: Path):
     broker = CloudBroker(tmp_path / "cloud").start()
     sub = Subscriber(broker.port, "gateways/#", version=5).start()
     try:
-        with harness(tmp_path / "journal.sqlite3") as h:
-            h.add([h.row("sensor/1", 0, topic="plant/temp")])
+        with harness(tmp_path / "state") as h:
+            sent = h.row("sensor/1", 0, topic="plant/temp")
+            h.add([sent])
             fwd = h.start_forwarder(upstream(broker.url, topic_template="gateways/{gateway_id}/{client_id}/{topic}"))
             wait_until(lambda: sub.count() == 1, message="forwarded message")
             msg = sub.messages[0]
             assert msg.topic == "gateways/gw1/sensor_1/plant/temp"
             props = dict(msg.properties.UserProperty)
             assert props["schema"] == "reading:v1" and props["client-id"] == "sensor/1"
-            assert int(props["message-id"]) > 0
+            assert props["message-id"] == str(sent.id)  # the verdict's id: joins with the audit log
             wait_until(lambda: fwd.status().forwarded_total == 1, message="ack")
             assert fwd.outbox.refresh().messages == 0
             assert h.kinds()[0] == "uplink_up" and fwd.status().uplink_up
@@ -47,10 +48,10 @@ def test_outage_10000_messages_arrive_in_order_once_the_broker_is_back(tmp_path:
     sub = Subscriber(broker.port, "sensors/#").start()  # persistent session, queued across the restart
     broker.stop()
     try:
-        with harness(tmp_path / "journal.sqlite3") as h:
+        with harness(tmp_path / "state") as h:
             fwd = h.start_forwarder(upstream(broker.url))
             wait_until(lambda: "uplink_down" in h.kinds(), message="uplink_down while the broker is stopped")
-            assert h.add(sensor_rows(h, sensors=8, per_sensor=1250)) == 10_000
+            assert h.add(sensor_rows(h, sensors=8, per_sensor=1250, noise_every=10)) == 10_000
             wait_until(lambda: fwd.status().depth == 10_000, message="depth counted")
             assert not fwd.status().uplink_up and fwd.status().oldest_age_s is not None
 
@@ -77,7 +78,7 @@ def test_fifo_rows_added_while_draining_go_after_the_stored_ones(tmp_path: Path)
     broker = CloudBroker(tmp_path / "cloud").start()
     sub = Subscriber(broker.port, "sensors/#").start()
     try:
-        with harness(tmp_path / "journal.sqlite3") as h:
+        with harness(tmp_path / "state") as h:
             stored = sensor_rows(h, sensors=4, per_sensor=1500)
             h.add(stored)
             fwd = h.start_forwarder(upstream(broker.url, window=50))
@@ -88,22 +89,22 @@ def test_fifo_rows_added_while_draining_go_after_the_stored_ones(tmp_path: Path)
                 h.add(batch)
             wait_until(lambda: sub.count() >= len(stored) + len(live), timeout=60, message="everything")
             payloads = sub.payloads()
-            assert payloads == [r[4] for r in stored + live]  # exactly the id order, nothing interleaved
+            assert payloads == [m.payload for m in stored + live]  # exactly the log order, nothing interleaved
             assert fwd.status().forwarded_total <= len(payloads)
     finally:
         sub.stop()
         broker.stop()
 
 
-def test_a_commit_wakes_the_idle_forwarder(tmp_path: Path, monkeypatch):  # noqa: ANN001
-    """Live messages do not wait for the next look at the outbox: the journal's commit wakes the
+def test_a_durable_record_wakes_the_idle_forwarder(tmp_path: Path, monkeypatch):  # noqa: ANN001
+    """Live messages do not wait for the next look at the log: the log's durable listener wakes the
     forwarder. With the periodic look pushed out to an hour, only the wake-up can deliver them."""
     from appliance.forward import forwarder as forwarder_module
 
     broker = CloudBroker(tmp_path / "cloud").start()
     sub = Subscriber(broker.port, "#", version=5).start()
     try:
-        with harness(tmp_path / "journal.sqlite3") as h:
+        with harness(tmp_path / "state") as h:
             h.start_forwarder(upstream(broker.url))
             wait_until(lambda: "uplink_up" in h.kinds(), message="connected")
             monkeypatch.setattr(forwarder_module, "IDLE_POLL_S", 3600.0)
@@ -122,15 +123,15 @@ def test_a_message_the_cloud_cannot_take_is_dropped_not_retried_forever(tmp_path
     broker = CloudBroker(tmp_path / "cloud", extra="max_packet_size 1000\n").start()
     sub = Subscriber(broker.port, "#", version=5).start()
     try:
-        with harness(tmp_path / "journal.sqlite3") as h:
+        with harness(tmp_path / "state") as h:
             rows = [h.row("s", 0, payload=b"small-0"), h.row("s", 1, payload=b"x" * 5000), h.row("s", 2, payload=b"small-2")]
             h.add(rows)
             fwd = h.start_forwarder(upstream(broker.url))
             wait_until(lambda: sub.count() == 2, message="the two small messages")
             assert sub.payloads() == [b"small-0", b"small-2"]
-            wait_until(lambda: fwd.outbox.refresh(full=True).messages == 0, message="outbox empty")
+            wait_until(lambda: fwd.outbox.refresh().messages == 0, message="outbox empty")
             drops = [detail for kind, detail in h.events if kind == "outbox_dropped"]
-            assert len(drops) == 1 and drops[0]["reason"] == "too_large" and drops[0]["first_id"] == rows[1][0]
+            assert len(drops) == 1 and drops[0]["reason"] == "too_large" and drops[0]["first_id"] == rows[1].id
             assert "1000" in drops[0]["detail"]
             assert fwd.status().dropped_total == 1 and h.kinds().count("uplink_up") == 1  # no reconnects
     finally:

@@ -1,164 +1,215 @@
-"""The outbox's reading side against rows written by a real audit Journal."""
+"""The outbox over a real MessageLog (writer thread, power-safe syncs) and a real Cursor file."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
 from appliance.forward import Outbox
+from appliance.msglog import list_segments
+from appliance.msglog.cursor import Cursor
 from tests.forward.harness import bounds, harness
 
 
-def test_next_batch_reads_in_id_order_and_delete_updates_the_counters(tmp_path: Path):
-    with harness(tmp_path / "journal.sqlite3") as h:
-        rows = [h.row(f"sensor-{i % 3}", i) for i in range(250)]
-        h.add(rows)
-        outbox = Outbox(h.journal_path, bounds())
+def test_next_batch_reads_in_log_order_and_acknowledge_updates_the_counters(tmp_path: Path):
+    with harness(tmp_path) as h:
+        msgs = [h.row(f"sensor-{i % 3}", i) for i in range(250)]
+        noisy = []
+        for i, msg in enumerate(msgs):  # rejected decisions and events in between are passed over
+            noisy += [msg, h.rejected("x"), h.event()] if i % 7 == 0 else [msg]
+        assert h.add(noisy) == 250
+        outbox = h.make_outbox()
         depth = outbox.depth()
         assert depth.messages == 250
-        assert depth.bytes == sum(len(r[4]) + len(r[3]) for r in rows)
-        assert depth.oldest_ts == rows[0][1]
+        assert depth.bytes == sum(m.size for m in msgs)
+        assert depth.oldest_ts == msgs[0].ts
 
         first = outbox.next_batch(0, 100)
-        assert [r.id for r in first] == [r[0] for r in rows[:100]]
-        second = outbox.next_batch(first[-1].id, 1000)
-        assert [r.id for r in second] == [r[0] for r in rows[100:]]
-        assert second[0].payload == rows[100][4] and second[0].schema == "reading:v1" and second[0].qos is None  # None: upstream.qos
+        assert [r.id for r in first] == [m.id for m in msgs[:100]]
+        second = outbox.next_batch(first[-1].seq, 1000)
+        assert [r.id for r in second] == [m.id for m in msgs[100:]]
+        row = second[0]
+        assert (row.payload, row.topic, row.schema, row.qos, row.retain) == (msgs[100].payload, msgs[100].topic, "reading:v1", None, False)
+        assert row.size == msgs[100].size
 
-        assert outbox.delete([r.id for r in first] + [12345]) == 100  # an unknown id is skipped
+        assert outbox.acknowledge([r.seq for r in first] + [10**12]) == 100  # an unknown seq is skipped
+        assert outbox.acknowledge([first[0].seq]) == 0  # acknowledged already
         depth = outbox.depth()
-        assert depth.messages == 150
-        assert depth.bytes == sum(len(r[4]) + len(r[3]) for r in rows[100:])
+        assert depth.messages == 150 and depth.bytes == sum(m.size for m in msgs[100:])
+        assert depth.oldest_ts == msgs[100].ts
+        assert outbox.cursor == second[0].seq - 1
 
-        # Rows the journal adds later are counted on the next refresh.
-        h.add([h.row("sensor-9", 0)])
-        assert outbox.refresh().messages == 151
-        assert outbox.refresh(full=True).messages == 151
+        # Messages appended later are counted on the next look at the log; imported rows of an old
+        # outbox (FORWARD_ONLY) are messages too.
+        h.add([h.row("sensor-9", 0), h.imported("old", 0), h.row("no", 0, forward=False)])
+        assert outbox.refresh().messages == 152
+        assert [r.client_id for r in outbox.next_batch(second[-1].seq, 10)] == ["sensor-9", "old"]
         outbox.close()
 
 
-def test_expired_rows_are_dropped_whatever_the_policy(tmp_path: Path):
-    with harness(tmp_path / "journal.sqlite3") as h:
+def test_out_of_order_acknowledgements_move_the_cursor_to_the_highest_contiguous(tmp_path: Path):
+    with harness(tmp_path) as h:
+        h.add([h.row("s", i) for i in range(10)])
+        outbox = h.make_outbox()
+        rows = outbox.next_batch(0, 10)
+        start = outbox.cursor
+        assert start == rows[0].seq - 1
+        assert outbox.acknowledge([rows[i].seq for i in (1, 2, 5)]) == 3
+        assert outbox.cursor == start and outbox.depth().messages == 7  # 0 is still out there
+        assert [r.seq for r in outbox.next_batch(0, 10)] == [rows[i].seq for i in (0, 3, 4, 6, 7, 8, 9)]
+        outbox.acknowledge([rows[0].seq])
+        assert outbox.cursor == rows[2].seq
+        outbox.acknowledge([rows[4].seq, rows[3].seq])
+        assert outbox.cursor == rows[5].seq
+        assert outbox.depth().oldest_ts == rows[6].ts
+        outbox.close()
+
+
+def test_only_records_the_log_made_durable_are_read(tmp_path: Path):
+    """The publisher of a record above durable_seq has not been told it is stored: not forwarded yet."""
+    with harness(tmp_path) as h:
+        msgs = [h.row("s", i) for i in range(10)]
+        h.add(msgs)
+        seqs = [r.seq for r in h.make_outbox().next_batch(0, 10)]
+        durable = [seqs[4]]
+        outbox = Outbox(h.log_dir, bounds(), cursor=Cursor(tmp_path / "other.cursor"), durable_seq=lambda: durable[0])
+        assert [r.seq for r in outbox.next_batch(0, 100)] == seqs[:5] and outbox.depth().messages == 5
+        durable[0] = seqs[-1]
+        assert [r.seq for r in outbox.next_batch(seqs[4], 100)] == seqs[5:]
+        outbox.close()
+
+
+def test_a_restart_resumes_from_the_saved_cursor(tmp_path: Path):
+    with harness(tmp_path) as h:
+        msgs = [h.row(f"s{i % 4}", i) for i in range(300)]
+        h.add(msgs)
+        outbox = h.make_outbox()
+        rows = outbox.next_batch(0, 120)
+        outbox.acknowledge(r.seq for r in rows)
+        outbox.close()  # saves the cursor
+        assert Cursor(h.cursor_path).load() == rows[-1].seq
+
+        again = h.make_outbox()
+        assert again.cursor == rows[-1].seq and again.needed_from() == rows[-1].seq + 1
+        assert again.depth().messages == 180
+        assert [r.id for r in again.next_batch(0, 1000)] == [m.id for m in msgs[120:]]
+        again.close()
+
+
+def test_cursor_saves_wait_for_the_interval_or_the_count(tmp_path: Path):
+    """Each save is an fdatasync (SD wear): not one per acknowledgement. What was acknowledged after
+    the last save is sent again after a crash: the restart sees the saved cursor."""
+    with harness(tmp_path) as h:
+        h.add([h.row("s", i) for i in range(100)])
+        outbox = h.make_outbox(save_interval=3600.0, save_every=50)
+        rows = outbox.next_batch(0, 100)
+        start = outbox.saved_cursor
+        outbox.acknowledge(r.seq for r in rows[:49])
+        assert outbox.saved_cursor == start and Cursor(h.cursor_path).load() == start
+        assert outbox.needed_from() == start + 1  # the log must keep what a restart would read
+        crashed = h.make_outbox()  # a restart now (the first one never saved): resends those 49
+        assert crashed.depth().messages == 100
+        outbox.acknowledge([rows[49].seq])  # the 50th: saved
+        assert outbox.saved_cursor == rows[49].seq == Cursor(h.cursor_path).load()
+        outbox.acknowledge([rows[50].seq])
+        assert not outbox.checkpoint()  # not due
+        assert outbox.checkpoint(force=True) and Cursor(h.cursor_path).load() == rows[50].seq
+        outbox.close()
+        crashed.close()
+
+
+def test_the_log_keeps_the_segments_the_outbox_still_needs(tmp_path: Path):
+    with harness(tmp_path) as h:
+        msgs = [h.row("s", i, payload=b"p" * 2000) for i in range(600)]  # ~1.2 MB: several 256 KiB segments
+        for start in range(0, len(msgs), 100):
+            h.add(msgs[start:start + 100])
+            h.log.seal()
+        outbox = h.make_outbox()
+        rows = outbox.next_batch(0, 350)
+        outbox.acknowledge(r.seq for r in rows)
+        outbox.checkpoint(force=True)
+        before = len(list_segments(h.log_dir))
+        assert h.log.remove_segments_before(outbox.needed_from()) > 0
+        assert len(list_segments(h.log_dir)) < before
+        outbox.close()
+        again = h.make_outbox()  # everything after the cursor is still there
+        assert [r.id for r in again.next_batch(0, 1000)] == [m.id for m in msgs[350:]]
+        again.close()
+
+
+def test_expired_messages_are_dropped_whatever_the_policy(tmp_path: Path):
+    with harness(tmp_path) as h:
         old = time.time() - 7200
         h.add([h.row("s", i, ts=old) for i in range(10)] + [h.row("s", i) for i in range(10, 15)])
-        outbox = Outbox(h.journal_path, bounds(max_age="1h", policy="reject_new"))
+        outbox = h.make_outbox(bounds(max_age="1h", policy="reject_new"))
         dropped = outbox.enforce()
         assert len(dropped) == 10 and {d.reason for d in dropped} == {"expired"}
         assert outbox.depth().messages == 5
         outbox.close()
 
 
-@pytest.mark.parametrize(("limit", "reason"), [({"max_messages": 40}, "max_messages"), ({"max_bytes": 40 * 37}, "max_bytes")])
-def test_drop_oldest_keeps_the_newest_within_bounds(tmp_path: Path, limit: dict, reason: str):
-    with harness(tmp_path / "journal.sqlite3") as h:
-        rows = [h.row("s", i, topic="t/" + "x" * 10, payload=b"p" * 25) for i in range(100)]  # 12 + 25 = 37 bytes
-        h.add(rows)
-        outbox = Outbox(h.journal_path, bounds(policy="drop_oldest", **limit))
+@pytest.mark.parametrize(("limit", "reason"), [({"max_messages": 40}, "max_messages"), ("bytes", "max_bytes")])
+def test_drop_oldest_keeps_the_newest_within_bounds(tmp_path: Path, limit: dict | str, reason: str):
+    with harness(tmp_path) as h:
+        msgs = [h.row("s", i, topic="t/" + "x" * 10, payload=b"p" * 25) for i in range(100)]
+        h.add(msgs)
+        limit = {"max_bytes": sum(m.size for m in msgs[60:])} if limit == "bytes" else limit
+        outbox = h.make_outbox(bounds(policy="drop_oldest", **limit))
         dropped = outbox.enforce()
-        assert [d.id for d in dropped] == [r[0] for r in rows[:60]]
+        assert [d.id for d in dropped] == [m.id for m in msgs[:60]]
         assert {d.reason for d in dropped} == {reason}
+        assert dropped[0].topic == "t/xxxxxxxxxx" and dropped[0].client_id == "s"
         assert outbox.depth().messages == 40
         assert not outbox.is_full()
         assert outbox.enforce() == []
+        assert [r.id for r in outbox.next_batch(0, 100)] == [m.id for m in msgs[60:]]
         outbox.close()
 
 
 def test_reject_new_drops_nothing_and_reports_full(tmp_path: Path):
-    with harness(tmp_path / "journal.sqlite3") as h:
+    with harness(tmp_path) as h:
         h.add([h.row("s", i) for i in range(10)])
-        outbox = Outbox(h.journal_path, bounds(policy="reject_new", max_messages=10))
+        outbox = h.make_outbox(bounds(policy="reject_new", max_messages=10))
         assert outbox.enforce() == []
         assert outbox.is_full()
-        outbox.delete([r.id for r in outbox.next_batch(0, 1)])
+        outbox.acknowledge([r.seq for r in outbox.next_batch(0, 1)])
         assert not outbox.is_full()
         outbox.close()
 
 
-def test_sqlite_errors_are_reported_not_raised(tmp_path: Path):
-    path = tmp_path / "journal.sqlite3"
-    outbox = Outbox(path, bounds())
-    other = sqlite3.connect(path)
-    other.execute("DROP TABLE outbox")  # as unusable as a broken disk, without breaking the test machine
-    other.commit()
-    other.close()
-    assert outbox.next_batch(0, 10) == []
-    assert outbox.delete([1, 2]) == 0
-    assert outbox.enforce() == []
-    assert outbox.last_error is not None and "no such table" in outbox.last_error
-    outbox.close()
-
-
-def test_rows_handed_to_the_forwarder_are_not_dropped(tmp_path: Path):
-    with harness(tmp_path / "journal.sqlite3") as h:
-        rows = [h.row("s", i) for i in range(10)]
-        h.add(rows)
-        outbox = Outbox(h.journal_path, bounds(policy="drop_oldest", max_messages=5))
-        dropped = outbox.enforce(handed_out=rows[2][0])  # the first three are in flight
-        assert [d.id for d in dropped] == [r[0] for r in rows[3:8]]
-        assert [r.id for r in outbox.next_batch(0, 100)] == [r[0] for r in rows[:3] + rows[8:]]
+def test_messages_handed_to_the_forwarder_are_not_dropped(tmp_path: Path):
+    with harness(tmp_path) as h:
+        msgs = [h.row("s", i) for i in range(10)]
+        h.add(msgs)
+        outbox = h.make_outbox(bounds(policy="drop_oldest", max_messages=5))
+        rows = outbox.next_batch(0, 3)  # the first three are in flight
+        dropped = outbox.enforce(handed_out=rows[-1].seq)
+        assert [d.id for d in dropped] == [m.id for m in msgs[3:8]]
+        assert [r.id for r in outbox.next_batch(0, 100)] == [m.id for m in msgs[:3] + msgs[8:]]
+        outbox.acknowledge(r.seq for r in rows)  # the cursor moves past the dropped ones too
+        assert outbox.cursor == outbox.next_batch(0, 1)[0].seq - 1
         outbox.close()
 
 
-def test_rows_received_while_the_clock_was_wrong_are_not_expired(tmp_path: Path):
+def test_messages_received_while_the_clock_was_wrong_are_not_expired(tmp_path: Path):
     """A gateway without an RTC boots in 1970, buffers, then NTP sets the clock: the backlog's age is
     unknown, not 56 years."""
-    with harness(tmp_path / "journal.sqlite3") as h:
+    with harness(tmp_path) as h:
         h.add([h.row("s", i, ts=86_400.0 + i) for i in range(5)])
-        outbox = Outbox(h.journal_path, bounds(max_age="1h", policy="drop_oldest"))
+        outbox = h.make_outbox(bounds(max_age="1h", policy="drop_oldest"))
         assert outbox.enforce() == []
         assert outbox.depth().messages == 5
         outbox.close()
 
 
-@pytest.mark.parametrize("through_journal", [True, False])
-def test_delete_later_reports_deleted_rows_and_failures(tmp_path: Path, through_journal: bool):
-    """The forwarder deletes acknowledged rows without waiting for the journal's commit: the count
-    comes back through a callback, and a failed delete hands its ids back for a retry."""
-    with harness(tmp_path / "journal.sqlite3") as h:
-        rows = [h.row("s", i) for i in range(20)]
-        h.add(rows)
-        outbox = Outbox(h.journal_path, bounds(), journal=h.journal if through_journal else None)
-        deleted: list[int] = []
-        failed: list[list[int]] = []
-        outbox.delete_later([r[0] for r in rows[:15]] + [10**18], deleted.append, failed.append)
-        outbox.settle()
-        assert deleted == [15] and failed == []  # an id already gone is not counted
-        assert outbox.refresh(full=True).messages == 5
-        h.journal.write(lambda conn: conn.execute("DROP TABLE outbox"))
-        outbox.delete_later([rows[15][0]], deleted.append, failed.append)
-        outbox.settle()
-        assert failed == [[rows[15][0]]] and deleted == [15]
-        assert outbox.last_error is not None and "no such table" in outbox.last_error
+def test_drops_survive_a_restart_once_saved(tmp_path: Path):
+    with harness(tmp_path) as h:
+        h.add([h.row("s", i) for i in range(50)])
+        outbox = h.make_outbox(bounds(policy="drop_oldest", max_messages=20))
+        assert len(outbox.enforce()) == 30
         outbox.close()
-
-
-def test_a_drop_right_after_an_asynchronous_delete_does_not_deadlock(tmp_path: Path):
-    """The forwarder queues a delete (delete_later) and then applies the bounds (enforce), which
-    drops rows through the journal's writer while holding the outbox's lock. The delete's callback
-    runs on that writer and must not wait for the same lock (it did: both threads stopped, and with
-    them every verdict commit)."""
-    import threading
-
-    with harness(tmp_path / "journal.sqlite3") as h:
-        h.add([h.row("s", i) for i in range(2000)])
-        outbox = Outbox(h.journal_path, bounds(max_messages=100, policy="drop_oldest"), journal=h.journal)
-        ids = [r.id for r in outbox.next_batch(0, 10)]
-        result: list[int] = []
-        deleted: list[int] = []
-
-        def forwarder_like() -> None:  # one iteration of Forwarder._session: _delete() then _maintain()
-            outbox.delete_later(ids, deleted.append, lambda failed: None)
-            result.append(len(outbox.enforce(handed_out=ids[-1])))
-
-        thread = threading.Thread(target=forwarder_like, daemon=True)
-        thread.start()
-        thread.join(20)
-        assert not thread.is_alive(), "deadlock between the journal writer and the outbox lock"
-        outbox.settle()
-        assert deleted == [10] and result == [1890]
-        assert outbox.refresh(full=True).messages == 100
-        h.add([h.row("s", 5000)])  # the writer still commits
-        outbox.close()
+        again = h.make_outbox(bounds(policy="drop_oldest", max_messages=20))
+        assert again.depth().messages == 20 and again.enforce() == []
+        again.close()

@@ -18,22 +18,26 @@ import pytest
 
 from tests.forward.harness import (
     CloudBroker,
+    Harness,
     Subscriber,
     check_per_sensor_order,
+    forwarded,
     free_port,
     harness,
     sensor_rows,
     upstream,
 )
+from appliance.forward.outbox import SAVE_EVERY
+from appliance.msglog.cursor import Cursor
 from tests.helpers import wait_until
 from tests.tls import make_certificates
 
 
-def _forwarder_process(journal: Path, config: dict) -> subprocess.Popen[str]:
+def _forwarder_process(h: Harness, config: dict, *options: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "appliance.forward", "--journal", str(journal), "--upstream", json.dumps(config),
-         "--status-every", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [sys.executable, "-m", "appliance.forward", "--log", str(h.log_dir), "--cursor", str(h.cursor_path),
+         "--upstream", json.dumps(config), "--status-every", "0.2", *options],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
     )
 
 
@@ -42,17 +46,17 @@ def test_kill_9_while_draining_then_a_new_forwarder_delivers_the_rest(tmp_path: 
     sub = Subscriber(broker.port, "sensors/#").start()
     total = 30_000
     try:
-        with harness(tmp_path / "journal.sqlite3") as h:
-            h.add(sensor_rows(h, sensors=6, per_sensor=total // 6))
+        with harness(tmp_path / "state") as h:
+            h.add(sensor_rows(h, sensors=6, per_sensor=total // 6, noise_every=50))
             config = {"url": broker.url, "client_id": "gw", "window": 200, "ack_timeout": 5, "backoff_initial": 0.05}
-            first = _forwarder_process(h.journal_path, config)
+            first = _forwarder_process(h, config)
             try:
                 wait_until(lambda: sub.count() >= 3_000, timeout=30, message="draining under way")
             finally:
                 os.kill(first.pid, signal.SIGKILL)
                 first.wait(10)
             at_kill = sub.count()
-            second = _forwarder_process(h.journal_path, config)
+            second = _forwarder_process(h, config)
             try:
                 wait_until(lambda: len(set(sub.payloads())) >= total, timeout=60, message="all messages after the restart")
                 h.add([h.row("end", 0)])  # FIFO: once this arrives, everything sent before it has
@@ -64,8 +68,10 @@ def test_kill_9_while_draining_then_a_new_forwarder_delivers_the_rest(tmp_path: 
             per_sensor, duplicates = check_per_sensor_order(payloads)
             assert per_sensor == {f"sensor-{s}": total // 6 for s in range(6)}
             print(f"\nkill -9 after {at_kill} delivered: {len(payloads)} received for {total} messages, "
-                  f"{duplicates} duplicates (sent by the first forwarder, not yet deleted when it died)")
-            assert duplicates <= 200 + 1_000 + 200  # at most a window plus the rows whose delete was pending
+                  f"{duplicates} duplicates (sent by the first forwarder after its last cursor save)")
+            # At most what was acknowledged since the last save (SAVE_EVERY, or a second's worth)
+            # plus a window in flight.
+            assert duplicates <= SAVE_EVERY + 200
     finally:
         sub.stop()
         broker.stop()
@@ -88,7 +94,7 @@ def test_mutual_tls_and_a_wrong_ca_keeps_buffering(tmp_path: Path):
     wait_until(lambda: socket.create_connection(("127.0.0.1", tls_port)).close() is None)
     sub = Subscriber(broker.port, "sensors/#").start()
     try:
-        with harness(tmp_path / "journal.sqlite3") as h:
+        with harness(tmp_path / "state") as h:
             h.add(sensor_rows(h, sensors=2, per_sensor=50))
             url = f"mqtts://localhost:{tls_port}"
             bad = h.start_forwarder(upstream(url, tls={"ca_file": str(wrong.ca), "cert_file": str(wrong.client_cert),
@@ -159,7 +165,7 @@ def hung_server(*, connack: bytes | None) -> Iterator[tuple[int, list[int]]]:
     (b"\x20\x02\x00\x00", "no acknowledgement within"),  # MQTT 3.1.1 CONNACK accepted, then silence
 ])
 def test_hung_uplink_is_torn_down_and_reconnected(tmp_path: Path, connack: bytes | None, expected: str):
-    with hung_server(connack=connack) as (port, accepted), harness(tmp_path / "journal.sqlite3") as h:
+    with hung_server(connack=connack) as (port, accepted), harness(tmp_path / "state") as h:
         h.add(sensor_rows(h, sensors=1, per_sensor=10))
         fwd = h.start_forwarder(upstream(f"mqtt://127.0.0.1:{port}", protocol=4, ack_timeout=0.3, backoff_initial=0.05))
         wait_until(lambda: len(accepted) >= 3, message="reconnects after the ack timeout")
@@ -176,7 +182,7 @@ def test_overflow_drop_oldest_numbers_add_up(tmp_path: Path):
     sub = Subscriber(broker.port, "sensors/#").start()
     broker.stop()
     try:
-        with harness(tmp_path / "journal.sqlite3") as h:
+        with harness(tmp_path / "state") as h:
             config = upstream(broker.url, outbox={"max_messages": 300, "policy": "drop_oldest"})
             fwd = h.start_forwarder(config)
             enqueued = h.add(sensor_rows(h, sensors=5, per_sensor=200))
@@ -190,6 +196,7 @@ def test_overflow_drop_oldest_numbers_add_up(tmp_path: Path):
             status = fwd.status()
             wait_until(lambda: fwd.outbox.refresh().messages == 0)
             assert status.forwarded_total + status.dropped_total + fwd.outbox.refresh().messages == enqueued
+            assert fwd.outbox.cursor == h.log.durable_seq  # everything acknowledged or dropped
             assert sorted(sub.payloads()) == sorted(f"sensor-{s}:{i}".encode() for i in range(140, 200) for s in range(5))
             print(f"\ndrop_oldest: enqueued {enqueued} = forwarded {status.forwarded_total} + dropped {status.dropped_total} + 0")
     finally:
@@ -202,7 +209,7 @@ def test_overflow_reject_new_keeps_everything_and_reports_full(tmp_path: Path):
     sub = Subscriber(broker.port, "sensors/#").start()
     broker.stop()
     try:
-        with harness(tmp_path / "journal.sqlite3") as h:
+        with harness(tmp_path / "state") as h:
             fwd = h.start_forwarder(upstream(broker.url, outbox={"max_bytes": 2_000, "policy": "reject_new"}))
             rejected = accepted = 0
             for i in range(200):  # what the pipeline does: ask before accepting each message
@@ -225,7 +232,7 @@ def test_overflow_reject_new_keeps_everything_and_reports_full(tmp_path: Path):
 
 
 def test_expired_messages_are_dropped_while_the_uplink_is_down(tmp_path: Path):
-    with harness(tmp_path / "journal.sqlite3") as h:
+    with harness(tmp_path / "state") as h:
         old = time.time() - 3600
         h.add([h.row("s", i, ts=old) for i in range(20)] + [h.row("s", i) for i in range(20, 25)])
         fwd = h.start_forwarder(upstream(f"mqtt://127.0.0.1:{free_port()}", outbox={"max_age": "10m"}))
@@ -236,10 +243,92 @@ def test_expired_messages_are_dropped_while_the_uplink_is_down(tmp_path: Path):
 
 
 def test_missing_tls_files_back_off_instead_of_stopping_the_forwarder(tmp_path: Path):
-    with harness(tmp_path / "journal.sqlite3") as h:
+    with harness(tmp_path / "state") as h:
         h.add(sensor_rows(h, sensors=1, per_sensor=3))
         forwarder = h.start_forwarder(upstream(f"mqtts://localhost:{free_port()}",
                                                tls={"ca_file": str(tmp_path / "not-there.pem")}))
         wait_until(lambda: "TLS files" in (forwarder.status().last_error or ""), message="TLS error reported")
         assert forwarder._thread is not None and forwarder._thread.is_alive()  # backing off, not dead
         assert forwarder.status().depth == 3
+
+
+def test_a_crash_between_sending_and_saving_the_cursor_resends(tmp_path: Path):
+    """At-least-once: a forwarder whose cursor save never happened (here: saves held off for an
+    hour) dies after the cloud acknowledged everything; the next one starts from the saved cursor
+    and sends it all again. Duplicates, no loss, per-sensor order kept."""
+    broker = CloudBroker(tmp_path / "cloud").start()
+    sub = Subscriber(broker.port, "sensors/#").start()
+    total = 2_000
+    try:
+        with harness(tmp_path / "state") as h:
+            h.add(sensor_rows(h, sensors=4, per_sensor=total // 4, noise_every=20))
+            config = {"url": broker.url, "client_id": "gw", "window": 100, "ack_timeout": 5, "backoff_initial": 0.05}
+            first = _forwarder_process(h, config, "--save-interval", "3600", "--save-every", "1000000000")
+            try:
+                wait_until(lambda: sub.count() >= total, timeout=60, message="everything delivered once")
+            finally:
+                os.kill(first.pid, signal.SIGKILL)
+                first.wait(10)
+            assert Cursor(h.cursor_path).load() == 0  # acknowledged, never saved
+            second = _forwarder_process(h, config)
+            try:
+                wait_until(lambda: sub.count() >= 2 * total, timeout=60, message="everything again")
+            finally:
+                second.terminate()  # a clean stop saves the cursor
+                second.wait(10)
+            per_sensor, duplicates = check_per_sensor_order(sub.payloads())
+            assert per_sensor == {f"sensor-{s}": total // 4 for s in range(4)} and duplicates == total
+            assert Cursor(h.cursor_path).load() == h.log.durable_seq
+    finally:
+        sub.stop()
+        broker.stop()
+
+
+def test_a_restart_resumes_from_the_cursor_without_loss_or_duplicates(tmp_path: Path):
+    broker = CloudBroker(tmp_path / "cloud").start()
+    sub = Subscriber(broker.port, "sensors/#").start()
+    try:
+        with harness(tmp_path / "state") as h:
+            first = sensor_rows(h, sensors=3, per_sensor=300, noise_every=7)
+            h.add(first)
+            fwd = h.start_forwarder(upstream(broker.url))
+            wait_until(lambda: fwd.status().forwarded_total == 900, timeout=30, message="first batch acknowledged")
+            h.stop_forwarder()  # saves the cursor
+            assert Cursor(h.cursor_path).load() == h.log.durable_seq
+            later = [h.row(f"sensor-{s}", i) for i in range(300, 500) for s in range(3)]
+            h.add(later)  # arrives while no forwarder runs
+            fwd = h.start_forwarder(upstream(broker.url))
+            assert fwd.outbox.depth().messages == 600  # rebuilt from the log after the cursor
+            wait_until(lambda: sub.count() >= 1500, timeout=30, message="the rest after the restart")
+            wait_until(lambda: fwd.status().forwarded_total == 600)
+            per_sensor, duplicates = check_per_sensor_order(sub.payloads())
+            assert per_sensor == {f"sensor-{s}": 500 for s in range(3)} and duplicates == 0
+    finally:
+        sub.stop()
+        broker.stop()
+
+
+def test_stored_messages_go_before_live_ones_after_an_uplink_outage(tmp_path: Path):
+    broker = CloudBroker(tmp_path / "cloud").start()
+    sub = Subscriber(broker.port, "sensors/#").start()
+    broker.stop()
+    try:
+        with harness(tmp_path / "state") as h:
+            fwd = h.start_forwarder(upstream(broker.url, window=20))
+            wait_until(lambda: "uplink_down" in h.kinds(), message="uplink down")
+            stored = sensor_rows(h, sensors=4, per_sensor=1000, noise_every=9)
+            h.add(stored)
+            wait_until(lambda: fwd.outbox.depth().messages == 4000, message="stored while down")
+            broker.start()
+            live = []
+            for i in range(30):  # live traffic while the backlog drains
+                batch = [h.row(f"live-{s}", i) for s in range(3)]
+                live += batch
+                h.add(batch)
+            wait_until(lambda: sub.count() >= 4000 + len(live), timeout=60, message="everything")
+            expected = [m.payload for m in stored + live if forwarded(m)]
+            assert sub.payloads() == expected  # the log's order: stored first, nothing interleaved
+            assert "uplink_up" in h.kinds()
+    finally:
+        sub.stop()
+        broker.stop()

@@ -22,23 +22,30 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
-from appliance.config import Config, ConfigError, load_config
-from appliance.governance import Governance, SchemaSetError, load_schema_set
 from appliance import sdnotify
 from appliance.admin import AdminServer, socket_path
-from appliance.audit.operations import AuditOperations, forget_session
 from appliance.audit.check import StoreUnavailable
-from appliance.audit.service import AuditService
+from appliance.audit.operations import AuditOperations, forget_session
+from appliance.audit.service import AuditService, forward_cursor_path
+from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
+from appliance.config import AuthConfig, Config, ConfigError, is_loopback, load_config
 from appliance.forward import Forwarder, Outbox
 from appliance.forward.check import OutboxFull
+from appliance.governance import Governance, SchemaSetError, load_schema_set
 from appliance.metrics import ApplianceCollector, MetricsServer, MetricsSink
+from appliance.msglog import Cursor
 from appliance.pipeline import Check, CountingSink, Pipeline, Sink
-from appliance.config import AuthConfig, is_loopback
 from appliance.proxy import ProxyServer, SessionLimits
 from appliance.proxy.server import Listener
 from appliance.reload import ReloadWatcher, needs_restart
-from appliance.security import AclCheck, AclError, Authenticator, PasswordFile, PasswordFileError, load_acl_file
+from appliance.security import (
+    AclCheck,
+    AclError,
+    Authenticator,
+    PasswordFile,
+    PasswordFileError,
+    load_acl_file,
+)
 from appliance.security.tls import server_ssl_context
 
 log = logging.getLogger(__name__)
@@ -114,10 +121,11 @@ class Appliance:
                     checks.insert(0, StoreUnavailable(lambda: audit.healthy))
             if config.upstream.url is not None:
                 assert self.audit is not None  # the config requires it
-                self.outbox = Outbox(self.audit.journal.path, config.upstream.outbox, journal=self.audit.journal)
+                self.outbox = Outbox.for_log(self.audit.log, Cursor(forward_cursor_path(config.state_dir)), config.upstream.outbox)
+                self.audit.keep_from = self.outbox.needed_from
                 if config.upstream.outbox.policy == "reject_new":
-                    journal = self.audit.journal
-                    self._outbox_check = OutboxFull(self.outbox, lambda: journal.healthy)
+                    audit = self.audit
+                    self._outbox_check = OutboxFull(self.outbox, lambda: audit.healthy)
                     checks.append(self._outbox_check)
             pipeline = Pipeline(checks, sinks, dry_run=config.dry_run)
         self.pipeline = pipeline
@@ -191,8 +199,6 @@ class Appliance:
         if self.outbox is not None:
             self.forwarder = Forwarder(config.upstream, self.outbox, on_event=self.on_event)
             await self.forwarder.start()
-            assert self.audit is not None
-            self.audit.journal.on_outbox_commit = self.forwarder.wake
         if config.metrics.enabled:
             registry = CollectorRegistry()
             registry.register(ApplianceCollector(self, self.metrics))
@@ -275,8 +281,6 @@ class Appliance:
         if self.broker is not None:
             await self.broker.stop()
         if self.forwarder is not None:
-            if self.audit is not None:
-                self.audit.journal.on_outbox_commit = None
             await self.forwarder.stop()
         if self.outbox is not None:
             self.outbox.close()

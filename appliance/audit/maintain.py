@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,46 @@ def _seal(layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
             "files": len(done.files), "watermark": done.watermark.last_seq, "problems": done.problems}
 
 
-TASKS = {"seal": _seal}
+def _retain(layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    import orjson
+
+    from appliance.audit.query import AuditQuery
+    from appliance.audit.retain import enforce_retention
+    from appliance.audit.retention import RetentionPolicy
+    from appliance.config import RetentionConfig
+
+    retention = RetentionConfig.model_validate(orjson.loads(args.policy or "{}"))
+    policy = RetentionPolicy(
+        verdicts_max_age=retention.verdicts.max_age, verdicts_max_bytes=retention.verdicts.max_bytes,
+        payloads_max_age=retention.payloads.max_age, payloads_max_bytes=retention.payloads.max_bytes,
+        quarantine_max_age=retention.quarantine.max_age, quarantine_max_bytes=retention.quarantine.max_bytes,
+    )
+    done = enforce_retention(layout.state_dir, policy)
+    with AuditQuery(layout.state_dir) as query:
+        held = query.query("SELECT coalesce(sum(octet_length(payload)), 0) FROM quarantine").rows[0][0]
+    return {"retention": str(done), "quarantine_bytes": int(held)}
+
+
+def _export_days(layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    """Export each finished UTC day not exported yet (a marker file per day in the target remembers)."""
+    from appliance.audit.archive import export_range
+
+    to_dir: Path = args.to
+    now = datetime.now(UTC)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    exported = []
+    for day in sorted({f.day for f in layout.files("decisions")}):
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        marker = to_dir / f".exported-{day.isoformat()}"
+        if start >= today or marker.exists():
+            continue
+        export_range(layout.state_dir, to_dir, since=start, until=start + timedelta(days=1))
+        marker.write_text(now.isoformat() + "\n")
+        exported.append(day.isoformat())
+    return {"exported_days": exported}
+
+
+TASKS = {"seal": _seal, "retain": _retain, "export-days": _export_days}
 
 
 def main(argv: list[str] | None = None) -> int:

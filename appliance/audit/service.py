@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from appliance.audit.helpers import HELPER_MODULE, HelperProcesses, HelperRun
-from appliance.audit.layout import Layout
+from appliance.audit.layout import Layout, make_dirs
 from appliance.audit.records import DECISION, EVENT, IdClock
 from appliance.audit.sink import AuditSink, event_record
 from appliance.config import AuditConfig
@@ -37,6 +37,13 @@ _ID_KINDS = (DECISION.code, EVENT.code)
 
 def audit_dir(state_dir: Path) -> Path:
     return state_dir / "audit"
+
+
+def forward_cursor_path(state_dir: Path) -> Path:
+    """The forwarder's durable position in the log (appliance/forward/outbox.py)."""
+    directory = state_dir / "forward"
+    make_dirs(directory)
+    return directory / "cursor"
 
 
 def sync_policy(config: AuditConfig) -> SyncPolicy:

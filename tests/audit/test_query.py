@@ -40,7 +40,9 @@ RESULT = QueryResult(
 
 
 def test_json_format_is_a_list_of_objects():
-    objects = json.loads(format_result(RESULT, "json"))
+    document = json.loads(format_result(RESULT, "json"))
+    assert document["truncated"] is False and document["columns"] == list(RESULT.columns)
+    objects = document["rows"]
     assert objects[0] == {
         "id": 1, "topic": "a/b", "payload": base64.b64encode(b"\x00\x01").decode(),
         "ts": "2026-11-27T10:00:00+00:00",

@@ -14,6 +14,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from appliance.audit.query import AuditQuery
+
 from appliance import admin
 from tests.conftest import make_config
 from tests.e2e.test_governance import CASES
@@ -31,7 +33,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def sql(state_dir: Path, query: str) -> list[dict[str, object]]:
     result = cli("audit", "sql", query, "--state-dir", str(state_dir), "--format", "json")
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    document = json.loads(result.stdout)
+    assert document["truncated"] is False
+    return document["rows"]
 
 
 @pytest.fixture
@@ -116,7 +120,7 @@ def test_quarantine_release_after_a_schema_fix(tmp_path):
         pub.publish("sensor/t1/temperature", temperature(temperature=150), qos=1)  # above the v1 maximum
         pub.disconnect()
         listing = cli("quarantine", "list", "--state-dir", str(state), "--format", "json")
-        [entry] = json.loads(listing.stdout)
+        [entry] = json.loads(listing.stdout)["rows"]
         shown = cli("quarantine", "show", str(entry["id"]), "--state-dir", str(state))
         assert '"temperature": 150' in shown.stdout and "maximum" in shown.stdout
         still = cli("quarantine", "release", str(entry["id"]), "--state-dir", str(state))
@@ -135,7 +139,7 @@ def test_quarantine_release_after_a_schema_fix(tmp_path):
         # Both release attempts left a verdict linked to the original: rejected, then accepted.
         rows = sql(state, f"SELECT verdict FROM decisions WHERE released_from = {entry['id']} ORDER BY id")
         assert rows == [{"verdict": "reject"}, {"verdict": "accept"}]
-        assert json.loads(cli("quarantine", "list", "--state-dir", str(state), "--format", "json").stdout) == []
+        assert json.loads(cli("quarantine", "list", "--state-dir", str(state), "--format", "json").stdout)["rows"] == []
         sub.disconnect()
     finally:
         running.stop()
@@ -150,7 +154,10 @@ def test_queries_work_on_a_stopped_appliance(tmp_path):
     running.stop()
     assert not admin.socket_path(state).exists()
     assert sql(state, "SELECT count(*) AS n FROM quarantine") == [{"n": 1}]
-    purged = cli("quarantine", "purge", "--all", "--state-dir", str(state))
+    refused = cli("quarantine", "purge", "--all", "--state-dir", str(state))  # no --yes, nobody to say yes
+    assert refused.returncode == 1 and "Aborted" in refused.stderr
+    assert sql(state, "SELECT count(*) AS n FROM quarantine") == [{"n": 1}]
+    purged = cli("quarantine", "purge", "--all", "--yes", "--state-dir", str(state))
     assert purged.returncode == 0 and "purged 1" in purged.stdout
     assert sql(state, "SELECT count(*) AS n FROM quarantine") == [{"n": 0}]
     assert sql(state, "SELECT count(*) AS n FROM decisions") == [{"n": 1}]  # the verdict stays
@@ -205,10 +212,10 @@ def test_kill_9_under_load_keeps_every_acknowledged_verdict(tmp_path):
         c.paho.loop_stop()
     total = sum(len(v) for v in acked.values())
     assert total >= 400
-    proc = start()  # recovery moves what the journal held into DuckDB
+    proc = start()  # recovery cuts a torn tail; the log continues after it
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
-    recorded = {bytes(row[0]) for row in duckdb.connect(str(state / "audit" / "audit.duckdb"), read_only=True)
-                .execute("SELECT payload FROM decisions").fetchall()}
+    with AuditQuery(state) as audit_log:
+        recorded = {bytes(row[0]) for row in audit_log.query("SELECT payload FROM decisions", max_rows=1 << 40).rows}
     missing = [p for payloads in acked.values() for p in payloads if p not in recorded]
     assert not missing, f"{len(missing)} of {total} acknowledged messages have no verdict, e.g. {missing[:3]}"

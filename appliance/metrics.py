@@ -97,10 +97,9 @@ class ApplianceCollector(Collector):
         yield from families.values()
         audit = app.audit
         if audit is not None:
-            if audit.quarantine_bytes is not None:
-                yield GaugeMetricFamily("mqtt_proxy_quarantine_size_bytes",
-                                        "Bytes of rejected payloads held in the quarantine (as of the last retention pass).",
-                                        value=audit.quarantine_bytes)
+            yield GaugeMetricFamily("mqtt_proxy_quarantine_size_bytes",
+                                    "Bytes of rejected payloads held in the quarantine (purges show at the next retention pass).",
+                                    value=audit.quarantine_bytes)
             status = audit.status()
             yield GaugeMetricFamily("mqtt_proxy_audit_pending_records",
                                     "Records in the message log not yet converted to Parquet (approximate).",

@@ -46,6 +46,7 @@ def _retain(layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
     done = enforce_retention(layout.state_dir, policy)
     with AuditQuery(layout.state_dir) as query:
         held = query.query("SELECT coalesce(sum(octet_length(payload)), 0) FROM quarantine").rows[0][0]
+    (layout.audit_dir / "quarantine_bytes").write_text(f"{int(held)}\n")
     return {"retention": str(done), "quarantine_bytes": int(held)}
 
 

@@ -39,6 +39,16 @@ def audit_dir(state_dir: Path) -> Path:
     return state_dir / "audit"
 
 
+QUARANTINE_BYTES_FILE = "quarantine_bytes"
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
 def forward_cursor_path(state_dir: Path) -> Path:
     """The forwarder's durable position in the log (appliance/forward/outbox.py)."""
     directory = state_dir / "forward"
@@ -126,7 +136,10 @@ class AuditService:
         self.helpers = HelperProcesses(["--state-dir", str(state_dir)], on_done=self._helper_done)
         # The oldest seq a reader other than the audit still needs (the forwarder's cursor + 1).
         self.keep_from: Callable[[], int] | None = None
-        self.quarantine_bytes: int | None = None
+        # The quarantine's size: counted by the last retention pass (saved beside the Parquet files)
+        # plus what was quarantined since; purges and releases show at the next pass.
+        self._quarantine_base = _read_int(self.layout.audit_dir / QUARANTINE_BYTES_FILE)
+        self._quarantine_counted_at = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
 
@@ -213,11 +226,21 @@ class AuditService:
             except RuntimeError:
                 pass
 
+    @property
+    def quarantine_bytes(self) -> int:
+        return self._quarantine_base + self.sink.quarantined_bytes - self._quarantine_counted_at
+
     def _helper_done(self, run: HelperRun) -> None:
         if "quarantine_bytes" in run.result:
-            self.quarantine_bytes = int(run.result["quarantine_bytes"])
+            self._quarantine_base = int(run.result["quarantine_bytes"])
+            self._quarantine_counted_at = self.sink.quarantined_bytes
         if run.task == "seal" and run.exit_status == 0:
             self.remove_converted()
+
+    def unconverted_segments(self) -> int:
+        """Sealed segments (all but the newest) the seal helper has not converted yet."""
+        converted = self.layout.read_watermark().segment
+        return sum(1 for segment in list_segments(self.layout.log_dir)[:-1] if segment.first_seq > converted)
 
     def remove_converted(self) -> int:
         """Delete sealed segments every reader is done with: converted to Parquet and, with
@@ -239,7 +262,8 @@ class AuditService:
             log.error("message log: %s at offset %d of %s; the rest of that segment is skipped", problem, offset, path)
             self._on_event("log_corrupt", {"segment": str(path), "offset": offset, "problem": problem})
         # Segments sealed before a crash, or by a previous run, are converted now.
-        self.helpers.request("seal")
+        if self.unconverted_segments():
+            self.helpers.request("seal")
         interval = self.config.retention.interval or timedelta(minutes=10)
         self._tasks.append(asyncio.create_task(self._every(interval.total_seconds(), self._retain), name="audit-retention"))
         if self.config.export.to is not None:

@@ -45,6 +45,7 @@ class AuditSink:
         self.dry_run = dry_run
         self._schema_parts: dict[str | None, tuple[str | None, str | None]] = {None: (None, None)}
         self.last_id = 0  # id of the last verdict recorded
+        self.quarantined_bytes = 0  # payload bytes of rejected messages recorded (the quarantine grows)
 
     def _split_schema(self, schema: str | None) -> tuple[str | None, str | None]:
         parts = self._schema_parts.get(schema)
@@ -72,6 +73,8 @@ class AuditSink:
         # A release that fails again keeps the original in quarantine, without a second copy.
         audited = self._record_payloads and (verdict.accepted or message.released_from is None)
         self.last_id = self._clock.next(received)
+        if audited and not verdict.accepted and not self.dry_run:
+            self.quarantined_bytes += len(payload)
         row = (
             self.last_id,
             received,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.audit.records import DECISION_COLUMNS, EVENT_COLUMNS
-from appliance.audit.store import AuditStore
+from appliance.audit.query import AuditQuery
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "audit.md"
 COOKBOOK = re.compile(r"<!-- cookbook: ([\w-]+) -->\s*```sql\n(.*?)```", re.DOTALL)
@@ -25,12 +25,12 @@ def test_the_cookbook_has_enough_recipes_with_unique_names():
 
 
 @pytest.mark.parametrize(("name", "sql"), cookbook(), ids=[name for name, _ in cookbook()])
-def test_cookbook_query_runs(filled: AuditStore, name: str, sql: str):
+def test_cookbook_query_runs(filled: AuditQuery, name: str, sql: str):
     result = filled.query(sql)
     assert result.columns
 
 
-def test_cookbook_queries_find_rows_in_the_generated_log(filled: AuditStore):
+def test_cookbook_queries_find_rows_in_the_generated_log(filled: AuditQuery):
     """The ones not bounded by now() return rows, so they are not accidentally empty."""
     for name, sql in cookbook():
         if "now()" not in sql:

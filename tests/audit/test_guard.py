@@ -1,4 +1,5 @@
-"""The read-only SQL guard: what analysts may run through the appliance, and what is refused."""
+"""The read-only SQL guard: what analysts may run (`appliance audit sql`, over AuditQuery: Parquet
+files plus the log's tail), and what is refused."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.audit.errors import QueryRefused
-from appliance.audit.store import AuditStore
+from appliance.audit.query import AuditQuery
 
 ALLOWED = [
     "SELECT count(*) FROM decisions",
@@ -110,31 +111,38 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("sql", ALLOWED)
-def test_allowed(filled: AuditStore, sql: str):
+def test_allowed(filled: AuditQuery, sql: str):
     result = filled.query(sql)
     assert result.columns
 
 
 @pytest.mark.parametrize(("sql", "message"), REFUSED)
-def test_refused(filled: AuditStore, sql: str, message: str):
+def test_refused(filled: AuditQuery, sql: str, message: str):
     with pytest.raises(QueryRefused, match=_literal(message)):
         filled.query(sql)
 
 
-def test_nothing_refused_left_a_trace(filled: AuditStore, tmp_path: Path):
+def files(state: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(state)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in state.rglob("*") if p.is_file()}
+
+
+def test_nothing_refused_left_a_trace(filled: AuditQuery, filled_state: Path):
     count = filled.query("SELECT count(*) FROM decisions").rows
+    before = files(filled_state)
     for sql, _ in REFUSED:
         with pytest.raises(QueryRefused):
             filled.query(sql)
     assert filled.query("SELECT count(*) FROM decisions").rows == count
+    assert files(filled_state) == before  # nor on disk: no file written, changed or removed
 
 
-def test_engine_layer_refuses_files_even_without_the_guard(filled: AuditStore, tmp_path: Path):
+def test_engine_layer_refuses_files_even_without_the_guard(filled: AuditQuery, tmp_path: Path):
     """External access is off for the whole database: a query that got past the guard could not
-    read a file either. (Runs SQL on a raw cursor, which the store never hands out.)"""
+    read a file either. (Runs SQL on a raw cursor, which `appliance audit sql` never hands out.)"""
     secret = tmp_path / "secret.csv"
     secret.write_text("a\n1\n")
-    cursor = filled._root.cursor()
+    cursor = filled.cursor()
     for sql in (f"SELECT * FROM read_csv('{secret}')", f"SELECT * FROM '{secret}'",
                 f"COPY decisions TO '{tmp_path / 'out.csv'}'", f"ATTACH '{tmp_path / 'x.duckdb'}'",
                 "SET enable_external_access = true", "SET lock_configuration = false"):
@@ -144,7 +152,7 @@ def test_engine_layer_refuses_files_even_without_the_guard(filled: AuditStore, t
     assert not (tmp_path / "out.csv").exists()
 
 
-def test_errors_from_duckdb_are_refusals_with_its_message(filled: AuditStore):
+def test_errors_from_duckdb_are_refusals_with_its_message(filled: AuditQuery):
     with pytest.raises(QueryRefused, match='Referenced column "nope" not found'):
         filled.query("SELECT nope FROM decisions")
     with pytest.raises(QueryRefused, match="nonexistent_function"):

@@ -1,50 +1,79 @@
+"""Quarantine listings, filters, a whole row, and purges over the Parquet files and the log's tail."""
+
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
+from appliance.audit.purge import purge_quarantine
+from appliance.audit.query import AuditQuery
 from appliance.audit.quarantine import topic_filter_regex
-from appliance.audit.store import AuditStore
 from tests.audit.factory import TOPIC_REASON, decision, epoch
 
 T0 = epoch("2026-11-27T10:00:00")
+# Payloads without repeats, so they show literally in compressed files too.
+P1, P3, P4 = b"secret-one", b"secret-three-payload", b"secret-four-payload-is-thirty!"
 
 
 @pytest.fixture
-def held(store: AuditStore) -> AuditStore:
-    store.append([
-        decision(1, T0, device="a", verdict="reject", payload=b"x" * 10),
+def held(audit_state) -> Path:  # noqa: ANN001
+    """Ids 1-2 in Parquet, 3 in a sealed segment not converted yet, 4 in the active segment."""
+    return audit_state([
+        decision(1, T0, device="a", verdict="reject", payload=P1),
         decision(2, T0 + 60, device="b", verdict="accept"),
-        decision(3, T0 + 120, device="b", verdict="reject", payload=b"y" * 20, reasons=[TOPIC_REASON]),
-        decision(4, T0 + 180, device="c", verdict="reject", payload=b"z" * 30,
+        decision(3, T0 + 120, device="b", verdict="reject", payload=P3, reasons=[TOPIC_REASON]),
+        decision(4, T0 + 180, device="c", verdict="reject", payload=P4,
                  topic="sensor/c/humidity"),
-    ])
-    return store
+    ], split=(0.5, 0.75))
 
 
-def ids(result) -> list[int]:
+def ids(result) -> list[int]:  # noqa: ANN001
     return [row[result.columns.index("id")] for row in result.rows]
 
 
-def test_list_is_newest_first_with_a_short_reason(held: AuditStore):
-    result = held.quarantine_list()
+def listed(state: Path, **filters: object) -> list[int]:
+    with AuditQuery(state) as query:
+        return ids(query.quarantine_list(**filters))  # type: ignore[arg-type]
+
+
+def sql(state: Path, text: str) -> list[tuple[object, ...]]:
+    with AuditQuery(state) as query:
+        return query.query(text).rows
+
+
+def held_bytes(state: Path) -> int:
+    return sql(state, "SELECT coalesce(sum(payload_size), 0) FROM quarantine")[0][0]
+
+
+def on_disk(state: Path, needle: bytes) -> list[Path]:
+    return [p for p in state.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_list_is_newest_first_with_a_short_reason(held: Path):
+    with AuditQuery(held) as query:
+        result = query.quarantine_list()
     assert ids(result) == [4, 3, 1] and not result.truncated
     row = dict(zip(result.columns, result.rows[1]))
     assert row["reason"] == "topic: topic not allowed" and row["payload_size"] == 20
 
 
-def test_list_filters(held: AuditStore):
-    assert ids(held.quarantine_list(topic="sensor/b/temperature")) == [3]
-    assert ids(held.quarantine_list(topic="sensor/+/temperature")) == [3, 1]
-    assert ids(held.quarantine_list(topic="sensor/#")) == [4, 3, 1]
-    assert ids(held.quarantine_list(topic="other/#")) == []
-    assert ids(held.quarantine_list(since=datetime(2026, 11, 27, 10, 2, tzinfo=UTC))) == [4, 3]
-    assert ids(held.quarantine_list(since=datetime(2026, 11, 27, 10, 2))) == [4, 3]  # naive = UTC
-    assert ids(held.quarantine_list(reason="topic")) == [3]
-    assert ids(held.quarantine_list(reason="GREATER THAN THE MAXIMUM")) == [4, 1]
-    limited = held.quarantine_list(limit=2)
-    assert ids(limited) == [4, 3] and limited.truncated
+def test_list_filters(held: Path):
+    with AuditQuery(held) as query:
+        def found(**filters: object) -> list[int]:
+            return ids(query.quarantine_list(**filters))  # type: ignore[arg-type]
+
+        assert found(topic="sensor/b/temperature") == [3]
+        assert found(topic="sensor/+/temperature") == [3, 1]
+        assert found(topic="sensor/#") == [4, 3, 1]
+        assert found(topic="other/#") == []
+        assert found(since=datetime(2026, 11, 27, 10, 2, tzinfo=UTC)) == [4, 3]
+        assert found(since=datetime(2026, 11, 27, 10, 2)) == [4, 3]  # naive = UTC
+        assert found(reason="topic") == [3]
+        assert found(reason="GREATER THAN THE MAXIMUM") == [4, 1]
+        limited = query.quarantine_list(limit=2)
+        assert ids(limited) == [4, 3] and limited.truncated
 
 
 def test_topic_filter_regex():
@@ -53,25 +82,31 @@ def test_topic_filter_regex():
     assert topic_filter_regex("a.b/#") == "a\\.b(/.*)?"
 
 
-def test_get_returns_the_whole_row(held: AuditStore):
-    row = held.quarantine_get(3)
-    assert row is not None
-    assert row["payload"] == b"y" * 20 and row["reasons"] == [TOPIC_REASON]
-    assert held.quarantine_get(2) is None  # accepted: never quarantined
-    assert held.quarantine_get(99) is None
+def test_get_returns_the_whole_row(held: Path):
+    with AuditQuery(held) as query:
+        for tail in (1, 3, 4):  # Parquet, sealed segment, active segment
+            assert query.quarantine_get(tail)["verdict"] == "reject"  # type: ignore[index]
+        row = query.quarantine_get(3)
+        assert row is not None
+        assert row["payload"] == P3 and row["reasons"] == [TOPIC_REASON]
+        assert query.quarantine_get(2) is None  # accepted: never quarantined
+        assert query.quarantine_get(99) is None
 
 
-def test_purge_some_then_all(held: AuditStore):
-    assert held.quarantine_size_bytes() == 60
-    assert held.quarantine_purge([3, 2, 99]) == 1
-    assert ids(held.quarantine_list()) == [4, 1]
-    assert held.quarantine_size_bytes() == 40
-    assert held.quarantine_get(3) is None
-    purged = held.query("SELECT payload, payload_size FROM rejected WHERE id = 3").rows
-    assert purged == [(None, 20)]  # the verdict stays in the audit log
-    assert held.quarantine_purge([]) == 0
-    assert held.quarantine_purge() == 2
-    assert held.quarantine_size_bytes() == 0 and ids(held.quarantine_list()) == []
-    assert held.query("SELECT count(*) FROM rejected").rows == [(3,)]
-    accepted = held.query("SELECT payload IS NOT NULL FROM decisions WHERE id = 2").rows
-    assert accepted == [(True,)]  # purging never touches accepted messages
+def test_purge_some_then_all(held: Path):
+    """With the appliance stopped (seal=None): every segment, the newest too, is rewritten."""
+    assert held_bytes(held) == 60
+    assert all(on_disk(held, p) for p in (P1, P3, P4))
+    assert purge_quarantine(held, [3, 2, 99], seal=None) == 1
+    assert listed(held) == [4, 1]
+    assert held_bytes(held) == 40
+    with AuditQuery(held) as query:
+        assert query.quarantine_get(3) is None
+    assert sql(held, "SELECT payload, payload_size FROM rejected WHERE id = 3") == [(None, 20)]  # the verdict stays
+    assert purge_quarantine(held, [], seal=None) == 0
+    assert purge_quarantine(held, None, seal=None) == 2
+    assert held_bytes(held) == 0 and listed(held) == []
+    assert sql(held, "SELECT count(*) FROM rejected") == [(3,)]
+    assert sql(held, "SELECT payload IS NOT NULL FROM decisions WHERE id = 2") == [(True,)]  # accepted: untouched
+    for payload in (P1, P3, P4):
+        assert on_disk(held, payload) == []  # gone from the disk, not just hidden

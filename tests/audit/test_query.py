@@ -10,18 +10,18 @@ import pytest
 
 from appliance.audit.errors import QueryTimeout
 from appliance.audit.results import QueryResult, format_result
-from appliance.audit.store import AuditStore
+from appliance.audit.query import AuditQuery
 
 SLOW = "SELECT sum(a.range * b.range) FROM range(1000000000) a, range(1000000000) b"
 
 
-def test_a_query_past_its_timeout_is_interrupted(filled: AuditStore):
+def test_a_query_past_its_timeout_is_interrupted(filled: AuditQuery):
     with pytest.raises(QueryTimeout, match="longer than 0.05 s"):
         filled.query(SLOW, timeout=0.05)
     assert filled.query("SELECT count(*) FROM decisions").rows == [(600,)]
 
 
-def test_max_rows_truncates_and_says_so(filled: AuditStore):
+def test_max_rows_truncates_and_says_so(filled: AuditQuery):
     result = filled.query("SELECT id FROM decisions ORDER BY id", max_rows=10)
     assert len(result.rows) == 10 and result.truncated
     whole = filled.query("SELECT id FROM decisions", max_rows=600)
@@ -68,7 +68,7 @@ def test_table_format_is_aligned():
     assert lines[-1] == "2 rows"
 
 
-def test_table_format_of_real_results(filled: AuditStore):
+def test_table_format_of_real_results(filled: AuditQuery):
     text = format_result(filled.query("SELECT * FROM decisions LIMIT 3"), "table")
     assert text.endswith("3 rows\n")
     truncated = format_result(filled.query("SELECT id FROM decisions", max_rows=2), "table")

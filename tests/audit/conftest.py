@@ -1,54 +1,15 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from appliance.audit.layout import Layout
 from appliance.audit.query import AuditQuery
-from appliance.audit.records import RecordKind
-from appliance.audit.seal import convert_pending
-from appliance.msglog.log import MessageLog
 from tests.audit.factory import epoch, generate
-from tests.audit.logfiles import rows_to_records
+from tests.audit.logfiles import Rows, build_state
 
 START = epoch("2026-11-20T08:00:00")
-
-Rows = Iterable[tuple[object, ...]]
-
-
-def _append(log: MessageLog, records: Sequence[tuple[RecordKind, tuple[object, ...]]]) -> None:
-    last = 0
-    for kind, row in records:
-        last = log.append(kind.code, kind.encode(row))
-    if last:
-        assert log.wait_durable(last, timeout=30)
-
-
-def build_state(state: Path, decisions: Rows, events: Rows = (), *,
-                split: tuple[float, float] = (0.6, 0.8)) -> Path:
-    """A state dir holding these rows as the service leaves them: appended to a real message log in
-    id order; the first `split[0]` of the records sealed and converted to Parquet, the records up to
-    `split[1]` in a sealed segment not converted yet, the rest in the active segment. (1.0, 1.0):
-    everything converted, as after a last seal at shutdown."""
-    records = rows_to_records(decisions, events)
-    converted, sealed = (round(len(records) * part) for part in split)
-    log = MessageLog(state / "log", segment_max_age=None)
-    log.open()
-    log.start(None)
-    try:
-        _append(log, records[:converted])
-        if converted:
-            log.seal()
-            convert_pending(Layout(state))
-        if sealed > converted:
-            _append(log, records[converted:sealed])
-            log.seal()
-        _append(log, records[sealed:])
-    finally:
-        log.stop()
-    return state
 
 
 @pytest.fixture

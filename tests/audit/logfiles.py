@@ -1,5 +1,6 @@
 """Message-log segments for audit tests, written in the log's format (appliance/msglog/format.py)
-from rows of records.py, as the service would append them."""
+from rows of records.py, as the service would append them; and whole state dirs written through a
+real MessageLog and the seal helper (build_state)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from appliance.audit.layout import Layout
 from appliance.audit.records import DECISION, EVENT, RecordKind, payload_sha256
+from appliance.audit.seal import convert_pending
 from appliance.msglog.format import encode_file_header, encode_record, segment_name
+from appliance.msglog.log import MessageLog
+
+Rows = Iterable[tuple[object, ...]]
 
 
 def write_segment(directory: Path, first_seq: int, records: Iterable[tuple[RecordKind, tuple[object, ...]]]) -> int:
@@ -52,3 +58,36 @@ def rows_to_records(decisions: Iterable[tuple[object, ...]], events: Iterable[tu
 def chunks(records: Sequence[tuple[RecordKind, tuple[object, ...]]], size: int
            ) -> list[Sequence[tuple[RecordKind, tuple[object, ...]]]]:
     return [records[i:i + size] for i in range(0, len(records), size)] or [[]]
+
+
+def _append(log: MessageLog, records: Sequence[tuple[RecordKind, tuple[object, ...]]]) -> None:
+    last = 0
+    for kind, row in records:
+        last = log.append(kind.code, kind.encode(row))
+    if last:
+        assert log.wait_durable(last, timeout=30)
+
+
+def build_state(state: Path, decisions: Rows, events: Rows = (), *,
+                split: tuple[float, float] = (0.6, 0.8)) -> Path:
+    """A state dir holding these rows as the service leaves them: appended to a real message log in
+    id order; the first `split[0]` of the records sealed and converted to Parquet, the records up to
+    `split[1]` in a sealed segment not converted yet, the rest in the active segment. (1.0, 1.0):
+    everything converted, as after a last seal at shutdown."""
+    records = rows_to_records(decisions, events)
+    converted, sealed = (round(len(records) * part) for part in split)
+    log = MessageLog(state / "log", segment_max_age=None)
+    log.open()
+    log.start(None)
+    try:
+        _append(log, records[:converted])
+        if converted:
+            log.seal()
+            convert_pending(Layout(state))
+        if sealed > converted:
+            _append(log, records[converted:sealed])
+            log.seal()
+        _append(log, records[sealed:])
+    finally:
+        log.stop()
+    return state

@@ -1,6 +1,6 @@
-"""Recordings for replay tests, made the way the appliance makes them: decision rows appended to a
-real AuditStore (and exported to Parquet by its own export), NDJSON captures as `replay capture`
-writes them."""
+"""Recordings for replay tests, made the way the appliance makes them: decision rows written to a
+real message log and exported to Parquet by the appliance's own export, the previous version's
+`audit.duckdb` (tests/audit/legacy.py), NDJSON captures as `replay capture` writes them."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from pathlib import Path
 
 import orjson
 
+from appliance.audit.archive import export_range
 from appliance.audit.records import IdClock
-from appliance.audit.store import AuditStore
+from tests.audit.legacy import write_duckdb
+from tests.audit.logfiles import build_state
 from tests.governance.payloads import device_status, temperature
 
 START = 1_795_766_400.0  # 2026-11-27T08:00:00Z
@@ -51,20 +53,16 @@ def decision_rows(messages: Iterable[tuple[float, str, bytes, str, str, str | No
         )
 
 
-def write_audit_log(path: Path, rows: Iterable[tuple[object, ...]], *, chunk: int = 10_000) -> None:
-    with AuditStore(path) as store:
-        batch: list[tuple[object, ...]] = []
-        for row in rows:
-            batch.append(row)
-            if len(batch) >= chunk:
-                store.append(batch)
-                batch = []
-        store.append(batch)
+def write_audit_log(path: Path, rows: Iterable[tuple[object, ...]]) -> None:
+    """The previous version's audit.duckdb holding these decisions (replay still reads it)."""
+    write_duckdb(path, decisions=rows)
 
 
-def export(path: Path, to_dir: Path) -> None:
-    with AuditStore(path) as store:
-        store.export_parquet(to_dir, since=None, until=None)
+def export(rows: Iterable[tuple[object, ...]], state_dir: Path, to_dir: Path) -> None:
+    """These decisions in a state dir's log and Parquet files, exported as `appliance audit export`
+    does (`to_dir/decisions/day=.../*.parquet`)."""
+    build_state(state_dir, rows)
+    export_range(state_dir, to_dir, since=None, until=None)
 
 
 def write_ndjson(path: Path, messages: Iterable[tuple[float, str, bytes, str, str, str | None]], *, verdicts: bool = True) -> None:

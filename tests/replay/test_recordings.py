@@ -26,8 +26,9 @@ COUNT = 200  # per 10: 5 valid temperatures, 1 too hot, 3 device statuses, 1 unm
 @pytest.fixture(scope="module")
 def parquet(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("recording")
-    write_audit_log(root / "audit.duckdb", decision_rows(demo_messages(COUNT)))
-    export(root / "audit.duckdb", root / "export")
+    rows = list(decision_rows(demo_messages(COUNT)))
+    write_audit_log(root / "audit.duckdb", rows)
+    export(rows, root / "state", root / "export")
     return root / "export"
 
 
@@ -194,7 +195,6 @@ def test_usage_errors_exit_2(run, parquet):
 def test_dry_run_rejections_count_as_delivered_and_breaking(tmp_path):
     """A dry run delivered what it rejected: enforcing that set would break those messages."""
     from appliance.audit.records import IdClock
-    from appliance.audit.store import AuditStore
     from tests.audit.factory import decision
 
     store_path = tmp_path / "audit.duckdb"
@@ -206,8 +206,7 @@ def test_dry_run_rejections_count_as_delivered_and_breaking(tmp_path):
                             topic=f"sensor/t{i}/temperature"))
         row[21] = True  # dry_run
         rows.append(tuple(row))
-    with AuditStore(store_path) as store:
-        store.append(rows)
+    write_audit_log(store_path, rows)
     result = subprocess.run([sys.executable, "-m", "replay.cli", "--from", str(store_path), "--against",
                              str(V2), "--format", "json", "--no-progress"],
                             capture_output=True, text=True, timeout=120)
@@ -218,7 +217,6 @@ def test_dry_run_rejections_count_as_delivered_and_breaking(tmp_path):
 
 def test_a_recording_without_payloads_is_an_input_error(tmp_path):
     from appliance.audit.records import IdClock
-    from appliance.audit.store import AuditStore
     from tests.audit.factory import decision
 
     store_path = tmp_path / "audit.duckdb"
@@ -228,8 +226,7 @@ def test_a_recording_without_payloads_is_an_input_error(tmp_path):
         row = list(decision(clock.next(1_795_000_000 + i), 1_795_000_000 + i))
         row[9] = None  # payload removed by retention
         rows.append(tuple(row))
-    with AuditStore(store_path) as store:
-        store.append(rows)
+    write_audit_log(store_path, rows)
     result = subprocess.run([sys.executable, "-m", "replay.cli", "--from", str(store_path), "--against",
                              str(V1), "--no-progress"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "nothing could be judged" in result.stderr

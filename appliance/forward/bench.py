@@ -1,12 +1,15 @@
-"""Drain-rate benchmark: a backlog in the outbox, live traffic arriving at a steady rate, and a
-forwarder draining both to a mosquitto on loopback.
+"""Drain-rate benchmark: a backlog in the outbox (an uplink outage's worth of messages in the
+message log), live traffic arriving at a steady rate, and a forwarder draining both to a mosquitto on
+loopback. `appliance bench` measures the whole appliance with the uplink up; this measures the
+catch-up after an outage, which it does not.
 
     python -m appliance.forward.bench --backlog 50000 --live-rate 1000
 
 Reports the drain rate (messages acknowledged per second while the backlog drains, live traffic
 included), how much faster than the ingest rate that is, and the bytes written to disk per message
-(inserts by the journal's writer thread plus deletes by the forwarder, from /proc/self/io
-write_bytes, so page-cache writeback done later by the kernel for this process counts too).
+(the log's appends and syncs, under its default power-safe policy, plus the forwarder's cursor
+saves; nothing is deleted per message), from /proc/self/io write_bytes, so page-cache writeback
+done later by the kernel for this process counts too.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.audit.journal import Journal
-from appliance.audit.records import IdClock
+from appliance.audit.records import DECISION, IdClock, payload_sha256
 from appliance.forward.config import UpstreamConfig
 from appliance.forward.forwarder import Forwarder
 from appliance.forward.outbox import Outbox
+from appliance.msglog import MessageLog
+from appliance.msglog.cursor import Cursor
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,8 @@ class DrainResult:
     drain_rate: float  # messages acknowledged per second until the backlog was gone (live ones included)
     ratio_to_ingest: float
     live_forwarded: int
-    bytes_written_per_message_backlog: float  # journal inserts in large batches, then forwarder deletes
-    bytes_written_per_message_live: float  # journal commits at the live rate (small batches) plus deletes
+    bytes_written_per_message_backlog: float  # log appends in large batches, then cursor saves while draining
+    bytes_written_per_message_live: float  # log appends at the live rate (small sync batches) plus cursor saves
     sent_total: int
 
 
@@ -79,26 +83,33 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
     broker = subprocess.Popen(  # noqa: ASYNC220 - started once, before anything is measured
         [mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     loop = asyncio.get_running_loop()
-    journal = Journal(directory / "journal.sqlite3")
-    journal.start(loop)
+    log = MessageLog(directory / "log")
+    log.start(loop)
     clock = IdClock()
     payload = b"x" * payload_bytes
+    digest = payload_sha256(payload)
     sensors = [f"sensor-{i}" for i in range(20)]
     added = 0
 
     def add(count: int) -> int:
+        """Accepted messages marked for forwarding, as the audit sink records them."""
         nonlocal added
         seq = 0
         for _ in range(count):
             client = sensors[added % len(sensors)]
-            seq = journal.add_outbox((clock.next(), time.time(), client, f"plant/{client}/reading", payload, 1, 0, "reading:v1"))
+            now = time.time()
+            row = (clock.next(now), now, client, None, "127.0.0.1:40000", 5, f"plant/{client}/reading", 1, False,
+                   payload, payload_bytes, digest, "v1", "reading", "v1", "plant/+/reading", "accept", 0, "[]", 10,
+                   "bench", False, False, None, True, 1, True)
+            seq = log.append(DECISION.code, DECISION.encode(row))
             added += 1
         return seq
 
     async def committed(seq: int) -> None:
-        while journal.committed < seq:
+        while log.durable_seq < seq:
             await asyncio.sleep(0.001)
 
+    outbox: Outbox | None = None
     try:
         for _ in range(200):
             with socket.socket() as probe:
@@ -111,7 +122,8 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
 
         config = UpstreamConfig.model_validate({"url": f"mqtt://127.0.0.1:{port}", "window": window, "protocol": protocol,
                                                 "client_id": "bench", "gateway_id": "bench"})
-        outbox = Outbox(journal.path, config.outbox, journal=journal)
+        (directory / "forward").mkdir()
+        outbox = Outbox.for_log(log, Cursor(directory / "forward" / "cursor"), config.outbox)
         forwarder = Forwarder(config, outbox, on_event=lambda kind, detail: None)
         stop_live = asyncio.Event()
 
@@ -131,7 +143,6 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
 
         started = time.monotonic()
         await forwarder.start()
-        journal.on_outbox_commit = forwarder.wake
         live_task = asyncio.create_task(live())
         while forwarder.forwarded_total < backlog:
             await asyncio.sleep(0.005)
@@ -144,14 +155,15 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
         await asyncio.sleep(live_seconds_after)
         stop_live.set()
         await live_task
-        await committed(journal.last_seq)
-        while outbox.refresh(full=True).messages:
+        await committed(log.last_seq)
+        while outbox.refresh().messages:
             await asyncio.sleep(0.01)
         live_count = forwarder.forwarded_total - live_before_count
         live_bytes = _sync_and_bytes() - live_before_bytes
         await forwarder.stop()
         total_bytes = _sync_and_bytes() - before
         outbox.close()
+        outbox = None
         backlog_bytes = total_bytes - live_bytes
         return DrainResult(
             backlog=backlog, live_rate=live_rate, window=window, payload_bytes=payload_bytes, protocol=protocol,
@@ -163,7 +175,9 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
             sent_total=forwarder.sent_total,
         )
     finally:
-        journal.stop(move=False)
+        if outbox is not None:
+            outbox.close()
+        log.stop()
         broker.terminate()
         broker.wait(10)
 

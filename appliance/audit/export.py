@@ -1,9 +1,11 @@
 """Parquet exports: decisions and events for a time range, hive-partitioned by UTC day
-(`decisions/day=2026-11-27/*.parquet`), readable by DuckDB, pandas or Spark without the live file.
+(`decisions/day=2026-11-27/*.parquet`), readable by DuckDB, pandas or Spark without the appliance.
 
-The store's DuckDB may only write into its staging directory (external access is disabled, see
-store.py), so files are written there and then moved into place. Files are named after the range,
-so exporting the same range again replaces them rather than adding duplicates.
+`export_parquet` runs on a cursor of any DuckDB that has the `decisions` and `events` tables
+(archive.py gives it AuditQuery's: the Parquet store plus the log's tail). Files are written into a
+staging directory and moved into place once all of them were written, so a failed export leaves no
+partial files in the target. Files are named after the range, so exporting the same range again
+replaces them rather than adding duplicates.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from appliance.audit.errors import AuditError
 
 TABLES = ("decisions", "events")
 # Rows per Parquet row group: what the writer buffers. DuckDB's default (122,880) of ~300-byte rows
-# is more than the store's 64 MB memory limit holds next to everything else (30,000 did not; 20,000 did).
+# is more than a 64 MB memory limit (AuditQuery's) holds next to everything else (30,000 did not;
+# 20,000 did).
 ROW_GROUP_ROWS = 10_000
 
 
@@ -70,8 +73,8 @@ def export_parquet(
             counts[table] = 0
             # One COPY per day into its day=... directory, rather than one PARTITION_BY (day) COPY
             # ordered by id: that one buffers whole partitions and sorts, and ran out of the store's
-            # memory limit at a few hundred thousand rows. Rows are stored in id order (the journal
-            # moves them in order), and a plain scan keeps that order.
+            # memory limit at a few hundred thousand rows. Rows are stored in id order (the log's
+            # order, kept by the Parquet files and the tail), and a plain scan keeps that order.
             days_in_range = cursor.execute(
                 f"SELECT DISTINCT CAST(ts AS DATE) FROM {table} WHERE {where} ORDER BY 1"
             ).fetchall()

@@ -1,13 +1,9 @@
-"""Quarantine queries: rejected messages whose payload the audit log still holds.
-
-Purging a message sets its payload to NULL; the verdict row stays in the audit log. These take a
-cursor (reads) or the writer connection inside a transaction (purge) from the store.
-"""
+"""Quarantine queries: rejected messages whose payload the audit log still holds (the `quarantine`
+view), read through a cursor of AuditQuery. Purging their payloads is purge.py's job."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,23 +73,3 @@ def get(cursor: duckdb.DuckDBPyConnection, decision_id: int) -> dict[str, Any] |
     if row is None:
         return None
     return dict(zip([d[0] for d in cursor.description or ()], row))
-
-
-def purge(con: duckdb.DuckDBPyConnection, ids: Sequence[int] | None) -> int:
-    sql = "UPDATE decisions SET payload = NULL WHERE verdict = 'reject' AND payload IS NOT NULL"
-    params: list[Any] = []
-    if ids is not None:
-        if not ids:
-            return 0
-        # The BETWEEN lets DuckDB skip row groups by their min/max id before the list lookup.
-        sql += " AND id BETWEEN ? AND ? AND list_contains(?, id)"
-        params = [min(ids), max(ids), [int(i) for i in ids]]
-    row = con.execute(sql, params).fetchone()
-    return int(row[0]) if row else 0
-
-
-def size_bytes(cursor: duckdb.DuckDBPyConnection) -> int:
-    # payload_size is the held payload's length (it is never changed), and summing it avoids
-    # reading the payloads themselves.
-    row = cursor.execute("SELECT coalesce(sum(payload_size), 0) FROM quarantine").fetchone()
-    return int(row[0]) if row else 0

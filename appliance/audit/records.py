@@ -264,8 +264,8 @@ def ts_of_id(record_id: int) -> float:
 
 
 # An outbox row of the SQLite journal (the store before the message log): an accepted message
-# waiting to be forwarded. Kept for the journal, the outbox and the upgrade that imports them
-# (as FORWARD_ONLY records, which have the same fields in the same order).
+# waiting to be forwarded. Kept for the upgrade that imports them (as FORWARD_ONLY records, which
+# have the same fields in the same order).
 OUTBOX_COLUMNS = (
     "id",         # INTEGER PRIMARY KEY: the decision id
     "ts",         # REAL: when the proxy read the message (epoch seconds)

@@ -54,7 +54,7 @@ def enforce_retention(state_dir: Path, policy: RetentionPolicy, *, now: datetime
                     total -= sizes[day]
         finally:
             con.close()
-    return RetentionReport(deleted["decisions"], deleted["events"], payloads, quarantined, False)
+    return RetentionReport(deleted["decisions"], deleted["events"], payloads, quarantined)
 
 
 def _days(layout: Layout) -> list[date]:

@@ -8,8 +8,9 @@ scalar functions must not be in `DENIED_FUNCTIONS`; any table reference of a kin
 know is refused. Refusing by allowlist is what stops `FROM 'x.csv'` (a replacement scan looks like a
 table name) and any file-reading table function added by a future DuckDB.
 
-This is the first of two layers: the store also opens DuckDB with external access disabled and its
-configuration locked (see store.py), so a query that slipped past the guard still cannot read files.
+This is the first of two layers: AuditQuery also opens DuckDB with external access disabled and its
+configuration locked, only the Parquet directory readable (see query.py), so a query that slipped
+past the guard still cannot read other files or write any.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ class Session:
     __slots__ = (
         "peer", "client", "version", "state", "close_reason",
         "to_client", "to_broker", "want_broker", "close_client", "close_broker",
-        "_pipeline", "_limits", "_credentials", "_max_packet_size", "_acks", "_sync_hint",
+        "_pipeline", "_limits", "_credentials", "_max_packet_size", "_acks",
         "_client_pending", "_client_need", "_broker_pending", "_broker_need",
         "_durability", "_qos2_open", "password_user", "broker_client_id", "_aliases", "_stale_aliases", "_alias_maximum", "_proxy_qos2", "_reason_strings",
         "_client_max_packet", "_client_disconnected",
@@ -160,7 +160,6 @@ class Session:
         self._broker_need = 0
         self._durability = durability
         self._acks = AckOrder(durability, self._failed_ack)
-        self._sync_hint = SYNC_HINT_INFLIGHT
         self._qos2_open: set[int] = set()  # forwarded QoS 2 ids the broker has not PUBCOMPed yet
         self.password_user: str | None = None  # the user a password file authenticated, if any
         self.broker_client_id: str | None = None  # the client id the broker sees (see broker_client_id)
@@ -275,7 +274,6 @@ class Session:
             props = connect.properties
             self._reason_strings = props.get(PropertyId.REQUEST_PROBLEM_INFORMATION, 1) == 1
             self._client_max_packet = props.get(PropertyId.MAXIMUM_PACKET_SIZE)
-            self._sync_hint = min(props.get(PropertyId.RECEIVE_MAXIMUM, 65535), SYNC_HINT_INFLIGHT)
         if self._authenticator is not None:
             result = self._authenticator.authenticate(connect.username, connect.password, identity=self._identity)
             if result is not AuthResult.OK:
@@ -612,8 +610,10 @@ class Session:
     @property
     def blocked_on_durability(self) -> bool:
         """The client has (about) as many QoS 1/2 messages in flight as it will send before waiting
-        for acks: MQTT 5 says so (Receive Maximum); 3.1.1 clients commonly stop at 10-20."""
-        return self._acks.publishes >= self._sync_hint
+        for acks. No MQTT version announces that number (Receive Maximum in CONNECT is about the
+        other direction); common clients stop at 10-20. A client that waits for each ack is not
+        detected: its acks take up to the sync window (audit.sync_window)."""
+        return self._acks.publishes >= SYNC_HINT_INFLIGHT
 
     # -- connection events -----------------------------------------------------------------------
 

@@ -79,6 +79,9 @@ class Appliance:
         """Build the appliance; a broken schema set raises SchemaSetError here, before anything starts.
         `config_path` and `overrides` are what a reload reads again."""
         self.config = config
+        # The config the appliance started with: settings that need a restart are compared with it,
+        # so that reverting one (listen: B back to A) no longer asks for a restart.
+        self.started_config = config
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         self._own_pipeline = pipeline is None
@@ -305,7 +308,7 @@ class Appliance:
             log.error("reload (%s) failed; the running config and schema set stay in force:\n%s", reason, exc)
             self.on_event("config_reload", {"result": "failed", "reason": reason, "error": str(exc)})
             return False
-        restart = needs_restart(self.config, config)
+        restart = needs_restart(self.started_config, config)
         if self._own_pipeline:
             if schema_set is None:
                 self.governance = None
@@ -324,6 +327,7 @@ class Appliance:
         await self._revoke_withdrawn_access()
         logging.getLogger().setLevel(config.log_level.upper())
         self.config = config
+        self.watcher.watch_schemas(config.schemas)
         if self.audit is not None:
             self.audit.sink.config_revision = self.revision
             self.audit.sink.dry_run = config.dry_run

@@ -80,7 +80,7 @@ def render_mosquitto_conf(*, port: int, data_dir: Path, extra: list[str], passwo
         f"persistence_location {data_dir}/",
         "persistence_file mosquitto.db",
         "autosave_interval 30",
-        # Without this, held acks + Nagle + delayed ACK stall QoS 1 flows by 40 ms (EVIDENCE.md).
+        # Without this, held acks + Nagle + delayed ACK stall QoS 1 flows by 40 ms (docs/evidence.md).
         "set_tcp_nodelay true",
         "max_keepalive 65535",
         "log_dest stdout",

@@ -1,4 +1,4 @@
-"""JSON Schema payloads, validated by jsonschema-rs (50x faster than python-jsonschema: EVIDENCE.md).
+"""JSON Schema payloads, validated by jsonschema-rs (50x faster than python-jsonschema: docs/evidence.md).
 
 Every `.json` file of a schema set is registered under a URI of its own
 (`https://schema-set.invalid/<file path>`, or its `$id`), so `$ref` works between files of the set

@@ -95,8 +95,12 @@ def render_mosquitto_conf(*, port: int, data_dir: Path, extra: list[str], passwo
     return "\n".join([*lines, *extra]) + "\n"
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the appliance dies, even by kill -9 (Linux only)."""
+def _prepare_child() -> None:
+    """In the child: its own process group, so that a terminal's Ctrl-C (SIGINT to the foreground
+    group) reaches the appliance only, which then stops mosquitto itself; otherwise mosquitto's exit
+    races the shutdown and is logged as a crash. And SIGTERM when the appliance dies, even by kill -9
+    (Linux only). (uvloop takes neither process_group nor start_new_session with a preexec_fn.)"""
+    os.setpgid(0, 0)
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -188,7 +192,7 @@ class EmbeddedBroker:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_prepare_child,
         )
         asyncio.create_task(self._pump_output(self._process), name="mosquitto-output")
         await self._wait_ready(self._process, port)

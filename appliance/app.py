@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
 from appliance.config import Config, ConfigError, load_config
 from appliance.governance import Governance, SchemaSetError, load_schema_set
-from appliance import sdnotify
+from appliance import sdnotify, statedir
 from appliance.admin import AdminServer, socket_path
 from appliance.audit.operations import AuditOperations, forget_session
 from appliance.audit.service import AuditService
@@ -403,14 +403,19 @@ SWITCH_INTERVAL_S = 0.001
 
 
 def run(config: Config, *, config_path: Path | None = None, overrides: dict[str, Any] | None = None) -> None:
-    """Run the appliance in the foreground; raises BrokerError when it cannot start."""
+    """Run the appliance in the foreground; raises BrokerError (or StateDirError, AuditError) when it
+    cannot start."""
     sdnotify.claim_environment()  # before mosquitto starts: it must not inherit $NOTIFY_SOCKET
     # The journal writer, mover and forwarder run Python next to the event loop; a thread that wants
     # the GIL waits up to the switch interval (5 ms by default). 1 ms cut the latency tails at
     # 1k msg/s (max 5.1-5.8 -> 2.7-4.5 ms local, cloud p99 3.6-4.3 -> 2.5-3.7 ms; 3 A/B pairs) with
     # no measurable change in throughput (docs/performance.md).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    appliance = Appliance(config, config_path=config_path, overrides=overrides)
+    with statedir.claim(config.state_dir):  # the lock is held until the appliance has stopped
+        _serve(Appliance(config, config_path=config_path, overrides=overrides), config)
+
+
+def _serve(appliance: Appliance, config: Config) -> None:
     if config.use_uvloop:
         try:
             import uvloop

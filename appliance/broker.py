@@ -27,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.config import BrokerConfig, TLSConfig
+from appliance.config import BrokerConfig
 from appliance.security.passwords import PasswordFile, hash_password
+from appliance.security.tls import TLSFileError, client_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +109,6 @@ def _prepare_child() -> None:
         pass
 
 
-def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    context.check_hostname = tls.verify_hostname
-    if tls.cert_file:
-        context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-    return context
-
-
 class ExternalBroker:
     """A broker the user runs elsewhere; the proxy only needs its address."""
 
@@ -123,7 +116,7 @@ class ExternalBroker:
         assert config.port is not None
         try:
             context = client_ssl_context(config.tls) if config.tls else None
-        except (OSError, ssl.SSLError) as exc:
+        except TLSFileError as exc:
             raise BrokerError(f"broker.tls: {exc}") from exc
         self._endpoint = BrokerEndpoint(
             config.host,

@@ -233,8 +233,8 @@ class ClientLeg(_Leg):
         if session.close_broker and self.broker is not None:
             self.broker.write_eof()
         if session.close_client:
-            if session.close_reason and session.state is State.CLOSED:
-                log.info("closing %s: %s", session.describe(), session.close_reason)
+            if session.close_reason and session.state is State.CLOSED and not self._closed:
+                log.info("closing %s: %s", session.describe(), session.close_reason)  # once: flushes follow
             self._close_transport()
 
     def _pause_for(self, seconds: float) -> None:

@@ -19,6 +19,23 @@ T = TypeVar("T")
 FORMATS = click.Choice(["table", "csv", "json"])
 
 
+class DecisionId(click.ParamType):
+    """A decision id as `--format json` prints it (a string, "7263…") or as a number."""
+
+    name = "ID"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().strip('"')
+        if not text.isdigit():
+            self.fail(f"expected a message id (digits, as `quarantine list` shows it), got {value!r}", param, ctx)
+        return int(text)
+
+
+DECISION_ID = DecisionId()
+
+
 def _state_dir(config_path: Path | None, state_dir: Path | None) -> Path:
     if state_dir is not None:
         return state_dir
@@ -98,14 +115,26 @@ def audit() -> None:
 @_target
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds before the query is interrupted.")
-def audit_sql(query: str, config_path: Path | None, state_dir: Path | None, fmt: str, timeout: float) -> None:
-    """Run a read-only SQL query (SELECT only) over decisions, events and quarantine."""
+@click.option("--max-rows", type=click.IntRange(min=0), default=100_000, show_default=True,
+              help="Return at most this many rows (the output says when more matched); 0: every row.")
+def audit_sql(query: str, config_path: Path | None, state_dir: Path | None, fmt: str, timeout: float, max_rows: int) -> None:
+    """Run a read-only SQL query (SELECT only) over decisions, events and quarantine.
+
+    When more rows match than --max-rows, the table ends with a line saying so, the JSON object has
+    "truncated": true, and CSV (which has no room for it) gets a note on standard error."""
+    from appliance.audit.operations import max_rows as rows_cap
     from appliance.audit.results import format_result
 
     target = _state_dir(config_path, state_dir)
-    answer = _running_or_offline(target, "sql", lambda store: format_result(store.query(query, timeout=timeout), fmt),
-                                 sql=query, format=fmt, timeout=timeout)
-    click.echo(answer["output"] if isinstance(answer, dict) else answer)
+
+    def offline(store: Any) -> dict[str, Any]:
+        result = store.query(query, timeout=timeout, max_rows=rows_cap(max_rows))
+        return {"output": format_result(result, fmt), "truncated": result.truncated}
+
+    answer = _running_or_offline(target, "sql", offline, sql=query, format=fmt, timeout=timeout, max_rows=max_rows)
+    click.echo(answer["output"], nl=not answer["output"].endswith("\n"))
+    if answer.get("truncated") and fmt == "csv":
+        click.echo(f"note: truncated at {max_rows:,} rows: more matched (--max-rows 0 returns every row)", err=True)
 
 
 @audit.command("export")
@@ -141,18 +170,21 @@ def quarantine_list(config_path: Path | None, state_dir: Path | None, topic: str
     """List quarantined messages, newest first."""
     from appliance.audit.results import format_result
 
+    from appliance.audit.operations import LIST_MORE
+
     target = _state_dir(config_path, state_dir)
     start = _datetime(since)
     answer = _running_or_offline(
         target, "quarantine_list",
-        lambda store: format_result(store.quarantine_list(topic=topic, since=start, reason=reason, limit=limit), fmt),
+        lambda store: {"output": format_result(store.quarantine_list(topic=topic, since=start, reason=reason, limit=limit),
+                                               fmt, more=LIST_MORE)},
         topic=topic, since=start.isoformat() if start else None, reason=reason, limit=limit, format=fmt,
     )
-    click.echo(answer["output"] if isinstance(answer, dict) else answer)
+    click.echo(answer["output"], nl=not answer["output"].endswith("\n"))
 
 
 @quarantine.command("show")
-@click.argument("decision_id", type=int)
+@click.argument("decision_id", type=DECISION_ID)
 @_target
 def quarantine_show(decision_id: int, config_path: Path | None, state_dir: Path | None) -> None:
     """Show one quarantined message: its reasons and its payload, pretty-printed."""
@@ -190,7 +222,7 @@ def render_message(row: dict[str, Any]) -> str:
 
 
 @quarantine.command("release")
-@click.argument("decision_ids", type=int, nargs=-1, required=True)
+@click.argument("decision_ids", type=DECISION_ID, nargs=-1, required=True)
 @_target
 def quarantine_release(decision_ids: tuple[int, ...], config_path: Path | None, state_dir: Path | None) -> None:
     """Judge messages again with the schema set in force; publish those that now pass."""
@@ -203,26 +235,59 @@ def quarantine_release(decision_ids: tuple[int, ...], config_path: Path | None, 
         raise click.ClickException(str(exc)) from exc
     failed = False
     for result in answer["results"]:
+        failed = failed or not result.get("released")
         if result.get("released"):
             click.echo(f"{result['id']}: released (new verdict {result['new_id']})")
+        elif result.get("error"):
+            click.echo(f"{result['id']}: {result['error']}")
         else:
-            failed = True
-            why = result.get("error") or "; ".join(result.get("reasons", []))
-            click.echo(f"{result['id']}: still rejected: {why}")
+            click.echo(f"{result['id']}: still rejected: {'; '.join(result.get('reasons', []))}")
     if failed:
         raise SystemExit(1)
 
 
 @quarantine.command("purge")
-@click.argument("decision_ids", type=int, nargs=-1)
-@click.option("--all", "purge_all", is_flag=True, help="Purge every quarantined message.")
+@click.argument("decision_ids", type=DECISION_ID, nargs=-1)
+@click.option("--all", "purge_all", is_flag=True, help="Purge every quarantined message (asks first, unless --yes).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before purging everything.")
 @_target
-def quarantine_purge(decision_ids: tuple[int, ...], purge_all: bool, config_path: Path | None, state_dir: Path | None) -> None:
-    """Drop quarantined payloads (the verdicts stay in the audit log)."""
+def quarantine_purge(decision_ids: tuple[int, ...], purge_all: bool, yes: bool, config_path: Path | None,
+                     state_dir: Path | None) -> None:
+    """Drop quarantined payloads (the verdicts stay in the audit log); each purge is recorded as a
+    `quarantine_purged` event naming who purged what. Exit 1 when an id is not in the quarantine."""
+    from appliance.audit.operations import purge, purge_event
+
     if not decision_ids and not purge_all:
         raise click.UsageError("name message ids, or --all")
+    if decision_ids and purge_all:
+        raise click.UsageError("name message ids or --all, not both")
     target = _state_dir(config_path, state_dir)
+    if purge_all and not yes:
+        click.confirm(f"Purge every quarantined payload in {target}? The verdicts stay; the payloads cannot be "
+                      "recovered", abort=True, err=True)
     ids = list(decision_ids) or None
-    answer = _running_or_offline(target, "quarantine_purge", lambda store: {"purged": store.quarantine_purge(ids)},
-                                 writable=True, ids=ids)
+
+    def offline(store: Any) -> dict[str, Any]:
+        answer = purge(store, ids)
+        _record_offline(store, "quarantine_purged", purge_event(answer, ids, None))
+        return answer
+
+    answer = _running_or_offline(target, "quarantine_purge", offline, writable=True, ids=ids)
     click.echo(f"purged {answer['purged']} message(s)")
+    for unknown in answer.get("unknown", []):
+        click.echo(f"{unknown}: no quarantined message with this id", err=True)
+    if answer.get("unknown"):
+        raise SystemExit(1)
+
+
+def _record_offline(store: Any, kind: str, detail: dict[str, Any]) -> None:
+    """An audit event written straight into the stopped appliance's store."""
+    import time
+
+    import orjson
+
+    from appliance.audit.records import IdClock
+
+    now = time.time()
+    event_id = IdClock(start_after=store.max_ids()[1]).next(now)
+    store.append([], [(event_id, now, kind, None, None, orjson.dumps(detail, default=str).decode())])

@@ -25,6 +25,39 @@ def _time(value: Any) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+DEFAULT_MAX_ROWS = 100_000
+LIST_MORE = "raise --limit"
+
+
+def max_rows(value: Any) -> int:
+    """`--max-rows`: a positive number of rows, or 0 for all of them."""
+    rows = DEFAULT_MAX_ROWS if value is None else int(value)
+    return rows if rows > 0 else 2**62
+
+
+def purge(store: Any, ids: list[int] | None) -> dict[str, Any]:
+    """Purge the named quarantined messages (None: all); names the ids that are not in the quarantine."""
+    unknown = [i for i in ids if store.quarantine_get(i) is None] if ids is not None else []
+    wanted = [i for i in ids if i not in unknown] if ids is not None else None
+    count = store.quarantine_purge(wanted) if wanted is None or wanted else 0
+    return {"purged": count, "unknown": [str(i) for i in unknown]}
+
+
+def purge_event(answer: dict[str, Any], ids: list[int] | None, peer: Any) -> dict[str, Any]:
+    """The `quarantine_purged` audit event: what was purged, and by whom (the admin socket's peer)."""
+    return {"ids": [str(i) for i in ids if str(i) not in answer["unknown"]] if ids is not None else "all",
+            "purged": answer["purged"], "by": peer or {"user": _user()}}
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
 class AuditOperations:
     def __init__(self, service: AuditService, pipeline: Pipeline, endpoint: Callable[[], BrokerEndpoint | None]):
         self._service = service
@@ -50,8 +83,9 @@ class AuditOperations:
 
     async def sql(self, request: dict[str, Any]) -> dict[str, Any]:
         await self._service.sync()
-        result = await self._run(self._store.query, str(request["sql"]), timeout=float(request.get("timeout", 30)))
-        return {"output": format_result(result, request.get("format", "table"))}
+        result = await self._run(self._store.query, str(request["sql"]), timeout=float(request.get("timeout", 30)),
+                                 max_rows=max_rows(request.get("max_rows")))
+        return {"output": format_result(result, request.get("format", "table")), "truncated": result.truncated}
 
     async def export(self, request: dict[str, Any]) -> dict[str, Any]:
         await self._service.sync()
@@ -67,7 +101,7 @@ class AuditOperations:
             topic=request.get("topic"), since=_time(request.get("since")), reason=request.get("reason"),
             limit=int(request.get("limit", 100)),
         )
-        return {"output": format_result(result, request.get("format", "table"))}
+        return {"output": format_result(result, request.get("format", "table"), more=LIST_MORE), "truncated": result.truncated}
 
     async def quarantine_show(self, request: dict[str, Any]) -> dict[str, Any]:
         await self._service.sync()
@@ -82,9 +116,10 @@ class AuditOperations:
 
     async def quarantine_purge(self, request: dict[str, Any]) -> dict[str, Any]:
         await self._service.sync()
-        ids = request.get("ids")
-        count = await self._run(self._store.quarantine_purge, [int(i) for i in ids] if ids else None)
-        return {"purged": count}
+        ids = [int(i) for i in request["ids"]] if request.get("ids") else None
+        answer = await self._run(purge, self._store, ids)
+        self._service.record_event("quarantine_purged", purge_event(answer, ids, request.get("_peer")))
+        return answer
 
     async def quarantine_release(self, request: dict[str, Any]) -> dict[str, Any]:
         """Judge each message again with the schema set in force; publish the ones that pass."""
@@ -95,6 +130,7 @@ class AuditOperations:
         return {"results": results}
 
     async def _release(self, decision_id: int) -> dict[str, Any]:
+        """A dict with `released`; or `error` when there is no such quarantined message."""
         row = await self._run(self._store.quarantine_get, decision_id)
         if row is None:
             return {"id": decision_id, "released": False, "error": "no quarantined message with this id"}

@@ -25,14 +25,31 @@ class QueryResult:
 Format = Literal["table", "csv", "json"]
 
 
-def format_result(result: QueryResult, fmt: Format) -> str:
+def format_result(result: QueryResult, fmt: Format, *, more: str = "add a LIMIT or raise --max-rows") -> str:
+    """`more` says how to get the rows a truncated result left out (the table says so)."""
     if fmt == "table":
-        return _table(result)
+        return _table(result, more)
     if fmt == "csv":
         return _csv(result)
     if fmt == "json":
         return _json(result)
     raise ValueError(f"unknown format {fmt!r}: use table, csv or json")
+
+
+# Integers JavaScript (and jq) cannot hold exactly: ids are 63-bit (records.IdClock).
+_MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def _is_id_column(name: str) -> bool:
+    return name == "id" or name.endswith("_id") or name == "released_from"
+
+
+def _json_cell(column: str, value: Any) -> Any:
+    """Ids (and any integer beyond 2^53) as strings, so that jq and JavaScript keep every digit;
+    `quarantine show/release/purge` take them in either form."""
+    if isinstance(value, int) and not isinstance(value, bool) and (_is_id_column(column) or abs(value) > _MAX_SAFE_INTEGER):
+        return str(value)
+    return to_jsonable(value)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -79,17 +96,19 @@ def _csv(result: QueryResult) -> str:
 
 
 def _json(result: QueryResult) -> str:
+    """An object: `rows` (a list of objects, one per row) and `truncated` (true when more rows
+    matched than were returned)."""
     objects = [
-        {column: to_jsonable(value) for column, value in zip(result.columns, row)}
+        {column: _json_cell(column, value) for column, value in zip(result.columns, row)}
         for row in result.rows
     ]
-    return json.dumps(objects, ensure_ascii=False, indent=2) + "\n"
+    return json.dumps({"rows": objects, "truncated": result.truncated}, ensure_ascii=False, indent=2) + "\n"
 
 
 _MAX_CELL = 60
 
 
-def _table(result: QueryResult) -> str:
+def _table(result: QueryResult, more: str) -> str:
     """A box like DuckDB's CLI: header, separator, rows; numbers right-aligned."""
 
     def cell(value: Any) -> str:
@@ -120,6 +139,6 @@ def _table(result: QueryResult) -> str:
     lines.append(line("└", "─", "┴", "┘"))
     count = f"{len(result.rows)} row{'s' if len(result.rows) != 1 else ''}"
     if result.truncated:
-        count += " (truncated: more rows matched; add a LIMIT or raise --max-rows)"
+        count += f" (truncated: more rows matched; {more})"
     lines.append(count)
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ exported to Parquet, released from quarantine, and intact after kill -9."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def sql(state_dir: Path, query: str) -> list[dict[str, object]]:
     result = cli("audit", "sql", query, "--state-dir", str(state_dir), "--format", "json")
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    answer = json.loads(result.stdout)
+    assert answer["truncated"] is False
+    return answer["rows"]
 
 
 @pytest.fixture
@@ -116,7 +119,7 @@ def test_quarantine_release_after_a_schema_fix(tmp_path):
         pub.publish("sensor/t1/temperature", temperature(temperature=150), qos=1)  # above the v1 maximum
         pub.disconnect()
         listing = cli("quarantine", "list", "--state-dir", str(state), "--format", "json")
-        [entry] = json.loads(listing.stdout)
+        [entry] = json.loads(listing.stdout)["rows"]
         shown = cli("quarantine", "show", str(entry["id"]), "--state-dir", str(state))
         assert '"temperature": 150' in shown.stdout and "maximum" in shown.stdout
         still = cli("quarantine", "release", str(entry["id"]), "--state-dir", str(state))
@@ -135,7 +138,7 @@ def test_quarantine_release_after_a_schema_fix(tmp_path):
         # Both release attempts left a verdict linked to the original: rejected, then accepted.
         rows = sql(state, f"SELECT verdict FROM decisions WHERE released_from = {entry['id']} ORDER BY id")
         assert rows == [{"verdict": "reject"}, {"verdict": "accept"}]
-        assert json.loads(cli("quarantine", "list", "--state-dir", str(state), "--format", "json").stdout) == []
+        assert json.loads(cli("quarantine", "list", "--state-dir", str(state), "--format", "json").stdout)["rows"] == []
         sub.disconnect()
     finally:
         running.stop()
@@ -150,10 +153,12 @@ def test_queries_work_on_a_stopped_appliance(tmp_path):
     running.stop()
     assert not admin.socket_path(state).exists()
     assert sql(state, "SELECT count(*) AS n FROM quarantine") == [{"n": 1}]
-    purged = cli("quarantine", "purge", "--all", "--state-dir", str(state))
+    purged = cli("quarantine", "purge", "--all", "--yes", "--state-dir", str(state))
     assert purged.returncode == 0 and "purged 1" in purged.stdout
     assert sql(state, "SELECT count(*) AS n FROM quarantine") == [{"n": 0}]
     assert sql(state, "SELECT count(*) AS n FROM decisions") == [{"n": 1}]  # the verdict stays
+    [event] = sql(state, "SELECT detail FROM events WHERE kind = 'quarantine_purged'")
+    assert json.loads(event["detail"])["ids"] == "all" and json.loads(event["detail"])["by"]["user"]
 
 
 def test_kill_9_under_load_keeps_every_acknowledged_verdict(tmp_path):
@@ -212,3 +217,53 @@ def test_kill_9_under_load_keeps_every_acknowledged_verdict(tmp_path):
                 .execute("SELECT payload FROM decisions").fetchall()}
     missing = [p for payloads in acked.values() for p in payloads if p not in recorded]
     assert not missing, f"{len(missing)} of {total} acknowledged messages have no verdict, e.g. {missing[:3]}"
+
+
+def test_audit_sql_says_when_it_cut_the_result_and_can_return_everything(audited):
+    pub = Client(audited.port, version=5).connect()
+    for n in range(3):
+        pub.publish("sensor/t1/temperature", temperature(temperature=20 + n), qos=1)
+    pub.disconnect()
+    state = str(audited.app.config.state_dir)
+    query = "SELECT id FROM decisions"
+    cut = cli("audit", "sql", query, "--state-dir", state, "--format", "json", "--max-rows", "2")
+    assert cut.returncode == 0, cut.stderr
+    answer = json.loads(cut.stdout)
+    assert answer["truncated"] is True and len(answer["rows"]) == 2
+    table = cli("audit", "sql", query, "--state-dir", state, "--max-rows", "2").stdout
+    assert "2 rows (truncated: more rows matched; add a LIMIT or raise --max-rows)" in table
+    csv_cut = cli("audit", "sql", query, "--state-dir", state, "--format", "csv", "--max-rows", "2")
+    assert len(csv_cut.stdout.splitlines()) == 3 and "truncated at 2 rows" in csv_cut.stderr
+    everything = cli("audit", "sql", query, "--state-dir", state, "--format", "csv", "--max-rows", "0")
+    assert len(everything.stdout.splitlines()) == 4 and everything.stderr == ""
+
+
+def test_quarantine_ids_survive_jq_and_unknown_ids_are_errors(audited):
+    pub = Client(audited.port, version=5).connect()
+    pub.publish("sensor/t1/temperature", b"{}", qos=1)
+    pub.publish("sensor/t1/temperature", b"[]", qos=1)
+    pub.disconnect()
+    state = str(audited.app.config.state_dir)
+    listing = json.loads(cli("quarantine", "list", "--state-dir", state, "--format", "json", "--limit", "1").stdout)
+    [entry] = listing["rows"]
+    assert listing["truncated"] is True and isinstance(entry["id"], str) and int(entry["id"]) > 2**53
+    assert "(truncated: more rows matched; raise --limit)" in cli("quarantine", "list", "--state-dir", state, "--limit", "1").stdout
+    # The id as jq prints it with and without -r: both name the message.
+    for form in (entry["id"], json.dumps(entry["id"])):
+        shown = cli("quarantine", "show", form, "--state-dir", state)
+        assert shown.returncode == 0 and f"id: {entry['id']}" in shown.stdout, shown.stderr
+    unknown = "42"
+    released = cli("quarantine", "release", unknown, "--state-dir", state)
+    assert released.returncode == 1 and released.stdout.strip() == "42: no quarantined message with this id"
+    purged = cli("quarantine", "purge", unknown, entry["id"], "--state-dir", state)
+    assert purged.returncode == 1 and "purged 1 message(s)" in purged.stdout
+    assert "42: no quarantined message with this id" in purged.stderr
+    refused = subprocess.run([sys.executable, "-m", "appliance", "quarantine", "purge", "--all", "--state-dir", state],
+                             input="n\n", capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "Purge every quarantined payload" in refused.stderr
+    assert len(sql(Path(state), "SELECT id FROM quarantine")) == 1  # nothing purged
+    assert "purged 1 message(s)" in cli("quarantine", "purge", "--all", "--yes", "--state-dir", state).stdout
+    events = sql(Path(state), "SELECT detail FROM events WHERE kind = 'quarantine_purged' ORDER BY id")
+    details = [json.loads(e["detail"]) for e in events]
+    assert [(d["ids"], d["purged"]) for d in details] == [([entry["id"]], 1), ("all", 1)]
+    assert all(d["by"]["uid"] == os.getuid() and d["by"]["pid"] > 0 for d in details)

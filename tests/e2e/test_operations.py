@@ -139,4 +139,4 @@ def test_ctrl_c_stops_without_a_broker_crash(tmp_path):
     events = subprocess.run([sys.executable, "-m", "appliance", "audit", "sql", "--state-dir", str(state), "--format", "json",
                              "SELECT kind FROM events WHERE kind LIKE 'broker_%'"], capture_output=True, text=True, timeout=60)
     assert events.returncode == 0, events.stderr
-    assert json.loads(events.stdout) == []
+    assert json.loads(events.stdout)["rows"] == []

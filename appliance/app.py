@@ -223,7 +223,7 @@ class Appliance:
         )
         if self.audit is not None:
             self.audit.journal.add_listener(self.proxy.committed)
-            operations = AuditOperations(self.audit, self.pipeline, self.broker.endpoint)
+            operations = AuditOperations(self.audit, self.pipeline, self.broker.endpoint, state_dir=config.state_dir)
             handlers = operations.handlers()
         else:
             handlers = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,6 +71,11 @@ def _running_or_offline(state_dir: Path, op: str, offline: Callable[[Any], T], *
         raise click.ClickException(str(exc)) from exc
     except admin.AdminUnavailable:
         pass
+    return _offline(state_dir, offline, writable=writable)
+
+
+def _offline(state_dir: Path, offline: Callable[[Any], T], *, writable: bool = False) -> T:
+    """Open the stopped appliance's store ourselves."""
     from appliance.audit.errors import AuditError
     from appliance.audit.service import DUCKDB_FILE, JOURNAL_FILE, audit_dir
     from appliance.audit.store import AuditStore
@@ -145,12 +150,29 @@ def audit_sql(query: str, config_path: Path | None, state_dir: Path | None, fmt:
               help="Directory for the Parquet files (hive-partitioned by day).")
 def audit_export(config_path: Path | None, state_dir: Path | None, since: str | None, until: str | None, to_dir: Path) -> None:
     """Export decisions and events to Parquet, partitioned by day, for DuckDB, pandas or Spark."""
+    from appliance import exchange
+    from appliance.audit.export import ExportReport
+
     target = _state_dir(config_path, state_dir)
     start, end = _datetime(since), _datetime(until)
     to_dir = to_dir.resolve()
-    answer = _running_or_offline(target, "export", lambda store: str(store.export_parquet(to_dir, since=start, until=end)),
-                                 to=str(to_dir), since=start.isoformat() if start else None, until=end.isoformat() if end else None)
-    click.echo(answer["report"] if isinstance(answer, dict) else answer)
+    try:
+        # The running appliance writes into the state dir, and we move the files: it may not see
+        # our /tmp, nor be allowed to write to_dir (PrivateTmp, ProtectSystem in its unit).
+        handed, answer = exchange.export(target, since=start.isoformat() if start else None,
+                                         until=end.isoformat() if end else None)
+    except admin.AdminError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except admin.AdminUnavailable:
+        report = _offline(target, lambda store: store.export_parquet(to_dir, since=start, until=end))
+    else:
+        try:
+            files = exchange.move_tree(handed, to_dir)
+        except OSError as exc:
+            raise click.ClickException(f"cannot move the export from {handed} to {to_dir}: {exc}") from exc
+        report = ExportReport(to_dir, answer["decisions"], answer["events"],
+                              tuple(date.fromisoformat(day) for day in answer["days"]), tuple(files))
+    click.echo(str(report))
 
 
 @click.group()

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from appliance import exchange
 from appliance.admin import AdminError, Handler
 from appliance.audit.errors import AuditError
 from appliance.audit.results import format_result
@@ -59,7 +60,9 @@ def _user() -> str:
 
 
 class AuditOperations:
-    def __init__(self, service: AuditService, pipeline: Pipeline, endpoint: Callable[[], BrokerEndpoint | None]):
+    def __init__(self, service: AuditService, pipeline: Pipeline, endpoint: Callable[[], BrokerEndpoint | None],
+                 *, state_dir: Path):
+        self._state_dir = state_dir
         self._service = service
         self._store = service.store
         self._pipeline = pipeline
@@ -88,11 +91,15 @@ class AuditOperations:
         return {"output": format_result(result, request.get("format", "table")), "truncated": result.truncated}
 
     async def export(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Into `to`, or with `exchange`, into a new directory under the state dir that is handed back
+        (the caller may not see our /tmp or be able to let us write where it wants: exchange.py)."""
         await self._service.sync()
+        to = exchange.new_directory(self._state_dir) if request.get("exchange") else Path(request["to"])
         report = await self._run(
-            self._store.export_parquet, Path(request["to"]), since=_time(request.get("since")), until=_time(request.get("until"))
+            self._store.export_parquet, to, since=_time(request.get("since")), until=_time(request.get("until"))
         )
-        return {"report": str(report)}
+        return {"report": str(report), "directory": str(to), "decisions": report.decisions, "events": report.events,
+                "days": [day.isoformat() for day in report.days]}
 
     async def quarantine_list(self, request: dict[str, Any]) -> dict[str, Any]:
         await self._service.sync()

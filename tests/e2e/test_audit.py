@@ -267,3 +267,58 @@ def test_quarantine_ids_survive_jq_and_unknown_ids_are_errors(audited):
     details = [json.loads(e["detail"]) for e in events]
     assert [(d["ids"], d["purged"]) for d in details] == [([entry["id"]], 1), ("all", 1)]
     assert all(d["by"]["uid"] == os.getuid() and d["by"]["pid"] > 0 for d in details)
+
+
+def _unshare_works() -> bool:
+    try:
+        probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /tmp"],
+                               capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def test_replay_and_export_when_the_appliance_has_a_private_tmp(tmp_path):
+    """The shipped unit has PrivateTmp=yes: the appliance's /tmp is not the caller's. Replay and
+    export must still hand the recording over (through the state dir, which both see)."""
+    if not _unshare_works():
+        pytest.skip("unshare --mount is not permitted here")
+    import tempfile
+
+    from tests.processes import can_connect, free_port
+
+    state = Path(tempfile.mkdtemp(prefix="appliance-state-", dir="/var/tmp"))  # outside /tmp: both must see it
+    port = free_port()
+    log = (tmp_path / "appliance.log").open("w")
+    appliance = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs tmpfs /tmp && exec "$@"', "sh", sys.executable, "-m", "appliance", "run",
+         "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--metrics-listen", "127.0.0.1:0",
+         "--schemas", str(REPO / "schemas" / "v1")],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: appliance.poll() is not None or can_connect(port), timeout=60, message="the appliance")
+        assert appliance.poll() is None, (tmp_path / "appliance.log").read_text()
+        pub = Client(port, version=5).connect()
+        pub.publish("sensor/t1/temperature", temperature(), qos=1)
+        pub.disconnect()
+
+        out = tmp_path / "export"  # under the caller's /tmp, which the appliance cannot see
+        exported = cli("audit", "export", "--state-dir", str(state), "--since", "2000-01-01", "--to", str(out))
+        assert exported.returncode == 0, exported.stderr
+        assert "exported 1 decisions" in exported.stdout and str(out) in exported.stdout
+        files = list((out / "decisions").glob("day=*/*.parquet"))
+        assert files, exported.stdout
+        assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/decisions/**/*.parquet')").fetchall() == [(1,)]
+
+        replayed = subprocess.run([str(Path(sys.executable).with_name("replay")), "--state-dir", str(state),
+                                   "--against", str(REPO / "schemas" / "v1"), "--format", "json"],
+                                  capture_output=True, text=True, timeout=120)
+        assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+        assert json.loads(replayed.stdout)["totals"]["replayed"] == 1
+        assert not any((state / "exchange").iterdir())  # nothing left behind
+    finally:
+        appliance.terminate()
+        appliance.wait(30)
+        log.close()
+        shutil.rmtree(state, ignore_errors=True)

@@ -43,8 +43,11 @@ def _load_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path | None)
 
 def server_ssl_context(tls: ListenerTLSConfig) -> ssl.SSLContext:
     """TLS 1.2 or newer; with `require_client_certificate`, mutual TLS against `ca_file`."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    _load_ca(context, tls.ca_file)
+    if tls.ca_file is None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    else:  # only this CA signs client certificates: not the system's CAs too
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # what create_default_context(cafile=) builds
+        _load_ca(context, tls.ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_chain(context, tls.cert_file, tls.key_file)
     context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE

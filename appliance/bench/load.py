@@ -282,7 +282,7 @@ def audit_verdicts(state_dir: Path, tag: str) -> dict[str, int]:
         [sys.executable, "-m", "appliance", "audit", "sql", query, "--state-dir", str(state_dir), "--format", "json"],
         check=True, capture_output=True, timeout=60,
     ).stdout
-    return {row["verdict"]: int(row["n"]) for row in json.loads(out)}
+    return {row["verdict"]: int(row["n"]) for row in json.loads(out)["rows"]}
 
 
 def _start_sensors(target: Target, load: Load, tag: str, workdir: Path) -> list[tuple[subprocess.Popen[bytes], Path]]:

@@ -124,7 +124,7 @@ class AuditOperations:
     async def quarantine_purge(self, request: dict[str, Any]) -> dict[str, Any]:
         await self._service.sync()
         ids = [int(i) for i in request["ids"]] if request.get("ids") else None
-        answer = await self._run(purge, self._store, ids)
+        answer: dict[str, Any] = await self._run(purge, self._store, ids)
         self._service.record_event("quarantine_purged", purge_event(answer, ids, request.get("_peer")))
         return answer
 

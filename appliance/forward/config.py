@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
-from appliance.settings import Duration, Size, TLSConfig, _Section
+from appliance.settings import Duration, Size, TLSConfig, WholeSeconds, _Section
 
 TEMPLATE_FIELDS = frozenset({"topic", "gateway_id", "client_id"})
 
@@ -44,7 +44,7 @@ class UpstreamConfig(_Section):
         None, description="Client id at the cloud broker (AWS IoT: the thing name); default: appliance-<gateway_id>."
     )
     protocol: Literal[4, 5] = Field(5, description="MQTT protocol level: 4 (3.1.1) or 5 (adds user properties).")
-    keepalive: int = Field(30, ge=5, le=65535, description="MQTT keepalive (s) towards the cloud broker.")
+    keepalive: WholeSeconds = Field(30, ge=5, le=65535, description="MQTT keepalive towards the cloud broker (e.g. 30s; whole seconds).")
     username: str | None = Field(None, description="Username at the cloud broker.")
     password: str | None = Field(None, description="Password that goes with username.")
     tls: TLSConfig | None = Field(

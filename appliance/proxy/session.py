@@ -77,6 +77,9 @@ MAX_REASON_STRING = 200
 MAX_THROTTLE_PAUSE_S = 1.0
 # MQTT 3.1.1 has one failure code in a SUBACK.
 _V3_SUBACK_FAILURE = 0x80
+# The reason codes a CONNACK may carry (MQTT 5 §3.2.2.2) among those a protocol error names.
+_CONNACK_ERRORS = frozenset({ReasonCode.UNSPECIFIED_ERROR, ReasonCode.MALFORMED_PACKET, ReasonCode.PROTOCOL_ERROR,
+                             ReasonCode.PACKET_TOO_LARGE, ReasonCode.QUOTA_EXCEEDED})
 
 
 class State(enum.Enum):
@@ -561,11 +564,16 @@ class Session:
         connack = decode_packet(first_byte, body, self.version)
         assert isinstance(connack, Connack)
         limit = self._limits.max_inflight
-        if limit and self.version is _MQTT5 and connack.reason_code == 0:
-            # Tell the client the in-flight limit so a well-behaved one never hits it.
-            broker_max = connack.properties.get(PropertyId.RECEIVE_MAXIMUM, 65535)
-            if broker_max > limit:  # type: ignore[operator]
-                connack = replace(connack, properties=connack.properties.with_(PropertyId.RECEIVE_MAXIMUM, limit))
+        if self.version is _MQTT5 and connack.reason_code == 0:
+            # Tell the client the in-flight and packet size limits so a well-behaved one never hits them.
+            properties = connack.properties
+            if limit and properties.get(PropertyId.RECEIVE_MAXIMUM, 65535) > limit:  # type: ignore[operator]
+                properties = properties.with_(PropertyId.RECEIVE_MAXIMUM, limit)
+            max_packet = self._limits.max_packet_size
+            if properties.get(PropertyId.MAXIMUM_PACKET_SIZE, max_packet + 1) > max_packet:  # type: ignore[operator]
+                properties = properties.with_(PropertyId.MAXIMUM_PACKET_SIZE, max_packet)
+            if properties is not connack.properties:
+                connack = replace(connack, properties=properties)
                 raw = encode_packet(connack, _MQTT5)
         self.to_client.append(raw)
         if connack.reason_code != 0:
@@ -648,8 +656,18 @@ class Session:
         self._close("appliance shutting down")
 
     def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        if exc.reason_code == ReasonCode.PACKET_TOO_LARGE:
+            self._limit_exceeded("connect_size" if self.state is State.AWAIT_CONNECT else "packet_size", exc.msg)
         if self.state is State.CONNECTED and self.version is _MQTT5:
             self.to_client.append(encode_packet(Disconnect(exc.reason_code), _MQTT5))
+        elif self.state is State.CONNECTING:
+            # The CONNECT and a bad packet came together, before the broker's CONNACK: refuse the
+            # connection with the reason (MQTT 5), and give the broker nothing of it.
+            if self.version is _MQTT5:
+                code = exc.reason_code if exc.reason_code in _CONNACK_ERRORS else ReasonCode.PROTOCOL_ERROR
+                self.to_client.append(encode_packet(Connack(reason_code=code, properties=self._reason_properties(exc.msg)), _MQTT5))
+            self.to_broker.clear()
+            self.want_broker = False
         elif self.state is State.AWAIT_CONNECT and exc.reason_code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
             # What mosquitto answers too: the 3.1.1 CONNACK every version can read.
             self.to_client.append(encode_packet(Connack(reason_code=ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION), ProtocolVersion.MQTT_3_1_1))

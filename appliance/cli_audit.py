@@ -155,7 +155,7 @@ def audit_sql(query: str, config_path: Path | None, state_dir: Path | None, fmt:
     result = _reading(target, lambda store: store.query(query, timeout=timeout, max_rows=limit))
     click.echo(format_result(result, fmt), nl=False)
     if result.truncated and fmt == "csv":
-        click.echo(f"note: the result was cut at {max_rows} rows (--max-rows)", err=True)
+        click.echo(f"note: the result was truncated at {max_rows} rows (--max-rows); 0 returns every row", err=True)
 
 
 @audit.command("export")
@@ -203,7 +203,7 @@ def quarantine_list(config_path: Path | None, state_dir: Path | None, topic: str
     target = _state_dir(config_path, state_dir)
     start = _datetime(since)
     result = _reading(target, lambda store: store.quarantine_list(topic=topic, since=start, reason=reason, limit=limit))
-    click.echo(format_result(result, fmt), nl=False)
+    click.echo(format_result(result, fmt, more="raise --limit"), nl=False)
 
 
 @quarantine.command("show")

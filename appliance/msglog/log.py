@@ -96,15 +96,17 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 class MessageLog:
     """The writer. Lifecycle: open() (recovery), start(loop), append()... from any thread, stop().
 
-    preallocate: "none" (plain appends), "fallocate" (posix_fallocate ahead of the end) or "zeros"
-    (write zero pages ahead of the end), `preallocate_bytes` at a time; a preallocated tail reads
-    as the end of the segment and is cut at seal, stop and open.
+    preallocate: "fallocate" (the default: posix_fallocate ahead of the end), "zeros" (write zero
+    pages ahead of the end) or "none" (plain appends), `preallocate_bytes` at a time; a
+    preallocated tail reads as the end of the segment and is cut at seal, stop and open. Measured in
+    docs/decisions/0004-message-log.md: same bytes as plain appends by /proc/self/io, fewer on the
+    device (fewer journal commits).
     """
 
     def __init__(self, directory: Path, *, policy: SyncPolicy = SyncPolicy(), segment_bytes: int = 16 << 20,
                  segment_max_age: float | None = 600.0, io: FileIO | None = None,
                  on_event: EventCallback | None = None, on_seal: Callable[[SegmentInfo], None] | None = None,
-                 preallocate: str = "none", preallocate_bytes: int = 1 << 20):
+                 preallocate: str = "fallocate", preallocate_bytes: int = 1 << 20):
         if preallocate not in PREALLOCATE_MODES:
             raise ValueError(f"preallocate must be one of {PREALLOCATE_MODES}, not {preallocate!r}")
         self.directory = Path(directory)
@@ -379,7 +381,13 @@ class MessageLog:
         io = self.io
         try:
             if self.preallocate != "none" and offset + len(batch) > self._allocated:
-                self._grow(fd, offset + len(batch) - self._allocated)
+                try:
+                    self._grow(fd, offset + len(batch) - self._allocated)
+                except OSError as exc:
+                    # A nearly full disk may still take the batch itself: preallocation is only an
+                    # optimisation, so fall back to a plain append (and retry it next time).
+                    log.debug("message log: preallocation failed: %s", exc)
+                    self._allocated = max(self._end, io.size(fd))
             io.write_all(fd, batch, offset)
             if self._power_safe:
                 io.fdatasync(fd)

@@ -191,3 +191,20 @@ def test_helper_prints_a_summary(tmp_path: Path):
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}).stdout
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["segments"] == 6 and summary["watermark"] == 600
+
+
+def test_files_a_crashed_run_left_past_the_watermark_are_removed_first(tmp_path: Path):
+    build_log(tmp_path)
+
+    def crash(step: str) -> None:
+        if step == "file_published":
+            raise Crash(step)
+
+    with pytest.raises(Crash):
+        convert_pending(Layout(tmp_path), max_batch_bytes=1, checkpoint=crash)
+    orphan = next((tmp_path / "audit" / "parquet").rglob("*.parquet"))
+    seen = []
+    convert_pending(Layout(tmp_path), max_batch_bytes=1,
+                    checkpoint=lambda step: seen.append(orphan.exists()) if not seen else None)
+    assert seen == [False]  # gone before the batch was written again
+    assert orphan.exists()

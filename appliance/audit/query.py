@@ -171,9 +171,13 @@ class AuditQuery:
 
     def max_ids(self) -> tuple[int, int]:
         """The largest decision and event ids (0 when none): where a new IdClock starts after."""
-        row = self.cursor().execute(
-            "SELECT (SELECT coalesce(max(id), 0) FROM decisions), (SELECT coalesce(max(id), 0) FROM events)"
-        ).fetchone()
+        cursor = self.cursor()
+        try:
+            row = cursor.execute(
+                "SELECT (SELECT coalesce(max(id), 0) FROM decisions), (SELECT coalesce(max(id), 0) FROM events)"
+            ).fetchone()
+        finally:
+            cursor.close()
         assert row is not None
         return int(row[0]), int(row[1])
 

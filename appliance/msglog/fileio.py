@@ -56,8 +56,9 @@ class FileIO:
     # Built from the primitives above, so every FileIO gets them right the same way.
 
     def makedirs(self, path: Path) -> None:
-        """Create `path` and any missing parents, fsyncing each parent after adding an entry to it and
-        `path` itself, so a power cut right after cannot take the directory away again."""
+        """Create `path` and any missing parents, fsyncing each parent after adding an entry to it, and
+        `path` and its parent in any case (a process killed before its fsync may have created them),
+        so a power cut right after cannot take the directory or its entries away again."""
         path = Path(path).absolute()
         missing = []
         probe = path
@@ -70,6 +71,8 @@ class FileIO:
             except FileExistsError:
                 pass
             self.fsync_dir(directory.parent)
+        if not missing:
+            self.fsync_dir(path.parent)
         self.fsync_dir(path)
 
     def write_all(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

@@ -132,7 +132,6 @@ class MessageLog:
         self._allocated = 0  # file size when preallocating
         self._unsynced = False  # os_buffered: written since the last fdatasync
         self._last_sync = 0.0
-        self._taken = 0  # last seq taken from the pending buffer
         self._next_probe = 0.0
         self._segments = 0
         self._stats = {"records": 0, "bytes_appended": 0, "syncs": 0, "failed_batches": 0}
@@ -203,7 +202,6 @@ class MessageLog:
         report.segments = self._segments
         report.last_seq = last_seq
         self._next_seq = last_seq + 1
-        self._taken = last_seq
         self._durable_w = self.durable_seq = self.synced_seq = self._written_seq = last_seq
         self._last_sync = time.monotonic()
         self._opened = True
@@ -290,7 +288,6 @@ class MessageLog:
                 batch, first, last, final, commands = self._next_work()
                 if batch:
                     self._write_batch(batch, first, last)
-                # Only after the batch: a roll names the new segment after the next seq not yet written.
                 self._timers()
                 for fn, waiter in commands:  # after the batch: seal() covers what was appended before
                     waiter.run(fn)
@@ -332,7 +329,6 @@ class MessageLog:
         batch = self._buf
         self._buf = bytearray()
         self._sync_requested = False
-        self._taken = self._next_seq - 1
         return batch
 
     def _take_commands(self) -> list[tuple[Callable[[], Any], _Waiter]]:
@@ -430,14 +426,14 @@ class MessageLog:
     def _fail(self, first: int, last: int, error: str) -> None:
         self._stats["failed_batches"] += 1
         self.lost += last - first + 1
+        self._degraded(error)
+        self._call(self._deliver_failure, first, last, error)
         with self._dcond:
             self._failed_first.append(first)
             self._failed_last.append(last)
             if len(self._failed_first) > 100_000:
                 del self._failed_first[:50_000], self._failed_last[:50_000]
             self._dcond.notify_all()
-        self._degraded(error)
-        self._call(self._deliver_failure, first, last, error)
 
     def _degraded(self, error: str) -> None:
         self._next_probe = time.monotonic() + RETRY_INTERVAL
@@ -459,7 +455,7 @@ class MessageLog:
             self._sync_buffered()
             return
         if self._fd is None:
-            if self._reopen(self._taken + 1):
+            if self._reopen(self._written_seq + 1):
                 self._recovered()
             return
         try:
@@ -473,10 +469,10 @@ class MessageLog:
         self._recovered()
 
     def _durable(self, seq: int) -> None:
+        self._call(self._deliver_durable, seq)
         with self._dcond:
             self._durable_w = seq
             self._dcond.notify_all()
-        self._call(self._deliver_durable, seq)
 
     def _failed(self, seq: int) -> bool:
         i = bisect.bisect_right(self._failed_first, seq) - 1
@@ -520,7 +516,9 @@ class MessageLog:
         return True
 
     def _roll(self, first_seq: int | None = None) -> SegmentInfo | None:
-        """Seal the active segment (synced, cut to its last record) and start a new one."""
+        """Seal the active segment (synced, cut to its last record) and start a new one, named after
+        the first seq it may hold: `first_seq`, or the one after the last record written (a batch
+        already taken but not yet written must still fit in it)."""
         old = self._segment
         if self._fd is not None:
             if self._unsynced:
@@ -534,7 +532,7 @@ class MessageLog:
             self.io.close(self._fd)
             self._fd = None
             self._segment = None
-        if not self._reopen(first_seq if first_seq is not None else self._taken + 1):
+        if not self._reopen(first_seq if first_seq is not None else self._written_seq + 1):
             self._degraded(self._last_error)
         if old is not None and self.on_seal is not None:
             try:

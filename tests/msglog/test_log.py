@@ -444,3 +444,16 @@ def test_wait_durable_from_many_threads(directory: Path) -> None:
     log.stop()
     assert results == [True] * 800
     assert [r.seq for r in read_log(directory)] == list(range(1, 801))
+
+
+def test_a_segment_rolled_by_age_between_batches_names_the_next_record(directory: Path) -> None:
+    # segment_max_age=0: every timer check rolls, so rolls race with batches being taken and written.
+    sealed: list[SegmentInfo] = []
+    log = started(directory, segment_max_age=0.0, on_seal=sealed.append, policy=SyncPolicy(window=0))
+    for i in range(1, 301):
+        log.append(1, body(i))
+        if i % 3 == 0:
+            assert log.wait_durable(i, timeout=30)
+    log.stop()
+    assert len(sealed) > 10
+    assert list(read_log(directory)) == [LogRecord(i, 1, body(i)) for i in range(1, 301)]

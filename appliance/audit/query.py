@@ -108,7 +108,7 @@ class AuditQuery:
     def _open(self, config: dict[str, Any], locked: bool) -> duckdb.DuckDBPyConnection:
         for _ in range(_ATTEMPTS):
             mark = self.layout.read_watermark()
-            files = {t: [f.path for f in self.layout.files(t, upto_seq=mark.last_seq)] for t in TABLES}
+            files = {t: [f.path for f in self.layout.visible(t, upto_seq=mark.last_seq)] for t in TABLES}
             con = duckdb.connect(":memory:", config=config)
             try:
                 con.execute("SET GLOBAL TimeZone = 'UTC'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from appliance.forward import Outbox
 from appliance.msglog import list_segments
 from appliance.msglog.cursor import Cursor
+from appliance.msglog.testing import FaultyIO
 from tests.forward.harness import bounds, harness
 
 
@@ -213,3 +215,22 @@ def test_drops_survive_a_restart_once_saved(tmp_path: Path):
         again = h.make_outbox(bounds(policy="drop_oldest", max_messages=20))
         assert again.depth().messages == 20 and again.enforce() == []
         again.close()
+
+
+def test_a_failing_cursor_save_is_reported_and_retried(tmp_path: Path):
+    """A full or failing disk under the cursor: the cursor stays where it was saved (a restart would
+    resend, never skip), the error shows in last_error, and the next save works again."""
+    with harness(tmp_path) as h:
+        h.add([h.row("s", i) for i in range(20)])
+        io = FaultyIO()
+        io.sync_error = errno.EIO
+        outbox = Outbox.for_log(h.log, Cursor(h.cursor_path, io=io), bounds(), save_every=1)
+        rows = outbox.next_batch(0, 20)
+        assert outbox.acknowledge(r.seq for r in rows[:10]) == 10  # acknowledged all the same
+        assert outbox.saved_cursor == 0 and outbox.needed_from() == 1
+        assert outbox.last_error is not None and "cursor save failed" in outbox.last_error and outbox.errors >= 1
+        io.sync_error = None
+        outbox.acknowledge([rows[10].seq])
+        assert outbox.saved_cursor == rows[10].seq == Cursor(h.cursor_path).load()
+        assert outbox.last_error is None
+        outbox.close()

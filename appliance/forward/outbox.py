@@ -156,6 +156,13 @@ class Outbox:
         self._pending = Pending()
         self._segments: list[int] = []  # first_seq of each segment holding a pending message
         self._saved = cursor.load()
+        if durable_seq is not None and self._saved > (end := durable_seq()):
+            # A cursor beyond the end of the log belongs to another log (the log directory was
+            # replaced or emptied, and seqs start over): following it would skip every message
+            # until the new log caught up. Forward what this log holds instead.
+            self._error("cursor", f"outbox: the saved cursor ({self._saved}) is beyond the end of the log ({end}): "
+                                  "it belongs to another log; forwarding this log from its start")
+            self._saved = 0
         self._saved_at = time.monotonic()
         self._moved_since_save = 0  # acknowledgements and drops not in the saved cursor yet
         self._tail = LogTail(self.directory, self._saved, self._files, on_problem=self._damaged)

@@ -234,3 +234,17 @@ def test_a_failing_cursor_save_is_reported_and_retried(tmp_path: Path):
         assert outbox.saved_cursor == rows[10].seq == Cursor(h.cursor_path).load()
         assert outbox.last_error is None
         outbox.close()
+
+
+def test_a_cursor_beyond_the_end_of_the_log_is_not_followed(tmp_path: Path):
+    """The log directory was emptied or replaced (seqs start over) but the cursor file stayed:
+    following it would skip every message until the new log caught up. Forward the log instead."""
+    with harness(tmp_path) as h:
+        h.add([h.row("s", i) for i in range(10)])
+        stale = Cursor(h.cursor_path)
+        stale.save(h.log.durable_seq + 1000)
+        stale.close()
+        outbox = h.make_outbox()
+        assert outbox.depth().messages == 10
+        assert outbox.last_error is not None and "beyond the end of the log" in outbox.last_error
+        outbox.close()

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from appliance.audit.records import DECISION, FORWARD_ONLY
+from appliance.audit.records import DECISION, FORWARD_ONLY, RecordKind
 from appliance.forward.config import OutboxBounds
 from appliance.forward.logtail import LogTail, SegmentFiles
 from appliance.forward.pending import Entry, Pending
@@ -102,13 +102,49 @@ class Dropped:
     reason: DropReason
 
 
+_VARIABLE_TYPES = ("str", "text", "bytes", "sha256")
+
+
+def _fixed_fields_reader(kind: RecordKind, names: tuple[str, ...]) -> Callable[[bytes], tuple[Any, ...]]:
+    """Reads a few fixed-size fields of a body without decoding it (0.7 µs instead of ~5 µs for a
+    decision: the outbox reads every record of the log once). The body's struct comes first, fields
+    in declaration order after the null mask (records.py); checked here on a sample, with the full
+    decode as the fallback should that layout ever change."""
+    fixed = [f.name for f in kind.fields if f.type not in _VARIABLE_TYPES]
+    positions = [1 + fixed.index(name) for name in names]
+    unpack = kind.head.unpack_from  # type: ignore[attr-defined]
+
+    def peek(body: bytes) -> tuple[Any, ...]:
+        values = unpack(body)
+        return tuple(values[i] for i in positions)
+
+    def decode(body: bytes) -> tuple[Any, ...]:
+        row = kind.decode(body)
+        return tuple(row[kind.names.index(name)] for name in names)
+
+    samples = {"i64": 7, "f64": 1.5, "i32": 3, "u8": 2, "bool": True, "verdict": "accept", "str": "s",
+               "text": "t", "bytes": b"b", "sha256": "ab" * 32}
+    try:
+        body = kind.encode(tuple(samples[f.type] for f in kind.fields))
+        if peek(body) == decode(body) and all(not f.nullable for f in kind.fields if f.name in names):
+            return peek
+    except (KeyError, ValueError, IndexError):
+        pass
+    log.warning("outbox: %s record layout not as expected; decoding records in full", kind.name)
+    return decode
+
+
+_decision_peek = _fixed_fields_reader(DECISION, ("ts", "forward"))
+_forward_only_peek = _fixed_fields_reader(FORWARD_ONLY, ("ts",))
+
+
 def forward_ts(kind: int, body: bytes) -> float | None:
     """The receive time of a record that is a message to forward; None for any other record."""
     if kind == _DECISION:
-        row = DECISION.decode(body)
-        return row[_D["ts"]] if row[_D["forward"]] else None  # type: ignore[no-any-return]
+        ts, forward = _decision_peek(body)
+        return ts if forward else None  # type: ignore[no-any-return]
     if kind == _FORWARD_ONLY:
-        return FORWARD_ONLY.decode(body)[_F["ts"]]  # type: ignore[no-any-return]
+        return _forward_only_peek(body)[0]  # type: ignore[no-any-return]
     return None
 
 

@@ -59,6 +59,16 @@ class SegmentFiles:
     def pread(self, first_seq: int, offset: int, length: int) -> bytes:
         return os.pread(self.fd(first_seq), length, offset)
 
+    def replaced(self, first_seq: int) -> bool:
+        """The open file is no longer the one under its name (rewritten and renamed over, or removed)."""
+        fd = self._fds.get(first_seq)
+        if fd is None:
+            return False
+        try:
+            return os.stat(self.directory / segment_name(first_seq)).st_ino != os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return True
+
     def close_before(self, first_seq: int) -> None:
         """Close the segments below this one (nothing there is needed any more)."""
         for seq in [s for s in self._fds if s < first_seq]:

@@ -203,6 +203,7 @@ class Outbox:
         self._moved_since_save = 0  # acknowledgements and drops not in the saved cursor yet
         self._tail = LogTail(self.directory, self._saved, self._files, on_problem=self._damaged)
         self._full = False
+        self._stale = False  # a read found a segment that changed under the index
         self._depth = OutboxDepth(0, 0, None)
         with self._lock:
             self._catch_up()
@@ -233,7 +234,12 @@ class Outbox:
         """Up to `limit` messages waiting, with seq > after_seq, oldest first."""
         with self._lock:
             self._catch_up()
-            return self._read(self._pending.entries(after_seq, limit))
+            entries = self._pending.entries(after_seq, limit)
+            rows = self._read(entries)
+            if len(rows) < len(entries) and self._stale:
+                self.reload()  # a segment was rewritten under us: index it again, then read
+                rows = self._read(self._pending.entries(after_seq, limit))
+            return rows
 
     def acknowledge(self, seqs: Iterable[int]) -> int:
         """The cloud broker has these messages: returns how many were waiting (a message dropped
@@ -445,6 +451,9 @@ class Outbox:
             while j < len(entries) and entries[j].seq < next_segment and entries[j].offset + entries[j].size - start <= READ_SPAN:
                 j += 1
             end = entries[j - 1].offset + entries[j - 1].size
+            if files.replaced(segment):  # rewritten (a purge?): what the index says is stale
+                self._stale = True
+                return rows
             try:
                 buf = files.pread(segment, start, end - start)
             except OSError as exc:
@@ -454,14 +463,30 @@ class Outbox:
                 at = entry.offset - start
                 if len(buf) < at + entry.size:
                     self._error("read", f"outbox: message {entry.seq} is missing from log segment {segment}")
+                    self._stale = True
                     return rows
                 _, length, kind, seq = RECORD_HEADER.unpack_from(buf, at)
                 if seq != entry.seq or RECORD_HEADER_SIZE + length != entry.size:
                     self._error("read", f"outbox: log segment {segment} changed under the outbox at offset {entry.offset}")
+                    self._stale = True
                     return rows
                 rows.append(to_row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size]))
             i = j
         return rows
+
+    def reload(self) -> None:
+        """Forget the index and the open segment files, and read the log again from the cursor:
+        after something rewrote segments the outbox still needs (a purge). Messages acknowledged
+        out of order and not yet behind the cursor are sent again."""
+        with self._lock:
+            start = self.cursor
+            self._files.close()
+            self._files = SegmentFiles(self.directory)
+            self._pending = Pending()
+            self._segments = []
+            self._tail = LogTail(self.directory, start, self._files, on_problem=self._damaged)
+            self._stale = False
+            self._catch_up()
 
     def _damaged(self, path: Path, offset: int, kind: str) -> None:
         self._error("damage", f"outbox: {kind} log segment {path.name} at offset {offset}: the rest of it is skipped")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import errno
+import os
 import time
 from pathlib import Path
 
 import pytest
 
 from appliance.forward import Outbox
-from appliance.msglog import list_segments
+from appliance.msglog import list_segments, read_segment
+from appliance.msglog.format import encode_file_header, encode_record
 from appliance.msglog.cursor import Cursor
 from appliance.msglog.testing import FaultyIO
 from tests.forward.harness import bounds, harness
@@ -247,4 +249,26 @@ def test_a_cursor_beyond_the_end_of_the_log_is_not_followed(tmp_path: Path):
         outbox = h.make_outbox()
         assert outbox.depth().messages == 10
         assert outbox.last_error is not None and "beyond the end of the log" in outbox.last_error
+        outbox.close()
+
+
+def test_a_segment_rewritten_under_the_outbox_is_indexed_again(tmp_path: Path):
+    """Something rewrote a sealed segment the outbox still needs (e.g. a purge dropping a record):
+    the stale offsets are noticed on the next read and the log is indexed again from the cursor."""
+    with harness(tmp_path) as h:
+        msgs = [h.row("s", i) for i in range(30)]
+        h.add(msgs)
+        h.log.seal()
+        outbox = h.make_outbox()
+        rows = outbox.next_batch(0, 5)
+        outbox.acknowledge(r.seq for r in rows)
+        (segment,) = [info for info in list_segments(h.log_dir) if info.first_seq <= rows[0].seq][-1:]
+        eleventh = outbox.next_batch(0, 6)[5].seq
+        kept = [r for r in read_segment(segment.path) if r.seq != eleventh]
+        replacement = segment.path.with_suffix(".new")
+        replacement.write_bytes(encode_file_header(segment.first_seq) + b"".join(encode_record(*r) for r in kept))
+        os.replace(replacement, segment.path)
+        again = outbox.next_batch(0, 100)
+        assert [r.payload for r in again] == [m.payload for m in msgs[5:] if m.payload != b"s:10"]
+        assert outbox.depth().messages == 24
         outbox.close()

@@ -34,14 +34,14 @@ from pathlib import Path
 import duckdb
 
 from appliance.audit.layout import (
-    TABLES, Layout, Watermark, make_dirs, publish, sql_string, temp_name, write_durably,
+    TABLES, Layout, Watermark, fsync_dir, make_dirs, publish, sql_string, temp_name, write_durably,
 )
 from appliance.audit.records import AUDITED, DECISION, EVENT, KINDS, RecordKind
 from appliance.msglog.reader import SegmentInfo, list_segments, read_segment
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_BYTES = 64 << 20
+MAX_BATCH_BYTES = 16 << 20  # one default segment: peak RSS ~145 MB (64 MiB: ~290 MB)
 ROW_GROUP_ROWS = 122_880  # DuckDB's default row group: large groups scan fastest
 APPEND_ROWS = 10_000
 MEMORY_LIMIT = "64MB"
@@ -158,6 +158,7 @@ def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
     with layout.maintenance():
         mark = layout.read_watermark()
         report.watermark = mark
+        remove_orphans(layout, mark)
         con = connect(layout, memory_limit=memory_limit, threads=threads)
         try:
             while pending := pending_segments(layout, mark):
@@ -186,6 +187,21 @@ def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
         if checkpoint:
             checkpoint("views_written")
     return report
+
+
+def remove_orphans(layout: Layout, mark: Watermark) -> int:
+    """Deletes the files an interrupted run left past the watermark (their records are still in the
+    log, and this run writes them again), so tools globbing the directory do not count them twice
+    meanwhile."""
+    covered = {(t, f.path) for t in TABLES for f in layout.files(t, upto_seq=mark.last_seq)}
+    removed = 0
+    for table in TABLES:
+        for f in layout.files(table):
+            if (table, f.path) not in covered:
+                f.path.unlink()
+                fsync_dir(f.path.parent)
+                removed += 1
+    return removed
 
 
 def _size(path: Path) -> int:

@@ -1,0 +1,232 @@
+"""`AuditQuery`: the audit tables as analysts see them, in a DuckDB of its own (in memory, in the
+process that asks: `appliance audit sql`, export, quarantine listings), never in the service.
+
+`decisions` and `events` are views over the Parquet files the watermark covers plus the tail: the
+records after the watermark (sealed segments not converted yet and the active segment), read from
+the log and decoded with records.py when the query opens. A record written to the log is thus
+visible to the next query as soon as the writer has handed it to the OS. `accepted`, `rejected`
+and `quarantine` are defined as in the views file (seal.py), with the same columns and types as the
+DuckDB store had (reasons a STRUCT list, detail JSON, ts TIMESTAMPTZ shown in UTC).
+
+Analyst SQL goes through the guard (guard.py) and runs in a transaction that is rolled back; behind
+it the connection has external access disabled and its configuration locked, with only the Parquet
+directory readable: even SQL that got past the guard cannot read other files, write any, attach
+databases or load extensions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Self
+
+import duckdb
+
+from appliance.audit import quarantine as _quarantine
+from appliance.audit.errors import AuditError, QueryRefused, QueryTimeout
+from appliance.audit.guard import check_query
+from appliance.audit.layout import TABLES, Layout, Watermark, sql_string
+from appliance.audit.records import AUDITED, KINDS
+from appliance.audit.results import QueryResult
+from appliance.audit.seal import view_statements
+from appliance.msglog.reader import list_segments, read_segment
+
+MEMORY_LIMIT = "64MB"
+_ATTEMPTS = 5
+
+
+def _tail_table(table: str) -> str:
+    return f"_tail_{table}"
+
+
+def load_tail(con: duckdb.DuckDBPyConnection, layout: Layout, mark: Watermark, *,
+              chunk: int = 10_000) -> int:
+    """Reads the records of every segment after the watermark's into tables `_tail_decisions` and
+    `_tail_events` (the audit columns); returns how many records it loaded."""
+    stages, appenders, buffers = {}, {}, {}
+    for kind in AUDITED:
+        stages[kind.code] = f"_stage_{kind.table}"
+        con.execute(kind.stage_ddl(stages[kind.code], temp=False))
+        appenders[kind.code] = con.appender(stages[kind.code])
+        buffers[kind.code] = []
+    loaded = 0
+    for info in list_segments(layout.log_dir):
+        if info.first_seq <= mark.segment:
+            continue
+        try:
+            for record in read_segment(info.path, from_seq=mark.last_seq + 1):
+                buffer = buffers.get(record.kind)
+                if buffer is None:
+                    continue
+                buffer.append(KINDS[record.kind].decode(record.body))
+                if len(buffer) >= chunk:
+                    appenders[record.kind].append_rows(buffer)
+                    loaded += len(buffer)
+                    buffer.clear()
+        except FileNotFoundError:
+            continue  # converted and removed meanwhile: the caller sees the watermark move
+    for code, buffer in buffers.items():
+        if buffer:
+            appenders[code].append_rows(buffer)
+            loaded += len(buffer)
+        appenders[code].flush()
+    for kind in AUDITED:
+        con.execute(f"CREATE OR REPLACE TABLE {_tail_table(kind.table)} AS "
+                    f"SELECT {kind.select_from_stage()} FROM {stages[kind.code]}")
+        con.execute(f"DROP TABLE {stages[kind.code]}")
+    return loaded
+
+
+def parquet_source(paths: Sequence[Path]) -> str:
+    listed = ", ".join(sql_string(p) for p in paths)
+    return f"read_parquet([{listed}], hive_partitioning = false)"
+
+
+class AuditQuery:
+    """A snapshot of the audit log: Parquet files + tail as of when it was opened."""
+
+    def __init__(self, state_dir: Path, *, memory_limit: str = MEMORY_LIMIT, threads: int = 2,
+                 locked: bool = True):
+        self.layout = Layout(state_dir)
+        self._scratch = self.layout.tmp_dir / f"query-{os.getpid()}-{id(self)}"
+        self._lock = threading.Lock()
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        config: dict[str, Any] = {
+            "memory_limit": memory_limit, "threads": threads, "temp_directory": str(self._scratch),
+            "autoinstall_known_extensions": False, "autoload_known_extensions": False,
+        }
+        try:
+            self._con = self._open(config, locked)
+        except BaseException:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            raise
+
+    def _open(self, config: dict[str, Any], locked: bool) -> duckdb.DuckDBPyConnection:
+        for _ in range(_ATTEMPTS):
+            mark = self.layout.read_watermark()
+            files = {t: [f.path for f in self.layout.files(t, upto_seq=mark.last_seq)] for t in TABLES}
+            con = duckdb.connect(":memory:", config=config)
+            try:
+                con.execute("SET GLOBAL TimeZone = 'UTC'")
+                self.tail_records = load_tail(con, self.layout, mark)
+            except BaseException:
+                con.close()
+                raise
+            if self.layout.read_watermark() == mark:
+                break
+            con.close()  # a conversion finished meanwhile: its segments may be gone; start again
+        else:
+            raise AuditError("the audit log kept changing while it was being opened; try again")
+        self.watermark = mark
+        self.files = files
+        try:
+            sources = {}
+            for table in TABLES:
+                tail = f"(SELECT * FROM {_tail_table(table)})"
+                sources[table] = (f"(SELECT * FROM {parquet_source(files[table])} UNION ALL BY NAME "
+                                  f"SELECT * FROM {_tail_table(table)})") if files[table] else tail
+            for statement in view_statements(self.layout, sources):
+                con.execute(statement)
+            if locked:
+                allowed = sql_string(str(self.layout.parquet_dir) + os.sep)
+                con.execute(f"SET allowed_directories = [{allowed}]")
+                con.execute("SET enable_external_access = false")
+                con.execute("SET lock_configuration = true")
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor of its own for a thread (DuckDB cursors must not be shared between threads)."""
+        with self._lock:
+            return self._con.cursor()
+
+    def query(self, sql: str, *, timeout: float = 30.0, max_rows: int = 100_000) -> QueryResult:
+        """Runs one analyst SELECT through the guard, read-only, cut off after `timeout` seconds."""
+        cursor = self.cursor()
+        try:
+            return run_guarded(cursor, sql, timeout=timeout, max_rows=max_rows)
+        finally:
+            cursor.close()
+
+    def quarantine_list(self, *, topic: str | None = None, since: datetime | None = None,
+                        reason: str | None = None, limit: int = 100) -> QueryResult:
+        cursor = self.cursor()
+        try:
+            return _quarantine.list_held(cursor, topic=topic, since=since, reason=reason, limit=limit)
+        finally:
+            cursor.close()
+
+    def quarantine_get(self, decision_id: int) -> dict[str, Any] | None:
+        cursor = self.cursor()
+        try:
+            return _quarantine.get(cursor, decision_id)
+        finally:
+            cursor.close()
+
+    def max_ids(self) -> tuple[int, int]:
+        """The largest decision and event ids (0 when none): where a new IdClock starts after."""
+        cursor = self.cursor()
+        try:
+            row = cursor.execute(
+                "SELECT (SELECT coalesce(max(id), 0) FROM decisions), (SELECT coalesce(max(id), 0) FROM events)"
+            ).fetchone()
+        finally:
+            cursor.close()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def run_guarded(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout: float, max_rows: int) -> QueryResult:
+    text = check_query(cursor, sql)
+    expired = threading.Event()
+
+    def interrupt() -> None:
+        expired.set()
+        cursor.interrupt()
+
+    timer = threading.Timer(timeout, interrupt)
+    timer.daemon = True
+    timer.start()
+    try:
+        # Second layer: whatever got past the check runs in a transaction that is rolled back.
+        cursor.begin()
+        cursor.execute(text)
+        columns = [d[0] for d in cursor.description or ()]
+        rows = cursor.fetchmany(max_rows + 1)
+    except duckdb.Error as error:
+        if expired.is_set():
+            raise QueryTimeout(
+                f"the query ran longer than {timeout:g} s and was stopped: narrow the time range "
+                "(WHERE ts >= ...) or add a LIMIT") from None
+        if isinstance(error, duckdb.PermissionException):
+            raise QueryRefused(f"reading or writing files is not allowed ({_first(error)})") from None
+        raise QueryRefused(f"the query failed: {_first(error)}") from None
+    finally:
+        timer.cancel()
+        try:
+            cursor.rollback()
+        except duckdb.Error:
+            pass  # no transaction open (begin failed)
+    return QueryResult(columns, rows[:max_rows], len(rows) > max_rows)
+
+
+def _first(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

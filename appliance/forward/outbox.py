@@ -172,11 +172,13 @@ class Outbox:
         *,
         cursor: CursorStore,
         durable_seq: Callable[[], int] | None = None,
+        synced_seq: Callable[[], int] | None = None,
         save_interval: float = SAVE_INTERVAL_S,
         save_every: int = SAVE_EVERY,
     ):
         """`directory`: the message log's; `durable_seq`: the log's durable_seq (None: every complete
-        record on disk counts, for a log no writer is appending to)."""
+        record on disk counts, for a log no writer is appending to); `synced_seq`: the highest seq
+        the log has fdatasync'd (default: durable_seq), the most the saved cursor may say."""
         self.directory = Path(directory)
         self.bounds = bounds
         self.save_interval = save_interval
@@ -187,6 +189,7 @@ class Outbox:
         self.waiter: Callable[[], None] | None = None  # the forwarder's wake(), while it runs
         self._cursor = cursor
         self._durable_seq = durable_seq or (lambda: MAX_SEQ)
+        self._synced_seq = synced_seq or self._durable_seq
         self._lock = threading.RLock()
         self._files = SegmentFiles(self.directory)
         self._pending = Pending()
@@ -212,7 +215,8 @@ class Outbox:
     def for_log(cls, message_log: Any, cursor: CursorStore, bounds: OutboxBounds, **options: Any) -> Outbox:
         """An outbox over a running MessageLog: reads up to its durable_seq, and is told (wakes
         the forwarder) whenever that advances."""
-        outbox = cls(message_log.directory, bounds, cursor=cursor, durable_seq=lambda: message_log.durable_seq, **options)
+        outbox = cls(message_log.directory, bounds, cursor=cursor, durable_seq=lambda: message_log.durable_seq,
+                     synced_seq=lambda: message_log.synced_seq, **options)
         message_log.add_listener(outbox.on_durable)
         return outbox
 
@@ -291,7 +295,10 @@ class Outbox:
             now = time.monotonic()
             if not force and self._moved_since_save < self.save_every and now - self._saved_at < self.save_interval:
                 return False
-            position = self.cursor
+            # Never past what the log has synced: under os_buffered a power cut can take records
+            # that were forwarded already, and the log then hands their seqs out again; a cursor
+            # beyond them would skip the new records. Up to it, they are sent again instead.
+            position = min(self.cursor, self._synced_seq())
             if position <= self._saved:
                 self._saved_at = now
                 return False

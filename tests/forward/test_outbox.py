@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import time
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from appliance.forward import Outbox
 from appliance.msglog import list_segments, read_segment
 from appliance.msglog.format import encode_file_header, encode_record
 from appliance.msglog.cursor import Cursor
-from appliance.msglog.testing import FaultyIO
+from appliance.msglog.log import MessageLog, SyncPolicy
+from appliance.msglog.testing import CrashIO, FaultyIO
 from tests.forward.harness import bounds, harness
+from tests.helpers import wait_until
 
 
 def test_next_batch_reads_in_log_order_and_acknowledge_updates_the_counters(tmp_path: Path):
@@ -272,3 +275,43 @@ def test_a_segment_rewritten_under_the_outbox_is_indexed_again(tmp_path: Path):
         assert [r.payload for r in again] == [m.payload for m in msgs[5:] if m.payload != b"s:10"]
         assert outbox.depth().messages == 24
         outbox.close()
+
+
+def test_the_saved_cursor_never_passes_what_the_log_synced(tmp_path: Path):
+    """os_buffered: a record counts as stored (and is forwarded) once written to the OS, and is
+    synced every `interval`. A power cut then takes the unsynced records and the log hands their
+    seqs out again: a cursor saved past them would skip the new records that get those seqs."""
+    io = CrashIO(tmp_path / "state", rng=random.Random(7))
+    directory, cursor_path = tmp_path / "state" / "log", tmp_path / "state" / "forward" / "cursor"
+    with harness(tmp_path / "rows") as h:
+        before = [h.row("before", i) for i in range(20)]
+        after = [h.row("after", i) for i in range(30)]
+    message_log = MessageLog(directory, io=io, policy=SyncPolicy(mode="os_buffered", interval=3600.0))
+    message_log.open()
+    message_log.start()
+    for msg in before:
+        message_log.append(msg.kind.code, msg.kind.encode(msg.row))
+    wait_until(lambda: message_log.durable_seq == message_log.last_seq, message="written to the OS")
+    outbox = Outbox.for_log(message_log, Cursor(cursor_path, io=io), bounds())
+    rows = outbox.next_batch(0, 100)
+    assert len(rows) == 20  # forwarded although not synced yet
+    outbox.acknowledge(r.seq for r in rows)
+    outbox.checkpoint(force=True)
+    assert outbox.saved_cursor <= message_log.synced_seq < message_log.durable_seq
+    io.crash()  # power cut: the 20 unsynced records are gone
+    message_log.stop()
+    io.revive()
+
+    message_log = MessageLog(directory, io=io)
+    message_log.open()
+    message_log.start()
+    for msg in after:  # they get the seqs of the lost ones, and more
+        message_log.append(msg.kind.code, msg.kind.encode(msg.row))
+    wait_until(lambda: message_log.durable_seq == message_log.last_seq, message="durable")
+    again = Outbox.for_log(message_log, Cursor(cursor_path, io=io), bounds())
+    got = [r.payload for r in again.next_batch(0, 100)]
+    assert [m.payload for m in after] == got[-30:]  # none skipped
+    assert again.last_error is None
+    again.close()
+    outbox.close()
+    message_log.stop()

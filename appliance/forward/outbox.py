@@ -201,7 +201,7 @@ class Outbox:
             # until the new log caught up. Forward what this log holds instead.
             self._error("cursor", f"outbox: the saved cursor ({self._saved}) is beyond the end of the log ({end}): "
                                   "it belongs to another log; forwarding this log from its start")
-            self._saved = 0
+            self._saved = self._forget_saved_cursor()
         self._saved_at = time.monotonic()
         self._moved_since_save = 0  # acknowledgements and drops not in the saved cursor yet
         self._tail = LogTail(self.directory, self._saved, self._files, on_problem=self._damaged)
@@ -311,6 +311,23 @@ class Outbox:
             self._release_segments()
             self._ok("cursor")
             return True
+
+    def _forget_saved_cursor(self) -> int:
+        """Remove the cursor file (a Cursor never goes backwards: its saves would be ignored up to
+        the stale seq, and a later restart would follow it again)."""
+        path, io = getattr(self._cursor, "path", None), getattr(self._cursor, "io", None)
+        if path is not None and io is not None:
+            try:
+                io.unlink(path)
+                io.fsync_dir(path.parent)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._error("cursor", f"outbox: cannot remove the stale cursor {path}: {exc}")
+            # A fresh one: Cursor.load() of a missing file leaves the old position in memory.
+            self._cursor.close()
+            self._cursor = type(self._cursor)(path, io)  # type: ignore[call-arg]
+        return self._cursor.load()
 
     def _release_segments(self) -> None:
         """Forget (and close) the segments before the oldest pending message's."""

@@ -252,7 +252,13 @@ def test_a_cursor_beyond_the_end_of_the_log_is_not_followed(tmp_path: Path):
         outbox = h.make_outbox()
         assert outbox.depth().messages == 10
         assert outbox.last_error is not None and "beyond the end of the log" in outbox.last_error
+        rows = outbox.next_batch(0, 4)
+        outbox.acknowledge(r.seq for r in rows)
         outbox.close()
+        assert Cursor(h.cursor_path).load() == rows[-1].seq  # the stale position is gone for good
+        again = h.make_outbox()
+        assert again.depth().messages == 6 and again.last_error is None
+        again.close()
 
 
 def test_a_segment_rewritten_under_the_outbox_is_indexed_again(tmp_path: Path):

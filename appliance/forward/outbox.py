@@ -306,6 +306,7 @@ class Outbox:
                 self._cursor.save(position)
             except OSError as exc:
                 self._error("cursor", f"outbox cursor save failed: {exc}")
+                self._saved_at, self._moved_since_save = now, 0  # retry when due again, not on every ack
                 return False
             self._saved, self._saved_at, self._moved_since_save = position, now, 0
             self._release_segments()

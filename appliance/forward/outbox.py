@@ -453,7 +453,7 @@ class Outbox:
                 pending.add(record.seq, ts, RECORD_HEADER_SIZE + len(record.body), offset)
             if len(located) < CATCH_UP_BATCH:
                 break
-        if tail.stuck is not None and upto > tail.last_seq:
+        if tail.stuck is not None and tail.last_seq < upto < MAX_SEQ:
             # Durable records lie beyond: this is not a record being written, it is damage.
             segment, offset = tail.stuck
             self._error("read", f"outbox: damaged record in the newest log segment {segment} at offset {offset}: "

@@ -321,3 +321,18 @@ def test_the_saved_cursor_never_passes_what_the_log_synced(tmp_path: Path):
     again.close()
     outbox.close()
     message_log.stop()
+
+
+def test_damage_in_the_newest_segment_before_durable_records_is_reported(tmp_path: Path):
+    """Forwarding cannot pass a damaged record in the active segment: that is not a silent stall,
+    it is an error in last_error (and the forwarder's status and outbox_error event)."""
+    with harness(tmp_path) as h:
+        h.add([h.row("s", i) for i in range(10)])
+        (segment,) = list_segments(h.log_dir)[-1:]
+        data = bytearray(segment.path.read_bytes())
+        data[data.index(b"s:4") + 2] ^= 0x01  # bit rot in the 5th message's payload
+        segment.path.write_bytes(bytes(data))
+        outbox = h.make_outbox()
+        assert outbox.depth().messages == 4
+        assert outbox.last_error is not None and "damaged record in the newest log segment" in outbox.last_error
+        outbox.close()

@@ -1,15 +1,13 @@
-"""Drain-rate benchmark: a backlog in the outbox (an uplink outage's worth of messages in the
-message log), live traffic arriving at a steady rate, and a forwarder draining both to a mosquitto on
-loopback. `appliance bench` measures the whole appliance with the uplink up; this measures the
-catch-up after an outage, which it does not.
+"""Drain-rate benchmark: a backlog in the outbox, live traffic arriving at a steady rate, and a
+forwarder draining both to a mosquitto on loopback.
 
     python -m appliance.forward.bench --backlog 50000 --live-rate 1000
 
 Reports the drain rate (messages acknowledged per second while the backlog drains, live traffic
 included), how much faster than the ingest rate that is, and the bytes written to disk per message
-(the log's appends and syncs, under its default power-safe policy, plus the forwarder's cursor
-saves; nothing is deleted per message), from /proc/self/io write_bytes, so page-cache writeback
-done later by the kernel for this process counts too.
+(appends and syncs by the message log's writer thread plus the forwarder's cursor saves, from
+/proc/self/io write_bytes, so page-cache writeback done later by the kernel for this process counts
+too), and the forwarder thread's CPU time per message.
 """
 
 from __future__ import annotations
@@ -32,8 +30,8 @@ from appliance.audit.records import DECISION, IdClock, payload_sha256
 from appliance.forward.config import UpstreamConfig
 from appliance.forward.forwarder import Forwarder
 from appliance.forward.outbox import Outbox
-from appliance.msglog import MessageLog
 from appliance.msglog.cursor import Cursor
+from appliance.msglog.log import MessageLog
 
 
 @dataclass(frozen=True)
@@ -47,9 +45,11 @@ class DrainResult:
     drain_rate: float  # messages acknowledged per second until the backlog was gone (live ones included)
     ratio_to_ingest: float
     live_forwarded: int
-    bytes_written_per_message_backlog: float  # log appends in large batches, then cursor saves while draining
-    bytes_written_per_message_live: float  # log appends at the live rate (small sync batches) plus cursor saves
+    bytes_written_per_message_backlog: float  # log appends in large batches, plus cursor saves
+    bytes_written_per_message_live: float  # log syncs at the live rate (small batches), plus cursor saves
     sent_total: int
+    forwarder_cpu_us_per_message: float  # the forwarder thread (log reads, index, MQTT), whole run
+    cursor_saves: int
 
 
 def _write_bytes() -> int:
@@ -83,33 +83,33 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
     broker = subprocess.Popen(  # noqa: ASYNC220 - started once, before anything is measured
         [mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     loop = asyncio.get_running_loop()
-    log = MessageLog(directory / "log")
-    log.start(loop)
+    message_log = MessageLog(directory / "log")
+    message_log.open()
+    message_log.start(loop)
     clock = IdClock()
     payload = b"x" * payload_bytes
     digest = payload_sha256(payload)
     sensors = [f"sensor-{i}" for i in range(20)]
     added = 0
+    encode, code = DECISION.encode, DECISION.code
 
     def add(count: int) -> int:
-        """Accepted messages marked for forwarding, as the audit sink records them."""
         nonlocal added
         seq = 0
         for _ in range(count):
             client = sensors[added % len(sensors)]
             now = time.time()
-            row = (clock.next(now), now, client, None, "127.0.0.1:40000", 5, f"plant/{client}/reading", 1, False,
-                   payload, payload_bytes, digest, "v1", "reading", "v1", "plant/+/reading", "accept", 0, "[]", 10,
-                   "bench", False, False, None, True, 1, True)
-            seq = log.append(DECISION.code, DECISION.encode(row))
+            seq = message_log.append(code, encode((
+                clock.next(now), now, client, None, "127.0.0.1:1", 5, f"plant/{client}/reading", 1, False, payload,
+                len(payload), digest, "v1", "reading", "v1", "plant/+/reading", "accept", 0, "[]", 10, "bench",
+                False, False, None, True, 1, True)))
             added += 1
         return seq
 
     async def committed(seq: int) -> None:
-        while log.durable_seq < seq:
+        while message_log.durable_seq < seq:
             await asyncio.sleep(0.001)
 
-    outbox: Outbox | None = None
     try:
         for _ in range(200):
             with socket.socket() as probe:
@@ -122,8 +122,8 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
 
         config = UpstreamConfig.model_validate({"url": f"mqtt://127.0.0.1:{port}", "window": window, "protocol": protocol,
                                                 "client_id": "bench", "gateway_id": "bench"})
-        (directory / "forward").mkdir()
-        outbox = Outbox.for_log(log, Cursor(directory / "forward" / "cursor"), config.outbox)
+        cursor = _CountingCursor(directory / "forward.cursor")
+        outbox = Outbox.for_log(message_log, cursor, config.outbox)
         forwarder = Forwarder(config, outbox, on_event=lambda kind, detail: None)
         stop_live = asyncio.Event()
 
@@ -143,6 +143,8 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
 
         started = time.monotonic()
         await forwarder.start()
+        assert forwarder._thread is not None  # noqa: SLF001
+        thread_id = forwarder._thread.native_id  # noqa: SLF001
         live_task = asyncio.create_task(live())
         while forwarder.forwarded_total < backlog:
             await asyncio.sleep(0.005)
@@ -155,15 +157,15 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
         await asyncio.sleep(live_seconds_after)
         stop_live.set()
         await live_task
-        await committed(log.last_seq)
-        while outbox.refresh().messages:
+        await committed(message_log.last_seq)
+        while outbox.depth().messages:
             await asyncio.sleep(0.01)
+        cpu = _thread_cpu(thread_id)
         live_count = forwarder.forwarded_total - live_before_count
         live_bytes = _sync_and_bytes() - live_before_bytes
         await forwarder.stop()
         total_bytes = _sync_and_bytes() - before
         outbox.close()
-        outbox = None
         backlog_bytes = total_bytes - live_bytes
         return DrainResult(
             backlog=backlog, live_rate=live_rate, window=window, payload_bytes=payload_bytes, protocol=protocol,
@@ -173,13 +175,30 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
             bytes_written_per_message_backlog=round(backlog_bytes / max(1, forwarder.forwarded_total - live_count)),
             bytes_written_per_message_live=round(live_bytes / max(1, live_count)),
             sent_total=forwarder.sent_total,
+            forwarder_cpu_us_per_message=round(cpu / max(1, forwarder.forwarded_total) * 1e6, 1),
+            cursor_saves=cursor.saves,
         )
     finally:
-        if outbox is not None:
-            outbox.close()
-        log.stop()
+        message_log.stop()
         broker.terminate()
         broker.wait(10)
+
+
+class _CountingCursor(Cursor):
+    saves = 0
+
+    def save(self, seq: int) -> None:
+        self.saves += 1
+        super().save(seq)
+
+
+def _thread_cpu(native_id: int | None) -> float:
+    """CPU seconds (user + system) of one thread of this process, from /proc."""
+    try:
+        fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_benchmark(*, backlog: int = 50_000, live_rate: float = 1_000, live_seconds_after: float = 5.0, window: int = 100,

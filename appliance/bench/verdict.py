@@ -55,7 +55,8 @@ def _without_rules(directory: Path) -> Path:
 def measure_audit_recording(*, iterations: int = 20_000, repeats: int = 5) -> float:
     """Median µs the audit sink adds on the event loop per message: building and encoding the
     decision record and appending it to the message log's queue (framing, CRC, lock). The log is
-    not opened or started, so nothing is written: its writer thread does the I/O, off the loop."""
+    opened but its writer thread is not started, so nothing is written while it is timed (the
+    writer does the I/O, off the loop); stopping it afterwards writes the records out."""
     from appliance.audit.records import IdClock
     from appliance.audit.sink import AuditSink
     from appliance.msglog import MessageLog
@@ -64,15 +65,19 @@ def measure_audit_recording(*, iterations: int = 20_000, repeats: int = 5) -> fl
     message = Message("sensor/t1/temperature", TEMPERATURE, 1, False, CLIENT, received_at=time.time())
     samples = []
     with tempfile.TemporaryDirectory(prefix="audit-bench-") as tmp:
-        for _ in range(repeats):
-            log = MessageLog(Path(tmp) / "log")  # a fresh queue each repeat: only its records in memory
-            sink = AuditSink(log, IdClock(), record_payloads=True, config_revision="bench", dry_run=False)
-            start = time.perf_counter_ns()
-            for _ in range(iterations):
-                sink.record(message, ACCEPT, 5)
-            samples.append((time.perf_counter_ns() - start) / iterations / 1000)
-            if log.last_seq != iterations:
-                raise RuntimeError(f"the sink appended {log.last_seq} records, expected {iterations}")
+        for repeat in range(repeats):
+            log = MessageLog(Path(tmp) / f"log-{repeat}")  # a fresh queue each repeat
+            log.open()
+            try:
+                sink = AuditSink(log, IdClock(), record_payloads=True, config_revision="bench", dry_run=False)
+                start = time.perf_counter_ns()
+                for _ in range(iterations):
+                    sink.record(message, ACCEPT, 5)
+                samples.append((time.perf_counter_ns() - start) / iterations / 1000)
+                if log.last_seq != iterations:
+                    raise RuntimeError(f"the sink appended {log.last_seq} records, expected {iterations}")
+            finally:
+                log.stop()
     return statistics.median(samples)
 
 

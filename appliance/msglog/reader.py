@@ -42,10 +42,10 @@ class SegmentInfo:
     first_seq: int
 
 
-def list_segments(directory: Path) -> list[SegmentInfo]:
+def list_segments(directory: Path, *, listdir: Callable[[Path], list[str]] = os.listdir) -> list[SegmentInfo]:
     """The segment files in `directory`, sorted by first_seq ([] if the directory does not exist)."""
     try:
-        names = os.listdir(directory)
+        names = listdir(directory)
     except FileNotFoundError:
         return []
     found = []

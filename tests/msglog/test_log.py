@@ -490,3 +490,16 @@ def test_a_reader_follows_the_log_while_it_is_written(directory: Path, prealloca
     log.stop()
     assert problems == []
     assert seen == [LogRecord(i, 1, body(i)) for i in range(1, total + 1)]
+
+
+def test_on_seal_may_remove_segments(directory: Path) -> None:
+    # on_seal runs on the writer thread; calling back into the log from there must not deadlock.
+    removed: list[int] = []
+    holder: list[MessageLog] = []
+    log = started(directory, on_seal=lambda info: removed.append(holder[0].remove_segments_before(10**9)))
+    holder.append(log)
+    for _ in range(3):
+        log.append(1, b"x")
+        log.seal()
+    log.stop()
+    assert removed == [1, 1, 1] and len(list_segments(directory)) == 1

@@ -574,6 +574,7 @@ class MessageLog:
             self.io.close(self._fd)
             self._fd = None
             self._segment = None
+            self._end = self._allocated = 0  # no active segment until one is created
         if not self._reopen(first_seq if first_seq is not None else self._written_seq + 1):
             self._degraded(self._last_error)
         if old is not None and self.on_seal is not None:

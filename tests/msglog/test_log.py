@@ -503,3 +503,23 @@ def test_on_seal_may_remove_segments(directory: Path) -> None:
         log.seal()
     log.stop()
     assert removed == [1, 1, 1] and len(list_segments(directory)) == 1
+
+
+def test_an_age_roll_that_cannot_create_a_segment_waits_for_the_probe(directory: Path) -> None:
+    io = FaultyIO()
+    sealed: list[SegmentInfo] = []
+    log = MessageLog(directory, io=io, segment_max_age=0.0, on_seal=sealed.append)
+    log.open()
+    log.start()
+    io.create_error = errno.ENOSPC
+    assert log.wait_durable(log.append(1, b"x"), timeout=30)
+    wait_until(lambda: sealed and not log.healthy, message="a failed roll")
+    failures = io.failures
+    seq = log.append(1, b"y")
+    assert not log.wait_durable(seq, timeout=30)  # no segment to write to: the batch fails
+    assert io.failures <= failures + 2, "the writer must not spin on a segment it cannot create"
+    io.create_error = None
+    wait_until(lambda: log.healthy, message="recovery")
+    assert log.wait_durable(log.append(1, b"z"), timeout=30)
+    log.stop()
+    assert [r.body for r in read_log(directory)] == [b"x", b"z"]

@@ -164,14 +164,12 @@ def test_listeners_run_on_the_loop(directory: Path) -> None:
         log = MessageLog(directory)
         log.open()
         recorder = Recorder(log)
-        events: list[str] = []
         log.start(loop)
         seq = log.append(1, b"x")
         wait_until(lambda: recorder.durable and recorder.durable[-1] == seq, message="durable on the loop")
         assert recorder.threads == {"test-loop"}
         assert wait_until(lambda: log.durable_seq == seq)
         log.stop()
-        del events
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()

@@ -1,0 +1,10 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.chaos.crash import run
+
+
+def test_repeated_kill_9_with_the_uplink_cut_at_random_loses_nothing_acknowledged(tmp_path: Path):
+    outcome = run(tmp_path, rounds=4, seed=11)
+    assert outcome.kills == 4 and outcome.accepted and outcome.rejected

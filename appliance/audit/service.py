@@ -234,8 +234,9 @@ class AuditService:
         if "quarantine_bytes" in run.result:
             self._quarantine_base = int(run.result["quarantine_bytes"])
             self._quarantine_counted_at = self.sink.quarantined_bytes
-        if run.task == "seal" and run.exit_status == 0:
-            self.remove_converted()
+        if run.task == "seal" and run.exit_status == 0 and self._loop is not None:
+            # remove_segments_before waits for the log's writer thread: not on the event loop.
+            self._loop.run_in_executor(None, self.remove_converted)
 
     def unconverted_segments(self) -> int:
         """Sealed segments (all but the newest) the seal helper has not converted yet."""

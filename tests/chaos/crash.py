@@ -50,7 +50,7 @@ class Outcome:
 def _payload(name: str, seq: int) -> tuple[bytes, bool]:
     """A unique reading; every fifth is out of range (rejected by schemas/v1)."""
     valid = seq % 5 != 0
-    temperature = round(seq * 0.001, 3) if valid else 1000 + seq
+    temperature = round(seq % 100_000 * 0.001, 3) if valid else 1000 + seq
     return (json.dumps({"device_id": name, "ts": "2026-11-27T12:00:00Z", "temperature": temperature},
                        separators=(",", ":")).encode(), valid)
 
@@ -124,7 +124,8 @@ def run(workdir: Path, *, rounds: int, seed: int, publishers: int = 3, round_s: 
                     outcome.uplink_cuts += 1
                 else:
                     cloud.start()
-            running = [Publisher(port, name, outcome, lock, seqs[name] + round_no * 1_000_000) for name in seqs]
+            # A device name per round keeps every payload unique (seq restarts at 0).
+            running = [Publisher(port, f"{name}r{round_no}", outcome, lock, 0) for name in seqs]
             for p in running:
                 p.start()
             time.sleep(rng.uniform(*round_s))

@@ -120,7 +120,7 @@ class ApplianceCollector(Collector):
             status = forwarder.status()
             yield GaugeMetricFamily("mqtt_proxy_uplink_up", "1 while the cloud broker connection is up.", value=1 if status.uplink_up else 0)
             yield GaugeMetricFamily("mqtt_proxy_outbox_messages", "Messages waiting in the outbox.", value=status.depth)
-            yield GaugeMetricFamily("mqtt_proxy_outbox_bytes", "Payload bytes waiting in the outbox.", value=status.bytes)
+            yield GaugeMetricFamily("mqtt_proxy_outbox_bytes", "Bytes of the messages waiting in the outbox (their records in the message log).", value=status.bytes)
             yield GaugeMetricFamily("mqtt_proxy_outbox_oldest_age_seconds", "Age of the oldest message in the outbox.",
                                     value=status.oldest_age_s or 0)
             yield CounterMetricFamily("mqtt_proxy_forwarded", "Messages the cloud broker acknowledged.", value=status.forwarded_total)

@@ -33,10 +33,12 @@ from typing import Any
 from appliance.forward.config import UpstreamConfig
 from appliance.forward.link import Link, LinkClosed, TooLarge, reason_name, user_properties
 from appliance.forward.outbox import MAX_DROPS_PER_CALL, Dropped, Outbox, OutboxRow
+from appliance.security.tls import client_ssl_context
 
 log = logging.getLogger(__name__)
 
 MAINTAIN_INTERVAL_S = 1.0
+DOWN_REMINDER_S = 300.0  # while the uplink stays down, a reminder in the log this often
 IDLE_POLL_S = 0.01  # how often an empty outbox is looked at again when nothing wakes the forwarder
 STABLE_SESSION_S = 10.0  # a connection that lasted this long resets the backoff
 RATE_WINDOW_S = 10.0
@@ -92,6 +94,8 @@ class Forwarder:
         # Shared with status() (reads of ints and references are atomic enough for a status view).
         self._uplink_up = False
         self._down_reason: str | None = None
+        self._logged_reason: str | None = None  # what the last "uplink down" warning said
+        self._reminded_at = 0.0
         self.forwarded_total = 0
         self.dropped_total = 0
         self.sent_total = 0  # publishes written, resends included
@@ -194,7 +198,7 @@ class Forwarder:
                     attempt = 0
                 delay = backoff_delay(attempt, initial, maximum)
                 attempt += 1
-                log.info("uplink down (%s); reconnecting in %.1f s", reason, delay)
+                self._log_down(reason, delay, attempt)
                 deadline = time.monotonic() + delay
                 while not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
                     self._stopping.wait(min(left, MAINTAIN_INTERVAL_S))
@@ -287,12 +291,8 @@ class Forwarder:
         cfg = self.config
         context = None
         if cfg.uses_tls:
-            tls = cfg.tls
-            context = ssl.create_default_context(cafile=str(tls.ca_file) if tls and tls.ca_file else None)
-            if tls is not None and tls.cert_file is not None:
-                context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-            if tls is not None and not tls.verify_hostname:
-                context.check_hostname = False
+            # Errors name the file (TLSFileError): "upstream.tls: /etc/x/ca.pem: no such file".
+            context = client_ssl_context(cfg.tls) if cfg.tls is not None else ssl.create_default_context()
         return Link(cfg.host, cfg.port, client_id=cfg.effective_client_id, protocol=cfg.protocol,
                     keepalive=cfg.keepalive, username=cfg.username, password=cfg.password, tls=context,
                     write_timeout=self._ack_timeout)
@@ -405,6 +405,20 @@ class Forwarder:
         self._down_reason = None  # last_error stays until a message is acknowledged: connected is not forwarding
         log.info("uplink up: %s as %s", self.config.url, self.config.effective_client_id)
         self._emit("uplink_up", {"url": self.config.url, "client_id": self.config.effective_client_id, "window": window})
+
+    def _log_down(self, reason: str, delay: float, attempt: int) -> None:
+        """The transition is logged (a warning), then a reminder at most every DOWN_REMINDER_S with
+        the retry count, not a line per retry while the uplink stays down."""
+        now = time.monotonic()
+        if attempt == 1 or reason != self._logged_reason:
+            log.warning("uplink down (%s); reconnecting in %.1f s", reason, delay)
+            self._logged_reason, self._reminded_at = reason, now
+        elif now - self._reminded_at >= DOWN_REMINDER_S:
+            log.warning("uplink still down after %d attempts (%s); retrying every %.0f s at most", attempt, reason,
+                        self.config.backoff_max.total_seconds())  # type: ignore[union-attr]
+            self._reminded_at = now
+        else:
+            log.debug("uplink down (%s); reconnecting in %.1f s (attempt %d)", reason, delay, attempt)
 
     def _uplink_is_down(self, reason: str) -> None:
         was_up = self._uplink_up

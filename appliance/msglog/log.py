@@ -189,7 +189,7 @@ class MessageLog:
         io = self.io
         io.makedirs(self.directory)
         report = RecoveryReport(self.directory)
-        segments = list_segments(self.directory)
+        segments = list_segments(self.directory, listdir=self.io.listdir)
         last_seq = 0
         for info in segments[:-1]:
             scan = SegmentScan(info.path, from_seq=MAX_SEQ + 1)
@@ -208,7 +208,7 @@ class MessageLog:
         else:
             report.created = True
             self._create_segment(last_seq + 1)
-        self._segments = len(list_segments(self.directory))
+        self._segments = len(list_segments(self.directory, listdir=self.io.listdir))
         report.segments = self._segments
         report.last_seq = last_seq
         self._next_seq = last_seq + 1
@@ -574,6 +574,7 @@ class MessageLog:
             self.io.close(self._fd)
             self._fd = None
             self._segment = None
+            self._end = self._allocated = 0  # no active segment until one is created
         if not self._reopen(first_seq if first_seq is not None else self._written_seq + 1):
             self._degraded(self._last_error)
         if old is not None and self.on_seal is not None:
@@ -584,7 +585,7 @@ class MessageLog:
         return old
 
     def _remove_before(self, seq: int) -> int:
-        segments = list_segments(self.directory)
+        segments = list_segments(self.directory, listdir=self.io.listdir)
         removed = 0
         for info, after in zip(segments, segments[1:]):
             if after.first_seq > seq or (self._segment is not None and info.first_seq >= self._segment.first_seq):
@@ -677,6 +678,8 @@ class MessageLog:
 
     def _command(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the writer thread (which owns the directory) and wait for it."""
+        if threading.current_thread() is self._thread:  # from on_seal: we are the writer already
+            return fn()
         waiter = _Waiter()
         with self._lock:
             running = self._thread is not None and self._thread.is_alive() and not self._stopping

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.forward.outbox import SAVE_EVERY
+from appliance.msglog.cursor import Cursor
 from tests.forward.harness import (
     CloudBroker,
     Harness,
@@ -27,8 +30,6 @@ from tests.forward.harness import (
     sensor_rows,
     upstream,
 )
-from appliance.forward.outbox import SAVE_EVERY
-from appliance.msglog.cursor import Cursor
 from tests.helpers import wait_until
 from tests.tls import make_certificates
 
@@ -250,6 +251,18 @@ def test_missing_tls_files_back_off_instead_of_stopping_the_forwarder(tmp_path: 
         wait_until(lambda: "TLS files" in (forwarder.status().last_error or ""), message="TLS error reported")
         assert forwarder._thread is not None and forwarder._thread.is_alive()  # backing off, not dead
         assert forwarder.status().depth == 3
+        assert "not-there.pem" in (forwarder.status().last_error or "")  # the file is named
+
+
+def test_uplink_down_is_logged_once_then_reminded_not_per_retry(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.DEBUG, logger="appliance.forward.forwarder")
+    with harness(tmp_path / "state") as h:
+        forwarder = h.start_forwarder(upstream(f"mqtt://127.0.0.1:{free_port()}", backoff_initial="0.01s",
+                                               backoff_max="0.02s"))
+        wait_until(lambda: sum("reconnecting" in r.getMessage() for r in caplog.records) >= 5,
+                   message="several retries")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "uplink" in r.getMessage()]
+    assert len(warnings) == 1 and "uplink down" in warnings[0].getMessage()
 
 
 def test_a_crash_between_sending_and_saving_the_cursor_resends(tmp_path: Path):

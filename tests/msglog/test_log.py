@@ -164,14 +164,12 @@ def test_listeners_run_on_the_loop(directory: Path) -> None:
         log = MessageLog(directory)
         log.open()
         recorder = Recorder(log)
-        events: list[str] = []
         log.start(loop)
         seq = log.append(1, b"x")
         wait_until(lambda: recorder.durable and recorder.durable[-1] == seq, message="durable on the loop")
         assert recorder.threads == {"test-loop"}
         assert wait_until(lambda: log.durable_seq == seq)
         log.stop()
-        del events
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
@@ -490,3 +488,36 @@ def test_a_reader_follows_the_log_while_it_is_written(directory: Path, prealloca
     log.stop()
     assert problems == []
     assert seen == [LogRecord(i, 1, body(i)) for i in range(1, total + 1)]
+
+
+def test_on_seal_may_remove_segments(directory: Path) -> None:
+    # on_seal runs on the writer thread; calling back into the log from there must not deadlock.
+    removed: list[int] = []
+    holder: list[MessageLog] = []
+    log = started(directory, on_seal=lambda info: removed.append(holder[0].remove_segments_before(10**9)))
+    holder.append(log)
+    for _ in range(3):
+        log.append(1, b"x")
+        log.seal()
+    log.stop()
+    assert removed == [1, 1, 1] and len(list_segments(directory)) == 1
+
+
+def test_an_age_roll_that_cannot_create_a_segment_waits_for_the_probe(directory: Path) -> None:
+    io = FaultyIO()
+    sealed: list[SegmentInfo] = []
+    log = MessageLog(directory, io=io, segment_max_age=0.0, on_seal=sealed.append)
+    log.open()
+    log.start()
+    io.create_error = errno.ENOSPC
+    assert log.wait_durable(log.append(1, b"x"), timeout=30)
+    wait_until(lambda: sealed and not log.healthy, message="a failed roll")
+    failures = io.failures
+    seq = log.append(1, b"y")
+    assert not log.wait_durable(seq, timeout=30)  # no segment to write to: the batch fails
+    assert io.failures <= failures + 2, "the writer must not spin on a segment it cannot create"
+    io.create_error = None
+    wait_until(lambda: log.healthy, message="recovery")
+    assert log.wait_durable(log.append(1, b"z"), timeout=30)
+    log.stop()
+    assert [r.body for r in read_log(directory)] == [b"x", b"z"]

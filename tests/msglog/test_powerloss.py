@@ -106,7 +106,7 @@ def run_round(io: CrashIO, directory: Path, rng: random.Random, known: Known, re
     known, required = dict(on_disk), set(on_disk)
     log.start()
     appender = threading.Thread(target=append_until,
-                                args=(log, io, state, rng, rng.randrange(1, 3000), "kill" if kill else "crash"))
+                                args=(log, io, state, rng, rng.randrange(1, 1500), "kill" if kill else "crash"))
     appender.start()
     appender.join()
     if not io.frozen:  # the appender hit its limit first (a kill round, or a very late crash_at)

@@ -69,7 +69,22 @@ def _export_days(layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
     return {"exported_days": exported}
 
 
-TASKS = {"seal": _seal, "retain": _retain, "export-days": _export_days}
+def _upgrade(layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
+    """Import a previous version's state dir (before the service opens the log: it is the writer here)."""
+    from appliance.audit.upgrade import upgrade
+    from appliance.msglog import MessageLog
+
+    message_log = MessageLog(layout.log_dir)
+    message_log.open()
+    message_log.start(None)
+    try:
+        done = upgrade(layout.state_dir, message_log)
+    finally:
+        message_log.stop()
+    return {"upgrade": str(done) if done is not None else "nothing to import"}
+
+
+TASKS = {"seal": _seal, "retain": _retain, "export-days": _export_days, "upgrade": _upgrade}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,7 +123,7 @@ def _compile(name: str, fields: tuple[Field, ...]) -> tuple[struct.Struct, Calla
     args = [f"v{i}" for i in range(len(fields))]
     var = {f.name: f"v{fields.index(f)}" for f in fields}
 
-    enc = [f"def encode(row):", f"    {', '.join(args)}, = row", "    n = 0"]
+    enc = ["def encode(row):", f"    {', '.join(args)}, = row", "    n = 0"]
     packed: list[str] = []
     for f in fixed:
         v = var[f.name]

@@ -92,8 +92,7 @@ def drop_payloads_in_segment(path: Path, match: Match) -> set[int]:
     tmp = temp_name(path)
     with open(tmp, "wb") as out:
         out.write(encode_file_header(scan.first_seq))
-        for part in parts:
-            out.write(part)
+        out.writelines(parts)
         out.write(rest)
     if not path.exists():  # removed meanwhile (the log's own retention): do not bring it back
         tmp.unlink()

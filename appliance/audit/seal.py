@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -34,7 +33,16 @@ from pathlib import Path
 import duckdb
 
 from appliance.audit.layout import (
-    TABLES, Layout, ParquetFile, Watermark, fsync_dir, make_dirs, publish, sql_string, temp_name, write_durably,
+    TABLES,
+    Layout,
+    ParquetFile,
+    Watermark,
+    fsync_dir,
+    make_dirs,
+    publish,
+    sql_string,
+    temp_name,
+    write_durably,
 )
 from appliance.audit.records import AUDITED, DECISION, EVENT, KINDS, RecordKind
 from appliance.msglog.reader import SegmentInfo, list_segments, read_segment

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from appliance.audit.errors import AuditError
 from appliance.audit.helpers import HELPER_MODULE, HelperProcesses, HelperRun
 from appliance.audit.layout import Layout, make_dirs
 from appliance.audit.records import DECISION, EVENT, IdClock
@@ -30,7 +31,8 @@ from appliance.pipeline import FailedTickets
 
 log = logging.getLogger(__name__)
 
-LEGACY_FILES = ("journal.sqlite3",)
+# What a previous version's state dir has (its SQLite journal), or an import interrupted half way.
+LEGACY_FILES = ("journal.sqlite3", "upgrade.json")
 _EVENT = EVENT.code
 _ID_KINDS = (DECISION.code, EVENT.code)
 
@@ -83,16 +85,18 @@ def last_id(log_dir: Path) -> int:
 
 def upgrade_legacy(state_dir: Path) -> None:
     """A state dir written by the SQLite + DuckDB version: imported on first start, in a helper
-    process (it needs DuckDB), before the log opens. Raises RuntimeError if the import failed."""
+    process (it needs DuckDB), before the log opens. Raises AuditError if the import failed."""
     directory = audit_dir(state_dir)
     # The previous version always created its journal beside its DuckDB file; the import renames both.
-    if not any((directory / name).exists() for name in LEGACY_FILES):
+    # (A DuckDB file of ours holds only views and has a key file beside it.)
+    legacy_duckdb = (directory / "audit.duckdb").exists() and not (directory / ".views-key").exists()
+    if not legacy_duckdb and not any((directory / name).exists() for name in LEGACY_FILES):
         return
     log.info("audit: importing the previous version's journal and DuckDB file from %s", directory)
     done = subprocess.run([sys.executable, "-m", HELPER_MODULE, "upgrade", "--state-dir", str(state_dir)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"importing the previous audit log in {directory} failed: "
+        raise AuditError(f"importing the previous audit log in {directory} failed: "
                            f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
     log.info("audit: import done: %s", done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
 

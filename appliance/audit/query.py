@@ -47,7 +47,9 @@ def load_tail(con: duckdb.DuckDBPyConnection, layout: Layout, mark: Watermark, *
               chunk: int = 10_000) -> int:
     """Reads the records of every segment after the watermark's into tables `_tail_decisions` and
     `_tail_events` (the audit columns); returns how many records it loaded."""
-    stages, appenders, buffers = {}, {}, {}
+    stages: dict[int, str] = {}
+    appenders: dict[int, duckdb.Appender] = {}
+    buffers: dict[int, list[tuple[object, ...]]] = {}
     for kind in AUDITED:
         stages[kind.code] = f"_stage_{kind.table}"
         con.execute(kind.stage_ddl(stages[kind.code], temp=False))
@@ -124,7 +126,7 @@ class AuditQuery:
         self.watermark = mark
         self.files = files
         try:
-            sources = {}
+            sources: dict[str, str | None] = {}
             for table in TABLES:
                 tail = f"(SELECT * FROM {_tail_table(table)})"
                 sources[table] = (f"(SELECT * FROM {parquet_source(files[table])} UNION ALL BY NAME "

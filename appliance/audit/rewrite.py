@@ -82,7 +82,7 @@ def drop_payloads_in_segment(path: Path, match: Match) -> set[int]:
                 if not row[forward]:
                     new[payload] = None
                 body = DECISION.encode(tuple(new))
-                changed.add(int(row[0]))  # type: ignore[call-overload]
+                changed.add(int(row[0]))
         parts.append(encode_record(record.seq, record.kind, body))
     if not changed:
         return changed
@@ -92,8 +92,7 @@ def drop_payloads_in_segment(path: Path, match: Match) -> set[int]:
     tmp = temp_name(path)
     with open(tmp, "wb") as out:
         out.write(encode_file_header(scan.first_seq))
-        for part in parts:
-            out.write(part)
+        out.writelines(parts)
         out.write(rest)
     if not path.exists():  # removed meanwhile (the log's own retention): do not bring it back
         tmp.unlink()

@@ -23,10 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -34,7 +33,16 @@ from pathlib import Path
 import duckdb
 
 from appliance.audit.layout import (
-    TABLES, Layout, ParquetFile, Watermark, fsync_dir, make_dirs, publish, sql_string, temp_name, write_durably,
+    TABLES,
+    Layout,
+    ParquetFile,
+    Watermark,
+    fsync_dir,
+    make_dirs,
+    publish,
+    sql_string,
+    temp_name,
+    write_durably,
 )
 from appliance.audit.records import AUDITED, DECISION, EVENT, KINDS, RecordKind
 from appliance.msglog.reader import SegmentInfo, list_segments, read_segment
@@ -163,17 +171,18 @@ def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
         con = connect(layout, memory_limit=memory_limit, threads=threads)
         try:
             while pending := pending_segments(layout, mark):
-                batch, size = [], 0
+                batch: list[SegmentInfo] = []
+                size = 0
                 for info in pending:
                     if batch and size + _size(info.path) > max_batch_bytes:
                         break
                     batch.append(info)
                     size += _size(info.path)
                 last_seq = load_records(con, batch, report=report)
+                first = batch[0].first_seq
                 for kind in AUDITED:
                     report.files += copy_days(
-                        con, _stage_name(kind), kind,
-                        lambda day, table=kind.table: layout.parquet_path(table, day, batch[0].first_seq),
+                        con, _stage_name(kind), kind, _namer(layout, kind.table, first),
                         row_group_rows=row_group_rows, checkpoint=checkpoint)
                     con.execute(f"DROP TABLE {_stage_name(kind)}")
                 mark = Watermark(batch[-1].first_seq, max(mark.last_seq, last_seq))
@@ -236,6 +245,12 @@ def remove_orphans(layout: Layout, mark: Watermark) -> int:
     return removed
 
 
+def _namer(layout: Layout, table: str, first_seq: int) -> Callable[[date], Path]:
+    def name(day: date) -> Path:
+        return layout.parquet_path(table, day, first_seq)
+    return name
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -245,7 +260,7 @@ def _size(path: Path) -> int:
 
 # -- the views file ---------------------------------------------------------------------------------
 
-def view_statements(layout: Layout, sources: dict[str, str | None]) -> list[str]:
+def view_statements(layout: Layout, sources: Mapping[str, str | None]) -> list[str]:
     """CREATE VIEW statements: each table over its source (a SQL FROM item), or typed and empty."""
     statements = []
     for kind in AUDITED:
@@ -256,8 +271,8 @@ def view_statements(layout: Layout, sources: dict[str, str | None]) -> list[str]
         "CREATE OR REPLACE VIEW accepted AS SELECT * FROM decisions WHERE verdict = 'accept'",
         "CREATE OR REPLACE VIEW rejected AS SELECT * FROM decisions WHERE verdict = 'reject'",
         # A dry run delivered its "rejected" messages: nothing was withheld, nothing is quarantined.
-        "CREATE OR REPLACE VIEW quarantine AS SELECT * FROM decisions "
-        "WHERE verdict = 'reject' AND payload IS NOT NULL AND NOT dry_run",
+        ("CREATE OR REPLACE VIEW quarantine AS SELECT * FROM decisions "
+         "WHERE verdict = 'reject' AND payload IS NOT NULL AND NOT dry_run"),
     ]
     return statements
 

@@ -32,7 +32,13 @@ from typing import Protocol
 import duckdb
 
 from appliance.audit.layout import (
-    Layout, fsync_dir, make_dirs, publish, sql_string, temp_name, write_durably,
+    Layout,
+    fsync_dir,
+    make_dirs,
+    publish,
+    sql_string,
+    temp_name,
+    write_durably,
 )
 from appliance.audit.records import DECISION, EVENT, FORWARD_ONLY, RecordKind
 

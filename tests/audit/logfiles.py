@@ -3,12 +3,10 @@ from rows of records.py, as the service would append them."""
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from appliance.audit.records import DECISION, EVENT, RecordKind, payload_sha256
+from appliance.audit.records import DECISION, EVENT, RecordKind
 from appliance.msglog.format import encode_file_header, encode_record, segment_name
 
 

@@ -53,6 +53,7 @@ MAX_BATCH_BYTES = 16 << 20  # one default segment: peak RSS ~145 MB (64 MiB: ~29
 ROW_GROUP_ROWS = 122_880  # DuckDB's default row group: large groups scan fastest
 APPEND_ROWS = 10_000
 MEMORY_LIMIT = "64MB"
+COMPACT_ROWS = 2_000_000  # rows per file when merging a finished day's files
 _DAY = 86_400
 VIEWS_VERSION = 1
 
@@ -160,7 +161,7 @@ def copy_days(con: duckdb.DuckDBPyConnection, source: str, kind: RecordKind, tar
 
 def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
                     row_group_rows: int = ROW_GROUP_ROWS, memory_limit: str = MEMORY_LIMIT,
-                    threads: int = 2, checkpoint: Checkpoint | None = None) -> SealReport:
+                    threads: int = 2, compact: bool = True, checkpoint: Checkpoint | None = None) -> SealReport:
     """Converts every sealed, unconverted segment; returns what it did. `checkpoint(step)` is
     called after each durable step (tests inject crashes there)."""
     report = SealReport()
@@ -191,8 +192,9 @@ def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
                 report.segments += len(batch)
                 if checkpoint:
                     checkpoint("watermark_written")
-            report.compacted = compact_days(layout, con, before=datetime.now(UTC).date(),
-                                            mark=mark, checkpoint=checkpoint)
+            if compact:
+                report.compacted = compact_days(layout, con, before=datetime.now(UTC).date(),
+                                                mark=mark, checkpoint=checkpoint)
         finally:
             con.close()
         write_views(layout)
@@ -202,32 +204,78 @@ def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
 
 
 def compact_days(layout: Layout, con: duckdb.DuckDBPyConnection, *, before: date, mark: Watermark,
-                 checkpoint: Checkpoint | None = None, row_group_rows: int = ROW_GROUP_ROWS) -> int:
-    """Merges the converted files of each day before `before` into one file per table and day, so
-    that a query over months opens tens of files, not thousands (one per segment). Returns how many
-    files it merged away."""
+                 checkpoint: Checkpoint | None = None, target_rows: int = COMPACT_ROWS,
+                 row_group_rows: int = ROW_GROUP_ROWS) -> int:
+    """Merges the converted files of each day before `before` into files of up to `target_rows`
+    rows, so that a query over months opens a few files per day, not one per segment (at 10 msg/s
+    a segment is sealed every 10 minutes). Files of at least half the target stay as they are (they
+    would only be rewritten). Each merged file takes consecutive files (in seq order), so its name's
+    seq range holds exactly the files it replaces. Returns how many files were merged away; a merge
+    that fails (memory, disk) is logged and left for the next run: it is only an optimisation."""
     merged = 0
     for table in TABLES:
         by_day: dict[date, list[ParquetFile]] = {}
         for f in layout.visible(table, upto_seq=mark.last_seq):
             if f.day < before:
                 by_day.setdefault(f.day, []).append(f)
-        for day, files in by_day.items():
+        for day, files in sorted(by_day.items()):
             if len(files) < 2:
                 continue
-            final = layout.parquet_path(table, day, files[0].first_seq, max(f.last_seq for f in files))
-            tmp = temp_name(final)
             listed = ", ".join(sql_string(f.path) for f in files)
-            con.execute(f"COPY (SELECT * FROM read_parquet([{listed}], hive_partitioning = false)) "
-                        f"TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group_rows})")
-            publish(tmp, final)  # from here on readers take it and skip the files it replaces
-            if checkpoint:
-                checkpoint("compacted")
-            for f in files:
-                f.path.unlink()
-            fsync_dir(final.parent)
-            merged += len(files)
+            rows = {Path(name): int(n) for name, n in con.execute(
+                f"SELECT file_name, num_rows FROM parquet_file_metadata([{listed}])").fetchall()}
+            for run in _runs(files, rows, target_rows):
+                try:
+                    _merge(layout, con, table, day, run, row_group_rows, checkpoint)
+                except duckdb.Error as error:
+                    log.warning("compacting %s of %s failed (%s); left as it is", table, day,
+                                str(error).splitlines()[0])
+                    temp_name(layout.parquet_path(table, day, run[0].first_seq, run[-1].last_seq)).unlink(
+                        missing_ok=True)
+                    continue
+                merged += len(run)
     return merged
+
+
+def _runs(files: list[ParquetFile], rows: Mapping[Path, int], target_rows: int) -> list[list[ParquetFile]]:
+    """Consecutive small files grouped up to target_rows; big files break runs."""
+    runs: list[list[ParquetFile]] = []
+    run: list[ParquetFile] = []
+    total = 0
+    for f in files:
+        count = rows.get(f.path, 0)
+        if count >= target_rows // 2 or (run and total + count > target_rows):
+            if len(run) > 1:
+                runs.append(run)
+            run, total = [], 0
+            if count >= target_rows // 2:
+                continue
+        run.append(f)
+        total += count
+    if len(run) > 1:
+        runs.append(run)
+    return runs
+
+
+def _merge(layout: Layout, con: duckdb.DuckDBPyConnection, table: str, day: date, run: list[ParquetFile],
+           row_group_rows: int, checkpoint: Checkpoint | None) -> None:
+    final = layout.parquet_path(table, day, run[0].first_seq, run[-1].last_seq)
+    tmp = temp_name(final)
+    listed = ", ".join(sql_string(f.path) for f in run)
+    # One thread: with two, keeping the rows in order buffered more than the 64 MB memory limit
+    # (a day of 1M rows ran out; one thread: 145 MB peak RSS).
+    con.execute("SET threads = 1")
+    try:
+        con.execute(f"COPY (SELECT * FROM read_parquet([{listed}], hive_partitioning = false)) "
+                    f"TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group_rows})")
+    finally:
+        con.execute("RESET threads")
+    publish(tmp, final)  # from here on readers take it and skip the files it replaces
+    if checkpoint:
+        checkpoint("compacted")
+    for f in run:
+        f.path.unlink()
+    fsync_dir(final.parent)
 
 
 def remove_orphans(layout: Layout, mark: Watermark) -> int:
@@ -323,12 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row-group-rows", type=int, default=ROW_GROUP_ROWS)
     parser.add_argument("--memory-limit", default=MEMORY_LIMIT)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compact", dest="compact", action="store_false",
+                        help="Do not merge the files of finished days.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="seal: %(levelname)s %(message)s")
     started = time.monotonic()
     report = convert_pending(Layout(args.state_dir), max_batch_bytes=args.max_batch_bytes,
                              row_group_rows=args.row_group_rows, memory_limit=args.memory_limit,
-                             threads=args.threads)
+                             threads=args.threads, compact=args.compact)
     summary = {"segments": report.segments, "decisions": report.decisions, "events": report.events,
                "files": len(report.files), "compacted": report.compacted, "watermark": report.watermark.last_seq,
                "problems": report.problems, "seconds": round(time.monotonic() - started, 3)}

@@ -248,3 +248,17 @@ def test_today_is_not_compacted(tmp_path: Path):
     if report.files and len({p.parent for p in report.files}) == 1:  # not across midnight
         assert report.compacted == 0
         assert len(list((tmp_path / "audit" / "parquet" / "decisions").rglob("*.parquet"))) == 4
+
+
+def test_compaction_runs_group_consecutive_small_files_and_skip_big_ones():
+    from datetime import date
+
+    from appliance.audit.layout import ParquetFile
+    from appliance.audit.seal import _runs
+
+    files = [ParquetFile(Path(f"/x/{i}.parquet"), "decisions", date(2026, 1, 1), i, i) for i in range(1, 8)]
+    rows = {f.path: n for f, n in zip(files, [10, 10, 600, 10, 400, 400, 400], strict=True)}
+    runs = _runs(files, rows, target_rows=1000)
+    # 600 >= half the target: left alone, splitting the runs around it; 7 would take the second
+    # run past the target, and alone it is no run.
+    assert [[f.first_seq for f in run] for run in runs] == [[1, 2], [4, 5, 6]]

@@ -336,15 +336,15 @@ def write_views(layout: Layout) -> bool:
     `duckdb -readonly` session open on the old file keeps working."""
     from appliance.audit.upgrade import needs_upgrade
 
-    if needs_upgrade(layout):
-        log.warning("%s is an audit log of the previous version: not replaced before the upgrade "
-                    "imports it", layout.views_file)
-        return False
     sources = {t: glob_source(layout, t) if layout.files(t) else None for t in TABLES}
     key = json.dumps({"version": VIEWS_VERSION, "dir": str(layout.parquet_dir),
                       "files": {t: bool(s) for t, s in sources.items()}}, sort_keys=True)
     key_file = layout.audit_dir / ".views-key"
     if layout.views_file.exists() and key_file.exists() and key_file.read_text() == key:
+        return False  # (checked first: it saves opening the file to tell it from an old version's)
+    if needs_upgrade(layout):
+        log.warning("%s is an audit log of the previous version: not replaced before the upgrade "
+                    "imports it", layout.views_file)
         return False
     make_dirs(layout.audit_dir)
     tmp = temp_name(layout.views_file)

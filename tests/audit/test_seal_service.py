@@ -50,7 +50,7 @@ def test_segments_sealed_by_a_running_log_are_converted_by_helper_processes(tmp_
     finally:
         log.stop()
     assert len(helpers) >= 3
-    for helper in list(helpers):
+    for helper in helpers:
         assert helper.wait(timeout=120) == 0
     with AuditQuery(tmp_path) as query:
         assert [r[0] for r in query.cursor().execute("SELECT id FROM decisions ORDER BY id").fetchall()] == ids

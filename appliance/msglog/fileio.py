@@ -37,6 +37,9 @@ class FileIO:
     def close(self, fd: int) -> None:
         raise NotImplementedError
 
+    def drop_cache(self, fd: int, offset: int, length: int) -> None:
+        """Advise the kernel to drop cached pages of a range (no effect on contents)."""
+
     def fsync_dir(self, path: Path) -> None:
         raise NotImplementedError
 
@@ -110,6 +113,9 @@ class OsIO(FileIO):
 
     def close(self, fd: int) -> None:
         os.close(fd)
+
+    def drop_cache(self, fd: int, offset: int, length: int) -> None:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def fsync_dir(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

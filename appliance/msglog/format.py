@@ -93,7 +93,7 @@ def check_record(seq: int, kind: int, body: bytes) -> None:
 
 # Why scan_records stopped.
 END = "end"  # the buffer ends exactly at a record boundary
-ZEROS = "zeros"  # only zero bytes from `offset` to the end of the buffer (a preallocated tail?)
+ZEROS = "zeros"  # an all-zero header, and only zeros after it to the end of the buffer (a preallocated tail?)
 INCOMPLETE = "incomplete"  # a record starts but the buffer ends inside it (need more data, or torn)
 CORRUPT = "corrupt"  # a complete record fails its CRC, has kind 0 or does not increase the seq
 
@@ -132,9 +132,9 @@ def scan_records(buf: bytes | bytearray | memoryview, offset: int, end: int, *, 
     pos = offset
     while True:
         if pos + header > end:
-            if pos == end:
-                return Scan(pos, last_seq, END)
-            return Scan(pos, last_seq, ZEROS if is_zero(view, pos, end) else INCOMPLETE)
+            # A partial header is INCOMPLETE even if its bytes are zeros: a CRC can start with zero
+            # bytes, so only the caller, knowing whether more data can come, can call it the end.
+            return Scan(pos, last_seq, END if pos == end else INCOMPLETE)
         crc, length, kind, seq = unpack(view, pos)
         if kind == 0:
             if crc == 0 and length == 0 and seq == 0 and is_zero(view, pos, end):

@@ -42,10 +42,10 @@ class SegmentInfo:
     first_seq: int
 
 
-def list_segments(directory: Path) -> list[SegmentInfo]:
+def list_segments(directory: Path, *, listdir: Callable[[Path], list[str]] = os.listdir) -> list[SegmentInfo]:
     """The segment files in `directory`, sorted by first_seq ([] if the directory does not exist)."""
     try:
-        names = os.listdir(directory)
+        names = listdir(directory)
     except FileNotFoundError:
         return []
     found = []
@@ -139,6 +139,9 @@ class SegmentScan:
                 return
             if scan.stop == INCOMPLETE:
                 need = record_length_at(buf, pos)
+                if at_eof and is_zero(buf, pos, len(buf)):  # fewer zeros than a header: a zero tail
+                    self._stop(None, base + pos)
+                    return
                 if at_eof or (need is not None and base + pos + need > size):
                     self._stop(TORN, base + pos)
                     return

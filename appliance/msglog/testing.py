@@ -345,6 +345,9 @@ class FaultyIO(FileIO):
     def close(self, fd: int) -> None:
         self.inner.close(fd)
 
+    def drop_cache(self, fd: int, offset: int, length: int) -> None:
+        self.inner.drop_cache(fd, offset, length)
+
     def fsync_dir(self, path: Path) -> None:
         self.inner.fsync_dir(path)
 

@@ -73,10 +73,12 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def test_disk_full_on_a_real_file_system(small_fs: Path) -> None:
+@pytest.mark.parametrize("preallocate", ["none", "fallocate", "zeros"])
+def test_disk_full_on_a_real_file_system(small_fs: Path, preallocate: str) -> None:
     directory = small_fs / "log"
     events: list[str] = []
-    log = MessageLog(directory, policy=SyncPolicy(window=0), on_event=lambda kind, detail: events.append(kind))
+    log = MessageLog(directory, policy=SyncPolicy(window=0), on_event=lambda kind, detail: events.append(kind),
+                     preallocate=preallocate, preallocate_bytes=16 * 1024)
     log.open()
     failed: list[tuple[int, int, str]] = []
     log.add_failure_listener(lambda first, last, error: failed.append((first, last, error)))

@@ -98,7 +98,7 @@ def test_one_byte_at_a_time() -> None:
 
 def test_trailing_bytes_stop_the_scan() -> None:
     data = encode_all(RECORDS[:2])
-    for tail, stop in ((b"\x01", INCOMPLETE), (bytes(5), ZEROS), (bytes(100), ZEROS),
+    for tail, stop in ((b"\x01", INCOMPLETE), (bytes(5), INCOMPLETE), (bytes(17), ZEROS), (bytes(100), ZEROS),
                        (struct.pack("<IIBQ", 1, 2, 1, 10) + b"ab", CORRUPT), (b"\x01" * 40, INCOMPLETE), (bytes(30) + b"\x01", CORRUPT)):
         out: list[LogRecord] = []
         scan = scan_records(data + tail, 0, len(data) + len(tail), out=out)
@@ -271,3 +271,31 @@ def test_reader_sees_a_record_being_written_as_end(tmp_path: Path) -> None:
             f.write(record[cut:cut + 1])
         got = list(read_log(tmp_path))
         assert [r.seq for r in got] == ([1, 2, 3, 4] if cut == len(record) - 1 else [1, 2, 3])
+
+
+def test_a_header_starting_with_zero_bytes_across_a_chunk_boundary(tmp_path: Path) -> None:
+    # A CRC may begin with zero bytes: cut there by a read boundary, it must not look like a zero tail.
+    records: list[LogRecord] = []
+    seq = 1
+    zero_first = 0
+    while zero_first < 3:
+        record = LogRecord(seq, 1, b"%d" % seq)
+        if encode_record(*record)[0] == 0:
+            zero_first += 1
+            records.append(record)
+        elif seq % 50 == 0:
+            records.append(record)
+        seq += 1
+    path = write_segment(tmp_path, 1, records, tail=bytes(40))
+    for chunk in range(1, 120):
+        scan = read_segment(path)
+        scan.chunk = chunk
+        assert list(scan) == records, chunk
+        assert scan.problem is None, chunk
+
+
+def test_a_short_zero_tail_is_the_end(tmp_path: Path) -> None:
+    records = records_from(1, 3)
+    path = write_segment(tmp_path, 1, records, tail=bytes(5))
+    scan = read_segment(path)
+    assert list(scan) == records and scan.problem is None and scan.end_offset == path.stat().st_size - 5

@@ -105,6 +105,13 @@ def test_directory_is_created_with_its_parents(tmp_path: Path) -> None:
     assert report.created and directory.is_dir() and [s.first_seq for s in list_segments(directory)] == [1]
 
 
+def test_append_refuses_before_open(directory: Path) -> None:
+    log = MessageLog(directory)
+    with pytest.raises(LogClosed):
+        log.append(1, b"too early")
+    log.stop()  # nothing to stop
+
+
 def test_append_validates_and_refuses_after_stop(running: MessageLog) -> None:
     with pytest.raises(FormatError):
         running.append(0, b"")
@@ -157,14 +164,12 @@ def test_listeners_run_on_the_loop(directory: Path) -> None:
         log = MessageLog(directory)
         log.open()
         recorder = Recorder(log)
-        events: list[str] = []
         log.start(loop)
         seq = log.append(1, b"x")
         wait_until(lambda: recorder.durable and recorder.durable[-1] == seq, message="durable on the loop")
         assert recorder.threads == {"test-loop"}
         assert wait_until(lambda: log.durable_seq == seq)
         log.stop()
-        del events
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
@@ -329,8 +334,9 @@ def test_corruption_in_a_sealed_segment_is_reported_and_later_segments_still_rea
     assert [r.seq for r in read_log(directory)] == list(range(1, 14)) + list(range(21, 32))
 
 
-def test_preallocated_segments_read_and_reopen(directory: Path) -> None:
-    log = started(directory, preallocate="fallocate", preallocate_bytes=64 * 1024, segment_bytes=32 * 1024)
+@pytest.mark.parametrize("preallocate", ["fallocate", "zeros"])
+def test_preallocated_segments_read_and_reopen(directory: Path, preallocate: str) -> None:
+    log = started(directory, preallocate=preallocate, preallocate_bytes=64 * 1024, segment_bytes=32 * 1024)
     for i in range(1, 301):
         log.append(1, body(i))
         if i % 50 == 0:
@@ -356,14 +362,14 @@ def test_disk_full_fails_the_batch_and_recovers_by_itself(directory: Path) -> No
     recorder = Recorder(log)
     log.start()
     assert log.wait_durable(log.append(1, body(1)), timeout=30)
-    size = list_segments(directory)[-1].path.stat().st_size
+    good_end = FILE_HEADER_SIZE + 17 + len(body(1))
     io.space = 10  # room for a few bytes: a short write, then ENOSPC
     seq = log.append(1, body(2))
     assert not log.wait_durable(seq, timeout=30)
     assert recorder.failed == [(2, 2, "OSError: No space left on device")]
     assert not log.healthy and log.lost == 1 and log.stats["failed_batches"] == 1
     assert events == [("log_degraded", {"error": "OSError: No space left on device"})]
-    assert list_segments(directory)[-1].path.stat().st_size == size  # cut back to the last good end
+    assert list_segments(directory)[-1].path.stat().st_size == good_end  # cut back to the last good end
     io.space = None  # space is freed: the writer's probe notices without any new append
     wait_until(lambda: log.healthy, message="recovery")
     assert events[-1] == ("log_recovered", {})
@@ -457,3 +463,61 @@ def test_a_segment_rolled_by_age_between_batches_names_the_next_record(directory
     log.stop()
     assert len(sealed) > 10
     assert list(read_log(directory)) == [LogRecord(i, 1, body(i)) for i in range(1, 301)]
+
+
+@pytest.mark.parametrize("preallocate", ["none", "zeros"])
+def test_a_reader_follows_the_log_while_it_is_written(directory: Path, preallocate: str) -> None:
+    log = started(directory, segment_bytes=4096, preallocate=preallocate, preallocate_bytes=8192,
+                  policy=SyncPolicy(window=0.001))
+    total = 3000
+
+    def produce() -> None:
+        for i in range(1, total + 1):
+            log.append(1, body(i))
+            if i % 100 == 0:
+                log.wait_durable(i, timeout=30)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    seen: list[LogRecord] = []
+    problems: list[object] = []
+    while len(seen) < total:  # reads as fast as it can: every pass sees a prefix of the log
+        after = seen[-1].seq if seen else 0
+        seen.extend(read_log(directory, from_seq=after + 1, on_problem=lambda *a: problems.append(a)))
+    producer.join()
+    log.stop()
+    assert problems == []
+    assert seen == [LogRecord(i, 1, body(i)) for i in range(1, total + 1)]
+
+
+def test_on_seal_may_remove_segments(directory: Path) -> None:
+    # on_seal runs on the writer thread; calling back into the log from there must not deadlock.
+    removed: list[int] = []
+    holder: list[MessageLog] = []
+    log = started(directory, on_seal=lambda info: removed.append(holder[0].remove_segments_before(10**9)))
+    holder.append(log)
+    for _ in range(3):
+        log.append(1, b"x")
+        log.seal()
+    log.stop()
+    assert removed == [1, 1, 1] and len(list_segments(directory)) == 1
+
+
+def test_an_age_roll_that_cannot_create_a_segment_waits_for_the_probe(directory: Path) -> None:
+    io = FaultyIO()
+    sealed: list[SegmentInfo] = []
+    log = MessageLog(directory, io=io, segment_max_age=0.0, on_seal=sealed.append)
+    log.open()
+    log.start()
+    io.create_error = errno.ENOSPC
+    assert log.wait_durable(log.append(1, b"x"), timeout=30)
+    wait_until(lambda: sealed and not log.healthy, message="a failed roll")
+    failures = io.failures
+    seq = log.append(1, b"y")
+    assert not log.wait_durable(seq, timeout=30)  # no segment to write to: the batch fails
+    assert io.failures <= failures + 2, "the writer must not spin on a segment it cannot create"
+    io.create_error = None
+    wait_until(lambda: log.healthy, message="recovery")
+    assert log.wait_durable(log.append(1, b"z"), timeout=30)
+    log.stop()
+    assert [r.body for r in read_log(directory)] == [b"x", b"z"]

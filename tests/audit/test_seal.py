@@ -262,3 +262,20 @@ def test_compaction_runs_group_consecutive_small_files_and_skip_big_ones():
     # 600 >= half the target: left alone, splitting the runs around it; 7 would take the second
     # run past the target, and alone it is no run.
     assert [[f.first_seq for f in run] for run in runs] == [[1, 2], [4, 5, 6]]
+
+
+def test_a_corrupt_sealed_segment_keeps_the_records_before_the_damage(tmp_path: Path):
+    decisions, _, _ = build_log(tmp_path)
+    segments = sorted((tmp_path / "log").glob("*.seg"))
+    damaged = segments[1]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    report = convert_pending(Layout(tmp_path))
+    assert report.segments == 6
+    assert len(report.problems) == 1 and "corrupt" in report.problems[0]
+    with AuditQuery(tmp_path) as query:
+        got = {r[0] for r in query.cursor().execute("SELECT id FROM decisions").fetchall()}
+    lost = {r[0] for r in decisions} - got
+    assert 0 < len(lost) < 60  # the rest of that segment, nothing else
+    assert report.watermark.last_seq == 600

@@ -186,5 +186,5 @@ def temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp")
 
 
-def sql_string(text: str) -> str:
+def sql_string(text: str | Path) -> str:
     return "'" + str(text).replace("'", "''") + "'"

@@ -47,7 +47,9 @@ def load_tail(con: duckdb.DuckDBPyConnection, layout: Layout, mark: Watermark, *
               chunk: int = 10_000) -> int:
     """Reads the records of every segment after the watermark's into tables `_tail_decisions` and
     `_tail_events` (the audit columns); returns how many records it loaded."""
-    stages, appenders, buffers = {}, {}, {}
+    stages: dict[int, str] = {}
+    appenders: dict[int, duckdb.Appender] = {}
+    buffers: dict[int, list[tuple[object, ...]]] = {}
     for kind in AUDITED:
         stages[kind.code] = f"_stage_{kind.table}"
         con.execute(kind.stage_ddl(stages[kind.code], temp=False))
@@ -99,11 +101,18 @@ class AuditQuery:
             "memory_limit": memory_limit, "threads": threads, "temp_directory": str(self._scratch),
             "autoinstall_known_extensions": False, "autoload_known_extensions": False,
         }
+        self._config, self._locked = config, locked
         try:
             self._con = self._open(config, locked)
         except BaseException:
             shutil.rmtree(self._scratch, ignore_errors=True)
             raise
+
+    def refresh(self) -> None:
+        """Takes a new snapshot: files and tail as they are now."""
+        with self._lock:
+            old, self._con = self._con, self._open(self._config, self._locked)
+        old.close()
 
     def _open(self, config: dict[str, Any], locked: bool) -> duckdb.DuckDBPyConnection:
         for _ in range(_ATTEMPTS):
@@ -124,7 +133,7 @@ class AuditQuery:
         self.watermark = mark
         self.files = files
         try:
-            sources = {}
+            sources: dict[str, str | None] = {}
             for table in TABLES:
                 tail = f"(SELECT * FROM {_tail_table(table)})"
                 sources[table] = (f"(SELECT * FROM {parquet_source(files[table])} UNION ALL BY NAME "
@@ -147,12 +156,20 @@ class AuditQuery:
             return self._con.cursor()
 
     def query(self, sql: str, *, timeout: float = 30.0, max_rows: int = 100_000) -> QueryResult:
-        """Runs one analyst SELECT through the guard, read-only, cut off after `timeout` seconds."""
-        cursor = self.cursor()
-        try:
-            return run_guarded(cursor, sql, timeout=timeout, max_rows=max_rows)
-        finally:
-            cursor.close()
+        """Runs one analyst SELECT through the guard, read-only, cut off after `timeout` seconds.
+        When a file of the snapshot is gone (merged or dropped by retention since), it takes a
+        new snapshot and runs the query once more."""
+        for attempt in (1, 2):
+            cursor = self.cursor()
+            try:
+                return run_guarded(cursor, sql, timeout=timeout, max_rows=max_rows)
+            except _FilesChanged:
+                if attempt == 2:
+                    raise QueryRefused("the audit log's files changed during the query; run it again") from None
+            finally:
+                cursor.close()
+            self.refresh()
+        raise AssertionError("unreachable")
 
     def quarantine_list(self, *, topic: str | None = None, since: datetime | None = None,
                         reason: str | None = None, limit: int = 100) -> QueryResult:
@@ -215,6 +232,8 @@ def run_guarded(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout: float, 
             raise QueryTimeout(
                 f"the query ran longer than {timeout:g} s and was stopped: narrow the time range "
                 "(WHERE ts >= ...) or add a LIMIT") from None
+        if isinstance(error, duckdb.IOException) and _gone(error):
+            raise _FilesChanged from None
         if isinstance(error, duckdb.PermissionException):
             raise QueryRefused(f"reading or writing files is not allowed ({_first(error)})") from None
         raise QueryRefused(f"the query failed: {_first(error)}") from None
@@ -225,6 +244,15 @@ def run_guarded(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout: float, 
         except duckdb.Error:
             pass  # no transaction open (begin failed)
     return QueryResult(columns, rows[:max_rows], len(rows) > max_rows)
+
+
+class _FilesChanged(Exception):
+    pass
+
+
+def _gone(error: BaseException) -> bool:
+    text = str(error)
+    return "No such file" in text or "No files found" in text or "does not exist" in text
 
 
 def _first(error: BaseException) -> str:

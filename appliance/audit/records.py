@@ -28,7 +28,7 @@ REASON_TYPE = 'STRUCT("check" VARCHAR, message VARCHAR, "schema" VARCHAR, path V
 
 # Codec types: struct code for the fixed part (or the length prefix of a variable field).
 _FIXED = {"i64": "q", "f64": "d", "i32": "i", "u8": "B", "bool": "?", "verdict": "B"}
-_VARIABLE = {"str": "H", "text": "I", "bytes": "I", "sha256": None}
+_VARIABLE = {"str": "H", "text": "I", "bytes": "I", "sha256": "32s"}  # the length prefix (sha256: 32 raw bytes)
 VERDICTS = ("accept", "reject")
 
 
@@ -47,12 +47,11 @@ class Field:
             raise ValueError(f"{self.name}: unknown codec type {self.type!r}")
 
 
-_TS = dict(stage_sql="DOUBLE", convert="to_timestamp(ts)")
 
 DECISION_FIELDS = (
     # milliseconds since the epoch << 20 | sequence (see IdClock): unique and sortable
     Field("id", "i64", "BIGINT"),
-    Field("ts", "f64", "TIMESTAMPTZ", **_TS),  # when the proxy read the message (UTC)
+    Field("ts", "f64", "TIMESTAMPTZ", stage_sql="DOUBLE", convert="to_timestamp(ts)"),  # when read (UTC)
     Field("client_id", "str", "VARCHAR"),
     Field("username", "str", "VARCHAR", nullable=True),
     Field("peer", "str", "VARCHAR"),  # the client's real address "host:port"
@@ -88,7 +87,7 @@ DECISION_FIELDS = (
 
 EVENT_FIELDS = (
     Field("id", "i64", "BIGINT"),  # same clock as decisions
-    Field("ts", "f64", "TIMESTAMPTZ", **_TS),
+    Field("ts", "f64", "TIMESTAMPTZ", stage_sql="DOUBLE", convert="to_timestamp(ts)"),
     Field("kind", "str", "VARCHAR"),  # client_connected, client_disconnected, config_reload, ...
     Field("client_id", "str", "VARCHAR", nullable=True),  # NULL when not about a client
     Field("peer", "str", "VARCHAR", nullable=True),
@@ -99,7 +98,7 @@ EVENT_FIELDS = (
 # outbox (its verdict is already in the audit tables).
 FORWARD_ONLY_FIELDS = (
     Field("id", "i64", "BIGINT"),  # the verdict's id
-    Field("ts", "f64", "TIMESTAMPTZ", **_TS),
+    Field("ts", "f64", "TIMESTAMPTZ", stage_sql="DOUBLE", convert="to_timestamp(ts)"),
     Field("client_id", "str", "VARCHAR"),
     Field("topic", "str", "VARCHAR"),
     Field("payload", "bytes", "BLOB"),
@@ -117,8 +116,7 @@ def _compile(name: str, fields: tuple[Field, ...]) -> tuple[struct.Struct, Calla
     bit = {f.name: 1 << i for i, f in enumerate(nullable)}
     fixed = [f for f in fields if f.type in _FIXED]
     variable = [f for f in fields if f.type in _VARIABLE]
-    layout = "<I" + "".join(_FIXED[f.type] for f in fixed) + "".join(
-        "32s" if f.type == "sha256" else _VARIABLE[f.type] for f in variable)
+    layout = "<I" + "".join(_FIXED[f.type] for f in fixed) + "".join(_VARIABLE[f.type] for f in variable)
     head = struct.Struct(layout)
     args = [f"v{i}" for i in range(len(fields))]
     var = {f.name: f"v{fields.index(f)}" for f in fields}
@@ -173,7 +171,9 @@ def _compile(name: str, fields: tuple[Field, ...]) -> tuple[struct.Struct, Calla
     dec.append(f"    return ({', '.join(args)},)")
     namespace: dict[str, Any] = {"_pack": head.pack, "_unpack_from": head.unpack_from,
                                  "_fromhex": bytes.fromhex, "_VERDICTS": VERDICTS}
-    exec(compile("\n".join(enc) + "\n\n" + "\n".join(dec) + "\n", f"<{name} codec>", "exec"), namespace)
+    # Generated code (from the declaration only, no outside input): a straight-line function per
+    # kind runs ~3x faster than a loop over the fields.
+    exec(compile("\n".join(enc) + "\n\n" + "\n".join(dec) + "\n", f"<{name} codec>", "exec"), namespace)  # noqa: S102
     return head, namespace["encode"], namespace["decode"]
 
 
@@ -184,7 +184,7 @@ class RecordKind:
     code: int
     name: str
     fields: tuple[Field, ...]
-    table: str | None  # the audit table its rows go to (None: not audited)
+    table: str  # the audit table its rows go to ("": not audited)
 
     def __post_init__(self) -> None:
         head, encode, decode = _compile(self.name, self.fields)
@@ -228,7 +228,7 @@ class RecordKind:
 
 DECISION = RecordKind(1, "decision", DECISION_FIELDS, "decisions")
 EVENT = RecordKind(2, "event", EVENT_FIELDS, "events")
-FORWARD_ONLY = RecordKind(3, "forward_only", FORWARD_ONLY_FIELDS, None)
+FORWARD_ONLY = RecordKind(3, "forward_only", FORWARD_ONLY_FIELDS, "")
 KINDS: dict[int, RecordKind] = {k.code: k for k in (DECISION, EVENT, FORWARD_ONLY)}
 AUDITED = (DECISION, EVENT)
 

@@ -82,7 +82,7 @@ def drop_payloads_in_segment(path: Path, match: Match) -> set[int]:
                 if not row[forward]:
                     new[payload] = None
                 body = DECISION.encode(tuple(new))
-                changed.add(int(row[0]))  # type: ignore[call-overload]
+                changed.add(int(row[0]))
         parts.append(encode_record(record.seq, record.kind, body))
     if not changed:
         return changed

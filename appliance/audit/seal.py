@@ -14,8 +14,11 @@ the watermark (layout.py), so they never see a row twice either.
 
 How rows get into DuckDB (measured, docs/audit.md): records are decoded in Python and appended
 with DuckDB's appender into a staging table holding the log's fields (ts a double, JSON as text),
-then each day is COPY'd out with the conversions of records.py. ~60k rows/s end to end for 100-byte
-payloads; NDJSON through read_json was slower and ran out of the 64 MB memory limit.
+then each day is COPY'd out with the conversions of records.py: in one run, 49k rows/s against
+26k for NDJSON read back with read_json (which also ran out of the 64 MB memory limit).
+
+After converting, finished days' small files are merged (compact_days), and the views file is
+refreshed when a table got its first file or lost its last one.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -53,6 +56,7 @@ MAX_BATCH_BYTES = 16 << 20  # one default segment: peak RSS ~145 MB (64 MiB: ~29
 ROW_GROUP_ROWS = 122_880  # DuckDB's default row group: large groups scan fastest
 APPEND_ROWS = 10_000
 MEMORY_LIMIT = "64MB"
+COMPACT_ROWS = 2_000_000  # rows per file when merging a finished day's files
 _DAY = 86_400
 VIEWS_VERSION = 1
 
@@ -160,7 +164,7 @@ def copy_days(con: duckdb.DuckDBPyConnection, source: str, kind: RecordKind, tar
 
 def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
                     row_group_rows: int = ROW_GROUP_ROWS, memory_limit: str = MEMORY_LIMIT,
-                    threads: int = 2, checkpoint: Checkpoint | None = None) -> SealReport:
+                    threads: int = 2, compact: bool = True, checkpoint: Checkpoint | None = None) -> SealReport:
     """Converts every sealed, unconverted segment; returns what it did. `checkpoint(step)` is
     called after each durable step (tests inject crashes there)."""
     report = SealReport()
@@ -171,17 +175,18 @@ def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
         con = connect(layout, memory_limit=memory_limit, threads=threads)
         try:
             while pending := pending_segments(layout, mark):
-                batch, size = [], 0
+                batch: list[SegmentInfo] = []
+                size = 0
                 for info in pending:
                     if batch and size + _size(info.path) > max_batch_bytes:
                         break
                     batch.append(info)
                     size += _size(info.path)
                 last_seq = load_records(con, batch, report=report)
+                first = batch[0].first_seq
                 for kind in AUDITED:
                     report.files += copy_days(
-                        con, _stage_name(kind), kind,
-                        lambda day, table=kind.table: layout.parquet_path(table, day, batch[0].first_seq),
+                        con, _stage_name(kind), kind, _namer(layout, kind.table, first),
                         row_group_rows=row_group_rows, checkpoint=checkpoint)
                     con.execute(f"DROP TABLE {_stage_name(kind)}")
                 mark = Watermark(batch[-1].first_seq, max(mark.last_seq, last_seq))
@@ -190,8 +195,9 @@ def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
                 report.segments += len(batch)
                 if checkpoint:
                     checkpoint("watermark_written")
-            report.compacted = compact_days(layout, con, before=datetime.now(UTC).date(),
-                                            mark=mark, checkpoint=checkpoint)
+            if compact:
+                report.compacted = compact_days(layout, con, before=datetime.now(UTC).date(),
+                                                mark=mark, checkpoint=checkpoint)
         finally:
             con.close()
         write_views(layout)
@@ -201,32 +207,78 @@ def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
 
 
 def compact_days(layout: Layout, con: duckdb.DuckDBPyConnection, *, before: date, mark: Watermark,
-                 checkpoint: Checkpoint | None = None, row_group_rows: int = ROW_GROUP_ROWS) -> int:
-    """Merges the converted files of each day before `before` into one file per table and day, so
-    that a query over months opens tens of files, not thousands (one per segment). Returns how many
-    files it merged away."""
+                 checkpoint: Checkpoint | None = None, target_rows: int = COMPACT_ROWS,
+                 row_group_rows: int = ROW_GROUP_ROWS) -> int:
+    """Merges the converted files of each day before `before` into files of up to `target_rows`
+    rows, so that a query over months opens a few files per day, not one per segment (at 10 msg/s
+    a segment is sealed every 10 minutes). Files of at least half the target stay as they are (they
+    would only be rewritten). Each merged file takes consecutive files (in seq order), so its name's
+    seq range holds exactly the files it replaces. Returns how many files were merged away; a merge
+    that fails (memory, disk) is logged and left for the next run: it is only an optimisation."""
     merged = 0
     for table in TABLES:
         by_day: dict[date, list[ParquetFile]] = {}
         for f in layout.visible(table, upto_seq=mark.last_seq):
             if f.day < before:
                 by_day.setdefault(f.day, []).append(f)
-        for day, files in by_day.items():
+        for day, files in sorted(by_day.items()):
             if len(files) < 2:
                 continue
-            final = layout.parquet_path(table, day, files[0].first_seq, max(f.last_seq for f in files))
-            tmp = temp_name(final)
             listed = ", ".join(sql_string(f.path) for f in files)
-            con.execute(f"COPY (SELECT * FROM read_parquet([{listed}], hive_partitioning = false)) "
-                        f"TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group_rows})")
-            publish(tmp, final)  # from here on readers take it and skip the files it replaces
-            if checkpoint:
-                checkpoint("compacted")
-            for f in files:
-                f.path.unlink()
-            fsync_dir(final.parent)
-            merged += len(files)
+            rows = {Path(name): int(n) for name, n in con.execute(
+                f"SELECT file_name, num_rows FROM parquet_file_metadata([{listed}])").fetchall()}
+            for run in _runs(files, rows, target_rows):
+                try:
+                    _merge(layout, con, table, day, run, row_group_rows, checkpoint)
+                except duckdb.Error as error:
+                    log.warning("compacting %s of %s failed (%s); left as it is", table, day,
+                                str(error).splitlines()[0])
+                    temp_name(layout.parquet_path(table, day, run[0].first_seq, run[-1].last_seq)).unlink(
+                        missing_ok=True)
+                    continue
+                merged += len(run)
     return merged
+
+
+def _runs(files: list[ParquetFile], rows: Mapping[Path, int], target_rows: int) -> list[list[ParquetFile]]:
+    """Consecutive small files grouped up to target_rows; big files break runs."""
+    runs: list[list[ParquetFile]] = []
+    run: list[ParquetFile] = []
+    total = 0
+    for f in files:
+        count = rows.get(f.path, 0)
+        if count >= target_rows // 2 or (run and total + count > target_rows):
+            if len(run) > 1:
+                runs.append(run)
+            run, total = [], 0
+            if count >= target_rows // 2:
+                continue
+        run.append(f)
+        total += count
+    if len(run) > 1:
+        runs.append(run)
+    return runs
+
+
+def _merge(layout: Layout, con: duckdb.DuckDBPyConnection, table: str, day: date, run: list[ParquetFile],
+           row_group_rows: int, checkpoint: Checkpoint | None) -> None:
+    final = layout.parquet_path(table, day, run[0].first_seq, run[-1].last_seq)
+    tmp = temp_name(final)
+    listed = ", ".join(sql_string(f.path) for f in run)
+    # One thread: with two, keeping the rows in order buffered more than the 64 MB memory limit
+    # (a day of 1M rows ran out; one thread: 145 MB peak RSS).
+    con.execute("SET threads = 1")
+    try:
+        con.execute(f"COPY (SELECT * FROM read_parquet([{listed}], hive_partitioning = false)) "
+                    f"TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group_rows})")
+    finally:
+        con.execute("RESET threads")
+    publish(tmp, final)  # from here on readers take it and skip the files it replaces
+    if checkpoint:
+        checkpoint("compacted")
+    for f in run:
+        f.path.unlink()
+    fsync_dir(final.parent)
 
 
 def remove_orphans(layout: Layout, mark: Watermark) -> int:
@@ -244,6 +296,12 @@ def remove_orphans(layout: Layout, mark: Watermark) -> int:
     return removed
 
 
+def _namer(layout: Layout, table: str, first_seq: int) -> Callable[[date], Path]:
+    def name(day: date) -> Path:
+        return layout.parquet_path(table, day, first_seq)
+    return name
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -253,7 +311,7 @@ def _size(path: Path) -> int:
 
 # -- the views file ---------------------------------------------------------------------------------
 
-def view_statements(layout: Layout, sources: dict[str, str | None]) -> list[str]:
+def view_statements(layout: Layout, sources: Mapping[str, str | None]) -> list[str]:
     """CREATE VIEW statements: each table over its source (a SQL FROM item), or typed and empty."""
     statements = []
     for kind in AUDITED:
@@ -264,8 +322,8 @@ def view_statements(layout: Layout, sources: dict[str, str | None]) -> list[str]
         "CREATE OR REPLACE VIEW accepted AS SELECT * FROM decisions WHERE verdict = 'accept'",
         "CREATE OR REPLACE VIEW rejected AS SELECT * FROM decisions WHERE verdict = 'reject'",
         # A dry run delivered its "rejected" messages: nothing was withheld, nothing is quarantined.
-        "CREATE OR REPLACE VIEW quarantine AS SELECT * FROM decisions "
-        "WHERE verdict = 'reject' AND payload IS NOT NULL AND NOT dry_run",
+        ("CREATE OR REPLACE VIEW quarantine AS SELECT * FROM decisions "
+         "WHERE verdict = 'reject' AND payload IS NOT NULL AND NOT dry_run"),
     ]
     return statements
 
@@ -281,15 +339,15 @@ def write_views(layout: Layout) -> bool:
     `duckdb -readonly` session open on the old file keeps working."""
     from appliance.audit.upgrade import needs_upgrade
 
-    if needs_upgrade(layout):
-        log.warning("%s is an audit log of the previous version: not replaced before the upgrade "
-                    "imports it", layout.views_file)
-        return False
     sources = {t: glob_source(layout, t) if layout.files(t) else None for t in TABLES}
     key = json.dumps({"version": VIEWS_VERSION, "dir": str(layout.parquet_dir),
                       "files": {t: bool(s) for t, s in sources.items()}}, sort_keys=True)
     key_file = layout.audit_dir / ".views-key"
     if layout.views_file.exists() and key_file.exists() and key_file.read_text() == key:
+        return False  # (checked first: it saves opening the file to tell it from an old version's)
+    if needs_upgrade(layout):
+        log.warning("%s is an audit log of the previous version: not replaced before the upgrade "
+                    "imports it", layout.views_file)
         return False
     make_dirs(layout.audit_dir)
     tmp = temp_name(layout.views_file)
@@ -316,12 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row-group-rows", type=int, default=ROW_GROUP_ROWS)
     parser.add_argument("--memory-limit", default=MEMORY_LIMIT)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compact", dest="compact", action="store_false",
+                        help="Do not merge the files of finished days.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="seal: %(levelname)s %(message)s")
     started = time.monotonic()
     report = convert_pending(Layout(args.state_dir), max_batch_bytes=args.max_batch_bytes,
                              row_group_rows=args.row_group_rows, memory_limit=args.memory_limit,
-                             threads=args.threads)
+                             threads=args.threads, compact=args.compact)
     summary = {"segments": report.segments, "decisions": report.decisions, "events": report.events,
                "files": len(report.files), "compacted": report.compacted, "watermark": report.watermark.last_seq,
                "problems": report.problems, "seconds": round(time.monotonic() - started, 3)}

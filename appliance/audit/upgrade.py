@@ -67,6 +67,9 @@ class UpgradeReport:
     forward_only: int = 0
     files: int = 0
     renamed: tuple[str, ...] = ()
+    # The largest decision or event id imported (0 if none, or when a resumed upgrade had already
+    # written its Parquet files): a new IdClock starts after it.
+    max_id: int = 0
 
 
 def legacy_duckdb(path: Path) -> bool:
@@ -177,6 +180,8 @@ def _to_parquet(con: duckdb.DuckDBPyConnection, layout: Layout, journal: Path | 
         if not sources:
             continue
         con.execute(f"CREATE OR REPLACE TEMP VIEW import_{kind.table} AS {' UNION ALL '.join(sources)}")
+        top = con.execute(f"SELECT coalesce(max(id), 0) FROM import_{kind.table}").fetchone()
+        report.max_id = max(report.max_id, int(top[0]) if top else 0)
         days = [d for (d,) in con.execute(
             f"SELECT DISTINCT CAST(ts AS DATE) AS d FROM import_{kind.table} ORDER BY d").fetchall()]
         for day in days:

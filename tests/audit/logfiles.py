@@ -4,8 +4,6 @@ real MessageLog and the seal helper (build_state)."""
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 

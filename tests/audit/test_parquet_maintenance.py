@@ -90,7 +90,7 @@ def test_purge_removes_the_payload_bytes_wherever_they_are(running):
 
 
 def test_purge_all_leaves_accepted_payloads(running):
-    state, log, rows = running
+    state, log, _rows = running
     assert purge_quarantine(state, None, seal=log.seal) == 30
     assert quarantine_ids(state) == set()
     for i in range(1, 60, 2):
@@ -108,7 +108,7 @@ def test_purge_offline_rewrites_the_newest_segment_too(tmp_path: Path):
 
 
 def test_a_purged_segment_converts_without_the_payloads(running):
-    state, log, rows = running
+    state, log, _rows = running
     purge_quarantine(state, None, seal=log.seal)
     log.seal()
     convert_pending(Layout(state))

@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from appliance.audit.records import (
-    DECISION, DECISION_COLUMNS, EVENT, EVENT_COLUMNS, FORWARD_ONLY, KINDS, OUTBOX_COLUMNS, payload_sha256,
+    DECISION,
+    DECISION_COLUMNS,
+    EVENT,
+    EVENT_COLUMNS,
+    FORWARD_ONLY,
+    KINDS,
+    OUTBOX_COLUMNS,
+    payload_sha256,
 )
 from tests.audit.factory import decision, epoch, event
 from tests.audit.logfiles import log_decision

@@ -40,7 +40,7 @@ def ids_through_query(state: Path, table: str) -> list[int]:
 
 
 def test_sealed_segments_become_parquet_per_day_and_the_active_one_stays(tmp_path: Path):
-    decisions, events, last = build_log(tmp_path)
+    decisions, events, _last = build_log(tmp_path)
     report = convert_pending(Layout(tmp_path))
     records = sorted([(r[0], "d") for r in decisions] + [(r[0], "e") for r in events])
     active = records[600:]  # the last segment (records 601..) is still being written
@@ -98,7 +98,7 @@ def test_a_rerun_converts_nothing_twice(tmp_path: Path):
 
 
 def test_newly_sealed_segments_are_converted_on_the_next_run(tmp_path: Path):
-    decisions, events, last = build_log(tmp_path, count=300)
+    decisions, _events, last = build_log(tmp_path, count=300)
     convert_pending(Layout(tmp_path))
     more = [(DECISION, (*decision(1 << 62, START + 90_000), False, None, True))]
     write_segment(tmp_path / "log", last + 1, more)  # seals the previous active segment
@@ -113,7 +113,7 @@ class Crash(Exception):
 
 def test_a_crash_after_any_step_then_a_rerun_leaves_every_row_exactly_once(tmp_path: Path):
     reference = tmp_path / "reference"
-    decisions, events, _ = build_log(reference, per_segment=70)
+    _decisions, _events, _ = build_log(reference, per_segment=70)
     convert_pending(Layout(reference), max_batch_bytes=1)
     expected = {t: ids_through_query(reference, t) for t in ("decisions", "events")}
     steps = 0
@@ -130,7 +130,7 @@ def test_a_crash_after_any_step_then_a_rerun_leaves_every_row_exactly_once(tmp_p
         build_log(state, per_segment=70)
         seen = 0
 
-        def crash(step: str) -> None:
+        def crash(step: str, crash_at: int = crash_at) -> None:
             nonlocal seen
             seen += 1
             if seen == crash_at:
@@ -167,7 +167,7 @@ def test_sigkill_of_the_helper_at_random_points_then_rerun_loses_and_duplicates_
         before = len(list(parquet.rglob("*.parquet"))) if parquet.exists() else 0
         helper = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         target = before + rng.randrange(1, 4)
-        wait_until(lambda: helper.poll() is not None or
+        wait_until(lambda helper=helper, target=target: helper.poll() is not None or
                    (parquet.exists() and len(list(parquet.rglob("*.parquet"))) >= target), timeout=60)
         helper.send_signal(signal.SIGKILL)
         helper.wait()
@@ -211,7 +211,7 @@ def test_files_a_crashed_run_left_past_the_watermark_are_removed_first(tmp_path:
 
 
 def test_finished_days_are_compacted_into_one_file_per_table(tmp_path: Path):
-    decisions, events, _ = build_log(tmp_path, per_segment=50)
+    decisions, _events, _ = build_log(tmp_path, per_segment=50)
     report = convert_pending(Layout(tmp_path), max_batch_bytes=1)
     names = sorted(p.name for p in (tmp_path / "audit" / "parquet" / "decisions").rglob("*.parquet"))
     assert len(names) == 2 and all("-" in name for name in names)  # one per day, named first-last
@@ -223,7 +223,7 @@ def test_finished_days_are_compacted_into_one_file_per_table(tmp_path: Path):
 
 
 def test_a_compaction_interrupted_before_deleting_the_old_files_shows_no_row_twice(tmp_path: Path):
-    decisions, events, _ = build_log(tmp_path, per_segment=50)
+    decisions, _events, _ = build_log(tmp_path, per_segment=50)
 
     def crash(step: str) -> None:
         if step == "compacted":
@@ -248,3 +248,34 @@ def test_today_is_not_compacted(tmp_path: Path):
     if report.files and len({p.parent for p in report.files}) == 1:  # not across midnight
         assert report.compacted == 0
         assert len(list((tmp_path / "audit" / "parquet" / "decisions").rglob("*.parquet"))) == 4
+
+
+def test_compaction_runs_group_consecutive_small_files_and_skip_big_ones():
+    from datetime import date
+
+    from appliance.audit.layout import ParquetFile
+    from appliance.audit.seal import _runs
+
+    files = [ParquetFile(Path(f"/x/{i}.parquet"), "decisions", date(2026, 1, 1), i, i) for i in range(1, 8)]
+    rows = {f.path: n for f, n in zip(files, [10, 10, 600, 10, 400, 400, 400], strict=True)}
+    runs = _runs(files, rows, target_rows=1000)
+    # 600 >= half the target: left alone, splitting the runs around it; 7 would take the second
+    # run past the target, and alone it is no run.
+    assert [[f.first_seq for f in run] for run in runs] == [[1, 2], [4, 5, 6]]
+
+
+def test_a_corrupt_sealed_segment_keeps_the_records_before_the_damage(tmp_path: Path):
+    decisions, _, _ = build_log(tmp_path)
+    segments = sorted((tmp_path / "log").glob("*.seg"))
+    damaged = segments[1]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    report = convert_pending(Layout(tmp_path))
+    assert report.segments == 6
+    assert len(report.problems) == 1 and "corrupt" in report.problems[0]
+    with AuditQuery(tmp_path) as query:
+        got = {r[0] for r in query.cursor().execute("SELECT id FROM decisions").fetchall()}
+    lost = {r[0] for r in decisions} - got
+    assert 0 < len(lost) < 60  # the rest of that segment, nothing else
+    assert report.watermark.last_seq == 600

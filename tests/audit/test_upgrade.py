@@ -83,6 +83,7 @@ def test_old_state_dir_is_imported_and_renamed(tmp_path: Path, log_dir, hot_wal:
     report = upgrade(state, log_dir(state))
     assert report is not None
     assert report.decisions == 630 and report.events == len(old["events"]) and report.forward_only == 25
+    assert report.max_id == max(r[0] for r in old["decisions"] + old["events"])
     check_imported(state, old)
     with AuditQuery(state) as query:
         assert query.query("SELECT * FROM decisions ORDER BY id LIMIT 3").rows == before

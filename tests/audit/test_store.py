@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance.audit.errors import QueryRefused
 from appliance.audit.layout import Layout
 from appliance.audit.query import AuditQuery
 from appliance.audit.records import DECISION, DECISION_COLUMNS, EVENT_COLUMNS, IdClock
@@ -28,7 +27,7 @@ WHERE = {"parquet": (1.0, 1.0), "sealed segment": (0.0, 1.0), "active segment": 
 
 
 @pytest.mark.parametrize("where", WHERE)
-def test_every_column_reads_back_typed(audit_state, where: str):  # noqa: ANN001
+def test_every_column_reads_back_typed(audit_state, where: str):
     clock = IdClock()
     row = decision(clock.next(TS), TS, verdict="reject", payload=b"\x00\xffraw")
     connected = event(clock.next(TS), TS, "client_connected", "dev-1", {"keepalive": 60})
@@ -57,7 +56,7 @@ def test_every_column_reads_back_typed(audit_state, where: str):  # noqa: ANN001
         assert store.query("SELECT detail.keepalive::INT FROM events").rows == [(60,)]
 
 
-def test_ids_and_timestamps_round_trip(audit_state):  # noqa: ANN001
+def test_ids_and_timestamps_round_trip(audit_state):
     clock = IdClock()
     times = [epoch("2026-01-01T00:00:00") + i * 0.001001 for i in range(1000)]
     rows = [decision(clock.next(t), t) for t in times]
@@ -73,7 +72,7 @@ def test_an_empty_store_has_max_ids_zero(tmp_path: Path):
         assert store.max_ids() == (0, 0)
 
 
-def test_a_query_opens_while_another_process_holds_the_views_file(audit_state):  # noqa: ANN001
+def test_a_query_opens_while_another_process_holds_the_views_file(audit_state):
     """The previous version's DuckDB file was locked by the running appliance; now an analyst's
     `duckdb -readonly STATE_DIR/audit/audit.duckdb` and `appliance audit sql` run side by side."""
     state = audit_state([decision(1, TS, verdict="reject")], split=(1.0, 1.0))
@@ -138,10 +137,7 @@ def test_queries_in_threads_while_the_log_is_written_and_converted(tmp_path: Pat
         assert totals[-1] == 3000
 
 
-@pytest.mark.xfail(strict=True, raises=QueryRefused,
-                   reason="seal's compaction of a finished day deletes the files it merged at once, "
-                          "while an AuditQuery opened before still reads them at query time")
-def test_a_query_opened_before_a_compaction_still_reads(audit_state):  # noqa: ANN001
+def test_a_query_opened_before_a_compaction_still_reads(audit_state):
     """`appliance audit sql`, an export or a quarantine listing that opened its snapshot just before
     the seal helper ran keeps answering from it."""
     clock = IdClock()

@@ -194,9 +194,10 @@ def cli(ctx: click.Context, target_dir: Path | None, sources: tuple[str, ...], s
     try:
         total = source.count() if show_progress else None
         with _Progress(show_progress, total) as bar:
-            tally, run_stats = engine.run(source.batches(engine.BATCH_SIZE), target=target.directory,
+            jobs = jobs or engine.default_jobs()
+            tally, run_stats = engine.run(source.work(engine.BATCH_SIZE, engine.pieces(jobs)), target=target.directory,
                                           baseline=baseline.directory if baseline else None,
-                                          jobs=jobs or engine.default_jobs(), progress=bar.advance)
+                                          jobs=jobs, progress=bar.advance)
     except ReplayInputError as exc:
         raise InputError(str(exc)) from None
     finally:

@@ -81,7 +81,9 @@ class Judge:
             normalised = self._reasons[key] = (check, where, text)
         return normalised
 
-    def judge(self, batch: Iterable[R.Row], tally: Tally) -> None:
+    def judge(self, batch: Iterable[R.Row], tally: Tally, item: int = 0, start: int = 0) -> None:
+        """Judge `batch`: rows `start`, `start + 1`, ... of the `item`th piece of work, pieces in
+        recording order (the position decides which samples are kept)."""
         check = self._target.check
         route = self._target.schema_set.route
         baseline = self._baseline.check if self._baseline is not None else None
@@ -89,7 +91,7 @@ class Judge:
         group_of = tally.group
         client_of = self._client
         reason_key = self._reason_key
-        for row in batch:
+        for offset, row in enumerate(batch, start):
             (topic, payload, qos, retain, client_id, username, peer, version,
              recorded, ts, is_will, recorded_set, recorded_filter) = row
             if recorded_set is not None:
@@ -143,5 +145,5 @@ class Judge:
                 tallied.count += 1
                 if breaking:
                     tallied.breaking += 1
-                if tallied.wants_sample(breaking):
-                    tallied.add_sample(Sample(topic, client_id or "", ts, excerpt(payload), reference, breaking))
+                if tallied.wants_sample(breaking, (item, offset)):
+                    tallied.add_sample(Sample(topic, client_id or "", ts, excerpt(payload), reference, breaking, (item, offset)))

@@ -6,9 +6,17 @@ filters applied, so memory stays bounded however large the recording is.
 - `DuckDBSource`: a stopped appliance's `STATE_DIR/audit/audit.duckdb`, opened read-only.
 - `ParquetSource`: files from `appliance audit export` (or anything with the same columns).
 - `NdjsonSource`: one JSON object per line, as `replay capture` writes.
+- `DecisionRowsSource`: rows in the audit log's DECISION_COLUMNS order from any iterable (a log
+  tail); `ChainedSource`: several parts replayed as one recording (Parquet files, then a tail).
 
 SQL sources push the time, topic and client filters into DuckDB and stream with `fetchmany`;
 sampling and the limit are applied while streaming, in recording order.
+
+`work()` is what the engine consumes. A Parquet source returns *units* (`ParquetRange`: a row
+range of one file, with its SELECT and WHERE) that worker processes read themselves, so reading is
+spread over the cores and no rows cross a process boundary; the others return batches of rows read
+here. With `--sample` or `--limit`, which count positions in the whole recording, Parquet is read
+here as well.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from dataclasses import dataclass
@@ -30,6 +38,7 @@ import duckdb
 import orjson
 
 from replay.errors import ReplayInputError
+from appliance.audit.records import DECISION_COLUMNS
 from replay.rows import COLUMNS, Filters, Row, topic_filter_regex
 
 
@@ -230,7 +239,7 @@ def parquet_files(patterns: Sequence[str]) -> list[str]:
     return files
 
 
-UNIT_ROWS = (10_000, 200_000)  # bounds of a unit's size; between them, `pieces` decides
+UNIT_ROWS = (5_000, 200_000)  # bounds of a unit's size; between them, `pieces` decides
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,6 +548,107 @@ class NdjsonSource:
 
     def close(self) -> None:
         pass
+
+
+# -- decision rows in memory, and recordings in several parts ---------------------------------------
+
+_DECISION_INDEX = {name: index for index, name in enumerate(DECISION_COLUMNS)}
+
+
+class DecisionRowsSource:
+    """Rows in `appliance.audit.records.DECISION_COLUMNS` order (`ts` as epoch seconds), from any
+    iterable: the not-yet-sealed tail of the audit log as its reader decodes it, for example. They
+    are read in this process and sent to the workers in batches; the filters apply here."""
+
+    def __init__(self, rows: Iterable[Sequence[Any]], filters: Filters, description: str, *, count: int | None = None):
+        self.description = description
+        self.notes: list[str] = []
+        self._rows = rows
+        self._filters = filters
+        self._count = count
+
+    def count(self) -> int | None:
+        return _expected(self._count, self._filters) if self._count is not None else None
+
+    def _batches(self, size: int) -> Iterator[list[Row]]:
+        from appliance.governance.topics import TopicTrie
+
+        filters = self._filters
+        since = filters.since.timestamp() if filters.since else None
+        until = filters.until.timestamp() if filters.until else None
+        trie: TopicTrie[None] | None = None
+        if filters.topic is not None:
+            trie = TopicTrie()
+            trie.insert(filters.topic, None)
+        client = filters.client
+        i = _DECISION_INDEX
+        (topic_i, payload_i, qos_i, retain_i, client_i, user_i, peer_i, version_i, verdict_i, ts_i, will_i,
+         set_i, filter_i, dry_i, released_i) = (
+            i["topic"], i["payload"], i["qos"], i["retain"], i["client_id"], i["username"], i["peer"], i["mqtt_version"],
+            i["verdict"], i["ts"], i["is_will"], i["schema_set"], i["topic_filter"], i["dry_run"], i["released_from"])
+        batch: list[Row] = []
+        for rec in self._rows:
+            topic, ts = rec[topic_i], rec[ts_i]
+            if topic is None or rec[released_i] is not None:
+                continue
+            if since is not None and (ts is None or ts < since) or until is not None and (ts is None or ts >= until):
+                continue
+            if trie is not None and not trie.match(topic) or client is not None and rec[client_i] != client:
+                continue
+            verdict = rec[verdict_i]
+            if verdict == "reject" and rec[dry_i]:
+                verdict = "accept"  # a dry run delivered it (see SqlSource)
+            qos, version = rec[qos_i], rec[version_i]
+            batch.append((topic, rec[payload_i], int(qos) if qos is not None else None, rec[retain_i], rec[client_i],
+                          rec[user_i], rec[peer_i], int(version) if version is not None else None, verdict,
+                          float(ts) if ts is not None else None, rec[will_i], rec[set_i], rec[filter_i]))
+            if len(batch) >= size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def batches(self, size: int) -> Iterator[list[Row]]:
+        yield from _sample_and_limit(self._batches(size), self._filters, size)
+
+    def work(self, size: int, pieces: int) -> Iterator[Work]:
+        yield from self.batches(size)
+
+    def close(self) -> None:
+        pass
+
+
+class ChainedSource:
+    """One recording in several parts, replayed in the order given (sealed Parquet files, then the
+    tail of the log). Build the parts with `filters.unsampled()`: sampling and the limit apply to the
+    whole recording, here."""
+
+    def __init__(self, parts: Sequence[Source], filters: Filters, description: str):
+        self.description = description
+        self.notes = [note for part in parts for note in part.notes]
+        self._parts = parts
+        self._filters = filters
+
+    def count(self) -> int | None:
+        counts = [part.count() for part in self._parts]
+        if any(count is None for count in counts):
+            return None
+        return _expected(sum(c for c in counts if c is not None), self._filters)
+
+    def batches(self, size: int) -> Iterator[list[Row]]:
+        parts = (batch for part in self._parts for batch in part.batches(size))
+        yield from _sample_and_limit(parts, self._filters, size)
+
+    def work(self, size: int, pieces: int) -> Iterator[Work]:
+        if self._filters.sample > 1 or self._filters.limit is not None:
+            yield from self.batches(size)
+            return
+        for part in self._parts:
+            yield from part.work(size, pieces)
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.close()
 
 
 NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".json")

@@ -17,7 +17,7 @@ from appliance.governance.topics import TopicTrie
 from appliance.mqtt import ProtocolVersion
 from appliance.pipeline import ClientInfo, Message
 from replay import rows as R
-from replay.tally import UNMAPPED, ReasonTally, Sample, Tally, excerpt, normalise
+from replay.tally import UNMAPPED, GroupTally, ReasonTally, Sample, Tally, excerpt, normalise
 
 NO_PAYLOAD = "payload not recorded (removed by retention or a quarantine purge)"
 
@@ -48,6 +48,7 @@ def load_for_replay(directory: Path) -> SchemaSet:
 
 
 _VERSIONS = {int(v): v for v in ProtocolVersion}
+_NO_PROPERTIES = Message._field_defaults["properties"]
 
 
 class Judge:
@@ -57,17 +58,19 @@ class Judge:
     def __init__(self, target: SchemaSet, baseline: SchemaSet | None = None):
         self._target = Governance(target)
         self._baseline = Governance(baseline) if baseline is not None else None
-        self._clients: dict[tuple[str, str | None, str, int], ClientInfo] = {}
+        self._clients: dict[tuple[str | None, str | None, str | None, int | None], ClientInfo] = {}
         self._reasons: dict[tuple[str, str, str | None], tuple[str, str | None, str]] = {}
 
-    def _client(self, client_id: str, username: str | None, peer: str, version: int) -> ClientInfo:
+    def _client(self, client_id: str | None, username: str | None, peer: str | None, version: int | None) -> ClientInfo:
+        """The ClientInfo of a recorded client, kept while there are not too many (a message costs
+        a dict lookup, not an object)."""
         key = (client_id, username, peer, version)
         client = self._clients.get(key)
         if client is None:
             if len(self._clients) > 100_000:
                 self._clients.clear()
             client = self._clients[key] = ClientInfo(
-                client_id, username, peer, _VERSIONS.get(version, ProtocolVersion.MQTT_3_1_1)
+                client_id or "", username, peer or "", _VERSIONS.get(version or 4, ProtocolVersion.MQTT_3_1_1)
             )
         return client
 
@@ -89,8 +92,11 @@ class Judge:
         baseline = self._baseline.check if self._baseline is not None else None
         recorded_sets = tally.recorded_sets
         group_of = tally.group
+        clients = self._clients
         client_of = self._client
         reason_key = self._reason_key
+        no_properties = _NO_PROPERTIES
+        mapped: dict[str, GroupTally] = {}  # the target's topic filter → its group, for this batch
         for offset, row in enumerate(batch, start):
             (topic, payload, qos, retain, client_id, username, peer, version,
              recorded, ts, is_will, recorded_set, recorded_filter) = row
@@ -106,11 +112,16 @@ class Judge:
                 group.errors += 1
                 group.error_reasons[NO_PAYLOAD] += 1
                 continue
-            client = client_of(client_id or "", username, peer or "", version or 4)
-            message = Message(topic, payload, qos or 0, bool(retain), client, is_will=bool(is_will))
+            client = clients.get((client_id, username, peer, version))
+            if client is None:
+                client = client_of(client_id, username, peer, version)
+            message = Message(topic, payload, qos or 0, bool(retain), client, no_properties, bool(is_will))
             verdict = check(message)
-            if verdict.topic_filter is not None:
-                group = group_of(verdict.topic_filter, verdict.schema)
+            topic_filter = verdict.topic_filter
+            if topic_filter is not None:
+                group = mapped.get(topic_filter)  # type: ignore[assignment]
+                if group is None:
+                    group = mapped[topic_filter] = group_of(topic_filter, verdict.schema)
             else:
                 group = group_of(recorded_filter or UNMAPPED, None)
                 group.unmapped += 1

@@ -1,7 +1,7 @@
 """A reproducible recording for measuring replay, and the measurement itself.
 
-    python -m replay.bench generate OUT_DIR [--messages 1000000] [--seed 1]
-    python -m replay.bench run OUT_DIR --against schemas/v2 [--jobs N] [--engine parallel|serial]
+    python -m replay.bench generate OUT_DIR [--messages 1000000] [--seed 1] [--distinct N]
+    python -m replay.bench run OUT_DIR --against schemas/v2 [--jobs N] [--report FILE]
 
 `generate` writes demo traffic (schemas/v1) the way the audit store lays it out: Parquet files with
 the columns of `appliance.audit.records.DECISION_COLUMNS`, partitioned by day
@@ -14,7 +14,8 @@ payload can make a run look faster than it would be. Per 100 messages, about:
 - 10 of them invalid for v1 (recorded as rejected): 4 too hot, 2 whose `device_id` is not the
   topic's (a CEL rule), 1 not JSON, 2 undecodable Protobuf, 1 status of another device.
 
-The same seed gives the same files. `run` prints messages per second, the wall time and the CPU
+`--distinct N` repeats N different messages instead (traffic without time stamps in its payloads,
+where replay judges each distinct message once per batch). The same seed gives the same files. `run` prints messages per second, the wall time and the CPU
 time of this process and its workers (user + system), so a figure from a busy machine can be read
 as CPU per message too.
 """
@@ -66,8 +67,18 @@ def _status(device_id: str, state: int, battery_mv: int, uptime_s: int) -> bytes
             + b"\x20" + _varint(uptime_s))
 
 
-def demo_traffic(messages: int, *, seed: int = 1) -> Iterator[tuple[object, ...]]:
-    """Decision rows (DECISION_COLUMNS order) of the demo mix above, `verdict` as v1 judges them."""
+def demo_traffic(messages: int, *, seed: int = 1, distinct: int | None = None) -> Iterator[tuple[object, ...]]:
+    """Decision rows (DECISION_COLUMNS order) of the demo mix above, `verdict` as v1 judges them.
+    With `distinct`, only that many different messages, repeated in turn (each with its own id and
+    time): traffic without time stamps in its payloads."""
+    if distinct is not None:
+        pattern = list(demo_traffic(distinct, seed=seed))
+        clock = IdClock()
+        step = SPAN_SECONDS / max(messages, 1)
+        for index in range(messages):
+            at = START + index * step
+            yield (clock.next(at), at, *pattern[index % distinct][2:])
+        return
     rng = random.Random(seed)
     clock = IdClock()
     step = SPAN_SECONDS / max(messages, 1)
@@ -138,7 +149,8 @@ _COLUMN_TYPES = {
 }
 
 
-def generate(out_dir: Path, messages: int, *, seed: int = 1, file_messages: int = FILE_MESSAGES) -> list[Path]:
+def generate(out_dir: Path, messages: int, *, seed: int = 1, file_messages: int = FILE_MESSAGES,
+             distinct: int | None = None) -> list[Path]:
     """Write the recording; returns the Parquet files written, in recording order."""
     import duckdb
 
@@ -152,7 +164,7 @@ def generate(out_dir: Path, messages: int, *, seed: int = 1, file_messages: int 
     )
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     con.execute("SET TimeZone = 'UTC'")
-    rows = demo_traffic(messages, seed=seed)
+    rows = demo_traffic(messages, seed=seed, distinct=distinct)
     part = 0
     with tempfile.TemporaryDirectory(prefix="replay-bench-") as scratch:
         chunk_path = Path(scratch) / "chunk.ndjson"
@@ -198,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("out_dir", type=Path)
     gen.add_argument("--messages", type=int, default=1_000_000)
     gen.add_argument("--seed", type=int, default=1)
+    gen.add_argument("--distinct", type=int, help="only this many different messages, repeated (default: all differ)")
     run = commands.add_parser("run", help="replay a recording and print the rate")
     run.add_argument("recording", type=Path)
     run.add_argument("--against", type=Path, required=True)
@@ -206,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         started = time.perf_counter()
-        files = generate(args.out_dir, args.messages, seed=args.seed)
+        files = generate(args.out_dir, args.messages, seed=args.seed, distinct=args.distinct)
         print(f"wrote {args.messages:,} messages in {len(files)} files under {args.out_dir} "
               f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         return 0
@@ -231,8 +244,11 @@ def replay(recording: Path, against: Path, *, jobs: int | None = None) -> tuple[
     source = open_recording([str(recording)], None, Filters())
     try:
         jobs = jobs or engine.default_jobs()
-        tally, run_stats = engine.run(source.work(engine.BATCH_SIZE, engine.pieces(jobs)), target=against,
-                                      baseline=None, jobs=jobs)
+        if hasattr(source, "work"):
+            work = source.work(engine.BATCH_SIZE, engine.pieces(jobs))
+        else:  # the engine before units (to measure it with the same script)
+            work = source.batches(engine.BATCH_SIZE)
+        tally, run_stats = engine.run(work, target=against, baseline=None, jobs=jobs)
     finally:
         source.close()
     wall, used = time.perf_counter() - started, _cpu_seconds() - cpu

@@ -3,11 +3,12 @@
 Work is either a *unit* (a row range of a Parquet file: a worker opens and reads it itself, so the
 parent sends a few hundred bytes per unit and the reading is spread over every core) or a batch of
 rows the parent read (NDJSON, an audit .duckdb file, a log tail: anything that cannot be split).
-Each worker loads the target (and baseline) set once, judges whole units or batches and returns a
-`Tally` (counts, reasons and a few samples), never per-message objects. At most `2 × jobs` pieces
-are in flight: memory stays bounded however long the recording is. Tallies merge in any order to
-the same result, so the report does not depend on `--jobs`. A small recording is judged
-in-process (no pool start-up).
+`--jobs N` judges in N processes: N - 1 workers and the parent, which judges what the workers have
+no room for. Each worker loads the target (and baseline) set once, judges whole units or batches
+and returns a `Tally` (counts, reasons and a few samples), never per-message objects. At most two
+pieces per worker are in flight: memory stays bounded however long the recording is. Tallies merge
+in any order to the same result, so the report does not depend on `--jobs`. A small recording is
+judged in-process (no pool start-up).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from replay.tally import Tally
 BATCH_SIZE = 5_000
 # Units per worker: enough that the last ones end close together (the slowest worker sets the
 # time), few enough that starting a unit's query stays negligible.
-PIECES_PER_JOB = 8
+PIECES_PER_JOB = 16
 # Below this many messages a pool costs more than it saves (starting a worker and loading the sets
 # takes about 0.3 s of CPU).
 IN_PROCESS_ROWS = 20_000
@@ -127,13 +128,25 @@ def _run_here(work: Iterator[Work], tally: Tally, target: Path, baseline: Path |
 
 def _run_pool(work: Iterator[Work], tally: Tally, target: Path, baseline: Path | None, jobs: int,
               progress: Callable[[int], None] | None, started: float) -> tuple[Tally, RunStats]:
+    """`jobs - 1` worker processes, and this one: it judges whatever the workers have no room for.
+    It starts at once, while the workers still start (about 0.3 s of CPU each: imports, loading the
+    sets), and on a machine that is busy with other things the replay degrades to the speed of
+    one process rather than below it."""
+    judge = Judge(load_for_replay(target), load_for_replay(baseline) if baseline else None)
+    unit_connection(threads=1)
+    workers = jobs - 1
     context = multiprocessing.get_context("spawn")  # the parent may run DuckDB threads: never fork
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(target, baseline)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(target, baseline)) as pool:
         pending: set[Future[Tally]] = set()
         for item, piece in enumerate(work):
-            while len(pending) >= 2 * jobs:
-                _collect(pending, tally, progress)
-            pending.add(pool.submit(_judge_in_worker, item, piece))
+            _collect(pending, tally, progress, timeout=0)
+            if len(pending) < 2 * workers:  # one running and one waiting, per worker
+                pending.add(pool.submit(_judge_in_worker, item, piece))
+                continue
+            before = tally.replayed
+            _judge(judge, item, piece, tally)
+            if progress:
+                progress(tally.replayed - before)
         while pending:
             _collect(pending, tally, progress)
     return tally, RunStats(tally.replayed, time.perf_counter() - started, jobs)
@@ -144,8 +157,11 @@ def _chain(head: list[Work], rest: Iterator[Work]) -> Iterator[Work]:
     yield from rest
 
 
-def _collect(pending: set[Future[Tally]], tally: Tally, progress: Callable[[int], None] | None) -> None:
-    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+def _collect(pending: set[Future[Tally]], tally: Tally, progress: Callable[[int], None] | None,
+             timeout: float | None = None) -> None:
+    if not pending:
+        return
+    done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
     for future in done:
         pending.discard(future)
         result = future.result()

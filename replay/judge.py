@@ -3,6 +3,10 @@
 The one difference from the live appliance: per-client rate rules (`max_rate`) are taken out of the
 target (and baseline) set, because a replay runs far faster than real time and every client would
 look too fast. `rate_rules()` lists what was taken out, for the report.
+
+Without rate rules the check is a pure function of the message, so a message repeated within a
+batch (same topic, payload, QoS, retain flag, client and will flag) is judged once; the cache turns
+itself off for a batch whose first messages do not repeat (payloads with time stamps).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from appliance.governance import Governance, SchemaSet, load_schema_set
 from appliance.governance.schemaset import Mapping
 from appliance.governance.topics import TopicTrie
 from appliance.mqtt import ProtocolVersion
-from appliance.pipeline import ClientInfo, Message
+from appliance.pipeline import ClientInfo, Message, Verdict
 from replay import rows as R
 from replay.tally import UNMAPPED, GroupTally, ReasonTally, Sample, Tally, excerpt, normalise
 
@@ -48,6 +52,12 @@ def load_for_replay(directory: Path) -> SchemaSet:
 
 
 _VERSIONS = {int(v): v for v in ProtocolVersion}
+# The verdict cache holds up to CACHE_SIZE messages. A batch with fewer than one repeat per
+# CACHE_MIN_HITS new messages (a repeat saves ~6 µs, a lookup costs ~0.3 µs) turns it off for the
+# next CACHE_PAUSE batches, then it tries again.
+CACHE_SIZE = 20_000
+CACHE_MIN_HITS = 20
+CACHE_PAUSE = 15
 _NO_PROPERTIES = Message._field_defaults["properties"]
 
 
@@ -60,6 +70,8 @@ class Judge:
         self._baseline = Governance(baseline) if baseline is not None else None
         self._clients: dict[tuple[str | None, str | None, str | None, int | None], ClientInfo] = {}
         self._reasons: dict[tuple[str, str, str | None], tuple[str, str | None, str]] = {}
+        self._verdicts: dict[tuple[object, ...], Verdict] = {}
+        self._skip_cache = 0  # batches still to judge without the verdict cache
 
     def _client(self, client_id: str | None, username: str | None, peer: str | None, version: int | None) -> ClientInfo:
         """The ClientInfo of a recorded client, kept while there are not too many (a message costs
@@ -97,6 +109,13 @@ class Judge:
         reason_key = self._reason_key
         no_properties = _NO_PROPERTIES
         mapped: dict[str, GroupTally] = {}  # the target's topic filter → its group, for this batch
+        # A message seen before (same topic, payload, QoS, retain, client, will flag) gets the same
+        # verdict: the check is a pure function of them once rate rules are out. Used while it pays:
+        # real payloads often carry a time stamp and never repeat.
+        verdicts = self._verdicts
+        caching = self._skip_cache == 0
+        self._skip_cache = max(0, self._skip_cache - 1)
+        hits = misses = 0
         for offset, row in enumerate(batch, start):
             (topic, payload, qos, retain, client_id, username, peer, version,
              recorded, ts, is_will, recorded_set, recorded_filter) = row
@@ -116,7 +135,19 @@ class Judge:
             if client is None:
                 client = client_of(client_id, username, peer, version)
             message = Message(topic, payload, qos or 0, bool(retain), client, no_properties, bool(is_will))
-            verdict = check(message)
+            if caching:
+                key = (row[:8], is_will)
+                cached = verdicts.get(key)
+                if cached is None:
+                    if len(verdicts) >= CACHE_SIZE:
+                        verdicts.clear()
+                    verdict = verdicts[key] = check(message)
+                    misses += 1
+                else:
+                    verdict = cached
+                    hits += 1
+            else:
+                verdict = check(message)
             topic_filter = verdict.topic_filter
             if topic_filter is not None:
                 group = mapped.get(topic_filter)  # type: ignore[assignment]
@@ -158,3 +189,6 @@ class Judge:
                     tallied.breaking += 1
                 if tallied.wants_sample(breaking, (item, offset)):
                     tallied.add_sample(Sample(topic, client_id or "", ts, excerpt(payload), reference, breaking, (item, offset)))
+        if caching and hits * CACHE_MIN_HITS < misses:
+            self._skip_cache = CACHE_PAUSE  # few repeats: judge the next batches without the cache
+            verdicts.clear()

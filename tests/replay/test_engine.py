@@ -21,11 +21,11 @@ from appliance.mqtt import ProtocolVersion
 from appliance.pipeline import ClientInfo, Message
 from replay import engine
 from replay.bench import demo_traffic, generate
-from replay.judge import NO_PAYLOAD, load_for_replay
+from replay.judge import NO_PAYLOAD, Judge, load_for_replay
 from replay.report import FailOn, build_report
 from replay.rows import Filters
 from replay.sources import ChainedSource, DecisionRowsSource, ParquetSource
-from replay.tally import SAMPLES_PER_REASON, UNMAPPED, excerpt, normalise
+from replay.tally import SAMPLES_PER_REASON, UNMAPPED, Tally, excerpt, normalise
 from tests.replay.conftest import V1, V2
 
 MESSAGES = 30_000
@@ -40,10 +40,11 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tail() -> list[tuple[object, ...]]:
-    """Messages after the recording's, as a log tail reader would hand them over; some without a
-    payload (retention removed it) and some released from quarantine (not replayed twice)."""
+    """Messages after the recording's, as a log tail reader would hand them over: 40 different
+    messages repeated (the judge's verdict cache has work), some without a payload (retention removed
+    it) and some released from quarantine (not replayed twice)."""
     rows = []
-    for index, row in enumerate(demo_traffic(TAIL, seed=8)):
+    for index, row in enumerate(demo_traffic(TAIL, seed=8, distinct=40)):
         record = list(row)
         record[1] = float(record[1]) + 4 * 86_400  # type: ignore[arg-type]
         if index % 500 == 0:
@@ -54,15 +55,16 @@ def _tail() -> list[tuple[object, ...]]:
     return rows
 
 
-def _reference(recording: Path, tail: list[tuple[object, ...]], target: Path) -> list[dict[str, Any]]:
+def _reference(recording: Path | None, tail: list[tuple[object, ...]], target: Path) -> list[dict[str, Any]]:
     """The report's groups, computed the obvious way."""
-    files = sorted(str(p) for p in (recording / "decisions").rglob("*.parquet"))
-    with duckdb.connect() as con:
-        rows = con.execute(
-            "SELECT topic, payload, qos, retain, client_id, username, peer, mqtt_version, verdict, epoch(ts), is_will, "
-            "topic_filter "
-            "FROM read_parquet(?) WHERE released_from IS NULL ORDER BY id", [files]
-        ).fetchall()
+    rows = []
+    if recording is not None:
+        files = sorted(str(p) for p in (recording / "decisions").rglob("*.parquet"))
+        with duckdb.connect() as con:
+            rows = con.execute(
+                "SELECT topic, payload, qos, retain, client_id, username, peer, mqtt_version, verdict, epoch(ts), is_will, "
+                "topic_filter FROM read_parquet(?) WHERE released_from IS NULL ORDER BY id", [files]
+            ).fetchall()
     for r in tail:
         if r[23] is None:
             rows.append((r[6], r[9], r[7], r[8], r[2], r[3], r[4], r[5], r[16], r[1], r[22], r[15]))
@@ -204,3 +206,16 @@ def test_sampling_a_chained_recording_counts_positions_across_its_parts(recordin
         source.close()
         whole.close()
     assert sampled == every[6::7][:4_000]
+
+
+def test_repeated_messages_are_judged_once_with_the_same_outcome():
+    rows = [row for row in demo_traffic(12_000, seed=9, distinct=300) if row[23] is None]
+    judge = Judge(load_for_replay(V2))
+    tally = Tally()
+    for item, start in enumerate(range(0, len(rows), 4_000)):
+        batch = list(DecisionRowsSource(rows[start:start + 4_000], Filters(), "rows").batches(4_000))[0]
+        judge.judge(batch, tally, item)
+        assert judge._verdicts, "the cache is in use: 300 different messages, repeated"
+    report = build_report(tally, source="", filters={}, target={}, baseline=None, fail_on=FailOn.parse("any"), notes=[])
+    assert report["groups"] == _reference(None, rows, V2)
+    assert report["totals"]["rejected"] > 1_000

@@ -219,3 +219,39 @@ def test_repeated_messages_are_judged_once_with_the_same_outcome():
     report = build_report(tally, source="", filters={}, target={}, baseline=None, fail_on=FailOn.parse("any"), notes=[])
     assert report["groups"] == _reference(None, rows, V2)
     assert report["totals"]["rejected"] > 1_000
+
+
+def test_a_corrupt_file_read_by_a_worker_is_an_input_error(recording, tmp_path, run):
+    import shutil
+
+    copy = tmp_path / "recording"
+    shutil.copytree(recording, copy)
+    broken = sorted((copy / "decisions").rglob("*.parquet"))[-1]
+    data = bytearray(broken.read_bytes())
+    data[4: len(data) // 2] = bytes(len(data) // 2 - 4)  # the first columns' pages; the footer is intact
+    broken.write_bytes(bytes(data))
+    result = run("--from", copy, "--against", V2, "--jobs", "2", "--format", "json")
+    assert result.exit_code == 2
+    assert "cannot read" in result.stderr and broken.name in result.stderr
+
+
+def test_units_read_files_with_other_columns_as_the_whole_recording_does(recording, tmp_path):
+    """An older export without `dry_run`, `released_from` and `peer`, and an `events` file (no
+    topic) beside the decisions: each unit selects what its own file has."""
+    first = sorted(str(p) for p in (recording / "decisions").rglob("*.parquet"))[0]
+    with duckdb.connect() as con:
+        con.execute(f"COPY (SELECT id, ts, client_id, topic, payload, verdict, qos FROM read_parquet('{first}') LIMIT 800) "
+                    f"TO '{tmp_path / 'a-old.parquet'}' (FORMAT parquet)")
+        con.execute(f"COPY (SELECT 1::BIGINT AS id, 'client_connected' AS kind) TO '{tmp_path / 'b-events.parquet'}' (FORMAT parquet)")
+        con.execute(f"COPY (SELECT *, true AS dry_run FROM read_parquet('{first}') LIMIT 900) TO '{tmp_path / 'c-dry.parquet'}' (FORMAT parquet)")
+    for filters in (Filters(), Filters(since=datetime(2026, 11, 27, 12, tzinfo=UTC))):
+        source = ParquetSource([str(tmp_path)], filters)
+        try:
+            streamed = [row for batch in source.batches(500) for row in batch]
+            from_units = [row for unit in source.units(4) for batch in unit.batches(300) for row in batch]
+        finally:
+            source.close()
+        assert from_units == streamed
+        assert 0 < len(streamed) <= 1_700
+        assert {row[8] for row in streamed} <= {"accept", "reject"}
+    assert all(row[6] is None for row in streamed if row[0] and row[11] is None)  # the old file: no peer, no set

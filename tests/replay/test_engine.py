@@ -244,7 +244,7 @@ def test_units_read_files_with_other_columns_as_the_whole_recording_does(recordi
                     f"TO '{tmp_path / 'a-old.parquet'}' (FORMAT parquet)")
         con.execute(f"COPY (SELECT 1::BIGINT AS id, 'client_connected' AS kind) TO '{tmp_path / 'b-events.parquet'}' (FORMAT parquet)")
         con.execute(f"COPY (SELECT *, true AS dry_run FROM read_parquet('{first}') LIMIT 900) TO '{tmp_path / 'c-dry.parquet'}' (FORMAT parquet)")
-    for filters in (Filters(), Filters(since=datetime(2026, 11, 27, 12, tzinfo=UTC))):
+    for filters in (Filters(), Filters(since=datetime(2026, 11, 27, 9, tzinfo=UTC))):
         source = ParquetSource([str(tmp_path)], filters)
         try:
             streamed = [row for batch in source.batches(500) for row in batch]

@@ -29,9 +29,9 @@ BATCH_SIZE = 5_000
 # Units per worker: enough that the last ones end close together (the slowest worker sets the
 # time), few enough that starting a unit's query stays negligible.
 PIECES_PER_JOB = 16
-# Below this many messages a pool costs more than it saves (starting a worker and loading the sets
-# takes about 0.3 s of CPU).
-IN_PROCESS_ROWS = 20_000
+# Below this many messages a pool costs more than it saves: starting a worker (imports, loading the
+# sets) takes 0.3-0.4 s of CPU, in which one process judges about 40,000 messages.
+IN_PROCESS_ROWS = 50_000
 
 _worker_judge: Judge | None = None
 
@@ -94,8 +94,10 @@ def run(
     baseline: Path | None,
     jobs: int,
     progress: Callable[[int], None] | None = None,
+    in_process_below: int = IN_PROCESS_ROWS,
 ) -> tuple[Tally, RunStats]:
-    """Judge every piece of `work` (in recording order); `progress(n)` as n more messages are done."""
+    """Judge every piece of `work` (in recording order); `progress(n)` as n more messages are done.
+    Fewer than `in_process_below` messages are judged in this process alone."""
     started = time.perf_counter()
     tally = Tally()
     rest = iter(work)
@@ -106,7 +108,7 @@ def run(
     for piece in rest:
         head.append(piece)
         rows += _size(piece)
-        if rows >= IN_PROCESS_ROWS:
+        if rows >= in_process_below:
             return _run_pool(_chain(head, rest), tally, target, baseline, jobs, progress, started)
     return _run_here(iter(head), tally, target, baseline, progress, started)
 
@@ -128,10 +130,9 @@ def _run_here(work: Iterator[Work], tally: Tally, target: Path, baseline: Path |
 
 def _run_pool(work: Iterator[Work], tally: Tally, target: Path, baseline: Path | None, jobs: int,
               progress: Callable[[int], None] | None, started: float) -> tuple[Tally, RunStats]:
-    """`jobs - 1` worker processes, and this one: it judges whatever the workers have no room for.
-    It starts at once, while the workers still start (about 0.3 s of CPU each: imports, loading the
-    sets), and on a machine that is busy with other things the replay degrades to the speed of
-    one process rather than below it."""
+    """`jobs - 1` worker processes, and this one: it judges whatever the workers have no room for,
+    starting at once, while the workers still start (0.3-0.4 s of CPU each: imports, loading the
+    sets). A pool of `jobs` workers would leave this process idle but for merging."""
     judge = Judge(load_for_replay(target), load_for_replay(baseline) if baseline else None)
     unit_connection(threads=1)
     workers = jobs - 1

@@ -135,7 +135,8 @@ def _replay(recording: Path, tail: list[tuple[object, ...]], target: Path, jobs:
     source = ChainedSource([ParquetSource([str(recording)], filters.unsampled()),
                             DecisionRowsSource(tail, filters.unsampled(), "tail")], filters, "recording and tail")
     try:
-        tally, stats = engine.run(source.work(engine.BATCH_SIZE, engine.pieces(jobs)), target=target, baseline=None, jobs=jobs)
+        tally, stats = engine.run(source.work(engine.BATCH_SIZE, engine.pieces(jobs)), target=target, baseline=None, jobs=jobs,
+                                  in_process_below=10_000)
     finally:
         source.close()
     assert stats.workers == jobs

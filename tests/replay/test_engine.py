@@ -150,6 +150,9 @@ def test_the_parallel_engine_reports_what_a_plain_judge_finds(recording, target)
     pooled = _replay(recording, tail, target, jobs=2)
     assert pooled["groups"] == expected
     assert pooled["totals"]["replayed"] == MESSAGES + TAIL - sum(1 for r in tail if r[23] is not None)
+    if target == V1:  # the generator records the verdicts v1 gives
+        assert pooled["totals"]["newly_rejected"] == pooled["totals"]["newly_accepted"] == 0
+        assert pooled["totals"]["still_rejected"] > 2_000
     if target == V2:  # the recording has what it takes to tell samples apart: breaking and not
         temperature = next(g for g in expected if g["topic_filter"] == "sensor/+/temperature")
         assert temperature["newly_rejected"] > 1_000 and temperature["still_rejected"] > 1_000

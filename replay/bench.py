@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -88,7 +89,7 @@ def demo_traffic(messages: int, *, seed: int = 1, distinct: int | None = None) -
         draw = rng.random()
         reasons: list[dict[str, object]] = []
         verdict = "accept"
-        schema = (None, None)
+        schema: tuple[str | None, str | None] = (None, None)
         topic_filter: str | None = None
         if draw < 0.60:  # a temperature
             device = f"t{rng.randrange(TEMPERATURE_DEVICES)}"
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def replay(recording: Path, against: Path, *, jobs: int | None = None) -> tuple[dict[str, object], dict[str, object]]:
+def replay(recording: Path, against: Path, *, jobs: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Replay a recording as `replay --from RECORDING --against AGAINST` does; (report without its
     `stats`, the measurements)."""
     from replay import engine

@@ -151,12 +151,12 @@ class Judge:
             message = new_tuple(Message, (topic, payload, qos or 0, bool(retain), client, no_properties, bool(is_will),
                                           *message_defaults))
             if caching:
-                key = (row[:8], is_will)
-                cached = verdicts.get(key)
+                same = (row[:8], is_will)
+                cached = verdicts.get(same)
                 if cached is None:
                     if len(verdicts) >= CACHE_SIZE:
                         verdicts.clear()
-                    verdict = verdicts[key] = check(message)
+                    verdict = verdicts[same] = check(message)
                     misses += 1
                 else:
                     verdict = cached

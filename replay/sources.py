@@ -23,22 +23,23 @@ from __future__ import annotations
 
 import base64
 import glob
+import itertools
 import math
 import os
 import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import duckdb
 import orjson
 
-from replay.errors import ReplayInputError
 from appliance.audit.records import DECISION_COLUMNS
+from replay.errors import ReplayInputError
 from replay.rows import COLUMNS, Filters, Row, topic_filter_regex
 
 
@@ -46,7 +47,9 @@ class Unit(Protocol):
     """A piece of a recording that a worker process reads by itself: small and picklable (a file
     name and a row range, not rows), so the parent process sends descriptions, not data."""
 
-    rows: int  # at most this many rows
+    @property
+    def rows(self) -> int:
+        """At most this many rows."""
 
     def batches(self, size: int) -> Iterator[list[Row]]: ...
 
@@ -339,7 +342,7 @@ class ParquetSource(SqlSource):
         total = sum(sizes.get(f, 0) for f in files)
         low, high = UNIT_ROWS
         unit_rows = min(high, max(low, -(-total // max(pieces, 1))))
-        units = []
+        units: list[ParquetRange] = []
         for file in files:
             rows, present = int(sizes.get(file, 0)), columns[file]
             select = _select_list(present)
@@ -347,7 +350,7 @@ class ParquetSource(SqlSource):
             count = max(1, -(-rows // unit_rows))
             bounds = [rows * index // count for index in range(count + 1)]
             units.extend(ParquetRange(file, first, end, select, where, tuple(params))
-                         for first, end in zip(bounds, bounds[1:], strict=False) if end > first)
+                         for first, end in itertools.pairwise(bounds) if end > first)
         return units
 
 
@@ -586,7 +589,7 @@ class DecisionRowsSource:
          set_i, filter_i, dry_i, released_i) = (
             i["topic"], i["payload"], i["qos"], i["retain"], i["client_id"], i["username"], i["peer"], i["mqtt_version"],
             i["verdict"], i["ts"], i["is_will"], i["schema_set"], i["topic_filter"], i["dry_run"], i["released_from"])
-        batch: list[Row] = []
+        batch: list[Any] = []  # Rows: the columns are not typed on the way in
         for rec in self._rows:
             topic, ts = rec[topic_i], rec[ts_i]
             if topic is None or rec[released_i] is not None:

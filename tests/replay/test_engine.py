@@ -8,6 +8,8 @@ workers finish, and must come to exactly the same counts, reasons and samples.
 
 from __future__ import annotations
 
+import itertools
+import shutil
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -170,7 +172,7 @@ def test_units_cover_every_row_once_in_order(recording):
             for unit in units:
                 by_file[unit.file].append((unit.first, unit.end))
             for ranges in by_file.values():
-                assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+                assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
         assert len(whole.units(40)) > len(whole.units(1))
     finally:
         whole.close()
@@ -217,7 +219,7 @@ def test_repeated_messages_are_judged_once_with_the_same_outcome():
     judge = Judge(load_for_replay(V2))
     tally = Tally()
     for item, start in enumerate(range(0, len(rows), 4_000)):
-        batch = list(DecisionRowsSource(rows[start:start + 4_000], Filters(), "rows").batches(4_000))[0]
+        batch = next(DecisionRowsSource(rows[start:start + 4_000], Filters(), "rows").batches(4_000))
         judge.judge(batch, tally, item)
         assert judge._verdicts, "the cache is in use: 300 different messages, repeated"
     report = build_report(tally, source="", filters={}, target={}, baseline=None, fail_on=FailOn.parse("any"), notes=[])
@@ -226,11 +228,9 @@ def test_repeated_messages_are_judged_once_with_the_same_outcome():
 
 
 def test_a_corrupt_file_read_by_a_worker_is_an_input_error(recording, tmp_path, run):
-    import shutil
-
     copy = tmp_path / "recording"
     shutil.copytree(recording, copy)
-    broken = sorted((copy / "decisions").rglob("*.parquet"))[-1]
+    broken = max((copy / "decisions").rglob("*.parquet"))
     data = bytearray(broken.read_bytes())
     data[4: len(data) // 2] = bytes(len(data) // 2 - 4)  # the first columns' pages; the footer is intact
     broken.write_bytes(bytes(data))
@@ -242,7 +242,7 @@ def test_a_corrupt_file_read_by_a_worker_is_an_input_error(recording, tmp_path, 
 def test_units_read_files_with_other_columns_as_the_whole_recording_does(recording, tmp_path):
     """An older export without `dry_run`, `released_from` and `peer`, and an `events` file (no
     topic) beside the decisions: each unit selects what its own file has."""
-    first = sorted(str(p) for p in (recording / "decisions").rglob("*.parquet"))[0]
+    first = min(str(p) for p in (recording / "decisions").rglob("*.parquet"))
     with duckdb.connect() as con:
         con.execute(f"COPY (SELECT id, ts, client_id, topic, payload, verdict, qos FROM read_parquet('{first}') LIMIT 800) "
                     f"TO '{tmp_path / 'a-old.parquet'}' (FORMAT parquet)")

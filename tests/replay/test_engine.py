@@ -30,14 +30,14 @@ from replay.sources import ChainedSource, DecisionRowsSource, ParquetSource
 from replay.tally import SAMPLES_PER_REASON, UNMAPPED, Tally, excerpt, normalise
 from tests.replay.conftest import V1, V2
 
-MESSAGES = 30_000
+MESSAGES = 20_000
 TAIL = 3_000
 
 
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("recording")
-    generate(out, MESSAGES, seed=7, file_messages=7_000)
+    generate(out, MESSAGES, seed=7, file_messages=12_000)
     return out
 
 

@@ -156,7 +156,7 @@ def _stderr_console() -> Any:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write the report to this file.")
 @click.option("--fail-on", "fail_on", default="any", show_default=True,
               help="When breaking changes fail (exit 1): any, never, rate>X% (of the messages replayed) or count>N.")
-@click.option("--jobs", type=click.IntRange(min=1), help="Worker processes (default: every core).")
+@click.option("--jobs", type=click.IntRange(min=1), help="Processes that judge: N - 1 workers and this one (default: every core).")
 @click.option("--stats", is_flag=True, help="Print messages per second to stderr.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.pass_context

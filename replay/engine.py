@@ -42,7 +42,8 @@ def _init_worker(target: Path, baseline: Path | None) -> None:
     unit_connection(threads=1)  # the other workers have the other cores
 
 
-def _judge(judge: Judge, item: int, work: Work, tally: Tally) -> None:
+def _judge(judge: Judge, item: int, work: Work, tally: Tally, between: Callable[[], object] | None = None) -> None:
+    """Judge one piece; `between()` is called after each batch of it."""
     if isinstance(work, list):
         judge.judge(work, tally, item)
         return
@@ -50,6 +51,8 @@ def _judge(judge: Judge, item: int, work: Work, tally: Tally) -> None:
     for batch in work.batches(BATCH_SIZE):
         judge.judge(batch, tally, item, start)
         start += len(batch)
+        if between is not None:
+            between()
 
 
 def _judge_in_worker(item: int, work: Work) -> Tally:
@@ -132,20 +135,33 @@ def _run_pool(work: Iterator[Work], tally: Tally, target: Path, baseline: Path |
               progress: Callable[[int], None] | None, started: float) -> tuple[Tally, RunStats]:
     """`jobs - 1` worker processes, and this one: it judges whatever the workers have no room for,
     starting at once, while the workers still start (0.3-0.4 s of CPU each: imports, loading the
-    sets). A pool of `jobs` workers would leave this process idle but for merging."""
+    sets). A pool of `jobs` workers would leave this process idle but for merging. Between two
+    batches of its own, it hands the workers more, so they never wait for it to finish a piece."""
     judge = Judge(load_for_replay(target), load_for_replay(baseline) if baseline else None)
     unit_connection(threads=1)
     workers = jobs - 1
+    pieces = enumerate(work)
+    pending: set[Future[Tally]] = set()
     context = multiprocessing.get_context("spawn")  # the parent may run DuckDB threads: never fork
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(target, baseline)) as pool:
-        pending: set[Future[Tally]] = set()
-        for item, piece in enumerate(work):
+
+        def hand_out() -> bool:
+            """Collect what is done and fill the workers' queues (one running, one waiting each);
+            False once there is nothing left to hand out."""
             _collect(pending, tally, progress, timeout=0)
-            if len(pending) < 2 * workers:  # one running and one waiting, per worker
-                pending.add(pool.submit(_judge_in_worker, item, piece))
-                continue
+            while len(pending) < 2 * workers:
+                piece = next(pieces, None)
+                if piece is None:
+                    return False
+                pending.add(pool.submit(_judge_in_worker, *piece))
+            return True
+
+        while hand_out():
+            piece = next(pieces, None)
+            if piece is None:
+                break
             before = tally.replayed
-            _judge(judge, item, piece, tally)
+            _judge(judge, piece[0], piece[1], tally, between=hand_out)
             if progress:
                 progress(tally.replayed - before)
         while pending:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import glob
-import itertools
 import math
 import os
 import shutil
@@ -342,15 +341,21 @@ class ParquetSource(SqlSource):
         total = sum(sizes.get(f, 0) for f in files)
         low, high = UNIT_ROWS
         unit_rows = min(high, max(low, -(-total // max(pieces, 1))))
+        # The last quarter in quarter-size units: the processes then run out of work close together.
+        tail_rows, tail_from = max(low // 2, unit_rows // 4), total - total // 4
         units: list[ParquetRange] = []
+        offset = 0
         for file in files:
             rows, present = int(sizes.get(file, 0)), columns[file]
             select = _select_list(present)
             where, params = _conditions(present, self._filters)
-            count = max(1, -(-rows // unit_rows))
-            bounds = [rows * index // count for index in range(count + 1)]
-            units.extend(ParquetRange(file, first, end, select, where, tuple(params))
-                         for first, end in itertools.pairwise(bounds) if end > first)
+            first = 0
+            while first < rows:
+                size = unit_rows if offset + first < tail_from else tail_rows
+                end = rows if rows - first < size * 3 // 2 else first + size  # no sliver at the end of a file
+                units.append(ParquetRange(file, first, end, select, where, tuple(params)))
+                first = end
+            offset += rows
         return units
 
 

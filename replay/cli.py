@@ -156,7 +156,7 @@ def _stderr_console() -> Any:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write the report to this file.")
 @click.option("--fail-on", "fail_on", default="any", show_default=True,
               help="When breaking changes fail (exit 1): any, never, rate>X% (of the messages replayed) or count>N.")
-@click.option("--jobs", type=click.IntRange(min=1), help="Worker processes (default: every core).")
+@click.option("--jobs", type=click.IntRange(min=1), help="Processes that judge: N - 1 workers and this one (default: every core).")
 @click.option("--stats", is_flag=True, help="Print messages per second to stderr.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.pass_context
@@ -194,9 +194,10 @@ def cli(ctx: click.Context, target_dir: Path | None, sources: tuple[str, ...], s
     try:
         total = source.count() if show_progress else None
         with _Progress(show_progress, total) as bar:
-            tally, run_stats = engine.run(source.batches(engine.BATCH_SIZE), target=target.directory,
+            jobs = jobs or engine.default_jobs()
+            tally, run_stats = engine.run(source.work(engine.BATCH_SIZE, engine.pieces(jobs)), target=target.directory,
                                           baseline=baseline.directory if baseline else None,
-                                          jobs=jobs or engine.default_jobs(), progress=bar.advance)
+                                          jobs=jobs, progress=bar.advance)
     except ReplayInputError as exc:
         raise InputError(str(exc)) from None
     finally:

@@ -70,7 +70,7 @@ def _counts(group: GroupTally) -> dict[str, Any]:
 
 
 def _group(group: GroupTally) -> dict[str, Any]:
-    reasons = sorted(group.reasons.values(), key=lambda r: (-r.breaking, -r.count, r.check, r.message))
+    reasons = sorted(group.reasons.values(), key=lambda r: (-r.breaking, -r.count, r.check, r.message, r.path or ""))
     return {
         "topic_filter": group.topic_filter,
         "schema": group.schema,
@@ -89,7 +89,8 @@ def _group(group: GroupTally) -> dict[str, Any]:
             for reason in reasons[:MAX_REASONS]
         ],
         "more_reasons": max(0, len(reasons) - MAX_REASONS),
-        "errors_by_reason": [{"message": m, "count": n} for m, n in group.error_reasons.most_common()],
+        "errors_by_reason": [{"message": m, "count": n}
+                             for m, n in sorted(group.error_reasons.items(), key=lambda item: (-item[1], item[0]))],
     }
 
 
@@ -130,7 +131,7 @@ def build_report(
         "target": target,
         "baseline": baseline,
         "reference": reference,
-        "recorded_with": dict(tally.recorded_sets.most_common()),
+        "recorded_with": dict(sorted(tally.recorded_sets.items(), key=lambda item: (-item[1], item[0]))),
         "totals": _counts(total),
         "groups": [_group(group) for group in groups],
         "notes": notes,

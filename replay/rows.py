@@ -4,7 +4,7 @@ no objects), and the filters that select which recorded messages are replayed.""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 # Row layout: every source yields tuples in this order.
@@ -52,6 +52,10 @@ class Filters:
             problem = topic_filter_problem(self.topic)
             if problem:
                 raise ValueError(f"--topic {self.topic!r} is not a topic filter: {problem}")
+
+    def unsampled(self) -> Filters:
+        """The same filters without sampling and limit (for the parts of a ChainedSource)."""
+        return replace(self, sample=1, limit=None)
 
     def describe(self) -> dict[str, object]:
         return {

@@ -6,9 +6,17 @@ filters applied, so memory stays bounded however large the recording is.
 - `DuckDBSource`: a stopped appliance's `STATE_DIR/audit/audit.duckdb`, opened read-only.
 - `ParquetSource`: files from `appliance audit export` (or anything with the same columns).
 - `NdjsonSource`: one JSON object per line, as `replay capture` writes.
+- `DecisionRowsSource`: rows in the audit log's DECISION_COLUMNS order from any iterable (a log
+  tail); `ChainedSource`: several parts replayed as one recording (Parquet files, then a tail).
 
 SQL sources push the time, topic and client filters into DuckDB and stream with `fetchmany`;
 sampling and the limit are applied while streaming, in recording order.
+
+`work()` is what the engine consumes. A Parquet source returns *units* (`ParquetRange`: a row
+range of one file, with its SELECT and WHERE) that worker processes read themselves, so reading is
+spread over the cores and no rows cross a process boundary; the others return batches of rows read
+here. With `--sample` or `--limit`, which count positions in the whole recording, Parquet is read
+here as well.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ import math
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,8 +37,24 @@ from typing import Any, Protocol
 import duckdb
 import orjson
 
+from appliance.audit.records import DECISION_COLUMNS
 from replay.errors import ReplayInputError
 from replay.rows import COLUMNS, Filters, Row, topic_filter_regex
+
+
+class Unit(Protocol):
+    """A piece of a recording that a worker process reads by itself: small and picklable (a file
+    name and a row range, not rows), so the parent process sends descriptions, not data."""
+
+    @property
+    def rows(self) -> int:
+        """At most this many rows."""
+
+    def batches(self, size: int) -> Iterator[list[Row]]: ...
+
+
+# What the engine judges: units that workers read, or batches of rows the parent read.
+Work = Unit | list[Row]
 
 
 class Source(Protocol):
@@ -38,6 +64,10 @@ class Source(Protocol):
         """How many rows `batches()` will yield, when cheap to know (for the progress bar)."""
 
     def batches(self, size: int) -> Iterator[list[Row]]: ...
+
+    def work(self, size: int, pieces: int) -> Iterator[Work]:
+        """The recording in recording order, as units (about `pieces` of them, when the source can
+        be split) or as batches of `size` rows."""
 
     def close(self) -> None: ...
 
@@ -83,6 +113,48 @@ def _expected(total: int, filters: Filters) -> int:
     return min(total, filters.limit) if filters.limit is not None else total
 
 
+def _select_list(present: set[str]) -> str:
+    """The SELECT list that turns a relation with (some of) the audit columns into `Row`s."""
+    select = []
+    for name in COLUMNS:
+        if name not in present:
+            select.append("NULL")
+        elif name == "ts":
+            select.append("epoch(ts)")
+        elif name in ("qos", "mqtt_version"):
+            select.append(f"CAST({name} AS INTEGER)")
+        elif name == "verdict" and "dry_run" in present:
+            # A dry run delivered its rejected messages: what the device experienced, and so the
+            # reference to compare with, is "accept" (else enforcing that set would look harmless).
+            select.append("CASE WHEN dry_run AND verdict = 'reject' THEN 'accept' ELSE verdict END")
+        else:
+            select.append(f'"{name}"')
+    return ", ".join(select)
+
+
+def _conditions(present: set[str], filters: Filters) -> tuple[str, list[object]]:
+    """The WHERE clause (and its parameters) for the filters, on a relation with `present` columns."""
+    where: list[str] = ["topic IS NOT NULL"]  # a glob may also match exported `events` files
+    params: list[object] = []
+    if "released_from" in present:
+        where.append("released_from IS NULL")  # a release re-judges a message already recorded
+    if (filters.since is not None or filters.until is not None) and "ts" not in present:
+        where.append("FALSE")  # one file without times, among others with them: nothing of it is in the range
+    if filters.since is not None:
+        where.append("ts >= CAST(? AS TIMESTAMPTZ)")
+        params.append(filters.since.isoformat())
+    if filters.until is not None:
+        where.append("ts < CAST(? AS TIMESTAMPTZ)")
+        params.append(filters.until.isoformat())
+    if filters.topic is not None:
+        where.append("regexp_full_match(topic, ?)")
+        params.append(topic_filter_regex(filters.topic))
+    if filters.client is not None:
+        where.append("client_id = ?")
+        params.append(filters.client)
+    return " AND ".join(where), params
+
+
 class SqlSource:
     """Rows from a DuckDB relation (`decisions` or `read_parquet(...)`) with the audit columns."""
 
@@ -102,40 +174,10 @@ class SqlSource:
             raise ReplayInputError(
                 f"{description} is not a recording of decisions: no {' or '.join(sorted(missing))} column"
             )
-        select = []
-        for name in COLUMNS:
-            if name not in present:
-                select.append("NULL")
-            elif name == "ts":
-                select.append("epoch(ts)")
-            elif name in ("qos", "mqtt_version"):
-                select.append(f"CAST({name} AS INTEGER)")
-            elif name == "verdict" and "dry_run" in present:
-                # A dry run delivered its rejected messages: what the device experienced, and so the
-                # reference to compare with, is "accept" (else enforcing that set would look harmless).
-                select.append("CASE WHEN dry_run AND verdict = 'reject' THEN 'accept' ELSE verdict END")
-            else:
-                select.append(f'"{name}"')
-        self._select = ", ".join(select)
-        where, params = ["topic IS NOT NULL"], []  # a glob may also match exported `events` files
-        if "released_from" in present:
-            where.append("released_from IS NULL")  # a release re-judges a message already recorded
-        if filters.since is not None:
-            where.append("ts >= CAST(? AS TIMESTAMPTZ)")
-            params.append(filters.since.isoformat())
-        if filters.until is not None:
-            where.append("ts < CAST(? AS TIMESTAMPTZ)")
-            params.append(filters.until.isoformat())
-        if filters.topic is not None:
-            where.append("regexp_full_match(topic, ?)")
-            params.append(topic_filter_regex(filters.topic))
-        if filters.client is not None:
-            where.append("client_id = ?")
-            params.append(filters.client)
+        self._select = _select_list(present)
+        self._where, self._params = _conditions(present, filters)
         if (filters.since or filters.until) and "ts" not in present:
             raise ReplayInputError(f"{description} has no ts column: --since and --until cannot apply")
-        self._where = " AND ".join(where)
-        self._params = params
 
     def count(self) -> int | None:
         try:
@@ -150,6 +192,9 @@ class SqlSource:
         if filters.sample == 1 and filters.limit is not None:
             sql += f" LIMIT {int(filters.limit)}"
         yield from _sample_and_limit(self._fetch(sql, size), filters, size)
+
+    def work(self, size: int, pieces: int) -> Iterator[Work]:
+        yield from self.batches(size)
 
     def _fetch(self, sql: str, size: int) -> Iterator[list[Row]]:
         cursor = self._con.cursor()
@@ -196,13 +241,122 @@ def parquet_files(patterns: Sequence[str]) -> list[str]:
     return files
 
 
+UNIT_ROWS = (5_000, 200_000)  # bounds of a unit's size; between them, `pieces` decides
+
+
+@dataclass(frozen=True, slots=True)
+class ParquetRange:
+    """Rows `first` to `end` (exclusive) of one Parquet file, filtered: a unit a worker reads with a
+    DuckDB connection of its own. DuckDB skips the row groups outside the range."""
+
+    file: str
+    first: int
+    end: int
+    select: str
+    where: str
+    params: tuple[object, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.first
+
+    def batches(self, size: int) -> Iterator[list[Row]]:
+        sql = (f"SELECT {self.select} FROM read_parquet({_sql_string(self.file)}, file_row_number = true) "
+               f"WHERE file_row_number >= {int(self.first)} AND file_row_number < {int(self.end)} AND {self.where}")
+        cursor = unit_connection().cursor()
+        try:
+            cursor.execute(sql, list(self.params))
+            while batch := cursor.fetchmany(size):
+                yield batch
+        except duckdb.Error as error:
+            raise ReplayInputError(f"cannot read {self.file}: {_first_line(error)}") from None
+        finally:
+            cursor.close()
+
+
+_unit_connection: duckdb.DuckDBPyConnection | None = None
+
+
+def unit_connection(threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """This process's connection for reading units (`threads` given: set it, e.g. 1 in a worker
+    process, where the other workers have the other cores)."""
+    global _unit_connection
+    if _unit_connection is None:
+        _unit_connection = _connect()
+        _unit_connection.execute("SET TimeZone = 'UTC'")
+    if threads is not None:
+        _unit_connection.execute(f"SET threads = {int(threads)}")
+    return _unit_connection
+
+
+def _top_level_columns(schema: list[tuple[str, str, int | None]]) -> dict[str, set[str]]:
+    """file → its top-level column names, from `parquet_schema()` rows (a tree in depth-first order:
+    each file's root, then every column with `num_children` of its own)."""
+    columns: dict[str, set[str]] = {}
+    pending: list[int] = []  # children still to come, per open level; [0] is the root's
+    for file, name, children in schema:
+        if not pending:  # a root
+            columns[file] = set()
+            pending = [children or 0]
+            continue
+        if len(pending) == 1:
+            columns[file].add(name)
+        pending[-1] -= 1
+        if children:
+            pending.append(children)
+        while pending and pending[-1] == 0:
+            pending.pop()
+            if not pending:
+                break
+    return columns
+
+
 class ParquetSource(SqlSource):
     def __init__(self, patterns: Sequence[str], filters: Filters, description: str | None = None):
         files = parquet_files(patterns)
+        self._files = files
         listed = ", ".join(_sql_string(f) for f in files)
         relation = f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
         what = description or (f"Parquet recording {patterns[0]}" if len(patterns) == 1 else f"Parquet recording ({len(files)} files)")
         super().__init__(_connect(), relation, what, filters)
+
+    def work(self, size: int, pieces: int) -> Iterator[Work]:
+        """Row ranges of the files, for workers to read themselves; batches read here when every
+        Nth row or the first N are wanted (positions in the whole recording)."""
+        filters = self._filters
+        if filters.sample > 1 or filters.limit is not None:
+            yield from self.batches(size)
+            return
+        yield from self.units(pieces)
+
+    def units(self, pieces: int) -> list[ParquetRange]:
+        listed = "[" + ", ".join(_sql_string(f) for f in self._files) + "]"
+        try:
+            sizes = dict(self._con.execute(f"SELECT file_name, num_rows FROM parquet_file_metadata({listed})").fetchall())
+            schema = self._con.execute(f"SELECT file_name, name, num_children FROM parquet_schema({listed})").fetchall()
+        except duckdb.Error as error:
+            raise ReplayInputError(f"cannot read {self.description}: {_first_line(error)}") from None
+        columns = _top_level_columns(schema)
+        files = [f for f in self._files if "topic" in columns.get(f, ())]  # not the `events` of an export
+        total = sum(sizes.get(f, 0) for f in files)
+        low, high = UNIT_ROWS
+        unit_rows = min(high, max(low, -(-total // max(pieces, 1))))
+        # The last quarter in quarter-size units: the processes then run out of work close together.
+        tail_rows, tail_from = max(low // 2, unit_rows // 4), total - total // 4
+        units: list[ParquetRange] = []
+        offset = 0
+        for file in files:
+            rows, present = int(sizes.get(file, 0)), columns[file]
+            select = _select_list(present)
+            where, params = _conditions(present, self._filters)
+            first = 0
+            while first < rows:
+                size = unit_rows if offset + first < tail_from else tail_rows
+                end = rows if rows - first < size * 3 // 2 else first + size  # no sliver at the end of a file
+                units.append(ParquetRange(file, first, end, select, where, tuple(params)))
+                first = end
+            offset += rows
+        return units
 
 
 class DuckDBSource(SqlSource):
@@ -393,8 +547,112 @@ class NdjsonSource:
     def batches(self, size: int) -> Iterator[list[Row]]:
         yield from _sample_and_limit(self._rows(size), self._filters, size)
 
+    def work(self, size: int, pieces: int) -> Iterator[Work]:
+        yield from self.batches(size)
+
     def close(self) -> None:
         pass
+
+
+# -- decision rows in memory, and recordings in several parts ---------------------------------------
+
+_DECISION_INDEX = {name: index for index, name in enumerate(DECISION_COLUMNS)}
+
+
+class DecisionRowsSource:
+    """Rows in `appliance.audit.records.DECISION_COLUMNS` order (`ts` as epoch seconds), from any
+    iterable: the not-yet-sealed tail of the audit log as its reader decodes it, for example. They
+    are read in this process and sent to the workers in batches; the filters apply here."""
+
+    def __init__(self, rows: Iterable[Sequence[Any]], filters: Filters, description: str, *, count: int | None = None):
+        self.description = description
+        self.notes: list[str] = []
+        self._rows = rows
+        self._filters = filters
+        self._count = count
+
+    def count(self) -> int | None:
+        return _expected(self._count, self._filters) if self._count is not None else None
+
+    def _batches(self, size: int) -> Iterator[list[Row]]:
+        from appliance.governance.topics import TopicTrie
+
+        filters = self._filters
+        since = filters.since.timestamp() if filters.since else None
+        until = filters.until.timestamp() if filters.until else None
+        trie: TopicTrie[None] | None = None
+        if filters.topic is not None:
+            trie = TopicTrie()
+            trie.insert(filters.topic, None)
+        client = filters.client
+        i = _DECISION_INDEX
+        (topic_i, payload_i, qos_i, retain_i, client_i, user_i, peer_i, version_i, verdict_i, ts_i, will_i,
+         set_i, filter_i, dry_i, released_i) = (
+            i["topic"], i["payload"], i["qos"], i["retain"], i["client_id"], i["username"], i["peer"], i["mqtt_version"],
+            i["verdict"], i["ts"], i["is_will"], i["schema_set"], i["topic_filter"], i["dry_run"], i["released_from"])
+        batch: list[Any] = []  # Rows: the columns are not typed on the way in
+        for rec in self._rows:
+            topic, ts = rec[topic_i], rec[ts_i]
+            if topic is None or rec[released_i] is not None:
+                continue
+            if since is not None and (ts is None or ts < since) or until is not None and (ts is None or ts >= until):
+                continue
+            if trie is not None and not trie.match(topic) or client is not None and rec[client_i] != client:
+                continue
+            verdict = rec[verdict_i]
+            if verdict == "reject" and rec[dry_i]:
+                verdict = "accept"  # a dry run delivered it (see SqlSource)
+            qos, version = rec[qos_i], rec[version_i]
+            batch.append((topic, rec[payload_i], int(qos) if qos is not None else None, rec[retain_i], rec[client_i],
+                          rec[user_i], rec[peer_i], int(version) if version is not None else None, verdict,
+                          float(ts) if ts is not None else None, rec[will_i], rec[set_i], rec[filter_i]))
+            if len(batch) >= size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def batches(self, size: int) -> Iterator[list[Row]]:
+        yield from _sample_and_limit(self._batches(size), self._filters, size)
+
+    def work(self, size: int, pieces: int) -> Iterator[Work]:
+        yield from self.batches(size)
+
+    def close(self) -> None:
+        pass
+
+
+class ChainedSource:
+    """One recording in several parts, replayed in the order given (sealed Parquet files, then the
+    tail of the log). Build the parts with `filters.unsampled()`: sampling and the limit apply to the
+    whole recording, here."""
+
+    def __init__(self, parts: Sequence[Source], filters: Filters, description: str):
+        self.description = description
+        self.notes = [note for part in parts for note in part.notes]
+        self._parts = parts
+        self._filters = filters
+
+    def count(self) -> int | None:
+        counts = [part.count() for part in self._parts]
+        if any(count is None for count in counts):
+            return None
+        return _expected(sum(c for c in counts if c is not None), self._filters)
+
+    def batches(self, size: int) -> Iterator[list[Row]]:
+        parts = (batch for part in self._parts for batch in part.batches(size))
+        yield from _sample_and_limit(parts, self._filters, size)
+
+    def work(self, size: int, pieces: int) -> Iterator[Work]:
+        if self._filters.sample > 1 or self._filters.limit is not None:
+            yield from self.batches(size)
+            return
+        for part in self._parts:
+            yield from part.work(size, pieces)
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.close()
 
 
 NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".json")

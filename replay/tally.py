@@ -1,8 +1,10 @@
 """What a replay found, aggregated: counts per (topic filter, schema) of the target set, the
 rejection reasons grouped with their values normalised, and a few samples of each.
 
-A worker fills one `Tally` per batch and sends it back; the parent `merge()`s them. Tallies are
-small (one entry per group and per distinct normalised reason), whatever the number of messages.
+A worker fills one `Tally` per piece of work and sends it back; the parent `merge()`s them, in any
+order: the result is the same as one pass over the whole recording (samples are chosen by their
+position in the recording). Tallies are small (one entry per group and per distinct normalised
+reason), whatever the number of messages.
 
 Normalising reasons, so that "150 is greater than the maximum of 125" and "130 is greater than
 the maximum of 125" count as one reason:
@@ -70,6 +72,13 @@ class Sample:
     payload: str  # an excerpt: text when the payload is UTF-8, else "hex:" and the first bytes
     recorded: str | None  # the reference verdict it was compared with, if any
     breaking: bool
+    # Where the message is in the recording: (work item, row within it), items in recording order.
+    # Decides which samples are kept, so that the report does not depend on how the work was split.
+    order: tuple[int, int] = (0, 0)
+
+    @property
+    def rank(self) -> tuple[bool, tuple[int, int]]:
+        return (not self.breaking, self.order)
 
     def to_dict(self) -> dict[str, object]:
         from datetime import UTC, datetime
@@ -92,30 +101,29 @@ def excerpt(payload: bytes) -> str:
 
 @dataclass(slots=True)
 class ReasonTally:
+    """One reason: how many messages, and up to three samples: the first breaking messages in
+    recording order, then the first others. A rule on positions, not on arrival, so that tallies
+    merged in any order, from batches of any size, keep the same samples."""
+
     check: str
     path: str | None
     message: str
     count: int = 0  # messages the target rejected for this reason
     breaking: int = 0  # of those, the ones the reference accepted (or that had no reference)
-    samples: list[Sample] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)  # best first: Sample.rank ascending
     limits: tuple[str | None, ...] | None = None  # see common_numbers
 
-    def wants_sample(self, breaking: bool) -> bool:
-        """Cheap test before building a Sample: room left, or a breaking one could replace another."""
+    def wants_sample(self, breaking: bool, order: tuple[int, int]) -> bool:
+        """Cheap test before building a Sample: room left, or it ranks before the last one kept."""
         samples = self.samples
-        if len(samples) < SAMPLES_PER_REASON:
-            return True
-        return breaking and not (samples[0].breaking and samples[1].breaking and samples[2].breaking)
+        return len(samples) < SAMPLES_PER_REASON or (not breaking, order) < samples[-1].rank
 
     def add_sample(self, sample: Sample) -> None:
-        """Keep up to three, preferring samples of breaking messages."""
-        if len(self.samples) < SAMPLES_PER_REASON:
-            self.samples.append(sample)
-        elif sample.breaking:
-            for index, kept in enumerate(self.samples):
-                if not kept.breaking:
-                    self.samples[index] = sample
-                    return
+        samples = self.samples
+        samples.append(sample)
+        if len(samples) > 1 and sample.rank < samples[-2].rank:
+            samples.sort(key=_rank)
+        del samples[SAMPLES_PER_REASON:]
 
     def merge(self, other: ReasonTally) -> None:
         self.count += other.count
@@ -123,7 +131,15 @@ class ReasonTally:
         if other.limits is not None:
             self.limits = common_numbers(self.limits, other.limits)
         for sample in other.samples:
-            self.add_sample(sample)
+            if self.wants_sample(sample.breaking, sample.order):
+                self.add_sample(sample)
+
+    def copy(self) -> ReasonTally:
+        return ReasonTally(self.check, self.path, self.message, self.count, self.breaking, list(self.samples), self.limits)
+
+
+def _rank(sample: Sample) -> tuple[bool, tuple[int, int]]:
+    return sample.rank
 
 
 GroupKey = tuple[str, str | None]
@@ -172,7 +188,7 @@ class GroupTally:
         for key, reason in other.reasons.items():
             mine = self.reasons.get(key)
             if mine is None:
-                self.reasons[key] = reason
+                self.reasons[key] = reason.copy()  # never share: `other` may be merged again (totals)
             else:
                 mine.merge(reason)
         self.error_reasons.update(other.error_reasons)
@@ -195,12 +211,8 @@ class Tally:
         return sum(group.errors for group in self.groups.values())
 
     def merge(self, other: Tally) -> None:
-        for key, group in other.groups.items():
-            mine = self.groups.get(key)
-            if mine is None:
-                self.groups[key] = group
-            else:
-                mine.merge(group)
+        for (topic_filter, schema), group in other.groups.items():
+            self.group(topic_filter, schema).merge(group)
         self.recorded_sets.update(other.recorded_sets)
 
     @property

@@ -1,9 +1,9 @@
 """Where recorded traffic comes from. Every source streams `Row` batches (replay/rows.py) with the
 filters applied, so memory stays bounded however large the recording is.
 
-- `ApplianceSource`: a running appliance, asked over its admin socket to export Parquet into a
-  temporary directory (a second process cannot open the live DuckDB file), then read as Parquet.
-- `DuckDBSource`: a stopped appliance's `STATE_DIR/audit/audit.duckdb`, opened read-only.
+- `appliance_recording`: an appliance's state dir, running or stopped: its Parquet files
+  (`STATE_DIR/audit/parquet/`) and, after them, the decisions of its message log not converted yet.
+- `DuckDBSource`: a previous version's `audit.duckdb` (tables), opened read-only.
 - `ParquetSource`: files from `appliance audit export` (or anything with the same columns).
 - `NdjsonSource`: one JSON object per line, as `replay capture` writes.
 - `DecisionRowsSource`: rows in the audit log's DECISION_COLUMNS order from any iterable (a log
@@ -25,9 +25,7 @@ import base64
 import glob
 import math
 import os
-import shutil
 import sqlite3
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -405,40 +403,75 @@ def stopped_appliance(state_dir: Path, filters: Filters) -> DuckDBSource:
     return source
 
 
-class ApplianceSource(ParquetSource):
-    """A running appliance's recording: exported to Parquet in a temporary directory, read, removed."""
-
-    def __init__(self, state_dir: Path, filters: Filters, export_dir: Path):
-        self._export_dir = export_dir
-        decisions = export_dir / "decisions"
-        if not decisions.is_dir() or not any(decisions.rglob("*.parquet")):
-            shutil.rmtree(export_dir, ignore_errors=True)
-            window = "" if not (filters.since or filters.until) else " in the --since/--until range"
-            raise ReplayInputError(f"nothing to replay: the appliance on {state_dir} has recorded no messages{window}")
-        super().__init__([str(decisions)], filters, description=f"the running appliance on {state_dir}")
-
-    def close(self) -> None:
-        super().close()
-        shutil.rmtree(self._export_dir, ignore_errors=True)
+def _legacy_state(state_dir: Path) -> bool:
+    """A state dir the previous version wrote and this one has not imported yet (it imports on its
+    first start): its DuckDB file holds the tables (ours holds views, beside a key file)."""
+    audit = state_dir / "audit"
+    return (audit / "journal.sqlite3").exists() or (
+        (audit / "audit.duckdb").exists() and not (audit / ".views-key").exists())
 
 
-def appliance_recording(state_dir: Path, filters: Filters) -> SqlSource:
-    """The running appliance's recording when one answers on `state_dir`, else the stopped one's."""
-    from appliance import admin, exchange
+def _tail_rows(state_dir: Path, after: Any) -> list[tuple[Any, ...]]:
+    """The decisions in the message log after the Parquet watermark, as audit rows (the payload
+    only where the audit shows it), read and decoded here."""
+    from appliance.audit.layout import Layout
+    from appliance.audit.records import DECISION
+    from appliance.msglog import list_segments, read_segment
 
-    # The appliance exports into a directory under the state dir, which we read and remove: it may
-    # not see our /tmp (PrivateTmp in its unit).
-    try:
-        export_dir, _ = exchange.export(
-            state_dir,
-            since=filters.since.isoformat() if filters.since else None,
-            until=filters.until.isoformat() if filters.until else None,
-        )
-    except admin.AdminUnavailable:
+    width = len(DECISION_COLUMNS)
+    payload_at = DECISION.names.index("payload")
+    audited_at = DECISION.names.index("payload_audited")
+    code = DECISION.code
+    decode = DECISION.decode
+    rows = []
+    for info in list_segments(Layout(state_dir).log_dir):
+        if info.first_seq <= after.segment:
+            continue
+        try:
+            for record in read_segment(info.path, from_seq=after.last_seq + 1):
+                if record.kind == code:
+                    row = decode(record.body)
+                    if not row[audited_at] and row[payload_at] is not None:
+                        row = (*row[:payload_at], None, *row[payload_at + 1:])
+                    rows.append(row[:width])
+        except FileNotFoundError:
+            continue  # converted and removed meanwhile: the caller sees the watermark move
+    return rows
+
+
+def appliance_recording(state_dir: Path, filters: Filters) -> Source:
+    """What the appliance on `state_dir` recorded, running or not: its Parquet files and the
+    decisions in its message log not converted yet, read here (no export, nothing through /tmp)."""
+    from appliance import admin
+    from appliance.audit.layout import Layout
+
+    if _legacy_state(state_dir):
         return stopped_appliance(state_dir, filters)
+    try:  # a running appliance makes what it recorded so far readable first
+        admin.call(state_dir, "audit_sync", timeout=60.0)
+    except admin.AdminUnavailable:
+        pass
     except admin.AdminError as error:
-        raise ReplayInputError(f"the appliance on {state_dir} could not export its recording: {error}") from None
-    return ApplianceSource(state_dir, filters, export_dir)
+        raise ReplayInputError(f"the appliance on {state_dir} could not sync its log: {error}") from None
+    layout = Layout(state_dir)
+    for _ in range(5):
+        mark = layout.read_watermark()
+        files = [str(f.path) for f in layout.files("decisions", upto_seq=mark.last_seq)]
+        tail = _tail_rows(state_dir, mark)
+        if layout.read_watermark() == mark:
+            break
+    else:
+        raise ReplayInputError(f"the audit log of {state_dir} kept changing while it was read; try again")
+    if not files and not tail:
+        window = "" if not (filters.since or filters.until) else " in the --since/--until range"
+        raise ReplayInputError(f"nothing to replay: the appliance on {state_dir} has recorded no messages{window}")
+    description = f"the audit log of {state_dir}"
+    parts: list[Source] = []
+    if files:
+        parts.append(ParquetSource(files, filters.unsampled(), description=f"{description} (Parquet)"))
+    if tail:
+        parts.append(DecisionRowsSource(tail, filters.unsampled(), f"{description} (log tail)", count=len(tail)))
+    return ChainedSource(parts, filters, description)
 
 
 # -- NDJSON -----------------------------------------------------------------------------------------
@@ -660,7 +693,7 @@ NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".json")
 
 def open_recording(
     sources: Sequence[str], state_dir: Path | None, filters: Filters
-) -> SqlSource | NdjsonSource:
+) -> Source:
     """`--from` files (NDJSON, Parquet or an audit .duckdb), else the appliance on `state_dir`."""
     if sources:
         kinds = set()

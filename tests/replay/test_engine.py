@@ -27,7 +27,7 @@ from replay.judge import NO_PAYLOAD, Judge, load_for_replay
 from replay.report import FailOn, build_report
 from replay.rows import Filters
 from replay.sources import ChainedSource, DecisionRowsSource, ParquetSource
-from replay.tally import SAMPLES_PER_REASON, UNMAPPED, Tally, excerpt, normalise
+from replay.tally import SAMPLES_PER_REASON, UNMAPPED, Tally, common_numbers, detail, excerpt, normalise, numbers
 from tests.replay.conftest import V1, V2
 
 MESSAGES = 20_000
@@ -97,7 +97,8 @@ def _reference(recording: Path | None, tail: list[tuple[object, ...]], target: P
         group["newly_rejected" if breaking else "still_rejected"] += 1
         for reason in verdict.reasons:
             message, path = normalise(reason.message, reason.path)
-            tallied = group["reasons"].setdefault((reason.check, path, message), {"count": 0, "breaking": 0, "seen": []})
+            tallied = group["reasons"].setdefault((reason.check, path, message), {"count": 0, "breaking": 0, "seen": [], "limits": None})
+            tallied["limits"] = common_numbers(tallied["limits"], numbers(reason.message))
             tallied["count"] += 1
             tallied["breaking"] += breaking
             tallied["seen"].append((not breaking, position, {
@@ -109,7 +110,8 @@ def _reference(recording: Path | None, tail: list[tuple[object, ...]], target: P
         for (check, path, message), tallied in group.pop("reasons").items():
             kept = sorted(tallied["seen"], key=lambda seen: seen[:2])[:SAMPLES_PER_REASON]  # breaking first, then earliest
             samples = [sample for _, _, sample in sorted(kept, key=lambda seen: seen[2]["time"])]
-            reasons.append({"check": check, "path": path, "message": message, "count": tallied["count"],
+            reasons.append({"check": check, "path": path, "message": message,
+                            "detail": detail(message, tallied["limits"]), "count": tallied["count"],
                             "breaking": tallied["breaking"], "samples": samples})
         reasons.sort(key=lambda r: (-r["breaking"], -r["count"], r["check"], r["message"], r["path"] or ""))
         group["more_reasons"] = max(0, len(reasons) - 10)

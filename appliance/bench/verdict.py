@@ -53,23 +53,28 @@ def _without_rules(directory: Path) -> Path:
 
 
 def measure_audit_recording(*, iterations: int = 20_000, repeats: int = 5) -> float:
-    """Median µs the audit sink adds on the event loop per message: building the row and handing it
-    to the journal's queue (the journal's threads do the I/O; they are not started here)."""
-    from appliance.audit.journal import Journal
+    """Median µs the audit sink adds on the event loop per message: encoding the decision record
+    and appending it to the message log's queue (the log's writer thread, which does the I/O, is
+    not started here)."""
     from appliance.audit.records import IdClock
     from appliance.audit.sink import AuditSink
+    from appliance.msglog import MessageLog
     from appliance.pipeline import ACCEPT
 
     with tempfile.TemporaryDirectory(prefix="audit-bench-") as tmp:
-        journal = Journal(Path(tmp) / "journal.sqlite3")
-        sink = AuditSink(journal, IdClock(), record_payloads=True, config_revision="bench", dry_run=False)
+        log = MessageLog(Path(tmp) / "log")
+        log.open()
+        sink = AuditSink(log, IdClock(), record_payloads=True, config_revision="bench", dry_run=False)
         message = Message("sensor/t1/temperature", TEMPERATURE, 1, False, CLIENT, received_at=time.time())
         samples = []
-        for _ in range(repeats):
-            start = time.perf_counter_ns()
-            for _ in range(iterations):
-                sink.record(message, ACCEPT, 5)
-            samples.append((time.perf_counter_ns() - start) / iterations / 1000)
+        try:
+            for _ in range(repeats):
+                start = time.perf_counter_ns()
+                for _ in range(iterations):
+                    sink.record(message, ACCEPT, 5)
+                samples.append((time.perf_counter_ns() - start) / iterations / 1000)
+        finally:
+            log.stop()
     return statistics.median(samples)
 
 

@@ -78,6 +78,8 @@ class _Watched:
     peak_rss_kb: int = 0
     # CPU seconds of the children it waited for (cutime + cstime) when the watch started and stopped
     children_cpu_s: tuple[float, float] = (0.0, 0.0)
+    # /proc/PID/io write_bytes (its exited children's included) when the watch started and stopped
+    write_bytes: tuple[int, int] | None = None
 
 
 @dataclass
@@ -102,6 +104,8 @@ class ProcessWatch:
         for watched in self._watched.values():
             cpu = _children_cpu_s(watched.pid)
             watched.children_cpu_s = (cpu, cpu)
+            written = _write_bytes(watched.pid)
+            watched.write_bytes = None if written is None else (written, written)
         self.poll()
         self._thread = threading.Thread(target=self._loop, name="bench-process-watch", daemon=True)
         self._thread.start()
@@ -119,6 +123,8 @@ class ProcessWatch:
         self.watched_s = time.monotonic() - self._started
         for watched in self._watched.values():
             watched.children_cpu_s = (watched.children_cpu_s[0], _children_cpu_s(watched.pid, watched.children_cpu_s[1]))
+            if watched.write_bytes is not None and (written := _write_bytes(watched.pid)) is not None:
+                watched.write_bytes = (watched.write_bytes[0], written)
 
     def now(self) -> float:
         """Seconds since the watch started (the clock of first_seen_s and last_seen_s)."""
@@ -169,6 +175,13 @@ class ProcessWatch:
         watched = self._watched.get(scenario)
         return None if watched is None else watched.children_cpu_s[1] - watched.children_cpu_s[0]
 
+    def service_write_bytes(self, scenario: str) -> int | None:
+        """Bytes the appliance (and its children that exited) wrote to storage while the watch ran."""
+        watched = self._watched.get(scenario)
+        if watched is None or watched.write_bytes is None:
+            return None
+        return watched.write_bytes[1] - watched.write_bytes[0]
+
     def seen_between(self, scenario: str, start: float, end: float) -> list[ChildProcess]:
         """The processes of `scenario` seen alive at some point between `start` and `end` (watch clock)."""
         return [p for p in self.processes.values()
@@ -207,6 +220,13 @@ def merge_helper_run(watch: ProcessWatch, scenario: str, run: dict[str, Any]) ->
     process.reported = True
     process.exit_status = int(run.get("exit_status") or 0)
     return process
+
+
+def _write_bytes(pid: int) -> int | None:
+    try:
+        return procfs.disk_write_bytes(pid)
+    except (OSError, KeyError):
+        return None
 
 
 def _children_cpu_s(pid: int, default: float = 0.0) -> float:

@@ -23,7 +23,9 @@ One run:
    (+ the probe) as accepted and the invalid ones as rejected: sent = delivered + rejected.
    Otherwise the run failed and has no rate. A subscriber that receives nothing for `STALL_S`
    seconds is stopped and the run fails.
-Disk writes are read after the audit query, which waits until the verdicts reached DuckDB.
+Disk writes are read after the audit query, which makes the appliance sync its message log. For an
+appliance with an audit log, its status gives the log's counters (records, bytes, syncs) before the
+clock starts and once every record of the run is written (before the audit query's own sync).
 """
 
 from __future__ import annotations

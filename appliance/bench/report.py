@@ -107,6 +107,19 @@ def _helpers_cpu_us_per_msg(report: BenchReport, scenario: str) -> tuple[float |
     return cpu, (1e6 * cpu / messages if cpu is not None and messages else None)
 
 
+def whole_run_disk(report: BenchReport, scenario: str) -> tuple[int | None, float | None]:
+    """Bytes the appliance wrote over the whole benchmark (between runs too, its helpers included),
+    and per byte of accepted payload of all its runs (warm-up included): the long-run figure, with
+    every seal to Parquet in it, where one run's figure has a seal in it or not."""
+    if report.processes is None:
+        return None, None
+    written = report.processes.service_write_bytes(scenario)
+    runs = [run for s in report.summaries if s.scenario == scenario for run in s.runs]
+    runs += [run for run in report.warmup if run.scenario == scenario]
+    payload = sum(run.accepted_payload_bytes or 0 for run in runs)
+    return written, (written / payload if written is not None and payload else None)
+
+
 def render_processes(report: BenchReport) -> str | None:
     """Per appliance: its peak RSS over the whole benchmark, and every process it started (mosquitto aside)."""
     watch = report.processes
@@ -117,9 +130,12 @@ def render_processes(report: BenchReport) -> str | None:
     for scenario in watch.appliances:
         memory = memory_target(watch, scenario)
         cpu, per_msg = _helpers_cpu_us_per_msg(report, scenario)
+        written, per_byte = whole_run_disk(report, scenario)
         lines.append(f"  {scenario}: service peak RSS {_megabytes(memory.service_peak_rss_kb)} MB (VmHWM over the "
                      f"whole benchmark); with resident helpers {_megabytes(memory.peak_rss_kb)} MB; helpers' CPU "
-                     f"{_number(cpu, 2)} s (= {_number(per_msg, 1)} µs per message handled)")
+                     f"{_number(cpu, 2)} s (= {_number(per_msg, 1)} µs per message handled); written to disk "
+                     f"over the whole benchmark {_number(None if written is None else written / 1e6, 1)} MB "
+                     f"(= {_number(per_byte, 2)} B per accepted payload byte, all loads, helpers included)")
         for kind, group in (("resident", memory.resident), ("short-lived", memory.short_lived)):
             for entry in summarise_by_name(group):
                 lived = (f"{entry['min_lived_s']:.1f}–{entry['max_lived_s']:.1f}"
@@ -189,6 +205,8 @@ def _processes_json(report: BenchReport) -> dict[str, Any]:
             "peak_rss_kb_with_resident_helpers": memory.peak_rss_kb,
             "helpers_cpu_s": cpu,
             "helpers_cpu_us_per_msg": per_msg,
+            "disk_write_bytes": whole_run_disk(report, scenario)[0],
+            "disk_bytes_per_accepted_payload_byte": whole_run_disk(report, scenario)[1],
             "watched_s": round(watch.watched_s, 3),
             "poll_interval_s": watch.interval,
             "processes": [p.to_json(watch.watched_s) for p in watch.children(scenario)],

@@ -121,6 +121,11 @@ def test_governance_and_bridge_deliver_locally_and_to_the_cloud() -> None:
     governance = document["processes"]["governance"]
     assert governance["service_peak_rss_kb"] > 0 and governance["peak_rss_kb_with_resident_helpers"] > 0
     assert governance["status_helpers"] is not None
+    # Over the whole benchmark the appliance wrote at least what its message log appended (tmpfs: nothing).
+    appended = sum((run.log or {}).get("bytes_appended", 0) for s in report.summaries if s.scenario == "governance" for run in s.runs)
+    assert appended > 0
+    if report.workdir_fs not in ("tmpfs", "ramfs"):
+        assert governance["disk_write_bytes"] >= appended and governance["disk_bytes_per_accepted_payload_byte"] > 0
     for entry in document["results"]:
         assert {"log_syncs_per_s", "proxy_cpu_us_per_msg"} <= set(entry)
     targets = document["targets"]

@@ -9,7 +9,9 @@ import asyncio
 import json
 import logging
 import os
+import pwd
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,7 @@ class AdminServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await reader.readline()
-            answer = await self._answer(line)
+            answer = await self._answer(line, _peer(writer))
             writer.write(json.dumps(answer, default=str).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
@@ -65,10 +67,11 @@ class AdminServer:
         finally:
             writer.close()
 
-    async def _answer(self, line: bytes) -> dict[str, Any]:
+    async def _answer(self, line: bytes, peer: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
             request = json.loads(line)
             handler = self._handlers.get(request.get("op", ""))
+            request["_peer"] = peer  # who asked, from the kernel: for the audit log, not from the request
         except (ValueError, AttributeError):
             return {"ok": False, "error": "not a JSON request"}
         if handler is None:
@@ -80,6 +83,20 @@ class AdminServer:
         except Exception as exc:  # noqa: BLE001 - report, keep serving; the appliance must not fall over
             log.exception("admin operation %s failed", request.get("op"))
             return {"ok": False, "error": f"internal error: {exc}"}
+
+
+def _peer(writer: asyncio.StreamWriter) -> dict[str, Any] | None:
+    """The connecting process's pid, uid and user name (SO_PEERCRED), or None where unavailable."""
+    sock = writer.get_extra_info("socket")
+    try:
+        pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (AttributeError, OSError):
+        return None
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return {"user": user, "uid": uid, "pid": pid}
 
 
 def call(state_dir: Path, op: str, *, timeout: float = 120.0, **arguments: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from appliance import sdnotify
+from appliance import sdnotify, statedir
 from appliance.admin import AdminServer, socket_path
 from appliance.audit.check import StoreUnavailable
 from appliance.audit.operations import AuditOperations, forget_session
@@ -87,6 +87,9 @@ class Appliance:
         """Build the appliance; a broken schema set raises SchemaSetError here, before anything starts.
         `config_path` and `overrides` are what a reload reads again."""
         self.config = config
+        # The config the appliance started with: settings that need a restart are compared with it,
+        # so that reverting one (listen: B back to A) no longer asks for a restart.
+        self.started_config = config
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         self._own_pipeline = pipeline is None
@@ -312,7 +315,7 @@ class Appliance:
             log.error("reload (%s) failed; the running config and schema set stay in force:\n%s", reason, exc)
             self.on_event("config_reload", {"result": "failed", "reason": reason, "error": str(exc)})
             return False
-        restart = needs_restart(self.config, config)
+        restart = needs_restart(self.started_config, config)
         if self._own_pipeline:
             if schema_set is None:
                 self.governance = None
@@ -331,6 +334,7 @@ class Appliance:
         await self._revoke_withdrawn_access()
         logging.getLogger().setLevel(config.log_level.upper())
         self.config = config
+        self.watcher.watch_schemas(config.schemas)
         if self.audit is not None:
             self.audit.sink.config_revision = self.revision
             self.audit.sink.dry_run = config.dry_run
@@ -406,14 +410,19 @@ SWITCH_INTERVAL_S = 0.001
 
 
 def run(config: Config, *, config_path: Path | None = None, overrides: dict[str, Any] | None = None) -> None:
-    """Run the appliance in the foreground; raises BrokerError when it cannot start."""
+    """Run the appliance in the foreground; raises BrokerError (or StateDirError, AuditError) when it
+    cannot start."""
     sdnotify.claim_environment()  # before mosquitto starts: it must not inherit $NOTIFY_SOCKET
     # The journal writer, mover and forwarder run Python next to the event loop; a thread that wants
     # the GIL waits up to the switch interval (5 ms by default). 1 ms cut the latency tails at
     # 1k msg/s (max 5.1-5.8 -> 2.7-4.5 ms local, cloud p99 3.6-4.3 -> 2.5-3.7 ms; 3 A/B pairs) with
     # no measurable change in throughput (docs/performance.md).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    appliance = Appliance(config, config_path=config_path, overrides=overrides)
+    with statedir.claim(config.state_dir):  # the lock is held until the appliance has stopped
+        _serve(Appliance(config, config_path=config_path, overrides=overrides), config)
+
+
+def _serve(appliance: Appliance, config: Config) -> None:
     if config.use_uvloop:
         try:
             import uvloop

@@ -25,9 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.children import die_with_parent
-from appliance.config import BrokerConfig, TLSConfig
+from appliance.children import prepare_child
+from appliance.config import BrokerConfig
 from appliance.security.passwords import PasswordFile, hash_password
+from appliance.security.tls import TLSFileError, client_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def render_mosquitto_conf(*, port: int, data_dir: Path, extra: list[str], passwo
         f"persistence_location {data_dir}/",
         "persistence_file mosquitto.db",
         "autosave_interval 30",
-        # Without this, held acks + Nagle + delayed ACK stall QoS 1 flows by 40 ms (EVIDENCE.md).
+        # Without this, held acks + Nagle + delayed ACK stall QoS 1 flows by 40 ms (docs/evidence.md).
         "set_tcp_nodelay true",
         "max_keepalive 65535",
         "log_dest stdout",
@@ -94,14 +95,6 @@ def render_mosquitto_conf(*, port: int, data_dir: Path, extra: list[str], passwo
     return "\n".join([*lines, *extra]) + "\n"
 
 
-def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    context.check_hostname = tls.verify_hostname
-    if tls.cert_file:
-        context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-    return context
-
-
 class ExternalBroker:
     """A broker the user runs elsewhere; the proxy only needs its address."""
 
@@ -109,7 +102,7 @@ class ExternalBroker:
         assert config.port is not None
         try:
             context = client_ssl_context(config.tls) if config.tls else None
-        except (OSError, ssl.SSLError) as exc:
+        except TLSFileError as exc:
             raise BrokerError(f"broker.tls: {exc}") from exc
         self._endpoint = BrokerEndpoint(
             config.host,
@@ -178,7 +171,7 @@ class EmbeddedBroker:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=die_with_parent,
+            preexec_fn=prepare_child,
         )
         asyncio.create_task(self._pump_output(self._process), name="mosquitto-output")
         await self._wait_ready(self._process, port)

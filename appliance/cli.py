@@ -93,10 +93,12 @@ def run(config_path: Path | None, listen: str | None, state_dir: Path | None, sc
     from appliance.app import run as run_appliance
 
     from appliance.app import AccessError
+    from appliance.audit.errors import AuditError
+    from appliance.statedir import StateDirError
 
     try:
         run_appliance(config, config_path=config_path, overrides=overrides)
-    except (BrokerError, SchemaSetError, AccessError) as exc:
+    except (BrokerError, SchemaSetError, AccessError, StateDirError, AuditError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -106,7 +108,7 @@ def run(config_path: Path | None, listen: str | None, state_dir: Path | None, sc
 @click.option("--schemas", type=click.Path(file_okay=False, path_type=Path),
               help="Schema set directory to check (overrides the config's `schemas`).")
 def check(config_path: Path | None, schemas: Path | None) -> None:
-    """Check a config and its schema set offline; exit 1 listing every problem (for CI)."""
+    """Check a config, the files it names and its schema set offline; exit 1 listing every problem (for CI)."""
     if config_path is None and schemas is None:
         raise click.UsageError("give --config FILE, --schemas DIR, or both")
     try:
@@ -114,12 +116,10 @@ def check(config_path: Path | None, schemas: Path | None) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     if config_path is not None:
-        from appliance.app import AccessError, load_access
+        from appliance.preflight import problems
 
-        try:
-            load_access(config.auth)
-        except AccessError as exc:
-            raise click.ClickException(str(exc)) from exc
+        if found := problems(config):
+            raise click.ClickException(f"config {config_path} cannot run:\n" + "\n".join(f"  {p}" for p in found))
         click.echo(f"config {config_path}: ok")
     if config.schemas is None:
         click.echo("no schema set configured: every message would be accepted")

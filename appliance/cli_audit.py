@@ -155,7 +155,7 @@ def audit_sql(query: str, config_path: Path | None, state_dir: Path | None, fmt:
     result = _reading(target, lambda store: store.query(query, timeout=timeout, max_rows=limit))
     click.echo(format_result(result, fmt), nl=False)
     if result.truncated and fmt == "csv":
-        click.echo(f"note: the result was cut at {max_rows} rows (--max-rows)", err=True)
+        click.echo(f"note: the result was truncated at {max_rows} rows (--max-rows); 0 returns every row", err=True)
 
 
 @audit.command("export")
@@ -203,7 +203,7 @@ def quarantine_list(config_path: Path | None, state_dir: Path | None, topic: str
     target = _state_dir(config_path, state_dir)
     start = _datetime(since)
     result = _reading(target, lambda store: store.quarantine_list(topic=topic, since=start, reason=reason, limit=limit))
-    click.echo(format_result(result, fmt), nl=False)
+    click.echo(format_result(result, fmt, more="raise --limit"), nl=False)
 
 
 @quarantine.command("show")
@@ -290,7 +290,7 @@ def quarantine_release(decision_ids: tuple[str, ...], config_path: Path | None, 
                 click.echo(f"{result['id']}: still rejected: {'; '.join(result.get('reasons', []))}")
         if released:
             purge_quarantine(target, released, seal=lambda: admin.call(target, "audit_seal"))
-            _record_event(target, "quarantine_released", {"ids": [str(i) for i in released], "user": _who()})
+            _record_event(target, "quarantine_released", {"ids": [str(i) for i in released], "by": {"user": _who()}})
     if failed:
         raise SystemExit(1)
 
@@ -310,12 +310,13 @@ def quarantine_purge(decision_ids: tuple[str, ...], purge_all: bool, yes: bool, 
         raise click.UsageError("name message ids, or --all")
     target = _state_dir(config_path, state_dir)
     ids = [_parse_id(value) for value in decision_ids] or None
+    missing: list[int] = []
     if ids is not None:
-        missing = [i for i in ids if i not in _held(target, ids)]
-        if missing:
-            raise click.ClickException(f"no quarantined message with id {', '.join(map(str, missing))}")
+        held = _held(target, ids)
+        missing = [i for i in ids if i not in held]
+        ids = [i for i in ids if i in held]
     elif not yes:
-        click.confirm("Purge the payload of EVERY quarantined message? This cannot be undone", abort=True)
+        click.confirm("Purge every quarantined payload? This cannot be undone", abort=True, err=True)
     else:
         _sync(target)
 
@@ -332,7 +333,12 @@ def quarantine_purge(decision_ids: tuple[str, ...], purge_all: bool, yes: bool, 
         running = False
     except admin.AdminError:
         pass
-    count = purge_quarantine(target, ids, seal=seal if running else None)
-    _record_event(target, "quarantine_purged", {"ids": None if ids is None else [str(i) for i in ids],
-                                                "count": count, "user": _who()})
+    count = purge_quarantine(target, ids, seal=seal if running else None) if ids is None or ids else 0
+    if count or ids is None:
+        _record_event(target, "quarantine_purged", {"ids": "all" if ids is None else [str(i) for i in ids],
+                                                    "purged": count, "by": {"user": _who()}})
     click.echo(f"purged {count} message(s)")
+    for decision_id in missing:
+        click.echo(f"{decision_id}: no quarantined message with this id", err=True)
+    if missing:
+        raise SystemExit(1)

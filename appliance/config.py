@@ -18,8 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from appliance.forward.config import UpstreamConfig
+from appliance.yamlsource import LineDict, LineLoader, did_you_mean
 from appliance.settings import (  # noqa: F401 - re-exported: the config's building blocks
-    Address, Duration, ListenerConfig, ListenerTLSConfig, Size, TLSConfig, _address, _Section, parse_duration, parse_size,
+    Address, Bytes, Duration, ListenerConfig, ListenerTLSConfig, Seconds, Size, TLSConfig, _address, _Section,
+    parse_duration, parse_seconds, parse_size,
 )
 
 DEFAULT_STATE_DIR = Path("/var/lib/mqtt-appliance")
@@ -50,9 +52,9 @@ class BrokerConfig(_Section):
         "(clients still authenticate to the appliance).",
     )
     password: str | None = Field(None, description="Password that goes with username.")
-    start_timeout: float = Field(10.0, gt=0, description="Seconds to wait for the embedded mosquitto to accept connections.")
-    restart_backoff_initial: float = Field(0.2, gt=0, description="First delay (s) before restarting a mosquitto that died.")
-    restart_backoff_max: float = Field(10.0, gt=0, description="Longest delay (s) between restarts.")
+    start_timeout: Seconds = Field(10.0, gt=0, description="How long to wait for the embedded mosquitto to accept connections (e.g. 10s).")
+    restart_backoff_initial: Seconds = Field(0.2, gt=0, description="First delay before restarting a mosquitto that died (e.g. 200ms).")
+    restart_backoff_max: Seconds = Field(10.0, gt=0, description="Longest delay between restarts (e.g. 10s).")
     extra_config: list[str] = Field(
         default_factory=list,
         description="Extra mosquitto.conf lines appended to the generated config (embedded mode).",
@@ -140,18 +142,18 @@ class MetricsConfig(_Section):
 
 
 class LimitsConfig(_Section):
-    max_packet_size: int = Field(
+    max_packet_size: Bytes = Field(
         1024 * 1024, ge=64, le=268_435_460,
-        description="Largest MQTT packet (bytes) a client may send; larger ones close that client "
+        description="Largest MQTT packet a client may send (e.g. 1MiB); larger ones close that client "
         "(MQTT 5: DISCONNECT 0x95 Packet too large).",
     )
-    max_connect_size: int = Field(
-        64 * 1024, ge=64, description="Largest first packet (the CONNECT) accepted before the client is known."
+    max_connect_size: Bytes = Field(
+        64 * 1024, ge=64, description="Largest first packet (the CONNECT) accepted before the client is known (e.g. 64KiB)."
     )
-    connect_timeout: float = Field(10.0, gt=0, description="Seconds a new connection may take to send its CONNECT.")
+    connect_timeout: Seconds = Field(10.0, gt=0, description="How long a new connection may take to send its CONNECT (e.g. 10s).")
     max_connections: int = Field(10_000, ge=1, description="Client connections open at once; more are refused.")
-    write_buffer_high: int = Field(
-        256 * 1024, ge=1024, description="Bytes queued for one peer before the proxy stops reading from the other side."
+    write_buffer_high: Bytes = Field(
+        256 * 1024, ge=1024, description="Bytes queued for one peer before the proxy stops reading from the other side (e.g. 256KiB)."
     )
     max_connections_per_address: int = Field(
         1000, ge=0, description="Client connections open at once from one source IP address; more are refused at "
@@ -284,11 +286,57 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 broker["tls"][key] = os.path.normpath(base / broker["tls"][key])
 
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _line_of(data: Any, loc: tuple[int | str, ...]) -> int | None:
+    """The line in the config file of the deepest key of `loc` that the file has."""
+    line, node = getattr(data, "line", None), data
+    for part in loc:
+        if isinstance(node, LineDict) and part in node:
+            line, node = node.line_of(part), node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            line = getattr(node, "line", line)
+        else:
+            break
+    return line
+
+
+def _section_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The settings class whose keys `loc` names (list indexes skipped), or None."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        annotation = info.annotation
+        if getattr(annotation, "__origin__", None) is list:
+            annotation = annotation.__args__[0]  # type: ignore[union-attr]
+        sections = [c for c in getattr(annotation, "__args__", (annotation,)) if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sections:
+            return None
+        model = sections[0]
+    return model
+
+
+def _format_validation_error(source: str, error: ValidationError, data: Any = None) -> str:
+    """One line per problem: `FILE:LINE: dotted.key: what is wrong` (a did-you-mean for unknown keys)."""
     lines = [f"{source}: invalid configuration"]
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {where}: {item['msg']}")
+        loc = item["loc"]
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            section = _section_at(loc[:-1])
+            message = "unknown setting" + (did_you_mean(loc[-1], section.model_fields) if section else "")
+        line = _line_of(data, loc) if data is not None else None
+        lines.append(f"  {source}:{line}: {_dotted(loc)}: {message}" if line else f"  {_dotted(loc)}: {message}")
     return "\n".join(lines)
 
 
@@ -303,7 +351,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=LineLoader)  # noqa: S506 - a SafeLoader that keeps line numbers
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark
             where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -323,7 +371,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(source, exc)) from exc
+        raise ConfigError(_format_validation_error(source, exc, data)) from exc
 
 
 def is_loopback(host: str) -> bool:

@@ -33,6 +33,10 @@ def needs_restart(old: Config, new: Config) -> list[str]:
     return [key for key in RESTART_KEYS if key in old_values and old_values[key] != new_values.get(key)]
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + "/")
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, wanted: Callable[[str], bool], notify: Callable[[], None]):
         self._wanted = wanted
@@ -56,6 +60,8 @@ class ReloadWatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._running: asyncio.Task[Any] | None = None
         self._again = False
+        self._schema_watch: Any = None  # the observer's watch of the schema dir in force
+        self.schema_dir: Path | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop, *, config_file: Path | None, schema_dir: Path | None, watch: bool) -> None:
         self._loop = loop
@@ -70,13 +76,27 @@ class ReloadWatcher:
             config_file = config_file.resolve()
             observer.schedule(_Handler(lambda p: Path(p).resolve() == config_file, self._from_thread),
                               str(config_file.parent), recursive=False)
-        if schema_dir is not None and schema_dir.is_dir():
-            root = str(schema_dir.resolve())
-            observer.schedule(_Handler(lambda p: Path(p).resolve().as_posix().startswith(root), self._from_thread),
-                              root, recursive=True)
         observer.daemon = True
         observer.start()
         self._observer = observer
+        self.watch_schemas(schema_dir)
+
+    def watch_schemas(self, schema_dir: Path | None) -> None:
+        """Watch `schema_dir` instead of the schema dir watched so far (a reload may name another)."""
+        if self._observer is None:
+            return
+        new = schema_dir.resolve() if schema_dir is not None and schema_dir.is_dir() else None
+        if new == self.schema_dir:
+            return
+        if self._schema_watch is not None:
+            self._observer.unschedule(self._schema_watch)
+            self._schema_watch = None
+        self.schema_dir = new
+        if new is not None:
+            root = new.as_posix()
+            self._schema_watch = self._observer.schedule(
+                _Handler(lambda p: _inside(Path(p).resolve().as_posix(), root), self._from_thread),
+                root, recursive=True)
 
     def _from_thread(self) -> None:
         loop = self._loop

@@ -79,6 +79,7 @@ class ListenerConfig(_Section):
     _listen = field_validator("listen", mode="before")(_address)
 
 
+# One parser for every duration and one for every size in the config (docs/configuration.md, "Units").
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
@@ -87,24 +88,34 @@ _SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
 
 
 def parse_duration(value: Any) -> timedelta | None:
-    """'90d', '12h', '30m', '45s', '20ms', '2w' or a number of seconds."""
+    """'90d', '12h', '30m', '45s', '250ms', '2w' or a number of seconds."""
     if value is None or isinstance(value, timedelta):
         return value
-    match = _DURATION.match(str(value))
+    match = _DURATION.match(str(value)) if not isinstance(value, bool) else None
     if not match:
-        raise ValueError(f"expected a duration like 90d, 12h, 30m or 45s, got {value!r}")
+        raise ValueError(f"expected a duration like 90d, 12h, 30m, 45s or 250ms (a plain number is seconds), got {value!r}")
     return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"])
 
 
+def parse_seconds(value: Any) -> float | None:
+    """A duration (see parse_duration) as a number of seconds."""
+    duration = parse_duration(value)
+    return None if duration is None else duration.total_seconds()
+
+
 def parse_size(value: Any) -> int | None:
-    """'2GB', '256MiB', '1024' (bytes)."""
+    """'2GB', '256MiB', '512KiB', '1024' (bytes), as pydantic's ByteSize reads them (KB = 1000 B,
+    KiB = 1024 B, any case)."""
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         return value
-    match = _SIZE.match(str(value))
+    match = _SIZE.match(str(value)) if not isinstance(value, bool) else None
     if not match:
-        raise ValueError(f"expected a size like 2GB, 256MB or 1024, got {value!r}")
+        raise ValueError(f"expected a size like 2GB, 256MB, 512KiB or 1024 (bytes), got {value!r}")
     return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
 
 
-Duration = Annotated[timedelta | None, BeforeValidator(parse_duration)]
-Size = Annotated[int | None, BeforeValidator(parse_size)]
+Duration = Annotated[timedelta | None, BeforeValidator(parse_duration)]  # null allowed: no limit
+Size = Annotated[int | None, BeforeValidator(parse_size)]  # null allowed: no limit
+Seconds = Annotated[float, BeforeValidator(parse_seconds)]
+WholeSeconds = Annotated[int, BeforeValidator(parse_seconds)]
+Bytes = Annotated[int, BeforeValidator(parse_size)]

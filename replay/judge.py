@@ -17,7 +17,7 @@ from appliance.governance.topics import TopicTrie
 from appliance.mqtt import ProtocolVersion
 from appliance.pipeline import ClientInfo, Message
 from replay import rows as R
-from replay.tally import UNMAPPED, ReasonTally, Sample, Tally, excerpt, normalise
+from replay.tally import UNMAPPED, ReasonTally, Sample, Tally, common_numbers, excerpt, normalise, numbers
 
 NO_PAYLOAD = "payload not recorded (removed by retention or a quarantine purge)"
 
@@ -58,7 +58,7 @@ class Judge:
         self._target = Governance(target)
         self._baseline = Governance(baseline) if baseline is not None else None
         self._clients: dict[tuple[str, str | None, str, int], ClientInfo] = {}
-        self._reasons: dict[tuple[str, str, str | None], tuple[str, str | None, str]] = {}
+        self._reasons: dict[tuple[str, str, str | None], tuple[tuple[str, str | None, str], tuple[str, ...]]] = {}
 
     def _client(self, client_id: str, username: str | None, peer: str, version: int) -> ClientInfo:
         key = (client_id, username, peer, version)
@@ -71,14 +71,15 @@ class Judge:
             )
         return client
 
-    def _reason_key(self, check: str, message: str, path: str | None) -> tuple[str, str | None, str]:
+    def _reason_key(self, check: str, message: str, path: str | None) -> tuple[tuple[str, str | None, str], tuple[str, ...]]:
+        """The reason's group key (normalised), and the numbers normalising took out of it."""
         key = (check, message, path)
         normalised = self._reasons.get(key)
         if normalised is None:
             if len(self._reasons) > 10_000:
                 self._reasons.clear()  # bounded: values in messages can be endless
             text, where = normalise(message, path)
-            normalised = self._reasons[key] = (check, where, text)
+            normalised = self._reasons[key] = ((check, where, text), numbers(message))
         return normalised
 
     def judge(self, batch: Iterable[R.Row], tally: Tally) -> None:
@@ -136,10 +137,12 @@ class Judge:
                 group.still_rejected += 1
                 breaking = False
             for reason in verdict.reasons:
-                key = reason_key(reason.check, reason.message, reason.path)
+                key, values = reason_key(reason.check, reason.message, reason.path)
                 tallied = group.reasons.get(key)
                 if tallied is None:
                     tallied = group.reasons[key] = ReasonTally(*key)
+                if tallied.limits != values:
+                    tallied.limits = common_numbers(tallied.limits, values)
                 tallied.count += 1
                 if breaking:
                     tallied.breaking += 1

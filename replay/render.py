@@ -41,7 +41,7 @@ def _percent(rate: float) -> str:
 
 def _reason_text(reason: dict[str, Any]) -> str:
     where = f" at {reason['path']}" if reason["path"] else ""
-    return f"[{reason['check']}{where}] {reason['message']}"
+    return f"[{reason['check']}{where}] {reason.get('detail') or reason['message']}"
 
 
 def _sample_text(sample: dict[str, Any]) -> str:
@@ -137,7 +137,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"#### `{_md_cell(_name(group))}`: breaking reasons", ""]
         for reason in reasons:
             lines.append(f"- **{reason['breaking']:,}** × `{reason['check']}`"
-                         + (f" at `{reason['path']}`" if reason["path"] else "") + f": {reason['message']}")
+                         + (f" at `{reason['path']}`" if reason["path"] else "") + f": {reason.get('detail') or reason['message']}")
             for sample in reason["samples"]:
                 lines.append(f"  - `{sample['client_id'] or '-'}` at {sample['time'] or '-'} on `{sample['topic']}`: "
                              f"`{_md_cell(sample['payload'])}`")

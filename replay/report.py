@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from replay.tally import GroupTally, Tally
+from replay.tally import GroupTally, Tally, detail
 
 REPORT_FORMAT = 1
 MAX_REASONS = 10
@@ -80,6 +80,8 @@ def _group(group: GroupTally) -> dict[str, Any]:
                 "check": reason.check,
                 "path": reason.path,
                 "message": reason.message,
+                # The message with the numbers every such message shares (the limits) put back.
+                "detail": detail(reason.message, reason.limits),
                 "count": reason.count,
                 "breaking": reason.breaking,
                 "samples": [s.to_dict() for s in sorted(reason.samples, key=lambda s: (s.ts is None, s.ts or 0.0))],
@@ -138,4 +140,7 @@ def build_report(
 
 
 def breaking_reasons(group: dict[str, Any]) -> list[dict[str, Any]]:
-    return [reason for reason in group["reasons"] if reason["breaking"]]
+    """The reasons some newly rejected message had, each with only the newly rejected messages as
+    examples (a message the reference rejected too is no example of what the change breaks)."""
+    return [{**reason, "samples": [s for s in reason["samples"] if s["breaking"]]}
+            for reason in group["reasons"] if reason["breaking"]]

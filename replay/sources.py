@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import sqlite3
-import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -271,24 +270,20 @@ class ApplianceSource(ParquetSource):
 
 def appliance_recording(state_dir: Path, filters: Filters) -> SqlSource:
     """The running appliance's recording when one answers on `state_dir`, else the stopped one's."""
-    from appliance import admin
+    from appliance import admin, exchange
 
-    export_dir = Path(tempfile.mkdtemp(prefix="replay-export-"))
+    # The appliance exports into a directory under the state dir, which we read and remove: it may
+    # not see our /tmp (PrivateTmp in its unit).
     try:
-        admin.call(
-            state_dir, "export", timeout=3600.0, to=str(export_dir),
+        export_dir, _ = exchange.export(
+            state_dir,
             since=filters.since.isoformat() if filters.since else None,
             until=filters.until.isoformat() if filters.until else None,
         )
     except admin.AdminUnavailable:
-        shutil.rmtree(export_dir, ignore_errors=True)
         return stopped_appliance(state_dir, filters)
     except admin.AdminError as error:
-        shutil.rmtree(export_dir, ignore_errors=True)
         raise ReplayInputError(f"the appliance on {state_dir} could not export its recording: {error}") from None
-    except BaseException:
-        shutil.rmtree(export_dir, ignore_errors=True)
-        raise
     return ApplianceSource(state_dir, filters, export_dir)
 
 

@@ -40,6 +40,28 @@ def normalise(message: str, path: str | None) -> tuple[str, str | None]:
     return message, path or None
 
 
+def numbers(message: str) -> tuple[str, ...]:
+    """The numbers step 3 of `normalise` replaces, in order (the offending value excluded)."""
+    message = _QUOTED_NAME.sub(r"\1 '…'", _LEADING_VALUE.sub("<value>", message, count=1))
+    return tuple(match.group(0) for match in _NUMBER.finditer(message))
+
+
+def common_numbers(a: tuple[str | None, ...] | None, b: tuple[str | None, ...]) -> tuple[str | None, ...]:
+    """Per position, the number every message of a reason has there (a limit), else None."""
+    if a is None:
+        return b
+    return tuple(x if x == y else None for x, y in zip(a, b, strict=False))
+
+
+def detail(message: str, limits: tuple[str | None, ...] | None) -> str:
+    """The normalised message with the numbers all its messages share put back: "<value> is greater
+    than the maximum of 100", not "... of N"."""
+    if not limits:
+        return message
+    values = iter(limits)
+    return re.sub(r"\bN\b", lambda match: next(values, None) or "N", message)
+
+
 @dataclass(slots=True)
 class Sample:
     topic: str
@@ -76,6 +98,7 @@ class ReasonTally:
     count: int = 0  # messages the target rejected for this reason
     breaking: int = 0  # of those, the ones the reference accepted (or that had no reference)
     samples: list[Sample] = field(default_factory=list)
+    limits: tuple[str | None, ...] | None = None  # see common_numbers
 
     def wants_sample(self, breaking: bool) -> bool:
         """Cheap test before building a Sample: room left, or a breaking one could replace another."""
@@ -97,6 +120,8 @@ class ReasonTally:
     def merge(self, other: ReasonTally) -> None:
         self.count += other.count
         self.breaking += other.breaking
+        if other.limits is not None:
+            self.limits = common_numbers(self.limits, other.limits)
         for sample in other.samples:
             self.add_sample(sample)
 

@@ -3,9 +3,12 @@
     python -m appliance.audit.benchmark codec
     python -m appliance.audit.benchmark seal  --dir DIR [--records 300000] [--payload 100]
     python -m appliance.audit.benchmark query --dir DIR [--rows 10000000] [--files 100]
+    python -m appliance.audit.benchmark ingest --method appender|ndjson [--records 100000] [--memory-limit 64MB]
 
 `seal` writes a message log of realistic decisions in 16 MiB segments, runs the seal helper as its
-own process and reports rows/s and the helper's peak RSS. `query` generates `rows` decisions as
+own process and reports rows/s and the helper's peak RSS. `ingest` compares how the helper could get decoded records into DuckDB (the appender into a
+staging table, or NDJSON written with orjson and read back with read_json), in a process of its
+own, reporting rows/s and peak RSS. `query` generates `rows` decisions as
 Parquet files laid out as the helper writes them (in DuckDB, not through the log: quicker), then
 times a GROUP BY over them through appliance.audit.query.
 """
@@ -164,9 +167,54 @@ def bench_query(directory: Path, rows: int, files: int, row_group_rows: int, reg
     return results
 
 
+def bench_ingest(directory: Path, method: str, records: int, memory_limit: str) -> dict[str, object]:
+    """Runs in this process: call it through `main` in a fresh interpreter for a clean peak RSS."""
+    import duckdb
+    import orjson
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1)
+    t0 = time.time()
+    bodies = [DECISION.encode(_decision(i, t0, rng, 100, 1000.0)) for i in range(records)]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    con = duckdb.connect(config={"memory_limit": memory_limit, "threads": 2, "temp_directory": str(directory / "spill")})
+    con.execute("SET TimeZone = 'UTC'")
+    decode = DECISION.decode
+    started = time.perf_counter()
+    if method == "appender":
+        con.execute(DECISION.stage_ddl("stage", temp=False))
+        appender = con.appender("stage")
+        for start in range(0, records, 10_000):
+            appender.append_rows([decode(b) for b in bodies[start:start + 10_000]])
+        appender.flush()
+        source = "stage"
+    else:
+        payload = DECISION.names.index("payload")
+        path = directory / "rows.ndjson"
+        with open(path, "wb") as out:
+            for body in bodies:
+                row = list(decode(body))
+                row[payload] = None if row[payload] is None else row[payload].hex()
+                out.write(orjson.dumps(row) + b"\n")
+        columns = ", ".join(
+            f"unhex(j->>{i}) AS payload" if f.name == "payload" else f"CAST(j->>{i} AS {f.stage_sql or f.sql}) AS \"{f.name}\""
+            for i, f in enumerate(DECISION.fields))
+        source = f"(SELECT {columns} FROM (SELECT json AS j FROM read_json_objects('{path}')))"
+    loaded = time.perf_counter()
+    con.execute(f"COPY (SELECT {DECISION.select_from_stage()} FROM {source}) TO '{directory}/out.parquet' "
+                "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)")
+    done = time.perf_counter()
+    return {"method": method, "records": records, "memory_limit": memory_limit,
+            "load_rows_per_s": round(records / (loaded - started)), "rows_per_s": round(records / (done - started)),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rss_before_duckdb_mb": round(base / 1024, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["codec", "seal", "query"])
+    parser.add_argument("what", choices=["codec", "seal", "query", "ingest"])
+    parser.add_argument("--method", choices=["appender", "ndjson"], default="appender")
+    parser.add_argument("--memory-limit", default="64MB")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/audit-bench"))
     parser.add_argument("--records", type=int, default=300_000)
     parser.add_argument("--payload", type=int, default=100)
@@ -178,6 +226,8 @@ def main() -> None:
     if args.what == "codec":
         from appliance.audit.records import _benchmark
         _benchmark()
+    elif args.what == "ingest":
+        print(json.dumps(bench_ingest(args.dir, args.method, args.records, args.memory_limit)))
     elif args.what == "seal":
         print(json.dumps(bench_seal(args.dir, args.records, args.payload, extra)))
     else:

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from appliance.children import die_with_parent
+from appliance.children import prepare_child
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,9 @@ class HelperProcesses:
         argv = [sys.executable, "-m", HELPER_MODULE, task, *self._args, *self._extra.get(task, [])]
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            # A helper must not outlive the service (nor hold a lock after a kill -9 of it).
-            preexec_fn=die_with_parent,
+            # A helper must not outlive the service (nor hold a lock after a kill -9 of it), and a
+            # terminal's Ctrl-C stops the service, which lets running helpers finish.
+            preexec_fn=prepare_child,
         )
         self._procs[task] = proc
         try:

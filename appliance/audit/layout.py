@@ -3,6 +3,7 @@
     STATE_DIR/log/                          the message log (appliance/msglog): the durable record
     STATE_DIR/audit/parquet/decisions/day=YYYY-MM-DD/{first_seq:020d}.parquet
     STATE_DIR/audit/parquet/events/day=YYYY-MM-DD/{first_seq:020d}.parquet
+    STATE_DIR/audit/parquet/*/day=YYYY-MM-DD/{first_seq:020d}-{last_seq:020d}.parquet   (compacted)
     STATE_DIR/audit/converted.json          the watermark: the last log segment converted to Parquet
     STATE_DIR/audit/audit.duckdb            views over the Parquet files, for `duckdb -readonly`
     STATE_DIR/audit/maintenance.lock        held by whoever rewrites files (seal, purge, retention)
@@ -12,6 +13,11 @@ are all renamed into place before the watermark moves past it, so a reader that 
 takes exactly the files named <= W.last_seq and reads the records after W from the log: a file a
 crashed conversion left behind (named > W) is ignored until the conversion is redone, which
 replaces it under the same name.
+
+A finished day's files are compacted into one, named after the first and the last seq of the files
+it replaces (`{first}-{last}.parquet`). A file whose seq range lies within another's in the same
+day directory is shadowed: readers skip it, and the next seal run deletes it (it only exists if
+compaction was interrupted between publishing the merged file and deleting the ones it replaces).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from datetime import date
 from pathlib import Path
 
 TABLES = ("decisions", "events")
-_PARQUET_NAME = re.compile(r"^(\d{20})\.parquet$")
+_PARQUET_NAME = re.compile(r"^(\d{20})(?:-(\d{20}))?\.parquet$")
 _DAY_DIR = re.compile(r"^day=(\d{4}-\d{2}-\d{2})$")
 
 
@@ -43,6 +49,7 @@ class ParquetFile:
     table: str
     day: date
     first_seq: int
+    last_seq: int  # the same as first_seq for a file of one batch (its name holds only the first)
 
 
 class Layout:
@@ -62,8 +69,9 @@ class Layout:
     def day_dir(self, table: str, day: date) -> Path:
         return self.parquet_dir / table / f"day={day.isoformat()}"
 
-    def parquet_path(self, table: str, day: date, first_seq: int) -> Path:
-        return self.day_dir(table, day) / f"{first_seq:020d}.parquet"
+    def parquet_path(self, table: str, day: date, first_seq: int, last_seq: int | None = None) -> Path:
+        name = f"{first_seq:020d}" if last_seq is None else f"{first_seq:020d}-{last_seq:020d}"
+        return self.day_dir(table, day) / f"{name}.parquet"
 
     def files(self, table: str, *, upto_seq: int | None = None) -> list[ParquetFile]:
         """The table's Parquet files sorted by (day, first_seq); with upto_seq, only those named
@@ -85,10 +93,15 @@ class Layout:
             for name in names:
                 named = _PARQUET_NAME.match(name)
                 if named and (upto_seq is None or int(named.group(1)) <= upto_seq):
-                    found.append(ParquetFile(self.table_dir(table) / day_name / name, table, day,
-                                             int(named.group(1))))
-        found.sort(key=lambda f: (f.day, f.first_seq))
+                    first = int(named.group(1))
+                    last = int(named.group(2)) if named.group(2) else first
+                    found.append(ParquetFile(self.table_dir(table) / day_name / name, table, day, first, last))
+        found.sort(key=lambda f: (f.day, f.first_seq, -f.last_seq))
         return found
+
+    def visible(self, table: str, *, upto_seq: int | None = None) -> list[ParquetFile]:
+        """files(), less the shadowed ones (see the module's docstring)."""
+        return _unshadowed(self.files(table, upto_seq=upto_seq))
 
     def read_watermark(self) -> Watermark:
         try:
@@ -111,6 +124,17 @@ class Layout:
             yield
         finally:
             os.close(fd)
+
+
+def _unshadowed(files: list[ParquetFile]) -> list[ParquetFile]:
+    """Drops every file whose seq range lies within another's of the same day (files is sorted by
+    day, first_seq, then widest range first)."""
+    kept: list[ParquetFile] = []
+    for f in files:
+        if kept and kept[-1].day == f.day and kept[-1].last_seq >= f.last_seq:
+            continue  # within the previous kept file's range (it starts no later and ends no sooner)
+        kept.append(f)
+    return kept
 
 
 def fsync_dir(path: Path) -> None:

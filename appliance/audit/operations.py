@@ -57,7 +57,10 @@ class AuditOperations:
         kind = str(request["kind"])
         if not kind.startswith(("quarantine_", "audit_")):
             raise AdminError(f"event kind {kind!r} cannot be recorded from outside")
-        self._service.record_event(kind, dict(request.get("detail") or {}))
+        detail = dict(request.get("detail") or {})
+        if request.get("_peer"):
+            detail["by"] = request["_peer"]  # who asked, from the kernel (SO_PEERCRED), not from the request
+        self._service.record_event(kind, detail)
         await self._service.sync()
         return {}
 

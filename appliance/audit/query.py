@@ -94,13 +94,21 @@ class AuditQuery:
         self.layout = Layout(state_dir)
         self._scratch = self.layout.tmp_dir / f"query-{os.getpid()}-{id(self)}"
         self._lock = threading.Lock()
+        self._scratch.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {
-            "memory_limit": memory_limit, "threads": threads,
+            "memory_limit": memory_limit, "threads": threads, "temp_directory": str(self._scratch),
             "autoinstall_known_extensions": False, "autoload_known_extensions": False,
         }
+        try:
+            self._con = self._open(config, locked)
+        except BaseException:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            raise
+
+    def _open(self, config: dict[str, Any], locked: bool) -> duckdb.DuckDBPyConnection:
         for _ in range(_ATTEMPTS):
             mark = self.layout.read_watermark()
-            files = {t: [f.path for f in self.layout.files(t, upto_seq=mark.last_seq)] for t in TABLES}
+            files = {t: [f.path for f in self.layout.visible(t, upto_seq=mark.last_seq)] for t in TABLES}
             con = duckdb.connect(":memory:", config=config)
             try:
                 con.execute("SET GLOBAL TimeZone = 'UTC'")
@@ -124,8 +132,6 @@ class AuditQuery:
             for statement in view_statements(self.layout, sources):
                 con.execute(statement)
             if locked:
-                self._scratch.mkdir(parents=True, exist_ok=True)
-                con.execute(f"SET temp_directory = {sql_string(self._scratch)}")
                 allowed = sql_string(str(self.layout.parquet_dir) + os.sep)
                 con.execute(f"SET allowed_directories = [{allowed}]")
                 con.execute("SET enable_external_access = false")
@@ -133,7 +139,7 @@ class AuditQuery:
         except BaseException:
             con.close()
             raise
-        self._con = con
+        return con
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor of its own for a thread (DuckDB cursors must not be shared between threads)."""
@@ -165,9 +171,13 @@ class AuditQuery:
 
     def max_ids(self) -> tuple[int, int]:
         """The largest decision and event ids (0 when none): where a new IdClock starts after."""
-        row = self.cursor().execute(
-            "SELECT (SELECT coalesce(max(id), 0) FROM decisions), (SELECT coalesce(max(id), 0) FROM events)"
-        ).fetchone()
+        cursor = self.cursor()
+        try:
+            row = cursor.execute(
+                "SELECT (SELECT coalesce(max(id), 0) FROM decisions), (SELECT coalesce(max(id), 0) FROM events)"
+            ).fetchone()
+        finally:
+            cursor.close()
         assert row is not None
         return int(row[0]), int(row[1])
 

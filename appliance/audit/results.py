@@ -25,9 +25,10 @@ class QueryResult:
 Format = Literal["table", "csv", "json"]
 
 
-def format_result(result: QueryResult, fmt: Format) -> str:
+def format_result(result: QueryResult, fmt: Format, *, more: str = "add a LIMIT or raise --max-rows") -> str:
+    """`more` says how to get the rows a truncated result left out (the table says so)."""
     if fmt == "table":
-        return _table(result)
+        return _table(result, more)
     if fmt == "csv":
         return _csv(result)
     if fmt == "json":
@@ -35,18 +36,27 @@ def format_result(result: QueryResult, fmt: Format) -> str:
     raise ValueError(f"unknown format {fmt!r}: use table, csv or json")
 
 
-# JavaScript (and jq) read JSON numbers as doubles: integers beyond 2^53 would be rounded, and an id
-# read back that way names another message. They are written as strings instead.
-_SAFE_INT = (1 << 53) - 1
+# Integers JavaScript (and jq) cannot hold exactly: ids are 63-bit (records.IdClock).
+_MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def _is_id_column(name: str) -> bool:
+    return name == "id" or name.endswith("_id") or name == "released_from"
+
+
+def _json_cell(column: str, value: Any) -> Any:
+    """Ids (and any integer beyond 2^53) as strings, so that jq and JavaScript keep every digit;
+    `quarantine show/release/purge` take them in either form."""
+    if isinstance(value, int) and not isinstance(value, bool) and (_is_id_column(column) or abs(value) > _MAX_SAFE_INTEGER):
+        return str(value)
+    return to_jsonable(value)
 
 
 def to_jsonable(value: Any) -> Any:
-    """Bytes as base64, times as ISO 8601, decimals and UUIDs as strings, integers beyond 2^53 (ids)
-    as strings; lists, dicts (DuckDB STRUCTs and MAPs) recursively."""
-    if value is None or isinstance(value, (bool, str)):
+    """Bytes as base64, times as ISO 8601, decimals and UUIDs as strings; lists, dicts (DuckDB
+    STRUCTs and MAPs) recursively."""
+    if value is None or isinstance(value, (bool, int, str)):
         return value
-    if isinstance(value, int):
-        return value if -_SAFE_INT <= value <= _SAFE_INT else str(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -86,20 +96,19 @@ def _csv(result: QueryResult) -> str:
 
 
 def _json(result: QueryResult) -> str:
-    """{"columns": [...], "rows": [{column: value}, ...], "truncated": bool}: a script counting
-    rows can tell a cut result from a complete one."""
+    """An object: `rows` (a list of objects, one per row) and `truncated` (true when more rows
+    matched than were returned)."""
     objects = [
-        {column: to_jsonable(value) for column, value in zip(result.columns, row)}
+        {column: _json_cell(column, value) for column, value in zip(result.columns, row)}
         for row in result.rows
     ]
-    document = {"columns": list(result.columns), "rows": objects, "truncated": result.truncated}
-    return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
+    return json.dumps({"rows": objects, "truncated": result.truncated}, ensure_ascii=False, indent=2) + "\n"
 
 
 _MAX_CELL = 60
 
 
-def _table(result: QueryResult) -> str:
+def _table(result: QueryResult, more: str) -> str:
     """A box like DuckDB's CLI: header, separator, rows; numbers right-aligned."""
 
     def cell(value: Any) -> str:
@@ -130,6 +139,6 @@ def _table(result: QueryResult) -> str:
     lines.append(line("└", "─", "┴", "┘"))
     count = f"{len(result.rows)} row{'s' if len(result.rows) != 1 else ''}"
     if result.truncated:
-        count += " (truncated: more rows matched; add a LIMIT or raise --max-rows)"
+        count += f" (truncated: more rows matched; {more})"
     lines.append(count)
     return "\n".join(lines) + "\n"

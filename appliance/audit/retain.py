@@ -20,7 +20,7 @@ import duckdb
 from appliance.audit.layout import TABLES, Layout, ParquetFile, fsync_dir, sql_string
 from appliance.audit.retention import RetentionPolicy, RetentionReport
 from appliance.audit.rewrite import drop_payloads
-from appliance.audit.seal import connect
+from appliance.audit.seal import connect, write_views
 
 
 def enforce_retention(state_dir: Path, policy: RetentionPolicy, *, now: datetime | None = None) -> RetentionReport:
@@ -54,6 +54,7 @@ def enforce_retention(state_dir: Path, policy: RetentionPolicy, *, now: datetime
                     total -= sizes[day]
         finally:
             con.close()
+        write_views(layout)  # a table may have lost its last file
     return RetentionReport(deleted["decisions"], deleted["events"], payloads, quarantined, False)
 
 

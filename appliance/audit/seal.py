@@ -34,7 +34,7 @@ from pathlib import Path
 import duckdb
 
 from appliance.audit.layout import (
-    TABLES, Layout, Watermark, make_dirs, publish, sql_string, temp_name, write_durably,
+    TABLES, Layout, ParquetFile, Watermark, fsync_dir, make_dirs, publish, sql_string, temp_name, write_durably,
 )
 from appliance.audit.records import AUDITED, DECISION, EVENT, KINDS, RecordKind
 from appliance.msglog.reader import SegmentInfo, list_segments, read_segment
@@ -59,6 +59,7 @@ class SealReport:
     files: list[Path] = field(default_factory=list)
     watermark: Watermark = field(default_factory=Watermark)
     problems: list[str] = field(default_factory=list)
+    compacted: int = 0  # files merged into one per finished day
 
 
 def connect(layout: Layout, *, memory_limit: str = MEMORY_LIMIT, threads: int = 2) -> duckdb.DuckDBPyConnection:
@@ -158,6 +159,7 @@ def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
     with layout.maintenance():
         mark = layout.read_watermark()
         report.watermark = mark
+        remove_orphans(layout, mark)
         con = connect(layout, memory_limit=memory_limit, threads=threads)
         try:
             while pending := pending_segments(layout, mark):
@@ -180,12 +182,58 @@ def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
                 report.segments += len(batch)
                 if checkpoint:
                     checkpoint("watermark_written")
+            report.compacted = compact_days(layout, con, before=datetime.now(UTC).date(),
+                                            mark=mark, checkpoint=checkpoint)
         finally:
             con.close()
         write_views(layout)
         if checkpoint:
             checkpoint("views_written")
     return report
+
+
+def compact_days(layout: Layout, con: duckdb.DuckDBPyConnection, *, before: date, mark: Watermark,
+                 checkpoint: Checkpoint | None = None, row_group_rows: int = ROW_GROUP_ROWS) -> int:
+    """Merges the converted files of each day before `before` into one file per table and day, so
+    that a query over months opens tens of files, not thousands (one per segment). Returns how many
+    files it merged away."""
+    merged = 0
+    for table in TABLES:
+        by_day: dict[date, list[ParquetFile]] = {}
+        for f in layout.visible(table, upto_seq=mark.last_seq):
+            if f.day < before:
+                by_day.setdefault(f.day, []).append(f)
+        for day, files in by_day.items():
+            if len(files) < 2:
+                continue
+            final = layout.parquet_path(table, day, files[0].first_seq, max(f.last_seq for f in files))
+            tmp = temp_name(final)
+            listed = ", ".join(sql_string(f.path) for f in files)
+            con.execute(f"COPY (SELECT * FROM read_parquet([{listed}], hive_partitioning = false)) "
+                        f"TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group_rows})")
+            publish(tmp, final)  # from here on readers take it and skip the files it replaces
+            if checkpoint:
+                checkpoint("compacted")
+            for f in files:
+                f.path.unlink()
+            fsync_dir(final.parent)
+            merged += len(files)
+    return merged
+
+
+def remove_orphans(layout: Layout, mark: Watermark) -> int:
+    """Deletes the files an interrupted run left past the watermark (their records are still in the
+    log, and this run writes them again) and those an interrupted compaction left shadowed, so tools
+    globbing the directory do not count their rows twice."""
+    covered = {(t, f.path) for t in TABLES for f in layout.visible(t, upto_seq=mark.last_seq)}
+    removed = 0
+    for table in TABLES:
+        for f in layout.files(table):
+            if (table, f.path) not in covered:
+                f.path.unlink()
+                fsync_dir(f.path.parent)
+                removed += 1
+    return removed
 
 
 def _size(path: Path) -> int:
@@ -267,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                              row_group_rows=args.row_group_rows, memory_limit=args.memory_limit,
                              threads=args.threads)
     summary = {"segments": report.segments, "decisions": report.decisions, "events": report.events,
-               "files": len(report.files), "watermark": report.watermark.last_seq,
+               "files": len(report.files), "compacted": report.compacted, "watermark": report.watermark.last_seq,
                "problems": report.problems, "seconds": round(time.monotonic() - started, 3)}
     print(json.dumps(summary), flush=True)
     return 0

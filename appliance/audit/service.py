@@ -190,13 +190,13 @@ class AuditService:
         elif kind == "log_recovered":
             log.warning("message log %s: writes work again", self.layout.log_dir)
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        if loop is None:
+            return  # found while opening: recorded from the recovery report once the log runs (start)
+        if not loop.is_closed():
             try:
                 loop.call_soon_threadsafe(self._on_event, kind, detail)
-                return
             except RuntimeError:
-                return
-        self._on_event(kind, detail)
+                pass
 
     async def sync(self, timeout: float = 30.0) -> None:
         """Until everything recorded so far is settled in the log (a reader of the log then sees it)."""
@@ -260,7 +260,7 @@ class AuditService:
             self._on_event("log_torn_tail", {"segment": str(path), "offset": offset, "bytes": cut})
         for path, offset, problem in recovery.corrupt:
             log.error("message log: %s at offset %d of %s; the rest of that segment is skipped", problem, offset, path)
-            self._on_event("log_corrupt", {"segment": str(path), "offset": offset, "problem": problem})
+            self._on_event("log_corruption", {"segment": str(path), "offset": offset, "problem": problem})
         # Segments sealed before a crash, or by a previous run, are converted now.
         if self.unconverted_segments():
             self.helpers.request("seal")

@@ -5,8 +5,9 @@ forwarder draining both to a mosquitto on loopback.
 
 Reports the drain rate (messages acknowledged per second while the backlog drains, live traffic
 included), how much faster than the ingest rate that is, and the bytes written to disk per message
-(inserts by the journal's writer thread plus deletes by the forwarder, from /proc/self/io
-write_bytes, so page-cache writeback done later by the kernel for this process counts too).
+(appends and syncs by the message log's writer thread plus the forwarder's cursor saves, from
+/proc/self/io write_bytes, so page-cache writeback done later by the kernel for this process counts
+too), and the forwarder thread's CPU time per message.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.audit.journal import Journal
-from appliance.audit.records import IdClock
+from appliance.audit.records import DECISION, IdClock, payload_sha256
 from appliance.forward.config import UpstreamConfig
 from appliance.forward.forwarder import Forwarder
 from appliance.forward.outbox import Outbox
+from appliance.msglog.cursor import Cursor
+from appliance.msglog.log import MessageLog
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,11 @@ class DrainResult:
     drain_rate: float  # messages acknowledged per second until the backlog was gone (live ones included)
     ratio_to_ingest: float
     live_forwarded: int
-    bytes_written_per_message_backlog: float  # journal inserts in large batches, then forwarder deletes
-    bytes_written_per_message_live: float  # journal commits at the live rate (small batches) plus deletes
+    bytes_written_per_message_backlog: float  # log appends in large batches, plus cursor saves
+    bytes_written_per_message_live: float  # log syncs at the live rate (small batches), plus cursor saves
     sent_total: int
+    forwarder_cpu_us_per_message: float  # the forwarder thread (log reads, index, MQTT), whole run
+    cursor_saves: int
 
 
 def _write_bytes() -> int:
@@ -79,24 +83,31 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
     broker = subprocess.Popen(  # noqa: ASYNC220 - started once, before anything is measured
         [mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     loop = asyncio.get_running_loop()
-    journal = Journal(directory / "journal.sqlite3")
-    journal.start(loop)
+    message_log = MessageLog(directory / "log")
+    message_log.open()
+    message_log.start(loop)
     clock = IdClock()
     payload = b"x" * payload_bytes
+    digest = payload_sha256(payload)
     sensors = [f"sensor-{i}" for i in range(20)]
     added = 0
+    encode, code = DECISION.encode, DECISION.code
 
     def add(count: int) -> int:
         nonlocal added
         seq = 0
         for _ in range(count):
             client = sensors[added % len(sensors)]
-            seq = journal.add_outbox((clock.next(), time.time(), client, f"plant/{client}/reading", payload, 1, 0, "reading:v1"))
+            now = time.time()
+            seq = message_log.append(code, encode((
+                clock.next(now), now, client, None, "127.0.0.1:1", 5, f"plant/{client}/reading", 1, False, payload,
+                len(payload), digest, "v1", "reading", "v1", "plant/+/reading", "accept", 0, "[]", 10, "bench",
+                False, False, None, True, 1, True)))
             added += 1
         return seq
 
     async def committed(seq: int) -> None:
-        while journal.committed < seq:
+        while message_log.durable_seq < seq:
             await asyncio.sleep(0.001)
 
     try:
@@ -111,7 +122,8 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
 
         config = UpstreamConfig.model_validate({"url": f"mqtt://127.0.0.1:{port}", "window": window, "protocol": protocol,
                                                 "client_id": "bench", "gateway_id": "bench"})
-        outbox = Outbox(journal.path, config.outbox, journal=journal)
+        cursor = _CountingCursor(directory / "forward.cursor")
+        outbox = Outbox.for_log(message_log, cursor, config.outbox)
         forwarder = Forwarder(config, outbox, on_event=lambda kind, detail: None)
         stop_live = asyncio.Event()
 
@@ -131,7 +143,8 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
 
         started = time.monotonic()
         await forwarder.start()
-        journal.on_outbox_commit = forwarder.wake
+        assert forwarder._thread is not None  # noqa: SLF001
+        thread_id = forwarder._thread.native_id  # noqa: SLF001
         live_task = asyncio.create_task(live())
         while forwarder.forwarded_total < backlog:
             await asyncio.sleep(0.005)
@@ -144,9 +157,10 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
         await asyncio.sleep(live_seconds_after)
         stop_live.set()
         await live_task
-        await committed(journal.last_seq)
-        while outbox.refresh(full=True).messages:
+        await committed(message_log.last_seq)
+        while outbox.depth().messages:
             await asyncio.sleep(0.01)
+        cpu = _thread_cpu(thread_id)
         live_count = forwarder.forwarded_total - live_before_count
         live_bytes = _sync_and_bytes() - live_before_bytes
         await forwarder.stop()
@@ -161,11 +175,30 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
             bytes_written_per_message_backlog=round(backlog_bytes / max(1, forwarder.forwarded_total - live_count)),
             bytes_written_per_message_live=round(live_bytes / max(1, live_count)),
             sent_total=forwarder.sent_total,
+            forwarder_cpu_us_per_message=round(cpu / max(1, forwarder.forwarded_total) * 1e6, 1),
+            cursor_saves=cursor.saves,
         )
     finally:
-        journal.stop(move=False)
+        message_log.stop()
         broker.terminate()
         broker.wait(10)
+
+
+class _CountingCursor(Cursor):
+    saves = 0
+
+    def save(self, seq: int) -> None:
+        self.saves += 1
+        super().save(seq)
+
+
+def _thread_cpu(native_id: int | None) -> float:
+    """CPU seconds (user + system) of one thread of this process, from /proc."""
+    try:
+        fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_benchmark(*, backlog: int = 50_000, live_rate: float = 1_000, live_seconds_after: float = 5.0, window: int = 100,

@@ -1,5 +1,5 @@
-"""The `upstream:` section: where accepted messages are forwarded, and how much the outbox may hold
-while the uplink is down."""
+"""The `upstream:` section: where accepted messages are forwarded, and how much of the message log
+may wait unforwarded while the uplink is down."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
-from appliance.settings import Duration, Size, TLSConfig, _Section
+from appliance.settings import Duration, Size, TLSConfig, WholeSeconds, _Section
 
 TEMPLATE_FIELDS = frozenset({"topic", "gateway_id", "client_id"})
 
@@ -19,8 +19,8 @@ TEMPLATE_FIELDS = frozenset({"topic", "gateway_id", "client_id"})
 class OutboxBounds(_Section):
     max_bytes: Size = Field(
         512 * 1000**2,
-        description="Most payload+topic bytes the outbox holds (e.g. 512MB); null: no size bound. "
-        "The SQLite file needs more than this (row overhead: see docs/forwarding.md).",
+        description="Most bytes of unforwarded messages in the message log (record header and body, "
+        "e.g. 512MB); null: no size bound. The log directory holds more (records not forwarded: see docs/forwarding.md).",
     )
     max_messages: int | None = Field(1_000_000, ge=1, description="Most messages the outbox holds; null: no count bound.")
     max_age: Duration = Field(
@@ -29,7 +29,7 @@ class OutboxBounds(_Section):
     )
     policy: Literal["drop_oldest", "reject_new"] = Field(
         "drop_oldest",
-        description="When max_bytes or max_messages is reached: drop_oldest deletes the oldest messages "
+        description="When max_bytes or max_messages is reached: drop_oldest skips the oldest messages "
         "(each drop is reported); reject_new keeps them and the appliance refuses new messages "
         "(MQTT 5 publishers get 0x97 Quota exceeded).",
     )
@@ -44,7 +44,7 @@ class UpstreamConfig(_Section):
         None, description="Client id at the cloud broker (AWS IoT: the thing name); default: appliance-<gateway_id>."
     )
     protocol: Literal[4, 5] = Field(5, description="MQTT protocol level: 4 (3.1.1) or 5 (adds user properties).")
-    keepalive: int = Field(30, ge=5, le=65535, description="MQTT keepalive (s) towards the cloud broker.")
+    keepalive: WholeSeconds = Field(30, ge=5, le=65535, description="MQTT keepalive towards the cloud broker (e.g. 30s; whole seconds).")
     username: str | None = Field(None, description="Username at the cloud broker.")
     password: str | None = Field(None, description="Password that goes with username.")
     tls: TLSConfig | None = Field(

@@ -220,7 +220,7 @@ class Forwarder:
         inflight: dict[int, tuple[int, float]] = {}  # packet id -> (seq, sent at), in send order
         acked: list[int] = []  # seqs acknowledged, not yet handed to the outbox
         try:
-            link.connect(self._ack_timeout, self._stopping.is_set)
+            link.connect(self._ack_timeout, self._connect_cancelled)
             window = min(self.config.window, link.receive_maximum or self.config.window)
             self._uplink_is_up(window)
             read_to = 0  # every connection starts over from the oldest message not acknowledged
@@ -275,6 +275,13 @@ class Forwarder:
             self._inflight_count = 0
             self._handed_out = 0  # the next connection starts over from the oldest message waiting
             link.disconnect()
+
+    def _connect_cancelled(self) -> bool:
+        """Asked every 50 ms while waiting for a CONNACK (up to ack_timeout): keep the bounds and
+        the counters (reject_new's is_full) up to date meanwhile."""
+        if time.monotonic() >= self._next_maintain:
+            self._maintain()
+        return self._stopping.is_set()
 
     def _make_link(self) -> Link:
         cfg = self.config

@@ -33,6 +33,7 @@ from appliance.msglog.format import (
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+FIRST_READ = 64 * 1024  # at the tail a read finds a few records: do not copy a preallocated MiB each time
 
 
 class Located(NamedTuple):
@@ -57,6 +58,16 @@ class SegmentFiles:
 
     def pread(self, first_seq: int, offset: int, length: int) -> bytes:
         return os.pread(self.fd(first_seq), length, offset)
+
+    def replaced(self, first_seq: int) -> bool:
+        """The open file is no longer the one under its name (rewritten and renamed over, or removed)."""
+        fd = self._fds.get(first_seq)
+        if fd is None:
+            return False
+        try:
+            return os.stat(self.directory / segment_name(first_seq)).st_ino != os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return True
 
     def close_before(self, first_seq: int) -> None:
         """Close the segments below this one (nothing there is needed any more)."""
@@ -84,6 +95,7 @@ class LogTail:
         self._offset = 0  # where the next record starts in it
         self._segment_last = 0  # the last seq read in it (scan_records insists on increasing seqs)
         self._sealed = False  # a newer segment exists: this one is complete
+        self._read_size = FIRST_READ  # grows to `chunk` while there is a backlog to read
         self.stuck: tuple[int, int] | None = None  # (segment, offset) of damage in the newest segment
 
     @property
@@ -110,12 +122,14 @@ class LogTail:
         read, call again), or why there is nothing more here: "end", "incomplete", "corrupt"."""
         assert self._segment is not None
         segment = self._segment
+        size = min(self._read_size, self.chunk)
         try:
-            buf = self.files.pread(segment, self._offset, self.chunk)
+            buf = self.files.pread(segment, self._offset, size)
         except FileNotFoundError:
             return "end"  # removed by retention: its records are gone on purpose
         records: list[LogRecord] = []
         scan = scan_records(buf, 0, len(buf), last_seq=self._segment_last, out=records)
+        self._read_size = self.chunk if len(buf) == size and records else FIRST_READ
         if not records and scan.stop == INCOMPLETE:
             need = record_length_at(buf, 0)
             if need is not None and need > len(buf):  # one record bigger than a chunk

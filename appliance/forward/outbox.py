@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from appliance.audit.records import DECISION, FORWARD_ONLY
+from appliance.audit.records import DECISION, FORWARD_ONLY, RecordKind
 from appliance.forward.config import OutboxBounds
 from appliance.forward.logtail import LogTail, SegmentFiles
 from appliance.forward.pending import Entry, Pending
@@ -102,13 +102,49 @@ class Dropped:
     reason: DropReason
 
 
+_VARIABLE_TYPES = ("str", "text", "bytes", "sha256")
+
+
+def _fixed_fields_reader(kind: RecordKind, names: tuple[str, ...]) -> Callable[[bytes], tuple[Any, ...]]:
+    """Reads a few fixed-size fields of a body without decoding it (0.7 µs instead of ~5 µs for a
+    decision: the outbox reads every record of the log once). The body's struct comes first, fields
+    in declaration order after the null mask (records.py); checked here on a sample, with the full
+    decode as the fallback should that layout ever change."""
+    fixed = [f.name for f in kind.fields if f.type not in _VARIABLE_TYPES]
+    positions = [1 + fixed.index(name) for name in names]
+    unpack = kind.head.unpack_from  # type: ignore[attr-defined]
+
+    def peek(body: bytes) -> tuple[Any, ...]:
+        values = unpack(body)
+        return tuple(values[i] for i in positions)
+
+    def decode(body: bytes) -> tuple[Any, ...]:
+        row = kind.decode(body)
+        return tuple(row[kind.names.index(name)] for name in names)
+
+    samples = {"i64": 7, "f64": 1.5, "i32": 3, "u8": 2, "bool": True, "verdict": "accept", "str": "s",
+               "text": "t", "bytes": b"b", "sha256": "ab" * 32}
+    try:
+        body = kind.encode(tuple(samples[f.type] for f in kind.fields))
+        if peek(body) == decode(body) and all(not f.nullable for f in kind.fields if f.name in names):
+            return peek
+    except (KeyError, ValueError, IndexError):
+        pass
+    log.warning("outbox: %s record layout not as expected; decoding records in full", kind.name)
+    return decode
+
+
+_decision_peek = _fixed_fields_reader(DECISION, ("ts", "forward"))
+_forward_only_peek = _fixed_fields_reader(FORWARD_ONLY, ("ts",))
+
+
 def forward_ts(kind: int, body: bytes) -> float | None:
     """The receive time of a record that is a message to forward; None for any other record."""
     if kind == _DECISION:
-        row = DECISION.decode(body)
-        return row[_D["ts"]] if row[_D["forward"]] else None  # type: ignore[no-any-return]
+        ts, forward = _decision_peek(body)
+        return ts if forward else None  # type: ignore[no-any-return]
     if kind == _FORWARD_ONLY:
-        return FORWARD_ONLY.decode(body)[_F["ts"]]  # type: ignore[no-any-return]
+        return _forward_only_peek(body)[0]  # type: ignore[no-any-return]
     return None
 
 
@@ -136,11 +172,13 @@ class Outbox:
         *,
         cursor: CursorStore,
         durable_seq: Callable[[], int] | None = None,
+        synced_seq: Callable[[], int] | None = None,
         save_interval: float = SAVE_INTERVAL_S,
         save_every: int = SAVE_EVERY,
     ):
         """`directory`: the message log's; `durable_seq`: the log's durable_seq (None: every complete
-        record on disk counts, for a log no writer is appending to)."""
+        record on disk counts, for a log no writer is appending to); `synced_seq`: the highest seq
+        the log has fdatasync'd (default: durable_seq), the most the saved cursor may say."""
         self.directory = Path(directory)
         self.bounds = bounds
         self.save_interval = save_interval
@@ -151,15 +189,24 @@ class Outbox:
         self.waiter: Callable[[], None] | None = None  # the forwarder's wake(), while it runs
         self._cursor = cursor
         self._durable_seq = durable_seq or (lambda: MAX_SEQ)
+        self._synced_seq = synced_seq or self._durable_seq
         self._lock = threading.RLock()
         self._files = SegmentFiles(self.directory)
         self._pending = Pending()
         self._segments: list[int] = []  # first_seq of each segment holding a pending message
         self._saved = cursor.load()
+        if durable_seq is not None and self._saved > (end := durable_seq()):
+            # A cursor beyond the end of the log belongs to another log (the log directory was
+            # replaced or emptied, and seqs start over): following it would skip every message
+            # until the new log caught up. Forward what this log holds instead.
+            self._error("cursor", f"outbox: the saved cursor ({self._saved}) is beyond the end of the log ({end}): "
+                                  "it belongs to another log; forwarding this log from its start")
+            self._saved = self._forget_saved_cursor()
         self._saved_at = time.monotonic()
         self._moved_since_save = 0  # acknowledgements and drops not in the saved cursor yet
         self._tail = LogTail(self.directory, self._saved, self._files, on_problem=self._damaged)
         self._full = False
+        self._stale = False  # a read found a segment that changed under the index
         self._depth = OutboxDepth(0, 0, None)
         with self._lock:
             self._catch_up()
@@ -168,7 +215,8 @@ class Outbox:
     def for_log(cls, message_log: Any, cursor: CursorStore, bounds: OutboxBounds, **options: Any) -> Outbox:
         """An outbox over a running MessageLog: reads up to its durable_seq, and is told (wakes
         the forwarder) whenever that advances."""
-        outbox = cls(message_log.directory, bounds, cursor=cursor, durable_seq=lambda: message_log.durable_seq, **options)
+        outbox = cls(message_log.directory, bounds, cursor=cursor, durable_seq=lambda: message_log.durable_seq,
+                     synced_seq=lambda: message_log.synced_seq, **options)
         message_log.add_listener(outbox.on_durable)
         return outbox
 
@@ -190,7 +238,12 @@ class Outbox:
         """Up to `limit` messages waiting, with seq > after_seq, oldest first."""
         with self._lock:
             self._catch_up()
-            return self._read(self._pending.entries(after_seq, limit))
+            entries = self._pending.entries(after_seq, limit)
+            rows = self._read(entries)
+            if len(rows) < len(entries) and self._stale:
+                self.reload()  # a segment was rewritten under us: index it again, then read
+                rows = self._read(self._pending.entries(after_seq, limit))
+            return rows
 
     def acknowledge(self, seqs: Iterable[int]) -> int:
         """The cloud broker has these messages: returns how many were waiting (a message dropped
@@ -242,7 +295,10 @@ class Outbox:
             now = time.monotonic()
             if not force and self._moved_since_save < self.save_every and now - self._saved_at < self.save_interval:
                 return False
-            position = self.cursor
+            # Never past what the log has synced: under os_buffered a power cut can take records
+            # that were forwarded already, and the log then hands their seqs out again; a cursor
+            # beyond them would skip the new records. Up to it, they are sent again instead.
+            position = min(self.cursor, self._synced_seq())
             if position <= self._saved:
                 self._saved_at = now
                 return False
@@ -250,11 +306,29 @@ class Outbox:
                 self._cursor.save(position)
             except OSError as exc:
                 self._error("cursor", f"outbox cursor save failed: {exc}")
+                self._saved_at, self._moved_since_save = now, 0  # retry when due again, not on every ack
                 return False
             self._saved, self._saved_at, self._moved_since_save = position, now, 0
             self._release_segments()
             self._ok("cursor")
             return True
+
+    def _forget_saved_cursor(self) -> int:
+        """Remove the cursor file (a Cursor never goes backwards: its saves would be ignored up to
+        the stale seq, and a later restart would follow it again)."""
+        path, io = getattr(self._cursor, "path", None), getattr(self._cursor, "io", None)
+        if path is not None and io is not None:
+            try:
+                io.unlink(path)
+                io.fsync_dir(path.parent)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._error("cursor", f"outbox: cannot remove the stale cursor {path}: {exc}")
+            # A fresh one: Cursor.load() of a missing file leaves the old position in memory.
+            self._cursor.close()
+            self._cursor = type(self._cursor)(path, io)  # type: ignore[call-arg]
+        return self._cursor.load()
 
     def _release_segments(self) -> None:
         """Forget (and close) the segments before the oldest pending message's."""
@@ -379,7 +453,7 @@ class Outbox:
                 pending.add(record.seq, ts, RECORD_HEADER_SIZE + len(record.body), offset)
             if len(located) < CATCH_UP_BATCH:
                 break
-        if tail.stuck is not None and upto > tail.last_seq:
+        if tail.stuck is not None and tail.last_seq < upto < MAX_SEQ:
             # Durable records lie beyond: this is not a record being written, it is damage.
             segment, offset = tail.stuck
             self._error("read", f"outbox: damaged record in the newest log segment {segment} at offset {offset}: "
@@ -402,6 +476,9 @@ class Outbox:
             while j < len(entries) and entries[j].seq < next_segment and entries[j].offset + entries[j].size - start <= READ_SPAN:
                 j += 1
             end = entries[j - 1].offset + entries[j - 1].size
+            if files.replaced(segment):  # rewritten (a purge?): what the index says is stale
+                self._stale = True
+                return rows
             try:
                 buf = files.pread(segment, start, end - start)
             except OSError as exc:
@@ -411,14 +488,30 @@ class Outbox:
                 at = entry.offset - start
                 if len(buf) < at + entry.size:
                     self._error("read", f"outbox: message {entry.seq} is missing from log segment {segment}")
+                    self._stale = True
                     return rows
                 _, length, kind, seq = RECORD_HEADER.unpack_from(buf, at)
                 if seq != entry.seq or RECORD_HEADER_SIZE + length != entry.size:
                     self._error("read", f"outbox: log segment {segment} changed under the outbox at offset {entry.offset}")
+                    self._stale = True
                     return rows
                 rows.append(to_row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size]))
             i = j
         return rows
+
+    def reload(self) -> None:
+        """Forget the index and the open segment files, and read the log again from the cursor:
+        after something rewrote segments the outbox still needs (a purge). Messages acknowledged
+        out of order and not yet behind the cursor are sent again."""
+        with self._lock:
+            start = self.cursor
+            self._files.close()
+            self._files = SegmentFiles(self.directory)
+            self._pending = Pending()
+            self._segments = []
+            self._tail = LogTail(self.directory, start, self._files, on_problem=self._damaged)
+            self._stale = False
+            self._catch_up()
 
     def _damaged(self, path: Path, offset: int, kind: str) -> None:
         self._error("damage", f"outbox: {kind} log segment {path.name} at offset {offset}: the rest of it is skipped")

@@ -1,4 +1,4 @@
-"""JSON Schema payloads, validated by jsonschema-rs (50x faster than python-jsonschema: EVIDENCE.md).
+"""JSON Schema payloads, validated by jsonschema-rs (50x faster than python-jsonschema: docs/evidence.md).
 
 Every `.json` file of a schema set is registered under a URI of its own
 (`https://schema-set.invalid/<file path>`, or its `$id`), so `$ref` works between files of the set
@@ -26,6 +26,14 @@ BASE_URI = "https://schema-set.invalid/"
 REGEX_BACKTRACK_LIMIT = 20_000
 MAX_STRINGS_WITH_BACKTRACKING = 300
 _BACKTRACKING = re.compile(r"\(\?<?[=!]|\\[1-9]|\\k<|\(\?>|[*+?}]\+")
+
+
+def _utf8_error(payload: bytes) -> str:
+    try:
+        bytes(payload).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"payload is not valid UTF-8 (byte {exc.start})"
+    return "payload is not valid UTF-8"
 
 
 class JsonSchemaFileError(Exception):
@@ -57,6 +65,8 @@ class JsonSchema:
         try:
             value = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
+            if isinstance(exc.__cause__, UnicodeDecodeError) or "UTF-8" in exc.msg:
+                return None, [SchemaError("", _utf8_error(payload))]
             return None, [SchemaError("", f"not valid JSON: {exc}")]
         if self.max_strings is not None and _more_strings_than(value, self.max_strings):
             return None, [SchemaError("", f"more than {self.max_strings} strings: this schema has patterns that need "

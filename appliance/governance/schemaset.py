@@ -18,7 +18,7 @@ from appliance.governance.builtins import MaxPayloadSize, RateLimit, parse_rate
 from appliance.governance.errors import SchemaError, SchemaSetError
 from appliance.governance.jsonschemas import JsonSchemaFileError, JsonSchemaRegistry
 from appliance.governance.topics import TopicTrie, filters_overlap
-from appliance.governance.yamlsource import LineDict, YamlError, load_yaml
+from appliance.yamlsource import LineDict, YamlError, did_you_mean, load_yaml
 
 MANIFEST = "manifest.yaml"
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(:[A-Za-z0-9_.\-]+)?$")
@@ -124,7 +124,7 @@ def _expect(problems: _Problems, value: Any, kind: type, line: int, what: str) -
 def _build(directory: Path, manifest: LineDict, problems: _Problems) -> SchemaSet | None:
     for key in manifest:
         if key not in TOP_LEVEL_KEYS:
-            problems.add(MANIFEST, manifest.line_of(key), f"unknown key {key!r} (expected one of {sorted(TOP_LEVEL_KEYS)})")
+            problems.add(MANIFEST, manifest.line_of(key), f"unknown key {key!r}{did_you_mean(key, TOP_LEVEL_KEYS)} (expected one of {sorted(TOP_LEVEL_KEYS)})")
 
     patterns: TopicTrie[None] = TopicTrie()
     raw_patterns = manifest.get("topic_patterns", [])
@@ -164,7 +164,7 @@ def _build(directory: Path, manifest: LineDict, problems: _Problems) -> SchemaSe
             problems.add(MANIFEST, policy.line_of("unmapped"), f"policy.unmapped must be accept or reject, got {unmapped!r}")
         for key in policy:
             if key != "unmapped":
-                problems.add(MANIFEST, policy.line_of(key), f"policy: unknown key {key!r}")
+                problems.add(MANIFEST, policy.line_of(key), f"policy: unknown key {key!r}{did_you_mean(key, ['unmapped'])}")
     version = manifest.get("version", directory.name)
     digest = hashlib.sha256()
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
@@ -197,7 +197,7 @@ def _load_schemas(directory: Path, manifest: LineDict, problems: _Problems) -> d
             continue
         for key in spec:
             if key not in FILE_KEYS:
-                problems.add(MANIFEST, spec.line_of(key), f"schema_files.{name}: unknown key {key!r}")
+                problems.add(MANIFEST, spec.line_of(key), f"schema_files.{name}: unknown key {key!r}{did_you_mean(key, FILE_KEYS)}")
         compatibility = spec.get("compatibility", "BACKWARD")
         if not isinstance(compatibility, str) or compatibility.upper() not in COMPATIBILITY_MODES:
             problems.add(MANIFEST, spec.line_of("compatibility"),
@@ -322,7 +322,7 @@ def _mapping(
     if isinstance(target, dict):
         for key in target:
             if key not in MAPPING_KEYS:
-                problems.add(MANIFEST, target.line_of(key), f"schema_mappings.{topic_filter}: unknown key {key!r}")
+                problems.add(MANIFEST, target.line_of(key), f"schema_mappings.{topic_filter}: unknown key {key!r}{did_you_mean(key, MAPPING_KEYS)}")
         on_reject = target.get("on_reject", "reject")
         forward = target.get("forward", True)
         forward_qos = target.get("forward_qos")

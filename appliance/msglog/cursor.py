@@ -51,12 +51,11 @@ class Cursor:
             return
         io = self.io
         if self._fd is None:
-            created = not self.path.exists()
-            if created:
-                io.makedirs(self.path.parent)
+            # Once per process: the file (and its directory) may have been created by a process that
+            # died before its directory fsync, so make the entries durable before trusting them.
+            io.makedirs(self.path.parent)
             self._fd = io.open(self.path, create=True)
-            if created:
-                io.fsync_dir(self.path.parent)
+            io.fsync_dir(self.path.parent)
         generation = self._generation + 1
         body = struct.pack("<QQ", generation, seq)
         slot = _SLOT.pack(_MAGIC, zlib.crc32(body), generation, seq)

@@ -37,6 +37,9 @@ class FileIO:
     def close(self, fd: int) -> None:
         raise NotImplementedError
 
+    def drop_cache(self, fd: int, offset: int, length: int) -> None:
+        """Advise the kernel to drop cached pages of a range (no effect on contents)."""
+
     def fsync_dir(self, path: Path) -> None:
         raise NotImplementedError
 
@@ -56,8 +59,9 @@ class FileIO:
     # Built from the primitives above, so every FileIO gets them right the same way.
 
     def makedirs(self, path: Path) -> None:
-        """Create `path` and any missing parents, fsyncing each parent after adding an entry to it and
-        `path` itself, so a power cut right after cannot take the directory away again."""
+        """Create `path` and any missing parents, fsyncing each parent after adding an entry to it, and
+        `path` and its parent in any case (a process killed before its fsync may have created them),
+        so a power cut right after cannot take the directory or its entries away again."""
         path = Path(path).absolute()
         missing = []
         probe = path
@@ -70,6 +74,8 @@ class FileIO:
             except FileExistsError:
                 pass
             self.fsync_dir(directory.parent)
+        if not missing:
+            self.fsync_dir(path.parent)
         self.fsync_dir(path)
 
     def write_all(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -107,6 +113,9 @@ class OsIO(FileIO):
 
     def close(self, fd: int) -> None:
         os.close(fd)
+
+    def drop_cache(self, fd: int, offset: int, length: int) -> None:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def fsync_dir(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -3,7 +3,7 @@
 Each accepted client gets a `ClientLeg` protocol and, once its CONNECT has passed, a `BrokerLeg`
 to the broker. Both feed a `Session` and write what it queued, one write per received batch.
 Flow control: when one leg's write buffer passes the high-water mark, the other leg stops reading.
-Closing follows EVIDENCE.md pitfall 2: the broker leg is half-closed (EOF) and read to its end,
+Closing follows docs/evidence.md pitfall 2: the broker leg is half-closed (EOF) and read to its end,
 never reset, so mosquitto processes every PUBLISH it was sent.
 
 The server listens on one or more `Listener`s (plain or TLS). It also enforces what needs the
@@ -235,8 +235,8 @@ class ClientLeg(_Leg):
         if session.close_broker and self.broker is not None:
             self.broker.write_eof()
         if session.close_client:
-            if session.close_reason and session.state is State.CLOSED:
-                log.info("closing %s: %s", session.describe(), session.close_reason)
+            if session.close_reason and session.state is State.CLOSED and not self._closed:
+                log.info("closing %s: %s", session.describe(), session.close_reason)  # once: flushes follow
             self._close_transport()
 
     def _pause_for(self, seconds: float) -> None:

@@ -77,6 +77,9 @@ MAX_REASON_STRING = 200
 MAX_THROTTLE_PAUSE_S = 1.0
 # MQTT 3.1.1 has one failure code in a SUBACK.
 _V3_SUBACK_FAILURE = 0x80
+# The reason codes a CONNACK may carry (MQTT 5 §3.2.2.2) among those a protocol error names.
+_CONNACK_ERRORS = frozenset({ReasonCode.UNSPECIFIED_ERROR, ReasonCode.MALFORMED_PACKET, ReasonCode.PROTOCOL_ERROR,
+                             ReasonCode.PACKET_TOO_LARGE, ReasonCode.QUOTA_EXCEEDED})
 
 
 class State(enum.Enum):
@@ -118,7 +121,7 @@ class Session:
     __slots__ = (
         "peer", "client", "version", "state", "close_reason",
         "to_client", "to_broker", "want_broker", "close_client", "close_broker",
-        "_pipeline", "_limits", "_credentials", "_max_packet_size", "_acks", "_sync_hint",
+        "_pipeline", "_limits", "_credentials", "_max_packet_size", "_acks",
         "_client_pending", "_client_need", "_broker_pending", "_broker_need",
         "_durability", "_qos2_open", "password_user", "broker_client_id", "_aliases", "_stale_aliases", "_alias_maximum", "_proxy_qos2", "_reason_strings",
         "_client_max_packet", "_client_disconnected",
@@ -160,7 +163,6 @@ class Session:
         self._broker_need = 0
         self._durability = durability
         self._acks = AckOrder(durability, self._failed_ack)
-        self._sync_hint = SYNC_HINT_INFLIGHT
         self._qos2_open: set[int] = set()  # forwarded QoS 2 ids the broker has not PUBCOMPed yet
         self.password_user: str | None = None  # the user a password file authenticated, if any
         self.broker_client_id: str | None = None  # the client id the broker sees (see broker_client_id)
@@ -275,7 +277,6 @@ class Session:
             props = connect.properties
             self._reason_strings = props.get(PropertyId.REQUEST_PROBLEM_INFORMATION, 1) == 1
             self._client_max_packet = props.get(PropertyId.MAXIMUM_PACKET_SIZE)
-            self._sync_hint = min(props.get(PropertyId.RECEIVE_MAXIMUM, 65535), SYNC_HINT_INFLIGHT)
         if self._authenticator is not None:
             result = self._authenticator.authenticate(connect.username, connect.password, identity=self._identity)
             if result is not AuthResult.OK:
@@ -563,11 +564,16 @@ class Session:
         connack = decode_packet(first_byte, body, self.version)
         assert isinstance(connack, Connack)
         limit = self._limits.max_inflight
-        if limit and self.version is _MQTT5 and connack.reason_code == 0:
-            # Tell the client the in-flight limit so a well-behaved one never hits it.
-            broker_max = connack.properties.get(PropertyId.RECEIVE_MAXIMUM, 65535)
-            if broker_max > limit:  # type: ignore[operator]
-                connack = replace(connack, properties=connack.properties.with_(PropertyId.RECEIVE_MAXIMUM, limit))
+        if self.version is _MQTT5 and connack.reason_code == 0:
+            # Tell the client the in-flight and packet size limits so a well-behaved one never hits them.
+            properties = connack.properties
+            if limit and properties.get(PropertyId.RECEIVE_MAXIMUM, 65535) > limit:  # type: ignore[operator]
+                properties = properties.with_(PropertyId.RECEIVE_MAXIMUM, limit)
+            max_packet = self._limits.max_packet_size
+            if properties.get(PropertyId.MAXIMUM_PACKET_SIZE, max_packet + 1) > max_packet:  # type: ignore[operator]
+                properties = properties.with_(PropertyId.MAXIMUM_PACKET_SIZE, max_packet)
+            if properties is not connack.properties:
+                connack = replace(connack, properties=properties)
                 raw = encode_packet(connack, _MQTT5)
         self.to_client.append(raw)
         if connack.reason_code != 0:
@@ -612,8 +618,10 @@ class Session:
     @property
     def blocked_on_durability(self) -> bool:
         """The client has (about) as many QoS 1/2 messages in flight as it will send before waiting
-        for acks: MQTT 5 says so (Receive Maximum); 3.1.1 clients commonly stop at 10-20."""
-        return self._acks.publishes >= self._sync_hint
+        for acks. No MQTT version announces that number (Receive Maximum in CONNECT is about the
+        other direction); common clients stop at 10-20. A client that waits for each ack is not
+        detected: its acks take up to the sync window (audit.sync_window)."""
+        return self._acks.publishes >= SYNC_HINT_INFLIGHT
 
     # -- connection events -----------------------------------------------------------------------
 
@@ -648,8 +656,18 @@ class Session:
         self._close("appliance shutting down")
 
     def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        if exc.reason_code == ReasonCode.PACKET_TOO_LARGE:
+            self._limit_exceeded("connect_size" if self.state is State.AWAIT_CONNECT else "packet_size", exc.msg)
         if self.state is State.CONNECTED and self.version is _MQTT5:
             self.to_client.append(encode_packet(Disconnect(exc.reason_code), _MQTT5))
+        elif self.state is State.CONNECTING:
+            # The CONNECT and a bad packet came together, before the broker's CONNACK: refuse the
+            # connection with the reason (MQTT 5), and give the broker nothing of it.
+            if self.version is _MQTT5:
+                code = exc.reason_code if exc.reason_code in _CONNACK_ERRORS else ReasonCode.PROTOCOL_ERROR
+                self.to_client.append(encode_packet(Connack(reason_code=code, properties=self._reason_properties(exc.msg)), _MQTT5))
+            self.to_broker.clear()
+            self.want_broker = False
         elif self.state is State.AWAIT_CONNECT and exc.reason_code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
             # What mosquitto answers too: the 3.1.1 CONNACK every version can read.
             self.to_client.append(encode_packet(Connack(reason_code=ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION), ProtocolVersion.MQTT_3_1_1))

@@ -194,3 +194,11 @@ def test_export_covers_parquet_and_tail_for_a_time_range(tmp_path: Path):
     got = duckdb.connect().execute(f"SELECT count(*), max(ts) FROM read_parquet('{tmp_path}/out/decisions/*/*.parquet')").fetchone()
     assert got[0] == expected
     assert got[1].timestamp() == max(r[1] for r in decisions)  # from the active segment
+
+
+def test_views_file_still_works_when_retention_removed_every_file(three_days: Path):
+    enforce_retention(three_days, RetentionPolicy(verdicts_max_age=timedelta(days=1)),
+                      now=datetime(2027, 1, 1, tzinfo=UTC))
+    con = duckdb.connect(str(three_days / "audit" / "audit.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM decisions").fetchone() == (0,)
+    assert con.execute("SELECT count(*) FROM events").fetchone() == (0,)

@@ -122,3 +122,10 @@ def test_behind_the_guard_only_the_parquet_directory_is_readable(state: Path, tm
                     "SET enable_external_access = true", f"ATTACH '{tmp_path}/x.duckdb'"):
             with pytest.raises(duckdb.Error):
                 cursor.execute(sql).fetchall()
+
+
+def test_max_ids_cover_parquet_and_tail(state: Path):
+    with AuditQuery(state) as query:
+        decisions, events = query.max_ids()
+        assert decisions == query.query("SELECT max(id) FROM decisions").rows[0][0]
+        assert query.tail_records and decisions > 0 and events > 0

@@ -39,12 +39,12 @@ RESULT = QueryResult(
 )
 
 
-def test_json_format_is_a_list_of_objects():
-    document = json.loads(format_result(RESULT, "json"))
-    assert document["truncated"] is False and document["columns"] == list(RESULT.columns)
-    objects = document["rows"]
+def test_json_format_is_a_list_of_objects_and_says_whether_it_is_complete():
+    answer = json.loads(format_result(RESULT, "json"))
+    assert answer["truncated"] is False
+    objects = answer["rows"]
     assert objects[0] == {
-        "id": 1, "topic": "a/b", "payload": base64.b64encode(b"\x00\x01").decode(),
+        "id": "1", "topic": "a/b", "payload": base64.b64encode(b"\x00\x01").decode(),
         "ts": "2026-11-27T10:00:00+00:00",
         "reasons": [{"check": "schema", "message": "bad", "schema": None, "path": "/x"}],
         "note": None,
@@ -66,6 +66,16 @@ def test_table_format_is_aligned():
     assert "NULL" in lines[4]
     assert lines[3].startswith("│  1 │") and lines[4].startswith("│ 22 │")  # numbers right-aligned
     assert lines[-1] == "2 rows"
+
+
+def test_json_ids_are_strings_so_jq_and_javascript_keep_every_digit(filled: AuditStore):
+    result = filled.query("SELECT id, released_from, client_id, qos, 9007199254740993 AS big FROM decisions LIMIT 2", max_rows=1)
+    answer = json.loads(format_result(result, "json"))
+    [row] = answer["rows"]
+    assert answer["truncated"] is True
+    assert isinstance(row["id"], str) and int(row["id"]) == result.rows[0][0] > 2**53
+    assert isinstance(row["qos"], int) and row["big"] == "9007199254740993"
+    assert row["released_from"] is None and isinstance(row["client_id"], str)
 
 
 def test_table_format_of_real_results(filled: AuditStore):

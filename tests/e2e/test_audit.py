@@ -4,6 +4,7 @@ exported to Parquet, released from quarantine, and intact after kill -9."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -161,6 +162,8 @@ def test_queries_work_on_a_stopped_appliance(tmp_path):
     assert purged.returncode == 0 and "purged 1" in purged.stdout
     assert sql(state, "SELECT count(*) AS n FROM quarantine") == [{"n": 0}]
     assert sql(state, "SELECT count(*) AS n FROM decisions") == [{"n": 1}]  # the verdict stays
+    [event] = sql(state, "SELECT detail FROM events WHERE kind = 'quarantine_purged'")
+    assert json.loads(event["detail"])["ids"] == "all" and json.loads(event["detail"])["by"]["user"]
 
 
 def test_kill_9_under_load_keeps_every_acknowledged_verdict(tmp_path):
@@ -219,3 +222,107 @@ def test_kill_9_under_load_keeps_every_acknowledged_verdict(tmp_path):
         recorded = {bytes(row[0]) for row in audit_log.query("SELECT payload FROM decisions", max_rows=1 << 40).rows}
     missing = [p for payloads in acked.values() for p in payloads if p not in recorded]
     assert not missing, f"{len(missing)} of {total} acknowledged messages have no verdict, e.g. {missing[:3]}"
+
+
+def test_audit_sql_says_when_it_cut_the_result_and_can_return_everything(audited):
+    pub = Client(audited.port, version=5).connect()
+    for n in range(3):
+        pub.publish("sensor/t1/temperature", temperature(temperature=20 + n), qos=1)
+    pub.disconnect()
+    state = str(audited.app.config.state_dir)
+    query = "SELECT id FROM decisions"
+    cut = cli("audit", "sql", query, "--state-dir", state, "--format", "json", "--max-rows", "2")
+    assert cut.returncode == 0, cut.stderr
+    answer = json.loads(cut.stdout)
+    assert answer["truncated"] is True and len(answer["rows"]) == 2
+    table = cli("audit", "sql", query, "--state-dir", state, "--max-rows", "2").stdout
+    assert "2 rows (truncated: more rows matched; add a LIMIT or raise --max-rows)" in table
+    csv_cut = cli("audit", "sql", query, "--state-dir", state, "--format", "csv", "--max-rows", "2")
+    assert len(csv_cut.stdout.splitlines()) == 3 and "truncated at 2 rows" in csv_cut.stderr
+    everything = cli("audit", "sql", query, "--state-dir", state, "--format", "csv", "--max-rows", "0")
+    assert len(everything.stdout.splitlines()) == 4 and everything.stderr == ""
+
+
+def test_quarantine_ids_survive_jq_and_unknown_ids_are_errors(audited):
+    pub = Client(audited.port, version=5).connect()
+    pub.publish("sensor/t1/temperature", b"{}", qos=1)
+    pub.publish("sensor/t1/temperature", b"[]", qos=1)
+    pub.disconnect()
+    state = str(audited.app.config.state_dir)
+    listing = json.loads(cli("quarantine", "list", "--state-dir", state, "--format", "json", "--limit", "1").stdout)
+    [entry] = listing["rows"]
+    assert listing["truncated"] is True and isinstance(entry["id"], str) and int(entry["id"]) > 2**53
+    assert "(truncated: more rows matched; raise --limit)" in cli("quarantine", "list", "--state-dir", state, "--limit", "1").stdout
+    # The id as jq prints it with and without -r: both name the message.
+    for form in (entry["id"], json.dumps(entry["id"])):
+        shown = cli("quarantine", "show", form, "--state-dir", state)
+        assert shown.returncode == 0 and f"id: {entry['id']}" in shown.stdout, shown.stderr
+    unknown = "42"
+    released = cli("quarantine", "release", unknown, "--state-dir", state)
+    assert released.returncode == 1 and released.stdout.strip() == "42: no quarantined message with this id"
+    purged = cli("quarantine", "purge", unknown, entry["id"], "--state-dir", state)
+    assert purged.returncode == 1 and "purged 1 message(s)" in purged.stdout
+    assert "42: no quarantined message with this id" in purged.stderr
+    refused = subprocess.run([sys.executable, "-m", "appliance", "quarantine", "purge", "--all", "--state-dir", state],
+                             input="n\n", capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "Purge every quarantined payload" in refused.stderr
+    assert len(sql(Path(state), "SELECT id FROM quarantine")) == 1  # nothing purged
+    assert "purged 1 message(s)" in cli("quarantine", "purge", "--all", "--yes", "--state-dir", state).stdout
+    events = sql(Path(state), "SELECT detail FROM events WHERE kind = 'quarantine_purged' ORDER BY id")
+    details = [json.loads(e["detail"]) for e in events]
+    assert [(d["ids"], d["purged"]) for d in details] == [([entry["id"]], 1), ("all", 1)]
+    assert all(d["by"]["uid"] == os.getuid() and d["by"]["pid"] > 0 for d in details)
+
+
+def _unshare_works() -> bool:
+    try:
+        probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /tmp"],
+                               capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def test_replay_and_export_when_the_appliance_has_a_private_tmp(tmp_path):
+    """The shipped unit has PrivateTmp=yes: the appliance's /tmp is not the caller's. Replay and
+    export must still hand the recording over (through the state dir, which both see)."""
+    if not _unshare_works():
+        pytest.skip("unshare --mount is not permitted here")
+    import tempfile
+
+    from tests.processes import can_connect, free_port
+
+    state = Path(tempfile.mkdtemp(prefix="appliance-state-", dir="/var/tmp"))  # outside /tmp: both must see it
+    port = free_port()
+    log = (tmp_path / "appliance.log").open("w")
+    appliance = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs tmpfs /tmp && exec "$@"', "sh", sys.executable, "-m", "appliance", "run",
+         "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--metrics-listen", "127.0.0.1:0",
+         "--schemas", str(REPO / "schemas" / "v1")],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: appliance.poll() is not None or can_connect(port), timeout=60, message="the appliance")
+        assert appliance.poll() is None, (tmp_path / "appliance.log").read_text()
+        pub = Client(port, version=5).connect()
+        pub.publish("sensor/t1/temperature", temperature(), qos=1)
+        pub.disconnect()
+
+        out = tmp_path / "export"  # under the caller's /tmp, which the appliance cannot see
+        exported = cli("audit", "export", "--state-dir", str(state), "--since", "2000-01-01", "--to", str(out))
+        assert exported.returncode == 0, exported.stderr
+        assert "exported 1 decisions" in exported.stdout and str(out) in exported.stdout
+        files = list((out / "decisions").glob("day=*/*.parquet"))
+        assert files, exported.stdout
+        assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/decisions/**/*.parquet')").fetchall() == [(1,)]
+
+        replayed = subprocess.run([str(Path(sys.executable).with_name("replay")), "--state-dir", str(state),
+                                   "--against", str(REPO / "schemas" / "v1"), "--format", "json"],
+                                  capture_output=True, text=True, timeout=120)
+        assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+        assert json.loads(replayed.stdout)["totals"]["replayed"] == 1
+    finally:
+        appliance.terminate()
+        appliance.wait(30)
+        log.close()
+        shutil.rmtree(state, ignore_errors=True)

@@ -169,3 +169,58 @@ def test_check_and_run_refuse_a_broken_set(tmp_path):
 def test_check_needs_something_to_check():
     result = _cli("check")
     assert result.returncode == 2 and "--config" in result.stderr
+
+
+def test_check_names_every_missing_file(tmp_path):
+    config = tmp_path / "appliance.yaml"
+    config.write_text(
+        "auth:\n  password_file: passwd\n  acl_file: acl\n"
+        "listeners:\n  - listen: 127.0.0.1:8883\n    tls: {cert_file: server.pem, key_file: server.key}\n"
+        "broker:\n  mode: external\n  port: 1883\n  tls: {ca_file: broker-ca.pem}\n"
+        "upstream:\n  url: mqtts://cloud.example:8883\n  tls: {ca_file: cloud-ca.pem, cert_file: gw.pem, key_file: gw.key}\n"
+    )
+    result = _cli("check", "--config", str(config))
+    assert result.returncode == 1, result.stdout
+    for key, name in [("auth.password_file", "passwd"), ("auth.acl_file", "acl"),
+                      ("listeners[0].tls.cert_file", "server.pem"), ("listeners[0].tls.key_file", "server.key"),
+                      ("broker.tls.ca_file", "broker-ca.pem"), ("upstream.tls.ca_file", "cloud-ca.pem"),
+                      ("upstream.tls.cert_file", "gw.pem"), ("upstream.tls.key_file", "gw.key")]:
+        assert f"{key}: {tmp_path / name}: No such file or directory" in result.stderr, result.stderr
+    assert "ok" not in result.stdout
+
+
+def test_check_names_a_file_that_is_not_what_it_should_be(tmp_path):
+    (tmp_path / "broker-ca.pem").write_text("not a certificate\n")
+    config = tmp_path / "appliance.yaml"
+    config.write_text("broker:\n  mode: external\n  port: 1883\n  tls: {ca_file: broker-ca.pem}\n")
+    result = _cli("check", "--config", str(config))
+    assert result.returncode == 1 and f"broker.tls: {tmp_path / 'broker-ca.pem'}" in result.stderr, result.stderr
+
+
+def test_external_broker_tls_error_names_the_file(tmp_path):
+    config = _external_config(tmp_path, free_port(), "  port: 1883\n  tls: {ca_file: missing-ca.pem}\n")
+    result = _cli("run", "--config", str(config))
+    assert result.returncode == 1
+    assert f"{tmp_path / 'missing-ca.pem'}: No such file or directory" in result.stderr, result.stderr
+
+
+def test_a_state_dir_it_cannot_write_is_a_one_line_error(tmp_path):
+    (tmp_path / "afile").write_text("a file, not a directory\n")
+    state = tmp_path / "afile" / "state"  # cannot be created, even by root (tests run as root)
+    result = _cli("run", "--state-dir", str(state), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and str(state) in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_second_appliance_on_the_same_state_dir_is_a_one_line_error(tmp_path):
+    port, state = free_port(), tmp_path / "state"
+    with appliance_process(["--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--metrics-listen", "127.0.0.1:0"],
+                           port=port) as first:
+        result = _cli("run", "--state-dir", str(state), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0")
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr and str(state) in result.stderr and "another appliance" in result.stderr, \
+            result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert first.poll() is None  # the first one is unharmed
+        assert Client(port, version=5).connect().disconnect() is None

@@ -106,3 +106,37 @@ def test_appliance_status_command(tmp_path):
     stopped = subprocess.run([sys.executable, "-m", "appliance", "status", "--state-dir", str(state)],
                              capture_output=True, text=True, timeout=30)
     assert stopped.returncode == 1 and "no appliance" in stopped.stderr
+
+
+def test_ctrl_c_stops_without_a_broker_crash(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole process group, mosquitto included: that is a
+    stop, not a crash to log as an ERROR and restart."""
+    from tests.processes import can_connect, free_port
+
+    port, state = free_port(), tmp_path / "state"
+    log = tmp_path / "out.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "--listen", f"127.0.0.1:{port}",
+                                 "--state-dir", str(state), "--metrics-listen", "127.0.0.1:0"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until(lambda: proc.poll() is None and can_connect(port) or proc.poll() is not None, timeout=30,
+                       message="the appliance listening")
+            assert proc.poll() is None, log.read_text()
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            [mosquitto] = [int(pid) for pid in children if "mosquitto" in Path(f"/proc/{pid}/comm").read_text()]
+            # Whether mosquitto or the appliance handles the SIGINT first is a race; the broker must
+            # not get it at all (its own process group), so that only the appliance decides to stop it.
+            assert os.getpgid(mosquitto) != proc.pid
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(30) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text()
+    assert "mosquitto exited" not in text and "ERROR" not in text, text
+    events = subprocess.run([sys.executable, "-m", "appliance", "audit", "sql", "--state-dir", str(state), "--format", "json",
+                             "SELECT kind FROM events WHERE kind LIKE 'broker_%'"], capture_output=True, text=True, timeout=60)
+    assert events.returncode == 0, events.stderr
+    assert json.loads(events.stdout)["rows"] == []

@@ -40,7 +40,7 @@ def rejecting(config, sink):
 
 def test_mosquitto_pub_with_invalid_lines_loses_nothing(rejecting, sink):
     # mosquitto_pub -l disconnects when its last message is acked: an injected ack that overtook the
-    # broker's acks would lose the valid messages still in flight (EVIDENCE.md, pitfall 1).
+    # broker's acks would lose the valid messages still in flight (docs/evidence.md, pitfall 1).
     lines = [("bad" if i % 10 == 3 else "ok") + f"-{i}" for i in range(3000)]
     valid = [line for line in lines if line.startswith("ok")]
     sub = mosquitto_sub(rejecting.port, "lines", len(valid), client_id="lines-sub")

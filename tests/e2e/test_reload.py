@@ -133,3 +133,37 @@ def test_sighup_reloads_a_running_process(tmp_path):
         assert reloads() == {}
         proc.send_signal(signal.SIGHUP)
         wait_until(lambda: reloads() == {"ok": 1}, message="SIGHUP reload")
+
+
+def test_a_reload_that_names_another_schema_dir_watches_that_one(tmp_path):
+    v1, config = setup(tmp_path)
+    v2 = tmp_path / "schemas-v2"
+    shutil.copytree(REPO / "schemas" / "v2", v2)
+    running = start(config)
+    try:
+        write_atomically(config, config.read_text().replace("schemas: schemas\n", "schemas: schemas-v2\n"))
+        wait_until(lambda: reload_results(running) == ["ok"], message="reload onto v2")
+        assert running.app.watcher.schema_dir == v2.resolve()  # no longer v1
+        schema = v2 / "temperature.json"
+        write_atomically(schema, schema.read_text().replace('"maximum": 125', '"maximum": 10'))
+        wait_until(lambda: reload_results(running) == ["ok", "ok"], message="reload after an edit in v2")
+        pub = Client(running.port, version=5).connect()
+        assert pub.acks[pub.publish("sensor/t1/temperature", temperature(temperature=20), qos=1).mid].value == 0x99
+        pub.disconnect()
+    finally:
+        running.stop()
+
+
+def test_reverting_a_restart_only_key_needs_no_restart(tmp_path):
+    schemas, config = setup(tmp_path)
+    running = start(config)
+    try:
+        original = config.read_text()
+        write_atomically(config, original.replace("listen: 127.0.0.1:0\nstate_dir", "listen: 127.0.0.1:1\nstate_dir"))
+        wait_until(lambda: len(reload_results(running)) == 1, message="first reload")
+        write_atomically(config, original)
+        wait_until(lambda: len(reload_results(running)) == 2, message="second reload")
+        needs = [d["needs_restart"] for kind, d in running.events if kind == "config_reload"]
+        assert needs == [["listen"], []]
+    finally:
+        running.stop()

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from appliance.mqtt import (
-    NEED_DATA, Connack, Connect, Decoder, Disconnect, ProtocolVersion, Publish, ReasonCode, Suback,
+    NEED_DATA, Connack, Connect, Decoder, Disconnect, PropertyId, ProtocolVersion, Publish, ReasonCode, Suback,
     Subscribe, Subscription, encode_packet,
 )
 from tests.helpers import Client, RawClient, wait_until
@@ -57,12 +57,48 @@ def test_publish_over_max_packet_size_gets_0x95(tmp_path):
     try:
         raw = RawClient(running.port)
         raw.send(Connect(client_id="big", protocol_version=ProtocolVersion.MQTT_5))
-        assert raw.receive().reason_code == 0
+        connack = raw.receive()
+        assert connack.reason_code == 0
+        # Advertised, so that a well-behaved MQTT 5 client never sends a larger packet.
+        assert connack.properties.get(PropertyId.MAXIMUM_PACKET_SIZE) == 4096
         raw.send(Publish("t", b"x" * 5000, qos=1, packet_id=1))
         assert raw.receive() == Disconnect(ReasonCode.PACKET_TOO_LARGE)
         assert raw.receive() is None
+        # Counted and recorded like every other limit (docs/security.md).
+        wait_until(lambda: running.app.proxy.counters["limit_exceeded:packet_size"] == 1, message="the count")
+        [event] = [detail for kind, detail in running.events if kind == "limit_exceeded"]
+        assert event["limit"] == "packet_size" and event["client_id"] == "big" and "5" in str(event["detail"])
     finally:
         running.stop()
+
+
+def test_connect_and_a_bad_publish_in_one_write(tmp_path, caplog):
+    """A client that pipelines CONNECT and a PUBLISH the proxy must refuse gets an answer (MQTT 5: a
+    CONNACK with the reason), not a bare EOF, and the close is logged once."""
+    import logging
+
+    from tests.conftest import make_config
+    from tests.helpers import RunningAppliance
+
+    running = RunningAppliance(make_config(tmp_path, **{"limits.max_packet_size": 4096})).start()
+    try:
+        with caplog.at_level(logging.INFO, logger="appliance.proxy.server"):
+            for name, bad, code in [
+                ("big", encode_packet(Publish("t", b"x" * 5000, qos=0), ProtocolVersion.MQTT_5), ReasonCode.PACKET_TOO_LARGE),
+                ("malformed", b"\x30\x02\x00\x05", ReasonCode.MALFORMED_PACKET),  # topic length beyond the packet
+            ]:
+                raw = RawClient(running.port)
+                raw.send_raw(encode_packet(Connect(client_id=name, protocol_version=ProtocolVersion.MQTT_5),
+                                           ProtocolVersion.MQTT_5) + bad)
+                answer = raw.receive()
+                assert isinstance(answer, Connack) and answer.reason_code == code, (name, answer)
+                assert raw.receive() is None
+            bystander = Client(running.port, version=5).connect()  # the appliance still serves others
+            bystander.disconnect()
+    finally:
+        running.stop()  # every flush of those connections (a late broker leg, its CONNACK) has happened
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("closing 'big'", "closing 'malformed'"))]
+    assert [line.split(" (")[0] for line in lines] == ["closing 'big'", "closing 'malformed'"], lines
 
 
 def test_client_that_never_sends_connect_times_out(appliance, bystander):

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import random
 import time
 from pathlib import Path
 
 import pytest
 
 from appliance.forward import Outbox
-from appliance.msglog import list_segments
+from appliance.msglog import list_segments, read_segment
+from appliance.msglog.format import encode_file_header, encode_record
 from appliance.msglog.cursor import Cursor
+from appliance.msglog.log import MessageLog, SyncPolicy
+from appliance.msglog.testing import CrashIO, FaultyIO
 from tests.forward.harness import bounds, harness
+from tests.helpers import wait_until
 
 
 def test_next_batch_reads_in_log_order_and_acknowledge_updates_the_counters(tmp_path: Path):
@@ -213,3 +220,119 @@ def test_drops_survive_a_restart_once_saved(tmp_path: Path):
         again = h.make_outbox(bounds(policy="drop_oldest", max_messages=20))
         assert again.depth().messages == 20 and again.enforce() == []
         again.close()
+
+
+def test_a_failing_cursor_save_is_reported_and_retried(tmp_path: Path):
+    """A full or failing disk under the cursor: the cursor stays where it was saved (a restart would
+    resend, never skip), the error shows in last_error, and the next save works again."""
+    with harness(tmp_path) as h:
+        h.add([h.row("s", i) for i in range(20)])
+        io = FaultyIO()
+        io.sync_error = errno.EIO
+        outbox = Outbox.for_log(h.log, Cursor(h.cursor_path, io=io), bounds(), save_every=1)
+        rows = outbox.next_batch(0, 20)
+        assert outbox.acknowledge(r.seq for r in rows[:10]) == 10  # acknowledged all the same
+        assert outbox.saved_cursor == 0 and outbox.needed_from() == 1
+        assert outbox.last_error is not None and "cursor save failed" in outbox.last_error and outbox.errors >= 1
+        io.sync_error = None
+        outbox.acknowledge([rows[10].seq])
+        assert outbox.saved_cursor == rows[10].seq == Cursor(h.cursor_path).load()
+        assert outbox.last_error is None
+        outbox.close()
+
+
+def test_a_cursor_beyond_the_end_of_the_log_is_not_followed(tmp_path: Path):
+    """The log directory was emptied or replaced (seqs start over) but the cursor file stayed:
+    following it would skip every message until the new log caught up. Forward the log instead."""
+    with harness(tmp_path) as h:
+        h.add([h.row("s", i) for i in range(10)])
+        stale = Cursor(h.cursor_path)
+        stale.save(h.log.durable_seq + 1000)
+        stale.close()
+        outbox = h.make_outbox()
+        assert outbox.depth().messages == 10
+        assert outbox.last_error is not None and "beyond the end of the log" in outbox.last_error
+        rows = outbox.next_batch(0, 4)
+        outbox.acknowledge(r.seq for r in rows)
+        outbox.close()
+        assert Cursor(h.cursor_path).load() == rows[-1].seq  # the stale position is gone for good
+        again = h.make_outbox()
+        assert again.depth().messages == 6 and again.last_error is None
+        again.close()
+
+
+def test_a_segment_rewritten_under_the_outbox_is_indexed_again(tmp_path: Path):
+    """Something rewrote a sealed segment the outbox still needs (e.g. a purge dropping a record):
+    the stale offsets are noticed on the next read and the log is indexed again from the cursor."""
+    with harness(tmp_path) as h:
+        msgs = [h.row("s", i) for i in range(30)]
+        h.add(msgs)
+        h.log.seal()
+        outbox = h.make_outbox()
+        rows = outbox.next_batch(0, 5)
+        outbox.acknowledge(r.seq for r in rows)
+        (segment,) = [info for info in list_segments(h.log_dir) if info.first_seq <= rows[0].seq][-1:]
+        eleventh = outbox.next_batch(0, 6)[5].seq
+        kept = [r for r in read_segment(segment.path) if r.seq != eleventh]
+        replacement = segment.path.with_suffix(".new")
+        replacement.write_bytes(encode_file_header(segment.first_seq) + b"".join(encode_record(*r) for r in kept))
+        os.replace(replacement, segment.path)
+        again = outbox.next_batch(0, 100)
+        assert [r.payload for r in again] == [m.payload for m in msgs[5:] if m.payload != b"s:10"]
+        assert outbox.depth().messages == 24
+        outbox.close()
+
+
+def test_the_saved_cursor_never_passes_what_the_log_synced(tmp_path: Path):
+    """os_buffered: a record counts as stored (and is forwarded) once written to the OS, and is
+    synced every `interval`. A power cut then takes the unsynced records and the log hands their
+    seqs out again: a cursor saved past them would skip the new records that get those seqs."""
+    io = CrashIO(tmp_path / "state", rng=random.Random(7))
+    directory, cursor_path = tmp_path / "state" / "log", tmp_path / "state" / "forward" / "cursor"
+    with harness(tmp_path / "rows") as h:
+        before = [h.row("before", i) for i in range(20)]
+        after = [h.row("after", i) for i in range(30)]
+    message_log = MessageLog(directory, io=io, policy=SyncPolicy(mode="os_buffered", interval=3600.0))
+    message_log.open()
+    message_log.start()
+    for msg in before:
+        message_log.append(msg.kind.code, msg.kind.encode(msg.row))
+    wait_until(lambda: message_log.durable_seq == message_log.last_seq, message="written to the OS")
+    outbox = Outbox.for_log(message_log, Cursor(cursor_path, io=io), bounds())
+    rows = outbox.next_batch(0, 100)
+    assert len(rows) == 20  # forwarded although not synced yet
+    outbox.acknowledge(r.seq for r in rows)
+    outbox.checkpoint(force=True)
+    assert outbox.saved_cursor <= message_log.synced_seq < message_log.durable_seq
+    io.crash()  # power cut: the 20 unsynced records are gone
+    message_log.stop()
+    io.revive()
+
+    message_log = MessageLog(directory, io=io)
+    message_log.open()
+    message_log.start()
+    for msg in after:  # they get the seqs of the lost ones, and more
+        message_log.append(msg.kind.code, msg.kind.encode(msg.row))
+    wait_until(lambda: message_log.durable_seq == message_log.last_seq, message="durable")
+    again = Outbox.for_log(message_log, Cursor(cursor_path, io=io), bounds())
+    got = [r.payload for r in again.next_batch(0, 100)]
+    assert [m.payload for m in after] == got[-30:]  # none skipped
+    assert again.last_error is None
+    again.close()
+    outbox.close()
+    message_log.stop()
+
+
+def test_damage_in_the_newest_segment_before_durable_records_is_reported(tmp_path: Path):
+    """Forwarding cannot pass a damaged record in the active segment: that is not a silent stall,
+    it is an error in last_error (and the forwarder's status and outbox_error event)."""
+    with harness(tmp_path) as h:
+        h.add([h.row("s", i) for i in range(10)])
+        (segment,) = list_segments(h.log_dir)[-1:]
+        data = bytearray(segment.path.read_bytes())
+        data[data.index(b"s:4") + 2] ^= 0x01  # bit rot in the 5th message's payload
+        segment.path.write_bytes(bytes(data))
+        outbox = h.make_outbox()
+        assert outbox.depth().messages == 4
+        assert outbox.last_error is not None and "damaged record in the newest log segment" in outbox.last_error
+        outbox.close()

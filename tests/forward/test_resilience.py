@@ -332,3 +332,18 @@ def test_stored_messages_go_before_live_ones_after_an_uplink_outage(tmp_path: Pa
     finally:
         sub.stop()
         broker.stop()
+
+
+def test_bounds_are_applied_while_a_connect_waits_for_its_connack(tmp_path: Path):
+    """A broker that accepts TCP but never answers CONNECT holds the forwarder for ack_timeout (here
+    an hour): the bounds, and the counters reject_new relies on, keep being applied meanwhile."""
+    with hung_server(connack=None) as (port, accepted), harness(tmp_path / "state") as h:
+        old = time.time() - 3600
+        h.add([h.row("s", i, ts=old) for i in range(20)])
+        fwd = h.start_forwarder(upstream(f"mqtt://127.0.0.1:{port}", protocol=4, ack_timeout=3600,
+                                         outbox={"max_age": "10m", "max_messages": 30, "policy": "reject_new"}))
+        wait_until(lambda: accepted, message="connecting")
+        h.add([h.row("s", i) for i in range(20, 50)])
+        wait_until(lambda: fwd.status().dropped_total == 20, message="TTL drops during the connect")
+        wait_until(lambda: fwd.outbox.is_full(), message="reject_new sees the new messages")
+        assert fwd.status().depth == 30 and not fwd.status().uplink_up

@@ -63,7 +63,7 @@ def test_all_schema_errors_are_reported(v1):
     ("payload", "fragment"),
     [
         (b"not json", "not valid JSON"),
-        (b'{"device_id": "t1", "x": "\xff\xfe"}', "not valid JSON"),
+        (b'{"device_id": "t1", "x": "\xff\xfe"}', "payload is not valid UTF-8 (byte 26)"),
         (b'{"device_id": 1e999999}', "not valid JSON"),
         (b"", "not valid JSON"),
     ],
@@ -71,6 +71,11 @@ def test_all_schema_errors_are_reported(v1):
 def test_payloads_that_are_not_json(v1, payload, fragment):
     verdict = judge(v1, "sensor/t1/temperature", payload)
     assert not verdict.accepted and fragment in verdict.reasons[0].message
+
+
+def test_invalid_utf8_names_the_byte_not_a_python_error(v1):
+    verdict = judge(v1, "sensor/t1/temperature", b'{"device_id": "t\xc3"}')
+    assert [reason.message for reason in verdict.reasons] == ["payload is not valid UTF-8 (byte 16)"]
 
 
 def test_json_nested_100000_deep(v1):

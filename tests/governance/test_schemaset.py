@@ -133,7 +133,7 @@ def test_unknown_keys_and_dangling_references(demo_set):
     edit(d / "manifest.yaml", "policy:", "polcy: {}\npolicy:")
     edit(d / "manifest.yaml", "device/+/status: device_status:v1", "device/+/status: device_status:v9")
     problems = broken(d)
-    assert any("unknown key 'polcy'" in p for p in problems)
+    assert any("unknown key 'polcy'; did you mean 'policy'?" in p for p in problems)
     assert any("'device_status:v9' is not in schema_files" in p for p in problems)
 
 

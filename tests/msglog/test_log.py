@@ -105,6 +105,13 @@ def test_directory_is_created_with_its_parents(tmp_path: Path) -> None:
     assert report.created and directory.is_dir() and [s.first_seq for s in list_segments(directory)] == [1]
 
 
+def test_append_refuses_before_open(directory: Path) -> None:
+    log = MessageLog(directory)
+    with pytest.raises(LogClosed):
+        log.append(1, b"too early")
+    log.stop()  # nothing to stop
+
+
 def test_append_validates_and_refuses_after_stop(running: MessageLog) -> None:
     with pytest.raises(FormatError):
         running.append(0, b"")
@@ -329,8 +336,9 @@ def test_corruption_in_a_sealed_segment_is_reported_and_later_segments_still_rea
     assert [r.seq for r in read_log(directory)] == list(range(1, 14)) + list(range(21, 32))
 
 
-def test_preallocated_segments_read_and_reopen(directory: Path) -> None:
-    log = started(directory, preallocate="fallocate", preallocate_bytes=64 * 1024, segment_bytes=32 * 1024)
+@pytest.mark.parametrize("preallocate", ["fallocate", "zeros"])
+def test_preallocated_segments_read_and_reopen(directory: Path, preallocate: str) -> None:
+    log = started(directory, preallocate=preallocate, preallocate_bytes=64 * 1024, segment_bytes=32 * 1024)
     for i in range(1, 301):
         log.append(1, body(i))
         if i % 50 == 0:
@@ -356,14 +364,14 @@ def test_disk_full_fails_the_batch_and_recovers_by_itself(directory: Path) -> No
     recorder = Recorder(log)
     log.start()
     assert log.wait_durable(log.append(1, body(1)), timeout=30)
-    size = list_segments(directory)[-1].path.stat().st_size
+    good_end = FILE_HEADER_SIZE + 17 + len(body(1))
     io.space = 10  # room for a few bytes: a short write, then ENOSPC
     seq = log.append(1, body(2))
     assert not log.wait_durable(seq, timeout=30)
     assert recorder.failed == [(2, 2, "OSError: No space left on device")]
     assert not log.healthy and log.lost == 1 and log.stats["failed_batches"] == 1
     assert events == [("log_degraded", {"error": "OSError: No space left on device"})]
-    assert list_segments(directory)[-1].path.stat().st_size == size  # cut back to the last good end
+    assert list_segments(directory)[-1].path.stat().st_size == good_end  # cut back to the last good end
     io.space = None  # space is freed: the writer's probe notices without any new append
     wait_until(lambda: log.healthy, message="recovery")
     assert events[-1] == ("log_recovered", {})
@@ -444,3 +452,41 @@ def test_wait_durable_from_many_threads(directory: Path) -> None:
     log.stop()
     assert results == [True] * 800
     assert [r.seq for r in read_log(directory)] == list(range(1, 801))
+
+
+def test_a_segment_rolled_by_age_between_batches_names_the_next_record(directory: Path) -> None:
+    # segment_max_age=0: every timer check rolls, so rolls race with batches being taken and written.
+    sealed: list[SegmentInfo] = []
+    log = started(directory, segment_max_age=0.0, on_seal=sealed.append, policy=SyncPolicy(window=0))
+    for i in range(1, 301):
+        log.append(1, body(i))
+        if i % 3 == 0:
+            assert log.wait_durable(i, timeout=30)
+    log.stop()
+    assert len(sealed) > 10
+    assert list(read_log(directory)) == [LogRecord(i, 1, body(i)) for i in range(1, 301)]
+
+
+@pytest.mark.parametrize("preallocate", ["none", "zeros"])
+def test_a_reader_follows_the_log_while_it_is_written(directory: Path, preallocate: str) -> None:
+    log = started(directory, segment_bytes=4096, preallocate=preallocate, preallocate_bytes=8192,
+                  policy=SyncPolicy(window=0.001))
+    total = 3000
+
+    def produce() -> None:
+        for i in range(1, total + 1):
+            log.append(1, body(i))
+            if i % 100 == 0:
+                log.wait_durable(i, timeout=30)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    seen: list[LogRecord] = []
+    problems: list[object] = []
+    while len(seen) < total:  # reads as fast as it can: every pass sees a prefix of the log
+        after = seen[-1].seq if seen else 0
+        seen.extend(read_log(directory, from_seq=after + 1, on_problem=lambda *a: problems.append(a)))
+    producer.join()
+    log.stop()
+    assert problems == []
+    assert seen == [LogRecord(i, 1, body(i)) for i in range(1, total + 1)]

@@ -88,7 +88,7 @@ def run_round(io: CrashIO, directory: Path, rng: random.Random, known: Known, re
     policy = (SyncPolicy(window=rng.choice([0.0, 0.0005, 0.003]), max_pending_bytes=rng.choice([1, 600, 4096, 1 << 20]))
               if mode == "power_safe" else SyncPolicy(mode="os_buffered", interval=rng.choice([0.001, 0.01, 3600.0])))
     log = MessageLog(directory, io=io, policy=policy, segment_bytes=rng.choice([300, 2048, 16384]),
-                     segment_max_age=rng.choice([None, 0.002]), preallocate=rng.choice(["none", "fallocate"]),
+                     segment_max_age=rng.choice([None, 0.002]), preallocate=rng.choice(["none", "fallocate", "zeros"]),
                      preallocate_bytes=rng.choice([512, 8192]))
     state = Round()
     log.add_listener(state.on_durable)

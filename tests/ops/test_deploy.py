@@ -127,3 +127,16 @@ def test_dockerfile_copies_only_what_exists():
 
 def test_install_doc_names_the_multi_arch_build():
     assert "docker buildx build --platform linux/amd64,linux/arm64" in (ROOT / "docs" / "install.md").read_text()
+
+
+def test_the_package_metadata_raises_no_setuptools_deprecation():
+    """`pip install .` printed a deprecation warning for the `license = { text = ... }` table."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_configuration(Distribution(), Path(__file__).resolve().parents[2] / "pyproject.toml")
+    assert [str(w.message).splitlines()[0] for w in caught if "Deprecat" in w.category.__name__] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -108,3 +109,9 @@ def test_unit_parses_as_ini():
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.read_string(UNIT.read_text())
     assert parser.sections() == ["Unit", "Service", "Install"]
+
+
+def test_the_sysusers_file_says_where_to_install_it_as_the_install_guide_does():
+    comment = (ROOT / "systemd" / "mqtt-appliance.sysusers").read_text()
+    [installed_as] = re.findall(r"install\s+as\s+(?:#\s*)?(\S+sysusers\.d/\S+?)[,)]", comment)
+    assert f"systemd/mqtt-appliance.sysusers {installed_as}" in (ROOT / "docs" / "install.md").read_text()

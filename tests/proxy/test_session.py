@@ -69,6 +69,8 @@ class Transcript:
         assert isinstance(connect, Connect)
         props = Properties(((PropertyId.TOPIC_ALIAS_MAXIMUM, 10),)) if self.version is V5 else Properties.EMPTY
         self.broker(Connack(properties=props))
+        if self.version is V5:  # the proxy adds its packet size limit
+            props = props.with_(PropertyId.MAXIMUM_PACKET_SIZE, self.session._limits.max_packet_size)
         assert self.to_client() == [Connack(properties=props)]
         assert self.session.state is State.CONNECTED
 
@@ -389,3 +391,14 @@ def test_a_filter_the_broker_refuses_does_not_count_against_the_limit():
     assert [s.reason_codes for s in t.to_client()] == [(0x87,)]
     t.client(Subscribe(2, (Subscription("b/#"),)))  # so the one allowed subscription is still free
     assert t.to_broker() == [Subscribe(2, (Subscription("b/#"),))]
+
+
+@pytest.mark.parametrize("version", [V3, V5])
+def test_connect_and_a_too_large_publish_in_one_segment(version):
+    t = Transcript(version, limits=SessionLimits(max_packet_size=1024))
+    t.client(Connect(client_id="dev", protocol_version=version), Publish("t", b"x" * 2000))
+    expected = [Connack(reason_code=ReasonCode.PACKET_TOO_LARGE)] if version is V5 else []  # 3.1.1 has no such code
+    assert [type(p) for p in t.to_client()] == [type(p) for p in expected]
+    assert t.to_broker() == [] and not t.session.want_broker  # the broker never hears of it
+    assert t.session.state is State.CLOSED
+    assert t.session.counts == ["limit_exceeded:packet_size"]

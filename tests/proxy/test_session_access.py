@@ -85,7 +85,8 @@ def test_subscribe_denied_whole_is_answered_by_the_proxy_after_the_connack():
     assert [type(p) for p in t.to_broker()] == [Connect]
     assert t.to_client() == []  # nothing before the CONNACK
     t.broker(Connack())
-    assert t.to_client() == [Connack(), Suback(1, (ReasonCode.NOT_AUTHORIZED,))]
+    advertised = Properties(((PropertyId.MAXIMUM_PACKET_SIZE, SessionLimits().max_packet_size),))
+    assert t.to_client() == [Connack(properties=advertised), Suback(1, (ReasonCode.NOT_AUTHORIZED,))]
 
 
 def test_subscription_limit_and_unsubscribe():

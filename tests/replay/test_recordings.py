@@ -233,3 +233,30 @@ def test_a_recording_without_payloads_is_an_input_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "replay.cli", "--from", str(store_path), "--against",
                              str(V1), "--no-progress"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "nothing could be judged" in result.stderr
+
+
+def test_breaking_reasons_show_only_newly_rejected_messages_as_examples(tmp_path, run):
+    """Three messages v1 rejected already (too hot) and, after them, one it accepted: against v2 all
+    four lack `unit`, but only the last is an example of what v2 breaks."""
+    from tests.governance.payloads import temperature
+
+    capture = tmp_path / "capture.ndjson"
+    rejected = [(START + i, "sensor/t1/temperature", temperature("t1", 150 + i), "t1", "reject", None) for i in range(3)]
+    accepted = [(START + 9, "sensor/t1/temperature", temperature("t1", 21.5), "t1", "accept", None)]
+    write_ndjson(capture, [*rejected, *accepted])
+    report = _json(run("--from", capture, "--against", V2, "--format", "json"))
+    [temp] = [g for g in report["groups"] if g["topic_filter"] == "sensor/+/temperature"]
+    assert (temp["newly_rejected"], temp["still_rejected"]) == (1, 3)
+    for fmt in ("table", "markdown", "junit"):
+        output = run("--from", capture, "--against", V2, "--format", fmt).stdout
+        assert "21.5" in output, (fmt, output)  # the breaking example
+        assert "150" not in output and "151" not in output, (fmt, output)  # not the already rejected ones
+
+
+def test_a_normalised_reason_still_shows_its_limit(parquet, run):
+    report = _json(run("--from", parquet, "--against", V2, "--format", "json"))
+    temp = next(g for g in report["groups"] if g["topic_filter"] == "sensor/+/temperature")
+    [too_hot] = [r for r in temp["reasons"] if r["message"] == "<value> is greater than the maximum of N"]
+    assert too_hot["detail"] == "<value> is greater than the maximum of 125"
+    table = run("--from", parquet, "--against", V1, "--format", "table", "--fail-on", "never").stdout
+    assert "greater than the maximum of 125" not in table  # v1: nothing newly rejected, no reasons listed

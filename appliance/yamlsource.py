@@ -1,7 +1,10 @@
-"""YAML with line numbers, so an error in a manifest can say where it is."""
+"""YAML with line numbers, so an error in a manifest or a config file can say where it is, and what a
+mistyped key was probably meant to be."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,15 @@ class LineDict(dict[Any, Any]):
 
 class _Loader(yaml.SafeLoader):
     pass
+
+
+LineLoader = _Loader  # yaml.load(text, Loader=LineLoader): mappings are LineDicts
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """"; did you mean 'x'?" for the closest of `choices`, or "" when none is close."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:

@@ -1,0 +1,160 @@
+"""Real disks: a small file system filling up (as root: a size-limited tmpfs and a loop-mounted
+ext4 image), and a writer process killed with SIGKILL under load."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.msglog import LogRecord, MessageLog, SyncPolicy, read_log
+from tests.helpers import wait_until
+
+
+def body(seq: int) -> bytes:
+    return (b"%d:" % seq) * (seq % 11 + 3)
+
+
+def _run(*cmd: str | Path) -> bool:
+    return subprocess.run([str(c) for c in cmd], capture_output=True).returncode == 0
+
+
+@pytest.fixture(params=["tmpfs", "ext4"])
+def small_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small file system needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if request.param == "tmpfs":
+        ok = _run("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mnt)
+    else:
+        image = tmp_path / "fs.img"
+        with open(image, "wb") as f:
+            f.truncate(2 << 20)
+        ok = (shutil.which("mkfs.ext4") is not None and _run("mkfs.ext4", "-q", "-F", image)
+              and _run("mount", "-o", "loop", image, mnt))
+    if not ok:
+        pytest.skip(f"cannot mount a {request.param} here")
+    try:
+        yield mnt
+    finally:
+        _run("umount", mnt) or _run("umount", "-l", mnt)
+
+
+def fill(directory: Path) -> Path:
+    """Take every free byte of the file system with one file."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 16, 4096, 512, 1):
+            chunk = b"\xaa" * size
+            while True:
+                try:
+                    if os.write(fd, chunk) < size:
+                        break
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    break
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.parametrize("preallocate", ["none", "fallocate", "zeros"])
+def test_disk_full_on_a_real_file_system(small_fs: Path, preallocate: str) -> None:
+    directory = small_fs / "log"
+    events: list[str] = []
+    log = MessageLog(directory, policy=SyncPolicy(window=0), on_event=lambda kind, detail: events.append(kind),
+                     preallocate=preallocate, preallocate_bytes=16 * 1024)
+    log.open()
+    failed: list[tuple[int, int, str]] = []
+    log.add_failure_listener(lambda first, last, error: failed.append((first, last, error)))
+    log.start()
+    filler = fill(small_fs)
+    durable, lost = [], []
+    for _ in range(20_000):  # what is left of the segment's last block fills first, then writes fail
+        seq = log.append(1, body(log.last_seq + 1))
+        (durable if log.wait_durable(seq, timeout=30) else lost).append(seq)
+        if len(lost) >= 5:
+            break
+    assert len(lost) >= 5, "the file system never filled up"
+    assert not log.healthy and log.lost >= 5 and events == ["log_degraded"]
+    assert all("No space left on device" in error for *_, error in failed)
+    on_disk = [r.seq for r in read_log(directory)]
+    assert on_disk == durable  # every failed write was cut back off the segment
+
+    filler.unlink()  # space returns: the writer notices by itself, no append needed
+    wait_until(lambda: log.healthy, message="recovery after space returned")
+    assert events == ["log_degraded", "log_recovered"]
+    more = [log.append(1, body(log.last_seq + 1)) for _ in range(20)]
+    assert log.wait_durable(more[-1], timeout=30)
+    log.stop()
+
+    again = MessageLog(directory)
+    report = again.open()
+    again.stop()
+    assert report.torn_tail is None and report.corrupt == []
+    records = list(read_log(directory))
+    assert [r.seq for r in records] == durable + more
+    assert all(r == LogRecord(r.seq, 1, body(r.seq)) for r in records)
+    assert not set(lost) & {r.seq for r in records}
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from appliance.msglog import MessageLog, SyncPolicy
+
+    def body(seq):
+        return (b"%d:" % seq) * (seq % 11 + 3)
+
+    log = MessageLog(Path(sys.argv[1]), policy=SyncPolicy(mode=sys.argv[2], interval=0.05),
+                     segment_bytes=int(sys.argv[3]))
+    log.open()
+    out = sys.stdout
+    log.add_listener(lambda seq: (out.write(f"{seq}\\n"), out.flush()))
+    log.start()
+    while True:
+        log.append(1 + log.last_seq % 200, body(log.last_seq + 1))
+""")
+
+
+@pytest.mark.parametrize("mode", ["power_safe", "os_buffered"])
+def test_kill_9_under_load_loses_nothing_reported_durable(tmp_path: Path, mode: str) -> None:
+    rng = random.Random(mode)
+    directory = tmp_path / "log"
+    required = 0
+    for _ in range(3):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(directory), mode, str(rng.choice([4096, 1 << 20]))],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        target = required + rng.randrange(500, 5000)
+        reported = required
+        for line in child.stdout:
+            reported = max(reported, int(line))
+            if reported >= target:
+                break
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        assert reported >= target, "the writer process stopped reporting"
+        log = MessageLog(directory)
+        log.open()
+        log.stop()
+        records = list(read_log(directory))
+        assert all(r == LogRecord(r.seq, 1 + (r.seq - 1) % 200, body(r.seq)) for r in records)
+        seqs = [r.seq for r in records]
+        assert seqs[:reported] == list(range(1, reported + 1)), "a record reported durable is missing"
+        required = reported

@@ -149,17 +149,21 @@ class ProcessWatch:
             key = (pid, procfs.start_ticks(pid))
             if key in self._ignored:
                 return
-            if key not in self.processes and procfs.command_name(pid) in IGNORED_COMMANDS:
+            # Read every time: between fork and exec a child still shows its parent's command.
+            comm = procfs.command_name(pid)
+            if comm in IGNORED_COMMANDS:
                 self._ignored.add(key)
+                self.processes.pop(key, None)
                 return
             peak, _ = procfs.memory_kb(pid)
             cpu = procfs.cpu_seconds(pid)
-            process = self.processes.get(key)
-            if process is None:
-                name = process_name(procfs.command_line(pid), procfs.command_name(pid))
-                process = self.processes[key] = ChildProcess(scenario, pid, name, now, now)
+            name = process_name(procfs.command_line(pid), comm)
         except (OSError, LookupError, ValueError):
             return  # exited between the listing and the reads
+        process = self.processes.get(key)
+        if process is None:
+            process = self.processes[key] = ChildProcess(scenario, pid, name, now, now)
+        process.name = name
         process.last_seen_s = now
         process.peak_rss_kb = max(process.peak_rss_kb, peak)
         process.cpu_s = max(process.cpu_s, cpu)
@@ -217,6 +221,7 @@ def merge_helper_run(watch: ProcessWatch, scenario: str, run: dict[str, Any]) ->
     process.first_seen_s = min(process.first_seen_s, started)
     process.last_seen_s = max(process.last_seen_s, started + seconds)
     process.peak_rss_kb = max(process.peak_rss_kb, int(run.get("peak_rss_kb") or 0))
+    process.name = f"{HELPER_MODULE} {run.get('task', '?')}"  # the appliance's word for it
     process.reported = True
     process.exit_status = int(run.get("exit_status") or 0)
     return process

@@ -260,14 +260,15 @@ def test_helper_runs_the_appliance_recorded_are_merged_and_resident_ones_count_a
     watch._started = time.monotonic() - 100.0
     watch.watched_s = 100.0
     watch._watched["governance"].peak_rss_kb = 60 * 1024
-    polled = watch.processes[(4242, 1)] = ChildProcess("governance", 4242, "appliance.audit.maintain seal", 10.0, 10.3,
+    # Polled between fork and exec: it still had the service's command line.
+    polled = watch.processes[(4242, 1)] = ChildProcess("governance", 4242, "appliance run", 10.0, 10.3,
                                                        peak_rss_kb=50_000)
     watch.processes[(4343, 1)] = ChildProcess("governance", 4343, "appliance.forward", 1.0, 99.0, peak_rss_kb=15 * 1024)
     now = time.time()
     # The same seal, exactly: it lived 0.5 s and peaked at 90 MB after the last poll.
     merged = merge_helper_run(watch, "governance", {"task": "seal", "pid": 4242, "started": now - 90.0, "seconds": 0.5,
                                                     "exit_status": 0, "peak_rss_kb": 90 * 1024})
-    assert merged is polled and merged.reported
+    assert merged is polled and merged.reported and merged.name == "appliance.audit.maintain seal"
     assert merged.peak_rss_kb == 90 * 1024 and abs(merged.lived_s - 0.5) < 0.05
     # One the polling missed altogether is added from the record.
     missed = merge_helper_run(watch, "governance", {"task": "retain", "pid": 4444, "started": now - 50.0, "seconds": 0.05,

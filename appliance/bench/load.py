@@ -23,7 +23,9 @@ One run:
    (+ the probe) as accepted and the invalid ones as rejected: sent = delivered + rejected.
    Otherwise the run failed and has no rate. A subscriber that receives nothing for `STALL_S`
    seconds is stopped and the run fails.
-Disk writes are read after the audit query, which waits until the verdicts reached DuckDB.
+Disk writes are read after the audit query, which makes the appliance sync its message log. For an
+appliance with an audit log, its status gives the log's counters (records, bytes, syncs) before the
+clock starts and once every record of the run is written (before the audit query's own sync).
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ from appliance.bench.payloads import (
 from appliance.bench.processes import BenchError, spawn_client, stop, wait_exit, wait_until
 from appliance.bench.procfs import Snapshot
 from appliance.bench.scenarios import Target
+from appliance.bench.status import log_counters
 
 STALL_S = 5.0
+# How long to wait for the message log to write the last records of a run (its sync window, normally)
+LOG_SETTLE_S = 2.0
 SETUP_TIMEOUT_S = 15.0
 SENSORS = 100
 SENSOR_PROCESSES = 4
@@ -122,6 +127,11 @@ class RunResult:
     accepted_payload_bytes: int | None = None
     # CPU seconds of every client process reaped during the run (setup clients too)
     clients_cpu_s: float | None = None
+    # The appliance's message log during the run (counter deltas from its status: records,
+    # bytes_appended, syncs), for scenarios with an audit log
+    log: dict[str, int] | None = None
+    # Processes the appliance started (mosquitto aside) seen alive during the run: name, pid, peak RSS
+    helper_processes: list[dict[str, object]] | None = None
 
     def cpu_percent(self, role: str) -> float | None:
         if not self.ok or not self.cpu_s or role not in self.cpu_s or not self.elapsed_s:
@@ -132,6 +142,19 @@ class RunResult:
         if not self.ok or not self.cpu_s or role not in self.cpu_s:
             return None
         return 1e6 * self.cpu_s[role] / self.messages
+
+    @property
+    def log_syncs_per_s(self) -> float | None:
+        """fdatasync calls of the message log per second of the run (what wears an SD card at low rates)."""
+        if not self.ok or not self.log or "syncs" not in self.log or not self.elapsed_s:
+            return None
+        return self.log["syncs"] / self.elapsed_s
+
+    @property
+    def log_bytes_per_msg(self) -> float | None:
+        if not self.ok or not self.log or "bytes_appended" not in self.log:
+            return None
+        return self.log["bytes_appended"] / self.messages
 
     @property
     def disk_bytes_per_msg(self) -> float | None:
@@ -346,6 +369,7 @@ def run_once(target: Target, load: Load, *, scenario: str, round: int, workdir: 
             sensors = _start_sensors(target, load, tag, workdir)
             processes.extend(process for process, _ in sensors)
 
+        log_before = log_counters(target.state_dir)
         before = Snapshot.take(target.pids)
         if load.kind == "publisher":
             with payload_file.open("rb") as lines:
@@ -364,6 +388,8 @@ def run_once(target: Target, load: Load, *, scenario: str, round: int, workdir: 
             publishers = [process for process, _ in sensors]
         _await_subscribers(subscribers)
         after = Snapshot.take(target.pids)
+        if log_before is not None:
+            result.log = _log_settled(target.state_dir, log_before, sent)
 
         errors: list[str] = []
         for publisher in publishers:
@@ -449,6 +475,21 @@ def run_once(target: Target, load: Load, *, scenario: str, round: int, workdir: 
             path.unlink(missing_ok=True)
         for path in workdir.glob(f"{tag}-p*.sent"):
             path.unlink(missing_ok=True)
+
+
+def _log_settled(state_dir: Path | None, before: dict[str, int], sent: int, timeout: float = LOG_SETTLE_S) -> dict[str, int] | None:
+    """The message log's counters since `before`, once its writer has written a record of every
+    message sent (the last ones may wait for the sync window after their delivery; `records` counts
+    written records). Read before the audit query, whose sync request would count as one more sync."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = log_counters(state_dir)
+        if after is None:
+            return None
+        delta = {key: after[key] - before[key] for key in after if key in before}
+        if delta.get("records", sent) >= sent or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.01)
 
 
 def _has_output(path: Path) -> bool:

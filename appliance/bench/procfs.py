@@ -16,18 +16,45 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    data = Path(f"/proc/{pid}/stat").read_bytes()
-    # The command name (field 2) may contain spaces and parentheses: split after its last ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
+    fields = _stat_fields(pid)
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
     return (utime + stime) / CLOCK_TICKS
 
 
-def peak_rss_kb(pid: int) -> int:
+def _stat_fields(pid: int) -> list[bytes]:
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    # The command name (field 2) may contain spaces and parentheses: split after its last ')'.
+    return data[data.rindex(b")") + 2 :].split()  # fields[0] is field 3 of proc(5)
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the children `pid` has waited for (cutime + cstime): helpers that exited."""
+    fields = _stat_fields(pid)
+    return (int(fields[13]) + int(fields[14])) / CLOCK_TICKS  # fields 16 and 17 of proc(5)
+
+
+def start_ticks(pid: int) -> int:
+    """When the process started, in clock ticks after boot: with the pid, an identity that survives pid reuse."""
+    return int(_stat_fields(pid)[19])  # field 22 of proc(5)
+
+
+def memory_kb(pid: int) -> tuple[int, int]:
+    """(VmHWM, VmRSS) in KiB: the peak resident set over the process's life so far, and the current one."""
+    found: dict[str, int] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise LookupError(f"no VmHWM in /proc/{pid}/status")
+        if line.startswith(("VmHWM:", "VmRSS:")):
+            found[line[:5]] = int(line.split()[1])
+    if len(found) != 2:
+        raise LookupError(f"no VmHWM/VmRSS in /proc/{pid}/status (a zombie?)")
+    return found["VmHWM"], found["VmRSS"]
+
+
+def peak_rss_kb(pid: int) -> int:
+    return memory_kb(pid)[0]
+
+
+def command_line(pid: int) -> list[str]:
+    return [arg.decode(errors="replace") for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if arg]
 
 
 def _io(pid: int) -> dict[str, int]:
@@ -51,15 +78,23 @@ def command_name(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
+_HAS_CHILDREN_FILES = Path(f"/proc/self/task/{os.getpid()}/children").exists()  # CONFIG_PROC_CHILDREN
+
+
 def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid`, from /proc/PID/task/*/children, or by scanning every parent pid."""
+    """Direct children of `pid`, from /proc/PID/task/*/children, or by scanning every parent pid.
+
+    FileNotFoundError if `pid` does not exist."""
     children: list[int] = []
-    try:
+    if _HAS_CHILDREN_FILES:
         for task in Path(f"/proc/{pid}/task").iterdir():
-            children.extend(int(p) for p in (task / "children").read_text().split())
+            try:
+                children.extend(int(p) for p in (task / "children").read_text().split())
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # that thread exited meanwhile
         return children
-    except FileNotFoundError:
-        pass  # kernel without CONFIG_PROC_CHILDREN
+    if not Path(f"/proc/{pid}").exists():
+        raise FileNotFoundError(f"/proc/{pid}")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -70,6 +105,21 @@ def child_pids(pid: int) -> list[int]:
         if int(data[data.rindex(b")") + 2 :].split()[1]) == pid:
             children.append(int(entry.name))
     return children
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Children, grandchildren... of `pid` (those that exit meanwhile are skipped)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            children = child_pids(parent)
+        except OSError:
+            continue  # exited meanwhile
+        found.extend(children)
+        todo.extend(children)
+    return found
 
 
 @dataclass(frozen=True, slots=True)

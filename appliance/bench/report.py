@@ -10,12 +10,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from appliance.bench.children import memory_target, summarise_by_name
 from appliance.bench.runner import BenchReport, Summary
 from appliance.bench.scenarios import SCENARIOS
+from appliance.bench.targets import Target, evaluate
 
 COLUMNS = ("scenario", "msg/s", "× mosquitto", "× stock", "cloud msg/s", "cloud × mosq.", "latency ms p50/p99/max",
-           "cloud latency ms", "CPU % proxy/mosq./cloud", "peak RSS proxy/mosq.", "disk B/msg", "disk B/payload B",
-           "accounted")
+           "cloud latency ms", "CPU % proxy/mosq./cloud", "proxy CPU µs/msg", "log syncs/s", "peak RSS proxy/mosq.",
+           "disk B/msg", "disk B/payload B", "accounted")
 ROLES = ("proxy", "mosquitto", "cloud")
 
 
@@ -50,6 +52,8 @@ def _row(summary: Summary) -> list[str]:
         _latency(summary, "local"),
         _latency(summary, "cloud"),
         "/".join(_number(value) for value in cpu),
+        _number(summary.cpu_us_per_msg("proxy"), 1),
+        _number(summary.log_syncs_per_s),
         "/".join(_megabytes(summary.peak_rss_kb(role)) for role in ("proxy", "mosquitto")) + " MB",
         _number(summary.disk_bytes_per_msg, 0),
         _number(summary.disk_bytes_per_payload_byte, 2),
@@ -75,17 +79,98 @@ def render_tables(report: BenchReport) -> str:
         blocks.append("\n".join(lines))
     blocks.append(
         "msg/s: messages published ÷ time until the last one was delivered (or rejected) at the local subscriber; "
-        "cloud: at the cloud subscriber. × mosquitto: median of same-round ratios. disk: /proc/PID/io write_bytes "
-        "of the appliance and brokers, per message sent and per byte of accepted payload."
+        "cloud: at the cloud subscriber. × mosquitto: median of same-round ratios. proxy CPU µs/msg: the appliance "
+        "process (all threads) per message sent. log syncs/s: the message log's fdatasync calls per second (its "
+        "status). disk: /proc/PID/io write_bytes of the appliance (its exited helpers included) and brokers, per "
+        "message sent and per byte of accepted payload."
         + (f"\nWARNING: the work directory is on {report.workdir_fs}: disk figures are meaningless."
            if report.workdir_fs in ("tmpfs", "ramfs") else "")
     )
+    if (processes := render_processes(report)) is not None:
+        blocks.append(processes)
     failures = [run for s in report.summaries for run in s.runs if not run.ok]
     if failures:
         blocks.append("\n".join(["Failed runs:"] + [
             f"  {run.scenario} QoS {run.qos} {run.load} run {run.round}: {run.error}" for run in failures
         ]))
+    blocks.append(render_targets(evaluate(report)))
     return "\n\n".join(blocks)
+
+
+def _helpers_cpu_us_per_msg(report: BenchReport, scenario: str) -> tuple[float | None, float | None]:
+    """CPU seconds of the helpers that exited during the benchmark, and per message the appliance handled."""
+    if report.processes is None:
+        return None, None
+    cpu = report.processes.helpers_cpu_s(scenario)
+    messages = sum(run.messages for s in report.summaries if s.scenario == scenario for run in s.runs)
+    messages += sum(run.messages for run in report.warmup if run.scenario == scenario)
+    return cpu, (1e6 * cpu / messages if cpu is not None and messages else None)
+
+
+def whole_run_disk(report: BenchReport, scenario: str) -> tuple[int | None, float | None]:
+    """Bytes the appliance wrote over the whole benchmark (between runs too, its helpers included),
+    and per byte of accepted payload of all its runs (warm-up included): the long-run figure, with
+    every seal to Parquet in it, where one run's figure has a seal in it or not."""
+    if report.processes is None:
+        return None, None
+    written = report.processes.service_write_bytes(scenario)
+    runs = [run for s in report.summaries if s.scenario == scenario for run in s.runs]
+    runs += [run for run in report.warmup if run.scenario == scenario]
+    payload = sum(run.accepted_payload_bytes or 0 for run in runs)
+    return written, (written / payload if written is not None and payload else None)
+
+
+def render_processes(report: BenchReport) -> str | None:
+    """Per appliance: its peak RSS over the whole benchmark, and every process it started (mosquitto aside)."""
+    watch = report.processes
+    if watch is None or not watch.appliances:
+        return None
+    lines = [f"Processes the appliances started, mosquitto aside (polled every {watch.interval:g} s for "
+             f"{watch.watched_s:,.0f} s; resident: up for at least half of that)"]
+    for scenario in watch.appliances:
+        memory = memory_target(watch, scenario)
+        cpu, per_msg = _helpers_cpu_us_per_msg(report, scenario)
+        written, per_byte = whole_run_disk(report, scenario)
+        lines.append(f"  {scenario}: service peak RSS {_megabytes(memory.service_peak_rss_kb)} MB (VmHWM over the "
+                     f"whole benchmark); with resident helpers {_megabytes(memory.peak_rss_kb)} MB; helpers' CPU "
+                     f"{_number(cpu, 2)} s (= {_number(per_msg, 1)} µs per message handled); written to disk "
+                     f"over the whole benchmark {_number(None if written is None else written / 1e6, 1)} MB "
+                     f"(= {_number(per_byte, 2)} B per accepted payload byte, all loads, helpers included)")
+        for kind, group in (("resident", memory.resident), ("short-lived", memory.short_lived)):
+            for entry in summarise_by_name(group):
+                lived = (f"{entry['min_lived_s']:.1f}–{entry['max_lived_s']:.1f}"
+                         if entry["count"] > 1 else f"{entry['max_lived_s']:.1f}")
+                lines.append(f"    {kind:<11} {entry['name']:<34} ×{entry['count']:<3} peak RSS "
+                             f"{_megabytes(entry['max_peak_rss_kb']):>6} MB, lived {lived} s")
+        if not memory.resident and not memory.short_lived:
+            lines.append("    no other process")
+        for task, stats in sorted(report.helper_stats.get(scenario, {}).items()):
+            lines.append(f"    its status: helper {task}: {stats.get('runs')} run(s), {stats.get('failures')} failed, "
+                         f"largest peak RSS {_megabytes(stats.get('max_peak_rss_kb'))} MB")
+    return "\n".join(lines)
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: "not measured"}[met]
+
+
+def _measured(value: float | None, unit: str) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.2f}" if unit in ("×", "B/B") else f"{value:,.1f}"
+
+
+def render_targets(targets: list[Target]) -> str:
+    lines = ["Targets (issue #13), governance path:"]
+    for target in targets:
+        lines.append(f"  {_verdict(target.met):<12} {target.description}")
+        for check in target.checks:
+            comparison = "≤" if target.at_most else "≥"
+            limit = "–" if check.limit is None else _measured(check.limit, target.unit)
+            detail = f" ({check.detail})" if check.detail else ""
+            lines.append(f"      {check.case:<26} {_measured(check.measured, target.unit):>9} {target.unit} "
+                         f"{comparison} {limit}: {_verdict(check.met)}{detail}")
+    return "\n".join(lines)
 
 
 def _mosquitto_version() -> str | None:
@@ -103,6 +188,30 @@ def _run(run: Any) -> dict[str, Any]:
     document = dataclasses.asdict(run)
     document["disk_bytes_per_msg"] = run.disk_bytes_per_msg
     document["disk_bytes_per_payload_byte"] = run.disk_bytes_per_payload_byte
+    document["log_syncs_per_s"] = run.log_syncs_per_s
+    return document
+
+
+def _processes_json(report: BenchReport) -> dict[str, Any]:
+    watch = report.processes
+    if watch is None:
+        return {}
+    document: dict[str, Any] = {}
+    for scenario in watch.appliances:
+        memory = memory_target(watch, scenario)
+        cpu, per_msg = _helpers_cpu_us_per_msg(report, scenario)
+        document[scenario] = {
+            "service_peak_rss_kb": memory.service_peak_rss_kb,
+            "peak_rss_kb_with_resident_helpers": memory.peak_rss_kb,
+            "helpers_cpu_s": cpu,
+            "helpers_cpu_us_per_msg": per_msg,
+            "disk_write_bytes": whole_run_disk(report, scenario)[0],
+            "disk_bytes_per_accepted_payload_byte": whole_run_disk(report, scenario)[1],
+            "watched_s": round(watch.watched_s, 3),
+            "poll_interval_s": watch.interval,
+            "processes": [p.to_json(watch.watched_s) for p in watch.children(scenario)],
+            "status_helpers": report.helper_stats.get(scenario),
+        }
     return document
 
 
@@ -132,6 +241,8 @@ def to_json(report: BenchReport) -> dict[str, Any]:
                     for where in ("local", "cloud") if s.latency_ms(where, "p50") is not None
                 },
                 "proxy_cpu_us_per_msg": s.cpu_us_per_msg("proxy"),
+                "log_syncs_per_s": s.log_syncs_per_s,
+                "log_bytes_per_msg": s.log_bytes_per_msg,
                 "cpu_percent": {role: s.cpu_percent(role) for role in ROLES if s.cpu_percent(role) is not None},
                 "peak_rss_kb": {role: s.peak_rss_kb(role) for role in ROLES if s.peak_rss_kb(role) is not None},
                 "disk_bytes_per_msg": s.disk_bytes_per_msg,
@@ -143,6 +254,8 @@ def to_json(report: BenchReport) -> dict[str, Any]:
             for s in report.summaries
         ],
         "warmup_runs": [_run(run) for run in report.warmup],
+        "processes": _processes_json(report),
+        "targets": {target.key: target.to_json() for target in evaluate(report)},
     }
 
 

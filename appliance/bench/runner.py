@@ -14,10 +14,13 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from appliance.bench.children import ProcessWatch
 from appliance.bench.load import LOAD_KINDS, Load, RunResult, run_once
 from appliance.bench.procfs import filesystem_type
 from appliance.bench.scenarios import REFERENCE, SCENARIOS, STOCK_REFERENCE, Scenario, Target
+from appliance.bench.status import helper_stats
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,14 @@ class Summary:
                         if run.ok and run.latency_ms and where in run.latency_ms])
 
     @property
+    def log_syncs_per_s(self) -> float | None:
+        return _median([run.log_syncs_per_s for run in self.runs])
+
+    @property
+    def log_bytes_per_msg(self) -> float | None:
+        return _median([run.log_bytes_per_msg for run in self.runs])
+
+    @property
     def disk_bytes_per_msg(self) -> float | None:
         return _median([run.disk_bytes_per_msg for run in self.runs])
 
@@ -127,6 +138,10 @@ class BenchReport:
     summaries: list[Summary]
     warmup: list[RunResult]
     workdir_fs: str = "unknown"
+    # Every process the appliances started (mosquitto aside), polled over the whole benchmark
+    processes: ProcessWatch | None = None
+    # Each appliance's own record of its helper processes at the end (status → audit.helpers)
+    helper_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
@@ -148,17 +163,33 @@ def run_benchmark(options: BenchOptions, *, progress: Progress | None = None) ->
         workdir = Path(tmp)
         workdir_fs = filesystem_type(workdir)
         targets: dict[str, Target] = {s.name: stack.enter_context(s.start(workdir)) for s in scenarios}
-        for round_ in range(first_round, options.runs + 1):
-            for load in loads:
-                order = scenarios if round_ % 2 else scenarios[::-1]
-                for scenario in order:
-                    result = run_once(targets[scenario.name], load, scenario=scenario.name, round=round_,
-                                      workdir=workdir)
-                    results.append(result)
-                    if progress is not None:
-                        progress(result)
+        # Started once every scenario is up: no process is spawned with preexec_fn while it runs.
+        watch = ProcessWatch({name: t.pids["proxy"] for name, t in targets.items() if "proxy" in t.pids}).start()
+        try:
+            for round_ in range(first_round, options.runs + 1):
+                for load in loads:
+                    order = scenarios if round_ % 2 else scenarios[::-1]
+                    for scenario in order:
+                        start = watch.now()
+                        result = run_once(targets[scenario.name], load, scenario=scenario.name, round=round_,
+                                          workdir=workdir)
+                        result.helper_processes = [
+                            {"name": p.name, "pid": p.pid, "peak_rss_kb": p.peak_rss_kb}
+                            for p in watch.seen_between(scenario.name, start, watch.now())
+                        ] if "proxy" in targets[scenario.name].pids else None
+                        results.append(result)
+                        if progress is not None:
+                            progress(result)
+        finally:
+            watch.stop()
+        helpers = {name: stats for name, target in targets.items()
+                   if (stats := helper_stats(target.state_dir)) is not None}
+        for name, stats in helpers.items():
+            watch.merge_reported(name, stats)
     report = _summarise(options, loads, results)
     report.workdir_fs = workdir_fs
+    report.processes = watch
+    report.helper_stats = helpers
     return report
 
 

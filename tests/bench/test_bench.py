@@ -105,6 +105,51 @@ def test_governance_and_bridge_deliver_locally_and_to_the_cloud() -> None:
             assert run.latency_ms is not None
             assert set(run.latency_ms) == ({"local"} if scenario == "mosquitto" else {"local", "cloud"})
             assert run.latency_ms["local"]["p50"] <= run.latency_ms["local"]["p99"] <= run.latency_ms["local"]["max"]
+        if scenario == "governance":
+            # The power-safe log synced during the run; the helper processes were looked for.
+            assert run.log is not None and run.log["syncs"] > 0 and run.log["records"] >= run.messages
+            assert run.log_syncs_per_s is not None and run.log_syncs_per_s > 0
+            assert run.cpu_us_per_msg("proxy") is not None and run.helper_processes is not None
+        else:
+            assert run.log is None and run.log_syncs_per_s is None and run.helper_processes is None
+
+    from appliance.bench.report import render_tables, to_json
+
+    assert report.processes is not None and set(report.processes.appliances) == {"governance"}
+    assert (report.processes.service_peak_rss_kb("governance") or 0) > 0
+    document = to_json(report)
+    governance = document["processes"]["governance"]
+    assert governance["service_peak_rss_kb"] > 0 and governance["peak_rss_kb_with_resident_helpers"] > 0
+    assert governance["status_helpers"] is not None
+    # Over the whole benchmark the appliance wrote at least what its message log appended (tmpfs: nothing).
+    appended = sum((run.log or {}).get("bytes_appended", 0) for s in report.summaries if s.scenario == "governance" for run in s.runs)
+    assert appended > 0
+    if report.workdir_fs not in ("tmpfs", "ramfs"):
+        assert governance["disk_write_bytes"] >= appended and governance["disk_bytes_per_accepted_payload_byte"] > 0
+    for entry in document["results"]:
+        assert {"log_syncs_per_s", "proxy_cpu_us_per_msg"} <= set(entry)
+    targets = document["targets"]
+    assert set(targets) == {"cpu_us_per_msg", "disk_bytes_per_payload_byte_rate", "disk_bytes_per_payload_byte_flat_out",
+                            "local_p99_ms", "cloud_p99_ms", "local_ratio_vs_bridge", "cloud_ratio_vs_bridge",
+                            "peak_rss_mb"}
+    measured = {(key, check["case"]): check for key, target in targets.items() for check in target["checks"]}
+    # What ran (QoS 1, 100 sensors flat out and at the fixed rate) is measured and judged; QoS 0 was not run.
+    for key, case in [("cpu_us_per_msg", "QoS 1, 100 sensors 2k/s"), ("disk_bytes_per_payload_byte_rate", "QoS 1, 100 sensors 2k/s"),
+                      ("local_p99_ms", "QoS 1, 100 sensors 2k/s"), ("cloud_p99_ms", "QoS 1, 100 sensors 2k/s"),
+                      ("disk_bytes_per_payload_byte_flat_out", "QoS 1, 100 sensors"),
+                      ("local_ratio_vs_bridge", "QoS 1, 100 sensors"), ("cloud_ratio_vs_bridge", "QoS 1, 100 sensors"),
+                      ("peak_rss_mb", "governance")]:
+        check = measured[(key, case)]
+        assert check["measured"] is not None and check["limit"] is not None and isinstance(check["met"], bool), (key, check)
+    assert measured[("cpu_us_per_msg", "QoS 0, 100 sensors 2k/s")]["met"] is None
+    assert measured[("local_ratio_vs_bridge", "QoS 0, 1 publisher")]["measured"] is None
+    runs_ = {(s.scenario, s.load): s for s in report.summaries}
+    assert measured[("local_p99_ms", "QoS 1, 100 sensors 2k/s")]["limit"] == pytest.approx(
+        runs_[("mosquitto", "100 sensors 2k/s")].latency_ms("local", "p99") + 2.0)
+    assert measured[("local_ratio_vs_bridge", "QoS 1, 100 sensors")]["limit"] == runs_[("bridge", "100 sensors")].ratio_to_mosquitto
+    text = render_tables(report)
+    assert "Targets (issue #13)" in text and "Processes the appliances started" in text
+    assert "log syncs/s" in text and "proxy CPU µs/msg" in text
 
 
 @needs_mosquitto
@@ -121,6 +166,11 @@ def test_cli_writes_json_and_a_chart_next_to_it(tmp_path: Path) -> None:
     assert entry["failed_runs"] == 0 and entry["accounted"] is True
     assert entry["msg_per_s"] > 0 and entry["ratio_to_mosquitto"] == 1.0
     assert [run["received"] for run in entry["runs"]] == [200]
+    # Nothing the targets need ran: every target is there, none measured.
+    assert "Targets (issue #13)" in result.output
+    assert document["targets"]["peak_rss_mb"]["met"] is None
+    assert all(check["measured"] is None for target in document["targets"].values() for check in target["checks"])
+    assert document["processes"] == {}
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -148,3 +198,114 @@ def test_verdict_bench_runs_every_case(tmp_path: Path) -> None:
     from appliance.bench.verdict import CASES
 
     assert set(json.loads(out.read_text())["verdict_us"]) == {case.name for case in CASES}
+
+
+# -- processes the appliance starts, the message log's syncs, issue #13's targets ------------------
+
+_PARENT = """
+import subprocess, sys
+helper = subprocess.Popen([sys.executable, "-c", "x = bytearray(30 << 20); sum(range(3_000_000)); import sys; sys.stdin.read()"],
+                          stdin=subprocess.PIPE)
+broker = subprocess.Popen([sys.argv[1], "60"])
+print("started", flush=True)
+sys.stdin.readline()
+helper.stdin.close(); helper.wait()
+print("helper done", flush=True)
+sys.stdin.readline()
+broker.kill(); broker.wait()
+"""
+
+
+def test_process_watch_sees_each_child_with_its_peak_rss_and_lifetime(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from appliance.bench.children import ProcessWatch
+    from tests.helpers import wait_until
+
+    # A child whose command is "mosquitto" (a copy of sleep) is the broker: not counted.
+    broker = tmp_path / "mosquitto"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", broker)
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(broker)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert parent.stdin is not None and parent.stdout is not None
+    try:
+        assert parent.stdout.readline().strip() == "started"
+        watch = ProcessWatch({"appliance": parent.pid}, interval=0.02).start()
+        wait_until(lambda: any(p.peak_rss_kb >= 30 * 1024 for p in watch.children()), message="the helper's 30 MB")
+        parent.stdin.write("\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline().strip() == "helper done"
+        watch.stop()
+    finally:
+        parent.stdin.close()
+        parent.wait(timeout=30)
+
+    [helper] = watch.children("appliance")
+    assert helper.name.startswith("python") and helper.pid != parent.pid
+    assert helper.peak_rss_kb >= 30 * 1024
+    assert helper.lived_s > 0 and not helper.alive_at_end
+    assert not helper.resident(watch.watched_s * 10)  # a tenth of a longer benchmark: short-lived
+    assert (watch.service_peak_rss_kb("appliance") or 0) > 0
+    # The parent waited for it: its CPU seconds are the kernel's count of the exited child's.
+    assert (watch.helpers_cpu_s("appliance") or 0) > 0
+
+
+def test_helper_runs_the_appliance_recorded_are_merged_and_resident_ones_count_against_the_target() -> None:
+    import time
+
+    from appliance.bench.children import ChildProcess, ProcessWatch, memory_target, merge_helper_run
+
+    watch = ProcessWatch({"governance": 1})
+    watch._started = time.monotonic() - 100.0
+    watch.watched_s = 100.0
+    watch._watched["governance"].peak_rss_kb = 60 * 1024
+    # Polled between fork and exec: it still had the service's command line.
+    polled = watch.processes[(4242, 1)] = ChildProcess("governance", 4242, "appliance run", 10.0, 10.3,
+                                                       peak_rss_kb=50_000)
+    watch.processes[(4343, 1)] = ChildProcess("governance", 4343, "appliance.forward", 1.0, 99.0, peak_rss_kb=15 * 1024)
+    now = time.time()
+    # The same seal, exactly: it lived 0.5 s and peaked at 90 MB after the last poll.
+    merged = merge_helper_run(watch, "governance", {"task": "seal", "pid": 4242, "started": now - 90.0, "seconds": 0.5,
+                                                    "exit_status": 0, "peak_rss_kb": 90 * 1024})
+    assert merged is polled and merged.reported and merged.name == "appliance.audit.maintain seal"
+    assert merged.peak_rss_kb == 90 * 1024 and abs(merged.lived_s - 0.5) < 0.05
+    # One the polling missed altogether is added from the record.
+    missed = merge_helper_run(watch, "governance", {"task": "retain", "pid": 4444, "started": now - 50.0, "seconds": 0.05,
+                                                    "exit_status": 1, "peak_rss_kb": 70 * 1024})
+    assert missed.name == "appliance.audit.maintain retain" and missed.exit_status == 1
+    assert len(watch.children("governance")) == 3
+
+    memory = memory_target(watch, "governance")
+    assert [p.name for p in memory.resident] == ["appliance.forward"]
+    assert {p.pid for p in memory.short_lived} == {4242, 4444}
+    assert memory.peak_rss_kb == 75 * 1024  # the service and the resident helper; the seal is beside them
+
+
+@needs_mosquitto
+def test_a_seal_helper_of_the_governance_appliance_is_reported(tmp_path: Path) -> None:
+    import subprocess
+
+    from appliance import admin
+    from appliance.bench.children import ProcessWatch
+    from appliance.bench.scenarios import SCENARIOS
+    from appliance.bench.status import helper_stats, log_counters
+    from tests.helpers import wait_until
+
+    with SCENARIOS["governance"].start(tmp_path) as target:
+        watch = ProcessWatch({"governance": target.pids["proxy"]}, interval=0.02).start()
+        before = log_counters(target.state_dir)
+        assert before is not None and set(before) == {"records", "bytes_appended", "syncs"}
+        subprocess.run(["mosquitto_pub", "-p", str(target.port), "-t", topic("dev-s01"), "-q", "1",
+                        "-m", reading("dev-s01", 0, synthetic_ts(0)).decode()], check=True, timeout=30)
+        after = log_counters(target.state_dir)
+        assert after is not None and after["records"] > before["records"] and after["syncs"] > before["syncs"]
+        admin.call(target.state_dir, "audit_seal")
+        stats = wait_until(lambda: (s := helper_stats(target.state_dir)) and s.get("seal", {}).get("runs") and s,
+                           timeout=60, message="a seal helper run")
+        watch.stop()
+        watch.merge_reported("governance", stats)
+    [seal] = [p for p in watch.children("governance") if p.name == "appliance.audit.maintain seal"]
+    assert seal.reported and seal.exit_status == 0
+    assert seal.peak_rss_kb > 0 and seal.lived_s > 0
+    assert not any(p.name == "mosquitto" for p in watch.children())

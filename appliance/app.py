@@ -413,7 +413,7 @@ def run(config: Config, *, config_path: Path | None = None, overrides: dict[str,
     """Run the appliance in the foreground; raises BrokerError (or StateDirError, AuditError) when it
     cannot start."""
     sdnotify.claim_environment()  # before mosquitto starts: it must not inherit $NOTIFY_SOCKET
-    # The journal writer, mover and forwarder run Python next to the event loop; a thread that wants
+    # The message log's writer and the forwarder run Python next to the event loop; a thread that wants
     # the GIL waits up to the switch interval (5 ms by default). 1 ms cut the latency tails at
     # 1k msg/s (max 5.1-5.8 -> 2.7-4.5 ms local, cloud p99 3.6-4.3 -> 2.5-3.7 ms; 3 A/B pairs) with
     # no measurable change in throughput (docs/performance.md).

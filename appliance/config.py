@@ -25,8 +25,6 @@ from appliance.settings import (  # noqa: F401 - re-exported: the config's build
 )
 
 DEFAULT_STATE_DIR = Path("/var/lib/mqtt-appliance")
-# Bytes an outbox row costs in the journal's SQLite file beyond its payload and topic (docs/forwarding.md).
-OUTBOX_ROW_OVERHEAD = 1_000
 
 
 

@@ -3,8 +3,8 @@
 MQTT (§4.6) requires PUBACK and PUBREC to be sent in the order the PUBLISH packets arrived. The
 broker acks what the proxy forwarded; the proxy acks what it rejected. An injected ack sent at once
 would overtake the broker's acks for earlier messages, and clients such as mosquitto_pub disconnect
-when their last message is acked, losing the earlier ones (docs/evidence.md, pitfall 1). And with an
-audit journal, no ack may reach the publisher before the message's verdict is durable.
+when their last message is acked, losing the earlier ones (docs/evidence.md, pitfall 1). And with the
+message log, no ack may reach the publisher before the message's verdict is durable.
 
 So every QoS 1/2 PUBLISH gets an entry, in arrival order: the ack to send (the broker's, once it
 arrives, or the proxy's own) and the message log's sequence number (the sink's ticket) that must be

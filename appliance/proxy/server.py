@@ -407,7 +407,7 @@ class ProxyServer:
         self.max_connections = max_connections
         self.write_buffer_high = write_buffer_high
         self.clients: set[ClientLeg] = set()
-        # Acks wait for the audit journal's commits when `durability` is set (see proxy/acks.py).
+        # Acks wait for the message log's syncs when `durability` is set (see proxy/acks.py).
         self.durability = durability
         self.durable_waiters: set[ClientLeg] = set()
         self._on_event = on_event
@@ -440,7 +440,7 @@ class ProxyServer:
             request()
 
     def committed(self, seq: int) -> None:
-        """The journal committed up to `seq`: send the acks that waited for it."""
+        """The message log settled records up to `seq`: send the acks that waited for them."""
         waiters, self.durable_waiters = self.durable_waiters, set()
         for leg in waiters:
             if leg.session is not None and not leg._closed:

@@ -67,6 +67,9 @@ _SUBACK = int(PacketType.SUBACK)
 # Acks waiting for durability at which a client is taken to be blocked on us (see
 # blocked_on_durability): mosquitto_pub and paho keep 20 QoS 1 messages in flight by default.
 SYNC_HINT_INFLIGHT = 10
+# A client whose next packets arrive this soon after we released acks to it is clocked by our acks
+# (it sends when it hears back): whatever it has in flight, it is blocked on us once it waits.
+ACK_CLOCK_S = 0.002
 _UNSUBSCRIBE = int(PacketType.UNSUBSCRIBE)
 _MQTT5 = ProtocolVersion.MQTT_5
 
@@ -121,7 +124,7 @@ class Session:
     __slots__ = (
         "peer", "client", "version", "state", "close_reason",
         "to_client", "to_broker", "want_broker", "close_client", "close_broker",
-        "_pipeline", "_limits", "_credentials", "_max_packet_size", "_acks",
+        "_pipeline", "_limits", "_credentials", "_max_packet_size", "_acks", "_acks_released_at", "_ack_clocked",
         "_client_pending", "_client_need", "_broker_pending", "_broker_need",
         "_durability", "_qos2_open", "password_user", "broker_client_id", "_aliases", "_stale_aliases", "_alias_maximum", "_proxy_qos2", "_reason_strings",
         "_client_max_packet", "_client_disconnected",
@@ -163,6 +166,8 @@ class Session:
         self._broker_need = 0
         self._durability = durability
         self._acks = AckOrder(durability, self._failed_ack)
+        self._acks_released_at = float("-inf")
+        self._ack_clocked = False
         self._qos2_open: set[int] = set()  # forwarded QoS 2 ids the broker has not PUBCOMPed yet
         self.password_user: str | None = None  # the user a password file authenticated, if any
         self.broker_client_id: str | None = None  # the client id the broker sees (see broker_client_id)
@@ -201,6 +206,7 @@ class Session:
     def client_data(self, data: bytes) -> None:
         if self.state is State.CLOSED:
             return
+        self._ack_clocked = self._clock() - self._acks_released_at < ACK_CLOCK_S
         if self._client_pending:
             self._client_pending += data
             if len(self._client_pending) < self._client_need:
@@ -506,8 +512,11 @@ class Session:
                     if run < pos:
                         to_client.append(data[run:pos])
                     run = end
+                    queued = len(to_client)
                     if not acks.acked(int.from_bytes(data[body : body + 2], "big"), data[pos:end], to_client):
                         to_client.append(data[pos:end])
+                    elif len(to_client) > queued:
+                        self._acks_released_at = self._clock()
                 elif kind == _SUBACK and self._suback_merges:
                     packet_id = int.from_bytes(data[body : body + 2], "big")
                     pending = self._suback_merges.get(packet_id)
@@ -589,7 +598,10 @@ class Session:
 
     def release_acks(self) -> None:
         """The message log made more records durable: send the acks that were waiting for them."""
+        queued = len(self.to_client)
         self._acks.release(self.to_client)
+        if len(self.to_client) > queued:
+            self._acks_released_at = self._clock()
         self._close_if_unacknowledgeable()
 
     def _failed_ack(self, packet_id: int, qos: int) -> bytes | None:
@@ -617,11 +629,13 @@ class Session:
 
     @property
     def blocked_on_durability(self) -> bool:
-        """The client has (about) as many QoS 1/2 messages in flight as it will send before waiting
-        for acks. No MQTT version announces that number (Receive Maximum in CONNECT is about the
-        other direction); common clients stop at 10-20. A client that waits for each ack is not
-        detected: its acks take up to the sync window (audit.sync_window)."""
-        return self._acks.publishes >= SYNC_HINT_INFLIGHT
+        """The client waits for our acks before it sends more: it has (about) as many QoS 1/2
+        messages in flight as it will send (no MQTT version announces that number; common clients
+        stop at 10-20), or it is clocked by our acks (what it sent last came right after acks we
+        released to it) and has any in flight. A device publishing at its own pace is neither: its
+        acks wait up to the sync window (audit.sync_window), which batches syncs."""
+        publishes = self._acks.publishes
+        return publishes >= SYNC_HINT_INFLIGHT or (self._ack_clocked and publishes > 0)
 
     # -- connection events -----------------------------------------------------------------------
 

@@ -124,3 +124,35 @@ def test_failed_tickets_are_ranges():
     assert [s in failed for s in (4, 5, 7, 8, 10, 11)] == [False, True, True, False, True, False]
     failed.add(20, 30)
     assert 5 not in failed and 25 in failed and 10 in failed
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_client_clocked_by_our_acks_is_blocked_with_one_message_in_flight():
+    """A device that sends its next message as soon as it hears back (one at a time) would wait the
+    whole sync window per message; one that publishes at its own pace batches syncs."""
+    store, clock = Store(), FakeClock()
+    t = Transcript(V3, checks=[RejectBad()], durability=store, clock=clock)
+    t.session._pipeline._sinks += (store,)
+    t.connect()
+    t.client(Publish("a/b", b"ok", qos=1, packet_id=1))
+    assert not t.session.blocked_on_durability  # its own pace, as far as we know
+    t.broker(Puback(1))
+    store.committed = 1
+    t.session.release_acks()
+    assert t.to_client() == [Puback(1)]
+    clock.now += 0.0005  # the next one right after the ack: clocked by our acks
+    t.client(Publish("a/b", b"ok", qos=1, packet_id=2))
+    assert t.session.blocked_on_durability
+    t.broker(Puback(2))
+    store.committed = 2
+    t.session.release_acks()
+    clock.now += 0.1  # later, at its own pace
+    t.client(Publish("a/b", b"ok", qos=1, packet_id=3))
+    assert not t.session.blocked_on_durability

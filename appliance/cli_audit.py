@@ -6,7 +6,8 @@ service); the running appliance is asked over its admin socket only for what it 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -101,16 +102,47 @@ def _who() -> str:
     return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
+@contextmanager
+def _exclusive_or_running(state_dir: Path) -> Iterator[bool]:
+    """True while the appliance runs on `state_dir` (it answers on its admin socket: ask it to do
+    what touches the log); False while this process holds the state dir's lock, so that no
+    appliance starts and writes the log meanwhile. An appliance that holds the lock but does not
+    answer yet (starting) is an error: try again."""
+    from appliance.statedir import StateDirBusy, StateDirError, claim
+
+    try:
+        lock = claim(state_dir)
+    except StateDirBusy as exc:
+        try:
+            admin.call(state_dir, "status", timeout=30.0)
+        except admin.AdminUnavailable:
+            raise click.ClickException(f"{exc}; it does not answer on its admin socket yet (starting?): try again") from None
+        except admin.AdminError as error:
+            raise click.ClickException(str(error)) from error
+        yield True
+        return
+    except StateDirError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        yield False
+    finally:
+        lock.close()
+
+
 def _record_event(state_dir: Path, kind: str, detail: dict[str, Any]) -> None:
     """An event in the audit log: through the running appliance (the log's one writer), or, when
-    none runs, by opening the log for this one record."""
-    try:
-        admin.call(state_dir, "audit_event", kind=kind, detail=detail)
-        return
-    except admin.AdminUnavailable:
-        pass
-    except admin.AdminError as exc:
-        raise click.ClickException(str(exc)) from exc
+    none runs, by opening the log for this one record while holding the state dir's lock."""
+    with _exclusive_or_running(state_dir) as running:
+        if running:
+            try:
+                admin.call(state_dir, "audit_event", kind=kind, detail=detail)
+            except admin.AdminError as exc:
+                raise click.ClickException(str(exc)) from exc
+            return
+        _append_event(state_dir, kind, detail)
+
+
+def _append_event(state_dir: Path, kind: str, detail: dict[str, Any]) -> None:
     from appliance.audit.records import EVENT, IdClock
     from appliance.audit.service import last_id
     from appliance.audit.sink import event_record
@@ -321,22 +353,24 @@ def quarantine_purge(decision_ids: tuple[str, ...], purge_all: bool, yes: bool, 
         _sync(target)
 
     def seal() -> object:
-        try:
-            return admin.call(target, "audit_seal")
-        except admin.AdminUnavailable:
-            return None
+        return admin.call(target, "audit_seal")
 
-    running = True
-    try:
-        admin.call(target, "status")
-    except admin.AdminUnavailable:
-        running = False
-    except admin.AdminError:
-        pass
-    count = purge_quarantine(target, ids, seal=seal if running else None) if ids is None or ids else 0
-    if count or ids is None:
-        _record_event(target, "quarantine_purged", {"ids": "all" if ids is None else [str(i) for i in ids],
-                                                    "purged": count, "by": {"user": _who()}})
+    detail: dict[str, Any] = {"ids": "all" if ids is None else [str(i) for i in ids], "by": {"user": _who()}}
+    count = 0
+    # While purging, either the appliance runs (it seals its active segment first, and writes the
+    # event), or nobody may start one: purging a stopped appliance's newest segment rewrites it.
+    with _exclusive_or_running(target) as running:
+        if ids is None or ids:
+            count = purge_quarantine(target, ids, seal=seal if running else None)
+        if count or ids is None:
+            detail["purged"] = count
+            if running:
+                try:
+                    admin.call(target, "audit_event", kind="quarantine_purged", detail=detail)
+                except admin.AdminError as exc:
+                    raise click.ClickException(str(exc)) from exc
+            else:
+                _append_event(target, "quarantine_purged", detail)
     click.echo(f"purged {count} message(s)")
     for decision_id in missing:
         click.echo(f"{decision_id}: no quarantined message with this id", err=True)

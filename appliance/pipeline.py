@@ -123,12 +123,16 @@ class FailedTickets:
 
     __slots__ = ("_firsts", "_lasts", "_keep")
 
-    def __init__(self, keep: int = 4096) -> None:
+    def __init__(self, keep: int = 65_536) -> None:
         self._firsts: list[int] = []
         self._lasts: list[int] = []
         self._keep = keep
 
     def add(self, first: int, last: int) -> None:
+        # A full disk fails batch after batch: adjacent ranges merge, so a long outage is one range.
+        if self._lasts and first <= self._lasts[-1] + 1 and first >= self._firsts[-1]:
+            self._lasts[-1] = max(self._lasts[-1], last)
+            return
         self._firsts.append(first)
         self._lasts.append(last)
         if len(self._firsts) > self._keep:

@@ -17,10 +17,34 @@ class StateDirError(Exception):
     """The state dir cannot be used; the message names it and says what to do."""
 
 
+class StateDirBusy(StateDirError):
+    """Another process (a running appliance) holds the state dir."""
+
+
+def make_durable_dirs(path: Path) -> None:
+    """mkdir -p, fsyncing the parent of every directory it creates: a power cut right after the
+    first start must not take the state dir (and what was then written into it) away."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue
+        fd = os.open(directory.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def claim(state_dir: Path) -> IO[str]:
     """Create (if needed), check and lock the state dir; keep the returned file open while running."""
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        make_durable_dirs(state_dir)
         with tempfile.TemporaryFile(dir=state_dir):
             pass
         lock = (state_dir / LOCK_NAME).open("a+")
@@ -35,7 +59,7 @@ def claim(state_dir: Path) -> IO[str]:
         lock.seek(0)
         holder = lock.read().strip() or "unknown"
         lock.close()
-        raise StateDirError(
+        raise StateDirBusy(
             f"the state dir {state_dir} is in use by another appliance (pid {holder}); stop that one, "
             "or give this one its own state dir (state_dir, --state-dir)"
         ) from None

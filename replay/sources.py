@@ -456,7 +456,7 @@ def appliance_recording(state_dir: Path, filters: Filters) -> Source:
     layout = Layout(state_dir)
     for _ in range(5):
         mark = layout.read_watermark()
-        files = [str(f.path) for f in layout.files("decisions", upto_seq=mark.last_seq)]
+        files = [str(f.path) for f in layout.visible("decisions", upto_seq=mark.last_seq)]
         tail = _tail_rows(state_dir, mark)
         if layout.read_watermark() == mark:
             break

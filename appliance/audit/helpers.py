@@ -129,7 +129,7 @@ class HelperProcesses:
     def stats(self) -> dict[str, Any]:
         """Per task: runs, failures, the last run, the largest peak RSS seen."""
         tasks: dict[str, Any] = {}
-        for run in self.history:
+        for run in tuple(self.history):  # the metrics thread reads while the loop appends
             entry = tasks.setdefault(run.task, {"runs": 0, "failures": 0, "max_peak_rss_kb": 0, "last": None})
             entry["runs"] += 1
             entry["failures"] += run.exit_status != 0

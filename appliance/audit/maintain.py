@@ -81,6 +81,11 @@ def _upgrade(layout: Layout, args: argparse.Namespace) -> dict[str, Any]:
         done = upgrade(layout.state_dir, message_log)
     finally:
         message_log.stop()
+    if done is not None and done.max_id:
+        from appliance.audit.layout import write_durably
+
+        # The service's id clock continues after the imported ids (audit/service.py, LAST_ID_FILE).
+        write_durably(layout.audit_dir / "last_id", f"{done.max_id}\n".encode())
     return {"upgrade": str(done) if done is not None else "nothing to import"}
 
 

@@ -248,6 +248,11 @@ class IdClock:
         self._last = start_after
         self._lock = threading.Lock()
 
+    @property
+    def last(self) -> int:
+        """The last id handed out (or start_after)."""
+        return self._last
+
     def next(self, now: float | None = None) -> int:
         candidate = int((time.time() if now is None else now) * 1000) << self.SEQUENCE_BITS
         with self._lock:

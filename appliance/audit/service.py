@@ -22,7 +22,7 @@ import orjson
 
 from appliance.audit.errors import AuditError
 from appliance.audit.helpers import HELPER_MODULE, HelperProcesses, HelperRun
-from appliance.audit.layout import Layout, make_dirs
+from appliance.audit.layout import Layout, make_dirs, write_durably
 from appliance.audit.records import DECISION, EVENT, IdClock
 from appliance.audit.sink import AuditSink, event_record
 from appliance.config import AuditConfig
@@ -42,6 +42,9 @@ def audit_dir(state_dir: Path) -> Path:
 
 
 QUARANTINE_BYTES_FILE = "quarantine_bytes"
+# The largest id handed out before log segments were removed (or imported by the upgrade): ids keep
+# growing across restarts even when the log no longer holds the records that had them.
+LAST_ID_FILE = "last_id"
 
 
 def _read_int(path: Path) -> int:
@@ -115,6 +118,7 @@ class AuditService:
         self.config = config
         self.state_dir = state_dir
         self.layout = Layout(state_dir)
+        make_dirs(self.layout.audit_dir)  # fsync'd into its parent: a power cut cannot take it away
         self._on_event = on_event or self.record_event
         upgrade_legacy(state_dir)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,7 +131,7 @@ class AuditService:
             on_seal=self._sealed,
         )
         self.recovery = self.log.open()
-        self.clock = IdClock(start_after=last_id(self.layout.log_dir))
+        self.clock = IdClock(start_after=max(last_id(self.layout.log_dir), _read_int(self.layout.audit_dir / LAST_ID_FILE)))
         self.sink = AuditSink(
             self.log, self.clock, record_payloads=config.record_payloads, config_revision=config_revision,
             dry_run=dry_run, forward=forward,
@@ -253,6 +257,8 @@ class AuditService:
         upto = self.layout.read_watermark().last_seq + 1
         if self.keep_from is not None:
             upto = min(upto, self.keep_from())
+        # The ids of the records about to go are all <= the clock's last: remembered first.
+        write_durably(self.layout.audit_dir / LAST_ID_FILE, f"{self.clock.last}\n".encode())
         return self.log.remove_segments_before(upto)
 
     async def start(self) -> None:

@@ -47,3 +47,34 @@ def test_scheduled_export_of_finished_days(audit_state, tmp_path: Path, capsys: 
     with freeze_time(now + timedelta(days=1)):
         assert export_days(state, out, capsys) == ["2026-11-27"]
     assert sorted(p.name for p in (out / "decisions").iterdir()) == ["day=2026-11-25", "day=2026-11-26", "day=2026-11-27"]
+
+
+def test_ids_keep_growing_after_the_segments_that_held_them_are_removed(tmp_path: Path):
+    """Once converted (and forwarded) segments are removed, the log may hold no id at all: the
+    largest one handed out is remembered first, so a restart with the wall clock behind (a Pi
+    without a real-time clock, before NTP) never issues an id at or below an earlier one."""
+    config = load_config(None, {"listen": "127.0.0.1:0", "state_dir": str(tmp_path / "state")})
+    future = int((datetime.now(UTC) + timedelta(days=365)).timestamp() * 1000) << IdClock.SEQUENCE_BITS
+
+    async def first_run() -> int:
+        service = AuditService(config.audit, config.state_dir, config_revision="r", dry_run=False)
+        await service.start()
+        service.clock = IdClock(start_after=future)  # ids from a clock a year ahead (then corrected)
+        service.sink._clock = service.clock
+        handed_out = service.record_event("test", {})
+        await service.sync()
+        service.log.seal()
+        service.remove_converted()
+        await service.stop()
+        return handed_out
+
+    asyncio.run(first_run())
+
+    async def second_run() -> int:
+        service = AuditService(config.audit, config.state_dir, config_revision="r", dry_run=False)
+        try:
+            return service.clock.next()
+        finally:
+            await service.stop()
+
+    assert asyncio.run(second_run()) > future

@@ -326,3 +326,25 @@ def test_replay_and_export_when_the_appliance_has_a_private_tmp(tmp_path):
         appliance.wait(30)
         log.close()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_purge_refuses_while_an_appliance_holds_the_state_dir_without_answering(tmp_path):
+    """A starting appliance holds the state dir's lock before its admin socket is up: an offline
+    purge then would rewrite the segment its log writer has open. The CLI says so instead."""
+    from appliance.statedir import claim
+
+    state = tmp_path / "state"
+    running = RunningAppliance(make_config(state, schemas=str(REPO / "schemas" / "v1"))).start()
+    pub = Client(running.port, version=5).connect()
+    pub.publish("sensor/t1/temperature", b"{}", qos=1)
+    pub.disconnect()
+    running.stop()
+    lock = claim(state)  # what `appliance run` holds from before its log opens until it has stopped
+    try:
+        refused = cli("quarantine", "purge", "--all", "--yes", "--state-dir", str(state))
+        assert refused.returncode == 1 and "try again" in refused.stderr, refused.stderr
+    finally:
+        lock.close()
+    assert sql(state, "SELECT count(*) AS n FROM quarantine") == [{"n": 1}]  # nothing was rewritten
+    purged = cli("quarantine", "purge", "--all", "--yes", "--state-dir", str(state))
+    assert purged.returncode == 0 and "purged 1" in purged.stdout

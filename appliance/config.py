@@ -213,7 +213,7 @@ class Config(BaseModel):
     dry_run: bool = Field(
         False, description="Compute and record every verdict, but deliver every message (try a schema set on live traffic)."
     )
-    audit: AuditConfig = Field(default_factory=AuditConfig, description="The audit log (DuckDB) and its retention.")
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="The audit log (the message log, Parquet, queried with DuckDB) and its retention.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics and health endpoints.")
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The broker behind the proxy.")
     upstream: UpstreamConfig = Field(

@@ -97,8 +97,10 @@ def test_unsubscribe_stops_delivery(appliance, version):
     sub = Client(appliance.port, version=version).connect()
     sub.subscribe("a/#", qos=1)
     sub.subscribe("b/#", qos=1)
+    unsubacks: list[int] = []
+    sub.paho.on_unsubscribe = lambda client, userdata, mid, *rest: unsubacks.append(mid)
     result, mid = sub.paho.unsubscribe("a/#")
-    wait_until(lambda: mid in sub._subacks or True)
+    wait_until(lambda: mid in unsubacks, message="UNSUBACK")
     pub = Client(appliance.port, version=version).connect()
     # Both publishes go over one connection in order: when b/ arrives, a/ would have arrived first.
     pub.publish("a/1", b"x", qos=1)

@@ -1,17 +1,21 @@
 # Two commands for a new user (see README.md):
 #   make run    set everything up and run the appliance on the demo config
 #   make test   set everything up and run the test suite
-# Both install what is missing: mosquitto (apt), a virtualenv in .venv and this package.
+# Both install what is missing: mosquitto (apt), a virtualenv in .venv and this package, with every
+# dependency at the version and hash pinned in requirements-test.lock (`make lock` regenerates it).
+#   make deb         Debian packages for arm64 and amd64 in dist/ (docs/install.md)
+#   make test-arm64  install the arm64 package in an emulated Debian bookworm arm64 root filesystem
+#                    and smoke-test it there (FULL=1: the whole suite)
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-test.lock | cksum | cut -d' ' -f1)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench fuzz clean system-packages
+.PHONY: setup run test bench fuzz clean system-packages lock deb test-arm64
 
 setup: system-packages $(STAMP)
 
@@ -38,12 +42,30 @@ system-packages:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	 { echo "Python 3.11 or newer is required (found $$($(PYTHON) --version))"; exit 1; }
 
-$(STAMP): pyproject.toml
+# Dependencies only from the lock (--require-hashes: a changed or substituted file is refused), then
+# this package itself without resolving anything again.
+$(STAMP): pyproject.toml requirements-test.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --require-hashes -r requirements-test.lock
+	$(BIN)/pip install -q --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# The lock files, from pyproject.toml's dependencies: requirements.lock (what the service runs on;
+# the Debian packages install exactly this) and requirements-test.lock (the same pins plus the test
+# tools; `make setup`). Run after changing dependencies in pyproject.toml; existing pins are kept
+# unless UPGRADE=1. Hashes cover every file of each pinned release, so one lock serves amd64 and
+# arm64; packaging/check-wheels.sh then proves both have cp311 wheels. The machine's own pip config
+# (local wheel directories) is ignored so that the hashes are the index's.
+LOCK_ENV   := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null
+LOCK_FLAGS := -q --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+              $(if $(UPGRADE),--upgrade)
+lock: $(STAMP)
+	$(BIN)/pip install -q 'pip-tools>=7.4'
+	$(LOCK_ENV) $(BIN)/pip-compile $(LOCK_FLAGS) -o requirements.lock pyproject.toml
+	$(LOCK_ENV) $(BIN)/pip-compile $(LOCK_FLAGS) --extra test -c requirements.lock -o requirements-test.lock pyproject.toml
+	$(LOCK_ENV) packaging/check-wheels.sh $(BIN)/pip requirements.lock
 
 run: setup
 	$(BIN)/appliance run --config fixtures/demo/appliance.yaml

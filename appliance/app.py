@@ -20,8 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
 from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
 from appliance.config import Config, ConfigError, load_config
 from appliance.governance import Governance, SchemaSetError, load_schema_set
@@ -31,7 +29,7 @@ from appliance.audit.operations import AuditOperations, forget_session
 from appliance.audit.service import AuditService
 from appliance.forward import Forwarder, Outbox
 from appliance.forward.check import OutboxFull
-from appliance.metrics import ApplianceCollector, MetricsServer, MetricsSink
+from appliance.metrics import MetricsPortInUse, MetricsServer, MetricsSink, make_registry
 from appliance.pipeline import Check, CountingSink, Pipeline, Sink
 from appliance.config import AuthConfig, is_loopback
 from appliance.proxy import ProxyServer, SessionLimits
@@ -191,11 +189,11 @@ class Appliance:
             assert self.audit is not None
             self.audit.journal.on_outbox_commit = self.forwarder.wake
         if config.metrics.enabled:
-            registry = CollectorRegistry()
-            registry.register(ApplianceCollector(self, self.metrics))
-            self.metrics_server = MetricsServer(registry, self.ready)
+            self.metrics_server = MetricsServer(make_registry(self, self.metrics), self.ready)
             try:
                 self.metrics_server.start(config.metrics.listen.host, config.metrics.listen.port)
+            except MetricsPortInUse as exc:
+                raise BrokerError(f"cannot serve metrics: {exc.strerror}") from exc
             except OSError as exc:
                 raise BrokerError(f"cannot serve metrics on {config.metrics.listen}: {exc.strerror} (set metrics.listen)") from exc
         listeners = self._listeners_from(config)

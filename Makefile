@@ -80,5 +80,22 @@ bench: setup
 fuzz: setup
 	$(BIN)/python -m tests.security.fuzz --cases 1000000
 
+# Debian packages for arm64 and amd64 (docs/install.md): the appliance in a virtualenv under
+# /opt/mqtt-appliance with requirements.lock's wheels for each architecture, for Debian's python3.
+VERSION     := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DEB_VERSION ?= $(VERSION)-1
+DEB_ARM64   := dist/mqtt-appliance_$(DEB_VERSION)_arm64.deb
+DEB_AMD64   := dist/mqtt-appliance_$(DEB_VERSION)_amd64.deb
+DEB_INPUTS  := pyproject.toml requirements.lock $(shell git ls-files appliance replay systemd packaging docs schemas README.md 2>/dev/null)
+deb: $(DEB_ARM64) $(DEB_AMD64)
+dist/mqtt-appliance_$(DEB_VERSION)_%.deb: $(DEB_INPUTS) | $(STAMP)
+	DEB_VERSION=$(DEB_VERSION) PIP=$(BIN)/pip packaging/build-deb.sh $*
+
+# The arm64 package installed and smoke-tested in an emulated Debian bookworm arm64 root filesystem,
+# upgraded over itself, then the codec, governance and replay tests on it (FULL=1: every test).
+# Needs root; the root filesystem is cached in /var/cache/mqtt-appliance (ROOTFS_CACHE).
+test-arm64: $(DEB_ARM64)
+	PIP=$(BIN)/pip packaging/test-arm64.sh $(DEB_ARM64) $(FULL)
+
 clean:
-	rm -rf $(VENV) .state .pytest_cache .hypothesis
+	rm -rf $(VENV) .state .pytest_cache .hypothesis build dist

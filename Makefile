@@ -6,6 +6,7 @@
 #   make deb         Debian packages for arm64 and amd64 in dist/ (docs/install.md)
 #   make test-arm64  install the arm64 package in an emulated Debian bookworm arm64 root filesystem
 #                    and smoke-test it there (FULL=1: the whole suite)
+#   make test-systemd  run the amd64 package's unit under a real systemd (systemd-nspawn)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -15,7 +16,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench fuzz clean system-packages lock deb test-arm64
+.PHONY: setup run test bench fuzz clean system-packages lock deb test-arm64 test-systemd
 
 setup: system-packages $(STAMP)
 
@@ -96,6 +97,11 @@ dist/mqtt-appliance_$(DEB_VERSION)_%.deb: $(DEB_INPUTS) | $(STAMP)
 # Needs root; the root filesystem is cached in /var/cache/mqtt-appliance (ROOTFS_CACHE).
 test-arm64: $(DEB_ARM64)
 	PIP=$(BIN)/pip packaging/test-arm64.sh $(DEB_ARM64) $(FULL)
+
+# The amd64 package's unit under a real systemd (a bookworm amd64 root filesystem booted with
+# systemd-nspawn): start (Type=notify), a TLS key from a credential, reload, watchdog, stop.
+test-systemd: $(DEB_AMD64)
+	packaging/test-systemd.sh $(DEB_AMD64)
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .hypothesis build dist

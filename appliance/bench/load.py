@@ -56,8 +56,10 @@ from appliance.bench.processes import BenchError, spawn_client, stop, wait_exit,
 from appliance.bench.procfs import Snapshot
 from appliance.bench.scenarios import Target
 
-STALL_S = 5.0
-SETUP_TIMEOUT_S = 15.0
+# APPLIANCE_TIMEOUT_SCALE stretches the waits for a slow machine (emulated arm64 runs 5-10x slower).
+_SCALE = float(os.environ.get("APPLIANCE_TIMEOUT_SCALE", "1"))
+STALL_S = 5.0 * _SCALE
+SETUP_TIMEOUT_S = 15.0 * _SCALE
 SENSORS = 100
 SENSOR_PROCESSES = 4
 LOAD_KINDS = ("publisher", "sensors", "rate")

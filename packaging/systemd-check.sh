@@ -55,6 +55,19 @@ sudo_free_status=$(setpriv --reuid=mqtt-appliance --regid=mqtt-appliance --init-
 security=$(systemd-analyze security mqtt-appliance.service 2>/dev/null | tail -1)
 step "$security"
 
+step "upgrade while running: the package stops the service and starts it again"
+if [ -e /var/tmp/newer.deb ]; then
+  before_pid=$(systemctl show -p MainPID --value mqtt-appliance.service)
+  before_conf=$(md5sum <"$conf")
+  dpkg -i /var/tmp/newer.deb >>/var/tmp/systemd-log 2>&1 || fail "dpkg -i of the newer package"
+  systemctl is-active --quiet mqtt-appliance.service || fail "not running again after the upgrade"
+  after_pid=$(systemctl show -p MainPID --value mqtt-appliance.service)
+  [ "$after_pid" != "$before_pid" ] || fail "the service was not restarted by the upgrade"
+  [ "$(md5sum <"$conf")" = "$before_conf" ] || fail "the upgrade changed the config"
+  [ -s /etc/mqtt-appliance/credentials/listener-tls-key ] || fail "the upgrade lost the credential"
+  step "upgraded to $(dpkg-query -W -f '${Version}' mqtt-appliance), running again (pid $before_pid -> $after_pid)"
+fi
+
 step "systemctl stop"
 systemctl stop mqtt-appliance.service || fail "systemctl stop"
 [ "$(systemctl show -p Result --value mqtt-appliance.service)" = success ] || fail "stop result: $(systemctl show -p Result --value mqtt-appliance.service)"

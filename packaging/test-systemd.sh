@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The package's unit under a real systemd: boot a Debian bookworm root filesystem of the package's
 # architecture with systemd-nspawn, install the package, and let packaging/systemd-check.sh start,
-# use, reload and stop the service there (docs/install.md, "A real systemd").
+# use, reload, upgrade and stop the service there (docs/install.md, "A real systemd").
 #   packaging/test-systemd.sh DEB
 # amd64 only on an x86_64 machine: under qemu-user, systemd cannot set up credentials (every unit
 # with LoadCredential=, its own systemd-sysusers and systemd-tmpfiles included, fails with
@@ -21,6 +21,12 @@ mount -t overlay overlay -o "lowerdir=$rootfs,upperdir=$run/upper,workdir=$run/w
 cleanup() { umount "$root" 2>/dev/null || umount -l "$root"; rm -rf "$run"; }
 trap cleanup EXIT
 cp "$deb" packaging/systemd-check.sh "$root/var/tmp/"
+# The same package as a newer version, for an upgrade while the service runs.
+version=$(dpkg-deb -f "$deb" Version)
+dpkg-deb -R "$deb" "$run/repack"
+sed -i "s/^Version: .*/Version: ${version}+upgrade/" "$run/repack/DEBIAN/control"
+dpkg-deb --build -Zzstd "$run/repack" "$root/var/tmp/newer.deb" >/dev/null
+rm -rf "$run/repack"
 systemd-nspawn -q -D "$root" --register=no --keep-unit --pipe dpkg -i "/var/tmp/$(basename "$deb")" \
   2> >(grep -v '^Attempted to remove disk file system' >&2)
 ports=$(python3 -c 'import socket

@@ -6,7 +6,7 @@
 #   make deb         Debian packages for arm64 and amd64 in dist/ (docs/install.md)
 #   make test-arm64  install the arm64 package in an emulated Debian bookworm arm64 root filesystem
 #                    and smoke-test it there (FULL=1: the whole suite)
-#   make test-systemd  run the amd64 package's unit under a real systemd (systemd-nspawn)
+#   make test-systemd  run both packages' unit under a real systemd (systemd-nspawn)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -98,10 +98,12 @@ dist/mqtt-appliance_$(DEB_VERSION)_%.deb: $(DEB_INPUTS) | $(STAMP)
 test-arm64: $(DEB_ARM64)
 	PIP=$(BIN)/pip packaging/test-arm64.sh $(DEB_ARM64) $(FULL)
 
-# The amd64 package's unit under a real systemd (a bookworm amd64 root filesystem booted with
-# systemd-nspawn): start (Type=notify), a TLS key from a credential, reload, watchdog, stop.
-test-systemd: $(DEB_AMD64)
+# Each package's unit under a real systemd (a bookworm root filesystem of its architecture booted
+# with systemd-nspawn): start (Type=notify), a TLS key from a credential (amd64: qemu-user cannot set
+# credentials up), reload, watchdog, an upgrade while running, stop.
+test-systemd: $(DEB_AMD64) $(DEB_ARM64)
 	packaging/test-systemd.sh $(DEB_AMD64)
+	packaging/test-systemd.sh $(DEB_ARM64)
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .hypothesis build dist

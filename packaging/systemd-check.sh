@@ -2,9 +2,11 @@
 # Inside a booted root filesystem with the package installed (packaging/test-systemd.sh): the unit
 # under a real systemd, with a TLS listener whose key comes from a systemd credential. Writes its
 # verdict to /var/tmp/systemd-result (PASS or FAIL: why) and powers the machine off.
-#   systemd-check.sh PORT TLS_PORT METRICS_PORT
+#   systemd-check.sh PORT TLS_PORT METRICS_PORT [emulated]
+# emulated: under qemu-user systemd cannot set up credentials; the caller reset LoadCredential= with a
+# drop-in, and the TLS listener (whose key is a credential) is left out.
 set -uo pipefail
-port=$1 tls_port=$2 mport=$3
+port=$1 tls_port=$2 mport=$3 emulated=${4:-}
 result=/var/tmp/systemd-result
 conf=/etc/mqtt-appliance/appliance.yaml
 fail() { echo "FAIL: $*" >"$result"; journalctl -u mqtt-appliance --no-pager -n 40 >>"$result" 2>&1; systemctl poweroff; exit 1; }
@@ -16,6 +18,7 @@ sed -i -e "s/^listen: .*/listen: 127.0.0.1:$port/" -e "s/^  listen: [^ ]*/  list
 systemctl start mqtt-appliance.service || fail "systemctl start with no credentials"
 systemctl stop mqtt-appliance.service || fail "systemctl stop"
 
+if [ -z "$emulated" ]; then
 step "a TLS key as a credential, the config naming it"
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost -addext subjectAltName=DNS:localhost \
   -keyout /etc/mqtt-appliance/credentials/listener-tls-key -out /etc/mqtt-appliance/listener.pem 2>/dev/null \
@@ -28,6 +31,7 @@ listeners:
       cert_file: /etc/mqtt-appliance/listener.pem
       key_credential: listener-tls-key
 YAML
+fi
 
 step "systemctl start (Type=notify: returns once the appliance is ready)"
 systemctl start mqtt-appliance.service || fail "systemctl start"
@@ -41,9 +45,14 @@ valid='{"device_id":"t1","ts":"2026-12-01T12:00:00Z","temperature":21.5}'
 out=$(mosquitto_pub -V mqttv5 -h 127.0.0.1 -p "$port" -q 1 -d -t sensor/t1/temperature -m "$valid" 2>&1)
 # Accepted: 0, or 0x10 (16) "no matching subscribers", as nobody subscribes here.
 echo "$out" | grep -Eq "received PUBACK \(Mid: 1, RC:(0|16)\)" || fail "plain publish: $out"
-out=$(mosquitto_pub -V mqttv5 -h localhost -p "$tls_port" --cafile /etc/mqtt-appliance/listener.pem -q 1 -d \
-  -t sensor/t1/temperature -m '{"device_id":"t1","temperature":999}' 2>&1)
-echo "$out" | grep -q "received PUBACK (Mid: 1, RC:153)" || fail "TLS publish: $out"
+if [ -z "$emulated" ]; then
+  out=$(mosquitto_pub -V mqttv5 -h localhost -p "$tls_port" --cafile /etc/mqtt-appliance/listener.pem -q 1 -d \
+    -t sensor/t1/temperature -m '{"device_id":"t1","temperature":999}' 2>&1)
+else
+  out=$(mosquitto_pub -V mqttv5 -h 127.0.0.1 -p "$port" -q 1 -d -t sensor/t1/temperature \
+    -m '{"device_id":"t1","temperature":999}' 2>&1)
+fi
+echo "$out" | grep -q "received PUBACK (Mid: 1, RC:153)" || fail "invalid publish: $out"
 
 step "systemctl reload (SIGHUP) and the watchdog"
 systemctl reload mqtt-appliance.service || fail "systemctl reload"
@@ -64,7 +73,7 @@ if [ -e /var/tmp/newer.deb ]; then
   after_pid=$(systemctl show -p MainPID --value mqtt-appliance.service)
   [ "$after_pid" != "$before_pid" ] || fail "the service was not restarted by the upgrade"
   [ "$(md5sum <"$conf")" = "$before_conf" ] || fail "the upgrade changed the config"
-  [ -s /etc/mqtt-appliance/credentials/listener-tls-key ] || fail "the upgrade lost the credential"
+  [ -n "$emulated" ] || [ -s /etc/mqtt-appliance/credentials/listener-tls-key ] || fail "the upgrade lost the credential"
   step "upgraded to $(dpkg-query -W -f '${Version}' mqtt-appliance), running again (pid $before_pid -> $after_pid)"
 fi
 

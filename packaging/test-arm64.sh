@@ -66,9 +66,13 @@ testdeps=$run/testdeps
 packaging/test-tools.sh "$pip" "$testdeps" aarch64
 mv "$testdeps" "$root/var/tmp/testdeps"
 mkdir -p "$root/var/tmp/src"
-# Everything but the sources: the tests import the package installed in /opt/mqtt-appliance/venv.
+# Everything but the sources, whose place takes the package installed in /opt/mqtt-appliance/venv
+# (symbolic links to it): the tests import and read what the package installed.
 tar -C . --anchored --exclude=./appliance --exclude=./replay --exclude=./.venv --exclude=./.git \
   --exclude=./build --exclude=./dist --exclude=./.state --exclude='*/__pycache__' -cf - . | tar -C "$root/var/tmp/src" -xf -
+for package in appliance replay; do
+  ln -s "/opt/mqtt-appliance/venv/lib/python3.11/site-packages/$package" "$root/var/tmp/src/$package"
+done
 if [ -n "$full" ]; then targets=(tests); else targets=(tests/mqtt tests/governance tests/replay); fi
 tests_begin=$(date +%s)
 inside --chdir=/var/tmp/src --setenv=PYTHONPATH=/var/tmp/testdeps \

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.conftest import make_config
 from tests.governance.payloads import temperature
-from tests.helpers import Client, RunningAppliance, wait_until
+from tests.helpers import TIMEOUT_SCALE, Client, RunningAppliance, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,9 @@ def test_metrics_and_health(tmp_path):
         assert metric(text, "mqtt_proxy_audit_healthy") == 1.0
         assert metric(text, "mqtt_proxy_state_dir_free_bytes") > 0
         # What every exporter has, from prometheus_client's own collectors.
-        assert metric(text, "process_resident_memory_bytes") > 10_000_000
+        rss = metric(text, "process_resident_memory_bytes")
+        # Under qemu-user (make test-arm64) /proc/self/stat reports an RSS of 0: only its presence counts there.
+        assert rss is not None and (rss > 10_000_000 or TIMEOUT_SCALE > 1)
         assert metric(text, "process_open_fds") > 0
         assert 'python_info{' in text
         build = next(line for line in text.splitlines() if line.startswith("mqtt_proxy_build_info{"))

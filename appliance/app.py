@@ -20,8 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
 from appliance import sdnotify, statedir
 from appliance.admin import AdminServer, socket_path
 from appliance.audit.check import StoreUnavailable
@@ -32,7 +30,7 @@ from appliance.config import AuthConfig, Config, ConfigError, is_loopback, load_
 from appliance.forward import Forwarder, Outbox
 from appliance.forward.check import OutboxFull
 from appliance.governance import Governance, SchemaSetError, load_schema_set
-from appliance.metrics import ApplianceCollector, MetricsServer, MetricsSink
+from appliance.metrics import MetricsPortInUse, MetricsServer, MetricsSink, make_registry
 from appliance.msglog import Cursor
 from appliance.pipeline import Check, CountingSink, Pipeline, Sink
 from appliance.proxy import ProxyServer, SessionLimits
@@ -203,11 +201,11 @@ class Appliance:
             self.forwarder = Forwarder(config.upstream, self.outbox, on_event=self.on_event)
             await self.forwarder.start()
         if config.metrics.enabled:
-            registry = CollectorRegistry()
-            registry.register(ApplianceCollector(self, self.metrics))
-            self.metrics_server = MetricsServer(registry, self.ready)
+            self.metrics_server = MetricsServer(make_registry(self, self.metrics), self.ready)
             try:
                 self.metrics_server.start(config.metrics.listen.host, config.metrics.listen.port)
+            except MetricsPortInUse as exc:
+                raise BrokerError(f"cannot serve metrics: {exc.strerror}") from exc
             except OSError as exc:
                 raise BrokerError(f"cannot serve metrics on {config.metrics.listen}: {exc.strerror} (set metrics.listen)") from exc
         listeners = self._listeners_from(config)

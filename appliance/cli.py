@@ -5,24 +5,31 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from appliance.broker import BrokerError
 from appliance.cli_audit import audit, quarantine
-from appliance.config import Address, ConfigError, load_config
 from appliance.logs import FORMATS, LogFormat, setup_logging
-from appliance.governance import SchemaSetError, load_schema_set
-from appliance.governance.schemaset import describe_schema_set
+
+if TYPE_CHECKING:
+    from appliance.config import Address
+
+# The config models (pydantic), the schema engines (jsonschema-rs, cel-expr-python, protobuf), the
+# broker supervisor and the service itself are imported by the commands that use them:
+# `appliance --help` starts in about half the time and loads none of them.
 
 
 class _LazyGroup(click.Group):
     """Subcommands whose modules import what `appliance run` does not need (paho-mqtt for
     `simulate`, the benchmark harness) are imported when used: the running service stays smaller
-    (docs/performance.md, memory)."""
+    (docs/performance.md, memory). Their one-line help is written here, so that `appliance --help`
+    imports neither (a test checks it matches the command's own)."""
 
-    LAZY = {"bench": ("appliance.bench", "bench"), "simulate": ("appliance.simulate", "simulate_command")}
+    LAZY = {
+        "bench": ("appliance.bench", "bench", "Measure throughput, latency, CPU, memory and disk writes:..."),
+        "simulate": ("appliance.simulate", "simulate_command", "Publish demo sensor traffic for the schema set schemas/v1..."),
+    }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.LAZY])
@@ -31,10 +38,22 @@ class _LazyGroup(click.Group):
         if cmd_name in self.LAZY:
             import importlib
 
-            module, attribute = self.LAZY[cmd_name]
+            module, attribute, _ = self.LAZY[cmd_name]
             command: click.Command = getattr(importlib.import_module(module), attribute)
             return command
         return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names))
+        rows = []
+        for name in names:
+            if name in self.LAZY:
+                rows.append((name, self.LAZY[name][2]))
+            elif (command := super().get_command(ctx, name)) is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,6 +63,8 @@ def main() -> None:
 
 
 def _address(text: str, option: str) -> Address:
+    from appliance.config import Address
+
     try:
         return Address.parse(text)
     except ValueError as exc:
@@ -85,15 +106,18 @@ def run(config_path: Path | None, listen: str | None, state_dir: Path | None, sc
         overrides["log_level"] = "debug"
     if log_format is not None:
         overrides["log_format"] = log_format
+    from appliance.config import ConfigError, load_config
+
     try:
         config = load_config(config_path, overrides)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     setup_logging(config.log_level, config.log_format)
-    from appliance.app import run as run_appliance
-
     from appliance.app import AccessError
+    from appliance.app import run as run_appliance
     from appliance.audit.errors import AuditError
+    from appliance.broker import BrokerError
+    from appliance.governance import SchemaSetError
     from appliance.statedir import StateDirError
 
     try:
@@ -111,6 +135,8 @@ def check(config_path: Path | None, schemas: Path | None) -> None:
     """Check a config, the files it names and its schema set offline; exit 1 listing every problem (for CI)."""
     if config_path is None and schemas is None:
         raise click.UsageError("give --config FILE, --schemas DIR, or both")
+    from appliance.config import ConfigError, load_config
+
     try:
         config = load_config(config_path, {"schemas": schemas.resolve()} if schemas else None)
     except ConfigError as exc:
@@ -124,6 +150,9 @@ def check(config_path: Path | None, schemas: Path | None) -> None:
     if config.schemas is None:
         click.echo("no schema set configured: every message would be accepted")
         return
+    from appliance.governance import SchemaSetError, load_schema_set
+    from appliance.governance.schemaset import describe_schema_set
+
     try:
         schema_set = load_schema_set(config.schemas)
     except SchemaSetError as exc:
@@ -139,6 +168,7 @@ def check(config_path: Path | None, schemas: Path | None) -> None:
 def status(config_path: Path | None, state_dir: Path | None, as_json: bool) -> None:
     """Show whether the running appliance is ready, and its key figures (exit 1 when not ready)."""
     from appliance import admin
+    from appliance.config import ConfigError, load_config
 
     if state_dir is None:
         try:

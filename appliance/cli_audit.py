@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import click
 
 from appliance import admin
-from appliance.config import ConfigError, load_config
 
 T = TypeVar("T")
 
@@ -25,6 +24,8 @@ FORMATS = click.Choice(["table", "csv", "json"])
 def _state_dir(config_path: Path | None, state_dir: Path | None) -> Path:
     if state_dir is not None:
         return state_dir
+    from appliance.config import ConfigError, load_config  # pydantic: only when a config is read
+
     try:
         return load_config(config_path).state_dir
     except ConfigError as exc:

@@ -5,23 +5,32 @@ turned into Prometheus metric families when Prometheus scrapes (`ApplianceCollec
 appliance's components as they are then. Labels are bounded: a topic filter of the schema set
 (or "none"), never a raw topic.
 
-`MetricsServer` serves /metrics, /healthz and /readyz from a small WSGI server on its own thread
-(as prometheus_client's own start_http_server does).
+`MetricsServer` serves /metrics, /healthz and /readyz like an exporter: prometheus_client's own
+threaded WSGI server (a request per thread, so a slow scrape does not hold up a health check), on
+IPv4 or IPv6 (`[::1]:9100`), with the standard `process_*` and `python_*` metrics next to the
+appliance's own and a `mqtt_proxy_build_info` gauge.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import platform
+import socket
 import threading
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from appliance.pipeline import Message, Verdict
@@ -51,10 +60,32 @@ class MetricsSink:
         self.latency_sum_us += latency_us
 
 
+def build_info() -> dict[str, str]:
+    """What `mqtt_proxy_build_info` says about this installation."""
+    try:
+        version = metadata.version("mqtt-governance-appliance")
+    except metadata.PackageNotFoundError:  # running from a checkout without installing it
+        version = "unknown"
+    return {"version": version, "python": platform.python_version(), "machine": platform.machine()}
+
+
+def make_registry(appliance: Appliance, sink: MetricsSink) -> CollectorRegistry:
+    """The appliance's metrics plus what every exporter has: process_* (CPU, memory, open files,
+    start time), python_info and python_gc_*."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    registry.register(ApplianceCollector(appliance, sink))
+    return registry
+
+
 class ApplianceCollector(Collector):
     def __init__(self, appliance: Appliance, sink: MetricsSink):
         self._appliance = appliance
         self._sink = sink
+        info = build_info()
+        self._build_info = (list(info), list(info.values()))
 
     def collect(self) -> Iterator[Any]:
         app, sink = self._appliance, self._sink
@@ -69,7 +100,15 @@ class ApplianceCollector(Collector):
             buckets.append((bound, cumulative))
         yield HistogramMetricFamily("mqtt_proxy_validation_duration_seconds", "Time the pipeline's checks took per message.",
                                     buckets=buckets, sum_value=sink.latency_sum_us / 1_000_000)
+        labels, values = self._build_info
+        build = GaugeMetricFamily("mqtt_proxy_build_info", "Always 1; the labels say which release runs on which "
+                                  "Python and machine.", labels=labels)
+        build.add_metric(values, 1)
+        yield build
         yield GaugeMetricFamily("mqtt_proxy_uptime_seconds", "Seconds since the appliance started.", value=app.uptime())
+        if (free := _free_bytes(app.config.state_dir)) is not None:
+            yield GaugeMetricFamily("mqtt_proxy_state_dir_free_bytes", "Bytes free for the appliance on the file system "
+                                    "of its state dir (audit log, outbox).", value=free)
         broker_up = app.broker is not None and app.broker.endpoint() is not None
         yield GaugeMetricFamily("mqtt_proxy_connection_status", "1 while the broker behind the proxy accepts connections.",
                                 value=1 if broker_up else 0)
@@ -127,13 +166,29 @@ class ApplianceCollector(Collector):
             yield CounterMetricFamily("mqtt_proxy_dropped", "Messages dropped from the outbox by its bounds.", value=status.dropped_total)
 
 
+def _free_bytes(path: Path) -> int | None:
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - wsgiref's signature
         log.debug("metrics http: " + format, *args)
 
 
+class MetricsPortInUse(OSError):
+    """Another program already listens on the metrics address."""
+
+
+# node_exporter's default port, taken on many gateways that already export host metrics.
+NODE_EXPORTER_PORT = 9100
+
+
 class MetricsServer:
-    """/metrics, /healthz and /readyz on HOST:PORT, served from a daemon thread."""
+    """/metrics, /healthz and /readyz on HOST:PORT, served from daemon threads."""
 
     def __init__(self, registry: CollectorRegistry, ready: Callable[[], dict[str, Any]]):
         self._metrics = make_wsgi_app(registry)
@@ -158,13 +213,41 @@ class MetricsServer:
         return [b"not found: try /metrics, /healthz or /readyz\n"]
 
     def start(self, host: str, port: int) -> None:
-        self._server = make_server(host, port, self._app, handler_class=_QuietHandler)
+        """Listen and serve; MetricsPortInUse (saying what to do) when the address is taken."""
+        server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": _family(host, port)})
+        try:
+            self._server = make_server(host, port, self._app, server_class=server_class, handler_class=_QuietHandler)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise MetricsPortInUse(exc.errno, _in_use(host, port)) from exc
+            raise
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
-        log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", host, self.port)
+        shown = f"[{host}]" if ":" in host else host
+        log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", shown, self.port)
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def _family(host: str, port: int) -> socket.AddressFamily:
+    """AF_INET6 for an IPv6 address or a name that only resolves to one, else AF_INET."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return socket.AF_INET  # make_server reports the unknown name
+    return infos[0][0]
+
+
+def _in_use(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    message = f"{shown}:{port} is already in use by another program"
+    if port == NODE_EXPORTER_PORT:
+        message += (f" (port {port} is node_exporter's default: if it runs here, give the appliance another port, "
+                    f"e.g. metrics.listen: 127.0.0.1:9101 or `--metrics-listen`)")
+    else:
+        message += "; set metrics.listen (or --metrics-listen) to a free port"
+    return message

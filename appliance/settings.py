@@ -43,16 +43,35 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_KEY_CREDENTIAL = ("Read key_file from this systemd credential instead (e.g. upstream-tls-key: the file "
+                   "/etc/mqtt-appliance/credentials/upstream-tls-key, passed in with LoadCredential=; docs/install.md).")
+
+
+def _key_from_credential(data: Any) -> Any:
+    """key_credential → key_file: the credential's file (a TLS key is read by path, not as text)."""
+    if isinstance(data, dict) and data.get("key_credential") is not None:
+        from appliance.credentials import credential_path
+
+        if data.get("key_file") is not None:
+            raise ValueError("give key_file or key_credential, not both")
+        data = {**data, "key_file": credential_path(str(data["key_credential"]))}
+    return data
+
+
 class TLSConfig(_Section):
     ca_file: Path | None = Field(None, description="CA bundle that signs the broker's certificate; system CAs when unset.")
     cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
     key_file: Path | None = Field(None, description="Private key (PEM) of cert_file.")
+    key_credential: str | None = Field(None, description=_KEY_CREDENTIAL)
     verify_hostname: bool = Field(True, description="Check that the broker's certificate names the host.")
+
+    _key = model_validator(mode="before")(_key_from_credential)
 
 
 class ListenerTLSConfig(_Section):
     cert_file: Path = Field(description="Server certificate (PEM, with its chain) this listener presents.")
     key_file: Path = Field(description="Private key (PEM) of cert_file.")
+    key_credential: str | None = Field(None, description=_KEY_CREDENTIAL)
     ca_file: Path | None = Field(None, description="CA bundle that signs client certificates (needed to verify them).")
     require_client_certificate: bool = Field(
         False, description="Refuse TLS clients without a certificate signed by ca_file (mutual TLS)."
@@ -62,6 +81,8 @@ class ListenerTLSConfig(_Section):
         description="cn or san: the client certificate's common name (or first subjectAltName) is the client's "
         "username for ACLs and the audit log, and no password is needed; none: the CONNECT's own username counts.",
     )
+
+    _key = model_validator(mode="before")(_key_from_credential)
 
     @model_validator(mode="after")
     def _identity_needs_a_certificate(self) -> ListenerTLSConfig:

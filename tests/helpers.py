@@ -4,6 +4,7 @@ appliance running on its own event loop in a background thread."""
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import socket
 import subprocess
@@ -23,7 +24,14 @@ from appliance.config import Config
 from appliance.mqtt import NEED_DATA, Decoder, ProtocolVersion, encode_packet
 from appliance.pipeline import Pipeline
 
-TIMEOUT = 10.0
+# Emulated runs (`make test-arm64`, qemu-user: 5-10x slower) scale every wait instead of skipping.
+TIMEOUT_SCALE = float(os.environ.get("APPLIANCE_TIMEOUT_SCALE", "1"))
+TIMEOUT = 10.0 * TIMEOUT_SCALE
+
+
+def scaled(seconds: float) -> float:
+    """A timeout for this machine: `seconds` on real hardware, more under emulation."""
+    return seconds * TIMEOUT_SCALE
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = TIMEOUT, message: str = "condition") -> Any:

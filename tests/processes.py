@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from tests.helpers import wait_until
+from tests.helpers import scaled, wait_until
 
 _logs: dict[int, IO[str]] = {}
 
@@ -52,7 +52,7 @@ def start_appliance(args: list[str], *, port: int | None = None, cwd: Path | Non
             assert proc.poll() is None, output(proc)
             return can_connect(port)
 
-        wait_until(listening, timeout=30, message=f"appliance listening on {port}")
+        wait_until(listening, timeout=scaled(30), message=f"appliance listening on {port}")
     return proc
 
 
@@ -72,7 +72,7 @@ def appliance_process(args: list[str], *, port: int, cwd: Path | None = None) ->
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(20)
+                proc.wait(scaled(20))
             except subprocess.TimeoutExpired:
                 proc.kill()
 

@@ -108,7 +108,7 @@ def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool | No
         if write_chart(report, chart):
             click.echo(f"wrote {chart}", err=True)
         else:
-            click.echo("no chart: matplotlib is not installed (pip install 'appliance[bench]')", err=True)
+            click.echo("no chart: matplotlib is not installed (pip install 'mqtt-governance-appliance[bench]')", err=True)
     if report.failed:
         raise SystemExit(1)
 

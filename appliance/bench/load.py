@@ -59,10 +59,12 @@ from appliance.bench.procfs import Snapshot
 from appliance.bench.scenarios import Target
 from appliance.bench.status import log_counters
 
-STALL_S = 5.0
+# APPLIANCE_TIMEOUT_SCALE stretches the waits for a slow machine (emulated arm64 runs 5-10x slower).
+_SCALE = float(os.environ.get("APPLIANCE_TIMEOUT_SCALE", "1"))
+STALL_S = 5.0 * _SCALE
 # How long to wait for the message log to write the last records of a run (its sync window, normally)
-LOG_SETTLE_S = 2.0
-SETUP_TIMEOUT_S = 15.0
+LOG_SETTLE_S = 2.0 * _SCALE
+SETUP_TIMEOUT_S = 15.0 * _SCALE
 SENSORS = 100
 SENSOR_PROCESSES = 4
 LOAD_KINDS = ("publisher", "sensors", "rate")

@@ -261,7 +261,7 @@ def to_json(report: BenchReport) -> dict[str, Any]:
 
 def write_chart(report: BenchReport, path: Path) -> bool:
     """A bar chart of each scenario's ratio to bare mosquitto per QoS and load (local and cloud).
-    False when matplotlib is not installed (`pip install 'appliance[bench]'`)."""
+    False when matplotlib is not installed (`pip install 'mqtt-governance-appliance[bench]'`)."""
     try:
         import matplotlib
 

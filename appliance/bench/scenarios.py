@@ -33,7 +33,11 @@ from appliance.broker import find_mosquitto, free_loopback_port, render_mosquitt
 BROKER_EXTRA_CONFIG = ["max_queued_messages 0"]
 
 
-REPO_SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+# The demo schema sets: a checkout's schemas/, or where the Debian package installs them (an
+# installed wheel has no schemas/ next to it).
+_CHECKOUT_SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+PACKAGED_SCHEMAS = Path("/usr/share/mqtt-appliance/schemas")
+REPO_SCHEMAS = _CHECKOUT_SCHEMAS if _CHECKOUT_SCHEMAS.is_dir() else PACKAGED_SCHEMAS
 
 
 @dataclass(frozen=True, slots=True)

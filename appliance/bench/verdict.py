@@ -15,11 +15,11 @@ from pathlib import Path
 
 import orjson
 
+from appliance.bench.scenarios import REPO_SCHEMAS
 from appliance.governance import Governance, load_schema_set
 from appliance.mqtt import ProtocolVersion
 from appliance.pipeline import ClientInfo, Message
 
-REPO_SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 TEMPERATURE = orjson.dumps({"device_id": "t1", "ts": "2026-11-27T12:00:00Z", "temperature": 21.5})
 # demo.DeviceStatus{device_id: "d1", state: STATE_OK, battery_mv: 3300, uptime_s: 86400}
 DEVICE_STATUS = b"\x0a\x02d1\x10\x01\x18\xe4\x19\x20\x80\xa3\x05"

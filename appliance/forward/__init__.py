@@ -8,10 +8,28 @@ them.
 - `forwarder`: the MQTT client that drains the outbox in order (Forwarder, ForwarderStatus).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from appliance.forward.config import OutboxBounds, UpstreamConfig
-from appliance.forward.forwarder import Forwarder, ForwarderStatus
-from appliance.forward.outbox import Dropped, Outbox, OutboxDepth, OutboxRow
+
+if TYPE_CHECKING:
+    from appliance.forward.forwarder import Forwarder, ForwarderStatus
+    from appliance.forward.outbox import Dropped, Outbox, OutboxDepth, OutboxRow
 
 __all__ = [
     "Dropped", "Forwarder", "ForwarderStatus", "Outbox", "OutboxBounds", "OutboxDepth", "OutboxRow", "UpstreamConfig",
 ]
+
+# The config module (UpstreamConfig, which appliance.config needs) is light; the forwarder and the
+# outbox load when first used, so that reading a config does not import the MQTT link and SQLite.
+_LAZY = {"Forwarder": "forwarder", "ForwarderStatus": "forwarder",
+         "Dropped": "outbox", "Outbox": "outbox", "OutboxDepth": "outbox", "OutboxRow": "outbox"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"appliance.forward.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

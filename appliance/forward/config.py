@@ -6,11 +6,12 @@ from __future__ import annotations
 import socket
 import string
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
+from appliance.credentials import read_credential
 from appliance.settings import Duration, Size, TLSConfig, WholeSeconds, _Section
 
 TEMPLATE_FIELDS = frozenset({"topic", "gateway_id", "client_id"})
@@ -47,6 +48,10 @@ class UpstreamConfig(_Section):
     keepalive: WholeSeconds = Field(30, ge=5, le=65535, description="MQTT keepalive towards the cloud broker (e.g. 30s; whole seconds).")
     username: str | None = Field(None, description="Username at the cloud broker.")
     password: str | None = Field(None, description="Password that goes with username.")
+    password_credential: str | None = Field(
+        None, description="Read the password from this systemd credential instead (e.g. upstream-password: the file "
+        "/etc/mqtt-appliance/credentials/upstream-password, passed in with LoadCredential=; docs/install.md).",
+    )
     tls: TLSConfig | None = Field(
         None, description="CA, client certificate and key for mqtts:// (mutual TLS); system CAs when unset."
     )
@@ -72,6 +77,15 @@ class UpstreamConfig(_Section):
     backoff_initial: Duration = Field(timedelta(seconds=0.5), description="First delay before reconnecting.")
     backoff_max: Duration = Field(timedelta(seconds=60), description="Longest delay between reconnects (exponential, with jitter).")
     outbox: OutboxBounds = Field(default_factory=OutboxBounds, description="Bounds of the outbox while the uplink is down.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_from_credential(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("password_credential") is not None:
+            if data.get("password") is not None:
+                raise ValueError("give upstream.password or upstream.password_credential, not both")
+            data = {**data, "password": read_credential(str(data["password_credential"]))}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> UpstreamConfig:

@@ -1,9 +1,13 @@
-"""Protobuf payloads: `.proto` files of a schema set compiled in-process, payloads decoded by upb.
+"""Protobuf payloads: a schema set's `.proto` files compiled to a descriptor set, payloads decoded by upb.
 
-`compile_protos` runs protoc from grpcio-tools inside the process (no codegen step, well under a
-millisecond per file) and loads the result into a DescriptorPool of the set's own, so two sets (v1
-and v2) can define the same message names. Imports resolve within the set directory, plus the
-well-known types (`google/protobuf/*.proto`) shipped with grpcio-tools.
+`compile_protos` runs protoc in a subprocess through its public interface (`--descriptor_set_out
+--include_imports`) and loads the resulting FileDescriptorSet into a DescriptorPool of the set's own,
+so two sets (v1 and v2) can define the same message names. protoc is grpcio-tools' (`python -m
+grpc_tools.protoc`, with the well-known types it ships) when installed, else a `protoc` on PATH
+(Debian's protobuf-compiler). Nothing of protoc stays in the service's memory. A manifest may also
+name a precompiled descriptor set (`.binpb`, made with `protoc --descriptor_set_out=X.binpb
+--include_imports`), which needs no protoc at all. Imports resolve within the set directory, plus the
+well-known types (`google/protobuf/*.proto`).
 
 `ProtobufSchema.validate` decodes a payload and hands rules a plain dict shaped like the message's
 JSON form, with three differences a CEL rule author wants: field names as written in the `.proto`,
@@ -19,32 +23,36 @@ longer than the payload with a DecodeError, which becomes a SchemaError like any
 
 from __future__ import annotations
 
-import ast
+import importlib.util
 import math
 import os
 import re
+import shutil
 import struct
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import grpc_tools  # type: ignore[import-untyped]
 from google.protobuf import descriptor_pb2, json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.descriptor_pool import DescriptorPool
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 from google.protobuf.unknown_fields import UnknownFieldSet
-from grpc_tools import _protoc_compiler
 
 from appliance.governance.errors import SchemaError
 
-__all__ = ["ProtoCompileError", "ProtobufSchema", "SchemaError", "compile_protos"]
+__all__ = ["DESCRIPTOR_SET_SUFFIX", "ProtoCompileError", "ProtobufSchema", "SchemaError", "compile_protos"]
 
-# The well-known types (google/protobuf/*.proto) that grpcio-tools ships for protoc.
-_WELL_KNOWN_DIR = Path(grpc_tools.__file__).parent / "_proto"
 _WELL_KNOWN_PREFIX = "google/protobuf/"
+# A manifest file with this suffix is a precompiled FileDescriptorSet, not a .proto source.
+DESCRIPTOR_SET_SUFFIX = ".binpb"
+# protoc is quick (milliseconds per file); this only stops a hung one. Scaled under emulation.
+PROTOC_TIMEOUT_S = 60 * float(os.environ.get("APPLIANCE_TIMEOUT_SCALE", "1"))
 # At most this many errors per payload, like the JSON Schema validator.
 MAX_ERRORS = 10
 
@@ -65,23 +73,36 @@ class ProtoCompileError(Exception):
 
 
 def compile_protos(set_dir: Path, files: Iterable[str]) -> DescriptorPool:
-    """Compile `files` (paths relative to `set_dir`) and everything they import into a new pool.
+    """Compile `files` (paths relative to `set_dir`) and everything they import into a new pool;
+    files ending in `.binpb` are precompiled descriptor sets, loaded as they are.
 
     Raises ProtoCompileError for a file outside the set, an import that is not in the set (nor a
     well-known type) or anything protoc rejects."""
     root = Path(set_dir).resolve()
+    virtuals = [_virtual_path(root, file) for file in files]
+    sources = list(dict.fromkeys(v for v in virtuals if not v.endswith(DESCRIPTOR_SET_SUFFIX)))
     pool = DescriptorPool()
     loaded: set[str] = set()
-    for file in files:
-        virtual = _virtual_path(root, file)
-        for serialized in _protoc(root, virtual):
-            proto = descriptor_pb2.FileDescriptorProto.FromString(serialized)
-            if proto.name in loaded:
-                continue
+    if sources:
+        for proto in _protoc(root, sources).file:
             _check_inside(root, proto.name)
-            pool.Add(proto)
-            loaded.add(proto.name)
+            _add(pool, proto, loaded, sources[0])
+    for virtual in dict.fromkeys(v for v in virtuals if v.endswith(DESCRIPTOR_SET_SUFFIX)):
+        for proto in _read_descriptor_set(root / virtual, virtual).file:
+            _add(pool, proto, loaded, virtual)
     return pool
+
+
+def _add(pool: DescriptorPool, proto: descriptor_pb2.FileDescriptorProto, loaded: set[str], origin: str) -> None:
+    if proto.name in loaded:
+        return
+    try:
+        pool.Add(proto)
+    except (TypeError, ValueError, KeyError) as exc:
+        # A descriptor set made without --include_imports lacks the files it imports.
+        raise ProtoCompileError(origin, None, f"cannot load {proto.name}: {exc} (a descriptor set must be made "
+                                              f"with protoc --descriptor_set_out --include_imports)") from None
+    loaded.add(proto.name)
 
 
 def _virtual_path(root: Path, file: str) -> str:
@@ -89,6 +110,8 @@ def _virtual_path(root: Path, file: str) -> str:
     if Path(file).is_absolute() or not (root / file).resolve().is_relative_to(root):
         raise ProtoCompileError(file, None, "outside the schema set")
     virtual = os.path.normpath(PurePosixPath(Path(file).as_posix()))
+    if virtual.startswith("-"):  # protoc would read it as an option
+        raise ProtoCompileError(file, None, "a file name must not start with '-'")
     if not (root / virtual).is_file():
         raise ProtoCompileError(file, None, "not found in the schema set")
     return virtual
@@ -102,64 +125,76 @@ def _check_inside(root: Path, name: str) -> None:
         raise ProtoCompileError(name, None, f"links outside the schema set (to {(root / name).resolve()})")
 
 
-def _protoc(root: Path, virtual: str) -> list[bytes]:
-    """Serialized FileDescriptorProtos of `virtual` and its imports, dependencies first.
-
-    grpcio-tools' `get_protos` (the engine of `grpc.protos()`) reports errors as data, where
-    `protoc.main` only prints them to the process's stderr. It returns generated `_pb2` modules;
-    each embeds its FileDescriptorProto as the bytes literal passed to `AddSerializedFile`."""
+def _read_descriptor_set(path: Path, virtual: str) -> descriptor_pb2.FileDescriptorSet:
     try:
-        generated = _protoc_compiler.get_protos(
-            virtual.encode(), [os.fsencode(root), os.fsencode(_WELL_KNOWN_DIR)]
-        )
-    except _protoc_compiler.ProtocErrors as exc:
-        raise _compile_error(virtual, exc.errors()) from None
-    except Exception as exc:
-        if type(exc) is not Exception:  # get_protos raises a bare Exception when protoc gave no reason
-            raise
-        raise ProtoCompileError(virtual, None, "protoc failed without giving a reason") from exc
-    return [_embedded_descriptor(module, code) for module, code in generated]
+        return descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes())
+    except OSError as exc:
+        raise ProtoCompileError(virtual, None, f"cannot read: {exc.strerror}") from None
+    except DecodeError:
+        raise ProtoCompileError(virtual, None, "not a descriptor set (make one with protoc --descriptor_set_out=FILE "
+                                               "--include_imports)") from None
 
 
-def _compile_error(virtual: str, errors: Sequence[Any]) -> ProtoCompileError:
+def protoc_command() -> list[str]:
+    """How to run protoc here: grpcio-tools' when installed (it adds its well-known types to the
+    import path), else `protoc` on PATH. Finding grpc_tools does not import it."""
+    if importlib.util.find_spec("grpc_tools") is not None:
+        return [sys.executable, "-m", "grpc_tools.protoc"]
+    if (found := shutil.which("protoc")) is not None:
+        return [found]
+    raise ProtoCompileError("(protoc)", None, "no protoc to compile .proto files: install grpcio-tools or Debian's "
+                                              "protobuf-compiler, or name precompiled .binpb descriptor sets")
+
+
+def _protoc(root: Path, sources: Sequence[str]) -> descriptor_pb2.FileDescriptorSet:
+    """One protoc run for all `sources`: their FileDescriptorProtos and their imports', each import
+    before the files that use it."""
+    with tempfile.TemporaryDirectory(prefix="appliance-protoc-") as scratch:
+        out = Path(scratch) / "set.binpb"
+        command = [*protoc_command(), "-I.", "--include_imports", f"--descriptor_set_out={out}", *sources]
+        try:
+            done = subprocess.run(command, cwd=root, capture_output=True, timeout=PROTOC_TIMEOUT_S, check=False,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise ProtoCompileError(sources[0], None, f"protoc did not finish within {PROTOC_TIMEOUT_S:.0f} s") from None
+        except OSError as exc:
+            raise ProtoCompileError(sources[0], None, f"cannot run protoc ({command[0]}): {exc.strerror}") from None
+        stderr = done.stderr.decode(errors="replace")
+        if done.returncode != 0:
+            raise _compile_error(sources[0], stderr)
+        return _read_descriptor_set(out, sources[0])
+
+
+_PLACED = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<column>\d+): (?P<message>.*)$")
+_UNPLACED = re.compile(r"^(?P<file>[^:]+): (?P<message>.*)$")
+
+
+def _compile_error(first_source: str, stderr: str) -> ProtoCompileError:
+    """ProtoCompileError from protoc's messages, one a line: `file:line:col: problem` or `file: problem`."""
     lines: list[str] = []
-    first: int | None = None  # index of the first problem with a place
     places: list[tuple[str, int | None, int | None, str]] = []
-    for error in errors:
-        file = error.filename.decode(errors="replace")
-        message = error.message.decode(errors="replace")
-        # get_protos reports 0-based lines and columns (protoc's command line adds 1); -1 is "none".
-        if error.line >= 0:
-            line, column = error.line + 1, error.column + 1
-            lines.append(f"{file}:{line}:{column}: {message}")
+    first: int | None = None  # index of the first problem with a place
+    for text in stderr.splitlines():
+        text = text.strip()
+        if not text or text.startswith("warning:") or ": warning:" in text:
+            continue
+        if placed := _PLACED.match(text):
+            file, message = placed["file"], placed["message"]
+            line, column = int(placed["line"]), int(placed["column"])
             first = len(places) if first is None else first
+        elif unplaced := _UNPLACED.match(text):
+            file, message, line, column = unplaced["file"], unplaced["message"], None, None
         else:
-            line = column = None
-            lines.append(f"{file}: {message}")
+            file, message, line, column = first_source, text, None, None
+        lines.append(text)
         places.append((file, line, column, message))
     if not places:
-        return ProtoCompileError(virtual, None, "does not compile")
+        return ProtoCompileError(first_source, None, "does not compile (protoc gave no reason)")
     file, line, column, message = places[first or 0]
     others = [text for index, text in enumerate(lines) if index != (first or 0)]
     # An import that failed is placed in the importing file; why it failed is a problem without a place.
     message = "; ".join([message, *others])
     return ProtoCompileError(file, line, message, column=column, problems=lines)
-
-
-def _embedded_descriptor(module: bytes, code: bytes) -> bytes:
-    for node in ast.walk(ast.parse(code)):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "AddSerializedFile"
-            and len(node.args) == 1
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, bytes)
-        ):
-            return node.args[0].value
-    # Only a grpcio-tools release that generates code differently gets here: a bug to fix, not a
-    # problem of the schema set.
-    raise RuntimeError(f"grpcio-tools generated {module.decode()} without an AddSerializedFile(b'...') call")
 
 
 # --- payloads -----------------------------------------------------------------------------------

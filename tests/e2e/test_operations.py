@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import socket
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from tests.conftest import make_config
 from tests.governance.payloads import temperature
-from tests.helpers import Client, RunningAppliance, wait_until
+from tests.helpers import TIMEOUT_SCALE, Client, RunningAppliance, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,6 +60,15 @@ def test_metrics_and_health(tmp_path):
         assert metric(text, "mqtt_proxy_uptime_seconds") > 0
         assert metric(text, "mqtt_proxy_quarantine_size_bytes") is not None
         assert metric(text, "mqtt_proxy_audit_healthy") == 1.0
+        assert metric(text, "mqtt_proxy_state_dir_free_bytes") > 0
+        # What every exporter has, from prometheus_client's own collectors.
+        rss = metric(text, "process_resident_memory_bytes")
+        # Under qemu-user (make test-arm64) /proc/self/stat reports an RSS of 0: only its presence counts there.
+        assert rss is not None and (rss > 10_000_000 or TIMEOUT_SCALE > 1)
+        assert metric(text, "process_open_fds") > 0
+        assert 'python_info{' in text
+        build = next(line for line in text.splitlines() if line.startswith("mqtt_proxy_build_info{"))
+        assert 'version="0.1.0"' in build and f'machine="{platform.machine()}"' in build and build.endswith(" 1.0")
         assert get(port, "/healthz") == (200, "ok\n")
         code, body = get(port, "/readyz")
         assert code == 200 and json.loads(body)["checks"]["schema_set"] == "v1"
@@ -70,6 +81,46 @@ def test_metrics_and_health(tmp_path):
         assert metric(text, "mqtt_proxy_broker_restarts_total") == 1.0
     finally:
         running.stop()
+
+
+def get6(port: int, path: str) -> tuple[int, str]:
+    with urllib.request.urlopen(f"http://[::1]:{port}{path}", timeout=10) as response:
+        return response.status, response.read().decode()
+
+
+def test_metrics_on_ipv6_loopback(tmp_path):
+    running = RunningAppliance(make_config(tmp_path / "state", **{"metrics.listen": "[::1]:0"})).start()
+    try:
+        port = running.app.metrics_server.port
+        assert get6(port, "/healthz") == (200, "ok\n")
+        code, text = get6(port, "/metrics")
+        assert code == 200 and "mqtt_proxy_uptime_seconds" in text
+    finally:
+        running.stop()
+
+
+def test_metrics_port_in_use_says_so(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = tmp_path / "appliance.yaml"
+    config.write_text(f"listen: 127.0.0.1:0\nstate_dir: state\nmetrics:\n  listen: 127.0.0.1:{port}\n")
+    try:
+        result = subprocess.run([sys.executable, "-m", "appliance", "run", "--config", str(config)], capture_output=True,
+                                text=True, timeout=120)
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port} is already in use by another program" in result.stderr
+    assert "metrics.listen" in result.stderr
+
+
+def test_node_exporter_port_is_named():
+    from appliance.metrics import _in_use
+
+    assert "node_exporter" in _in_use("0.0.0.0", 9100) and "node_exporter" not in _in_use("0.0.0.0", 9200)
+    assert _in_use("::1", 9100).startswith("[::1]:9100 ")
 
 
 def test_readyz_is_503_while_the_broker_is_down(tmp_path):

@@ -6,6 +6,9 @@ byte where the point is malformed wire format."""
 from __future__ import annotations
 
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -380,3 +383,84 @@ def test_a_nesting_bomb_is_an_error(node):
 def test_a_giant_length_prefix_is_an_error(node, length):
     decoded, errors = node.validate(b"\x1a" + varint(length) + b"tiny")  # field 3: data
     assert decoded is None and errors[0].message.startswith("cannot decode as demo.Node: ")
+
+
+# --- protoc in a subprocess, and precompiled descriptor sets -------------------------------------
+
+
+def _descriptor_set(directory: Path, files: list[str], out: Path, *, include_imports: bool = True) -> Path:
+    """A .binpb made the way docs/schemas.md says, with the same protoc the appliance runs."""
+    from appliance.governance.protobuf import protoc_command
+
+    flags = ["--include_imports"] if include_imports else []
+    subprocess.run([*protoc_command(), "-I.", *flags, f"--descriptor_set_out={out}", *files], cwd=directory, check=True,
+                   capture_output=True, timeout=60)
+    return out
+
+
+def test_a_precompiled_descriptor_set_loads_without_protoc(tmp_path, monkeypatch):
+    binpb = _descriptor_set(DEMO, ["device_status.proto"], tmp_path / "status.binpb")
+    # No protoc anywhere: a set of .binpb files must not need one.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr("appliance.governance.protobuf.protoc_command", _no_protoc)
+    pool = compile_protos(tmp_path, [binpb.name])
+    schema = ProtobufSchema("device_status:v1", pool, "demo.DeviceStatus")
+    payload = message_class(pool, "demo.DeviceStatus")(device_id="d", battery_mv=3000).SerializeToString()
+    decoded, errors = schema.validate(payload)
+    assert errors == [] and decoded is not None and decoded["device_id"] == "d"
+    assert pool.FindMessageTypeByName("google.protobuf.Timestamp").full_name == "google.protobuf.Timestamp"
+
+
+def _no_protoc() -> list[str]:
+    raise AssertionError("protoc was run for a precompiled descriptor set")
+
+
+def test_sources_and_descriptor_sets_mix_in_one_set(tmp_path):
+    (tmp_path / "set").mkdir()
+    _descriptor_set(DEMO, ["tree.proto"], tmp_path / "set" / "tree.binpb")
+    (tmp_path / "set" / "own.proto").write_text('syntax = "proto3";\npackage own;\nmessage Ping { int32 n = 1; }\n')
+    pool = compile_protos(tmp_path / "set", ["own.proto", "tree.binpb"])
+    assert pool.FindMessageTypeByName("own.Ping").full_name == "own.Ping"
+    assert pool.FindFileByName("tree.proto").name == "tree.proto"
+
+
+def test_a_descriptor_set_without_its_imports_is_explained(tmp_path):
+    _descriptor_set(DEMO, ["device_status.proto"], tmp_path / "bare.binpb", include_imports=False)
+    with pytest.raises(ProtoCompileError, match="--include_imports") as caught:
+        compile_protos(tmp_path, ["bare.binpb"])
+    assert caught.value.file == "bare.binpb"
+
+
+def test_a_file_that_is_not_a_descriptor_set_is_explained(tmp_path):
+    (tmp_path / "junk.binpb").write_bytes(b"\xff\xff\xff not a descriptor set")
+    with pytest.raises(ProtoCompileError, match="not a descriptor set") as caught:
+        compile_protos(tmp_path, ["junk.binpb"])
+    assert caught.value.file == "junk.binpb"
+
+
+def test_without_any_protoc_the_error_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ProtoCompileError, match="install grpcio-tools or Debian's protobuf-compiler"):
+        compile_protos(DEMO, ["device_status.proto"])
+
+
+@pytest.mark.skipif(shutil.which("protoc") is None, reason="no protoc on PATH (Debian: apt install protobuf-compiler)")
+def test_a_protoc_on_path_is_used_without_grpcio_tools(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    pool = compile_protos(DEMO, ["device_status.proto"])
+    assert pool.FindMessageTypeByName("demo.DeviceStatus").full_name == "demo.DeviceStatus"
+
+
+def test_a_file_name_that_looks_like_an_option_is_refused(tmp_path):
+    (tmp_path / "--plugin=x.proto").write_text('syntax = "proto3";\n')
+    with pytest.raises(ProtoCompileError, match="must not start with '-'"):
+        compile_protos(tmp_path, ["--plugin=x.proto"])
+
+
+def test_compiling_leaves_no_protoc_in_the_process():
+    code = ("import sys; from appliance.governance.protobuf import compile_protos; from pathlib import Path; "
+            f"compile_protos(Path({str(DEMO)!r}), ['device_status.proto']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc_tools', 'grpc')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout.strip() == "[]"

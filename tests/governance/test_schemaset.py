@@ -243,3 +243,20 @@ def test_backtracking_patterns_bound_the_strings_per_message(demo_set):
     assert "backtracking" in error.message and error.path == ""
     plain = load_schema_set(demo_set("v2")).schemas["temperature:v2"]
     assert plain.max_strings is None  # linear-time patterns only: no cap
+
+
+def test_a_manifest_may_name_a_precompiled_descriptor_set(demo_set):
+    import subprocess
+
+    from appliance.governance.protobuf import protoc_command
+
+    d = demo_set()
+    subprocess.run([*protoc_command(), "-I.", "--include_imports", "--descriptor_set_out=device_status.binpb",
+                    "device_status.proto"], cwd=d, check=True, timeout=60)
+    (d / "device_status.proto").unlink()
+    edit(d / "manifest.yaml", "file: device_status.proto", "file: device_status.binpb")
+    schema_set = load_schema_set(d)
+    schema = schema_set.schemas["device_status:v1"]
+    assert schema.message_type == "demo.DeviceStatus"
+    decoded, errors = schema.validate(b"\x0a\x02d1")  # device_id = "d1"
+    assert errors == [] and decoded is not None and decoded["device_id"] == "d1"

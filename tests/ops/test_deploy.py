@@ -1,10 +1,13 @@
-"""docs/deploy: the Grafana dashboard queries only documented metrics; the Dockerfile has what
-docs/install.md promises. (Neither Grafana nor Docker runs here: these are static checks.)"""
+"""docs/deploy: the Grafana dashboard and the Prometheus alert rules query only documented metrics;
+the Dockerfile has what docs/install.md promises. (Neither Grafana nor Docker runs here: these are
+static checks; promtool checks the rules where it is installed.)"""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,3 +143,48 @@ def test_the_package_metadata_raises_no_setuptools_deprecation():
         warnings.simplefilter("always")
         apply_configuration(Distribution(), Path(__file__).resolve().parents[2] / "pyproject.toml")
     assert [str(w.message).splitlines()[0] for w in caught if "Deprecat" in w.category.__name__] == []
+
+
+# --- Prometheus alert rules ---------------------------------------------------------------------
+
+ALERTS = DEPLOY / "prometheus-alerts.yml"
+# What the rules may query besides the appliance's own documented metrics.
+STANDARD_SERIES = {"up"}
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    import yaml
+
+    document = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def test_alert_rules_cover_what_an_operator_must_hear_about():
+    exprs = {rule["alert"]: rule["expr"] for rule in alert_rules()}
+    wanted = {
+        "uplink down": "mqtt_proxy_uplink_up",
+        "oldest unforwarded message": "mqtt_proxy_outbox_oldest_age_seconds",
+        "quarantine growth": 'mqtt_proxy_messages_total{status="invalid"}',
+        "audit degraded": "mqtt_proxy_audit_healthy",
+        "disk space": "mqtt_proxy_state_dir_free_bytes",
+    }
+    for what, series in wanted.items():
+        assert any(series in expr for expr in exprs.values()), f"no alert on {what} ({series})"
+    for rule in alert_rules():
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+        assert rule["annotations"]["summary"]
+
+
+def test_alert_rules_query_only_documented_metrics():
+    documented = documented_metrics()
+    for rule in alert_rules():
+        for name in METRIC.findall(rule["expr"]):
+            assert name in documented, f"{rule['alert']}: {name} is not in docs/operations.md"
+        other = set(re.findall(r"\b([a-z_]+)\{", rule["expr"])) - {m for m in METRIC.findall(rule["expr"])}
+        assert other <= STANDARD_SERIES, f"{rule['alert']}: queries {other}"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)")
+def test_promtool_accepts_the_alert_rules():
+    result = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "mqtt-appliance.service"
 SYSUSERS = ROOT / "systemd" / "mqtt-appliance.sysusers"
+TMPFILES = ROOT / "systemd" / "mqtt-appliance.tmpfiles"
 EXEC_START = "/opt/mqtt-appliance/venv/bin/appliance run --config /etc/mqtt-appliance/appliance.yaml"
 
 needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
@@ -62,6 +63,20 @@ def test_sysusers_creates_the_service_account(tmp_path: Path):
     assert int(uid) < 1000 and uid == gid  # a system account with its own group
 
 
+@needs_systemd
+def test_tmpfiles_make_the_directories(tmp_path: Path):
+    (tmp_path / "etc").mkdir()
+    subprocess.run(["systemd-sysusers", f"--root={tmp_path}", str(SYSUSERS)], check=True, timeout=60)
+    subprocess.run(["systemd-tmpfiles", "--create", f"--root={tmp_path}", str(TMPFILES)], check=True, timeout=60)
+    uid = int((tmp_path / "etc/passwd").read_text().split(":")[2])
+    state = (tmp_path / "var/lib/mqtt-appliance").stat()
+    assert (state.st_uid, state.st_mode & 0o777) == (uid, 0o750)
+    credentials = (tmp_path / "etc/mqtt-appliance/credentials").stat()
+    assert (credentials.st_uid, credentials.st_mode & 0o777) == (0, 0o700)
+    config = (tmp_path / "etc/mqtt-appliance").stat()
+    assert (config.st_uid, config.st_gid, config.st_mode & 0o777) == (0, uid, 0o750)
+
+
 def test_lifecycle_settings():
     assert service("Type") == "notify"
     assert service("ExecStart") == EXEC_START
@@ -69,8 +84,27 @@ def test_lifecycle_settings():
     assert service("WatchdogSec") == "30"
     assert service("Restart") == "on-failure"
     assert service("KillMode") == "mixed"  # the appliance stops its own mosquitto, after its clients
-    assert "mosquitto.service" in unit()["Unit"]["Conflicts"]
+    # Debian's mosquitto may run beside it on another port; the package stops it only on a collision.
+    assert "Conflicts" not in unit()["Unit"]
     assert unit()["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_waits_for_the_network():
+    assert unit()["Unit"]["Wants"] == unit()["Unit"]["After"] == ["network-online.target"]
+
+
+def test_secrets_come_as_credentials():
+    from appliance.credentials import CREDENTIALS_DIR, UNIT_PREFIX
+
+    assert unit()["Service"]["LoadCredential"] == [f"{UNIT_PREFIX.rstrip('_')}:{CREDENTIALS_DIR}"]
+    assert f"d {CREDENTIALS_DIR} 0700 root" in " ".join(TMPFILES.read_text().split())
+
+
+def test_documentation_points_at_installed_files():
+    # The Debian package installs docs/*.md under /usr/share/doc/mqtt-appliance (packaging/build-deb.sh).
+    for url in unit()["Unit"]["Documentation"]:
+        assert url.startswith("file:///usr/share/doc/mqtt-appliance/"), url
+        assert (ROOT / "docs" / Path(url).name).is_file(), url
 
 
 def test_account_and_directories():

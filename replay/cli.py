@@ -64,6 +64,14 @@ def _recording_options(func: Callable[..., T]) -> Callable[..., T]:
     return func
 
 
+def _jobs(asked: int | None, default: int, *sets: Any) -> int:
+    """Worker processes; one for a set whose checks keep state between messages (Sparkplug B), so
+    every message reaches the same judge in recorded order."""
+    from replay.judge import stateful
+
+    return 1 if any(stateful(s) for s in sets) else (asked or default)
+
+
 def _filters(since: str | None, until: str | None, topic: str | None, client: str | None,
              limit: int | None, sample: int = 1) -> Any:
     from replay.rows import Filters
@@ -196,7 +204,7 @@ def cli(ctx: click.Context, target_dir: Path | None, sources: tuple[str, ...], s
         with _Progress(show_progress, total) as bar:
             tally, run_stats = engine.run(source.batches(engine.BATCH_SIZE), target=target.directory,
                                           baseline=baseline.directory if baseline else None,
-                                          jobs=jobs or engine.default_jobs(), progress=bar.advance)
+                                          jobs=_jobs(jobs, engine.default_jobs(), target, baseline), progress=bar.advance)
     except ReplayInputError as exc:
         raise InputError(str(exc)) from None
     finally:

@@ -3,6 +3,10 @@
 The one difference from the live appliance: per-client rate rules (`max_rate`) are taken out of the
 target (and baseline) set, because a replay runs far faster than real time and every client would
 look too fast. `rate_rules()` lists what was taken out, for the report.
+
+Some checks keep state between messages (Sparkplug B: aliases from BIRTH certificates, sequence
+numbers): a set with such a schema (`stateful()`) must be fed every message, in recorded order, by
+one judge, so the replay runs in one process and the baseline set sees every message too.
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ def load_for_replay(directory: Path) -> SchemaSet:
     return without_rate_limits(load_schema_set(directory))
 
 
+def stateful(schema_set: SchemaSet | None) -> bool:
+    """Whether judging a message depends on the messages before it (Sparkplug B's BIRTH and seq)."""
+    return schema_set is not None and any(hasattr(schema, "state") for schema in schema_set.schemas.values())
+
+
 _VERSIONS = {int(v): v for v in ProtocolVersion}
 
 
@@ -57,6 +66,7 @@ class Judge:
     def __init__(self, target: SchemaSet, baseline: SchemaSet | None = None):
         self._target = Governance(target)
         self._baseline = Governance(baseline) if baseline is not None else None
+        self._feed_baseline = stateful(baseline)
         self._clients: dict[tuple[str, str | None, str, int], ClientInfo] = {}
         self._reasons: dict[tuple[str, str, str | None], tuple[str, str | None, str]] = {}
 
@@ -85,6 +95,7 @@ class Judge:
         check = self._target.check
         route = self._target.schema_set.route
         baseline = self._baseline.check if self._baseline is not None else None
+        feed_baseline = self._feed_baseline
         recorded_sets = tally.recorded_sets
         group_of = tally.group
         client_of = self._client
@@ -114,8 +125,9 @@ class Judge:
                 group.unmapped += 1
             group.replayed += 1
             reference = recorded
-            if reference is None and baseline is not None:
-                reference = "accept" if baseline(message).accepted else "reject"
+            if baseline is not None and (reference is None or feed_baseline):
+                judged = "accept" if baseline(message).accepted else "reject"
+                reference = judged if reference is None else reference
             if verdict.accepted:
                 group.accepted += 1
                 if reference is None:

@@ -91,8 +91,36 @@ def crc64_avro(data: bytes) -> int:
 
 
 def fingerprint(parsed: Any) -> bytes:
-    """The 8 bytes a single-object encoded record carries for this schema."""
-    return crc64_avro(to_parsing_canonical_form(parsed).encode()).to_bytes(8, "little")
+    """The 8 bytes a single-object encoded record carries for this schema: the fingerprint of its
+    canonical form with the named types from other files written out, as a producer holding the
+    whole schema computes it."""
+    expanded = _expand(parsed, _named_schemas(parsed), set())
+    return crc64_avro(to_parsing_canonical_form(expanded).encode()).to_bytes(8, "little")
+
+
+def _expand(schema: Any, named: dict[str, Any], defined: set[str]) -> Any:
+    """Named references inlined at their first use (later uses stay names, as Avro requires)."""
+    if isinstance(schema, str):
+        if schema in named and schema not in defined:
+            return _expand(named[schema], named, defined)
+        return schema
+    if isinstance(schema, list):
+        return [_expand(branch, named, defined) for branch in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v for k, v in schema.items() if not k.startswith("__")}
+    kind = schema.get("type")
+    if kind in _NAMED and isinstance(schema.get("name"), str):
+        defined.add(schema["name"])
+    if kind in ("record", "error"):
+        out["fields"] = [{**f, "type": _expand(f["type"], named, defined)} for f in schema.get("fields", [])]
+    elif kind == "array":
+        out["items"] = _expand(schema["items"], named, defined)
+    elif kind == "map":
+        out["values"] = _expand(schema["values"], named, defined)
+    elif isinstance(kind, (dict, list)):
+        out["type"] = _expand(kind, named, defined)
+    return out
 
 
 # --- files ----------------------------------------------------------------------------------------

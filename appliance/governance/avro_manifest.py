@@ -15,6 +15,8 @@ Report = Callable[[str, "int | None", str], None]  # (file, line, message)
 
 def load_avro(directory: Path, specs: list[tuple[str, Any]], report: Report) -> dict[str, AvroSchema]:
     files = AvroFiles(directory, Path(directory).rglob("*.avsc"))
+    for broken in files.broken.values():  # every .avsc of the set, used or not, as for JSON Schema
+        report(broken.file, broken.line, broken.message)
     parsed: dict[str, Any] = {}
     failed: set[str] = set()
 
@@ -27,7 +29,8 @@ def load_avro(directory: Path, specs: list[tuple[str, Any]], report: Report) -> 
                 parsed[key] = files.parse(key)
             except AvroCompileError as exc:
                 failed.add(key)
-                report(exc.file, exc.line, exc.message)
+                if key not in files.broken:  # reported above
+                    report(exc.file, exc.line, exc.message)
                 return None
         return parsed[key]
 

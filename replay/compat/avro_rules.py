@@ -6,7 +6,8 @@ Resolution"; fastavro applies the same rules when it reads with a writer and a r
 record or enum or fixed whose name differs (unqualified, or one of the reader's aliases), a fixed
 whose size differs, a reader field that has no default and no writer field (by name or alias), writer
 enum symbols the reader lacks (without an enum default), writer union branches the reader cannot
-take. BACKWARD asks the new schema to read the old one's data, FORWARD the old schema the new one's.
+take. One promotion Avro allows is data-dependent here: bytes read as string fail unless they are
+UTF-8, so it counts as "may break". BACKWARD asks the new schema to read the old one's data, FORWARD the old schema the new one's.
 
 How the appliance reads a payload adds to that (`compare_avro`):
 
@@ -29,6 +30,7 @@ from replay.compat.model import BOTH, NARROWING, NEITHER, WIDENING, Direction, F
 _PROMOTIONS = {("int", "long"), ("int", "float"), ("int", "double"), ("long", "float"), ("long", "double"),
                ("float", "double"), ("string", "bytes"), ("bytes", "string")}
 _NAMED = {"record", "error", "enum", "fixed"}
+BYTES_AS_STRING = "bytes read as string"  # allowed by Avro, fails on bytes that are not UTF-8
 
 
 def _named(parsed: Any) -> dict[str, Any]:
@@ -121,7 +123,10 @@ class _Resolver:
             else:
                 self.problem("type changed", path, _label(w), _label(r), "neither the same type nor a promotion")
             return
-        if wk in ("record", "error"):
+        if (wk, rk) == ("bytes", "string"):
+            self.problem(BYTES_AS_STRING, path, "bytes", "string",
+                         "Avro allows the promotion, but bytes that are not UTF-8 fail to read (may break)")
+        elif wk in ("record", "error"):
             self.record(w, r, path)
         elif wk == "enum":
             missing = [s for s in w.get("symbols", []) if s not in r.get("symbols", [])]
@@ -163,9 +168,11 @@ def schema_findings(old: Any, new: Any) -> list[Finding]:
     (BACKWARD) and the old one reading the new one's (FORWARD)."""
     findings = []
     for kind, path, w, r, detail in resolution_problems(old, new):
-        findings.append(Finding(kind, path, w, r, NARROWING, detail=f"data written with the old schema cannot be read with the new one: {detail}"))
+        findings.append(Finding(kind, path, w, r, NARROWING, proven=kind != BYTES_AS_STRING,
+                                detail=f"data written with the old schema cannot be read with the new one: {detail}"))
     for kind, path, w, r, detail in resolution_problems(new, old):
-        findings.append(Finding(kind, path, r, w, WIDENING, detail=f"data written with the new schema cannot be read with the old one: {detail}"))
+        findings.append(Finding(kind, path, r, w, WIDENING, proven=kind != BYTES_AS_STRING,
+                                detail=f"data written with the new schema cannot be read with the old one: {detail}"))
     return findings
 
 
@@ -238,5 +245,5 @@ def _writer_side(findings: list[Finding], before: dict[Any, tuple[str, Any]], af
                                     detail=f"{what} is not listed in the {which} set: payloads written with it are rejected"))
             continue
         for kind, path, w, r, detail in resolution_problems(writer, reader):
-            findings.append(Finding(kind, f"/{label}{path if path != '/' else ''}", w, r, breaks,
+            findings.append(Finding(kind, f"/{label}{path if path != '/' else ''}", w, r, breaks, proven=kind != BYTES_AS_STRING,
                                     detail=f"a record written with {label} cannot be read with the {which} schema: {detail}"))

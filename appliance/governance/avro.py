@@ -269,18 +269,6 @@ def _check_shape(parsed: Any) -> tuple[bool, str | None]:
     return recursive, problem
 
 
-def _needs_conversion(parsed: Any) -> bool:
-    found = False
-
-    def visit(node: Any, stack: list[str]) -> None:
-        nonlocal found
-        if isinstance(node, dict) and "logicalType" in node:
-            found = True
-
-    _walk(parsed, _named_schemas(parsed), visit, [])
-    return found
-
-
 # --- payloads --------------------------------------------------------------------------------------
 
 
@@ -302,6 +290,62 @@ def _for_rules(value: Any) -> Any:
     if kind is uuid.UUID:
         return str(value)
     return value
+
+
+def _iso(value: Any) -> Any:
+    if type(value) is dt.datetime and value.tzinfo is not None:
+        return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+def _decimal(value: Any) -> Any:
+    return float(value) if type(value) is decimal.Decimal else value
+
+
+_LOGICAL: dict[str, Callable[[Any], Any]] = {
+    "timestamp-millis": _iso, "timestamp-micros": _iso, "local-timestamp-millis": _iso, "local-timestamp-micros": _iso,
+    "date": _iso, "time-millis": _iso, "time-micros": _iso, "decimal": _decimal, "uuid": str,
+}
+
+
+def _converter(schema: Any, named: dict[str, Any], seen: frozenset[str] = frozenset()) -> Callable[[Any], Any] | None:
+    """A function that puts the logical-type values of a decoded `schema` value in the form rules
+    see, touching only the fields that need it; None when nothing does."""
+    if isinstance(schema, str):
+        if schema in named:
+            if schema in seen:
+                return _for_rules  # recursive: the generic walk
+            return _converter(named[schema], named, seen | {schema})
+        return None
+    if isinstance(schema, list):
+        if any(_converter(branch, named, seen) for branch in schema):
+            return _for_rules  # which branch is known only from the value
+        return None
+    logical = schema.get("logicalType")
+    if logical in _LOGICAL:
+        return _LOGICAL[logical]
+    kind = schema.get("type")
+    if kind in ("record", "error"):
+        inner = seen | {schema.get("name", "")}
+        fields = [(f["name"], c) for f in schema.get("fields", []) if (c := _converter(f["type"], named, inner))]
+        if not fields:
+            return None
+
+        def record(value: dict[str, Any]) -> dict[str, Any]:
+            for name, convert in fields:
+                value[name] = convert(value[name])
+            return value
+
+        return record
+    if kind == "array":
+        items = _converter(schema["items"], named, seen)
+        return None if items is None else (lambda values: [items(v) for v in values])
+    if kind == "map":
+        values = _converter(schema["values"], named, seen)
+        return None if values is None else (lambda entries: {k: values(v) for k, v in entries.items()})
+    if isinstance(kind, (dict, list)):
+        return _converter(kind, named, seen)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,9 +377,8 @@ class AvroSchema:
             recursive = recursive or rec
         # The compiled reader recurses on the C stack; the pure-Python one stops at Python's limit.
         self._read = _read_py.schemaless_reader if recursive else fastavro.schemaless_reader
-        self._convert = _needs_conversion(parsed) or any(
-            _needs_conversion(s) for s in [*(s for _, s in (schema_ids or {}).values()), *(writers or {}).values()]
-        )
+        # Records are read into the entry's schema whatever the writer's: its logical types decide.
+        self._convert = _converter(parsed, _named_schemas(parsed))
         self._ids = {number: _Writer(f"schema id {number} ({file_})", schema) for number, (file_, schema) in (schema_ids or {}).items()}
         self.writers = dict(writers or {})
         self._fingerprints = {fingerprint(parsed): _Writer(file, parsed)}
@@ -395,7 +438,7 @@ class AvroSchema:
         if left:
             return None, [SchemaError("", f"cannot decode as {self.type_name}: {left} byte{'s' if left > 1 else ''} left over after "
                                           "the record (written with another schema, or more than one record)")]
-        return (_for_rules(record) if self._convert else record), []
+        return (record if self._convert is None else self._convert(record)), []
 
 
 def _explain(error: BaseException, size: int) -> str:

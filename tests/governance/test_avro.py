@@ -156,3 +156,20 @@ def test_recursive_schema_deep_payload_is_rejected_not_a_crash():
     assert schema.validate(b"\x02\x02\x00")[0] == {"next": {"next": {"next": None}}}
     decoded, errors = schema.validate(b"\x02" * 100_000 + b"\x00")
     assert decoded is None and "nested too deeply" in errors[0].message
+
+
+def test_logical_types_in_unions_arrays_and_maps():
+    parsed = fastavro.parse_schema({"type": "record", "name": "L", "fields": [
+        {"name": "maybe_ts", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}]},
+        {"name": "prices", "type": {"type": "array", "items": {"type": "bytes", "logicalType": "decimal", "precision": 6, "scale": 2}}},
+        {"name": "days", "type": {"type": "map", "values": {"type": "int", "logicalType": "date"}}},
+        {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+    ]})
+    schema = AvroSchema("l", "l.avsc", parsed)
+    value = {"maybe_ts": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC), "prices": [decimal.Decimal("1.25")],
+             "days": {"a": dt.date(2026, 1, 2)}, "id": "6f1c6c1e-58f5-4a51-9d4c-1f0b8e6f2a10"}
+    decoded, errors = schema.validate(write(parsed, value))
+    assert errors == []
+    assert decoded == {"maybe_ts": "2026-01-02T03:04:05Z", "prices": [1.25], "days": {"a": "2026-01-02"},
+                       "id": "6f1c6c1e-58f5-4a51-9d4c-1f0b8e6f2a10"}
+    assert schema.validate(write(parsed, {**value, "maybe_ts": None}))[0]["maybe_ts"] is None

@@ -226,6 +226,9 @@ def _load_schemas(directory: Path, manifest: LineDict, problems: _Problems) -> d
         if not path.is_file():
             problems.add(MANIFEST, spec.line_of("file"), f"schema_files.{name}: file {file!r} not found")
             continue
+        if fmt in ("jsonschema", "protobuf"):
+            for key in sorted(set(spec) & {"encoding", "schema_ids", "writers", "node_metrics", "device_metrics"}):
+                problems.add(MANIFEST, spec.line_of(key), f"schema_files.{name}: `{key}` is not for a {fmt} schema")
         if fmt == "jsonschema":
             json_specs.append((name, file, line))
         elif fmt == "protobuf":

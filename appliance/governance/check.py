@@ -73,7 +73,7 @@ class Governance:
         schema = mapping.schema
         if schema is not None:
             if schema.format == "sparkplug_b":  # the message type and the node are in the topic
-                decoded, errors = schema.validate_topic(topic, payload)  # type: ignore[attr-defined]
+                decoded, errors = schema.validate_topic(topic, payload, live=message.released_from is None)  # type: ignore[attr-defined]
             else:
                 decoded, errors = schema.validate(payload)
             if errors:

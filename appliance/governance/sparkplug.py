@@ -24,6 +24,8 @@ a reload of the schema set, not a restart of the appliance. After a restart, a D
 names its metrics passes, one that only has aliases is rejected until the node's next NBIRTH (ask for
 one with `Node Control/Rebirth`), and the first sequence number seen is taken as it is. The state
 follows the messages this check passes; a rule that rejects a message afterwards does not undo it.
+A message released from quarantine is judged again without its sequence number and leaves the
+state as it was (it is an old message, not the node's next one).
 A sequence gap is rejected once and the count resumes from the number received (also when a message
 is rejected for another reason), so one lost message costs one rejection, not every message until
 the next BIRTH.
@@ -168,7 +170,9 @@ class SparkplugSchema:
         """A Sparkplug payload cannot be judged without its topic (the message type is in it)."""
         return None, [SchemaError("", "a Sparkplug B payload is checked with its topic (validate_topic)")]
 
-    def validate_topic(self, topic: str, payload: bytes) -> tuple[Any, list[SchemaError]]:
+    def validate_topic(self, topic: str, payload: bytes, *, live: bool = True) -> tuple[Any, list[SchemaError]]:
+        """`live=False` judges a message again (a release from quarantine): aliases resolve from the
+        state, but its sequence number is not checked and nothing is recorded."""
         levels = topic.split("/")
         if levels[0] != NAMESPACE:
             return None, [SchemaError("", f"topic {topic!r} is not in the Sparkplug B namespace ({NAMESPACE}/...)")]
@@ -191,7 +195,7 @@ class SparkplugSchema:
             message.ParseFromString(payload)
         except DecodeError as exc:
             return None, [SchemaError("", f"cannot decode as a Sparkplug B payload: {str(exc)[:200]}")]
-        return _Check(self, group, kind, node_id, device).run(message)
+        return _Check(self, group, kind, node_id, device, live).run(message)
 
     def _state(self, levels: list[str], payload: bytes) -> tuple[Any, list[SchemaError]]:
         if len(levels) != 3 or not levels[2]:
@@ -215,9 +219,10 @@ class SparkplugSchema:
 class _Check:
     """One message against the schema's declarations and state."""
 
-    __slots__ = ("device", "errors", "group", "kind", "node_id", "schema")
+    __slots__ = ("device", "errors", "group", "kind", "live", "node_id", "schema")
 
-    def __init__(self, schema: SparkplugSchema, group: str, kind: str, node_id: str, device: str | None):
+    def __init__(self, schema: SparkplugSchema, group: str, kind: str, node_id: str, device: str | None, live: bool = True):
+        self.live = live
         self.schema = schema
         self.group = group
         self.kind = kind
@@ -240,8 +245,8 @@ class _Check:
             elif seq > 255:
                 self.errors.append(SchemaError("/seq", f"seq {seq} is out of range (0-255)"))
             else:
-                next_seq = seq
-                if kind != "NBIRTH" and state.seq is not None and seq != (state.seq + 1) % 256:
+                next_seq = seq if self.live else None
+                if self.live and kind != "NBIRTH" and state.seq is not None and seq != (state.seq + 1) % 256:
                     self.errors.append(SchemaError("/seq", f"seq {seq} out of order for {self.group}/{self.node_id}: expected "
                                                            f"{(state.seq + 1) % 256} (messages lost, or sent out of order)"))
         # Aliases and datatypes this message can use: a BIRTH declares its own.
@@ -272,7 +277,9 @@ class _Check:
             state.seq = next_seq
         if self.errors:
             return None, self.errors[:MAX_ERRORS]
-        if kind == "NBIRTH":
+        if not self.live:
+            pass
+        elif kind == "NBIRTH":
             state.scope = scope
             state.devices.clear()  # a new session of the node: its devices are born again
         elif kind == "DBIRTH":

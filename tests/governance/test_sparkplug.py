@@ -207,3 +207,15 @@ def test_manifest_declarations_are_checked(tmp_path):
     assert "got 'Uint64'" in problems
     assert "min and max are for numeric datatypes, not Boolean" in problems
     assert "`file` is not for sparkplug_b" in problems
+
+
+def test_a_release_from_quarantine_leaves_the_state_alone():
+    governance = Governance(load_schema_set(EXAMPLE))
+    for topic, payload in ((NODE.format("NBIRTH"), nbirth()), (DEVICE.format("DBIRTH"), dbirth(1))):
+        assert governance.check(Message(topic, payload, 1, False, CLIENT)).accepted
+    assert not governance.check(Message(DEVICE.format("DDATA"), ddata(2, alias=10, float_value=900.0), 1, False, CLIENT)).accepted
+    assert governance.check(Message(DEVICE.format("DDATA"), ddata(3), 1, False, CLIENT)).accepted
+    # Released later (say the operator relaxed the range): seq 2 is old, not the node's next message.
+    released = Message(DEVICE.format("DDATA"), ddata(2), 1, False, CLIENT, released_from=17)
+    assert governance.check(released).accepted
+    assert governance.check(Message(DEVICE.format("DDATA"), ddata(4), 1, False, CLIENT)).accepted

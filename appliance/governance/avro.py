@@ -43,6 +43,7 @@ from typing import Any
 import fastavro
 from fastavro import _read_py
 from fastavro._read_common import SchemaResolutionError
+from fastavro.io.binary_decoder import BinaryDecoder
 from fastavro.schema import UnknownType, to_parsing_canonical_form
 
 from appliance.governance.errors import SchemaError
@@ -269,12 +270,88 @@ def _check_shape(parsed: Any) -> tuple[bool, str | None]:
     return recursive, problem
 
 
+# --- strict reading ---------------------------------------------------------------------------------
+
+
+class _StrictDecoder(BinaryDecoder):  # type: ignore[misc]
+    """fastavro's decoder, refusing negative union and enum indexes (Python's lists would take them
+    from the end: garbage would decode as a valid record that Java's reader then refuses)."""
+
+    def read_index(self) -> int:
+        index: int = self.read_long()
+        if index < 0:
+            raise IndexError(f"negative union branch index {index}")
+        return index
+
+    def read_enum(self) -> int:
+        index: int = self.read_long()
+        if index < 0:
+            raise IndexError(f"negative enum symbol index {index}")
+        return index
+
+
+_OPTIONS = {"return_record_name": False, "return_record_name_override": False, "handle_unicode_errors": "strict",
+            "return_named_type": False, "return_named_type_override": False}
+
+
+def _strict_reader(stream: Any, writer: Any, reader: Any = None, return_record_name: bool = False) -> Any:
+    """fastavro's pure-Python reader with `_StrictDecoder`: slower, bounded by Python's recursion
+    limit, exact about indexes."""
+    named = _read_py._default_named_schemas()
+    writer = _read_py.parse_schema(writer, named["writer"])
+    if reader is not None and reader is not writer:
+        reader = _read_py.parse_schema(reader, named["reader"])
+    else:
+        reader = None
+    return _read_py.read_data(_StrictDecoder(stream), writer, named, reader, _OPTIONS)
+
+
+NEGATIVE = "\x00negative index"  # never a symbol: Avro names match [A-Za-z_][A-Za-z0-9_]*
+_NEGATIVE_BRANCH = {"type": "enum", "name": "\x00negative", "symbols": []}  # reading it raises IndexError
+
+
+class _NegativeIndex(Exception):
+    pass
+
+
+def _guard(node: Any, memo: dict[int, Any]) -> Any:
+    """A copy of a parsed schema for decoding with fastavro's compiled reader, which indexes Python
+    lists with the union branch and enum symbol numbers it reads, so -1 would take the last one.
+    Each union gets as many extra branches as it has, each an enum without symbols (reading one
+    raises IndexError); each enum as many extra symbols, each NEGATIVE (checked after decoding)."""
+    if isinstance(node, list):
+        branches = [_guard(branch, memo) for branch in node]
+        return branches + [_NEGATIVE_BRANCH] * len(branches)
+    if not isinstance(node, dict):
+        return node
+    if id(node) in memo:
+        return memo[id(node)]
+    out: dict[str, Any] = {}
+    memo[id(node)] = out
+    for key, value in node.items():
+        if key == "__named_schemas":
+            out[key] = {name: _guard(definition, memo) for name, definition in value.items()}
+        elif key == "symbols" and node.get("type") == "enum":
+            out[key] = [*value, *[NEGATIVE] * len(value)]
+        elif key == "fields" and node.get("type") in ("record", "error"):
+            out[key] = [{**f, "type": _guard(f["type"], memo)} for f in value]
+        elif key in ("items", "values") or (key == "type" and isinstance(value, (dict, list))):
+            out[key] = _guard(value, memo)
+        else:
+            out[key] = value
+    return out
+
+
 # --- payloads --------------------------------------------------------------------------------------
 
 
 def _for_rules(value: Any) -> Any:
     """Logical-type values in a form CEL takes (see the module docstring)."""
     kind = type(value)
+    if kind is str:
+        if value == NEGATIVE:
+            raise _NegativeIndex
+        return value
     if kind is dict:
         return {k: _for_rules(v) for k, v in value.items()}
     if kind is list:
@@ -289,6 +366,12 @@ def _for_rules(value: Any) -> Any:
         return value.isoformat()
     if kind is uuid.UUID:
         return str(value)
+    return value
+
+
+def _enum(value: Any) -> Any:
+    if value == NEGATIVE:
+        raise _NegativeIndex
     return value
 
 
@@ -325,6 +408,8 @@ def _converter(schema: Any, named: dict[str, Any], seen: frozenset[str] = frozen
     if logical in _LOGICAL:
         return _LOGICAL[logical]
     kind = schema.get("type")
+    if kind == "enum":
+        return _enum
     if kind in ("record", "error"):
         inner = seen | {schema.get("name", "")}
         fields = [(f["name"], c) for f in schema.get("fields", []) if (c := _converter(f["type"], named, inner))]
@@ -352,13 +437,18 @@ def _converter(schema: Any, named: dict[str, Any], seen: frozenset[str] = frozen
 class _Writer:
     label: str  # "schema id 7 (meter_v1.avsc)"
     schema: Any
+    decode: Any = None  # `schema` as the compiled reader is given it (_guard), or as it is
+
+    def __post_init__(self) -> None:
+        if self.decode is None:
+            object.__setattr__(self, "decode", self.schema)
 
 
 class AvroSchema:
     """One schema file of a set: `validate(payload bytes)` → (decoded record, errors)."""
 
     format = "avro"
-    __slots__ = ("_convert", "_ids", "_fingerprints", "_read", "encoding", "file", "name", "parsed", "type_name", "writers")
+    __slots__ = ("_convert", "_fingerprints", "_ids", "_read", "_self", "encoding", "file", "name", "parsed", "type_name", "writers")
 
     def __init__(self, name: str, file: str, parsed: Any, *, encoding: str = "binary",
                  schema_ids: dict[int, tuple[str, Any]] | None = None, writers: dict[str, Any] | None = None):
@@ -376,14 +466,20 @@ class AvroSchema:
                 raise ValueError(problem)
             recursive = recursive or rec
         # The compiled reader recurses on the C stack; the pure-Python one stops at Python's limit.
-        self._read = _read_py.schemaless_reader if recursive else fastavro.schemaless_reader
-        # Records are read into the entry's schema whatever the writer's: its logical types decide.
+        self._read = _strict_reader if recursive else fastavro.schemaless_reader
+
+        def writer(label: str, schema: Any) -> _Writer:
+            return _Writer(label, schema, schema if recursive else _guard(schema, {}))
+
+        # Records are read into the entry's schema whatever the writer's: its logical types decide
+        # (and its enums, which are checked for NEGATIVE).
         self._convert = _converter(parsed, _named_schemas(parsed))
-        self._ids = {number: _Writer(f"schema id {number} ({file_})", schema) for number, (file_, schema) in (schema_ids or {}).items()}
+        self._self = writer(file, parsed)
+        self._ids = {number: writer(f"schema id {number} ({file_})", schema) for number, (file_, schema) in (schema_ids or {}).items()}
         self.writers = dict(writers or {})
-        self._fingerprints = {fingerprint(parsed): _Writer(file, parsed)}
+        self._fingerprints = {fingerprint(parsed): self._self}
         for file_, schema in self.writers.items():
-            self._fingerprints.setdefault(fingerprint(schema), _Writer(file_, schema))
+            self._fingerprints.setdefault(fingerprint(schema), writer(file_, schema))
         if encoding == "confluent" and not self._ids:
             raise ValueError("encoding confluent needs `schema_ids` (Schema Registry id -> schema file)")
 
@@ -422,23 +518,29 @@ class AvroSchema:
             start = 10
         stream = io.BytesIO(payload)
         stream.seek(start)
+        source = writer or self._self
         try:
-            if writer is None or writer.schema is self.parsed:
-                record = self._read(stream, self.parsed, None, return_record_name=False)
+            if source.schema is self.parsed:
+                record = self._read(stream, source.decode, None, return_record_name=False)
             else:
-                record = self._read(stream, writer.schema, self.parsed, return_record_name=False)
+                record = self._read(stream, source.decode, self.parsed, return_record_name=False)
+            left = len(payload) - stream.tell()
+            if not left and self._convert is not None:
+                record = self._convert(record)
+        except _NegativeIndex:
+            return None, [SchemaError("", f"cannot decode as {self.type_name}: {_explain(IndexError(), 0)}")]
         except SchemaResolutionError as exc:
-            return None, [SchemaError("", f"a record written with {writer.label if writer else self.file} cannot be read as "
-                                          f"{self.type_name}: {exc}")]
+            if "\x00negative" in str(exc):
+                return None, [SchemaError("", f"cannot decode as {self.type_name}: {_explain(IndexError(), 0)}")]
+            return None, [SchemaError("", f"a record written with {source.label} cannot be read as {self.type_name}: {exc}")]
         except RecursionError:
             return None, [SchemaError("", f"cannot decode as {self.type_name}: records nested too deeply")]
         except (EOFError, IndexError, UnicodeDecodeError, ValueError, OverflowError, MemoryError, TypeError, KeyError) as exc:
             return None, [SchemaError("", f"cannot decode as {self.type_name}: {_explain(exc, len(payload) - start)}")]
-        left = len(payload) - stream.tell()
         if left:
             return None, [SchemaError("", f"cannot decode as {self.type_name}: {left} byte{'s' if left > 1 else ''} left over after "
                                           "the record (written with another schema, or more than one record)")]
-        return (record if self._convert is None else self._convert(record)), []
+        return record, []
 
 
 def _explain(error: BaseException, size: int) -> str:
@@ -451,7 +553,7 @@ def _explain(error: BaseException, size: int) -> str:
             return f"a length of {wanted} bytes in a payload of {size}: truncated, or not Avro binary"
         return f"the payload ends early ({size} bytes): truncated, or written with another schema"
     if isinstance(error, IndexError):
-        return "an enum symbol or union branch index out of range: garbage, or written with another schema"
+        return "an enum symbol or union branch index out of range (or negative): garbage, or written with another schema"
     if isinstance(error, UnicodeDecodeError):
         return "a string is not valid UTF-8"
     return f"not Avro binary for this schema ({type(error).__name__}: {error})"

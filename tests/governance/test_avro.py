@@ -173,3 +173,32 @@ def test_logical_types_in_unions_arrays_and_maps():
     assert decoded == {"maybe_ts": "2026-01-02T03:04:05Z", "prices": [1.25], "days": {"a": "2026-01-02"},
                        "id": "6f1c6c1e-58f5-4a51-9d4c-1f0b8e6f2a10"}
     assert schema.validate(write(parsed, {**value, "maybe_ts": None}))[0]["maybe_ts"] is None
+
+
+def test_negative_union_and_enum_indexes_are_rejected():
+    # Python's lists would take index -1 from the end: such bytes must not pass as a valid record.
+    parsed = fastavro.parse_schema({"type": "record", "name": "R", "fields": [
+        {"name": "v", "type": ["null", "int"]}, {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["A", "B"]}},
+        {"name": "xs", "type": {"type": "array", "items": "int"}}]})
+    schema = AvroSchema("r", "r.avsc", parsed)
+    assert "index out of range (or negative)" in schema.validate(b"\x01\x02\x00\x00")[1][0].message
+    assert "index out of range (or negative)" in schema.validate(b"\x00\x01\x00")[1][0].message
+    # Encodings that are valid but not what fastavro writes back pass: arrays in several blocks, a
+    # block with its byte size (negative count), a padded varint.
+    assert schema.validate(b"\x02\x02\x02\x02\x02\x02\x04\x00") == ({"v": 1, "e": "B", "xs": [1, 2]}, [])
+    assert schema.validate(b"\x02\x02\x02\x03\x02\x02\x04\x00") == ({"v": 1, "e": "B", "xs": [1, 2]}, [])
+    assert schema.validate(b"\x02\x82\x00\x02\x00") == ({"v": 1, "e": "B", "xs": []}, [])
+
+
+def test_negative_index_from_an_older_writer_is_rejected():
+    v2 = load_schema_set(REPO / "fixtures" / "avro" / "v2").schemas["meter_reading_registry:v2"]
+    good = meter_reading({**RECORD, "power_w": None})
+    at = good.index(b"\x00\x02")  # power_w: branch 0 (null), then phase index 1 (L2)
+    bad = good[:at] + b"\x01" + good[at + 1:]  # branch -1: the last one, double, would swallow 8 bytes
+    assert schema_errors(v2.validate(b"\x00\x00\x00\x00\x01" + good)) == []
+    assert any("negative" in e or "ends early" in e or "left over" in e
+               for e in schema_errors(v2.validate(b"\x00\x00\x00\x00\x01" + bad)))
+
+
+def schema_errors(result) -> list[str]:
+    return [e.message for e in result[1]]

@@ -48,7 +48,7 @@ from fastavro.schema import UnknownType, to_parsing_canonical_form
 
 from appliance.governance.errors import SchemaError
 
-__all__ = ["ENCODINGS", "AvroCompileError", "AvroSchema", "AvroFiles", "crc64_avro"]
+__all__ = ["ENCODINGS", "AvroCompileError", "AvroFiles", "AvroSchema", "crc64_avro"]
 
 ENCODINGS = ("binary", "confluent", "single_object")
 SINGLE_OBJECT_MARKER = b"\xc3\x01"

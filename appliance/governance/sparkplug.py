@@ -371,7 +371,6 @@ class _Check:
 
     def fail(self, path: str, message: str) -> None:
         self.errors.append(SchemaError(path, message))
-        return None
 
 
 def _implicit(name: str) -> bool:

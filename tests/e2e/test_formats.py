@@ -6,8 +6,6 @@ import datetime as dt
 import decimal
 from pathlib import Path
 
-import pytest
-
 from appliance.governance.sparkplug import payload_class
 from appliance.mqtt import Connect, ProtocolVersion, Puback, Publish, ReasonCode
 from appliance.simulate_formats import meter_reading

@@ -109,7 +109,7 @@ def test_rules_see_the_record(avro_set):
     governance = Governance(load_schema_set(avro_set()))
     ok = governance.check(Message("meter/m1/reading", meter_reading(RECORD), 1, False, CLIENT))
     wrong_meter = governance.check(Message("meter/m2/reading", meter_reading(RECORD), 1, False, CLIENT))
-    negative = governance.check(Message("meter/m1/reading", meter_reading({**RECORD, "energy_kwh": decimal.Decimal("-1")}), 1, False, CLIENT))
+    negative = governance.check(Message("meter/m1/reading", meter_reading({**RECORD, "energy_kwh": decimal.Decimal(-1)}), 1, False, CLIENT))
     assert ok.accepted
     assert not wrong_meter.accepted and "meter_matches_topic" in wrong_meter.reasons[0].message
     assert not negative.accepted and "energy_not_negative" in negative.reasons[0].message

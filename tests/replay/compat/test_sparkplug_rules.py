@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.governance.sparkplug import DATATYPES, MetricSpec, SparkplugSchema
-from replay.compat.sparkplug_rules import compare_sparkplug
 from appliance.governance import load_schema_set
+from appliance.governance.sparkplug import DATATYPES, MetricSpec, SparkplugSchema
 from replay.compat import compare_sets
+from replay.compat.sparkplug_rules import compare_sparkplug
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -266,16 +266,32 @@ def render_tally(tally: Tally, *, elapsed: float, protocol: int, qos: int) -> st
     return "\n".join(lines)
 
 
+PAYLOADS = ("demo", "avro", "sparkplug")
+
+
+def make_traffic(payload: str, sensors: int, invalid_rate: float, *, seed: int | None = None) -> Any:
+    """The traffic plan for a `--payload` choice: the demo set's (schemas/v1), or an example set's."""
+    if payload == "demo":
+        return Traffic(sensors, invalid_rate, seed=seed)
+    from appliance.simulate_formats import AvroTraffic, SparkplugTraffic
+
+    if payload == "avro":
+        return AvroTraffic(sensors, invalid_rate, seed=seed)
+    if payload == "sparkplug":
+        return SparkplugTraffic(sensors, invalid_rate, seed=seed)
+    raise ValueError(f"payload must be one of {', '.join(PAYLOADS)}")
+
+
 def simulate(*, address: Address, sensors: int, rate: float, invalid_rate: float, duration: float | None = None,
              qos: int = 1, protocol: int = 5, seed: int | None = None, report: Callable[[str], None] | None = None,
-             stop: threading.Event | None = None, drain_timeout: float = 10.0) -> Tally:
+             stop: threading.Event | None = None, drain_timeout: float = 10.0, payload: str = "demo") -> Tally:
     """Publish at `rate` messages per second in total until `duration` passes or `stop` is set, wait
     (up to `drain_timeout`) for the outstanding acknowledgements, and return the tally. `report`
     gets a summary line every second."""
     if rate <= 0:
         raise ValueError("rate must be positive")
     stop = stop or threading.Event()
-    traffic = Traffic(sensors, invalid_rate, seed=seed)
+    traffic = make_traffic(payload, sensors, invalid_rate, seed=seed)
     fleet = Fleet(traffic.sensors, address, protocol=protocol, qos=qos)
     fleet.connect()
     start = time.monotonic()
@@ -326,9 +342,12 @@ def simulate(*, address: Address, sensors: int, rate: float, invalid_rate: float
 @click.option("--protocol", type=click.Choice(["4", "5"]), default="5", show_default=True,
               help="MQTT protocol level: 4 (3.1.1) or 5.")
 @click.option("--seed", type=int, help="Seed for the random choices, to repeat a run.")
+@click.option("--payload", "payload", type=click.Choice(PAYLOADS), default="demo", show_default=True,
+              help="What the sensors send: the demo set's JSON and Protobuf (schemas/v1), Avro meter readings "
+                   "(fixtures/avro/v1) or Sparkplug B edge nodes (fixtures/sparkplug/v1).")
 def simulate_command(sensors: int, rate: float, invalid_rate: float, broker: str, duration: float | None,
-                     qos: str, protocol: str, seed: int | None) -> None:
-    """Publish demo sensor traffic for the schema set schemas/v1 and show what the appliance accepts and rejects."""
+                     qos: str, protocol: str, seed: int | None, payload: str) -> None:
+    """Publish demo sensor traffic (for schemas/v1, or an example set with --payload) and show what the appliance accepts and rejects."""
     try:
         address = Address.parse(broker if ":" in broker else f"{broker}:1883")
     except ValueError as exc:
@@ -337,6 +356,6 @@ def simulate_command(sensors: int, rate: float, invalid_rate: float, broker: str
                f"MQTT {'5' if protocol == '5' else '3.1.1'} QoS {qos}" + ("" if duration else "; Ctrl-C stops"))
     start = time.monotonic()
     tally = simulate(address=address, sensors=sensors, rate=rate, invalid_rate=invalid_rate, duration=duration,
-                     qos=int(qos), protocol=int(protocol), seed=seed, report=click.echo)
+                     qos=int(qos), protocol=int(protocol), seed=seed, report=click.echo, payload=payload)
     click.echo(render_tally(tally, elapsed=time.monotonic() - start, protocol=int(protocol), qos=int(qos)))
 

@@ -64,6 +64,14 @@ def _recording_options(func: Callable[..., T]) -> Callable[..., T]:
     return func
 
 
+def _jobs(asked: int | None, default: int, *sets: Any) -> int:
+    """Worker processes; one for a set whose checks keep state between messages (Sparkplug B), so
+    every message reaches the same judge in recorded order."""
+    from replay.judge import stateful
+
+    return 1 if any(stateful(s) for s in sets) else (asked or default)
+
+
 def _filters(since: str | None, until: str | None, topic: str | None, client: str | None,
              limit: int | None, sample: int = 1) -> Any:
     from replay.rows import Filters
@@ -194,7 +202,7 @@ def cli(ctx: click.Context, target_dir: Path | None, sources: tuple[str, ...], s
     try:
         total = source.count() if show_progress else None
         with _Progress(show_progress, total) as bar:
-            jobs = jobs or engine.default_jobs()
+            jobs = _jobs(jobs, engine.default_jobs(), target, baseline)
             tally, run_stats = engine.run(source.work(engine.BATCH_SIZE, engine.pieces(jobs)), target=target.directory,
                                           baseline=baseline.directory if baseline else None,
                                           jobs=jobs, progress=bar.advance)

@@ -7,6 +7,11 @@ look too fast. `rate_rules()` lists what was taken out, for the report.
 Without rate rules the check is a pure function of the message, so a message repeated within a
 batch (same topic, payload, QoS, retain flag, client and will flag) is judged once; the cache turns
 itself off for a batch whose first messages do not repeat (payloads with time stamps).
+
+Some checks keep state between messages (Sparkplug B: aliases from BIRTH certificates, sequence
+numbers): a set with such a schema (`stateful()`) must be fed every message, in recorded order, by
+one judge, so the replay runs in one process, the baseline set sees every message too, and no
+verdict is taken from the cache.
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ def load_for_replay(directory: Path) -> SchemaSet:
     return without_rate_limits(load_schema_set(directory))
 
 
+def stateful(schema_set: SchemaSet | None) -> bool:
+    """Whether judging a message depends on the messages before it (Sparkplug B's BIRTH and seq)."""
+    return schema_set is not None and any(hasattr(schema, "state") for schema in schema_set.schemas.values())
+
+
 _VERSIONS = {int(v): v for v in ProtocolVersion}
 # The verdict cache holds up to CACHE_SIZE messages of at most CACHE_MAX_PAYLOAD bytes (so at most
 # ~12 MB). A batch with fewer than one repeat per CACHE_MIN_HITS new messages (a repeat saves ~6 µs,
@@ -74,6 +84,8 @@ class Judge:
     def __init__(self, target: SchemaSet, baseline: SchemaSet | None = None):
         self._target = Governance(target)
         self._baseline = Governance(baseline) if baseline is not None else None
+        self._feed_baseline = stateful(baseline)
+        self._stateful = stateful(target) or self._feed_baseline  # no verdict cache then
         self._clients: dict[tuple[str | None, str | None, str | None, int | None], ClientInfo] = {}
         self._reasons: dict[tuple[str, str, str | None], tuple[tuple[str, str | None, str], tuple[str, ...]]] = {}
         self._verdicts: dict[tuple[object, ...], Verdict] = {}
@@ -109,6 +121,7 @@ class Judge:
         check = self._target.check
         route = self._target.schema_set.route
         baseline = self._baseline.check if self._baseline is not None else None
+        feed_baseline = self._feed_baseline
         recorded_sets = tally.recorded_sets
         group_of = tally.group
         clients = self._clients
@@ -120,7 +133,7 @@ class Judge:
         # verdict: the check is a pure function of them once rate rules are out. Used while it pays:
         # real payloads often carry a time stamp and never repeat.
         verdicts = self._verdicts
-        caching = self._skip_cache == 0
+        caching = self._skip_cache == 0 and not self._stateful
         self._skip_cache = max(0, self._skip_cache - 1)
         hits = misses = 0
         new_tuple = tuple.__new__
@@ -175,8 +188,9 @@ class Judge:
                 group.unmapped += 1
             group.replayed += 1
             reference = recorded
-            if reference is None and baseline is not None:
-                reference = "accept" if baseline(message).accepted else "reject"
+            if baseline is not None and (reference is None or feed_baseline):
+                judged = "accept" if baseline(message).accepted else "reject"
+                reference = judged if reference is None else reference
             if verdict.accepted:
                 group.accepted += 1
                 if reference is None:

@@ -61,7 +61,7 @@ def _progress(result: RunResult) -> None:
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="Also write medians, ratios and every raw run to this file, and a PNG chart next to it (with matplotlib).")
 @click.option("--verdict", is_flag=True,
-              help="Only measure the cost of one verdict (governance check on the demo schemas, one core, no sockets).")
+              help="Only measure the cost of one verdict (governance check on the demo schemas and the Avro and Sparkplug B example sets, one core, no sockets).")
 def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool | None, scenarios: tuple[str, ...],
           qos: tuple[str, ...], loads: tuple[str, ...], rate: float, duration: float | None, workdir: Path | None,
           json_file: Path | None, verdict: bool) -> None:
@@ -120,7 +120,7 @@ def _verdict_bench(quick: bool, json_file: Path | None) -> None:
     results = measure(iterations=iterations)
     audit_us = measure_audit_recording(iterations=iterations)
     width = max(len(case.name) for case, _ in results)
-    click.echo(f"{'verdict (demo schema set v1)':<{width}}  median µs")
+    click.echo(f"{'verdict (demo set v1; avro, sparkplug: fixtures/*/v1)':<{width}}  median µs")
     for case, micros in results:
         click.echo(f"{case.name:<{width}}  {micros:9.2f}")
     click.echo(f"{'audit recording on the event loop':<{width}}  {audit_us:9.2f}")

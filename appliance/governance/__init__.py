@@ -1,4 +1,4 @@
-"""Governance: schema sets (topics, JSON Schema, Protobuf, CEL rules) and the check that applies them.
+"""Governance: schema sets (topics, JSON Schema, Protobuf, Avro, Sparkplug B, CEL rules) and the check that applies them.
 
 - `load_schema_set(dir)` reads and compiles a schema set (docs/schemas.md), or raises
   `SchemaSetError` listing every problem with its file and line.

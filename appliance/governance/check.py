@@ -4,7 +4,7 @@ Order and answers (MQTT 5 reason codes; 3.1.1 publishers get a plain ack):
 1. topic outside `topic_patterns` → 0x90 Topic Name invalid;
 2. no mapping → the set's `policy.unmapped` (accept, or reject with 0x99);
 3. built-in limits: payload size → 0x99, per-client rate → 0x97 Quota exceeded;
-4. schema (JSON Schema or Protobuf) → 0x99 Payload format invalid;
+4. schema (JSON Schema, Protobuf, Avro or Sparkplug B) → 0x99 Payload format invalid;
 5. rules (CEL) → 0x99.
 An empty retained payload deletes a retained message and is accepted once the topic is allowed.
 """
@@ -40,6 +40,9 @@ class Governance:
                 True, schema_set=version, topic_filter=topic_filter, schema=mapping.schema_name,
                 forward=mapping.forward, forward_qos=mapping.forward_qos,
             )
+        previous = getattr(self, "_schema_set", None)
+        if previous is not None:
+            _carry_state(previous, schema_set)
         self._schema_set, self._accepts = schema_set, accepts
 
     def check(self, message: Message) -> Verdict:
@@ -67,8 +70,12 @@ class Governance:
         if mapping.rate_limit is not None and (problem := mapping.rate_limit.exceeded(message.client.client_id)):
             return self._reject(mapping, Reason("rule", problem, schema=mapping.schema_name), code=ReasonCode.QUOTA_EXCEEDED)
         decoded = None
-        if mapping.schema is not None:
-            decoded, errors = mapping.schema.validate(payload)
+        schema = mapping.schema
+        if schema is not None:
+            if schema.format == "sparkplug_b":  # the message type and the node are in the topic
+                decoded, errors = schema.validate_topic(topic, payload, live=message.released_from is None)  # type: ignore[attr-defined]
+            else:
+                decoded, errors = schema.validate(payload)
             if errors:
                 return self._reject(
                     mapping,
@@ -90,3 +97,17 @@ class Governance:
             topic_filter=mapping.topic_filter,
             schema=mapping.schema_name,
         )
+
+
+def _carry_state(old: SchemaSet, new: SchemaSet) -> None:
+    """Sparkplug B keeps what BIRTH certificates said across a reload: a schema of the new set takes
+    the state of the old set's schema of the same name (without version), else of its only one."""
+    old_states = {name.split(":", 1)[0]: schema.state for name, schema in old.schemas.items() if schema.format == "sparkplug_b"}  # type: ignore[attr-defined]
+    for name, schema in new.schemas.items():
+        if schema.format != "sparkplug_b":
+            continue
+        state = old_states.get(name.split(":", 1)[0])
+        if state is None and len(old_states) == 1:
+            state = next(iter(old_states.values()))
+        if state is not None:
+            schema.state = state  # type: ignore[attr-defined]

@@ -23,7 +23,12 @@ from appliance.yamlsource import LineDict, YamlError, did_you_mean, load_yaml
 MANIFEST = "manifest.yaml"
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_.\-]+(:[A-Za-z0-9_.\-]+)?$")
 TOP_LEVEL_KEYS = {"version", "description", "topic_patterns", "schema_mappings", "schema_files", "rules", "policy"}
-FILE_KEYS = {"file", "format", "message", "allow_unknown_fields", "compatibility"}
+FILE_KEYS = {
+    "file", "format", "message", "allow_unknown_fields", "compatibility",
+    "encoding", "schema_ids", "writers",  # avro
+    "node_metrics", "device_metrics",  # sparkplug_b
+}
+FORMATS = ("jsonschema", "protobuf", "avro", "sparkplug_b")
 COMPATIBILITY_MODES = {"NONE", "BACKWARD", "FORWARD", "FULL", "BACKWARD_TRANSITIVE", "FORWARD_TRANSITIVE", "FULL_TRANSITIVE"}
 MAPPING_KEYS = {"schema", "on_reject", "forward", "forward_qos"}
 
@@ -188,6 +193,7 @@ def _load_schemas(directory: Path, manifest: LineDict, problems: _Problems) -> d
     schemas: dict[str, PayloadSchema] = {}
     json_specs: list[tuple[str, str, int]] = []
     proto_specs: list[tuple[str, str, str, bool, int]] = []
+    avro_specs: list[tuple[str, LineDict]] = []
     for name, spec in files.items():
         line = files.line_of(name)
         if not isinstance(name, str) or not SCHEMA_NAME.match(name):
@@ -203,6 +209,13 @@ def _load_schemas(directory: Path, manifest: LineDict, problems: _Problems) -> d
             problems.add(MANIFEST, spec.line_of("compatibility"),
                          f"schema_files.{name}: compatibility must be one of {sorted(COMPATIBILITY_MODES)}, got {compatibility!r}")
         file, fmt = spec.get("file"), spec.get("format")
+        if fmt == "sparkplug_b":
+            from appliance.governance.sparkplug_manifest import load_sparkplug
+
+            schema = load_sparkplug(name, spec, lambda line, message: problems.add(MANIFEST, line, message))
+            if schema is not None:
+                schemas[name] = schema
+            continue
         if not isinstance(file, str) or not file:
             problems.add(MANIFEST, line, f"schema_files.{name}: needs `file`")
             continue
@@ -213,6 +226,9 @@ def _load_schemas(directory: Path, manifest: LineDict, problems: _Problems) -> d
         if not path.is_file():
             problems.add(MANIFEST, spec.line_of("file"), f"schema_files.{name}: file {file!r} not found")
             continue
+        if fmt in ("jsonschema", "protobuf"):
+            for key in sorted(set(spec) & {"encoding", "schema_ids", "writers", "node_metrics", "device_metrics"}):
+                problems.add(MANIFEST, spec.line_of(key), f"schema_files.{name}: `{key}` is not for a {fmt} schema")
         if fmt == "jsonschema":
             json_specs.append((name, file, line))
         elif fmt == "protobuf":
@@ -221,8 +237,10 @@ def _load_schemas(directory: Path, manifest: LineDict, problems: _Problems) -> d
                 problems.add(MANIFEST, line, f"schema_files.{name}: a protobuf schema needs `message` (e.g. demo.DeviceStatus)")
                 continue
             proto_specs.append((name, file, message, bool(spec.get("allow_unknown_fields", False)), line))
+        elif fmt == "avro":
+            avro_specs.append((name, spec))
         else:
-            problems.add(MANIFEST, spec.line_of("format"), f"schema_files.{name}: format must be jsonschema or protobuf, got {fmt!r}")
+            problems.add(MANIFEST, spec.line_of("format"), f"schema_files.{name}: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if json_specs:
         try:
             registry = JsonSchemaRegistry(directory, directory.rglob("*.json"))
@@ -236,6 +254,10 @@ def _load_schemas(directory: Path, manifest: LineDict, problems: _Problems) -> d
                     problems.add(exc.file, exc.line, exc.args[0])
     if proto_specs:
         schemas.update(_load_protobuf(directory, proto_specs, problems))
+    if avro_specs:
+        from appliance.governance.avro_manifest import load_avro
+
+        schemas.update(load_avro(directory, avro_specs, lambda file, line, message: problems.add(file, line, message)))
     return schemas
 
 

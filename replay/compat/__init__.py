@@ -14,7 +14,7 @@ Vocabulary:
 - a **report** holds a result per schema pair (with a verdict for its mode and for each of
   BACKWARD, FORWARD and FULL), the topic findings, and the schemas added and removed.
 
-Modules: `json_rules` and `proto_rules` (one format each), `refs` ($ref resolution), `topics`
+Modules: `json_rules`, `proto_rules`, `avro_rules` and `sparkplug_rules` (one format each), `refs` ($ref resolution), `topics`
 (patterns, mappings, policy), `manifest` (modes), `compare` (pairing, judging), `render` (text).
 """
 

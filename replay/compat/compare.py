@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.governance.schemaset import SchemaSet
+from replay.compat.avro_rules import compare_avro
 from replay.compat.json_rules import compare_json_schemas
 from replay.compat.manifest import read_modes
 from replay.compat.model import (
@@ -23,6 +24,7 @@ from replay.compat.model import (
 )
 from replay.compat.proto_rules import compare_messages
 from replay.compat.refs import Documents
+from replay.compat.sparkplug_rules import compare_sparkplug
 from replay.compat.topics import compare_topics
 
 
@@ -108,6 +110,10 @@ class _Comparison:
                 _descriptor(old), _descriptor(new),
                 old_strict=not _attr(old, "allow_unknown_fields"), new_strict=not _attr(new, "allow_unknown_fields"),
             ))
+        elif new.format == "avro":
+            findings.extend(compare_avro(old, new))
+        elif new.format == "sparkplug_b":
+            findings.extend(compare_sparkplug(old, new))
         else:
             warnings.append(f"could not analyse format {new.format!r}")
         return SchemaResult(

@@ -123,7 +123,7 @@ def test_every_problem_reported_at_once(demo_set):
     edit(d / "manifest.yaml", "  - sensor/+/temperature\n", "  - sensor/+/temperature\n  - bad/#/filter\n")
     problems = broken(d)
     assert len(problems) >= 3
-    assert any("format must be jsonschema or protobuf" in p for p in problems)
+    assert any("format must be one of jsonschema, protobuf, avro, sparkplug_b" in p for p in problems)
     assert any("policy.unmapped" in p for p in problems)
     assert any("bad/#/filter" in p for p in problems)
 

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
+from appliance.msglog.fileio import OsIO
+
 LOCK_NAME = "appliance.lock"
 
 
@@ -21,30 +23,12 @@ class StateDirBusy(StateDirError):
     """Another process (a running appliance) holds the state dir."""
 
 
-def make_durable_dirs(path: Path) -> None:
-    """mkdir -p, fsyncing the parent of every directory it creates: a power cut right after the
-    first start must not take the state dir (and what was then written into it) away."""
-    missing = []
-    current = path
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for directory in reversed(missing):
-        try:
-            directory.mkdir()
-        except FileExistsError:
-            continue
-        fd = os.open(directory.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def claim(state_dir: Path) -> IO[str]:
     """Create (if needed), check and lock the state dir; keep the returned file open while running."""
     try:
-        make_durable_dirs(state_dir)
+        # Created durably (each new directory fsync'd into its parent): a power cut right after the
+        # first start must not take the state dir, and what was written into it, away.
+        OsIO().makedirs(state_dir)
         with tempfile.TemporaryFile(dir=state_dir):
             pass
         lock = (state_dir / LOCK_NAME).open("a+")

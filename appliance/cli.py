@@ -28,7 +28,7 @@ class _LazyGroup(click.Group):
 
     LAZY = {
         "bench": ("appliance.bench", "bench", "Measure throughput, latency, CPU, memory and disk writes:..."),
-        "simulate": ("appliance.simulate", "simulate_command", "Publish demo sensor traffic for the schema set schemas/v1..."),
+        "simulate": ("appliance.simulate", "simulate_command", "Publish demo sensor traffic (for schemas/v1, or an example..."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

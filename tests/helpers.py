@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.packettypes import PacketTypes
 
+from appliance import statedir
 from appliance.app import Appliance
 from appliance.config import Config
 from appliance.mqtt import NEED_DATA, Decoder, ProtocolVersion, encode_packet
@@ -56,6 +57,9 @@ class RunningAppliance:
             self.loop = _uvloop.new_event_loop()
         else:
             self.loop = asyncio.new_event_loop()
+        # As `appliance run` does: the state dir is this appliance's while it runs (the CLI's offline
+        # paths tell a running appliance from a stopped one by this lock).
+        self._state_lock = statedir.claim(config.state_dir)
         self.app = Appliance(config, pipeline=pipeline, **appliance)
         self.events: list[tuple[str, dict[str, object]]] = []
         self.app.add_event_listener(lambda kind, detail: self.events.append((kind, detail)))
@@ -76,6 +80,7 @@ class RunningAppliance:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
+            self._state_lock.close()
 
     @property
     def port(self) -> int:

@@ -51,7 +51,7 @@ build = next(line for line in text.splitlines() if line.startswith("mqtt_proxy_b
 print(build)
 assert "process_resident_memory_bytes" in text
 PY
-echo "RSS before the first message: $(awk '/VmRSS/ {print $2, $3}' /proc/$pid/status)"
+echo "RSS before the first message (under qemu-user: the emulator's): $(awk '/VmRSS/ {print $2, $3}' /proc/$pid/status)"
 
 step "one valid and one invalid MQTT 5 publish, QoS 1: the PUBACK reason codes"
 sub=/var/tmp/smoke-sub.txt

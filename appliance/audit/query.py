@@ -125,30 +125,37 @@ class AuditQuery:
             except BaseException:
                 con.close()
                 raise
-            if self.layout.read_watermark() == mark:
-                break
-            con.close()  # a conversion finished meanwhile: its segments may be gone; start again
-        else:
-            raise AuditError("the audit log kept changing while it was being opened; try again")
-        self.watermark = mark
-        self.files = files
-        try:
-            sources: dict[str, str | None] = {}
-            for table in TABLES:
-                tail = f"(SELECT * FROM {_tail_table(table)})"
-                sources[table] = (f"(SELECT * FROM {parquet_source(files[table])} UNION ALL BY NAME "
-                                  f"SELECT * FROM {_tail_table(table)})") if files[table] else tail
-            for statement in view_statements(self.layout, sources):
-                con.execute(statement)
-            if locked:
-                allowed = sql_string(str(self.layout.parquet_dir) + os.sep)
-                con.execute(f"SET allowed_directories = [{allowed}]")
-                con.execute("SET enable_external_access = false")
-                con.execute("SET lock_configuration = true")
-        except BaseException:
-            con.close()
-            raise
-        return con
+            if self.layout.read_watermark() != mark:
+                con.close()  # a conversion finished meanwhile: its segments may be gone; start again
+                continue
+            try:
+                self._define_views(con, files, locked)
+            except duckdb.IOException as error:
+                con.close()
+                if _gone(error):
+                    continue  # a file listed was merged or dropped meanwhile (a compaction): again
+                raise
+            except BaseException:
+                con.close()
+                raise
+            self.watermark = mark
+            self.files = files
+            return con
+        raise AuditError("the audit log kept changing while it was being opened; try again")
+
+    def _define_views(self, con: duckdb.DuckDBPyConnection, files: dict[str, list[Path]], locked: bool) -> None:
+        sources: dict[str, str | None] = {}
+        for table in TABLES:
+            tail = f"(SELECT * FROM {_tail_table(table)})"
+            sources[table] = (f"(SELECT * FROM {parquet_source(files[table])} UNION ALL BY NAME "
+                              f"SELECT * FROM {_tail_table(table)})") if files[table] else tail
+        for statement in view_statements(self.layout, sources):
+            con.execute(statement)
+        if locked:
+            allowed = sql_string(str(self.layout.parquet_dir) + os.sep)
+            con.execute(f"SET allowed_directories = [{allowed}]")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor of its own for a thread (DuckDB cursors must not be shared between threads)."""

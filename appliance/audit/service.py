@@ -119,6 +119,9 @@ class AuditService:
         self.state_dir = state_dir
         self.layout = Layout(state_dir)
         make_dirs(self.layout.audit_dir)  # fsync'd into its parent: a power cut cannot take it away
+        # DuckDB's spill directory for the helpers and readers, owned by the service's user (a reader
+        # run with sudo before the first seal would otherwise create it as root).
+        make_dirs(self.layout.tmp_dir)
         self._on_event = on_event or self.record_event
         upgrade_legacy(state_dir)
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -238,11 +238,16 @@ def capture() -> dict[str, object]:
     try:
         for v5 in (False, True):
             version = 5 if v5 else 4
-            scenario = [("paho", _paho_session), ("mosquitto_pub", _mosquitto_pub)]
-            for peer, run in scenario:
+            # Each scenario's connections: a subscriber and a publisher, then one mosquitto_pub.
+            scenario = [("paho", _paho_session, 2), ("mosquitto_pub", _mosquitto_pub, 1)]
+            for peer, run, connections in scenario:
                 first = len(relay.recordings)
                 run(relay.port, v5)
                 with relay.accepted:
+                    # The relay's accept thread records a connection just after it starts relaying
+                    # it: on a busy machine that can come after the scenario has finished.
+                    if not relay.accepted.wait_for(lambda: len(relay.recordings) >= first + connections, WAIT):
+                        raise TimeoutError(f"the relay recorded {len(relay.recordings) - first} of {connections} connections")
                     new = relay.recordings[first:]
                 for i, recording in enumerate(new):
                     _wait(recording.done, "connection close")

@@ -403,14 +403,6 @@ def stopped_appliance(state_dir: Path, filters: Filters) -> DuckDBSource:
     return source
 
 
-def _legacy_state(state_dir: Path) -> bool:
-    """A state dir the previous version wrote and this one has not imported yet (it imports on its
-    first start): its DuckDB file holds the tables (ours holds views, beside a key file)."""
-    audit = state_dir / "audit"
-    return (audit / "journal.sqlite3").exists() or (
-        (audit / "audit.duckdb").exists() and not (audit / ".views-key").exists())
-
-
 def _tail_rows(state_dir: Path, after: Any) -> list[tuple[Any, ...]]:
     """The decisions in the message log after the Parquet watermark, as audit rows (the payload
     only where the audit shows it), read and decoded here."""
@@ -443,9 +435,9 @@ def appliance_recording(state_dir: Path, filters: Filters) -> Source:
     """What the appliance on `state_dir` recorded, running or not: its Parquet files and the
     decisions in its message log not converted yet, read here (no export, nothing through /tmp)."""
     from appliance import admin
-    from appliance.audit.layout import Layout
+    from appliance.audit.layout import Layout, previous_version
 
-    if _legacy_state(state_dir):
+    if previous_version(state_dir):  # this version imports it on its first start; until then, read it
         return stopped_appliance(state_dir, filters)
     try:  # a running appliance makes what it recorded so far readable first
         admin.call(state_dir, "audit_sync", timeout=60.0)

@@ -70,20 +70,6 @@ class HelperProcesses:
             return
         self._running[task] = asyncio.get_running_loop().create_task(self._run(task), name=f"helper-{task}")
 
-    def busy(self, task: str) -> bool:
-        return task in self._running
-
-    async def wait(self, task: str) -> None:
-        """Until no `task` helper runs or is queued."""
-        while (running := self._running.get(task)) is not None:
-            await asyncio.shield(running)
-
-    async def run_now(self, task: str, *extra: str) -> HelperRun:
-        """Run `task` once more and wait for it (after any running one)."""
-        await self.wait(task)
-        self._extra[task] = list(extra)
-        return await self._once(task)
-
     async def _run(self, task: str) -> None:
         try:
             while True:

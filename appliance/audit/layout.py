@@ -137,6 +137,15 @@ def _unshadowed(files: list[ParquetFile]) -> list[ParquetFile]:
     return kept
 
 
+def previous_version(state_dir: Path) -> bool:
+    """Whether `state_dir` holds the previous (SQLite + DuckDB) version's audit log, not imported yet:
+    its journal, or a DuckDB file with tables (ours holds only views, beside its key file). Cheap:
+    no DuckDB needed."""
+    audit = Path(state_dir) / "audit"
+    return (audit / "journal.sqlite3").exists() or (
+        (audit / "audit.duckdb").exists() and not (audit / ".views-key").exists())
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

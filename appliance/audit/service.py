@@ -22,7 +22,7 @@ import orjson
 
 from appliance.audit.errors import AuditError
 from appliance.audit.helpers import HELPER_MODULE, HelperProcesses, HelperRun
-from appliance.audit.layout import Layout, make_dirs, write_durably
+from appliance.audit.layout import Layout, make_dirs, previous_version, write_durably
 from appliance.audit.records import DECISION, EVENT, IdClock
 from appliance.audit.sink import AuditSink, event_record
 from appliance.config import AuditConfig
@@ -31,8 +31,8 @@ from appliance.pipeline import FailedTickets
 
 log = logging.getLogger(__name__)
 
-# What a previous version's state dir has (its SQLite journal), or an import interrupted half way.
-LEGACY_FILES = ("journal.sqlite3", "upgrade.json")
+# An import interrupted half way (appliance/audit/upgrade.py): the next start finishes it.
+UPGRADE_PROGRESS = "upgrade.json"
 _EVENT = EVENT.code
 _ID_KINDS = (DECISION.code, EVENT.code)
 
@@ -90,10 +90,7 @@ def upgrade_legacy(state_dir: Path) -> None:
     """A state dir written by the SQLite + DuckDB version: imported on first start, in a helper
     process (it needs DuckDB), before the log opens. Raises AuditError if the import failed."""
     directory = audit_dir(state_dir)
-    # The previous version always created its journal beside its DuckDB file; the import renames both.
-    # (A DuckDB file of ours holds only views and has a key file beside it.)
-    legacy_duckdb = (directory / "audit.duckdb").exists() and not (directory / ".views-key").exists()
-    if not legacy_duckdb and not any((directory / name).exists() for name in LEGACY_FILES):
+    if not previous_version(state_dir) and not (directory / UPGRADE_PROGRESS).exists():
         return
     log.info("audit: importing the previous version's journal and DuckDB file from %s", directory)
     done = subprocess.run([sys.executable, "-m", HELPER_MODULE, "upgrade", "--state-dir", str(state_dir)],

@@ -144,8 +144,8 @@ def _record_event(state_dir: Path, kind: str, detail: dict[str, Any]) -> None:
 
 
 def _append_event(state_dir: Path, kind: str, detail: dict[str, Any]) -> None:
-    from appliance.audit.records import EVENT, IdClock
-    from appliance.audit.service import last_id
+    from appliance.audit.records import EVENT
+    from appliance.audit.service import id_clock
     from appliance.audit.sink import event_record
     from appliance.msglog import MessageLog
 
@@ -154,7 +154,7 @@ def _append_event(state_dir: Path, kind: str, detail: dict[str, Any]) -> None:
     message_log.open()
     message_log.start(None)
     try:
-        seq = message_log.append(EVENT.code, event_record(IdClock(start_after=last_id(log_dir)), kind, detail))
+        seq = message_log.append(EVENT.code, event_record(id_clock(state_dir), kind, detail))
         message_log.wait_durable(seq, timeout=30)
     finally:
         message_log.stop()

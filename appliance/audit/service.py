@@ -86,6 +86,13 @@ def last_id(log_dir: Path) -> int:
     return 0
 
 
+def id_clock(state_dir: Path) -> IdClock:
+    """The id clock, continuing after every id handed out before: those in the log, and the one
+    saved before segments were removed or by the upgrade (LAST_ID_FILE)."""
+    layout = Layout(state_dir)
+    return IdClock(start_after=max(last_id(layout.log_dir), _read_int(layout.audit_dir / LAST_ID_FILE)))
+
+
 def upgrade_legacy(state_dir: Path) -> None:
     """A state dir written by the SQLite + DuckDB version: imported on first start, in a helper
     process (it needs DuckDB), before the log opens. Raises AuditError if the import failed."""
@@ -131,7 +138,7 @@ class AuditService:
             on_seal=self._sealed,
         )
         self.recovery = self.log.open()
-        self.clock = IdClock(start_after=max(last_id(self.layout.log_dir), _read_int(self.layout.audit_dir / LAST_ID_FILE)))
+        self.clock = id_clock(state_dir)
         self.sink = AuditSink(
             self.log, self.clock, record_payloads=config.record_payloads, config_revision=config_revision,
             dry_run=dry_run, forward=forward,

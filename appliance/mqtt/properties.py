@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterable, Iterator
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .reason_codes import ReasonCode
@@ -114,6 +114,7 @@ RANGES.update({
     P.TOPIC_ALIAS: (1, 0xFFFF),
 })
 _WIRE_RANGE = {BYTE: (0, 0xFF), U16: (0, 0xFFFF), U32: (0, 0xFFFFFFFF), VARINT: (0, MAX_VARINT)}
+_USER_PROPERTY = P.USER_PROPERTY
 _BY_VALUE: dict[int, PropertyId] = {int(pid): pid for pid in PropertyId}
 
 
@@ -171,6 +172,18 @@ class Properties:
         obj = object.__new__(cls)
         object.__setattr__(obj, "items", items)
         return obj
+
+    @classmethod
+    def user(cls, pairs: Iterable[tuple[str, str]]) -> Properties:
+        """Only USER_PROPERTY items, checked for what they can get wrong: the cheap way to build
+        properties for every message (the forwarder's message-id, client-id and schema)."""
+        items = []
+        for pair in pairs:
+            name, value = pair
+            if type(name) is not str or type(value) is not str:
+                raise LocalProtocolError(f"USER_PROPERTY needs a (str, str) tuple, got {pair!r}")
+            items.append((_USER_PROPERTY, (name, value)))
+        return cls._trusted(tuple(items))
 
     def get(self, pid: PropertyId, default: object = None) -> object:
         for key, value in self.items:

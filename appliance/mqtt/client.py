@@ -30,12 +30,12 @@ from .connection import Decoder
 from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import MAX_PACKET_SIZE, NEED_DATA, _NeedData
 from .packets import (
-    Connack, Connect, Disconnect, Pingreq, Pingresp, ProtocolVersion, Puback, Pubcomp, Publish,
-    Pubrec, Pubrel, Suback, Subscribe, Subscription, Unsuback, Unsubscribe, Will,
+    Connack, Connect, Disconnect, PacketType, Pingreq, Pingresp, ProtocolVersion, Puback, Pubcomp, Publish,
+    Pubrec, Pubrel, Suback, Subscribe, Subscription, Unsuback, Unsubscribe, Will, _check_topic_name,
 )
 from .properties import Properties, PropertyId
 from .reason_codes import ConnectReturnCode, ReasonCode
-from .writer import encode_packet, encode_publish
+from .writer import encode_packet, encode_publish_fields
 
 __all__ = [
     "Client", "ClientState", "ServerLimits", "Event", "Connected", "ConnectionRefused", "Published",
@@ -292,6 +292,8 @@ class Client:
         limits = self.limits
         if len(topic) > _MAX_TOPIC // 4 and (size := len(topic.encode())) > _MAX_TOPIC:
             raise PacketTooLarge(f"topic of {size} bytes (at most 65,535)")
+        if qos not in (0, 1, 2) or type(payload) is not bytes or type(properties) is not Properties:
+            Publish(topic, payload, qos, retain, False, 1 if qos else None, properties)  # raises, saying why
         if qos > limits.maximum_qos:
             qos = limits.maximum_qos
         if retain and not limits.retain_available:
@@ -301,7 +303,11 @@ class Client:
             if self._publishes >= limits.window:
                 raise LocalProtocolError(f"the server's receive maximum ({limits.window}) is reached")
             packet_id = self._free_pid()
-        data = encode_publish(Publish(topic, payload, qos, retain, False, packet_id, properties), self.version)
+        # What Publish() would check, without building one per message (encoding checks the rest).
+        _check_topic_name(topic, properties)
+        if properties.items:
+            properties.check_allowed(PacketType.PUBLISH, "PUBLISH")
+        data = encode_publish_fields(topic, payload, qos, retain, False, packet_id, properties, self.version)
         if limits.maximum_packet_size is not None and len(data) > limits.maximum_packet_size:
             raise PacketTooLarge(f"{len(data)} bytes, the server takes packets up to {limits.maximum_packet_size}")
         if packet_id is None:

@@ -237,6 +237,10 @@ def test_local_misuse() -> None:
         client.release(1)
     with pytest.raises(LocalProtocolError, match="wildcard"):
         client.publish("a/+", b"")
+    with pytest.raises(LocalProtocolError, match="payload must be bytes"):
+        client.publish("t", "text")  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="qos must be 0, 1 or 2"):
+        client.publish("t", b"", 3)
     assert client.inflight == 0
 
 

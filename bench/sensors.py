@@ -1,6 +1,6 @@
 """Many sensors in one process: MQTT 3.1.1 clients on asyncio, one connection per sensor.
 
-Run by the benchmark as `python -m appliance.bench.sensors ...`, several processes at once. Each
+Run by the benchmark as `python -m bench.sensors ...`, several processes at once. Each
 process connects all its sensors, prints `ready`, waits for `go` on stdin, then publishes:
 
 - a fixed count per sensor as fast as the connection takes it (`--messages-each`), pre-built
@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from appliance.bench.payloads import reading, synthetic_ts, timestamp, topic
+from bench.payloads import reading, synthetic_ts, timestamp, topic
 from appliance.mqtt import RemoteProtocolError
 from appliance.mqtt.client import Client, Connected, ConnectionRefused, NeedData, Published
 
@@ -175,7 +175,7 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m appliance.bench.sensors", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.sensors", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--qos", type=int, choices=(0, 1), default=0)
     parser.add_argument("--devices", required=True, help="comma-separated device ids, one connection each")

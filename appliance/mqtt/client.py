@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Union
 
-from .connection import Decoder
 from .errors import LocalProtocolError, RemoteProtocolError
-from .framing import MAX_PACKET_SIZE, NEED_DATA, _NeedData
+from .framing import MAX_PACKET_SIZE, NEED_DATA, FrameReader, _NeedData
 from .packets import (
-    Connack, Connect, Disconnect, PacketType, Pingreq, Pingresp, ProtocolVersion, Puback, Pubcomp, Publish,
+    Connack, Connect, Disconnect, Packet, PacketType, Pingreq, Pingresp, ProtocolVersion, Puback, Pubcomp, Publish,
     Pubrec, Pubrel, Suback, Subscribe, Subscription, Unsuback, Unsubscribe, Will, _check_topic_name,
 )
 from .properties import Properties, PropertyId
+from .reader import decode_packet, decode_publish
 from .reason_codes import ConnectReturnCode, ReasonCode
 from .writer import encode_packet, encode_publish_fields
 
@@ -196,6 +196,13 @@ class Disconnected:
     properties: Properties = _EMPTY
 
 
+# Published events on the PUBACK hot path are built through the slot descriptors, as
+# reader.decode_publish builds its packets: the fields are known good.
+_new = object.__new__
+_set_published_id, _set_published_code = (getattr(Published, name).__set__ for name in ("packet_id", "reason_code"))
+_PUBACK_BYTE = PacketType.PUBACK << 4
+_PUBLISH_TYPE = PacketType.PUBLISH
+
 Event = Union[Connected, ConnectionRefused, Published, PublishReceived, Subscribed, Unsubscribed,
               MessageReceived, ReleaseReceived, PingResponse, Disconnected]
 
@@ -213,7 +220,7 @@ class Client:
 
     __slots__ = (
         "version", "client_id", "keepalive", "clean_start", "limits", "state", "_connect",
-        "_receive_maximum", "_decoder", "_outgoing", "_publishes", "_requests", "_next_pid",
+        "_receive_maximum", "_frames", "_outgoing", "_publishes", "_requests", "_next_pid",
         "_incoming", "_last_sent", "_ping_sent_at",
     )
 
@@ -246,7 +253,7 @@ class Client:
         self._connect = Connect(client_id, self.version, clean_start, keepalive, username, password,
                                 will, Properties(tuple(items)))
         self._receive_maximum = receive_maximum if receive_maximum is not None else _PID_LIMIT
-        self._decoder = Decoder(maximum_packet_size or MAX_PACKET_SIZE, self.version)
+        self._frames = FrameReader(maximum_packet_size or MAX_PACKET_SIZE)
         self._outgoing: dict[int, int] = {}  # packet id -> what it waits for (_AWAIT_*)
         self._publishes = 0  # of them, QoS 1/2 PUBLISHes: what the server's receive maximum counts
         self._requests: dict[int, int] = {}  # SUBSCRIBE/UNSUBSCRIBE packet id -> topic filters
@@ -412,19 +419,31 @@ class Client:
     # -- bytes in ------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        self._decoder.receive_data(data)
+        self._frames.feed(data)
 
     def next_event(self) -> Event | _NeedData:
         """The next event from the bytes received, or NEED_DATA. Raises RemoteProtocolError (and
         the client is closed) when the server broke the protocol."""
         try:
-            packet = self._decoder.next_packet()
-        except RemoteProtocolError:
-            self.state = ClientState.CLOSED
-            raise
-        if packet is NEED_DATA:
-            return NEED_DATA
-        try:
+            frame = self._frames.next_frame()
+            if frame is NEED_DATA:
+                return NEED_DATA
+            first_byte, raw, offset = frame  # type: ignore[misc]
+            if first_byte == _PUBACK_BYTE and len(raw) == offset + 2:
+                # The forwarder's hot path: a plain PUBACK (success, no properties), which is all
+                # decode_packet would check, without building a Puback per message.
+                packet_id = (raw[offset] << 8) | raw[offset + 1]
+                if self._outgoing.get(packet_id) == _AWAIT_PUBACK:
+                    del self._outgoing[packet_id]
+                    self._publishes -= 1
+                    event = _new(Published)
+                    _set_published_id(event, packet_id)
+                    _set_published_code(event, 0)
+                    return event
+            if first_byte >> 4 == _PUBLISH_TYPE:
+                packet: Packet = decode_publish(first_byte, raw[offset:], self.version)
+            else:
+                packet = decode_packet(first_byte, raw[offset:], self.version)
             return self._handle(packet)
         except RemoteProtocolError:
             self.state = ClientState.CLOSED

@@ -222,6 +222,11 @@ class Properties:
 
     def check_allowed(self, context: int, where: str) -> None:
         """Raise LocalProtocolError unless every property may be sent in ``context``."""
+        for pid, _ in self.items:
+            if pid is not _USER_PROPERTY:
+                break
+        else:
+            return  # only user properties: allowed everywhere, any number of times
         seen = set()
         for pid, _ in self.items:
             if context not in SPEC[pid][1]:
@@ -305,8 +310,17 @@ def encode_properties(props: Properties) -> bytes:
         elif wire_type == STR:
             out += encode_str(value)  # type: ignore[arg-type]
         elif wire_type == PAIR:
-            out += encode_str(value[0])  # type: ignore[index]
-            out += encode_str(value[1])  # type: ignore[index]
+            # Inline for the common case (user properties on every forwarded message); encode_str
+            # raises for what it would refuse.
+            for text in value:  # type: ignore[attr-defined]
+                try:
+                    data = text.encode()
+                except UnicodeEncodeError:
+                    data = encode_str(text)
+                if "\x00" in text or len(data) > 0xFFFF:
+                    encode_str(text)
+                out += len(data).to_bytes(2, "big")
+                out += data
         elif wire_type == BIN:
             out += encode_binary(value)  # type: ignore[arg-type]
         else:

@@ -288,7 +288,7 @@ def decode_properties(buf: bytes, pos: int, end: int, context: int) -> tuple[Pro
         limits = RANGES.get(pid)
         if limits is not None and not (limits[0] <= value <= limits[1]):  # type: ignore[operator]
             code = ReasonCode.TOPIC_ALIAS_INVALID if pid == P.TOPIC_ALIAS else ReasonCode.PROTOCOL_ERROR
-            raise RemoteProtocolError(f"{pid.name} value {value} out of range", code)
+            raise RemoteProtocolError(f"{pid.name} value {value!r} out of range", code)
         items.append((pid, value))
     return Properties._trusted(tuple(items)), pos
 

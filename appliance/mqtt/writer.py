@@ -99,7 +99,7 @@ def _encode_connack(packet: Connack, version: ProtocolVersion) -> bytes:
 
 def _ack_encoder(first_byte: int) -> Callable[[Packet, ProtocolVersion], bytes]:
     def encode(packet: Packet, version: ProtocolVersion) -> bytes:
-        body = _u16(packet.packet_id)  # type: ignore[union-attr]
+        body = _u16(packet.packet_id)  # type: ignore[union-attr, arg-type]  # an ack: its packet_id is an int
         code = packet.reason_code  # type: ignore[union-attr]
         properties = packet.properties  # type: ignore[union-attr]
         if version == _MQTT_5:

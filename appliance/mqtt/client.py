@@ -297,16 +297,19 @@ class Client:
             if frame is NEED_DATA:
                 return NEED_DATA
             first_byte, raw, offset = frame  # type: ignore[misc]
-            if first_byte == _PUBACK_BYTE and len(raw) == offset + 2:
-                # The forwarder's hot path: a plain PUBACK (success, no properties), which is all
-                # decode_packet would check, without building a Puback per message.
+            size = len(raw) - offset
+            if first_byte == _PUBACK_BYTE and (size == 2 or (
+                    self.version == _MQTT_5 and (size == 3 or (size == 4 and not raw[offset + 3])))):
+                # The forwarder's hot path: a PUBACK without properties (MQTT 5: with a reason code,
+                # e.g. 0x10 no matching subscribers), checked as decode_packet would, without a
+                # Puback object per message.
                 packet_id = (raw[offset] << 8) | raw[offset + 1]
                 if self._outgoing.get(packet_id) == _AWAIT_PUBACK:
                     del self._outgoing[packet_id]
                     self._publishes -= 1
                     event = _new(Published)
                     _set_published_id(event, packet_id)
-                    _set_published_code(event, 0)
+                    _set_published_code(event, raw[offset + 2] if size > 2 else 0)
                     return event
             if first_byte >> 4 == _PUBLISH_TYPE:
                 packet: Packet = decode_publish(first_byte, raw[offset:], self.version)

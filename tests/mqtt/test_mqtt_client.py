@@ -67,6 +67,8 @@ def test_connack_limits_shape_what_is_published() -> None:
         client.publish("t", b"", qos=1)
     assert client.publish("t", b"q0", qos=0) == (0, h("3006 000174 00 7130"))  # QoS 0 is not counted
     assert events(client, h("4002 0001 4003 0002 87")) == [Published(1), Published(2, 0x87)]
+    client.publish("t", b"", qos=1)
+    assert events(client, h("4004 0003 10 00")) == [Published(3, 0x10)]  # no matching subscribers
     assert Published(2, 0x87).refused and client.send_quota == 2
     with pytest.raises(PacketTooLarge, match="topic of 70000 bytes"):
         client.publish("t" * 70_000, b"", qos=1)
@@ -176,6 +178,8 @@ def test_the_servers_disconnect_and_ours() -> None:
     ("topic-alias-from-server", V5, [], "3007 0000 03 230001 7a", RC.TOPIC_ALIAS_INVALID),
     ("oversized", V311, [], "3013 0001 74" + "00" * 16, RC.PACKET_TOO_LARGE),
     ("malformed-puback", V311, [("publish", 1)], "4003 0001 00", RC.MALFORMED_PACKET),
+    ("puback-leftovers-v5", V5, [("publish", 1)], "4005 0001 00 00 ff", RC.MALFORMED_PACKET),
+    ("puback-property-not-allowed", V5, [("publish", 1)], "4006 0001 00 02 2301", RC.PROTOCOL_ERROR),
     ("publish-id-in-use", V311, [], "3205 000174 0001" + "3205 000174 0001", RC.PACKET_IDENTIFIER_IN_USE),
 ])
 def test_a_misbehaving_server_is_a_remote_protocol_error(name: str, version: ProtocolVersion,

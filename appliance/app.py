@@ -140,6 +140,7 @@ class Appliance:
                 log=self.audit.log if self.outbox is not None and self.audit is not None else None,
                 verdict_id=lambda: audit_sink.last_id if audit_sink is not None else None,
                 on_event=self.on_event,
+                cloud_full=self.outbox.is_full if self.outbox is not None else lambda: False,
             )
             sinks.append(self.dead_letters)
             pipeline = Pipeline(checks, sinks, dry_run=config.dry_run)

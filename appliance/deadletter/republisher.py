@@ -123,14 +123,17 @@ class DeadLetterSink:
         log: Appender | None,
         verdict_id: Callable[[], int | None],
         on_event: Callable[[str, dict[str, object]], None],
+        cloud_full: Callable[[], bool] = lambda: False,
     ):
         """`local`: where local dead letters go (None: they are dropped and counted; a set that wants
         them is refused at load when it cannot have them). `log`: the message log the forwarder reads
-        (None without forwarding). `verdict_id()`: the id of the verdict just recorded."""
+        (None without forwarding). `verdict_id()`: the id of the verdict just recorded. `cloud_full()`:
+        the outbox's `is_full` (reject_new policy: a dead letter is not appended beyond its bounds)."""
         self._local = local
         self._log = log
         self._verdict_id = verdict_id
         self._on_event = on_event
+        self._cloud_full = cloud_full
         self.counts: Counter[tuple[str, str]] = Counter()  # (destination, outcome) -> dead letters
 
     def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True) -> int:
@@ -170,6 +173,8 @@ class DeadLetterSink:
         if dead.cloud:
             if self._log is None:
                 dropped.append(("cloud", "forwarding is off"))
+            elif self._cloud_full():
+                dropped.append(("cloud", "the outbox is full (upstream.outbox.policy: reject_new)"))
             else:
                 row = (verdict_id or 0, message.received_at or time.time(), client.client_id, topic, payload, qos,
                        dead.retain, verdict.schema)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
 
@@ -49,6 +49,7 @@ class DeadLetter:
     envelope: bool = True  # a JSON envelope with the reasons; false: the original payload as is
     qos: int | None = None  # None: the rejected message's QoS, at most 1
     retain: bool = False
+    line: int | None = field(default=None, compare=False)  # of `topic` in the manifest, for errors
 
     @property
     def destinations(self) -> tuple[str, ...]:
@@ -137,7 +138,7 @@ def parse_republish(raw: Any, where: str, line: int | None, problem: Problem) ->
         ok = False
     if not ok or parts is None:
         return None
-    return DeadLetter(str(template), parts, "local" in to, "cloud" in to, envelope, qos, retain)
+    return DeadLetter(str(template), parts, "local" in to, "cloud" in to, envelope, qos, retain, at("topic"))
 
 
 def _lines(raw: dict[Any, Any], line: int | None) -> Callable[[str], int | None]:

@@ -159,7 +159,8 @@ def _build(directory: Path, manifest: LineDict, problems: _Problems) -> SchemaSe
             if mapping.dead_letter is not None and (
                 loop := loop_problem(mapping.dead_letter, topic_filter, mapping.schema_name, (p for p, _ in patterns))
             ):
-                problems.add(MANIFEST, line, f"schema_mappings.{topic_filter}.on_reject.republish.topic: {loop}")
+                problems.add(MANIFEST, mapping.dead_letter.line or line,
+                             f"schema_mappings.{topic_filter}.on_reject.republish.topic: {loop}")
             try:
                 mappings.insert(topic_filter, mapping)
             except ValueError as exc:

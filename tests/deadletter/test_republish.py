@@ -16,7 +16,7 @@ import pytest
 from appliance.governance import SchemaSetError
 from appliance.mqtt import ReasonCode
 from tests.conftest import make_config
-from tests.deadletter.conftest import V1, mapping, schema_set
+from tests.deadletter.conftest import REPO, V1, mapping, schema_set
 from tests.e2e.test_audit import sql
 from tests.forward.harness import CloudBroker, Subscriber
 from tests.governance.payloads import device_status, temperature
@@ -85,6 +85,13 @@ def test_rejected_messages_arrive_on_their_local_dead_letter_topics(tmp_path, lo
         assert [(e["kind"], e["client_id"], e["verdict_id"], e["topic"], json.loads(e["dest"]), e["envelope"]) for e in events] == [
             ("dead_letter", "t1", ids["sensor/t1/temperature"], "deadletter/sensor/t1/temperature", ["local"], "true"),
             ("dead_letter", "t1", ids["device/d1/status"], "invalid/t1/device_status:v1", ["local"], "false"),
+        ]
+        # The query docs/audit.md gives for "which rejections were republished, which dropped".
+        documented = (REPO / "docs" / "audit.md").read_text().split("### Dead letters\n", 1)[1].split("```sql\n", 1)[1]
+        republished = sql(state, documented.split("```", 1)[0])
+        assert [(str(r["id"]), r["dead_letter_topic"], r["dropped"]) for r in republished] == [
+            (ids["sensor/t1/temperature"], "deadletter/sensor/t1/temperature", None),
+            (ids["device/d1/status"], "invalid/t1/device_status:v1", None),
         ]
         wait_until(lambda: running.app.status()["dead_letters"]["counts"].get("local/published") == 2, message="counted")
         assert running.app.status()["dead_letters"]["local_connected"] is True

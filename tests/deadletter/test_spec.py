@@ -149,3 +149,32 @@ def test_shapes_overlap_like_mqtt_filters():
     assert shapes_overlap(shape("p-{client_id}/{schema}"), filt("p-7/s:v1"))
     assert not shapes_overlap(shape("p-{client_id}/{schema}"), filt("q-7/s:v1"))
     assert not shapes_overlap(shape("p-{client_id}/{schema}"), filt("p-7/s:v2"))
+
+
+def test_appliance_check_refuses_cloud_dead_letters_without_forwarding(tmp_path):
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    schemas = schema_set(tmp_path / "set", temperature=mapping("temperature:v1", "topic: deadletter/{topic}\nto: [cloud]"))
+    config = tmp_path / "appliance.yaml"
+    config.write_text(f"schemas: {schemas}\nstate_dir: {tmp_path / 'state'}\n")
+    refused = CliRunner().invoke(main, ["check", "--config", str(config)])
+    assert refused.exit_code == 1 and "cloud needs forwarding (upstream.url is not set" in refused.output, refused.output
+    config.write_text(config.read_text() + "upstream:\n  url: mqtt://127.0.0.1:1\n")
+    accepted = CliRunner().invoke(main, ["check", "--config", str(config)])
+    assert accepted.exit_code == 0, accepted.output
+    assert CliRunner().invoke(main, ["check", "--schemas", str(schemas)]).exit_code == 0  # the set alone is fine
+
+
+def test_replay_diff_names_a_changed_dead_letter(tmp_path):
+    from replay.compat.topics import compare_topics
+
+    old = load_schema_set(schema_set(tmp_path / "old", temperature=mapping("temperature:v1", "topic: deadletter/{topic}")))
+    new = load_schema_set(schema_set(tmp_path / "new", temperature=mapping(
+        "temperature:v1", "topic: deadletter/{topic}\nto: [local, cloud]\nqos: 1")))
+    [finding] = [f for f in compare_topics(old, new) if f.kind == "dead-letter republish changed"]
+    assert finding.old == "deadletter/{topic} to local, envelope, the message's QoS"
+    assert finding.new == "deadletter/{topic} to local and cloud, envelope, QoS 1"
+    assert not finding.breaks  # where rejections go: no message's verdict changes
+    assert [f for f in compare_topics(old, old) if f.kind == "dead-letter republish changed"] == []

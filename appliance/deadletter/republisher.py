@@ -246,7 +246,7 @@ class LocalRepublisher:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r = self._wake_w = -1  # a pipe once started: wakes the thread's poll()
         self._wake_pending = False
         self.connected = False
         self.published = 0  # acknowledged by the broker (QoS 1) or written (QoS 0)
@@ -275,6 +275,7 @@ class LocalRepublisher:
         return True
 
     def _start(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -291,11 +292,13 @@ class LocalRepublisher:
         self._wake()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, STOP_GRACE_S + CONNECT_TIMEOUT_S + 1)
-        if self._thread is None or not self._thread.is_alive():
+        if self._thread is not None and not self._thread.is_alive():
             os.close(self._wake_r)
             os.close(self._wake_w)
 
     def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
         try:
             os.write(self._wake_w, b"\0")
         except (BlockingIOError, OSError):

@@ -57,9 +57,16 @@ class DeadLetter:
 
     def topic(self, topic: str, client_id: str, schema: str | None, check: str) -> str:
         """The dead-letter topic for one rejected message."""
-        values = {"topic": topic, "client_id": client_id.translate(_UNSAFE),
-                  "schema": (schema or NO_SCHEMA).translate(_UNSAFE), "check": check.translate(_UNSAFE)}
-        text = "".join(part if isinstance(part, str) else values[part[0]] for part in self.parts)
+        pieces = []
+        for part in self.parts:
+            if isinstance(part, str):
+                pieces.append(part)
+            elif part[0] == "topic":
+                pieces.append(topic)
+            else:
+                value = client_id if part[0] == "client_id" else check if part[0] == "check" else schema or NO_SCHEMA
+                pieces.append(value.translate(_UNSAFE))
+        text = "".join(pieces)
         # A client id starting with "$" must not make a $-topic (those are the broker's).
         return "_" + text[1:] if text.startswith("$") else text
 

@@ -168,6 +168,8 @@ class DeadLetterSink:
                 letter = Letter(verdict_id, topic, payload, qos, dead.retain, properties)
                 if self._local.submit(letter):
                     self.counts["local", "queued"] += 1
+                elif self._local.stopping:
+                    dropped.append(("local", "the appliance is stopping"))
                 else:
                     dropped.append(("local", f"queue full ({self._local.max_queue} dead letters waiting for the broker)"))
         if dead.cloud:
@@ -258,6 +260,10 @@ class LocalRepublisher:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def submit(self, letter: Letter) -> bool:
         """Queue one dead letter (event loop). False when the queue is full: the caller drops it."""

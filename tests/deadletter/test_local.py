@@ -143,3 +143,23 @@ def test_the_sink_republishes_only_live_rejections():
     assert lonely.record(message, both, 0, False) == 0
     assert [kind for kind, _ in events[1:]] == ["dead_letter", "dead_letter_dropped", "dead_letter_dropped"]
     assert lonely.totals() == {("local", "dropped"): 1, ("cloud", "dropped"): 1}
+
+
+def test_the_sink_drops_what_the_full_queue_cannot_take_and_says_so(loop: Loop):
+    events: list[tuple[str, dict[str, object]]] = []
+    local = LocalRepublisher(lambda: None, on_drop=lambda item, reason: events.append(("late", {"reason": reason})),
+                             max_queue=1)
+    sink = DeadLetterSink(local=local, log=None, verdict_id=lambda: 5, on_event=lambda k, d: events.append((k, d)))
+    verdict = Verdict.reject(Reason("schema", "bad"), dead_letter=_dead_letter())
+    message = Message("sensor/t1/temperature", b"{}", 1, False, CLIENT)
+    assert loop.run(sink.record, message, verdict, 0, False) == 0  # local only: nothing durable to wait for
+    assert loop.run(sink.record, message, verdict, 0, False) == 0
+    assert [kind for kind, _ in events] == ["dead_letter", "dead_letter", "dead_letter_dropped"]
+    assert "queue full (1 dead letters" in str(events[2][1]["reason"]) and events[2][1]["to"] == "local"
+    assert sink.totals()[("local", "queued")] == 1 and sink.totals()[("local", "dropped")] == 1
+    loop.wait(sink.stop())
+    wait_until(lambda: len(events) == 4, message="the queued one dropped at stop")
+    assert events[3] == ("late", {"reason": "the appliance stopped before the broker took it"})
+    assert sink.totals()[("local", "dropped")] == 2
+    loop.run(sink.record, message, verdict, 0, False)
+    assert events[-1][1]["reason"] == "the appliance is stopping"

@@ -223,3 +223,50 @@ def test_a_reload_that_adds_cloud_dead_letters_without_forwarding_fails(tmp_path
         assert running.call(running.app.reload("test")) is True
     finally:
         running.stop()
+
+
+def test_local_dead_letters_made_while_mosquitto_is_down_arrive_after_its_restart(tmp_path):
+    import asyncio
+    import os
+    import signal
+    import time
+
+    from appliance.pipeline import ClientInfo, Message
+    from appliance.mqtt import ProtocolVersion
+
+    schemas = schema_set(tmp_path / "set", temperature=mapping(
+        "temperature:v1", "topic: deadletter/{topic}\nqos: 1\nretain: true"))  # retained: read after the restart
+    running = RunningAppliance(make_config(tmp_path / "state", schemas=str(schemas))).start()
+    try:
+        app = running.app
+        pub = Client(running.port, version=5, client_id="t0").connect()
+        pub.publish("sensor/t0/temperature", BAD_TEMPERATURE, qos=1)  # the local connection is up
+        wait_until(lambda: app.dead_letters.totals()["local", "published"] == 1, message="first dead letter sent")
+
+        async def outage() -> None:
+            os.kill(app.broker.pid, signal.SIGKILL)
+            while app.broker.endpoint() is not None:  # the supervisor has seen it die
+                await asyncio.sleep(0.005)
+            # Rejections while the broker is down (judged as a live message would be): judge() does
+            # not wait for the dead letters, they wait for the broker.
+            for n in (1, 2, 3):
+                client = ClientInfo(f"t{n}", None, "192.0.2.9:5000", ProtocolVersion.MQTT_5)
+                app.pipeline.judge(Message(f"sensor/t{n}/temperature", BAD_TEMPERATURE, 1, False, client,
+                                           received_at=time.time()))
+
+        running.call(outage())
+        assert app.dead_letters.totals()["local", "queued"] == 4
+        wait_until(lambda: app.broker.restarts == 1 and app.broker.endpoint() is not None, message="mosquitto restarted")
+        wait_until(lambda: app.dead_letters.totals()["local", "published"] == 4, timeout=30, message="sent after the restart")
+        sub = Client(running.port, version=5, client_id="ops").connect()
+        sub.subscribe("deadletter/#", qos=1)
+        # Retained: t1-t3's, sent to the new mosquitto (t0's went with the killed one, unless it
+        # had saved it already).
+        got = {m.topic for m in sub.expect(3)}
+        assert {f"deadletter/sensor/t{n}/temperature" for n in (1, 2, 3)} <= got
+        assert app.dead_letters.totals()["local", "dropped"] == 0
+        sub.disconnect()
+        pub.disconnect()
+    finally:
+        running.stop()
+

@@ -52,3 +52,19 @@ def test_every_placeholder_is_documented():
 
     assert [p for p in PLACEHOLDERS if f"`{{{p}}}`" not in SECTION] == []
     assert re.search(r"\| `\{topic\}` \|", SECTION)
+
+
+def test_the_documented_envelope_is_what_the_appliance_builds():
+    import json
+
+    from appliance.deadletter.republisher import envelope
+    from appliance.governance import Governance
+    from appliance.mqtt import ProtocolVersion
+    from appliance.pipeline import ClientInfo, Message
+    from tests.governance.payloads import temperature
+
+    documented = json.loads(SECTION.split("```json\n", 1)[1].split("```", 1)[0])
+    message = Message("sensor/t1/temperature", temperature(temperature=999), 1, False,
+                      ClientInfo("t1", None, "192.0.2.7:51234", ProtocolVersion.MQTT_5), received_at=1796531412.345)
+    verdict = Governance(load_schema_set(V1)).check(message)
+    assert json.loads(envelope(message, verdict, int(documented["verdict_id"]))) == documented

@@ -182,6 +182,10 @@ def check(config_path: Path | None, schemas: Path | None) -> None:
 
     try:
         schema_set = load_schema_set(config.schemas)
+        if config_path is not None:  # dead letters to the cloud need the config's upstream
+            from appliance.deadletter.republisher import check_destinations
+
+            check_destinations(schema_set, forwarding=config.upstream.url is not None)
     except SchemaSetError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(describe_schema_set(schema_set))

@@ -41,6 +41,7 @@ import orjson
 from appliance.audit.records import FORWARD_ONLY
 from appliance.broker import BrokerEndpoint
 from appliance.forward.link import Link, LinkClosed, TooLarge, user_properties
+from appliance.mqtt.properties import Properties
 from appliance.governance import SchemaSet, SchemaSetError
 from appliance.msglog import FormatError, LogClosed
 from appliance.pipeline import Message, Verdict
@@ -75,7 +76,7 @@ class Letter:
     payload: bytes
     qos: int
     retain: bool
-    properties: bytes  # MQTT 5 PUBLISH properties, encoded
+    properties: Properties  # MQTT 5 PUBLISH properties (user_properties())
 
 
 def envelope(message: Message, verdict: Verdict, verdict_id: int | None) -> bytes:

@@ -14,6 +14,7 @@ from appliance.broker import BrokerEndpoint
 from appliance.deadletter.republisher import DeadLetterSink, Letter, LocalRepublisher
 from appliance.deadletter.spec import DeadLetter, parse_template
 from appliance.mqtt import ProtocolVersion
+from appliance.mqtt.properties import Properties
 from appliance.pipeline import ClientInfo, Message, Reason, Verdict
 from tests.forward.harness import CloudBroker, Subscriber
 from tests.helpers import wait_until
@@ -50,7 +51,7 @@ def loop():
 
 
 def letter(n: int, qos: int = 1) -> Letter:
-    return Letter(n, f"deadletter/t/{n}", f"payload {n}".encode(), qos, False, b"\x00")
+    return Letter(n, f"deadletter/t/{n}", f"payload {n}".encode(), qos, False, Properties.EMPTY)
 
 
 def test_queued_while_the_broker_is_down_sent_when_it_is_up(tmp_path: Path, loop: Loop):

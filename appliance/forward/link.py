@@ -38,6 +38,7 @@ from appliance.mqtt import (
     decode_packet,
     encode_packet,
 )
+from appliance.forward.transport import Stream, open_websocket
 from appliance.mqtt.framing import Frame, _NeedData
 from appliance.mqtt.wire import encode_varint
 
@@ -82,13 +83,14 @@ class Link:
     def __init__(self, host: str, port: int, *, client_id: str, protocol: int, keepalive: int,
                  username: str | None = None, password: str | None = None,
                  tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
-                 write_timeout: float = 30.0):
+                 write_timeout: float = 30.0, websocket: str | None = None):
         self.host, self.port = host, port
         self.version = ProtocolVersion.MQTT_5 if protocol == 5 else ProtocolVersion.MQTT_3_1_1
         self.client_id = client_id
         self.keepalive = keepalive
         self.username, self.password = username, password
         self.tls, self.server_hostname = tls, server_hostname
+        self.websocket = websocket  # MQTT over WebSockets to this ws:// or wss:// URL (forward/transport.py)
         self.write_timeout = write_timeout  # bytes waiting this long without any being written: hung
         # What the broker's MQTT 5 CONNACK allows (3.1.1: no limits announced).
         self.receive_maximum: int | None = None  # its own window
@@ -96,7 +98,7 @@ class Link:
         self.retain_available = True
         self.maximum_packet_size: int | None = None
         self.refused: dict[int, int] = {}  # MQTT 5 PUBACK error reason code -> messages, until read
-        self._sock: socket.socket | None = None
+        self._sock: Stream | None = None
         self._out = bytearray()
         self._reader = FrameReader(_MAX_PACKET)
         self._next_pid = 0
@@ -134,7 +136,13 @@ class Link:
                     raise LinkClosed(f"TLS: {exc.reason or exc}") from None
                 except (TimeoutError, OSError) as exc:
                     raise LinkClosed(f"TLS handshake with {self.host}:{self.port} failed: {exc or 'timed out'}") from None
-            self._sock = sock
+            stream: Stream = sock
+            if self.websocket is not None:
+                try:
+                    stream = open_websocket(sock, self.websocket, max(0.01, deadline - time.monotonic()))
+                except OSError as exc:
+                    raise LinkClosed(str(exc)) from None
+            self._sock = stream
             properties = Properties.EMPTY
             connect = Connect(
                 client_id=self.client_id, protocol_version=self.version, clean_start=True,
@@ -144,7 +152,7 @@ class Link:
             )
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
-                sock.sendall(encode_packet(connect, self.version))
+                stream.sendall(encode_packet(connect, self.version))
             except OSError as exc:
                 raise LinkClosed(f"connection lost while sending CONNECT: {exc}") from None
             connack = self._read_connack(deadline, timeout)

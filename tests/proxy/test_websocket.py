@@ -12,12 +12,15 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from appliance.audit.query import AuditQuery
 from appliance.mqtt import NEED_DATA, Connack, Connect, Decoder, ProtocolVersion, Puback, Publish, ReasonCode, encode_packet
+from appliance.settings import Address
+from appliance.simulate import parse_broker, simulate_command
 from tests.conftest import make_config
 from tests.governance.payloads import temperature
 from tests.helpers import TIMEOUT, Client, RunningAppliance, wait_until
@@ -236,3 +239,20 @@ def test_an_oversized_frame_closes_with_1009_and_counts_as_the_packet_size_limit
         other.mqtt_connect("big-2")
         other.ws.send(publish("sensor/t1/temperature", GOOD, 1))
         assert other.receive().packet_id == 1
+
+
+def test_simulate_over_websockets(gateway: RunningAppliance) -> None:
+    before = gateway.app.verdicts.counts.copy()
+    result = CliRunner().invoke(simulate_command, ["--sensors", "4", "--rate", "50", "--invalid-rate", "0.25",
+                                                   "--broker", f"ws://127.0.0.1:{ws_port(gateway)}/mqtt",
+                                                   "--duration", "0.5", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"-> ws://127.0.0.1:{ws_port(gateway)}/mqtt" in result.output
+    counts = gateway.app.verdicts.counts
+    accepted, rejected = counts["accept"] - before["accept"], counts["reject"] - before["reject"]
+    assert accepted > 0 and rejected > 0
+    assert f"acked (accepted): {accepted}" in result.output and f"rejected: {rejected}" in result.output
+    assert parse_broker("ws://gw") == (Address(host="gw", port=80), "/mqtt")
+    assert parse_broker("gw") == (Address(host="gw", port=1883), None)
+    with pytest.raises(ValueError, match="ws://HOST:PORT/PATH"):
+        parse_broker("wss://gw/mqtt")

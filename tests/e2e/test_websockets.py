@@ -48,7 +48,9 @@ def test_ws_client_to_gateway_to_a_wss_cloud(tmp_path: Path) -> None:
             consumer.expect_none()  # the rejected message never left the gateway
             pub.disconnect()
             consumer.disconnect()
-            wait_until(lambda: gateway.app.status()["uplink"]["depth"] == 0, message="outbox empty")
+            forwarder = gateway.app.forwarder
+            assert forwarder is not None
+            wait_until(lambda: forwarder.status().depth == 0, message="outbox empty")
         finally:
             gateway.stop()
         # The cloud appliance saw the gateway as a client over wss:// and audited every message.

@@ -155,11 +155,14 @@ class WebSocketStream:
         """The payload bytes received so far (possibly more than `size`: all that is there), b""
         after the server's normal close; raises what the socket raises when nothing is there."""
         self._write()
-        while not self._inbox and self._ended is None:
-            self._receive(self._sock.recv(_READ_SIZE))
-            # TLS may hold decrypted bytes that poll() will not announce: take them now.
-            while isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() and self._ended is None:
+        try:
+            while not self._inbox and self._ended is None:
                 self._receive(self._sock.recv(_READ_SIZE))
+                # TLS may hold decrypted bytes that poll() will not announce: take them now.
+                while isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() and self._ended is None:
+                    self._receive(self._sock.recv(_READ_SIZE))
+        finally:
+            self._write()  # pongs and close replies the frames just read asked for
         if self._inbox:
             data = bytes(self._inbox)
             self._inbox.clear()

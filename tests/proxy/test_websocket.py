@@ -4,6 +4,7 @@ the audit log."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +43,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, certs: Certificates) -> It
     """Plain TCP on `listen`, then ws://…/mqtt, then wss://…/ws with client certificates naming the user."""
     state = tmp_path_factory.mktemp("ws") / "state"
     config = make_config(state, schemas=str(REPO / "schemas" / "v1"), **{
-        "limits.max_packet_size": MAX_PACKET,
+        "limits.max_packet_size": MAX_PACKET, "limits.connect_timeout": 1.0,
         "listeners": [
             {"listen": "127.0.0.1:0", "transport": "websockets"},
             {"listen": "127.0.0.1:0", "transport": "websockets", "path": "/ws", "tls": {
@@ -256,3 +257,32 @@ def test_simulate_over_websockets(gateway: RunningAppliance) -> None:
     assert parse_broker("gw") == (Address(host="gw", port=1883), None)
     with pytest.raises(ValueError, match="ws://HOST:PORT/PATH"):
         parse_broker("wss://gw/mqtt")
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_the_will_follows_how_the_websocket_client_left(gateway: RunningAppliance, clean: bool) -> None:
+    watcher = Client(gateway.port, version=5).connect()
+    watcher.subscribe(f"events/{clean}/#", qos=1)
+    device = ws_client(ws_port(gateway), version=5, client_id=f"will-{clean}")
+    device.will(f"events/{clean}/will", b"offline", qos=1).connect()
+    if clean:
+        device.disconnect()  # DISCONNECT, then a close frame: no will
+    else:
+        device.paho.loop_stop()  # the TCP connection gone without a close frame: the will goes out
+        raw = device.paho.socket()._socket  # type: ignore[union-attr]  # under paho's WebSocket wrapper
+        raw.shutdown(socket.SHUT_RDWR)
+        raw.close()
+    if not clean:
+        assert watcher.expect(1)[0].topic == f"events/{clean}/will"
+    marker = Client(gateway.port, version=5).connect()
+    marker.publish(f"events/{clean}/marker", b"m", qos=1)
+    assert watcher.expect(1)[0].topic == f"events/{clean}/marker"
+    watcher.expect_none()
+    watcher.disconnect()
+    marker.disconnect()
+
+
+def test_a_handshake_that_never_finishes_is_closed_by_the_connect_timeout(gateway: RunningAppliance) -> None:
+    with socket.create_connection(("127.0.0.1", ws_port(gateway)), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /mqtt HTTP/1.1\r\nHost: gw\r\n")  # and nothing more
+        assert sock.recv(1024) == b""  # closed after limits.connect_timeout, without an answer

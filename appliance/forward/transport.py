@@ -217,6 +217,8 @@ class WebSocketStream:
 
     def _queue(self, payload: bytes) -> None:
         """One binary frame holding `payload`, after whatever is queued."""
+        if self._protocol.state is not State.OPEN:  # e.g. the DISCONNECT after the connection broke
+            raise WebSocketError(f"WebSocket closed: {self._ended or 'closing'}")
         self._protocol.send_binary(payload)
         self._collect()
 

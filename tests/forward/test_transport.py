@@ -141,3 +141,13 @@ def test_a_normal_close_reads_as_the_end_and_an_abnormal_one_as_an_error() -> No
         client.settimeout(5)
         with pytest.raises(WebSocketError, match="1011"):
             stream.recv(65536)
+
+
+def test_sending_after_the_server_went_away_is_a_connection_error() -> None:
+    with connected() as (stream, server, client):
+        server.sock.close()
+        client.settimeout(5)
+        with pytest.raises(WebSocketError, match="without a close frame"):
+            stream.recv(65536)
+        with pytest.raises(WebSocketError):  # an OSError: what the link catches on a dead socket
+            stream.send(b"\xe0\x00")

@@ -134,21 +134,23 @@ def test_wss_uplink_keeps_fifo_and_at_least_once_through_cuts(tmp_path: Path) ->
             harness(tmp_path / "state") as h:
         url = f"wss://localhost:{relay.port}/mqtt"
         fwd = h.start_forwarder(upstream(url, tls={"ca_file": str(certs.ca)}, window=50))
-        stored = sensor_rows(h, sensors=4, per_sensor=1500)
-        total = h.add(stored[:2000])
-        wait_until(lambda: sub.count() >= 500, message="forwarding under way")
+        stored = sensor_rows(h, sensors=4, per_sensor=600)
+        total = h.add(stored[:800])
+        wait_until(lambda: sub.count() >= 200, timeout=60, message="forwarding under way")
         assert relay.cut() >= 1
-        total += h.add(stored[2000:4000])
-        wait_until(lambda: relay.accepted >= 2 and sub.count() >= 2500, message="reconnected after the first cut")
+        total += h.add(stored[800:1600])
+        wait_until(lambda: relay.accepted >= 2 and sub.count() >= 1000, timeout=60,
+                   message=f"reconnected after the first cut ({relay.accepted} connections, {sub.count()} arrived, "
+                           f"{fwd.status()})")
         assert relay.cut() >= 1
-        total += h.add(stored[4000:])
+        total += h.add(stored[1600:])
         wait_until(lambda: fwd.status().forwarded_total >= total, timeout=60, message="everything acknowledged")
         h.add([h.row("end", 0)])  # FIFO: once this arrives, everything before it has
         wait_until(lambda: b"end:0" in sub.payloads(), message="end marker")
         payloads = sub.payloads()
         assert payloads[-1] == b"end:0"
         per_sensor, duplicates = check_per_sensor_order(payloads[:-1])
-        assert per_sensor == {f"sensor-{s}": 1500 for s in range(4)}  # nothing lost
+        assert per_sensor == {f"sensor-{s}": 600 for s in range(4)}  # nothing lost
         print(f"\nwss uplink: {total} messages through 2 cuts, {duplicates} duplicates, {relay.accepted} connections")
         downs = [detail["reason"] for kind, detail in h.events if kind == "uplink_down"]
         assert len(downs) >= 2 and all("WebSocket" in reason or "connection lost" in reason for reason in downs), downs

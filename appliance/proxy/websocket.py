@@ -179,8 +179,12 @@ class WebSocketLeg(asyncio.Protocol):
     def _close(self) -> None:
         if self._view is not None:
             self._view.closing = True
-        if self._raw is not None and not self._raw.is_closing():
-            self._raw.close()
+        raw = self._raw
+        if raw is not None and not raw.is_closing():
+            for data in self._ws.data_to_send():  # e.g. the answer to the client's close frame
+                if data:
+                    raw.write(data)
+            raw.close()
 
     # Called through the view -----------------------------------------------------------------------
 

@@ -286,3 +286,13 @@ def test_a_handshake_that_never_finishes_is_closed_by_the_connect_timeout(gatewa
     with socket.create_connection(("127.0.0.1", ws_port(gateway)), timeout=TIMEOUT) as sock:
         sock.sendall(b"GET /mqtt HTTP/1.1\r\nHost: gw\r\n")  # and nothing more
         assert sock.recv(1024) == b""  # closed after limits.connect_timeout, without an answer
+
+
+@pytest.mark.parametrize("after_connect", [False, True])
+def test_a_close_frame_from_the_client_is_answered(gateway: RunningAppliance, after_connect: bool) -> None:
+    with raw_ws(ws_port(gateway)) as raw:
+        if after_connect:
+            raw.mqtt_connect("closer-1")
+        raw.ws.close()
+        close = raw.ws.protocol.close_rcvd
+        assert close is not None and close.code == 1000

@@ -245,10 +245,12 @@ class _StreamTransport(asyncio.Transport):
         self.close()
 
     def pause_reading(self) -> None:
-        self._raw.pause_reading()
+        if not self.closing:
+            self._raw.pause_reading()
 
     def resume_reading(self) -> None:
-        self._raw.resume_reading()
+        if not self.closing:
+            self._raw.resume_reading()
 
     def is_reading(self) -> bool:
         return bool(self._raw.is_reading())

@@ -16,10 +16,17 @@ import pytest
 from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.client import ClientProtocol
+from websockets.frames import Frame
+from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 from appliance.audit.query import AuditQuery
-from appliance.mqtt import NEED_DATA, Connack, Connect, Decoder, ProtocolVersion, Puback, Publish, ReasonCode, encode_packet
+from appliance.mqtt import (
+    NEED_DATA, Connack, Connect, Decoder, ProtocolVersion, Puback, Publish, ReasonCode, Suback, Subscribe, Subscription, encode_packet,
+)
 from appliance.settings import Address
 from appliance.simulate import parse_broker, simulate_command
 from tests.conftest import make_config
@@ -296,3 +303,54 @@ def test_a_close_frame_from_the_client_is_answered(gateway: RunningAppliance, af
         raw.ws.close()
         close = raw.ws.protocol.close_rcvd
         assert close is not None and close.code == 1000
+
+
+def test_a_websocket_subscriber_that_never_reads_is_contained(gateway: RunningAppliance) -> None:
+    """Flow control through the WebSocket layer: the stuck client's broker leg stops being read."""
+    v5 = ProtocolVersion.MQTT_5
+    protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{ws_port(gateway)}/mqtt"), subprotocols=[Subprotocol("mqtt")])
+    sock = socket.create_connection(("127.0.0.1", ws_port(gateway)), timeout=TIMEOUT)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    decoder = Decoder(version=v5)
+
+    def send(*packets: Any) -> None:
+        for packet in packets:
+            protocol.send_binary(encode_packet(packet, v5))
+        sock.sendall(b"".join(protocol.data_to_send()))
+
+    def receive() -> Any:
+        while (packet := decoder.next_packet()) is NEED_DATA:
+            protocol.receive_data(sock.recv(65536))
+            for event in protocol.events_received():
+                if isinstance(event, Frame):
+                    decoder.receive_data(bytes(event.data))
+        return packet
+
+    protocol.send_request(protocol.connect())
+    sock.sendall(b"".join(protocol.data_to_send()))
+    while protocol.state is not State.OPEN:
+        protocol.receive_data(sock.recv(65536))
+    send(Connect(client_id="stuck-ws", protocol_version=v5), Subscribe(1, (Subscription("events/flood", qos=0),)))
+    assert isinstance(receive(), Connack) and isinstance(receive(), Suback)
+    # From now on the stuck client reads nothing.
+    alive = Client(gateway.port, version=5).connect()
+    alive.subscribe("events/alive", qos=1)
+    pub = Client(gateway.port, version=5).connect()
+    chunk = b"x" * 50_000
+    for _ in range(200):  # 10 MB towards a client that reads nothing
+        pub.publish("events/flood", chunk, qos=0, wait=False)
+    pub.publish("events/alive", b"still here", qos=1)
+    assert alive.expect(1)[0].payload == b"still here"
+    assert gateway.app.proxy is not None
+    proxy = gateway.app.proxy
+
+    def stuck_leg() -> Any:
+        legs = [c for c in proxy.clients if c.session and c.session.client and c.session.client.client_id == "stuck-ws"]
+        return legs[0] if legs and legs[0].broker is not None and legs[0].broker._reading_paused else None
+
+    leg = wait_until(stuck_leg, message="the stuck WebSocket client's broker leg paused")
+    high = gateway.app.config.limits.write_buffer_high
+    assert leg.transport.get_write_buffer_size() <= high + 256 * 1024 + 2 * len(chunk)
+    alive.disconnect()
+    pub.disconnect()
+    sock.close()

@@ -55,10 +55,9 @@ class Listener:
 
     def __str__(self) -> str:
         where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        tls = " (TLS)" if self.ssl is not None else ""
         if self.websocket_path is not None:
-            return f"{where}{self.websocket_path} (WebSockets{tls.replace(' (', ' over ').rstrip(')')})"
-        return where + tls
+            return f"{where}{self.websocket_path} (WebSockets{' over TLS' if self.ssl is not None else ''})"
+        return where + (" (TLS)" if self.ssl is not None else "")
 
 
 def _peer_host(transport: asyncio.BaseTransport) -> str:

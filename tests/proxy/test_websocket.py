@@ -24,6 +24,7 @@ from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from appliance.audit.query import AuditQuery
+from appliance.config import ConfigError
 from appliance.mqtt import (
     NEED_DATA, Connack, Connect, Decoder, ProtocolVersion, Puback, Publish, ReasonCode, Suback, Subscribe, Subscription, encode_packet,
 )
@@ -354,3 +355,15 @@ def test_a_websocket_subscriber_that_never_reads_is_contained(gateway: RunningAp
     alive.disconnect()
     pub.disconnect()
     sock.close()
+
+
+@pytest.mark.parametrize(("listener", "message"), [
+    ({"listen": "127.0.0.1:8083", "path": "/mqtt"}, "path needs transport: websockets"),
+    ({"listen": "127.0.0.1:8083", "transport": "websockets", "path": "mqtt"}, "an HTTP path like /mqtt"),
+    ({"listen": "127.0.0.1:8083", "transport": "websocket"}, "transport"),
+])
+def test_listener_config_errors(tmp_path: Path, listener: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_config(tmp_path, listeners=[listener])
+    ok = make_config(tmp_path, listeners=[{"listen": "127.0.0.1:8083", "transport": "websockets"}]).listeners[0]
+    assert (ok.websocket_path, ok.tls) == ("/mqtt", None)

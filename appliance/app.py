@@ -289,7 +289,8 @@ class Appliance:
                 except (OSError, ValueError) as exc:
                     raise BrokerError(f"listener {spec.listen}: TLS: {exc}") from exc
             listeners.append(Listener(spec.listen.host, spec.listen.port, context,
-                                      spec.tls.use_identity_as_username if spec.tls else "none", authenticator))
+                                      spec.tls.use_identity_as_username if spec.tls else "none", authenticator,
+                                      websocket_path=spec.websocket_path))
         return listeners
 
     async def stop(self) -> None:

@@ -296,7 +296,7 @@ class Forwarder:
             context = client_ssl_context(cfg.tls) if cfg.tls is not None else ssl.create_default_context()
         return Link(cfg.host, cfg.port, client_id=cfg.effective_client_id, protocol=cfg.protocol,
                     keepalive=cfg.keepalive, username=cfg.username, password=cfg.password, tls=context,
-                    write_timeout=self._ack_timeout)
+                    write_timeout=self._ack_timeout, websocket=cfg.websocket_url)
 
     def _publish(self, link: Link, row: OutboxRow) -> int:
         cfg = self.config

@@ -37,6 +37,7 @@ from appliance.mqtt.client import (
     Published,
     reason_name,
 )
+from appliance.forward.transport import Stream, open_websocket
 
 __all__ = ["Link", "LinkClosed", "TooLarge", "open_connection", "reason_name", "user_properties"]
 
@@ -97,10 +98,11 @@ class Link:
     def __init__(self, host: str, port: int, *, client_id: str, protocol: int, keepalive: int,
                  username: str | None = None, password: str | None = None,
                  tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
-                 write_timeout: float = 30.0):
+                 write_timeout: float = 30.0, websocket: str | None = None):
         self.host, self.port = host, port
         self.version = ProtocolVersion.MQTT_5 if protocol == 5 else ProtocolVersion.MQTT_3_1_1
         self.tls, self.server_hostname = tls, server_hostname
+        self.websocket = websocket  # MQTT over WebSockets to this ws:// or wss:// URL (forward/transport.py)
         self.write_timeout = write_timeout  # bytes waiting this long without any being written: hung
         self.client = Client(
             client_id, version=self.version, keepalive=keepalive, clean_start=True, username=username,
@@ -108,7 +110,7 @@ class Link:
         )
         self.refused: dict[int, int] = {}  # MQTT 5 PUBACK error reason code -> messages, until read
         self._v5 = self.version == ProtocolVersion.MQTT_5
-        self._sock: socket.socket | None = None
+        self._sock: Stream | None = None
         self._out = bytearray()
         # QoS 0 messages count as delivered once written: (end offset in the output stream, token).
         self._unwritten: deque[tuple[int, int]] = deque()
@@ -147,9 +149,15 @@ class Link:
         """TCP, TLS and CONNECT → CONNACK, all within `timeout` seconds (TCP and TLS within 10 s at
         most); raises LinkClosed. While waiting for the CONNACK, `cancelled()` is asked every 50 ms."""
         deadline = time.monotonic() + timeout
-        sock = open_connection(self.host, self.port, tls=self.tls, server_hostname=self.server_hostname,
-                               timeout=min(timeout, 10.0))
+        raw = open_connection(self.host, self.port, tls=self.tls, server_hostname=self.server_hostname,
+                              timeout=min(timeout, 10.0))
+        sock: Stream = raw
         try:
+            if self.websocket is not None:
+                try:
+                    sock = open_websocket(raw, self.websocket, max(0.01, deadline - time.monotonic()))
+                except OSError as exc:
+                    raise LinkClosed(str(exc)) from None
             self._sock = sock
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
@@ -161,6 +169,7 @@ class Link:
         except BaseException:
             self._sock = None
             sock.close()
+            raw.close()
             raise
         sock.setblocking(False)
         return connected

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from appliance.config import Config
 from appliance.security.tls import TLSFileError, client_ssl_context, server_ssl_context
-from appliance.settings import ListenerTLSConfig, TLSConfig
+from appliance.config.base import ListenerTLSConfig, TLSConfig
 
 _TLS_FILES = ("ca_file", "cert_file", "key_file")
 

@@ -25,7 +25,7 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from appliance.settings import Address
+from appliance.config.base import Address
 
 VALID = "valid"
 # How each kind of sensor gets it wrong; every one of these is rejected by schemas/v1.

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.forward.config import UpstreamConfig
+from appliance.config.upstream import UpstreamConfig
 from appliance.forward.link import Link, LinkClosed, TooLarge, reason_name, user_properties
 from appliance.forward.outbox import MAX_DROPS_PER_CALL, Dropped, Outbox, OutboxRow
 from appliance.security.tls import client_ssl_context

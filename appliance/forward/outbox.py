@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from appliance.audit.records import DECISION, FORWARD_ONLY, RecordKind
-from appliance.forward.config import OutboxBounds
+from appliance.config.upstream import OutboxBounds
 from appliance.forward.logtail import LogTail, SegmentFiles
 from appliance.forward.pending import Entry, Pending
 from appliance.msglog.format import MAX_SEQ, RECORD_HEADER, RECORD_HEADER_SIZE

@@ -7,7 +7,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from appliance.settings import ListenerTLSConfig, TLSConfig
+from appliance.config.base import ListenerTLSConfig, TLSConfig
 
 
 class TLSFileError(ValueError):

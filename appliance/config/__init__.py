@@ -17,12 +17,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from appliance.forward.config import UpstreamConfig
-from appliance.yamlsource import LineDict, LineLoader, did_you_mean
-from appliance.settings import (  # noqa: F401 - re-exported: the config's building blocks
+from appliance.config.base import (  # noqa: F401 - re-exported: the config's building blocks
     Address, Bytes, Duration, ListenerConfig, ListenerTLSConfig, Seconds, Size, TLSConfig, _address, _Section,
     parse_duration, parse_seconds, parse_size,
 )
+from appliance.config.upstream import UpstreamConfig
+from appliance.yamlsource import LineDict, LineLoader, did_you_mean
 
 DEFAULT_STATE_DIR = Path("/var/lib/mqtt-appliance")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from appliance.governance import Governance, SchemaSet, load_schema_set
 from appliance.governance.schemaset import Mapping
-from appliance.governance.topics import TopicTrie
+from appliance.mqtt.topics import TopicTrie
 from appliance.mqtt import ProtocolVersion
 from appliance.pipeline import ClientInfo, Message, Verdict
 from replay import rows as R

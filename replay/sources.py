@@ -534,7 +534,7 @@ class NdjsonSource:
         return None
 
     def _rows(self, size: int) -> Iterator[list[Row]]:
-        from appliance.governance.topics import TopicTrie
+        from appliance.mqtt.topics import TopicTrie
 
         filters = self._filters
         since = filters.since.timestamp() if filters.since else None
@@ -600,7 +600,7 @@ class DecisionRowsSource:
         return _expected(self._count, self._filters) if self._count is not None else None
 
     def _batches(self, size: int) -> Iterator[list[Row]]:
-        from appliance.governance.topics import TopicTrie
+        from appliance.mqtt.topics import TopicTrie
 
         filters = self._filters
         since = filters.since.timestamp() if filters.since else None

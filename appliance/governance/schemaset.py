@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 from appliance.governance.builtins import MaxPayloadSize, RateLimit, parse_rate
 from appliance.governance.errors import SchemaError, SchemaSetError
 from appliance.governance.jsonschemas import JsonSchemaFileError, JsonSchemaRegistry
-from appliance.governance.topics import TopicTrie, filters_overlap
+from appliance.mqtt.topics import TopicTrie, filters_overlap
 from appliance.yamlsource import LineDict, YamlError, did_you_mean, load_yaml
 
 MANIFEST = "manifest.yaml"

@@ -36,31 +36,15 @@ from appliance.pipeline import Check, CountingSink, Pipeline, Sink
 from appliance.proxy import ProxyServer, SessionLimits
 from appliance.proxy.server import Listener
 from appliance.reload import ReloadWatcher, needs_restart
-from appliance.security import (
-    AclCheck,
-    AclError,
-    Authenticator,
-    PasswordFile,
-    PasswordFileError,
-    load_acl_file,
-)
+from appliance.security import AccessError, AclCheck, Authenticator, PasswordFile, load_access
 from appliance.security.tls import server_ssl_context
 
 log = logging.getLogger(__name__)
 
 
-class AccessError(Exception):
-    """The password file, ACL file or a listener's TLS files cannot be used."""
-
-
-def load_access(auth: AuthConfig) -> tuple[PasswordFile | None, AclCheck]:
-    """The password file and ACL rules the config names (AccessError when unusable)."""
-    try:
-        passwords = PasswordFile.load(auth.password_file) if auth.password_file is not None else None
-        rules = load_acl_file(auth.acl_file) if auth.acl_file is not None else None
-    except (PasswordFileError, AclError) as exc:
-        raise AccessError(str(exc)) from exc
-    return passwords, AclCheck(rules)
+class StartupError(Exception):
+    """The appliance cannot start: an address it should listen on is taken or unusable, or a
+    listener's TLS files cannot be used. The message says which and what to do."""
 
 
 def raise_open_file_limit() -> None:
@@ -205,9 +189,9 @@ class Appliance:
             try:
                 self.metrics_server.start(config.metrics.listen.host, config.metrics.listen.port)
             except MetricsPortInUse as exc:
-                raise BrokerError(f"cannot serve metrics: {exc.strerror}") from exc
+                raise StartupError(f"cannot serve metrics: {exc.strerror}") from exc
             except OSError as exc:
-                raise BrokerError(f"cannot serve metrics on {config.metrics.listen}: {exc.strerror} (set metrics.listen)") from exc
+                raise StartupError(f"cannot serve metrics on {config.metrics.listen}: {exc.strerror} (set metrics.listen)") from exc
         listeners = self._listeners_from(config)
         await self.broker.start()
         limits = config.limits
@@ -248,7 +232,7 @@ class Appliance:
             await self.proxy.start()
         except OSError as exc:
             await self.broker.stop()
-            raise BrokerError(f"cannot listen on {exc.strerror}") from exc
+            raise StartupError(f"cannot listen on {exc.strerror}") from exc
 
     @staticmethod
     def _anonymous_ok(auth: AuthConfig, loopback: bool) -> bool:
@@ -265,8 +249,8 @@ class Appliance:
             if spec.tls is not None:
                 try:
                     context = server_ssl_context(spec.tls)
-                except (OSError, ValueError) as exc:
-                    raise BrokerError(f"listener {spec.listen}: TLS: {exc}") from exc
+                except AccessError as exc:
+                    raise StartupError(f"listener {spec.listen}: TLS: {exc}") from exc
             listeners.append(Listener(spec.listen.host, spec.listen.port, context,
                                       spec.tls.use_identity_as_username if spec.tls else "none", authenticator))
         return listeners
@@ -408,8 +392,8 @@ SWITCH_INTERVAL_S = 0.001
 
 
 def run(config: Config, *, config_path: Path | None = None, overrides: dict[str, Any] | None = None) -> None:
-    """Run the appliance in the foreground; raises BrokerError (or StateDirError, AuditError) when it
-    cannot start."""
+    """Run the appliance in the foreground; raises StartupError, BrokerError, SchemaSetError,
+    AccessError, StateDirError or AuditError when it cannot start."""
     sdnotify.claim_environment()  # before mosquitto starts: it must not inherit $NOTIFY_SOCKET
     # The message log's writer and the forwarder run Python next to the event loop; a thread that wants
     # the GIL waits up to the switch interval (5 ms by default). 1 ms cut the latency tails at

@@ -27,11 +27,12 @@ from pathlib import Path
 from appliance.mqtt import ReasonCode
 from appliance.mqtt.topics import filter_covers, filters_overlap, topic_filter_problem, topic_matches
 from appliance.pipeline import Message, Reason, Verdict
+from appliance.security.errors import AccessError
 
 ACCESS = ("read", "write", "readwrite", "deny")
 
 
-class AclError(Exception):
+class AclError(AccessError):
     """An ACL file that cannot be used; the message names the file and line."""
 
 

@@ -26,24 +26,12 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from appliance.config.base import Address
+from appliance.simulate_formats import VALID, AvroTraffic, Planned, SparkplugTraffic
 
-VALID = "valid"
 # How each kind of sensor gets it wrong; every one of these is rejected by schemas/v1.
 TEMPERATURE_FAULTS = ("out_of_range", "missing_field", "wrong_device", "not_json", "topic_not_allowed")
 STATUS_FAULTS = ("unknown_field", "wrong_device", "truncated", "topic_not_allowed")
 CONNECT_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Planned:
-    sensor: str
-    topic: str
-    payload: bytes
-    kind: str  # VALID or one of the faults
-
-    @property
-    def valid(self) -> bool:
-        return self.kind == VALID
 
 
 def _varint(value: int) -> bytes:
@@ -273,8 +261,6 @@ def make_traffic(payload: str, sensors: int, invalid_rate: float, *, seed: int |
     """The traffic plan for a `--payload` choice: the demo set's (schemas/v1), or an example set's."""
     if payload == "demo":
         return Traffic(sensors, invalid_rate, seed=seed)
-    from appliance.simulate_formats import AvroTraffic, SparkplugTraffic
-
     if payload == "avro":
         return AvroTraffic(sensors, invalid_rate, seed=seed)
     if payload == "sparkplug":

@@ -23,6 +23,7 @@ from typing import Any
 from appliance import sdnotify, statedir
 from appliance.admin import AdminServer, socket_path
 from appliance.audit.check import StoreUnavailable
+from appliance.audit.errors import AuditError
 from appliance.audit.operations import AuditOperations, forget_session
 from appliance.audit.service import AuditService, forward_cursor_path
 from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
@@ -30,7 +31,8 @@ from appliance.config import AuthConfig, Config, ConfigError, is_loopback, load_
 from appliance.forward import Forwarder, Outbox
 from appliance.forward.check import OutboxFull
 from appliance.governance import Governance, SchemaSetError, load_schema_set
-from appliance.metrics import MetricsPortInUse, MetricsServer, MetricsSink, make_registry
+from appliance.metrics import AuditStats, MetricsPortInUse, MetricsServer, MetricsSink, Stats, UplinkStats, make_registry
+from appliance.names import Counted, counted
 from appliance.msglog import Cursor
 from appliance.pipeline import Check, CountingSink, Pipeline, Sink
 from appliance.proxy import ProxyServer, SessionLimits
@@ -153,6 +155,42 @@ class Appliance:
             report["uplink"] = dataclasses.asdict(self.forwarder.status())
         return report
 
+    def stats(self) -> Stats:
+        """What the metrics collector reports, as plain values (called on the metrics HTTP thread)."""
+        broker, proxy, audit, forwarder = self.broker, self.proxy, self.audit, self.forwarder
+        counts: Counter[Counted] = Counter()
+        for key, count in list(proxy.counters.items()) if proxy is not None else ():
+            counts[counted(key)] += count
+        audit_stats = uplink = None
+        if audit is not None:
+            status = audit.status()
+            log_stats = status["log"]
+            audit_stats = AuditStats(
+                quarantine_bytes=audit.quarantine_bytes,
+                pending_records=max(0, status["last_seq"] - status["converted_seq"]),
+                lost_records=status["lost_records"],
+                healthy=bool(status["healthy"]),
+                log_syncs=log_stats.get("syncs"),
+                log_appended_bytes=log_stats.get("bytes_appended"),
+                helper_failures=sum(entry["failures"] for entry in status["helpers"].values()),
+            )
+        if forwarder is not None:
+            forwarding = forwarder.status()
+            uplink = UplinkStats(up=forwarding.uplink_up, depth=forwarding.depth, bytes=forwarding.bytes,
+                                 oldest_age_s=forwarding.oldest_age_s, forwarded=forwarding.forwarded_total,
+                                 dropped=forwarding.dropped_total)
+        return Stats(
+            uptime_s=self.uptime(),
+            state_dir=self.config.state_dir,
+            broker_up=broker is not None and broker.endpoint() is not None,
+            broker_restarts=broker.restarts if broker is not None else 0,
+            clients=len(proxy.clients) if proxy is not None else 0,
+            reloads=dict(self.reloads),
+            counts=counts,
+            audit=audit_stats,
+            uplink=uplink,
+        )
+
     @property
     def revision(self) -> str:
         """A short hash of the config and the schema set in force, recorded with every verdict."""
@@ -185,7 +223,7 @@ class Appliance:
             self.forwarder = Forwarder(config.upstream, self.outbox, on_event=self.on_event)
             await self.forwarder.start()
         if config.metrics.enabled:
-            self.metrics_server = MetricsServer(make_registry(self, self.metrics), self.ready)
+            self.metrics_server = MetricsServer(make_registry(self.stats, self.metrics), self.ready)
             try:
                 self.metrics_server.start(config.metrics.listen.host, config.metrics.listen.port)
             except MetricsPortInUse as exc:
@@ -220,7 +258,7 @@ class Appliance:
             handlers = {}
         handlers["status"] = self._status_op
         handlers["reload"] = self._reload_op
-        self.admin = AdminServer(socket_path(config.state_dir), handlers)
+        self.admin = AdminServer(socket_path(config.state_dir), handlers, refusals=(AuditError,))
         await self.admin.start()
         self.watcher.start(
             asyncio.get_running_loop(),

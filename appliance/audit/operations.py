@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from appliance.admin import AdminError, Handler
+from appliance.audit.errors import OperationRefused
 from appliance.audit.service import AuditService
 from appliance.broker import BrokerEndpoint
 from appliance.mqtt import (
@@ -33,7 +33,7 @@ class AuditOperations:
         self._pipeline = pipeline
         self._endpoint = endpoint
 
-    def handlers(self) -> dict[str, Handler]:
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]:
         return {
             "audit_sync": self.sync,
             "audit_seal": self.seal,
@@ -45,7 +45,7 @@ class AuditOperations:
         try:
             await self._service.sync(timeout=float(request.get("timeout", 30)))
         except TimeoutError as exc:
-            raise AdminError("the message log has not written for 30 s; see the appliance's log") from exc
+            raise OperationRefused("the message log has not written for 30 s; see the appliance's log") from exc
         return {"last_seq": self._service.log.last_seq}
 
     async def seal(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +56,7 @@ class AuditOperations:
         """An event another process wants in the audit log (e.g. who purged what)."""
         kind = str(request["kind"])
         if not kind.startswith(("quarantine_", "audit_")):
-            raise AdminError(f"event kind {kind!r} cannot be recorded from outside")
+            raise OperationRefused(f"event kind {kind!r} cannot be recorded from outside")
         detail = dict(request.get("detail") or {})
         if request.get("_peer"):
             detail["by"] = request["_peer"]  # who asked, from the kernel (SO_PEERCRED), not from the request
@@ -83,7 +83,7 @@ class AuditOperations:
                     "reasons": [reason.message for reason in verdict.reasons]}
         endpoint = self._endpoint()
         if endpoint is None:
-            raise AdminError("the broker is not running; try again once it is")
+            raise OperationRefused("the broker is not running; try again once it is")
         await publish_once(endpoint, message)
         return {"id": str(decision_id), "released": True, "new_id": str(new_id)}
 
@@ -101,7 +101,7 @@ async def publish_once(endpoint: BrokerEndpoint, message: Message, *, timeout: f
         while (packet := decoder.next_packet()) is NEED_DATA:
             data = await asyncio.wait_for(reader.read(65536), timeout)
             if not data:
-                raise AdminError("the broker closed the connection")
+                raise OperationRefused("the broker closed the connection")
             decoder.receive_data(data)
         return packet
 
@@ -110,7 +110,7 @@ async def publish_once(endpoint: BrokerEndpoint, message: Message, *, timeout: f
                                            username=endpoint.username, password=endpoint.password), v))
         connack = await receive()
         if connack.reason_code != 0:
-            raise AdminError(f"the broker refused the connection (code {connack.reason_code})")
+            raise OperationRefused(f"the broker refused the connection (code {connack.reason_code})")
         qos = message.qos
         writer.write(encode_packet(Publish(message.topic, message.payload, qos=qos, retain=message.retain,
                                            packet_id=1 if qos else None), v))

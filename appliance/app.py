@@ -34,7 +34,7 @@ from appliance.governance import Governance, SchemaSetError, load_schema_set
 from appliance.metrics import AuditStats, MetricsPortInUse, MetricsServer, MetricsSink, Stats, UplinkStats, make_registry
 from appliance.names import Counted, counted
 from appliance.msglog import Cursor
-from appliance.pipeline import Check, CountingSink, Pipeline, Sink
+from appliance.pipeline import Check, CountingSink, Pipeline, Policy, Sink
 from appliance.proxy import ProxyServer, SessionLimits
 from appliance.proxy.server import Listener
 from appliance.reload import ReloadWatcher, needs_restart
@@ -47,6 +47,14 @@ log = logging.getLogger(__name__)
 class StartupError(Exception):
     """The appliance cannot start: an address it should listen on is taken or unusable, or a
     listener's TLS files cannot be used. The message says which and what to do."""
+
+
+def config_revision(config: Config, governance: Governance | None) -> str:
+    """A short hash of the config and the schema set in force, recorded with every verdict."""
+    digest = hashlib.sha256(config.model_dump_json().encode())
+    if governance is not None:
+        digest.update(governance.schema_set.revision.encode())
+    return digest.hexdigest()[:12]
 
 
 def raise_open_file_limit() -> None:
@@ -91,21 +99,19 @@ class Appliance:
         # Who may connect and what they may do; built now so that a broken file stops the start.
         self.passwords, self.acl = load_access(config.auth)
         self.authenticators: list[Authenticator] = []
+        self._store_check: StoreUnavailable | None = None
         if pipeline is None:
-            checks: list[Check] = [self.acl]
             if config.schemas is not None:
                 self.governance = Governance(load_schema_set(config.schemas))
-                checks.append(self.governance)
             sinks: list[Sink] = [self.verdicts, self.metrics]
             if config.audit.enabled:
                 self.audit = AuditService(
-                    config.audit, config.state_dir, config_revision=self.revision, dry_run=config.dry_run,
-                    on_event=self.on_event, forward=config.upstream.url is not None,
+                    config.audit, config.state_dir, on_event=self.on_event, forward=config.upstream.url is not None,
                 )
                 sinks.append(self.audit.sink)
                 if config.audit.durable_acks:
                     audit = self.audit
-                    checks.insert(0, StoreUnavailable(lambda: audit.healthy))
+                    self._store_check = StoreUnavailable(lambda: audit.healthy)
             if config.upstream.url is not None:
                 assert self.audit is not None  # the config requires it
                 self.outbox = Outbox.for_log(self.audit.log, Cursor(forward_cursor_path(config.state_dir)), config.upstream.outbox)
@@ -113,8 +119,8 @@ class Appliance:
                 if config.upstream.outbox.policy == "reject_new":
                     audit = self.audit
                     self._outbox_check = OutboxFull(self.outbox, lambda: audit.healthy)
-                    checks.append(self._outbox_check)
-            pipeline = Pipeline(checks, sinks, dry_run=config.dry_run)
+            pipeline = Pipeline(self._checks(self.governance), sinks, dry_run=config.dry_run,
+                                revision=config_revision(config, self.governance))
         self.pipeline = pipeline
         self.broker: EmbeddedBroker | ExternalBroker | None = None
         self.proxy: ProxyServer | None = None
@@ -194,10 +200,12 @@ class Appliance:
     @property
     def revision(self) -> str:
         """A short hash of the config and the schema set in force, recorded with every verdict."""
-        digest = hashlib.sha256(self.config.model_dump_json().encode())
-        if self.governance is not None:
-            digest.update(self.governance.schema_set.revision.encode())
-        return digest.hexdigest()[:12]
+        return self.pipeline.policy.revision if self._own_pipeline else config_revision(self.config, self.governance)
+
+    def _checks(self, governance: Governance | None) -> tuple[Check, ...]:
+        """The checks in order: the store's health first (nothing is judged that cannot be
+        recorded), the ACL, the schema set, the outbox's room."""
+        return tuple(c for c in (self._store_check, self.acl, governance, self._outbox_check) if c is not None)
 
     def on_event(self, kind: str, detail: dict[str, object]) -> None:
         log.debug("event %s %s", kind, detail)
@@ -336,28 +344,25 @@ class Appliance:
             self.on_event("config_reload", {"result": "failed", "reason": reason, "error": str(exc)})
             return False
         restart = needs_restart(self.started_config, config)
+        governance = self.governance
         if self._own_pipeline:
-            if schema_set is None:
-                self.governance = None
-            elif self.governance is None:
-                self.governance = Governance(schema_set)
-            else:
-                self.governance.schema_set = schema_set
-            self.pipeline.replace_checks([c for c in (self.acl, self.governance, self._outbox_check) if c is not None])
-            self.pipeline.dry_run = config.dry_run
+            governance = Governance(schema_set, previous=self.governance) if schema_set is not None else None
+        # From here to the policy swap nothing awaits: no message is judged in between, and each one
+        # is judged and recorded under the old policy or the new one, whole.
+        self.config = config
+        self.governance = governance
         # Password file, ACL and allow_anonymous take effect for the next CONNECT / SUBSCRIBE / PUBLISH.
         self.passwords = passwords
         self.acl.rules = acl.rules
         for authenticator in self.authenticators:
             authenticator.passwords = passwords
             authenticator.allow_anonymous = self._anonymous_ok(config.auth, authenticator.loopback)
-        await self._revoke_withdrawn_access()
+        if self._own_pipeline:
+            self.pipeline.policy = Policy(self._checks(governance), config.dry_run, config_revision(config, governance))
         logging.getLogger().setLevel(config.log_level.upper())
-        self.config = config
         self.watcher.watch_schemas(config.schemas)
-        if self.audit is not None:
-            self.audit.sink.config_revision = self.revision
-            self.audit.sink.dry_run = config.dry_run
+        # Then access withdrawn by the new files is revoked (this awaits the broker).
+        await self._revoke_withdrawn_access()
         self.reloads["ok"] += 1
         version = schema_set.version if schema_set is not None else None
         if restart:

@@ -36,7 +36,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from appliance.names import PROXY_COUNTED, Counted, Metric
-from appliance.pipeline import Message, Verdict
+from appliance.pipeline import Message, Policy, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class MetricsSink:
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.latency_sum_us = 0
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True) -> None:
+    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True,
+               policy: Policy | None = None) -> None:
         status = "valid" if verdict.accepted else "invalid"
         self.messages[(status, verdict.topic_filter or "none", verdict.schema or "none")] += 1
         self.buckets[bisect_left(_BUCKETS_US, latency_us)] += 1

@@ -114,8 +114,6 @@ class AuditService:
         config: AuditConfig,
         state_dir: Path,
         *,
-        config_revision: str,
-        dry_run: bool,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         forward: bool = False,
     ):
@@ -139,10 +137,7 @@ class AuditService:
         )
         self.recovery = self.log.open()
         self.clock = id_clock(state_dir)
-        self.sink = AuditSink(
-            self.log, self.clock, record_payloads=config.record_payloads, config_revision=config_revision,
-            dry_run=dry_run, forward=forward,
-        )
+        self.sink = AuditSink(self.log, self.clock, record_payloads=config.record_payloads, forward=forward)
         self._failed = FailedTickets()
         self._last_failed = 0
         self._listeners: list[Callable[[int], None]] = []

@@ -22,8 +22,11 @@ MAX_REASONS = 10
 class Governance:
     name = "governance"
 
-    def __init__(self, schema_set: SchemaSet):
+    def __init__(self, schema_set: SchemaSet, *, previous: Governance | None = None):
+        """`previous`: the check this one replaces at a reload, whose state (Sparkplug B births) carries over."""
         self._accepts: dict[str | None, Verdict] = {}
+        if previous is not None:
+            _carry_state(previous.schema_set, schema_set)
         self.schema_set = schema_set
 
     @property

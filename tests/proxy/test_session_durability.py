@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.mqtt import Disconnect, Puback, Publish, ReasonCode
-from appliance.pipeline import FailedTickets, Message, Verdict
+from appliance.pipeline import FailedTickets, Message, Policy, Verdict
 from appliance.proxy.session import SYNC_HINT_INFLIGHT, State
 from tests.proxy.test_session import V3, V5, RejectBad, Transcript
 
@@ -20,7 +20,7 @@ class Store:
         self._failed = FailedTickets()
         self.syncs_requested = 0
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool) -> int:
+    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool, policy: Policy) -> int:
         self.last += 1
         return self.last
 

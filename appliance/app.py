@@ -32,8 +32,8 @@ from appliance.forward import Forwarder, Outbox
 from appliance.forward.check import OutboxFull
 from appliance.governance import Governance, SchemaSetError, load_schema_set
 from appliance.metrics import AuditStats, MetricsPortInUse, MetricsServer, MetricsSink, Stats, UplinkStats, make_registry
-from appliance.names import Counted, counted
 from appliance.msglog import Cursor
+from appliance.names import Counted, EventKind, counted
 from appliance.pipeline import Check, CountingSink, Pipeline, Policy, Sink
 from appliance.proxy import ProxyServer, SessionLimits
 from appliance.proxy.server import Listener
@@ -341,7 +341,7 @@ class Appliance:
         except (ConfigError, SchemaSetError, AccessError) as exc:
             self.reloads["failed"] += 1
             log.error("reload (%s) failed; the running config and schema set stay in force:\n%s", reason, exc)
-            self.on_event("config_reload", {"result": "failed", "reason": reason, "error": str(exc)})
+            self.on_event(EventKind.CONFIG_RELOAD, {"result": "failed", "reason": reason, "error": str(exc)})
             return False
         restart = needs_restart(self.started_config, config)
         governance = self.governance
@@ -369,7 +369,7 @@ class Appliance:
             log.warning("reloaded (%s); these settings changed but take effect only after a restart: %s", reason, ", ".join(restart))
         else:
             log.info("reloaded (%s): schema set %s, revision %s", reason, version, self.revision)
-        self.on_event("config_reload", {"result": "ok", "reason": reason, "schema_set": version,
+        self.on_event(EventKind.CONFIG_RELOAD, {"result": "ok", "reason": reason, "schema_set": version,
                                         "revision": self.revision, "needs_restart": restart})
         return True
 
@@ -395,7 +395,7 @@ class Appliance:
             log.warning("closing %s: %s", session.describe(), reason)
             session.revoke(reason)
             leg.flush()
-            self.on_event("access_revoked", {"client_id": session.client.client_id, "peer": session.peer, "reason": reason})
+            self.on_event(EventKind.ACCESS_REVOKED, {"client_id": session.client.client_id, "peer": session.peer, "reason": reason})
             if endpoint is not None and session.broker_client_id:
                 try:
                     await forget_session(endpoint, session.broker_client_id)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from appliance import admin
+from appliance.names import EventKind
 
 T = TypeVar("T")
 
@@ -323,7 +324,7 @@ def quarantine_release(decision_ids: tuple[str, ...], config_path: Path | None, 
                 click.echo(f"{result['id']}: still rejected: {'; '.join(result.get('reasons', []))}")
         if released:
             purge_quarantine(target, released, seal=lambda: admin.call(target, "audit_seal"))
-            _record_event(target, "quarantine_released", {"ids": [str(i) for i in released], "by": {"user": _who()}})
+            _record_event(target, EventKind.QUARANTINE_RELEASED, {"ids": [str(i) for i in released], "by": {"user": _who()}})
     if failed:
         raise SystemExit(1)
 
@@ -367,11 +368,11 @@ def quarantine_purge(decision_ids: tuple[str, ...], purge_all: bool, yes: bool, 
             detail["purged"] = count
             if running:
                 try:
-                    admin.call(target, "audit_event", kind="quarantine_purged", detail=detail)
+                    admin.call(target, "audit_event", kind=EventKind.QUARANTINE_PURGED, detail=detail)
                 except admin.AdminError as exc:
                     raise click.ClickException(str(exc)) from exc
             else:
-                _append_event(target, "quarantine_purged", detail)
+                _append_event(target, EventKind.QUARANTINE_PURGED, detail)
     click.echo(f"purged {count} message(s)")
     for decision_id in missing:
         click.echo(f"{decision_id}: no quarantined message with this id", err=True)

@@ -14,7 +14,9 @@ from typing import Literal
 class EventKind(StrEnum):
     """What an audit event is about. A `StrEnum`: the value is what the `kind` column holds."""
 
-    # The proxy: connections refused or cut short.
+    # The proxy: connections, and connections refused or cut short.
+    CLIENT_CONNECTED = "client_connected"
+    CLIENT_DISCONNECTED = "client_disconnected"
     AUTH_FAILED = "auth_failed"
     ACL_DENIED = "acl_denied"
     LIMIT_EXCEEDED = "limit_exceeded"

@@ -24,6 +24,7 @@ from appliance.mqtt import (
     Pubrel,
     encode_packet,
 )
+from appliance.names import EXTERNAL_EVENT_KINDS
 from appliance.pipeline import ClientInfo, Message, Pipeline
 
 
@@ -55,7 +56,7 @@ class AuditOperations:
     async def event(self, request: dict[str, Any]) -> dict[str, Any]:
         """An event another process wants in the audit log (e.g. who purged what)."""
         kind = str(request["kind"])
-        if not kind.startswith(("quarantine_", "audit_")):
+        if kind not in EXTERNAL_EVENT_KINDS:
             raise OperationRefused(f"event kind {kind!r} cannot be recorded from outside")
         detail = dict(request.get("detail") or {})
         if request.get("_peer"):

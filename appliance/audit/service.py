@@ -27,6 +27,7 @@ from appliance.audit.records import DECISION, EVENT, IdClock
 from appliance.audit.sink import AuditSink, event_record
 from appliance.config import AuditConfig
 from appliance.msglog import MessageLog, SyncPolicy, list_segments, read_segment
+from appliance.names import EventKind
 from appliance.pipeline import FailedTickets
 
 log = logging.getLogger(__name__)
@@ -270,10 +271,10 @@ class AuditService:
         if recovery.torn_tail is not None:
             path, offset, cut = recovery.torn_tail
             log.warning("message log: cut a torn tail of %d bytes at offset %d of %s (an interrupted write)", cut, offset, path)
-            self._on_event("log_torn_tail", {"segment": str(path), "offset": offset, "bytes": cut})
+            self._on_event(EventKind.LOG_TORN_TAIL, {"segment": str(path), "offset": offset, "bytes": cut})
         for path, offset, problem in recovery.corrupt:
             log.error("message log: %s at offset %d of %s; the rest of that segment is skipped", problem, offset, path)
-            self._on_event("log_corruption", {"segment": str(path), "offset": offset, "problem": problem})
+            self._on_event(EventKind.LOG_CORRUPTION, {"segment": str(path), "offset": offset, "problem": problem})
         # Segments sealed before a crash, or by a previous run, are converted now.
         if self.unconverted_segments():
             self.helpers.request("seal")

@@ -33,6 +33,7 @@ from typing import Any
 from appliance.config.upstream import UpstreamConfig
 from appliance.forward.link import Link, LinkClosed, TooLarge, reason_name, user_properties
 from appliance.forward.outbox import MAX_DROPS_PER_CALL, Dropped, Outbox, OutboxRow
+from appliance.names import EventKind
 from appliance.security.tls import client_ssl_context
 
 log = logging.getLogger(__name__)
@@ -367,7 +368,7 @@ class Forwarder:
             if len(dropped) < MAX_DROPS_PER_CALL:
                 break
         if self.outbox.last_error and self.outbox.last_error != had_error:
-            self._emit("outbox_error", {"error": self.outbox.last_error})
+            self._emit(EventKind.OUTBOX_ERROR, {"error": self.outbox.last_error})
         self._rate_samples.append((now, self.forwarded_total))
         while self._rate_samples and now - self._rate_samples[0][0] > RATE_WINDOW_S:
             self._rate_samples.popleft()
@@ -386,7 +387,7 @@ class Forwarder:
             by_reason.setdefault(drop.reason, []).append(drop)
         for reason, drops in by_reason.items():
             log.warning("outbox: dropped %d message(s) (%s)", len(drops), reason)
-            self._emit("outbox_dropped", {
+            self._emit(EventKind.OUTBOX_DROPPED, {
                 "reason": reason,
                 **({"detail": detail} if detail else {}),
                 "count": len(drops),
@@ -404,7 +405,7 @@ class Forwarder:
         self._uplink_up = True
         self._down_reason = None  # last_error stays until a message is acknowledged: connected is not forwarding
         log.info("uplink up: %s as %s", self.config.url, self.config.effective_client_id)
-        self._emit("uplink_up", {"url": self.config.url, "client_id": self.config.effective_client_id, "window": window})
+        self._emit(EventKind.UPLINK_UP, {"url": self.config.url, "client_id": self.config.effective_client_id, "window": window})
 
     def _log_down(self, reason: str, delay: float, attempt: int) -> None:
         """The transition is logged (a warning), then a reminder at most every DOWN_REMINDER_S with
@@ -427,7 +428,7 @@ class Forwarder:
             self._last_error = reason
         if was_up or reason != self._down_reason:  # a failing reconnect is reported once, not per attempt
             depth = self.outbox.depth()
-            self._emit("uplink_down", {"reason": reason, "depth": depth.messages, "url": self.config.url})
+            self._emit(EventKind.UPLINK_DOWN, {"reason": reason, "depth": depth.messages, "url": self.config.url})
         self._down_reason = reason
 
     def _emit(self, kind: str, detail: dict[str, Any]) -> None:

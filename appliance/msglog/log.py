@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from appliance.names import EventKind
+
 from .fileio import FileIO, OsIO
 from .format import (
     _CRC_PREFIX,
@@ -200,7 +202,7 @@ class MessageLog:
                 report.corrupt.append((info.path, scan.problem_offset or 0, scan.problem))
                 log.warning("message log: %s sealed segment %s at offset %d: records after it are unreadable",
                             scan.problem, info.path, scan.problem_offset)
-                self._event("log_corruption", {"segment": str(info.path), "offset": scan.problem_offset,
+                self._event(EventKind.LOG_CORRUPTION, {"segment": str(info.path), "offset": scan.problem_offset,
                                                "problem": scan.problem}, direct=True)
         if segments:
             newest = segments[-1]
@@ -482,13 +484,13 @@ class MessageLog:
         if self.healthy:
             self.healthy = False
             log.error("message log degraded: %s", error)
-            self._event("log_degraded", {"error": error})
+            self._event(EventKind.LOG_DEGRADED, {"error": error})
 
     def _recovered(self) -> None:
         if not self.healthy:
             self.healthy = True
             log.warning("message log recovered")
-            self._event("log_recovered", {})
+            self._event(EventKind.LOG_RECOVERED, {})
 
     def _probe(self) -> None:
         """Unhealthy and nothing to write: check whether the disk takes a page again."""
@@ -611,7 +613,7 @@ class MessageLog:
                 io.rename(newest.path, aside)
                 io.fsync_dir(self.directory)
                 report.corrupt.append((aside, 0, "corrupt"))
-                self._event("log_corruption", {"segment": str(aside), "offset": 0, "problem": "corrupt"},
+                self._event(EventKind.LOG_CORRUPTION, {"segment": str(aside), "offset": 0, "problem": "corrupt"},
                             direct=True)
                 self._create_segment(newest.first_seq)
                 return newest.first_seq - 1
@@ -629,7 +631,7 @@ class MessageLog:
                     report.torn_tail = (newest.path, scan.end_offset, scan.size - scan.end_offset)
                     log.warning("message log: cut a torn tail of %d bytes off %s at offset %d",
                                 scan.size - scan.end_offset, newest.path, scan.end_offset)
-                    self._event("log_torn_tail", {"segment": str(newest.path), "offset": scan.end_offset,
+                    self._event(EventKind.LOG_TORN_TAIL, {"segment": str(newest.path), "offset": scan.end_offset,
                                                   "bytes": scan.size - scan.end_offset}, direct=True)
         self._fd = fd
         self._segment = newest

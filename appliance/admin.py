@@ -42,7 +42,7 @@ class AdminServer:
         goes to the user as an AdminError's would); any other exception is an internal error."""
         self.path = path
         self._handlers = handlers
-        self._refusals = (AdminError, *refusals)
+        self._refusals: tuple[type[Exception], ...] = (AdminError, *refusals)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:

@@ -13,7 +13,7 @@ from appliance.cli_audit import audit, quarantine
 from appliance.logs import FORMATS, LogFormat, setup_logging
 
 if TYPE_CHECKING:
-    from appliance.config import Address
+    from appliance.config.base import Address
 
 # The config models (pydantic), the schema engines (jsonschema-rs, cel-expr-python, protobuf), the
 # broker supervisor and the service itself are imported by the commands that use them:
@@ -63,7 +63,7 @@ def main() -> None:
 
 
 def _address(text: str, option: str) -> Address:
-    from appliance.config import Address
+    from appliance.config.base import Address
 
     try:
         return Address.parse(text)

@@ -10,12 +10,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from appliance import admin
 from appliance.names import EventKind
+
+if TYPE_CHECKING:
+    from appliance.audit.results import Format
 
 T = TypeVar("T")
 
@@ -174,7 +177,7 @@ def audit() -> None:
 @click.option("--max-rows", type=int, default=None,
               help="Rows printed at most (default 100,000 for table and json, no limit for csv; 0: no limit). "
               "A cut result says so: a line under the table, \"truncated\": true in JSON.")
-def audit_sql(query: str, config_path: Path | None, state_dir: Path | None, fmt: str, timeout: float,
+def audit_sql(query: str, config_path: Path | None, state_dir: Path | None, fmt: Format, timeout: float,
               max_rows: int | None) -> None:
     """Run a read-only SQL query (SELECT only) over decisions, events and quarantine.
 
@@ -230,7 +233,7 @@ def quarantine() -> None:
 @click.option("--limit", type=int, default=100, show_default=True)
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def quarantine_list(config_path: Path | None, state_dir: Path | None, topic: str | None, since: str | None,
-                    reason: str | None, limit: int, fmt: str) -> None:
+                    reason: str | None, limit: int, fmt: Format) -> None:
     """List quarantined messages, newest first."""
     from appliance.audit.results import format_result
 

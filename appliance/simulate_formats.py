@@ -78,7 +78,7 @@ class AvroTraffic:
         rng = self._rng
         kind = rng.choice(AVRO_FAULTS) if rng.random() < self.invalid_rate else VALID
         self._energy[sensor] += decimal.Decimal(rng.randint(1, 500)) / 1000
-        record = {
+        record: dict[str, Any] = {
             "meter_id": sensor, "ts": dt.datetime.now(dt.UTC).replace(microsecond=0),
             "energy_kwh": self._energy[sensor], "power_w": round(rng.uniform(100, 3000), 1) if rng.random() < 0.8 else None,
             "phase": rng.choice(("L1", "L2", "L3")), "site": {"building": "A", "floor": rng.randint(0, 4)},

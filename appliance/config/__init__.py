@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -386,9 +386,9 @@ def iter_settings(model: type[BaseModel] = Config, prefix: str = "") -> Iterator
         yield prefix + name, info
         annotation = info.annotation
         suffix = "."
-        if getattr(annotation, "__origin__", None) is list:
-            annotation, suffix = annotation.__args__[0], "[]."
-        for candidate in getattr(annotation, "__args__", (annotation,)):
+        if get_origin(annotation) is list:
+            annotation, suffix = get_args(annotation)[0], "[]."
+        for candidate in get_args(annotation) or (annotation,):
             if isinstance(candidate, type) and issubclass(candidate, _Section):
                 yield from iter_settings(candidate, f"{prefix}{name}{suffix}")
 

@@ -142,7 +142,7 @@ def forward_ts(kind: int, body: bytes) -> float | None:
     """The receive time of a record that is a message to forward; None for any other record."""
     if kind == _DECISION:
         ts, forward = _decision_peek(body)
-        return ts if forward else None  # type: ignore[no-any-return]
+        return ts if forward else None
     if kind == _FORWARD_ONLY:
         return _forward_only_peek(body)[0]  # type: ignore[no-any-return]
     return None

@@ -162,9 +162,9 @@ def _build(directory: Path, manifest: LineDict, problems: _Problems) -> SchemaSe
         problems.add(MANIFEST, line, f"rules: {topic_filter!r} is not a key of schema_mappings")
 
     policy = manifest.get("policy", LineDict())
-    unmapped = "accept"
+    unmapped: Literal["accept", "reject"] = "accept"
     if _expect(problems, policy, dict, manifest.line_of("policy"), "policy"):
-        unmapped = policy.get("unmapped", "accept")
+        unmapped = policy.get("unmapped", "accept")  # Any from the YAML: checked here
         if unmapped not in ("accept", "reject"):
             problems.add(MANIFEST, policy.line_of("unmapped"), f"policy.unmapped must be accept or reject, got {unmapped!r}")
         for key in policy:
@@ -341,7 +341,7 @@ def _mapping(
     on_reject: Any = "reject"
     forward: Any = True
     forward_qos: Any = None
-    if isinstance(target, dict):
+    if isinstance(target, LineDict):  # every mapping of the YAML is one
         for key in target:
             if key not in MAPPING_KEYS:
                 problems.add(MANIFEST, target.line_of(key), f"schema_mappings.{topic_filter}: unknown key {key!r}{did_you_mean(key, MAPPING_KEYS)}")

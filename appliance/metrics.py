@@ -214,7 +214,7 @@ class MetricsServer:
     """/metrics, /healthz and /readyz on HOST:PORT, served from daemon threads."""
 
     def __init__(self, registry: CollectorRegistry, ready: Callable[[], dict[str, Any]]):
-        self._metrics = make_wsgi_app(registry)
+        self._metrics: Callable[..., Iterable[bytes]] = make_wsgi_app(registry)
         self._ready = ready
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -231,7 +231,7 @@ class MetricsServer:
             start_response(status, [("Content-Type", "application/json")])
             return [json.dumps(report).encode() + b"\n"]
         if path in ("/metrics", "/"):
-            return self._metrics(environ, start_response)  # type: ignore[no-any-return]
+            return self._metrics(environ, start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics, /healthz or /readyz\n"]
 

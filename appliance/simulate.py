@@ -104,13 +104,10 @@ class Traffic:
     def _status(self, sensor: str, kind: str) -> Planned:
         rng = self._rng
         uptime = int(time.monotonic() - self._started) + 3600
-        fields = {"device_id": sensor, "state": rng.choice((1, 1, 1, 2)), "battery_mv": rng.randint(3000, 3300), "uptime_s": uptime}
-        topic = f"device/{sensor}/status"
-        if kind == "wrong_device":
-            fields["device_id"] = sensor + "-x"
-        elif kind == "topic_not_allowed":
-            topic = f"device/{sensor}/firmware"
-        payload = device_status(**fields, unknown_field=7 if kind == "unknown_field" else None)  # type: ignore[arg-type]
+        device_id = sensor + "-x" if kind == "wrong_device" else sensor
+        state, battery_mv = rng.choice((1, 1, 1, 2)), rng.randint(3000, 3300)
+        topic = f"device/{sensor}/firmware" if kind == "topic_not_allowed" else f"device/{sensor}/status"
+        payload = device_status(device_id, state, battery_mv, uptime, unknown_field=7 if kind == "unknown_field" else None)
         if kind == "truncated":
             payload = payload[:3]  # cut inside device_id: not decodable
         return Planned(sensor, topic, payload, kind)

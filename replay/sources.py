@@ -556,7 +556,7 @@ class NdjsonSource:
                     ts = row[9]
                     if (since is not None or until is not None) and ts is None:
                         raise ReplayInputError(f"{path}:{number}: no `ts`, so --since/--until cannot apply")
-                    if since is not None and ts < since or until is not None and ts >= until:  # type: ignore[operator]
+                    if ts is not None and (since is not None and ts < since or until is not None and ts >= until):
                         continue
                     if trie is not None and not trie.match(row[0]):
                         continue

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import duckdb
 
@@ -118,7 +118,7 @@ def _step(checkpoint: Callable[[str], None] | None, name: str) -> None:
         checkpoint(name)
 
 
-def _journal_rows(journal: Path, table: str) -> list[tuple[object, ...]]:
+def _journal_rows(journal: Path, table: str) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     try:
         exists = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()[0]
@@ -154,7 +154,7 @@ def _to_parquet(con: duckdb.DuckDBPyConnection, layout: Layout, journal: Path | 
         rows = _journal_rows(journal, kind.table) if journal is not None else []
         sources = []
         if old is not None:
-            keep_below = f" WHERE id < {int(rows[0][0])}" if rows else ""  # type: ignore[call-overload]
+            keep_below = f" WHERE id < {int(rows[0][0])}" if rows else ""
             columns = ", ".join(f'"{c}"' for c in kind.columns)
             sources.append(f"SELECT {columns} FROM old.main.{kind.table}{keep_below}")
         if rows:

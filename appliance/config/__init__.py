@@ -315,9 +315,9 @@ def _section_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
         if info is None:
             return None
         annotation = info.annotation
-        if getattr(annotation, "__origin__", None) is list:
-            annotation = annotation.__args__[0]  # type: ignore[union-attr]
-        sections = [c for c in getattr(annotation, "__args__", (annotation,)) if isinstance(c, type) and issubclass(c, BaseModel)]
+        if get_origin(annotation) is list:
+            annotation = get_args(annotation)[0]
+        sections = [c for c in get_args(annotation) or (annotation,) if isinstance(c, type) and issubclass(c, BaseModel)]
         if not sections:
             return None
         model = sections[0]

@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from appliance.config.upstream import UpstreamConfig
@@ -57,6 +58,12 @@ class ForwarderStatus:
     dropped_total: int  # removed by the outbox bounds (TTL, drop_oldest), since start
     last_error: str | None  # the last connection or outbox problem; None once forwarding works again
     inflight: int = 0
+
+
+def _seconds(duration: timedelta | None) -> float:
+    """A duration the config requires (UpstreamConfig refuses null for these), in seconds."""
+    assert duration is not None
+    return duration.total_seconds()
 
 
 def render_topic(template: str, *, topic: str, gateway_id: str, client_id: str) -> str:
@@ -91,7 +98,7 @@ class Forwarder:
         self._handed_out = 0  # the highest seq read for sending on the current connection
         self._stopping = threading.Event()
         self._topic_template = config.topic_template
-        self._ack_timeout = config.ack_timeout.total_seconds()  # type: ignore[union-attr]
+        self._ack_timeout = _seconds(config.ack_timeout)
         # Shared with status() (reads of ints and references are atomic enough for a status view).
         self._uplink_up = False
         self._down_reason: str | None = None
@@ -183,8 +190,8 @@ class Forwarder:
 
     def _run(self) -> None:
         cfg = self.config
-        initial = cfg.backoff_initial.total_seconds()  # type: ignore[union-attr]
-        maximum = cfg.backoff_max.total_seconds()  # type: ignore[union-attr]
+        initial = _seconds(cfg.backoff_initial)
+        maximum = _seconds(cfg.backoff_max)
         attempt = 0
         try:
             while not self._stopping.is_set():
@@ -416,7 +423,7 @@ class Forwarder:
             self._logged_reason, self._reminded_at = reason, now
         elif now - self._reminded_at >= DOWN_REMINDER_S:
             log.warning("uplink still down after %d attempts (%s); retrying every %.0f s at most", attempt, reason,
-                        self.config.backoff_max.total_seconds())  # type: ignore[union-attr]
+                        _seconds(self.config.backoff_max))
             self._reminded_at = now
         else:
             log.debug("uplink down (%s); reconnecting in %.1f s (attempt %d)", reason, delay, attempt)

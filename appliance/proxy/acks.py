@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 CONNACK_BARRIER = -1
 
@@ -48,7 +48,7 @@ class AckOrder:
         # Entries are [packet id awaiting the broker's ack or None, ack bytes (None: not yet), sequence,
         # whether it answers a PUBLISH (the CONNACK barrier and a proxy-made SUBACK do not),
         # the packet id and QoS of an accepted PUBLISH (its ack must not claim success if its record failed)].
-        self._queue: deque[list[object]] = deque()
+        self._queue: deque[list[Any]] = deque()
         self._durability = durability
         self._on_failure = on_failure
         self.broken = False  # a failed record's ack could not be replaced: close the connection
@@ -95,18 +95,18 @@ class AckOrder:
         durability = self._durability
         while queue and not self.broken:
             head = queue[0]
-            if head[1] is None or head[2] > committed:  # type: ignore[operator]
+            if head[1] is None or head[2] > committed:
                 return
             ack = head[1]
-            if head[5] and head[2] and durability is not None and durability.failed(head[2]):  # type: ignore[arg-type]
-                ack = self._on_failure(head[4], head[5])  # type: ignore[arg-type]
+            if head[5] and head[2] and durability is not None and durability.failed(head[2]):
+                ack = self._on_failure(head[4], head[5])
                 if ack is None:
                     self.broken = True
                     return
             queue.popleft()
-            self.publishes -= head[3]  # type: ignore[operator]
+            self.publishes -= head[3]
             if ack:
-                out.append(ack)  # type: ignore[arg-type]
+                out.append(ack)
 
     @property
     def waiting_for_durability(self) -> bool:

@@ -126,7 +126,7 @@ class Appliance:
         self.proxy: ProxyServer | None = None
         self.admin: AdminServer | None = None
         self.events: list[tuple[str, dict[str, object]]] = []
-        self._listeners: list[Callable[[str, dict[str, object]], None]] = []
+        self._event_callbacks: list[Callable[[str, dict[str, object]], None]] = []
 
     def uptime(self) -> float:
         return time.monotonic() - self._started
@@ -211,11 +211,12 @@ class Appliance:
         log.debug("event %s %s", kind, detail)
         if self.audit is not None:
             self.audit.record_event(kind, detail)
-        for listener in self._listeners:
-            listener(kind, detail)
+        for callback in self._event_callbacks:
+            callback(kind, detail)
 
-    def add_event_listener(self, listener: Callable[[str, dict[str, object]], None]) -> None:
-        self._listeners.append(listener)
+    def add_event_callback(self, callback: Callable[[str, dict[str, object]], None]) -> None:
+        """`callback(kind, detail)` on the event loop for every event (a "listener" is a socket here)."""
+        self._event_callbacks.append(callback)
 
     async def start(self) -> None:
         config = self.config
@@ -259,7 +260,7 @@ class Appliance:
             access=self.acl,
         )
         if self.audit is not None:
-            self.audit.add_listener(self.proxy.committed)
+            self.audit.add_settled_callback(self.proxy.committed)
             operations = AuditOperations(self.audit, self.pipeline, self.broker.endpoint)
             handlers = operations.handlers()
         else:

@@ -3,8 +3,8 @@ and event), the pipeline sink, and the helper processes that turn sealed segment
 apply retention. DuckDB never runs in this process (docs/decisions/0004-message-log.md).
 
 Durability, as the proxy sees it (`Durability` in proxy/acks.py): a record's ticket (its seq) is
-settled once `committed` reaches it; it is durable unless `failed(ticket)`. The log settles batches
-in order, so `committed` is the larger of the last durable seq and the last failed one.
+settled once `settled_seq` reaches it; it is durable unless `failed(ticket)`. The log settles batches
+in order, so `settled_seq` is the larger of the last durable seq and the last failed one.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class AuditService:
         self.sink = AuditSink(self.log, self.clock, record_payloads=config.record_payloads, forward=forward)
         self._failed = FailedTickets()
         self._last_failed = 0
-        self._listeners: list[Callable[[int], None]] = []
+        self._settled_callbacks: list[Callable[[int], None]] = []
         self.log.add_listener(self._durable)
         self.log.add_failure_listener(self._failure)
         self.helpers = HelperProcesses(["--state-dir", str(state_dir)], on_done=self._helper_done)
@@ -157,7 +157,7 @@ class AuditService:
     # -- durability, as the proxy's acks see it ----------------------------------------------------
 
     @property
-    def committed(self) -> int:
+    def settled_seq(self) -> int:
         return max(self.log.durable_seq, self._last_failed)
 
     def failed(self, seq: int) -> bool:
@@ -171,13 +171,13 @@ class AuditService:
         """What acks wait for, when `durable_acks` is on."""
         return self if self.config.durable_acks else None
 
-    def add_listener(self, listener: Callable[[int], None]) -> None:
-        """`listener(committed)` on the event loop whenever records were settled (stored or failed)."""
-        self._listeners.append(listener)
+    def add_settled_callback(self, callback: Callable[[int], None]) -> None:
+        """`callback(settled_seq)` on the event loop whenever records were settled (stored or failed)."""
+        self._settled_callbacks.append(callback)
 
     def _durable(self, seq: int) -> None:
-        for listener in list(self._listeners):
-            listener(self.committed)
+        for callback in list(self._settled_callbacks):
+            callback(self.settled_seq)
 
     def _failure(self, first: int, last: int, error: str) -> None:
         self._failed.add(first, last)
@@ -212,20 +212,20 @@ class AuditService:
     async def sync(self, timeout: float = 30.0) -> None:
         """Until everything recorded so far is settled in the log (a reader of the log then sees it)."""
         target = self.log.last_seq
-        if self.committed >= target:
+        if self.settled_seq >= target:
             return
         done = asyncio.get_running_loop().create_future()
 
-        def check(committed: int) -> None:
-            if committed >= target and not done.done():
+        def check(settled_seq: int) -> None:
+            if settled_seq >= target and not done.done():
                 done.set_result(None)
 
-        self.add_listener(check)
+        self.add_settled_callback(check)
         self.request_sync()
         try:
             await asyncio.wait_for(done, timeout)
         finally:
-            self._listeners.remove(check)
+            self._settled_callbacks.remove(check)
 
     # -- sealing, retention, export: helper processes -----------------------------------------------
 

@@ -27,11 +27,11 @@ CONNACK_BARRIER = -1
 
 
 class Durability(Protocol):
-    """What the acks wait for: records numbered up to `committed` are settled, durable unless
+    """What the acks wait for: records numbered up to `settled_seq` are settled, durable unless
     `failed(seq)`."""
 
     @property
-    def committed(self) -> int: ...
+    def settled_seq(self) -> int: ...
 
     def failed(self, seq: int) -> bool: ...
 
@@ -57,9 +57,9 @@ class AckOrder:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def _committed(self) -> int:
+    def _settled_seq(self) -> int:
         durability = self._durability
-        return durability.committed if durability is not None else 1 << 62
+        return durability.settled_seq if durability is not None else 1 << 62
 
     def wait_for(self, packet_id: int, seq: int = 0, *, counted: bool = True, qos: int = 1) -> None:
         """A QoS 1/2 PUBLISH was forwarded: its broker ack goes out after everything queued before.
@@ -71,7 +71,7 @@ class AckOrder:
 
     def inject(self, ack: bytes, seq: int, out: list[bytes], *, publish: bool = True) -> None:
         """The proxy's own ack for a message it answered itself (`publish`: a PUBACK/PUBREC)."""
-        if not self._queue and seq <= self._committed():
+        if not self._queue and seq <= self._settled_seq():
             out.append(ack)
         else:
             self.publishes += publish
@@ -91,11 +91,11 @@ class AckOrder:
     def release(self, out: list[bytes]) -> None:
         """Send every entry at the head that has its ack and whose record is durable."""
         queue = self._queue
-        committed = self._committed()
+        settled = self._settled_seq()
         durability = self._durability
         while queue and not self.broken:
             head = queue[0]
-            if head[1] is None or head[2] > committed:
+            if head[1] is None or head[2] > settled:
                 return
             ack = head[1]
             if head[5] and head[2] and durability is not None and durability.failed(head[2]):

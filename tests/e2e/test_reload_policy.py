@@ -45,7 +45,7 @@ def test_no_verdict_is_recorded_under_a_mismatched_revision_across_a_reload(tmp_
                               ClientInfo("window", "alice", "127.0.0.1:1", ProtocolVersion.MQTT_5))
             window.append(app.pipeline.judge(message).ticket)
 
-    app.add_event_listener(judge_in_the_window)
+    app.add_event_callback(judge_in_the_window)
     try:
         bob = Client(running.port, version=5, client_id="bob")
         bob.paho.username_pw_set("bob", "bob-pw")

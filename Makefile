@@ -1,6 +1,6 @@
 # Two commands for a new user (see README.md):
 #   make run    set everything up and run the appliance on the demo config
-#   make test   set everything up and run the test suite
+#   make test   set everything up, type-check (mypy --strict) and run the test suite
 # Both install what is missing: mosquitto (apt), a virtualenv in .venv and this package, with every
 # dependency at the version and hash pinned in requirements-test.lock (`make lock` regenerates it).
 #   make deb         Debian packages for arm64 and amd64 in dist/ (docs/install.md)
@@ -71,7 +71,10 @@ lock: $(STAMP)
 run: setup
 	$(BIN)/appliance run --config fixtures/demo/appliance.yaml
 
+# mypy --strict over appliance/ and replay/ first (settings in pyproject.toml's [tool.mypy]), then
+# the suite.
 test: setup
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -37,9 +37,12 @@ def socket_path(state_dir: Path) -> Path:
 
 
 class AdminServer:
-    def __init__(self, path: Path, handlers: dict[str, Handler]):
+    def __init__(self, path: Path, handlers: dict[str, Handler], *, refusals: tuple[type[Exception], ...] = ()):
+        """`refusals`: the handlers' own exceptions that mean "understood, but no" (their message
+        goes to the user as an AdminError's would); any other exception is an internal error."""
         self.path = path
         self._handlers = handlers
+        self._refusals: tuple[type[Exception], ...] = (AdminError, *refusals)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -78,7 +81,7 @@ class AdminServer:
             return {"ok": False, "error": f"unknown operation {request.get('op')!r}; known: {sorted(self._handlers)}"}
         try:
             return {"ok": True, **await handler(request)}
-        except AdminError as exc:
+        except self._refusals as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - report, keep serving; the appliance must not fall over
             log.exception("admin operation %s failed", request.get("op"))

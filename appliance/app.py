@@ -23,6 +23,7 @@ from typing import Any
 from appliance import sdnotify, statedir
 from appliance.admin import AdminServer, socket_path
 from appliance.audit.check import StoreUnavailable
+from appliance.audit.errors import AuditError
 from appliance.audit.operations import AuditOperations, forget_session
 from appliance.audit.service import AuditService, forward_cursor_path
 from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
@@ -31,37 +32,30 @@ from appliance.deadletter.republisher import DeadLetterSink, Letter, LocalRepubl
 from appliance.forward import Forwarder, Outbox
 from appliance.forward.check import OutboxFull
 from appliance.governance import Governance, SchemaSetError, load_schema_set
-from appliance.metrics import MetricsPortInUse, MetricsServer, MetricsSink, make_registry
+from appliance.metrics import AuditStats, DeadLetterStats, MetricsPortInUse, MetricsServer, MetricsSink, Stats, UplinkStats, make_registry
 from appliance.msglog import Cursor
-from appliance.pipeline import Check, CountingSink, Pipeline, Sink
+from appliance.names import Counted, EventKind, counted
+from appliance.pipeline import Check, CountingSink, Pipeline, Policy, Sink
 from appliance.proxy import ProxyServer, SessionLimits
 from appliance.proxy.server import Listener
 from appliance.reload import ReloadWatcher, needs_restart
-from appliance.security import (
-    AclCheck,
-    AclError,
-    Authenticator,
-    PasswordFile,
-    PasswordFileError,
-    load_acl_file,
-)
+from appliance.security import AccessError, AclCheck, Authenticator, PasswordFile, load_access
 from appliance.security.tls import server_ssl_context
 
 log = logging.getLogger(__name__)
 
 
-class AccessError(Exception):
-    """The password file, ACL file or a listener's TLS files cannot be used."""
+class StartupError(Exception):
+    """The appliance cannot start: an address it should listen on is taken or unusable, or a
+    listener's TLS files cannot be used. The message says which and what to do."""
 
 
-def load_access(auth: AuthConfig) -> tuple[PasswordFile | None, AclCheck]:
-    """The password file and ACL rules the config names (AccessError when unusable)."""
-    try:
-        passwords = PasswordFile.load(auth.password_file) if auth.password_file is not None else None
-        rules = load_acl_file(auth.acl_file) if auth.acl_file is not None else None
-    except (PasswordFileError, AclError) as exc:
-        raise AccessError(str(exc)) from exc
-    return passwords, AclCheck(rules)
+def config_revision(config: Config, governance: Governance | None) -> str:
+    """A short hash of the config and the schema set in force, recorded with every verdict."""
+    digest = hashlib.sha256(config.model_dump_json().encode())
+    if governance is not None:
+        digest.update(governance.schema_set.revision.encode())
+    return digest.hexdigest()[:12]
 
 
 def raise_open_file_limit() -> None:
@@ -107,23 +101,21 @@ class Appliance:
         # Who may connect and what they may do; built now so that a broken file stops the start.
         self.passwords, self.acl = load_access(config.auth)
         self.authenticators: list[Authenticator] = []
+        self._store_check: StoreUnavailable | None = None
         if pipeline is None:
-            checks: list[Check] = [self.acl]
             if config.schemas is not None:
                 schema_set = load_schema_set(config.schemas)
                 check_destinations(schema_set, forwarding=config.upstream.url is not None)
                 self.governance = Governance(schema_set)
-                checks.append(self.governance)
             sinks: list[Sink] = [self.verdicts, self.metrics]
             if config.audit.enabled:
                 self.audit = AuditService(
-                    config.audit, config.state_dir, config_revision=self.revision, dry_run=config.dry_run,
-                    on_event=self.on_event, forward=config.upstream.url is not None,
+                    config.audit, config.state_dir, on_event=self.on_event, forward=config.upstream.url is not None,
                 )
                 sinks.append(self.audit.sink)
                 if config.audit.durable_acks:
                     audit = self.audit
-                    checks.insert(0, StoreUnavailable(lambda: audit.healthy))
+                    self._store_check = StoreUnavailable(lambda: audit.healthy)
             if config.upstream.url is not None:
                 assert self.audit is not None  # the config requires it
                 self.outbox = Outbox.for_log(self.audit.log, Cursor(forward_cursor_path(config.state_dir)), config.upstream.outbox)
@@ -131,7 +123,6 @@ class Appliance:
                 if config.upstream.outbox.policy == "reject_new":
                     audit = self.audit
                     self._outbox_check = OutboxFull(self.outbox, lambda: audit.healthy)
-                    checks.append(self._outbox_check)
             # After the audit sink: a dead letter names the verdict just recorded.
             audit_sink = self.audit.sink if self.audit is not None else None
             self.dead_letters = DeadLetterSink(
@@ -143,13 +134,14 @@ class Appliance:
                 cloud_full=self.outbox.is_full if self.outbox is not None else lambda: False,
             )
             sinks.append(self.dead_letters)
-            pipeline = Pipeline(checks, sinks, dry_run=config.dry_run)
+            pipeline = Pipeline(self._checks(self.governance), sinks, dry_run=config.dry_run,
+                                revision=config_revision(config, self.governance))
         self.pipeline = pipeline
         self.broker: EmbeddedBroker | ExternalBroker | None = None
         self.proxy: ProxyServer | None = None
         self.admin: AdminServer | None = None
         self.events: list[tuple[str, dict[str, object]]] = []
-        self._listeners: list[Callable[[str, dict[str, object]], None]] = []
+        self._event_callbacks: list[Callable[[str, dict[str, object]], None]] = []
 
     def uptime(self) -> float:
         return time.monotonic() - self._started
@@ -188,25 +180,70 @@ class Appliance:
 
     def _dead_letter_dropped(self, letter: Letter, reason: str) -> None:
         verdict_id = None if letter.verdict_id is None else str(letter.verdict_id)
-        self.on_event("dead_letter_dropped", {"verdict_id": verdict_id, "topic": letter.topic, "to": "local", "reason": reason})
+        self.on_event(EventKind.DEAD_LETTER_DROPPED,
+                      {"verdict_id": verdict_id, "topic": letter.topic, "to": "local", "reason": reason})
+
+    def stats(self) -> Stats:
+        """What the metrics collector reports, as plain values (called on the metrics HTTP thread)."""
+        broker, proxy, audit, forwarder = self.broker, self.proxy, self.audit, self.forwarder
+        counts: Counter[Counted] = Counter()
+        for key, count in list(proxy.counters.items()) if proxy is not None else ():
+            counts[counted(key)] += count
+        audit_stats = uplink = None
+        if audit is not None:
+            status = audit.status()
+            log_stats = status["log"]
+            audit_stats = AuditStats(
+                quarantine_bytes=audit.quarantine_bytes,
+                pending_records=max(0, status["last_seq"] - status["converted_seq"]),
+                lost_records=status["lost_records"],
+                healthy=bool(status["healthy"]),
+                log_syncs=log_stats.get("syncs"),
+                log_appended_bytes=log_stats.get("bytes_appended"),
+                helper_failures=sum(entry["failures"] for entry in status["helpers"].values()),
+            )
+        if forwarder is not None:
+            forwarding = forwarder.status()
+            uplink = UplinkStats(up=forwarding.uplink_up, depth=forwarding.depth, bytes=forwarding.bytes,
+                                 oldest_age_s=forwarding.oldest_age_s, forwarded=forwarding.forwarded_total,
+                                 dropped=forwarding.dropped_total)
+        dead_letters = None
+        if self.dead_letters is not None:
+            dead_letters = DeadLetterStats(totals=dict(self.dead_letters.totals()), queue=self.dead_letters.local_queue)
+        return Stats(
+            uptime_s=self.uptime(),
+            state_dir=self.config.state_dir,
+            broker_up=broker is not None and broker.endpoint() is not None,
+            broker_restarts=broker.restarts if broker is not None else 0,
+            clients=len(proxy.clients) if proxy is not None else 0,
+            reloads=dict(self.reloads),
+            counts=counts,
+            audit=audit_stats,
+            uplink=uplink,
+            dead_letters=dead_letters,
+        )
+
 
     @property
     def revision(self) -> str:
         """A short hash of the config and the schema set in force, recorded with every verdict."""
-        digest = hashlib.sha256(self.config.model_dump_json().encode())
-        if self.governance is not None:
-            digest.update(self.governance.schema_set.revision.encode())
-        return digest.hexdigest()[:12]
+        return self.pipeline.policy.revision if self._own_pipeline else config_revision(self.config, self.governance)
+
+    def _checks(self, governance: Governance | None) -> tuple[Check, ...]:
+        """The checks in order: the store's health first (nothing is judged that cannot be
+        recorded), the ACL, the schema set, the outbox's room."""
+        return tuple(c for c in (self._store_check, self.acl, governance, self._outbox_check) if c is not None)
 
     def on_event(self, kind: str, detail: dict[str, object]) -> None:
         log.debug("event %s %s", kind, detail)
         if self.audit is not None:
             self.audit.record_event(kind, detail)
-        for listener in self._listeners:
-            listener(kind, detail)
+        for callback in self._event_callbacks:
+            callback(kind, detail)
 
-    def add_event_listener(self, listener: Callable[[str, dict[str, object]], None]) -> None:
-        self._listeners.append(listener)
+    def add_event_callback(self, callback: Callable[[str, dict[str, object]], None]) -> None:
+        """`callback(kind, detail)` on the event loop for every event (a "listener" is a socket here)."""
+        self._event_callbacks.append(callback)
 
     async def start(self) -> None:
         config = self.config
@@ -222,13 +259,13 @@ class Appliance:
             self.forwarder = Forwarder(config.upstream, self.outbox, on_event=self.on_event)
             await self.forwarder.start()
         if config.metrics.enabled:
-            self.metrics_server = MetricsServer(make_registry(self, self.metrics), self.ready)
+            self.metrics_server = MetricsServer(make_registry(self.stats, self.metrics), self.ready)
             try:
                 self.metrics_server.start(config.metrics.listen.host, config.metrics.listen.port)
             except MetricsPortInUse as exc:
-                raise BrokerError(f"cannot serve metrics: {exc.strerror}") from exc
+                raise StartupError(f"cannot serve metrics: {exc.strerror}") from exc
             except OSError as exc:
-                raise BrokerError(f"cannot serve metrics on {config.metrics.listen}: {exc.strerror} (set metrics.listen)") from exc
+                raise StartupError(f"cannot serve metrics on {config.metrics.listen}: {exc.strerror} (set metrics.listen)") from exc
         listeners = self._listeners_from(config)
         await self.broker.start()
         limits = config.limits
@@ -250,14 +287,14 @@ class Appliance:
             access=self.acl,
         )
         if self.audit is not None:
-            self.audit.add_listener(self.proxy.committed)
+            self.audit.add_settled_callback(self.proxy.committed)
             operations = AuditOperations(self.audit, self.pipeline, self.broker.endpoint)
             handlers = operations.handlers()
         else:
             handlers = {}
         handlers["status"] = self._status_op
         handlers["reload"] = self._reload_op
-        self.admin = AdminServer(socket_path(config.state_dir), handlers)
+        self.admin = AdminServer(socket_path(config.state_dir), handlers, refusals=(AuditError,))
         await self.admin.start()
         self.watcher.start(
             asyncio.get_running_loop(),
@@ -269,7 +306,7 @@ class Appliance:
             await self.proxy.start()
         except OSError as exc:
             await self.broker.stop()
-            raise BrokerError(f"cannot listen on {exc.strerror}") from exc
+            raise StartupError(f"cannot listen on {exc.strerror}") from exc
 
     @staticmethod
     def _anonymous_ok(auth: AuthConfig, loopback: bool) -> bool:
@@ -286,8 +323,8 @@ class Appliance:
             if spec.tls is not None:
                 try:
                     context = server_ssl_context(spec.tls)
-                except (OSError, ValueError) as exc:
-                    raise BrokerError(f"listener {spec.listen}: TLS: {exc}") from exc
+                except AccessError as exc:
+                    raise StartupError(f"listener {spec.listen}: TLS: {exc}") from exc
             listeners.append(Listener(spec.listen.host, spec.listen.port, context,
                                       spec.tls.use_identity_as_username if spec.tls else "none", authenticator,
                                       websocket_path=spec.websocket_path))
@@ -337,38 +374,35 @@ class Appliance:
         except (ConfigError, SchemaSetError, AccessError) as exc:
             self.reloads["failed"] += 1
             log.error("reload (%s) failed; the running config and schema set stay in force:\n%s", reason, exc)
-            self.on_event("config_reload", {"result": "failed", "reason": reason, "error": str(exc)})
+            self.on_event(EventKind.CONFIG_RELOAD, {"result": "failed", "reason": reason, "error": str(exc)})
             return False
         restart = needs_restart(self.started_config, config)
+        governance = self.governance
         if self._own_pipeline:
-            if schema_set is None:
-                self.governance = None
-            elif self.governance is None:
-                self.governance = Governance(schema_set)
-            else:
-                self.governance.schema_set = schema_set
-            self.pipeline.replace_checks([c for c in (self.acl, self.governance, self._outbox_check) if c is not None])
-            self.pipeline.dry_run = config.dry_run
+            governance = Governance(schema_set, previous=self.governance) if schema_set is not None else None
+        # From here to the policy swap nothing awaits: no message is judged in between, and each one
+        # is judged and recorded under the old policy or the new one, whole.
+        self.config = config
+        self.governance = governance
         # Password file, ACL and allow_anonymous take effect for the next CONNECT / SUBSCRIBE / PUBLISH.
         self.passwords = passwords
         self.acl.rules = acl.rules
         for authenticator in self.authenticators:
             authenticator.passwords = passwords
             authenticator.allow_anonymous = self._anonymous_ok(config.auth, authenticator.loopback)
-        await self._revoke_withdrawn_access()
+        if self._own_pipeline:
+            self.pipeline.policy = Policy(self._checks(governance), config.dry_run, config_revision(config, governance))
         logging.getLogger().setLevel(config.log_level.upper())
-        self.config = config
         self.watcher.watch_schemas(config.schemas)
-        if self.audit is not None:
-            self.audit.sink.config_revision = self.revision
-            self.audit.sink.dry_run = config.dry_run
+        # Then access withdrawn by the new files is revoked (this awaits the broker).
+        await self._revoke_withdrawn_access()
         self.reloads["ok"] += 1
         version = schema_set.version if schema_set is not None else None
         if restart:
             log.warning("reloaded (%s); these settings changed but take effect only after a restart: %s", reason, ", ".join(restart))
         else:
             log.info("reloaded (%s): schema set %s, revision %s", reason, version, self.revision)
-        self.on_event("config_reload", {"result": "ok", "reason": reason, "schema_set": version,
+        self.on_event(EventKind.CONFIG_RELOAD, {"result": "ok", "reason": reason, "schema_set": version,
                                         "revision": self.revision, "needs_restart": restart})
         return True
 
@@ -394,7 +428,7 @@ class Appliance:
             log.warning("closing %s: %s", session.describe(), reason)
             session.revoke(reason)
             leg.flush()
-            self.on_event("access_revoked", {"client_id": session.client.client_id, "peer": session.peer, "reason": reason})
+            self.on_event(EventKind.ACCESS_REVOKED, {"client_id": session.client.client_id, "peer": session.peer, "reason": reason})
             if endpoint is not None and session.broker_client_id:
                 try:
                     await forget_session(endpoint, session.broker_client_id)
@@ -434,8 +468,8 @@ SWITCH_INTERVAL_S = 0.001
 
 
 def run(config: Config, *, config_path: Path | None = None, overrides: dict[str, Any] | None = None) -> None:
-    """Run the appliance in the foreground; raises BrokerError (or StateDirError, AuditError) when it
-    cannot start."""
+    """Run the appliance in the foreground; raises StartupError, BrokerError, SchemaSetError,
+    AccessError, StateDirError or AuditError when it cannot start."""
     sdnotify.claim_environment()  # before mosquitto starts: it must not inherit $NOTIFY_SOCKET
     # The message log's writer and the forwarder run Python next to the event loop; a thread that wants
     # the GIL waits up to the switch interval (5 ms by default). 1 ms cut the latency tails at

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from appliance.children import prepare_child
 from appliance.config import BrokerConfig
+from appliance.names import EventKind
 from appliance.security.passwords import PasswordFile, hash_password
 from appliance.security.tls import TLSFileError, client_ssl_context
 
@@ -218,7 +219,7 @@ class EmbeddedBroker:
             if time.monotonic() - started > STABLE_AFTER_S:
                 backoff = self._config.restart_backoff_initial
             log.error("mosquitto exited with status %s; restarting in %.1fs (%s)", status, backoff, self._tail())
-            self._on_event("broker_exit", {"status": status, "output": self._tail()})
+            self._on_event(EventKind.BROKER_EXIT, {"status": status, "output": self._tail()})
             while not self._stopping:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._config.restart_backoff_max)
@@ -228,7 +229,7 @@ class EmbeddedBroker:
                     log.error("mosquitto restart failed: %s", exc)
                     continue
                 self.restarts += 1
-                self._on_event("broker_restart", {"restarts": self.restarts})
+                self._on_event(EventKind.BROKER_RESTART, {"restarts": self.restarts})
                 break
 
     async def stop(self, timeout: float = 5.0) -> None:

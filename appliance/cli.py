@@ -13,7 +13,7 @@ from appliance.cli_audit import audit, quarantine
 from appliance.logs import FORMATS, LogFormat, setup_logging
 
 if TYPE_CHECKING:
-    from appliance.config import Address
+    from appliance.config.base import Address
 
 # The config models (pydantic), the schema engines (jsonschema-rs, cel-expr-python, protobuf), the
 # broker supervisor and the service itself are imported by the commands that use them:
@@ -90,7 +90,7 @@ def main() -> None:
 
 
 def _address(text: str, option: str) -> Address:
-    from appliance.config import Address
+    from appliance.config.base import Address
 
     try:
         return Address.parse(text)
@@ -140,16 +140,17 @@ def run(config_path: Path | None, listen: str | None, state_dir: Path | None, sc
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     setup_logging(config.log_level, config.log_format)
-    from appliance.app import AccessError
+    from appliance.app import StartupError
     from appliance.app import run as run_appliance
     from appliance.audit.errors import AuditError
     from appliance.broker import BrokerError
     from appliance.governance import SchemaSetError
+    from appliance.security import AccessError
     from appliance.statedir import StateDirError
 
     try:
         run_appliance(config, config_path=config_path, overrides=overrides)
-    except (BrokerError, SchemaSetError, AccessError, StateDirError, AuditError) as exc:
+    except (StartupError, BrokerError, SchemaSetError, AccessError, StateDirError, AuditError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

@@ -10,11 +10,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from appliance import admin
+from appliance.names import EventKind
+
+if TYPE_CHECKING:
+    from appliance.audit.results import Format
 
 T = TypeVar("T")
 
@@ -173,7 +177,7 @@ def audit() -> None:
 @click.option("--max-rows", type=int, default=None,
               help="Rows printed at most (default 100,000 for table and json, no limit for csv; 0: no limit). "
               "A cut result says so: a line under the table, \"truncated\": true in JSON.")
-def audit_sql(query: str, config_path: Path | None, state_dir: Path | None, fmt: str, timeout: float,
+def audit_sql(query: str, config_path: Path | None, state_dir: Path | None, fmt: Format, timeout: float,
               max_rows: int | None) -> None:
     """Run a read-only SQL query (SELECT only) over decisions, events and quarantine.
 
@@ -229,7 +233,7 @@ def quarantine() -> None:
 @click.option("--limit", type=int, default=100, show_default=True)
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def quarantine_list(config_path: Path | None, state_dir: Path | None, topic: str | None, since: str | None,
-                    reason: str | None, limit: int, fmt: str) -> None:
+                    reason: str | None, limit: int, fmt: Format) -> None:
     """List quarantined messages, newest first."""
     from appliance.audit.results import format_result
 
@@ -323,7 +327,7 @@ def quarantine_release(decision_ids: tuple[str, ...], config_path: Path | None, 
                 click.echo(f"{result['id']}: still rejected: {'; '.join(result.get('reasons', []))}")
         if released:
             purge_quarantine(target, released, seal=lambda: admin.call(target, "audit_seal"))
-            _record_event(target, "quarantine_released", {"ids": [str(i) for i in released], "by": {"user": _who()}})
+            _record_event(target, EventKind.QUARANTINE_RELEASED, {"ids": [str(i) for i in released], "by": {"user": _who()}})
     if failed:
         raise SystemExit(1)
 
@@ -367,11 +371,11 @@ def quarantine_purge(decision_ids: tuple[str, ...], purge_all: bool, yes: bool, 
             detail["purged"] = count
             if running:
                 try:
-                    admin.call(target, "audit_event", kind="quarantine_purged", detail=detail)
+                    admin.call(target, "audit_event", kind=EventKind.QUARANTINE_PURGED, detail=detail)
                 except admin.AdminError as exc:
                     raise click.ClickException(str(exc)) from exc
             else:
-                _append_event(target, "quarantine_purged", detail)
+                _append_event(target, EventKind.QUARANTINE_PURGED, detail)
     click.echo(f"purged {count} message(s)")
     for decision_id in missing:
         click.echo(f"{decision_id}: no quarantined message with this id", err=True)

@@ -2,8 +2,9 @@
 
 The hot path only bumps plain counters in `MetricsSink` (a dict increment, ~0.1 µs); everything is
 turned into Prometheus metric families when Prometheus scrapes (`ApplianceCollector`), reading the
-appliance's components as they are then. Labels are bounded: a topic filter of the schema set
-(or "none"), never a raw topic.
+`Stats` snapshot the appliance takes then (a callable: the collector does not know the `Appliance`).
+Every metric's name, type, labels and help are declared in appliance/names.py (`Metric`). Labels are
+bounded: a topic filter of the schema set (or "none"), never a raw topic.
 
 `MetricsServer` serves /metrics, /healthz and /readyz like an exporter: prometheus_client's own
 threaded WSGI server (a request per thread, so a slow scrape does not hold up a health check), on
@@ -22,10 +23,11 @@ import socket
 import threading
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, make_wsgi_app
@@ -33,10 +35,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from appliance.pipeline import Message, Verdict
-
-if TYPE_CHECKING:
-    from appliance.app import Appliance
+from appliance.names import PROXY_COUNTED, Counted, Metric
+from appliance.pipeline import Message, Policy, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class MetricsSink:
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.latency_sum_us = 0
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True) -> None:
+    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True,
+               policy: Policy | None = None) -> None:
         status = "valid" if verdict.accepted else "invalid"
         self.messages[(status, verdict.topic_filter or "none", verdict.schema or "none")] += 1
         self.buckets[bisect_left(_BUCKETS_US, latency_us)] += 1
@@ -69,28 +70,81 @@ def build_info() -> dict[str, str]:
     return {"version": version, "python": platform.python_version(), "machine": platform.machine()}
 
 
-def make_registry(appliance: Appliance, sink: MetricsSink) -> CollectorRegistry:
+@dataclass(frozen=True, slots=True)
+class AuditStats:
+    quarantine_bytes: int
+    pending_records: int
+    lost_records: int
+    healthy: bool
+    log_syncs: int | None  # None when the log does not count them
+    log_appended_bytes: int | None
+    helper_failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkStats:
+    up: bool
+    depth: int
+    bytes: int
+    oldest_age_s: float | None
+    forwarded: int
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterStats:
+    totals: Mapping[tuple[str, str], int]  # (destination, outcome) -> dead letters
+    queue: int  # waiting for the local broker
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot of the appliance's components, taken when Prometheus scrapes (on the metrics
+    HTTP thread): plain values, so the collector knows nothing of the components themselves."""
+
+    uptime_s: float
+    state_dir: Path
+    broker_up: bool
+    broker_restarts: int
+    clients: int
+    reloads: Mapping[str, int]
+    counts: Mapping[Counted, int]  # what the proxy counted, by (metric, label)
+    audit: AuditStats | None = None
+    uplink: UplinkStats | None = None
+    dead_letters: DeadLetterStats | None = None
+
+
+def make_registry(stats: Callable[[], Stats], sink: MetricsSink) -> CollectorRegistry:
     """The appliance's metrics plus what every exporter has: process_* (CPU, memory, open files,
     start time), python_info and python_gc_*."""
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    registry.register(ApplianceCollector(appliance, sink))
+    registry.register(ApplianceCollector(stats, sink))
     return registry
 
 
+def family(metric: Metric, value: float | None = None) -> CounterMetricFamily | GaugeMetricFamily:
+    """An empty family (add samples with labels) or, given `value`, one with its single sample."""
+    spec = metric.value
+    labels = list(spec.labels) if value is None else None
+    if spec.type == "counter":
+        return CounterMetricFamily(spec.name, spec.help, value=value, labels=labels)
+    assert spec.type == "gauge", spec
+    return GaugeMetricFamily(spec.name, spec.help, value=value, labels=labels)
+
+
 class ApplianceCollector(Collector):
-    def __init__(self, appliance: Appliance, sink: MetricsSink):
-        self._appliance = appliance
+    def __init__(self, stats: Callable[[], Stats], sink: MetricsSink):
+        self._stats = stats
         self._sink = sink
         info = build_info()
-        self._build_info = (list(info), list(info.values()))
+        self._build_info = [info[label] for label in Metric.BUILD_INFO.value.labels]
 
     def collect(self) -> Iterator[Any]:
-        app, sink = self._appliance, self._sink
-        messages = CounterMetricFamily("mqtt_proxy_messages", "Messages judged, by outcome (valid/invalid), topic filter and schema.",
-                                       labels=["status", "topic_filter", "schema"])
+        stats, sink = self._stats(), self._sink
+        messages = family(Metric.MESSAGES)
         for (status, topic_filter, schema), count in list(sink.messages.items()):
             messages.add_metric([status, topic_filter, schema], count)
         yield messages
@@ -98,81 +152,54 @@ class ApplianceCollector(Collector):
         for bound, count in zip([*(str(b) for b in BUCKETS), "+Inf"], sink.buckets, strict=True):
             cumulative += count
             buckets.append((bound, cumulative))
-        yield HistogramMetricFamily("mqtt_proxy_validation_duration_seconds", "Time the pipeline's checks took per message.",
-                                    buckets=buckets, sum_value=sink.latency_sum_us / 1_000_000)
-        labels, values = self._build_info
-        build = GaugeMetricFamily("mqtt_proxy_build_info", "Always 1; the labels say which release runs on which "
-                                  "Python and machine.", labels=labels)
-        build.add_metric(values, 1)
+        duration = Metric.VALIDATION_DURATION.value
+        yield HistogramMetricFamily(duration.name, duration.help, buckets=buckets, sum_value=sink.latency_sum_us / 1_000_000)
+        build = family(Metric.BUILD_INFO)
+        build.add_metric(self._build_info, 1)
         yield build
-        yield GaugeMetricFamily("mqtt_proxy_uptime_seconds", "Seconds since the appliance started.", value=app.uptime())
-        if (free := _free_bytes(app.config.state_dir)) is not None:
-            yield GaugeMetricFamily("mqtt_proxy_state_dir_free_bytes", "Bytes free for the appliance on the file system "
-                                    "of its state dir (audit log, outbox).", value=free)
-        broker_up = app.broker is not None and app.broker.endpoint() is not None
-        yield GaugeMetricFamily("mqtt_proxy_connection_status", "1 while the broker behind the proxy accepts connections.",
-                                value=1 if broker_up else 0)
-        yield GaugeMetricFamily("mqtt_proxy_connected_clients", "Client connections open now.",
-                                value=len(app.proxy.clients) if app.proxy else 0)
-        yield CounterMetricFamily("mqtt_proxy_broker_restarts", "Times the embedded mosquitto was restarted.",
-                                  value=app.broker.restarts if app.broker else 0)
-        reloads = CounterMetricFamily("mqtt_proxy_config_reloads", "Config and schema set reloads, by result.", labels=["result"])
+        yield family(Metric.UPTIME, stats.uptime_s)
+        if (free := _free_bytes(stats.state_dir)) is not None:
+            yield family(Metric.STATE_DIR_FREE, free)
+        yield family(Metric.CONNECTION_STATUS, 1 if stats.broker_up else 0)
+        yield family(Metric.CONNECTED_CLIENTS, stats.clients)
+        yield family(Metric.BROKER_RESTARTS, stats.broker_restarts)
+        reloads = family(Metric.CONFIG_RELOADS)
         for result in ("ok", "failed"):
-            reloads.add_metric([result], app.reloads[result])
+            reloads.add_metric([result], stats.reloads.get(result, 0))
         yield reloads
-        counters = app.proxy.counters if app.proxy is not None else {}
-        families = {
-            "limit_exceeded": CounterMetricFamily("mqtt_proxy_limit_exceeded", "Times a client hit a limit, by limit "
-                                                  "(connections, connections_per_address, inflight, subscriptions, message_rate).",
-                                                  labels=["limit"]),
-            "auth_failures": CounterMetricFamily("mqtt_proxy_auth_failures", "Refused CONNECTs, by reason.", labels=["reason"]),
-            "acl_denied": CounterMetricFamily("mqtt_proxy_acl_denied", "SUBSCRIBE filters the ACL denied (denied PUBLISHes "
-                                              "are invalid messages with check acl).", labels=["action"]),
-        }
-        for key, count in list(counters.items()):
-            name, _, label = key.partition(":")
-            if name in families:
-                families[name].add_metric([label], count)
-        yield from families.values()
-        audit = app.audit
-        if audit is not None:
-            yield GaugeMetricFamily("mqtt_proxy_quarantine_size_bytes",
-                                    "Bytes of rejected payloads held in the quarantine (purges show at the next retention pass).",
-                                    value=audit.quarantine_bytes)
-            status = audit.status()
-            yield GaugeMetricFamily("mqtt_proxy_audit_pending_records",
-                                    "Records in the message log not yet converted to Parquet (approximate).",
-                                    value=max(0, status["last_seq"] - status["converted_seq"]))
-            yield CounterMetricFamily("mqtt_proxy_audit_lost_records", "Records that could not be made durable (full disk, I/O errors).",
-                                      value=status["lost_records"])
-            yield GaugeMetricFamily("mqtt_proxy_audit_healthy", "1 while the message log writes.", value=1 if status["healthy"] else 0)
-            log_stats = status["log"]
-            if "syncs" in log_stats:
-                yield CounterMetricFamily("mqtt_proxy_log_syncs", "fdatasync calls of the message log.", value=log_stats["syncs"])
-            if "bytes_appended" in log_stats:
-                yield CounterMetricFamily("mqtt_proxy_log_appended_bytes", "Bytes appended to the message log.", value=log_stats["bytes_appended"])
-            helper_failures = sum(entry["failures"] for entry in status["helpers"].values())
-            yield CounterMetricFamily("mqtt_proxy_audit_helper_failures", "Helper processes (Parquet sealing, retention) that failed.",
-                                      value=helper_failures)
-        dead_letters = app.dead_letters
-        if dead_letters is not None:
-            family = CounterMetricFamily("mqtt_proxy_dead_letters", "Rejected messages republished to a dead-letter topic, "
-                                         "by destination (local, cloud) and outcome.", labels=["to", "outcome"])
-            for (to, outcome), count in sorted(dead_letters.totals().items()):
-                family.add_metric([to, outcome], count)
-            yield family
-            yield GaugeMetricFamily("mqtt_proxy_dead_letter_queue", "Dead letters waiting for the local broker.",
-                                    value=dead_letters.local_queue)
-        forwarder = app.forwarder
-        if forwarder is not None:
-            status = forwarder.status()
-            yield GaugeMetricFamily("mqtt_proxy_uplink_up", "1 while the cloud broker connection is up.", value=1 if status.uplink_up else 0)
-            yield GaugeMetricFamily("mqtt_proxy_outbox_messages", "Messages waiting in the outbox.", value=status.depth)
-            yield GaugeMetricFamily("mqtt_proxy_outbox_bytes", "Bytes of the messages waiting in the outbox (their records in the message log).", value=status.bytes)
-            yield GaugeMetricFamily("mqtt_proxy_outbox_oldest_age_seconds", "Age of the oldest message in the outbox.",
-                                    value=status.oldest_age_s or 0)
-            yield CounterMetricFamily("mqtt_proxy_forwarded", "Messages the cloud broker acknowledged.", value=status.forwarded_total)
-            yield CounterMetricFamily("mqtt_proxy_dropped", "Messages dropped from the outbox by its bounds.", value=status.dropped_total)
+        counted = {metric: family(metric) for metric in PROXY_COUNTED if metric.value.labels}
+        unlabelled = dict.fromkeys((metric for metric in PROXY_COUNTED if not metric.value.labels), 0)
+        for (metric, label), count in stats.counts.items():
+            if metric in counted:
+                counted[metric].add_metric([label], count)
+            else:
+                unlabelled[metric] += count
+        yield from counted.values()
+        for metric, count in unlabelled.items():
+            yield family(metric, count)
+        if (audit := stats.audit) is not None:
+            yield family(Metric.QUARANTINE_SIZE, audit.quarantine_bytes)
+            yield family(Metric.AUDIT_PENDING, audit.pending_records)
+            yield family(Metric.AUDIT_LOST, audit.lost_records)
+            yield family(Metric.AUDIT_HEALTHY, 1 if audit.healthy else 0)
+            if audit.log_syncs is not None:
+                yield family(Metric.LOG_SYNCS, audit.log_syncs)
+            if audit.log_appended_bytes is not None:
+                yield family(Metric.LOG_APPENDED, audit.log_appended_bytes)
+            yield family(Metric.AUDIT_HELPER_FAILURES, audit.helper_failures)
+        if (dead := stats.dead_letters) is not None:
+            letters = family(Metric.DEAD_LETTERS)
+            for (to, outcome), count in sorted(dead.totals.items()):
+                letters.add_metric([to, outcome], count)
+            yield letters
+            yield family(Metric.DEAD_LETTER_QUEUE, dead.queue)
+        if (uplink := stats.uplink) is not None:
+            yield family(Metric.UPLINK_UP, 1 if uplink.up else 0)
+            yield family(Metric.OUTBOX_MESSAGES, uplink.depth)
+            yield family(Metric.OUTBOX_BYTES, uplink.bytes)
+            yield family(Metric.OUTBOX_OLDEST_AGE, uplink.oldest_age_s or 0)
+            yield family(Metric.FORWARDED, uplink.forwarded)
+            yield family(Metric.DROPPED, uplink.dropped)
 
 
 def _free_bytes(path: Path) -> int | None:
@@ -200,7 +227,7 @@ class MetricsServer:
     """/metrics, /healthz and /readyz on HOST:PORT, served from daemon threads."""
 
     def __init__(self, registry: CollectorRegistry, ready: Callable[[], dict[str, Any]]):
-        self._metrics = make_wsgi_app(registry)
+        self._metrics: Callable[..., Iterable[bytes]] = make_wsgi_app(registry)
         self._ready = ready
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -217,7 +244,7 @@ class MetricsServer:
             start_response(status, [("Content-Type", "application/json")])
             return [json.dumps(report).encode() + b"\n"]
         if path in ("/metrics", "/"):
-            return self._metrics(environ, start_response)  # type: ignore[no-any-return]
+            return self._metrics(environ, start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics, /healthz or /readyz\n"]
 

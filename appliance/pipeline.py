@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 from appliance.mqtt import Properties, ProtocolVersion, ReasonCode
 
 if TYPE_CHECKING:
-    from appliance.deadletter import DeadLetter
+    from appliance.republish import DeadLetter
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +105,25 @@ class Check(Protocol):
     def check(self, message: Message) -> Verdict | None: ...
 
 
-class Sink(Protocol):
-    """Receives every verdict, after the fact, with the time the checks took (µs). Must be fast:
-    it runs on the event loop. Returns a durability ticket: the message log's sequence number of
-    the record it wrote (an acknowledgement waits until that record is durable), or 0 when the sink
-    wrote nothing durable."""
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What judges messages, and what a verdict is recorded under: the checks in order, dry run, and
+    the revision (a hash of the config and schema set) in force. Frozen: a reload builds a new
+    policy and swaps it in with one assignment, so every message is judged and recorded under one
+    policy, never under parts of two."""
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool) -> int | None: ...
+    checks: tuple[Check, ...] = ()
+    dry_run: bool = False
+    revision: str = ""
+
+
+class Sink(Protocol):
+    """Receives every verdict, after the fact, with the time the checks took (µs) and the policy that
+    judged it. Must be fast: it runs on the event loop. Returns a durability ticket: the message
+    log's sequence number of the record it wrote (an acknowledgement waits until that record is
+    durable), or 0 when the sink wrote nothing durable."""
+
+    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool, policy: Policy) -> int | None: ...
 
 
 class Judged(NamedTuple):
@@ -152,22 +164,24 @@ class FailedTickets:
 
 
 class Pipeline:
-    """Runs checks in order (the first rejection wins) and hands the verdict to every sink.
+    """Runs the policy's checks in order (the first rejection wins) and hands the verdict to every
+    sink, with that policy.
 
     In dry-run mode every verdict is computed and recorded, but the proxy is told to accept.
     """
 
-    __slots__ = ("_checks", "_sinks", "dry_run")
+    __slots__ = ("policy", "_sinks")
 
-    def __init__(self, checks: Sequence[Check] = (), sinks: Iterable[Sink] = (), *, dry_run: bool = False):
-        self._checks = tuple(checks)
+    def __init__(self, checks: Sequence[Check] = (), sinks: Iterable[Sink] = (), *, dry_run: bool = False,
+                 revision: str = ""):
+        self.policy = Policy(tuple(checks), dry_run, revision)  # replaced whole, never changed in place
         self._sinks = tuple(sinks)
-        self.dry_run = dry_run
 
     def judge(self, message: Message) -> Judged:
+        policy = self.policy  # read once: a message sees one policy from its checks to its records
         started = perf_counter_ns()
         verdict = ACCEPT
-        for check in self._checks:
+        for check in policy.checks:
             result = check.check(message)
             if result is not None:
                 verdict = result
@@ -176,19 +190,19 @@ class Pipeline:
         latency_us = (perf_counter_ns() - started) // 1000
         # In dry run a rejection is recorded but the message is delivered, unless the rejecting
         # check is enforced even then (the ACL).
-        delivered = verdict.accepted or (self.dry_run and not getattr(check, "enforced_in_dry_run", False))
+        delivered = verdict.accepted or (policy.dry_run and not getattr(check, "enforced_in_dry_run", False))
         ticket = 0
         for sink in self._sinks:
-            ticket = sink.record(message, verdict, latency_us, delivered) or ticket
+            ticket = sink.record(message, verdict, latency_us, delivered, policy) or ticket
         return Judged(ACCEPT if delivered else verdict, ticket)
 
     @property
     def checks(self) -> tuple[Check, ...]:
-        return self._checks
+        return self.policy.checks
 
-    def replace_checks(self, checks: Sequence[Check]) -> None:
-        """Swap the checks (one assignment: a message sees the old tuple or the new one)."""
-        self._checks = tuple(checks)
+    @property
+    def dry_run(self) -> bool:
+        return self.policy.dry_run
 
 
 class CountingSink:
@@ -198,6 +212,7 @@ class CountingSink:
         self.counts: Counter[str] = Counter()
         self.recent: deque[tuple[Message, Verdict]] = deque(maxlen=keep)
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int = 0, delivered: bool = True) -> None:
+    def record(self, message: Message, verdict: Verdict, latency_us: int = 0, delivered: bool = True,
+               policy: Policy | None = None) -> None:
         self.counts["accept" if verdict.accepted else "reject"] += 1
         self.recent.append((message, verdict))

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from appliance.config import Config
+from appliance.config.base import ListenerTLSConfig, TLSConfig
+from appliance.security import AccessError, load_access
 from appliance.security.tls import TLSFileError, client_ssl_context, server_ssl_context
-from appliance.settings import ListenerTLSConfig, TLSConfig
 
 _TLS_FILES = ("ca_file", "cert_file", "key_file")
 
@@ -37,8 +38,6 @@ def _tls_sections(config: Config) -> Iterator[tuple[str, TLSConfig | ListenerTLS
 
 def problems(config: Config) -> list[str]:
     """Every file problem, as `setting: path: what is wrong`; empty when the config can run."""
-    from appliance.app import AccessError, load_access
-
     found = []
     unreadable = set()
     for key, path in named_files(config):

@@ -26,25 +26,13 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from appliance.settings import Address
+from appliance.config.base import Address
+from appliance.simulate_formats import VALID, AvroTraffic, Planned, SparkplugTraffic
 
-VALID = "valid"
 # How each kind of sensor gets it wrong; every one of these is rejected by schemas/v1.
 TEMPERATURE_FAULTS = ("out_of_range", "missing_field", "wrong_device", "not_json", "topic_not_allowed")
 STATUS_FAULTS = ("unknown_field", "wrong_device", "truncated", "topic_not_allowed")
 CONNECT_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Planned:
-    sensor: str
-    topic: str
-    payload: bytes
-    kind: str  # VALID or one of the faults
-
-    @property
-    def valid(self) -> bool:
-        return self.kind == VALID
 
 
 def _varint(value: int) -> bytes:
@@ -117,13 +105,10 @@ class Traffic:
     def _status(self, sensor: str, kind: str) -> Planned:
         rng = self._rng
         uptime = int(time.monotonic() - self._started) + 3600
-        fields = {"device_id": sensor, "state": rng.choice((1, 1, 1, 2)), "battery_mv": rng.randint(3000, 3300), "uptime_s": uptime}
-        topic = f"device/{sensor}/status"
-        if kind == "wrong_device":
-            fields["device_id"] = sensor + "-x"
-        elif kind == "topic_not_allowed":
-            topic = f"device/{sensor}/firmware"
-        payload = device_status(**fields, unknown_field=7 if kind == "unknown_field" else None)  # type: ignore[arg-type]
+        device_id = sensor + "-x" if kind == "wrong_device" else sensor
+        state, battery_mv = rng.choice((1, 1, 1, 2)), rng.randint(3000, 3300)
+        topic = f"device/{sensor}/firmware" if kind == "topic_not_allowed" else f"device/{sensor}/status"
+        payload = device_status(device_id, state, battery_mv, uptime, unknown_field=7 if kind == "unknown_field" else None)
         if kind == "truncated":
             payload = payload[:3]  # cut inside device_id: not decodable
         return Planned(sensor, topic, payload, kind)
@@ -277,8 +262,6 @@ def make_traffic(payload: str, sensors: int, invalid_rate: float, *, seed: int |
     """The traffic plan for a `--payload` choice: the demo set's (schemas/v1), or an example set's."""
     if payload == "demo":
         return Traffic(sensors, invalid_rate, seed=seed)
-    from appliance.simulate_formats import AvroTraffic, SparkplugTraffic
-
     if payload == "avro":
         return AvroTraffic(sensors, invalid_rate, seed=seed)
     if payload == "sparkplug":

@@ -6,7 +6,8 @@
   `plant1` with one device `dev1`; it sends its NBIRTH and DBIRTH first, then DDATA by alias with
   sequence numbers, as a real edge node does.
 
-Both plan messages like `simulate.Traffic` (seeded, no I/O), with faults each example set rejects.
+Both plan messages like `simulate.Traffic` (seeded, no I/O), with faults each example set rejects;
+`Planned` (one planned message) is declared here and used by all three.
 """
 
 from __future__ import annotations
@@ -16,11 +17,25 @@ import decimal
 import io
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import fastavro
 
-from appliance.simulate import VALID, Planned
+VALID = "valid"
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    sensor: str
+    topic: str
+    payload: bytes
+    kind: str  # VALID or one of the faults
+
+    @property
+    def valid(self) -> bool:
+        return self.kind == VALID
+
 
 AVRO_FAULTS = ("truncated", "not_avro", "wrong_meter", "negative_energy", "topic_not_allowed")
 SPARKPLUG_FAULTS = ("unknown_alias", "out_of_range", "undeclared_metric", "not_sparkplug", "wrong_group")
@@ -63,7 +78,7 @@ class AvroTraffic:
         rng = self._rng
         kind = rng.choice(AVRO_FAULTS) if rng.random() < self.invalid_rate else VALID
         self._energy[sensor] += decimal.Decimal(rng.randint(1, 500)) / 1000
-        record = {
+        record: dict[str, Any] = {
             "meter_id": sensor, "ts": dt.datetime.now(dt.UTC).replace(microsecond=0),
             "energy_kwh": self._energy[sensor], "power_w": round(rng.uniform(100, 3000), 1) if rng.random() < 0.8 else None,
             "phase": rng.choice(("L1", "L2", "L3")), "site": {"building": "A", "floor": rng.randint(0, 4)},

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.audit.records import DECISION, IdClock, payload_sha256
-from appliance.forward.config import UpstreamConfig
+from appliance.config.upstream import UpstreamConfig
 from appliance.forward.forwarder import Forwarder
 from appliance.forward.outbox import Outbox
 from appliance.msglog.cursor import Cursor

@@ -68,7 +68,7 @@ def _status(device_id: str, state: int, battery_mv: int, uptime_s: int) -> bytes
             + b"\x20" + _varint(uptime_s))
 
 
-def demo_traffic(messages: int, *, seed: int = 1, distinct: int | None = None) -> Iterator[tuple[object, ...]]:
+def demo_traffic(messages: int, *, seed: int = 1, distinct: int | None = None) -> Iterator[tuple[Any, ...]]:
     """Decision rows (DECISION_COLUMNS order) of the demo mix above, `verdict` as v1 judges them.
     With `distinct`, only that many different messages, repeated in turn (each with its own id and
     time): traffic without time stamps in its payloads."""
@@ -174,8 +174,8 @@ def generate(out_dir: Path, messages: int, *, seed: int = 1, file_messages: int 
             with chunk_path.open("wb") as out:
                 for count, row in enumerate(rows, 1):
                     record = dict(zip(DECISION_COLUMNS, row, strict=True))
-                    record["payload"] = base64.b64encode(row[9]).decode()  # type: ignore[arg-type]
-                    day = datetime.fromtimestamp(row[1], UTC).date().isoformat()  # type: ignore[arg-type]
+                    record["payload"] = base64.b64encode(row[9]).decode()
+                    day = datetime.fromtimestamp(row[1], UTC).date().isoformat()
                     days[day] = days.get(day, 0) + 1
                     out.write(orjson.dumps(record) + b"\n")
                     if count >= file_messages:

@@ -123,7 +123,7 @@ def measure_audit_recording(*, iterations: int = 20_000, repeats: int = 5) -> fl
     from appliance.audit.records import IdClock
     from appliance.audit.sink import AuditSink
     from appliance.msglog import MessageLog
-    from appliance.pipeline import ACCEPT
+    from appliance.pipeline import ACCEPT, Policy
 
     message = Message("sensor/t1/temperature", TEMPERATURE, 1, False, CLIENT, received_at=time.time())
     samples = []
@@ -132,10 +132,11 @@ def measure_audit_recording(*, iterations: int = 20_000, repeats: int = 5) -> fl
             log = MessageLog(Path(tmp) / f"log-{repeat}")  # a fresh queue each repeat
             log.open()
             try:
-                sink = AuditSink(log, IdClock(), record_payloads=True, config_revision="bench", dry_run=False)
+                sink = AuditSink(log, IdClock(), record_payloads=True)
+                policy = Policy(revision="bench")
                 start = time.perf_counter_ns()
                 for _ in range(iterations):
-                    sink.record(message, ACCEPT, 5)
+                    sink.record(message, ACCEPT, 5, True, policy)
                 samples.append((time.perf_counter_ns() - start) / iterations / 1000)
                 if log.last_seq != iterations:
                     raise RuntimeError(f"the sink appended {log.last_seq} records, expected {iterations}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from appliance.governance import Governance, SchemaSet, load_schema_set
 from appliance.governance.schemaset import Mapping
-from appliance.governance.topics import TopicTrie
+from appliance.mqtt.topics import TopicTrie
 from appliance.mqtt import ProtocolVersion
 from appliance.pipeline import ClientInfo, Message, Verdict
 from replay import rows as R
@@ -180,9 +180,9 @@ class Judge:
                 verdict = check(message)
             topic_filter = verdict.topic_filter
             if topic_filter is not None:
-                group = mapped.get(topic_filter)  # type: ignore[assignment]
-                if group is None:
-                    group = mapped[topic_filter] = group_of(topic_filter, verdict.schema)
+                if (found := mapped.get(topic_filter)) is None:
+                    found = mapped[topic_filter] = group_of(topic_filter, verdict.schema)
+                group = found
             else:
                 group = group_of(recorded_filter or UNMAPPED, None)
                 group.unmapped += 1

@@ -534,7 +534,7 @@ class NdjsonSource:
         return None
 
     def _rows(self, size: int) -> Iterator[list[Row]]:
-        from appliance.governance.topics import TopicTrie
+        from appliance.mqtt.topics import TopicTrie
 
         filters = self._filters
         since = filters.since.timestamp() if filters.since else None
@@ -556,7 +556,7 @@ class NdjsonSource:
                     ts = row[9]
                     if (since is not None or until is not None) and ts is None:
                         raise ReplayInputError(f"{path}:{number}: no `ts`, so --since/--until cannot apply")
-                    if since is not None and ts < since or until is not None and ts >= until:  # type: ignore[operator]
+                    if ts is not None and (since is not None and ts < since or until is not None and ts >= until):
                         continue
                     if trie is not None and not trie.match(row[0]):
                         continue
@@ -600,7 +600,7 @@ class DecisionRowsSource:
         return _expected(self._count, self._filters) if self._count is not None else None
 
     def _batches(self, size: int) -> Iterator[list[Row]]:
-        from appliance.governance.topics import TopicTrie
+        from appliance.mqtt.topics import TopicTrie
 
         filters = self._filters
         since = filters.since.timestamp() if filters.since else None

@@ -62,7 +62,7 @@ class RunningAppliance:
         self._state_lock = statedir.claim(config.state_dir)
         self.app = Appliance(config, pipeline=pipeline, **appliance)
         self.events: list[tuple[str, dict[str, object]]] = []
-        self.app.add_event_listener(lambda kind, detail: self.events.append((kind, detail)))
+        self.app.add_event_callback(lambda kind, detail: self.events.append((kind, detail)))
         self._thread = threading.Thread(target=self.loop.run_forever, name="appliance-loop", daemon=True)
 
     def call(self, coro: Any, timeout: float = 30.0) -> Any:

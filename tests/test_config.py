@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ConfigError, iter_settings, load_config
-from appliance.settings import parse_duration, parse_seconds, parse_size
+from appliance.config.base import parse_duration, parse_seconds, parse_size
 
 
 def _load(tmp_path: Path, text: str):

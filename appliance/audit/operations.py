@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from appliance.admin import AdminError, Handler
+from appliance.audit.errors import OperationRefused
 from appliance.audit.service import AuditService
 from appliance.broker import BrokerEndpoint
 from appliance.mqtt import ProtocolVersion, RemoteProtocolError
@@ -26,6 +26,7 @@ from appliance.mqtt.client import (
     PublishReceived,
     reason_name,
 )
+from appliance.names import EXTERNAL_EVENT_KINDS
 from appliance.pipeline import ClientInfo, Message, Pipeline
 
 
@@ -35,7 +36,7 @@ class AuditOperations:
         self._pipeline = pipeline
         self._endpoint = endpoint
 
-    def handlers(self) -> dict[str, Handler]:
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]:
         return {
             "audit_sync": self.sync,
             "audit_seal": self.seal,
@@ -47,7 +48,7 @@ class AuditOperations:
         try:
             await self._service.sync(timeout=float(request.get("timeout", 30)))
         except TimeoutError as exc:
-            raise AdminError("the message log has not written for 30 s; see the appliance's log") from exc
+            raise OperationRefused("the message log has not written for 30 s; see the appliance's log") from exc
         return {"last_seq": self._service.log.last_seq}
 
     async def seal(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -57,8 +58,8 @@ class AuditOperations:
     async def event(self, request: dict[str, Any]) -> dict[str, Any]:
         """An event another process wants in the audit log (e.g. who purged what)."""
         kind = str(request["kind"])
-        if not kind.startswith(("quarantine_", "audit_")):
-            raise AdminError(f"event kind {kind!r} cannot be recorded from outside")
+        if kind not in EXTERNAL_EVENT_KINDS:
+            raise OperationRefused(f"event kind {kind!r} cannot be recorded from outside")
         detail = dict(request.get("detail") or {})
         if request.get("_peer"):
             detail["by"] = request["_peer"]  # who asked, from the kernel (SO_PEERCRED), not from the request
@@ -85,7 +86,7 @@ class AuditOperations:
                     "reasons": [reason.message for reason in verdict.reasons]}
         endpoint = self._endpoint()
         if endpoint is None:
-            raise AdminError("the broker is not running; try again once it is")
+            raise OperationRefused("the broker is not running; try again once it is")
         await publish_once(endpoint, message)
         return {"id": str(decision_id), "released": True, "new_id": str(new_id)}
 
@@ -104,10 +105,10 @@ async def publish_once(endpoint: BrokerEndpoint, message: Message, *, timeout: f
                 writer.write(client.release(packet_id))
             elif isinstance(event, Published):
                 if event.refused:
-                    raise AdminError(f"the broker refused the message: {reason_name(event.reason_code)}")
+                    raise OperationRefused(f"the broker refused the message: {reason_name(event.reason_code)}")
                 break
             else:
-                raise AdminError(f"the broker answered the PUBLISH with {type(event).__name__}")
+                raise OperationRefused(f"the broker answered the PUBLISH with {type(event).__name__}")
         writer.write(client.disconnect())
         await writer.drain()
 
@@ -123,11 +124,11 @@ async def forget_session(endpoint: BrokerEndpoint, client_id: str, *, timeout: f
             await writer.drain()
     except _Closed:
         return  # the broker closed the connection: whatever it did, the old session is gone
-    except AdminError as exc:  # refused, or a protocol error
+    except OperationRefused as exc:  # refused, or a protocol error
         raise ConnectionError(str(exc)) from None
 
 
-class _Closed(AdminError):
+class _Closed(OperationRefused):
     """The broker closed the connection."""
 
 
@@ -143,12 +144,12 @@ async def _connection(endpoint: BrokerEndpoint, client: Client, timeout: float
         writer.write(client.connect())
         event = await _next_event(client, reader, timeout)
         if isinstance(event, ConnectionRefused):
-            raise AdminError(f"the broker refused the connection: {event.reason} (code {event.reason_code})")
+            raise OperationRefused(f"the broker refused the connection: {event.reason} (code {event.reason_code})")
         if not isinstance(event, Connected):
-            raise AdminError(f"the broker answered CONNECT with {type(event).__name__}")
+            raise OperationRefused(f"the broker answered CONNECT with {type(event).__name__}")
         yield reader, writer
     except RemoteProtocolError as exc:
-        raise AdminError(f"protocol error from the broker: {exc}") from None
+        raise OperationRefused(f"protocol error from the broker: {exc}") from None
     finally:
         writer.close()
 

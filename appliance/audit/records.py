@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 REASON_TYPE = 'STRUCT("check" VARCHAR, message VARCHAR, "schema" VARCHAR, path VARCHAR)[]'
@@ -193,9 +193,10 @@ class RecordKind:
         object.__setattr__(self, "encode", encode)
         object.__setattr__(self, "decode", decode)
 
-    # Set in __post_init__ (generated): encode(row) -> bytes, decode(body) -> row.
-    encode: Callable[[tuple[Any, ...]], bytes] = None  # type: ignore[assignment]
-    decode: Callable[[bytes | memoryview], tuple[Any, ...]] = None  # type: ignore[assignment]
+    # Set in __post_init__ (generated): the body's fixed-size head, encode(row) -> bytes, decode(body) -> row.
+    head: struct.Struct = field(init=False, repr=False, compare=False)
+    encode: Callable[[tuple[Any, ...]], bytes] = field(init=False, repr=False, compare=False)
+    decode: Callable[[bytes | memoryview], tuple[Any, ...]] = field(init=False, repr=False, compare=False)
 
     @property
     def names(self) -> tuple[str, ...]:

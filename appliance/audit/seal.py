@@ -47,6 +47,7 @@ from appliance.audit.layout import (
     temp_name,
     write_durably,
 )
+from appliance.audit.legacy import needs_upgrade
 from appliance.audit.records import AUDITED, DECISION, EVENT, KINDS, RecordKind
 from appliance.msglog.reader import SegmentInfo, list_segments, read_segment
 
@@ -337,8 +338,6 @@ def write_views(layout: Layout) -> bool:
     """(Re)writes STATE_DIR/audit/audit.duckdb when its views must change (a table got its first
     file or lost its last one); returns whether it did. Written under a temp name and renamed, so a
     `duckdb -readonly` session open on the old file keeps working."""
-    from appliance.audit.upgrade import needs_upgrade
-
     sources = {t: glob_source(layout, t) if layout.files(t) else None for t in TABLES}
     key = json.dumps({"version": VIEWS_VERSION, "dir": str(layout.parquet_dir),
                       "files": {t: bool(s) for t, s in sources.items()}}, sort_keys=True)

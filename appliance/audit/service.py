@@ -3,8 +3,8 @@ and event), the pipeline sink, and the helper processes that turn sealed segment
 apply retention. DuckDB never runs in this process (docs/decisions/0004-message-log.md).
 
 Durability, as the proxy sees it (`Durability` in proxy/acks.py): a record's ticket (its seq) is
-settled once `committed` reaches it; it is durable unless `failed(ticket)`. The log settles batches
-in order, so `committed` is the larger of the last durable seq and the last failed one.
+settled once `settled_seq` reaches it; it is durable unless `failed(ticket)`. The log settles batches
+in order, so `settled_seq` is the larger of the last durable seq and the last failed one.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from appliance.audit.records import DECISION, EVENT, IdClock
 from appliance.audit.sink import AuditSink, event_record
 from appliance.config import AuditConfig
 from appliance.msglog import MessageLog, SyncPolicy, list_segments, read_segment
+from appliance.names import EventKind
 from appliance.pipeline import FailedTickets
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,6 @@ class AuditService:
         config: AuditConfig,
         state_dir: Path,
         *,
-        config_revision: str,
-        dry_run: bool,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         forward: bool = False,
     ):
@@ -139,13 +138,10 @@ class AuditService:
         )
         self.recovery = self.log.open()
         self.clock = id_clock(state_dir)
-        self.sink = AuditSink(
-            self.log, self.clock, record_payloads=config.record_payloads, config_revision=config_revision,
-            dry_run=dry_run, forward=forward,
-        )
+        self.sink = AuditSink(self.log, self.clock, record_payloads=config.record_payloads, forward=forward)
         self._failed = FailedTickets()
         self._last_failed = 0
-        self._listeners: list[Callable[[int], None]] = []
+        self._settled_callbacks: list[Callable[[int], None]] = []
         self.log.add_listener(self._durable)
         self.log.add_failure_listener(self._failure)
         self.helpers = HelperProcesses(["--state-dir", str(state_dir)], on_done=self._helper_done)
@@ -161,7 +157,7 @@ class AuditService:
     # -- durability, as the proxy's acks see it ----------------------------------------------------
 
     @property
-    def committed(self) -> int:
+    def settled_seq(self) -> int:
         return max(self.log.durable_seq, self._last_failed)
 
     def failed(self, seq: int) -> bool:
@@ -175,13 +171,13 @@ class AuditService:
         """What acks wait for, when `durable_acks` is on."""
         return self if self.config.durable_acks else None
 
-    def add_listener(self, listener: Callable[[int], None]) -> None:
-        """`listener(committed)` on the event loop whenever records were settled (stored or failed)."""
-        self._listeners.append(listener)
+    def add_settled_callback(self, callback: Callable[[int], None]) -> None:
+        """`callback(settled_seq)` on the event loop whenever records were settled (stored or failed)."""
+        self._settled_callbacks.append(callback)
 
     def _durable(self, seq: int) -> None:
-        for listener in list(self._listeners):
-            listener(self.committed)
+        for callback in list(self._settled_callbacks):
+            callback(self.settled_seq)
 
     def _failure(self, first: int, last: int, error: str) -> None:
         self._failed.add(first, last)
@@ -216,20 +212,20 @@ class AuditService:
     async def sync(self, timeout: float = 30.0) -> None:
         """Until everything recorded so far is settled in the log (a reader of the log then sees it)."""
         target = self.log.last_seq
-        if self.committed >= target:
+        if self.settled_seq >= target:
             return
         done = asyncio.get_running_loop().create_future()
 
-        def check(committed: int) -> None:
-            if committed >= target and not done.done():
+        def check(settled_seq: int) -> None:
+            if settled_seq >= target and not done.done():
                 done.set_result(None)
 
-        self.add_listener(check)
+        self.add_settled_callback(check)
         self.request_sync()
         try:
             await asyncio.wait_for(done, timeout)
         finally:
-            self._listeners.remove(check)
+            self._settled_callbacks.remove(check)
 
     # -- sealing, retention, export: helper processes -----------------------------------------------
 
@@ -275,10 +271,10 @@ class AuditService:
         if recovery.torn_tail is not None:
             path, offset, cut = recovery.torn_tail
             log.warning("message log: cut a torn tail of %d bytes at offset %d of %s (an interrupted write)", cut, offset, path)
-            self._on_event("log_torn_tail", {"segment": str(path), "offset": offset, "bytes": cut})
+            self._on_event(EventKind.LOG_TORN_TAIL, {"segment": str(path), "offset": offset, "bytes": cut})
         for path, offset, problem in recovery.corrupt:
             log.error("message log: %s at offset %d of %s; the rest of that segment is skipped", problem, offset, path)
-            self._on_event("log_corruption", {"segment": str(path), "offset": offset, "problem": problem})
+            self._on_event(EventKind.LOG_CORRUPTION, {"segment": str(path), "offset": offset, "problem": problem})
         # Segments sealed before a crash, or by a previous run, are converted now.
         if self.unconverted_segments():
             self.helpers.request("seal")

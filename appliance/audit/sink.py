@@ -11,7 +11,7 @@ from typing import Protocol
 import orjson
 
 from appliance.audit.records import DECISION, EVENT, IdClock
-from appliance.pipeline import Message, Verdict
+from appliance.pipeline import Message, Policy, Verdict
 
 _NO_REASONS = "[]"
 _DECISION = DECISION.code
@@ -31,8 +31,6 @@ class AuditSink:
         clock: IdClock,
         *,
         record_payloads: bool,
-        config_revision: str,
-        dry_run: bool,
         forward: bool = False,
     ):
         """With `forward`, accepted messages (dry run: all delivered ones) whose mapping forwards them
@@ -41,8 +39,6 @@ class AuditSink:
         self._log = log
         self._clock = clock
         self._record_payloads = record_payloads
-        self.config_revision = config_revision
-        self.dry_run = dry_run
         self._schema_parts: dict[str | None, tuple[str | None, str | None]] = {None: (None, None)}
         self.last_id = 0  # id of the last verdict recorded
         self.quarantined_bytes = 0  # payload bytes of rejected messages recorded (the quarantine grows)
@@ -55,7 +51,8 @@ class AuditSink:
             parts = self._schema_parts[schema] = (name, version or None)
         return parts
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True) -> int:
+    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool, policy: Policy) -> int:
+        """Records the verdict under the policy that judged it: its revision and dry run."""
         client = message.client
         payload = message.payload
         received = message.received_at or time.time()
@@ -73,7 +70,8 @@ class AuditSink:
         # A release that fails again keeps the original in quarantine, without a second copy.
         audited = self._record_payloads and (verdict.accepted or message.released_from is None)
         self.last_id = self._clock.next(received)
-        if audited and not verdict.accepted and not self.dry_run:
+        dry_run = policy.dry_run
+        if audited and not verdict.accepted and not dry_run:
             self.quarantined_bytes += len(payload)
         row = (
             self.last_id,
@@ -96,8 +94,8 @@ class AuditSink:
             code,
             reasons,
             latency_us,
-            self.config_revision,
-            self.dry_run,
+            policy.revision,
+            dry_run,
             message.is_will,
             message.released_from,
             forward,

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import duckdb
 
@@ -40,11 +40,12 @@ from appliance.audit.layout import (
     temp_name,
     write_durably,
 )
+from appliance.audit.legacy import JOURNAL_FILE, legacy_duckdb, needs_upgrade
 from appliance.audit.records import DECISION, EVENT, FORWARD_ONLY, RecordKind
+from appliance.audit.seal import connect, write_views
 
 log = logging.getLogger(__name__)
 
-JOURNAL_FILE = "journal.sqlite3"
 MIGRATED = ".migrated"
 # Parquet files of the upgrade: named as if from seq 0, so watermark filters always include them.
 UPGRADE_SEQ = 0
@@ -72,30 +73,11 @@ class UpgradeReport:
     max_id: int = 0
 
 
-def legacy_duckdb(path: Path) -> bool:
-    """Whether `path` is the previous version's audit database (tables, not our views)."""
-    if not path.exists():
-        return False
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        row = con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' "
-                          "AND table_name IN ('decisions', 'events')").fetchone()
-    finally:
-        con.close()
-    return bool(row and row[0])
-
-
-def needs_upgrade(layout: Layout) -> bool:
-    return (layout.audit_dir / JOURNAL_FILE).exists() or legacy_duckdb(layout.views_file)
-
-
 def upgrade(state_dir: Path, log_: Log, *, durable_timeout: float = 60.0,
             checkpoint: Callable[[str], None] | None = None) -> UpgradeReport | None:
     """Imports a previous version's state dir; None when there is nothing to import."""
     layout = Layout(state_dir)
     progress_file = layout.audit_dir / "upgrade.json"
-    from appliance.audit.seal import connect, write_views
-
     if not needs_upgrade(layout):
         if progress_file.exists():  # interrupted after the last rename: only the tidying is left
             write_views(layout)
@@ -136,7 +118,7 @@ def _step(checkpoint: Callable[[str], None] | None, name: str) -> None:
         checkpoint(name)
 
 
-def _journal_rows(journal: Path, table: str) -> list[tuple[object, ...]]:
+def _journal_rows(journal: Path, table: str) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     try:
         exists = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()[0]
@@ -172,7 +154,7 @@ def _to_parquet(con: duckdb.DuckDBPyConnection, layout: Layout, journal: Path | 
         rows = _journal_rows(journal, kind.table) if journal is not None else []
         sources = []
         if old is not None:
-            keep_below = f" WHERE id < {int(rows[0][0])}" if rows else ""  # type: ignore[call-overload]
+            keep_below = f" WHERE id < {int(rows[0][0])}" if rows else ""
             columns = ", ".join(f'"{c}"' for c in kind.columns)
             sources.append(f"SELECT {columns} FROM old.main.{kind.table}{keep_below}")
         if rows:

@@ -1,12 +1,7 @@
 """Dead-letter topics: a mapping's `on_reject: {republish: {...}}` (docs/schemas.md, "Dead-letter topics").
 
-- `spec`: the declaration in the manifest, its checks (placeholders, loops) and topic rendering; pure.
-- `republisher`: the pipeline sink that republishes rejected messages to the local broker (one MQTT
-  connection of the appliance's own) and/or the cloud (a forward-only record in the message log).
-
-Only `spec` is imported here: the governance package imports it, and must not pull in I/O code.
+- `appliance/republish.py` (the model layer): the declaration in the manifest, its checks
+  (placeholders, loops) and topic rendering; pure, imported by governance and the pipeline.
+- `republisher` (here): the pipeline sink that republishes rejected messages to the local broker (one
+  MQTT connection of the appliance's own) and/or the cloud (a forward-only record in the message log).
 """
-
-from appliance.deadletter.spec import DeadLetter
-
-__all__ = ["DeadLetter"]

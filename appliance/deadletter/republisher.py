@@ -44,7 +44,8 @@ from appliance.forward.link import Link, LinkClosed, TooLarge, user_properties
 from appliance.mqtt.properties import Properties
 from appliance.governance import SchemaSet, SchemaSetError
 from appliance.msglog import FormatError, LogClosed
-from appliance.pipeline import Message, Verdict
+from appliance.names import EventKind
+from appliance.pipeline import Message, Policy, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ class DeadLetterSink:
         self._cloud_full = cloud_full
         self.counts: Counter[tuple[str, str]] = Counter()  # (destination, outcome) -> dead letters
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True) -> int:
+    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True,
+               policy: Policy | None = None) -> int:
         dead = verdict.dead_letter
         if dead is None or verdict.accepted or message.is_will or message.released_from is not None:
             return 0
@@ -153,7 +155,7 @@ class DeadLetterSink:
         }
         if delivered:  # dry run: the message went to its own topic; say what would have happened
             self.counts["none", "dry_run"] += 1
-            self._on_event("dead_letter", {**detail, "dry_run": True})
+            self._on_event(EventKind.DEAD_LETTER, {**detail, "dry_run": True})
             return 0
         payload = envelope(message, verdict, verdict_id) if dead.envelope else message.payload
         ticket = 0
@@ -187,10 +189,10 @@ class DeadLetterSink:
                     dropped.append(("cloud", f"message log: {exc}"))
                 else:
                     self.counts["cloud", "appended"] += 1
-        self._on_event("dead_letter", detail)
+        self._on_event(EventKind.DEAD_LETTER, detail)
         for destination, reason in dropped:
             self.counts[destination, "dropped"] += 1
-            self._on_event("dead_letter_dropped", {"verdict_id": detail["verdict_id"], "topic": topic, "to": destination,
+            self._on_event(EventKind.DEAD_LETTER_DROPPED, {"verdict_id": detail["verdict_id"], "topic": topic, "to": destination,
                                                    "reason": reason})
         return ticket
 

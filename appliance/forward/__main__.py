@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from appliance.forward.config import UpstreamConfig
+from appliance.config.upstream import UpstreamConfig
 from appliance.forward.forwarder import Forwarder
 from appliance.forward.outbox import SAVE_EVERY, SAVE_INTERVAL_S, Outbox
 from appliance.msglog.cursor import Cursor

@@ -28,12 +28,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from appliance.forward.config import UpstreamConfig
+from appliance.config.upstream import UpstreamConfig
 from appliance.forward.link import Link, LinkClosed, TooLarge, reason_name, user_properties
 from appliance.forward.outbox import MAX_DROPS_PER_CALL, Dropped, Outbox, OutboxRow
 from appliance.mqtt import Properties
+from appliance.names import EventKind
 from appliance.security.tls import client_ssl_context
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,12 @@ class ForwarderStatus:
     dropped_total: int  # removed by the outbox bounds (TTL, drop_oldest), since start
     last_error: str | None  # the last connection or outbox problem; None once forwarding works again
     inflight: int = 0
+
+
+def _seconds(duration: timedelta | None) -> float:
+    """A duration the config requires (UpstreamConfig refuses null for these), in seconds."""
+    assert duration is not None
+    return duration.total_seconds()
 
 
 def render_topic(template: str, *, topic: str, gateway_id: str, client_id: str) -> str:
@@ -91,7 +99,7 @@ class Forwarder:
         self._handed_out = 0  # the highest seq read for sending on the current connection
         self._stopping = threading.Event()
         self._topic_template = config.topic_template
-        self._ack_timeout = config.ack_timeout.total_seconds()  # type: ignore[union-attr]
+        self._ack_timeout = _seconds(config.ack_timeout)
         # Shared with status() (reads of ints and references are atomic enough for a status view).
         self._uplink_up = False
         self._down_reason: str | None = None
@@ -183,8 +191,8 @@ class Forwarder:
 
     def _run(self) -> None:
         cfg = self.config
-        initial = cfg.backoff_initial.total_seconds()  # type: ignore[union-attr]
-        maximum = cfg.backoff_max.total_seconds()  # type: ignore[union-attr]
+        initial = _seconds(cfg.backoff_initial)
+        maximum = _seconds(cfg.backoff_max)
         attempt = 0
         try:
             while not self._stopping.is_set():
@@ -368,7 +376,7 @@ class Forwarder:
             if len(dropped) < MAX_DROPS_PER_CALL:
                 break
         if self.outbox.last_error and self.outbox.last_error != had_error:
-            self._emit("outbox_error", {"error": self.outbox.last_error})
+            self._emit(EventKind.OUTBOX_ERROR, {"error": self.outbox.last_error})
         self._rate_samples.append((now, self.forwarded_total))
         while self._rate_samples and now - self._rate_samples[0][0] > RATE_WINDOW_S:
             self._rate_samples.popleft()
@@ -387,7 +395,7 @@ class Forwarder:
             by_reason.setdefault(drop.reason, []).append(drop)
         for reason, drops in by_reason.items():
             log.warning("outbox: dropped %d message(s) (%s)", len(drops), reason)
-            self._emit("outbox_dropped", {
+            self._emit(EventKind.OUTBOX_DROPPED, {
                 "reason": reason,
                 **({"detail": detail} if detail else {}),
                 "count": len(drops),
@@ -405,7 +413,7 @@ class Forwarder:
         self._uplink_up = True
         self._down_reason = None  # last_error stays until a message is acknowledged: connected is not forwarding
         log.info("uplink up: %s as %s", self.config.url, self.config.effective_client_id)
-        self._emit("uplink_up", {"url": self.config.url, "client_id": self.config.effective_client_id, "window": window})
+        self._emit(EventKind.UPLINK_UP, {"url": self.config.url, "client_id": self.config.effective_client_id, "window": window})
 
     def _log_down(self, reason: str, delay: float, attempt: int) -> None:
         """The transition is logged (a warning), then a reminder at most every DOWN_REMINDER_S with
@@ -416,7 +424,7 @@ class Forwarder:
             self._logged_reason, self._reminded_at = reason, now
         elif now - self._reminded_at >= DOWN_REMINDER_S:
             log.warning("uplink still down after %d attempts (%s); retrying every %.0f s at most", attempt, reason,
-                        self.config.backoff_max.total_seconds())  # type: ignore[union-attr]
+                        _seconds(self.config.backoff_max))
             self._reminded_at = now
         else:
             log.debug("uplink down (%s); reconnecting in %.1f s (attempt %d)", reason, delay, attempt)
@@ -428,7 +436,7 @@ class Forwarder:
             self._last_error = reason
         if was_up or reason != self._down_reason:  # a failing reconnect is reported once, not per attempt
             depth = self.outbox.depth()
-            self._emit("uplink_down", {"reason": reason, "depth": depth.messages, "url": self.config.url})
+            self._emit(EventKind.UPLINK_DOWN, {"reason": reason, "depth": depth.messages, "url": self.config.url})
         self._down_reason = reason
 
     def _emit(self, kind: str, detail: dict[str, Any]) -> None:

@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from appliance.audit.records import DECISION, FORWARD_ONLY, RecordKind
-from appliance.forward.config import OutboxBounds
+from appliance.config.upstream import OutboxBounds
 from appliance.forward.logtail import LogTail, SegmentFiles
 from appliance.forward.pending import Entry, Pending
+from appliance.msglog.cursor import Cursor
 from appliance.msglog.format import MAX_SEQ, RECORD_HEADER, RECORD_HEADER_SIZE
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def _fixed_fields_reader(kind: RecordKind, names: tuple[str, ...]) -> Callable[[
     decode as the fallback should that layout ever change."""
     fixed = [f.name for f in kind.fields if f.type not in _VARIABLE_TYPES]
     positions = [1 + fixed.index(name) for name in names]
-    unpack = kind.head.unpack_from  # type: ignore[attr-defined]
+    unpack = kind.head.unpack_from
 
     def peek(body: bytes) -> tuple[Any, ...]:
         values = unpack(body)
@@ -142,9 +143,10 @@ def forward_ts(kind: int, body: bytes) -> float | None:
     """The receive time of a record that is a message to forward; None for any other record."""
     if kind == _DECISION:
         ts, forward = _decision_peek(body)
-        return ts if forward else None  # type: ignore[no-any-return]
+        return ts if forward else None
     if kind == _FORWARD_ONLY:
-        return _forward_only_peek(body)[0]  # type: ignore[no-any-return]
+        received: float = _forward_only_peek(body)[0]
+        return received
     return None
 
 
@@ -316,8 +318,9 @@ class Outbox:
     def _forget_saved_cursor(self) -> int:
         """Remove the cursor file (a Cursor never goes backwards: its saves would be ignored up to
         the stale seq, and a later restart would follow it again)."""
-        path, io = getattr(self._cursor, "path", None), getattr(self._cursor, "io", None)
-        if path is not None and io is not None:
+        old = self._cursor
+        if isinstance(old, Cursor):  # a file to remove (a test's in-memory store has none)
+            path, io = old.path, old.io
             try:
                 io.unlink(path)
                 io.fsync_dir(path.parent)
@@ -326,8 +329,8 @@ class Outbox:
             except OSError as exc:
                 self._error("cursor", f"outbox: cannot remove the stale cursor {path}: {exc}")
             # A fresh one: Cursor.load() of a missing file leaves the old position in memory.
-            self._cursor.close()
-            self._cursor = type(self._cursor)(path, io)  # type: ignore[call-arg]
+            old.close()
+            self._cursor = Cursor(path, io)
         return self._cursor.load()
 
     def _release_segments(self) -> None:

@@ -246,7 +246,7 @@ def _zero_width(schema: Any, named: dict[str, Any], seen: frozenset[str] = froze
         name = schema.get("name", "")
         return all(_zero_width(f["type"], named, seen | {name}) for f in schema.get("fields", []))
     if kind == "fixed":
-        return schema.get("size") == 0
+        return bool(schema.get("size") == 0)
     if isinstance(kind, (str, dict)) and kind not in ("array", "map", "enum"):
         return _zero_width(kind, named, seen)
     return False
@@ -273,18 +273,18 @@ def _check_shape(parsed: Any) -> tuple[bool, str | None]:
 # --- strict reading ---------------------------------------------------------------------------------
 
 
-class _StrictDecoder(BinaryDecoder):  # type: ignore[misc]
+class _StrictDecoder(BinaryDecoder):
     """fastavro's decoder, refusing negative union and enum indexes (Python's lists would take them
     from the end: garbage would decode as a valid record that Java's reader then refuses)."""
 
     def read_index(self) -> int:
-        index: int = self.read_long()
+        index: int = self.read_long()  # type: ignore[no-untyped-call]  # fastavro's pure-Python decoder is unannotated
         if index < 0:
             raise IndexError(f"negative union branch index {index}")
         return index
 
     def read_enum(self) -> int:
-        index: int = self.read_long()
+        index: int = self.read_long()  # type: ignore[no-untyped-call]  # fastavro's pure-Python decoder is unannotated
         if index < 0:
             raise IndexError(f"negative enum symbol index {index}")
         return index
@@ -298,12 +298,13 @@ def _strict_reader(stream: Any, writer: Any, reader: Any = None, return_record_n
     """fastavro's pure-Python reader with `_StrictDecoder`: slower, bounded by Python's recursion
     limit, exact about indexes."""
     named = _read_py._default_named_schemas()
-    writer = _read_py.parse_schema(writer, named["writer"])
+    writer = fastavro.parse_schema(writer, named["writer"])
     if reader is not None and reader is not writer:
-        reader = _read_py.parse_schema(reader, named["reader"])
+        reader = fastavro.parse_schema(reader, named["reader"])
     else:
         reader = None
-    return _read_py.read_data(_StrictDecoder(stream), writer, named, reader, _OPTIONS)
+    decoder = _StrictDecoder(stream)  # type: ignore[no-untyped-call]  # fastavro's pure-Python decoder is unannotated
+    return _read_py.read_data(decoder, writer, named, reader, _OPTIONS)  # type: ignore[no-untyped-call]  # likewise its reader
 
 
 NEGATIVE = "\x00negative index"  # never a symbol: Avro names match [A-Za-z_][A-Za-z0-9_]*

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.governance.avro import ENCODINGS, AvroCompileError, AvroFiles, AvroSchema
+from appliance.yamlsource import LineDict
 
 MANIFEST = "manifest.yaml"
 Report = Callable[[str, "int | None", str], None]  # (file, line, message)
@@ -48,7 +49,7 @@ def load_avro(directory: Path, specs: list[tuple[str, Any]], report: Report) -> 
         ids: dict[int, tuple[str, Any]] = {}
         raw_ids = spec.get("schema_ids")
         if raw_ids is not None:
-            if encoding != "confluent" or not isinstance(raw_ids, dict):
+            if encoding != "confluent" or not isinstance(raw_ids, LineDict):  # every mapping of the YAML is one
                 report(MANIFEST, spec.line_of("schema_ids"),
                        f"schema_files.{name}: schema_ids (Schema Registry id -> .avsc file) is for encoding: confluent")
                 continue

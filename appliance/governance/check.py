@@ -11,10 +11,15 @@ An empty retained payload deletes a retained message and is accepted once the to
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from appliance.governance.rules import make_activation
 from appliance.governance.schemaset import Mapping, SchemaSet
 from appliance.mqtt import ReasonCode
 from appliance.pipeline import Message, Reason, Verdict
+
+if TYPE_CHECKING:  # the module loads protobuf: only a set with a sparkplug_b schema imports it
+    from appliance.governance.sparkplug import SparkplugSchema
 
 MAX_REASONS = 10
 
@@ -22,8 +27,11 @@ MAX_REASONS = 10
 class Governance:
     name = "governance"
 
-    def __init__(self, schema_set: SchemaSet):
+    def __init__(self, schema_set: SchemaSet, *, previous: Governance | None = None):
+        """`previous`: the check this one replaces at a reload, whose state (Sparkplug B births) carries over."""
         self._accepts: dict[str | None, Verdict] = {}
+        if previous is not None:
+            _carry_state(previous.schema_set, schema_set)
         self.schema_set = schema_set
 
     @property
@@ -73,7 +81,7 @@ class Governance:
         schema = mapping.schema
         if schema is not None:
             if schema.format == "sparkplug_b":  # the message type and the node are in the topic
-                decoded, errors = schema.validate_topic(topic, payload, live=message.released_from is None)  # type: ignore[attr-defined]
+                decoded, errors = cast("SparkplugSchema", schema).validate_topic(topic, payload, live=message.released_from is None)
             else:
                 decoded, errors = schema.validate(payload)
             if errors:
@@ -103,7 +111,8 @@ class Governance:
 def _carry_state(old: SchemaSet, new: SchemaSet) -> None:
     """Sparkplug B keeps what BIRTH certificates said across a reload: a schema of the new set takes
     the state of the old set's schema of the same name (without version), else of its only one."""
-    old_states = {name.split(":", 1)[0]: schema.state for name, schema in old.schemas.items() if schema.format == "sparkplug_b"}  # type: ignore[attr-defined]
+    old_states = {name.split(":", 1)[0]: cast("SparkplugSchema", schema).state
+                  for name, schema in old.schemas.items() if schema.format == "sparkplug_b"}
     for name, schema in new.schemas.items():
         if schema.format != "sparkplug_b":
             continue
@@ -111,4 +120,4 @@ def _carry_state(old: SchemaSet, new: SchemaSet) -> None:
         if state is None and len(old_states) == 1:
             state = next(iter(old_states.values()))
         if state is not None:
-            schema.state = state  # type: ignore[attr-defined]
+            cast("SparkplugSchema", schema).state = state

@@ -387,7 +387,7 @@ def _text(field_name: str) -> _Convert:
 
 
 def _unwrap(message: Message) -> Any:
-    return message.value  # type: ignore[attr-defined]
+    return message.value  # type: ignore[attr-defined]  # a wrapper type's generated field: not in types-protobuf's Message
 
 
 def _json(message: Message) -> Any:
@@ -424,7 +424,7 @@ _INIT_PATH = re.compile(r"\[([^\]]*)\]|([^.\[\]]+)")
 
 def _missing_required(message: Message) -> list[SchemaError]:
     errors = []
-    for dotted in message.FindInitializationErrors()[:MAX_ERRORS]:  # type: ignore[attr-defined]
+    for dotted in message.FindInitializationErrors()[:MAX_ERRORS]:  # type: ignore[attr-defined]  # missing from types-protobuf's Message
         # "inner.x", "items[0].x": a JSON pointer like the JSON Schema validator's ("/items/0/x").
         pointer = "".join("/" + _escape(index or name) for index, name in _INIT_PATH.findall(dotted))
         errors.append(SchemaError(pointer, f"required field {dotted!r} is missing"))
@@ -438,7 +438,7 @@ def _escape(token: str) -> str:
 
 def _describe_unknown(message: Message, unknown: UnknownFieldSet) -> str:
     descriptor = message.DESCRIPTOR
-    numbers = sorted({field.field_number for field in unknown})  # type: ignore[attr-defined]
+    numbers = sorted({field.field_number for field in unknown})  # type: ignore[attr-defined]  # types-protobuf's UnknownFieldSet has no __iter__
     undeclared = [n for n in numbers if n not in descriptor.fields_by_number]
     # A closed (proto2) enum keeps a value it does not know among the unknown fields, under the
     # enum field's own number.

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from appliance.deadletter.spec import DeadLetter, loop_problem, parse_on_reject
+from appliance.republish import DeadLetter, loop_problem, parse_on_reject
 from appliance.governance.builtins import MaxPayloadSize, RateLimit, parse_rate
 from appliance.governance.errors import SchemaError, SchemaSetError
 from appliance.governance.jsonschemas import JsonSchemaFileError, JsonSchemaRegistry
-from appliance.governance.topics import TopicTrie, filters_overlap
+from appliance.mqtt.topics import TopicTrie, filters_overlap
 from appliance.yamlsource import LineDict, YamlError, did_you_mean, load_yaml
 
 MANIFEST = "manifest.yaml"
@@ -169,9 +169,9 @@ def _build(directory: Path, manifest: LineDict, problems: _Problems) -> SchemaSe
         problems.add(MANIFEST, line, f"rules: {topic_filter!r} is not a key of schema_mappings")
 
     policy = manifest.get("policy", LineDict())
-    unmapped = "accept"
+    unmapped: Literal["accept", "reject"] = "accept"
     if _expect(problems, policy, dict, manifest.line_of("policy"), "policy"):
-        unmapped = policy.get("unmapped", "accept")
+        unmapped = policy.get("unmapped", "accept")  # Any from the YAML: checked here
         if unmapped not in ("accept", "reject"):
             problems.add(MANIFEST, policy.line_of("unmapped"), f"policy.unmapped must be accept or reject, got {unmapped!r}")
         for key in policy:

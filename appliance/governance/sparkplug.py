@@ -369,8 +369,10 @@ class _Check:
             "value": value, "timestamp": metric.timestamp, "is_null": is_null,
         }
 
-    def fail(self, path: str, message: str) -> None:
+    def fail(self, path: str, message: str) -> dict[str, Any] | None:
+        """Records the error; returns None, the metric that was not decoded (`return self.fail(...)`)."""
         self.errors.append(SchemaError(path, message))
+        return None
 
 
 def _implicit(name: str) -> bool:

@@ -52,7 +52,8 @@ def _metrics(where: str, raw: Any, line: int, report: Report) -> dict[str, Metri
             ok = False
             continue
         unknown = set(entry) - METRIC_KEYS
-        name, datatype = entry.get("name"), entry.get("datatype")
+        name: Any = entry.get("name")  # checked below
+        datatype: Any = entry.get("datatype")
         low, high = entry.get("min"), entry.get("max")
         problems = []
         if unknown:

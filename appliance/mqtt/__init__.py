@@ -44,7 +44,7 @@ Nothing in this package does I/O or knows about asyncio.
 """
 
 from .connection import Decoder
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .framing import NEED_DATA, Frame, FrameReader, read_fixed_header
 from .packets import (
     Auth, Connack, Connect, Disconnect, Packet, PacketType, Pingreq, Pingresp, ProtocolVersion,
@@ -61,6 +61,6 @@ __all__ = [
     "Properties", "Packet", "Connect", "Will", "Connack", "Publish", "Puback", "Pubrec", "Pubrel",
     "Pubcomp", "Subscribe", "Subscription", "Suback", "Unsubscribe", "Unsuback", "Pingreq",
     "Pingresp", "Disconnect", "Auth", "Frame", "FrameReader", "read_fixed_header", "Decoder", "decode_packet",
-    "decode_publish", "encode_packet", "encode_publish", "RemoteProtocolError",
+    "decode_publish", "encode_packet", "encode_publish", "ProtocolError", "RemoteProtocolError",
     "LocalProtocolError",
 ]

@@ -45,9 +45,9 @@ class Decoder:
 
     def next_packet(self) -> Packet | _NeedData:
         frame = self._frames.next_frame()
-        if frame is NEED_DATA:
+        if isinstance(frame, _NeedData):
             return NEED_DATA
-        first_byte, raw, offset = frame  # type: ignore[misc]
+        first_byte, raw, offset = frame
         packet_type = first_byte >> 4
         if packet_type == _PUBLISH and self.version is not None:
             return decode_publish(first_byte, raw[offset:], self.version)

@@ -1,4 +1,4 @@
-"""The two ways a conversation goes wrong.
+"""The two ways a conversation goes wrong, both a ``ProtocolError`` (catch that for either).
 
 ``RemoteProtocolError``: the peer sent bytes that break MQTT. ``reason_code``
 is the reason code to answer with (CONNACK / DISCONNECT) before closing.
@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from .reason_codes import ReasonCode
 
-__all__ = ["RemoteProtocolError", "LocalProtocolError"]
+__all__ = ["ProtocolError", "RemoteProtocolError", "LocalProtocolError"]
 
 
-class RemoteProtocolError(Exception):
+class ProtocolError(Exception):
+    """MQTT was broken: by the peer (``RemoteProtocolError``) or by our own caller (``LocalProtocolError``)."""
+
+
+class RemoteProtocolError(ProtocolError):
     def __init__(self, msg: str, reason_code: ReasonCode = ReasonCode.MALFORMED_PACKET) -> None:
         super().__init__(msg)
         self.msg = msg
@@ -26,5 +30,5 @@ class RemoteProtocolError(Exception):
         return f"RemoteProtocolError({self.msg!r}, {self.reason_code.name})"
 
 
-class LocalProtocolError(ValueError):
+class LocalProtocolError(ProtocolError, ValueError):
     pass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .reason_codes import ReasonCode
@@ -185,7 +185,8 @@ class Properties:
             items.append((_USER_PROPERTY, (name, value)))
         return cls._trusted(tuple(items))
 
-    def get(self, pid: PropertyId, default: object = None) -> object:
+    def get(self, pid: PropertyId, default: Any = None) -> Any:
+        """The property's value, of the type its wire type gives (int, str, (str, str) or bytes)."""
         for key, value in self.items:
             if key == pid:
                 return value
@@ -196,7 +197,8 @@ class Properties:
 
     @property
     def user_properties(self) -> tuple[tuple[str, str], ...]:
-        return tuple(v for k, v in self.items if k == P.USER_PROPERTY)  # type: ignore[misc]
+        items: tuple[tuple[PropertyId, Any], ...] = self.items  # a user property's value is (str, str)
+        return tuple(v for k, v in items if k == P.USER_PROPERTY)
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -265,7 +267,7 @@ def decode_properties(buf: bytes, pos: int, end: int, context: int) -> tuple[Pro
                 raise RemoteProtocolError(
                     f"{pid.name} appears twice", ReasonCode.PROTOCOL_ERROR)
             seen |= bit
-        value: object
+        value: Any  # by the wire type: int, str, (str, str) or bytes
         if wire_type == BYTE:
             if pos >= stop:
                 raise RemoteProtocolError("truncated byte property")
@@ -286,7 +288,7 @@ def decode_properties(buf: bytes, pos: int, end: int, context: int) -> tuple[Pro
         else:
             value, pos = read_varint(buf, pos, stop)
         limits = RANGES.get(pid)
-        if limits is not None and not (limits[0] <= value <= limits[1]):  # type: ignore[operator]
+        if limits is not None and not (limits[0] <= value <= limits[1]):
             code = ReasonCode.TOPIC_ALIAS_INVALID if pid == P.TOPIC_ALIAS else ReasonCode.PROTOCOL_ERROR
             raise RemoteProtocolError(f"{pid.name} value {value!r} out of range", code)
         items.append((pid, value))
@@ -298,21 +300,22 @@ def encode_properties(props: Properties) -> bytes:
     if not props.items:
         return b"\x00"
     out = bytearray()
-    for pid, value in props.items:
+    items: tuple[tuple[PropertyId, Any], ...] = props.items  # each value of its wire type (checked when built)
+    for pid, value in items:
         wire_type = SPEC[pid][0]
         out.append(pid)
         if wire_type == BYTE:
-            out.append(value)  # type: ignore[arg-type]
+            out.append(value)
         elif wire_type == U16:
-            out += value.to_bytes(2, "big")  # type: ignore[attr-defined]
+            out += value.to_bytes(2, "big")
         elif wire_type == U32:
-            out += value.to_bytes(4, "big")  # type: ignore[attr-defined]
+            out += value.to_bytes(4, "big")
         elif wire_type == STR:
-            out += encode_str(value)  # type: ignore[arg-type]
+            out += encode_str(value)
         elif wire_type == PAIR:
             # Inline for the common case (user properties on every forwarded message); encode_str
             # raises for what it would refuse.
-            for text in value:  # type: ignore[attr-defined]
+            for text in value:
                 try:
                     data = text.encode()
                 except UnicodeEncodeError:
@@ -322,7 +325,7 @@ def encode_properties(props: Properties) -> bytes:
                 out += len(data).to_bytes(2, "big")
                 out += data
         elif wire_type == BIN:
-            out += encode_binary(value)  # type: ignore[arg-type]
+            out += encode_binary(value)
         else:
-            out += encode_varint(value)  # type: ignore[arg-type]
+            out += encode_varint(value)
     return encode_varint(len(out)) + out

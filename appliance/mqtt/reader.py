@@ -177,7 +177,7 @@ def _decode_connack(first_byte: int, body: bytes, version: ProtocolVersion) -> C
     return Connack(bool(ack_flags), code, properties)
 
 
-def _ack_decoder(cls: type, flags: int) -> Callable[[int, bytes, ProtocolVersion], Packet]:
+def _ack_decoder(cls: type[Puback | Pubrec | Pubrel | Pubcomp], flags: int) -> Callable[[int, bytes, ProtocolVersion], Packet]:
     name = cls.packet_type.name
     packet_type = cls.packet_type
 
@@ -195,7 +195,7 @@ def _ack_decoder(cls: type, flags: int) -> Callable[[int, bytes, ProtocolVersion
             if pos < end:
                 properties, pos = decode_properties(body, pos, end, packet_type)
         _leftovers(pos, end, name)
-        return cls(packet_id, code, properties)  # type: ignore[no-any-return]
+        return cls(packet_id, code, properties)
 
     return decode
 
@@ -295,19 +295,19 @@ def _decode_unsuback(first_byte: int, body: bytes, version: ProtocolVersion) -> 
     return Unsuback(packet_id, codes, properties)
 
 
-def _empty_decoder(cls: type) -> Callable[[int, bytes, ProtocolVersion], Packet]:
+def _empty_decoder(cls: type[Pingreq | Pingresp]) -> Callable[[int, bytes, ProtocolVersion], Packet]:
     name = cls.packet_type.name
     instance = cls()
 
     def decode(first_byte: int, body: bytes, version: ProtocolVersion) -> Packet:
         _check_flags(first_byte, 0)
         _leftovers(0, len(body), name)
-        return instance  # type: ignore[no-any-return]
+        return instance
 
     return decode
 
 
-def _reason_decoder(cls: type) -> Callable[[int, bytes, ProtocolVersion], Packet]:
+def _reason_decoder(cls: type[Disconnect | Auth]) -> Callable[[int, bytes, ProtocolVersion], Packet]:
     """DISCONNECT and AUTH: an MQTT 5 body may stop before or after the reason code."""
     name = cls.packet_type.name
     packet_type = cls.packet_type
@@ -319,15 +319,15 @@ def _reason_decoder(cls: type) -> Callable[[int, bytes, ProtocolVersion], Packet
             if cls is Auth:
                 raise RemoteProtocolError("AUTH needs MQTT 5")
             _leftovers(0, end, name)
-            return cls()  # type: ignore[no-any-return]
+            return cls()
         if not end:
-            return cls()  # type: ignore[no-any-return]
+            return cls()
         properties = _EMPTY
         pos = 1
         if end > 1:
             properties, pos = decode_properties(body, 1, end, packet_type)
         _leftovers(pos, end, name)
-        return cls(body[0], properties)  # type: ignore[no-any-return]
+        return cls(body[0], properties)
 
     return decode
 

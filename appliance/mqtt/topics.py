@@ -1,13 +1,25 @@
-"""Topic name and topic filter rules (MQTT 3.1.1 §4.7, MQTT 5 §4.7 and §4.8.2).
+"""Topic names and topic filters (MQTT 3.1.1 §4.7, MQTT 5 §4.7 and §4.8.2): the one place that
+knows their rules and how filters match.
 
-The checks return a problem description (or ``None``) so that the decoder can
-turn it into a ``RemoteProtocolError`` and the packet constructors into a
-``LocalProtocolError``.
+- Validity: `topic_name_problem` and `topic_filter_problem` return a problem description (or
+  ``None``) so that the decoder can turn it into a ``RemoteProtocolError`` and the packet
+  constructors into a ``LocalProtocolError``.
+- Matching, with MQTT semantics: `+` matches exactly one level, `#` matches the parent level and
+  everything below it, and wildcards at the first level do not match topics that start with `$`
+  (§4.7.2). `topic_matches` (one filter, one topic), `TopicTrie` (many filters, one dict lookup per
+  topic level), `filter_covers` (one filter matches everything another matches: ACL grants, schema
+  set compatibility) and `filters_overlap` (some topic matches both).
 """
 
 from __future__ import annotations
 
-__all__ = ["topic_name_problem", "topic_filter_problem", "is_shared"]
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+__all__ = [
+    "TopicTrie", "filter_covers", "filters_overlap", "is_shared", "topic_filter_problem", "topic_matches",
+    "topic_name_problem",
+]
 
 SHARE_PREFIX = "$share/"
 
@@ -45,3 +57,138 @@ def topic_filter_problem(topic_filter: str) -> str | None:
         if "+" in level or "#" in level:
             return f"misplaced wildcard in topic filter {topic_filter!r}"
     return None
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether `topic` matches `topic_filter`."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    f_levels, t_levels = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(f_levels):
+        if level == "#":
+            return True
+        if i >= len(t_levels):
+            return False
+        if level != "+" and level != t_levels[i]:
+            return False
+    return len(f_levels) == len(t_levels)
+
+
+def filter_covers(outer: str, inner: str) -> bool:
+    """Whether every topic that matches filter `inner` also matches filter `outer`."""
+    o_levels, i_levels = outer.split("/"), inner.split("/")
+    if inner.startswith("$") and o_levels[0] in ("+", "#"):
+        return False  # wildcards at the first level never match $-topics (MQTT §4.7.2)
+    for i, level in enumerate(o_levels):
+        if level == "#":
+            return True
+        if i >= len(i_levels):
+            return False
+        if i_levels[i] == "#":
+            return False  # inner goes deeper than outer allows
+        if level != "+" and (i_levels[i] == "+" or level != i_levels[i]):
+            return False
+    return len(o_levels) == len(i_levels)
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both filters, level by level. `$` topics are not special here: a
+    deny rule `+/x` overlaps a subscription to `$SYS/x` (refusing too much, never too little)."""
+    levels_a, levels_b = a.split("/"), b.split("/")
+    for i in range(max(len(levels_a), len(levels_b))):
+        x = levels_a[i] if i < len(levels_a) else None
+        y = levels_b[i] if i < len(levels_b) else None
+        if x == "#" or y == "#":
+            return True
+        if x is None or y is None:
+            return False
+        if x != y and x != "+" and y != "+":
+            return False
+    return True
+
+
+T = TypeVar("T")
+
+
+class _Node(Generic[T]):
+    __slots__ = ("children", "plus", "hash_value", "value")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[T]] = {}
+        self.plus: _Node[T] | None = None
+        self.hash_value: tuple[str, T] | None = None
+        self.value: tuple[str, T] | None = None
+
+
+class TopicTrie(Generic[T]):
+    """Maps topic filters to values; `match(topic)` finds every filter that matches a topic. When
+    several match, the most specific comes first: at the first level where they differ, a literal
+    beats `+`, and `+` beats `#`."""
+
+    def __init__(self) -> None:
+        self._root: _Node[T] = _Node()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def insert(self, topic_filter: str, value: T) -> None:
+        problem = topic_filter_problem(topic_filter)
+        if problem or is_shared(topic_filter):
+            raise ValueError(problem or "a shared-subscription filter cannot be used here")
+        node = self._root
+        levels = topic_filter.split("/")
+        for level in levels[:-1] if levels[-1] == "#" else levels:
+            if level == "+":
+                if node.plus is None:
+                    node.plus = _Node()
+                node = node.plus
+            else:
+                node = node.children.setdefault(level, _Node())
+        if levels[-1] == "#":
+            if node.hash_value is None:
+                self._size += 1
+            node.hash_value = (topic_filter, value)
+        else:
+            if node.value is None:
+                self._size += 1
+            node.value = (topic_filter, value)
+
+    def match(self, topic: str) -> list[tuple[str, T]]:
+        """Every (filter, value) matching `topic`, most specific first."""
+        found: list[tuple[str, T]] = []
+        self._walk(self._root, topic.split("/"), 0, found, topic.startswith("$"))
+        return found
+
+    def _walk(self, node: _Node[T], levels: list[str], i: int, found: list[tuple[str, T]], system: bool) -> None:
+        # Literal first, then +, then #: depth-first in that order yields the most specific first.
+        if i == len(levels):
+            if node.value is not None:
+                found.append(node.value)
+            if node.hash_value is not None:  # "a/#" matches "a"
+                found.append(node.hash_value)
+            return
+        child = node.children.get(levels[i])
+        if child is not None:
+            self._walk(child, levels, i + 1, found, system)
+        wildcard_ok = not (system and i == 0)
+        if node.plus is not None and wildcard_ok:
+            self._walk(node.plus, levels, i + 1, found, system)
+        if node.hash_value is not None and wildcard_ok:
+            found.append(node.hash_value)
+
+    def best(self, topic: str) -> tuple[str, T] | None:
+        found = self.match(topic)
+        return found[0] if found else None
+
+    def __iter__(self) -> Iterator[tuple[str, T]]:
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            if node.value is not None:
+                yield node.value
+            if node.hash_value is not None:
+                yield node.hash_value
+            stack.extend(node.children.values())
+            if node.plus is not None:
+                stack.append(node.plus)

@@ -6,7 +6,7 @@ properties, reason codes and subscription options beyond QoS need MQTT 5.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import LocalProtocolError
 from .packets import (
@@ -49,7 +49,9 @@ def encode_publish_fields(topic: str, payload: bytes, qos: int, retain: bool, du
     first_byte = 0x30 | (qos << 1) | retain | (dup << 3)
     parts = [len(data).to_bytes(2, "big"), data]
     if qos:
-        parts.append(packet_id.to_bytes(2, "big"))  # type: ignore[union-attr]
+        if packet_id is None:
+            raise LocalProtocolError("a QoS 1 or 2 PUBLISH needs a packet identifier")
+        parts.append(packet_id.to_bytes(2, "big"))
     if version == _MQTT_5:
         parts.append(encode_properties(properties))
     else:
@@ -97,11 +99,11 @@ def _encode_connack(packet: Connack, version: ProtocolVersion) -> bytes:
     return _frame(0x20, body)
 
 
-def _ack_encoder(first_byte: int) -> Callable[[Packet, ProtocolVersion], bytes]:
-    def encode(packet: Packet, version: ProtocolVersion) -> bytes:
-        body = _u16(packet.packet_id)  # type: ignore[union-attr, arg-type]  # an ack: its packet_id is an int
-        code = packet.reason_code  # type: ignore[union-attr]
-        properties = packet.properties  # type: ignore[union-attr]
+def _ack_encoder(first_byte: int) -> Callable[[Puback | Pubrec | Pubrel | Pubcomp, ProtocolVersion], bytes]:
+    def encode(packet: Puback | Pubrec | Pubrel | Pubcomp, version: ProtocolVersion) -> bytes:
+        body = _u16(packet.packet_id)
+        code = packet.reason_code
+        properties = packet.properties
         if version == _MQTT_5:
             if properties.items:
                 body += bytes((code,)) + encode_properties(properties)
@@ -162,10 +164,10 @@ def _encode_unsuback(packet: Unsuback, version: ProtocolVersion) -> bytes:
     return _frame(0xB0, body)
 
 
-def _reason_encoder(first_byte: int) -> Callable[[Packet, ProtocolVersion], bytes]:
-    def encode(packet: Packet, version: ProtocolVersion) -> bytes:
-        code = packet.reason_code  # type: ignore[union-attr]
-        properties = packet.properties  # type: ignore[union-attr]
+def _reason_encoder(first_byte: int) -> Callable[[Disconnect | Auth, ProtocolVersion], bytes]:
+    def encode(packet: Disconnect | Auth, version: ProtocolVersion) -> bytes:
+        code = packet.reason_code
+        properties = packet.properties
         if version != _MQTT_5:
             if first_byte == 0xF0:
                 raise LocalProtocolError("AUTH needs MQTT 5")
@@ -184,18 +186,19 @@ def _reason_encoder(first_byte: int) -> Callable[[Packet, ProtocolVersion], byte
 _PINGREQ = b"\xc0\x00"
 _PINGRESP = b"\xd0\x00"
 
-_ENCODERS: dict[type, Callable[[Packet, ProtocolVersion], bytes]] = {
-    Publish: encode_publish,  # type: ignore[dict-item]
-    Connect: _encode_connect,  # type: ignore[dict-item]
-    Connack: _encode_connack,  # type: ignore[dict-item]
+# Each encoder takes its own packet class: the key says which, so the value's argument is Any here.
+_ENCODERS: dict[type, Callable[[Any, ProtocolVersion], bytes]] = {
+    Publish: encode_publish,
+    Connect: _encode_connect,
+    Connack: _encode_connack,
     Puback: _ack_encoder(0x40),
     Pubrec: _ack_encoder(0x50),
     Pubrel: _ack_encoder(0x62),
     Pubcomp: _ack_encoder(0x70),
-    Subscribe: _encode_subscribe,  # type: ignore[dict-item]
-    Suback: _encode_suback,  # type: ignore[dict-item]
-    Unsubscribe: _encode_unsubscribe,  # type: ignore[dict-item]
-    Unsuback: _encode_unsuback,  # type: ignore[dict-item]
+    Subscribe: _encode_subscribe,
+    Suback: _encode_suback,
+    Unsubscribe: _encode_unsubscribe,
+    Unsuback: _encode_unsuback,
     Pingreq: lambda packet, version: _PINGREQ,
     Pingresp: lambda packet, version: _PINGRESP,
     Disconnect: _reason_encoder(0xE0),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 MAGIC = b"MQLG"
@@ -70,8 +71,8 @@ def decode_file_header(data: bytes | bytearray | memoryview) -> int | None:
     return int(first_seq)
 
 
-def record_header(seq: int, kind: int, body: bytes, *, _prefix=_CRC_PREFIX.pack, _pack=RECORD_HEADER.pack,
-                  _crc=zlib.crc32) -> bytes:
+def record_header(seq: int, kind: int, body: bytes, *, _prefix: Callable[..., bytes] = _CRC_PREFIX.pack,
+                  _pack: Callable[..., bytes] = RECORD_HEADER.pack, _crc: Callable[..., int] = zlib.crc32) -> bytes:
     """The 17 header bytes of a record (the hot path: the writer appends header + body)."""
     length = len(body)
     return _pack(_crc(body, _crc(_prefix(length, kind, seq))), length, kind, seq)

@@ -20,7 +20,9 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from appliance.names import EventKind
 
 from .fileio import FileIO, OsIO
 from .format import (
@@ -36,14 +38,16 @@ from .format import (
 from .reader import SegmentInfo, SegmentScan, list_segments
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _pack_header = RECORD_HEADER.pack
 _pack_prefix = _CRC_PREFIX.pack
 _crc32 = zlib.crc32
 _monotonic = time.monotonic
 
-POWER_SAFE = "power_safe"
-OS_BUFFERED = "os_buffered"
+SyncMode = Literal["power_safe", "os_buffered"]
+POWER_SAFE: SyncMode = "power_safe"
+OS_BUFFERED: SyncMode = "os_buffered"
 RETRY_INTERVAL = 1.0
 _PAGE = 4096  # while unhealthy, probe the disk at least this often
 PREALLOCATE_MODES = ("none", "fallocate", "zeros")
@@ -60,7 +64,7 @@ class SyncPolicy:
         loses at most the last `interval` of records that were reported durable.
     """
 
-    mode: Literal["power_safe", "os_buffered"] = POWER_SAFE
+    mode: SyncMode = POWER_SAFE
     window: float = 0.020
     max_pending_bytes: int = 64 * 1024
     interval: float = 1.0
@@ -200,7 +204,7 @@ class MessageLog:
                 report.corrupt.append((info.path, scan.problem_offset or 0, scan.problem))
                 log.warning("message log: %s sealed segment %s at offset %d: records after it are unreadable",
                             scan.problem, info.path, scan.problem_offset)
-                self._event("log_corruption", {"segment": str(info.path), "offset": scan.problem_offset,
+                self._event(EventKind.LOG_CORRUPTION, {"segment": str(info.path), "offset": scan.problem_offset,
                                                "problem": scan.problem}, direct=True)
         if segments:
             newest = segments[-1]
@@ -270,12 +274,12 @@ class MessageLog:
 
     def seal(self) -> SegmentInfo | None:
         """Roll the active segment now, if it holds any record; returns the segment sealed."""
-        return self._command(  # type: ignore[no-any-return]
+        return self._command(
             lambda: self._roll() if self._fd is not None and self._end > FILE_HEADER_SIZE else None)
 
     def remove_segments_before(self, seq: int) -> int:
         """Delete the sealed segments whose every record is below `seq`; returns how many."""
-        return self._command(lambda: self._remove_before(seq))  # type: ignore[no-any-return]
+        return self._command(lambda: self._remove_before(seq))
 
     def stop(self) -> None:
         """Write and sync what is pending, close the segment, join the writer."""
@@ -482,13 +486,13 @@ class MessageLog:
         if self.healthy:
             self.healthy = False
             log.error("message log degraded: %s", error)
-            self._event("log_degraded", {"error": error})
+            self._event(EventKind.LOG_DEGRADED, {"error": error})
 
     def _recovered(self) -> None:
         if not self.healthy:
             self.healthy = True
             log.warning("message log recovered")
-            self._event("log_recovered", {})
+            self._event(EventKind.LOG_RECOVERED, {})
 
     def _probe(self) -> None:
         """Unhealthy and nothing to write: check whether the disk takes a page again."""
@@ -611,7 +615,7 @@ class MessageLog:
                 io.rename(newest.path, aside)
                 io.fsync_dir(self.directory)
                 report.corrupt.append((aside, 0, "corrupt"))
-                self._event("log_corruption", {"segment": str(aside), "offset": 0, "problem": "corrupt"},
+                self._event(EventKind.LOG_CORRUPTION, {"segment": str(aside), "offset": 0, "problem": "corrupt"},
                             direct=True)
                 self._create_segment(newest.first_seq)
                 return newest.first_seq - 1
@@ -629,7 +633,7 @@ class MessageLog:
                     report.torn_tail = (newest.path, scan.end_offset, scan.size - scan.end_offset)
                     log.warning("message log: cut a torn tail of %d bytes off %s at offset %d",
                                 scan.size - scan.end_offset, newest.path, scan.end_offset)
-                    self._event("log_torn_tail", {"segment": str(newest.path), "offset": scan.end_offset,
+                    self._event(EventKind.LOG_TORN_TAIL, {"segment": str(newest.path), "offset": scan.end_offset,
                                                   "bytes": scan.size - scan.end_offset}, direct=True)
         self._fd = fd
         self._segment = newest
@@ -676,7 +680,7 @@ class MessageLog:
             self._closed_w = True
             self._dcond.notify_all()
 
-    def _command(self, fn: Callable[[], Any]) -> Any:
+    def _command(self, fn: Callable[[], T]) -> T:
         """Run fn on the writer thread (which owns the directory) and wait for it."""
         if threading.current_thread() is self._thread:  # from on_seal: we are the writer already
             return fn()
@@ -690,7 +694,8 @@ class MessageLog:
             if not self._opened:
                 raise RuntimeError("message log is not open")
             return fn()
-        return waiter.result()
+        result: T = waiter.result()
+        return result
 
     # --- delivery to the loop ------------------------------------------------------------------
 

@@ -161,7 +161,7 @@ def main() -> None:
     base = Path(args.dir)
     if args.rate == 0:
         for mode in args.mode.split(","):
-            r = run_flat_out(base, records=args.records, policy=SyncPolicy(mode=mode))  # type: ignore[arg-type]
+            r = run_flat_out(base, records=args.records, policy=SyncPolicy(mode=mode))
             print(f"flat out, {mode}: {r['append_per_s']:,.0f} appends/s ({r['append_cpu_us']:.2f} us CPU each), "
                   f"all durable at {r['durable_per_s']:,.0f} records/s, {r['syncs']} syncs")
         return
@@ -172,7 +172,7 @@ def main() -> None:
     for mode in args.mode.split(","):
         windows = [float(w) for w in args.window_ms.split(",")] if mode == "power_safe" else [0.0]
         for window in windows:
-            policy = SyncPolicy(mode=mode, window=window / 1000, interval=args.interval,  # type: ignore[arg-type]
+            policy = SyncPolicy(mode=mode, window=window / 1000, interval=args.interval,
                                 max_pending_bytes=args.max_pending_bytes)
             for prealloc in args.prealloc.split(","):
                 r = run_rate(base, rate=args.rate, seconds=args.seconds, policy=policy, prealloc=prealloc,

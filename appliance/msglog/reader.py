@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .format import (
     CORRUPT,
@@ -106,7 +107,7 @@ class SegmentScan:
             self.end_offset = FILE_HEADER_SIZE
             yield from self._records(f, size)
 
-    def _records(self, f, size: int) -> Iterator[LogRecord]:  # type: ignore[no-untyped-def]
+    def _records(self, f: BinaryIO, size: int) -> Iterator[LogRecord]:
         base = FILE_HEADER_SIZE  # file offset of buf[0]
         buf = f.read(min(self.chunk, size - base)) if size > base else b""
         read_to = base + len(buf)
@@ -158,7 +159,7 @@ class SegmentScan:
             base += pos
             pos = 0
 
-    def _zeros_to_eof(self, f, read_to: int, size: int) -> bool:  # type: ignore[no-untyped-def]
+    def _zeros_to_eof(self, f: BinaryIO, read_to: int, size: int) -> bool:
         while read_to < size:
             more = f.read(min(self.chunk, size - read_to))
             if not more:

@@ -18,8 +18,8 @@ import shutil
 import threading
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
 from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 from pathlib import Path
 
 from .fileio import FileIO, OsIO
@@ -31,10 +31,10 @@ CRASH_MODES = ("drop", "prefix", "zero", "garbage", "subset")
 class _Node:
     is_dir: bool = False
     durable: bytearray = field(default_factory=bytearray)  # the content as of the last sync
-    ops: list[tuple] = field(default_factory=list)  # unsynced: ("w", off, data) ("t", size) ("z", off, len)
+    ops: list[tuple[Any, ...]] = field(default_factory=list)  # unsynced: ("w", off, data) ("t", size) ("z", off, len)
 
 
-def _apply(content: bytearray, op: tuple) -> None:
+def _apply(content: bytearray, op: tuple[Any, ...]) -> None:
     if op[0] == "w":
         _, offset, data = op
         if offset > len(content):
@@ -71,7 +71,7 @@ def _op(fn: F) -> F:
                 raise OSError(errno.EIO, "power cut (CrashIO)")
             return fn(self, *args, **kwargs)
 
-    return op  # type: ignore[return-value]
+    return cast(F, op)
 
 
 class CrashIO(FileIO):
@@ -258,7 +258,7 @@ class CrashIO(FileIO):
                 return False
         return path == self.root
 
-    def _keep_some(self, content: bytearray, ops: list[tuple], mode: str) -> None:
+    def _keep_some(self, content: bytearray, ops: list[tuple[Any, ...]], mode: str) -> None:
         rng = self.rng
         if mode == "drop":
             return

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 CONNACK_BARRIER = -1
 
 
 class Durability(Protocol):
-    """What the acks wait for: records numbered up to `committed` are settled, durable unless
+    """What the acks wait for: records numbered up to `settled_seq` are settled, durable unless
     `failed(seq)`."""
 
     @property
-    def committed(self) -> int: ...
+    def settled_seq(self) -> int: ...
 
     def failed(self, seq: int) -> bool: ...
 
@@ -48,7 +48,7 @@ class AckOrder:
         # Entries are [packet id awaiting the broker's ack or None, ack bytes (None: not yet), sequence,
         # whether it answers a PUBLISH (the CONNACK barrier and a proxy-made SUBACK do not),
         # the packet id and QoS of an accepted PUBLISH (its ack must not claim success if its record failed)].
-        self._queue: deque[list[object]] = deque()
+        self._queue: deque[list[Any]] = deque()
         self._durability = durability
         self._on_failure = on_failure
         self.broken = False  # a failed record's ack could not be replaced: close the connection
@@ -57,9 +57,9 @@ class AckOrder:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def _committed(self) -> int:
+    def _settled_seq(self) -> int:
         durability = self._durability
-        return durability.committed if durability is not None else 1 << 62
+        return durability.settled_seq if durability is not None else 1 << 62
 
     def wait_for(self, packet_id: int, seq: int = 0, *, counted: bool = True, qos: int = 1) -> None:
         """A QoS 1/2 PUBLISH was forwarded: its broker ack goes out after everything queued before.
@@ -71,7 +71,7 @@ class AckOrder:
 
     def inject(self, ack: bytes, seq: int, out: list[bytes], *, publish: bool = True) -> None:
         """The proxy's own ack for a message it answered itself (`publish`: a PUBACK/PUBREC)."""
-        if not self._queue and seq <= self._committed():
+        if not self._queue and seq <= self._settled_seq():
             out.append(ack)
         else:
             self.publishes += publish
@@ -91,22 +91,22 @@ class AckOrder:
     def release(self, out: list[bytes]) -> None:
         """Send every entry at the head that has its ack and whose record is durable."""
         queue = self._queue
-        committed = self._committed()
+        settled = self._settled_seq()
         durability = self._durability
         while queue and not self.broken:
             head = queue[0]
-            if head[1] is None or head[2] > committed:  # type: ignore[operator]
+            if head[1] is None or head[2] > settled:
                 return
             ack = head[1]
-            if head[5] and head[2] and durability is not None and durability.failed(head[2]):  # type: ignore[arg-type]
-                ack = self._on_failure(head[4], head[5])  # type: ignore[arg-type]
+            if head[5] and head[2] and durability is not None and durability.failed(head[2]):
+                ack = self._on_failure(head[4], head[5])
                 if ack is None:
                     self.broken = True
                     return
             queue.popleft()
-            self.publishes -= head[3]  # type: ignore[operator]
+            self.publishes -= head[3]
             if ack:
-                out.append(ack)  # type: ignore[arg-type]
+                out.append(ack)
 
     @property
     def waiting_for_durability(self) -> bool:

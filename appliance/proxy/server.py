@@ -15,6 +15,7 @@ events, metric keys) goes to `on_event` and `counters`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -22,6 +23,7 @@ import ssl
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from appliance.broker import BrokerEndpoint
 from appliance.pipeline import Pipeline
@@ -123,7 +125,8 @@ class ClientLeg(_Leg):
     # asyncio.Protocol ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses of it
+        self.transport = transport
         server = self._server
         peer = _peer_name(transport)
         if len(server.clients) >= server.max_connections:
@@ -334,7 +337,8 @@ class BrokerLeg(_Leg):
         self._drain_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses of it
+        self.transport = transport
         transport.set_write_buffer_limits(high=self._client._server.write_buffer_high)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -467,7 +471,7 @@ class ProxyServer:
         for kind, detail in events:
             self.emit(kind, detail)
 
-    def refuse(self, transport: asyncio.BaseTransport, peer: str, limit: str, detail: str) -> None:
+    def refuse(self, transport: asyncio.Transport, peer: str, limit: str, detail: str) -> None:
         """A connection over a limit at accept: closed before any MQTT is exchanged."""
         transport.abort()
         self.count("limit_exceeded:" + limit)
@@ -483,11 +487,11 @@ class ProxyServer:
         try:
             for listener in self.listeners:
                 server = await loop.create_server(
-                    lambda listener=listener: self._accept(listener),  # type: ignore[misc]
+                    functools.partial(self._accept, listener),
                     listener.host, listener.port, reuse_address=True, backlog=1024, ssl=listener.ssl,
                     # A TLS handshake happens before connection_made (and so before the connection
                     # limits and the CONNECT timer see it): bound it by the same timeout.
-                    **({"ssl_handshake_timeout": self.connect_timeout} if listener.ssl is not None else {}),
+                    ssl_handshake_timeout=self.connect_timeout if listener.ssl is not None else None,
                 )
                 self._servers.append(server)
                 sockets = server.sockets

@@ -387,7 +387,7 @@ class Session:
         if publish.qos == 2 and self._proxy_qos2:
             # The id of a QoS 2 message the proxy refused is free again (MQTT 5 §4.3.3 ends that flow
             # at a failed PUBREC): its next PUBREL belongs to this new message.
-            self._proxy_qos2.discard(publish.packet_id)  # type: ignore[arg-type]
+            self._proxy_qos2.discard(publish.packet_id)
         topic = publish.topic
         alias = None
         if self.version is _MQTT5 and publish.properties:
@@ -576,10 +576,10 @@ class Session:
         if self.version is _MQTT5 and connack.reason_code == 0:
             # Tell the client the in-flight and packet size limits so a well-behaved one never hits them.
             properties = connack.properties
-            if limit and properties.get(PropertyId.RECEIVE_MAXIMUM, 65535) > limit:  # type: ignore[operator]
+            if limit and properties.get(PropertyId.RECEIVE_MAXIMUM, 65535) > limit:
                 properties = properties.with_(PropertyId.RECEIVE_MAXIMUM, limit)
             max_packet = self._limits.max_packet_size
-            if properties.get(PropertyId.MAXIMUM_PACKET_SIZE, max_packet + 1) > max_packet:  # type: ignore[operator]
+            if properties.get(PropertyId.MAXIMUM_PACKET_SIZE, max_packet + 1) > max_packet:
                 properties = properties.with_(PropertyId.MAXIMUM_PACKET_SIZE, max_packet)
             if properties is not connack.properties:
                 connack = replace(connack, properties=properties)

@@ -6,14 +6,18 @@
   pipeline check that rejects PUBLISHes and wills with 0x87 Not authorized) and the read side the
   session uses to filter SUBSCRIBE packets.
 - `tls`: server-side SSL contexts for TLS listeners and the identity a client certificate gives.
+- `access`: `load_access`, both files the `auth:` section names; `errors`: `AccessError`, the base of
+  every error raised here (`PasswordFileError`, `AclError`, `TLSFileError`).
 
 Nothing here does socket I/O.
 """
 
+from appliance.security.access import load_access
 from appliance.security.acl import AccessRules, AclCheck, AclError, load_acl_file
+from appliance.security.errors import AccessError
 from appliance.security.passwords import Authenticator, AuthResult, PasswordFile, PasswordFileError, hash_password
 
 __all__ = [
-    "AccessRules", "AclCheck", "AclError", "AuthResult", "Authenticator", "PasswordFile", "PasswordFileError",
-    "hash_password", "load_acl_file",
+    "AccessError", "AccessRules", "AclCheck", "AclError", "AuthResult", "Authenticator", "PasswordFile",
+    "PasswordFileError", "hash_password", "load_access", "load_acl_file",
 ]

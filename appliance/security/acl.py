@@ -24,15 +24,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.governance.topics import filters_overlap
 from appliance.mqtt import ReasonCode
-from appliance.mqtt.topics import topic_filter_problem
+from appliance.mqtt.topics import filter_covers, filters_overlap, topic_filter_problem, topic_matches
 from appliance.pipeline import Message, Reason, Verdict
+from appliance.security.errors import AccessError
 
 ACCESS = ("read", "write", "readwrite", "deny")
 
 
-class AclError(Exception):
+class AclError(AccessError):
     """An ACL file that cannot be used; the message names the file and line."""
 
 
@@ -46,38 +46,6 @@ class Rule:
 
     def writes(self) -> bool:
         return self.access in ("write", "readwrite")
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT matching; wildcards at the first level do not match `$` topics."""
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    f_levels, t_levels = topic_filter.split("/"), topic.split("/")
-    for i, level in enumerate(f_levels):
-        if level == "#":
-            return True
-        if i >= len(t_levels):
-            return False
-        if level != "+" and level != t_levels[i]:
-            return False
-    return len(f_levels) == len(t_levels)
-
-
-def filter_covers(outer: str, inner: str) -> bool:
-    """Every topic `inner` matches, `outer` matches too."""
-    o_levels, i_levels = outer.split("/"), inner.split("/")
-    if inner.startswith("$") and o_levels[0] in ("+", "#"):
-        return False  # wildcards at the first level never match $-topics (MQTT §4.7.2)
-    for i, level in enumerate(o_levels):
-        if level == "#":
-            return True
-        if i >= len(i_levels):
-            return False
-        if i_levels[i] == "#":
-            return False  # inner goes deeper than outer allows
-        if level != "+" and (i_levels[i] == "+" or level != i_levels[i]):
-            return False
-    return len(o_levels) == len(i_levels)
 
 
 def _subscription_filter(topic_filter: str) -> str:

@@ -24,6 +24,8 @@ import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
+from appliance.security.errors import AccessError
+
 # What mosquitto_passwd 2.0.11 writes (checked against the real tool in tests/security).
 PBKDF2_ITERATIONS = 101
 SALT_BYTES = 12
@@ -33,7 +35,7 @@ MAX_ITERATIONS = 1_000
 DIGEST_BYTES = 64  # SHA-512
 
 
-class PasswordFileError(Exception):
+class PasswordFileError(AccessError):
     """A password file that cannot be used; the message names the file and line."""
 
 

@@ -7,10 +7,11 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from appliance.settings import ListenerTLSConfig, TLSConfig
+from appliance.config.base import ListenerTLSConfig, TLSConfig
+from appliance.security.errors import AccessError
 
 
-class TLSFileError(ValueError):
+class TLSFileError(AccessError, ValueError):
     """A CA, certificate or key file that is missing, unreadable or not what it should be."""
 
     def __init__(self, path: Path | str, error: Exception):

@@ -8,28 +8,8 @@ topics that were accepted unvalidated (policy `unmapped: accept`) under a schema
 from __future__ import annotations
 
 from appliance.governance.schemaset import Mapping, SchemaSet
+from appliance.mqtt.topics import filter_covers
 from replay.compat.model import NARROWING, NEITHER, WIDENING, Finding
-
-
-def covers(wide: str, narrow: str) -> bool:
-    """Does every topic that matches filter `narrow` also match filter `wide`? (MQTT semantics:
-    `+` one level, `#` the parent level and everything below, no first-level wildcard for `$` topics.)"""
-    a, b = wide.split("/"), narrow.split("/")
-    system = b[0].startswith("$")
-    for i in range(max(len(a), len(b)) + 1):
-        if i < len(a) and a[i] == "#":
-            return not (i == 0 and system)
-        if i == len(a) and i == len(b):
-            return True
-        if i >= len(a) or i >= len(b) or b[i] == "#":
-            return False
-        if a[i] == "+":
-            if i == 0 and system:
-                return False
-            continue
-        if b[i] == "+" or a[i] != b[i]:
-            return False
-    return False
 
 
 def compare_topics(old: SchemaSet, new: SchemaSet) -> list[Finding]:
@@ -39,7 +19,7 @@ def compare_topics(old: SchemaSet, new: SchemaSet) -> list[Finding]:
     for pattern in old_patterns:
         if pattern in new_patterns:
             continue
-        wider = [p for p in new_patterns if covers(p, pattern)]
+        wider = [p for p in new_patterns if filter_covers(p, pattern)]
         if wider:
             findings.append(Finding("topic pattern replaced", f"topic_patterns/{pattern}", pattern, wider[0], NEITHER,
                                     detail=f"its topics stay allowed by {wider[0]}"))
@@ -49,7 +29,7 @@ def compare_topics(old: SchemaSet, new: SchemaSet) -> list[Finding]:
     for pattern in new_patterns:
         if pattern in old_patterns:
             continue
-        if not any(covers(p, pattern) for p in old_patterns):
+        if not any(filter_covers(p, pattern) for p in old_patterns):
             findings.append(Finding("topic pattern added", f"topic_patterns/{pattern}", None, pattern, WIDENING,
                                     detail="the old set rejects its topics"))
 

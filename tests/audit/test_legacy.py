@@ -11,7 +11,7 @@ import duckdb
 
 from appliance.audit import records
 from appliance.audit.layout import Layout
-from appliance.audit.upgrade import legacy_duckdb, needs_upgrade
+from appliance.audit.legacy import legacy_duckdb, needs_upgrade
 from tests.audit import legacy
 from tests.audit.factory import SCHEMA_REASON, decision, epoch, event, generate
 

@@ -21,7 +21,7 @@ from tests.audit.factory import decision, epoch
 @pytest.mark.parametrize("durable", [True, False])
 def test_durable_acks_setting_decides_what_acks_wait_for(tmp_path: Path, durable: bool):
     config = load_config(None, {"state_dir": str(tmp_path), "audit.durable_acks": durable})
-    service = AuditService(config.audit, tmp_path, config_revision="r", dry_run=False)
+    service = AuditService(config.audit, tmp_path)
     try:
         assert (service.durability is service) is durable
     finally:
@@ -57,7 +57,7 @@ def test_ids_keep_growing_after_the_segments_that_held_them_are_removed(tmp_path
     future = int((datetime.now(UTC) + timedelta(days=365)).timestamp() * 1000) << IdClock.SEQUENCE_BITS
 
     async def first_run() -> int:
-        service = AuditService(config.audit, config.state_dir, config_revision="r", dry_run=False)
+        service = AuditService(config.audit, config.state_dir)
         await service.start()
         service.clock = IdClock(start_after=future)  # ids from a clock a year ahead (then corrected)
         service.sink._clock = service.clock
@@ -71,7 +71,7 @@ def test_ids_keep_growing_after_the_segments_that_held_them_are_removed(tmp_path
     asyncio.run(first_run())
 
     async def second_run() -> int:
-        service = AuditService(config.audit, config.state_dir, config_revision="r", dry_run=False)
+        service = AuditService(config.audit, config.state_dir)
         try:
             return service.clock.next()
         finally:

@@ -12,7 +12,8 @@ import pytest
 from appliance.audit.layout import Layout
 from appliance.audit.query import AuditQuery
 from appliance.audit.records import FORWARD_ONLY, IdClock
-from appliance.audit.upgrade import needs_upgrade, upgrade
+from appliance.audit.legacy import needs_upgrade
+from appliance.audit.upgrade import upgrade
 from appliance.msglog.log import MessageLog
 from appliance.msglog.reader import read_log
 from tests.audit.factory import decision, epoch, event, generate

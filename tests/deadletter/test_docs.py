@@ -48,7 +48,7 @@ def test_the_documented_loop_error_is_the_real_one(tmp_path):
 
 
 def test_every_placeholder_is_documented():
-    from appliance.deadletter.spec import PLACEHOLDERS
+    from appliance.republish import PLACEHOLDERS
 
     assert [p for p in PLACEHOLDERS if f"`{{{p}}}`" not in SECTION] == []
     assert re.search(r"\| `\{topic\}` \|", SECTION)

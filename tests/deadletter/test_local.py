@@ -12,7 +12,7 @@ import pytest
 
 from appliance.broker import BrokerEndpoint
 from appliance.deadletter.republisher import DeadLetterSink, Letter, LocalRepublisher
-from appliance.deadletter.spec import DeadLetter, parse_template
+from appliance.republish import DeadLetter, parse_template
 from appliance.mqtt import ProtocolVersion
 from appliance.mqtt.properties import Properties
 from appliance.pipeline import ClientInfo, Message, Reason, Verdict

@@ -99,7 +99,7 @@ def test_rejected_messages_arrive_on_their_local_dead_letter_topics(tmp_path, lo
 
         from appliance.metrics import make_registry
 
-        exposition = generate_latest(make_registry(running.app, running.app.metrics)).decode()
+        exposition = generate_latest(make_registry(running.app.stats, running.app.metrics)).decode()
         assert 'mqtt_proxy_dead_letters_total{outcome="published",to="local"} 2.0' in exposition
         assert "mqtt_proxy_dead_letter_queue 0.0" in exposition
         pub.disconnect()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.deadletter.spec import DeadLetter, parse_template, shapes_overlap, template_shape
+from appliance.republish import DeadLetter, parse_template, shapes_overlap, template_shape
 from appliance.governance import Governance, SchemaSetError, load_schema_set
 from appliance.mqtt import ProtocolVersion
 from appliance.pipeline import ClientInfo, Message

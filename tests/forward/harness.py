@@ -18,7 +18,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from appliance.audit.records import DECISION, EVENT, FORWARD_ONLY, IdClock, RecordKind, payload_sha256
-from appliance.forward import Forwarder, Outbox, OutboxBounds, UpstreamConfig
+from appliance.config.upstream import OutboxBounds, UpstreamConfig
+from appliance.forward import Forwarder, Outbox
 from appliance.msglog.cursor import Cursor
 from appliance.msglog.format import RECORD_HEADER_SIZE
 from appliance.msglog.log import MessageLog

@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from appliance.config import TLSConfig
-from appliance.forward import OutboxBounds, UpstreamConfig
+from appliance.config.upstream import OutboxBounds, UpstreamConfig
 
 DOC = Path(__file__).parents[2] / "docs" / "forwarding.md"
 

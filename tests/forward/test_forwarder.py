@@ -66,6 +66,8 @@ def test_outage_10000_messages_arrive_in_order_once_the_broker_is_back(tmp_path:
             per_sensor, duplicates = check_per_sensor_order(payloads[:-1])
             assert per_sensor == {f"sensor-{s}": 1250 for s in range(8)}
             assert duplicates == 0
+            # The subscriber can have the end marker before the forwarder has its PUBACK.
+            wait_until(lambda: fwd.status().depth == 0, message="the end marker acknowledged")
             status = fwd.status()
             assert status.depth == 0 and status.oldest_age_s is None and status.last_error is None
             print(f"\noutage: 10,000 forwarded, status {status}")

@@ -218,16 +218,6 @@ def test_mappings_that_overlap_the_patterns_are_accepted(demo_set, patterns, map
     assert load_schema_set(d).mappings is not None
 
 
-@pytest.mark.parametrize(("a", "b", "overlap"), [
-    ("sensor/#", "#", True), ("sensor/t1", "sensor/+", True), ("a/b", "a/c", False),
-    ("a/b", "a/b/c", False), ("a/#", "a", True), ("+/x", "y/+", True), ("a/+", "a/b/c", False),
-])
-def test_filters_overlap(a, b, overlap):
-    from appliance.governance.topics import filters_overlap
-
-    assert filters_overlap(a, b) is overlap and filters_overlap(b, a) is overlap
-
-
 def test_backtracking_patterns_bound_the_strings_per_message(demo_set):
     import json
 

@@ -23,10 +23,11 @@ def test_public_names() -> None:
                  "Pubrec", "Pubrel", "Pubcomp", "Subscribe", "Subscription", "Suback",
                  "Unsubscribe", "Unsuback", "Pingreq", "Pingresp", "Disconnect", "Auth", "Frame",
                  "FrameReader", "Decoder", "decode_packet", "decode_publish", "encode_packet",
-                 "encode_publish", "RemoteProtocolError", "LocalProtocolError"]:
+                 "encode_publish", "ProtocolError", "RemoteProtocolError", "LocalProtocolError"]:
         assert hasattr(mqtt, name), name
     assert repr(NEED_DATA) == "NEED_DATA"
     assert issubclass(LocalProtocolError, ValueError)
+    assert issubclass(LocalProtocolError, mqtt.ProtocolError) and issubclass(mqtt.RemoteProtocolError, mqtt.ProtocolError)
     assert ReasonCode.NORMAL_DISCONNECTION == ReasonCode.GRANTED_QOS_0 == 0
     assert ProtocolVersion.MQTT_3_1.protocol_name == "MQIsdp"
 

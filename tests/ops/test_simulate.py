@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from appliance.governance import Governance, load_schema_set
 from appliance.mqtt import ProtocolVersion
 from appliance.pipeline import ClientInfo, Message
-from appliance.settings import Address
+from appliance.config.base import Address
 from appliance.simulate import (
     STATUS_FAULTS,
     TEMPERATURE_FAULTS,

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from appliance.governance import Governance, load_schema_set
 from appliance.mqtt import ProtocolVersion
 from appliance.pipeline import ClientInfo, Message
-from appliance.settings import Address
+from appliance.config.base import Address
 from appliance.simulate import make_traffic, simulate, simulate_command
 from tests.conftest import make_config
 from tests.helpers import RunningAppliance

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.mqtt import Disconnect, Puback, Publish, ReasonCode
-from appliance.pipeline import FailedTickets, Message, Verdict
+from appliance.pipeline import FailedTickets, Message, Policy, Verdict
 from appliance.proxy.session import SYNC_HINT_INFLIGHT, State
 from tests.proxy.test_session import V3, V5, RejectBad, Transcript
 
@@ -16,11 +16,11 @@ class Store:
 
     def __init__(self) -> None:
         self.last = 0
-        self.committed = 0
+        self.settled_seq = 0
         self._failed = FailedTickets()
         self.syncs_requested = 0
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool) -> int:
+    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool, policy: Policy) -> int:
         self.last += 1
         return self.last
 
@@ -29,7 +29,7 @@ class Store:
 
     def fail(self, first: int, last: int) -> None:
         self._failed.add(first, last)
-        self.committed = max(self.committed, last)
+        self.settled_seq = max(self.settled_seq, last)
 
     def request_sync(self) -> None:
         self.syncs_requested += 1
@@ -51,7 +51,7 @@ def test_broker_ack_waits_until_the_record_is_durable(version):
     t.broker(Puback(1))
     assert t.to_client() == []
     assert t.session.waiting_for_durability
-    store.committed = 1
+    store.settled_seq = 1
     t.session.release_acks()
     assert t.to_client() == [Puback(1)]
 
@@ -62,7 +62,7 @@ def test_failed_record_gets_quota_exceeded_instead_of_success_in_mqtt5():
     t.client(Publish("a/b", b"ok", qos=1, packet_id=1), Publish("a/b", b"ok2", qos=1, packet_id=2))
     t.to_broker()
     t.broker(Puback(1), Puback(2))
-    store.committed = 1
+    store.settled_seq = 1
     store.fail(2, 2)
     t.session.release_acks()
     first, second = t.to_client()
@@ -78,7 +78,7 @@ def test_failed_record_closes_a_311_client_without_acknowledging_it():
     t.client(Publish("a/b", b"ok", qos=1, packet_id=1), Publish("a/b", b"ok2", qos=1, packet_id=2))
     t.to_broker()
     t.broker(Puback(1), Puback(2))
-    store.committed = 1
+    store.settled_seq = 1
     store.fail(2, 2)
     t.session.release_acks()
     assert t.to_client() == [Puback(1)]  # the earlier one was stored: acked; the failed one never
@@ -144,14 +144,14 @@ def test_a_client_clocked_by_our_acks_is_blocked_with_one_message_in_flight():
     t.client(Publish("a/b", b"ok", qos=1, packet_id=1))
     assert not t.session.blocked_on_durability  # its own pace, as far as we know
     t.broker(Puback(1))
-    store.committed = 1
+    store.settled_seq = 1
     t.session.release_acks()
     assert t.to_client() == [Puback(1)]
     clock.now += 0.0005  # the next one right after the ack: clocked by our acks
     t.client(Publish("a/b", b"ok", qos=1, packet_id=2))
     assert t.session.blocked_on_durability
     t.broker(Puback(2))
-    store.committed = 2
+    store.settled_seq = 2
     t.session.release_acks()
     clock.now += 0.1  # later, at its own pace
     t.client(Publish("a/b", b"ok", qos=1, packet_id=3))

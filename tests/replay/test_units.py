@@ -7,7 +7,7 @@ import json
 import duckdb
 import pytest
 
-from appliance.governance.topics import TopicTrie
+from appliance.mqtt.topics import TopicTrie
 from replay.infer import infer_schema
 from replay.report import FailOn
 from replay.rows import topic_filter_regex

@@ -147,21 +147,6 @@ def test_different_topic_patterns():
     assert (report.added, report.removed) == (("humidity:v1",), ())
 
 
-@pytest.mark.parametrize(("wide", "narrow", "covered"), [
-    ("sensor/#", "sensor/+/temperature", True),
-    ("sensor/#", "sensor", True),
-    ("sensor/+/temperature", "sensor/#", False),
-    ("+/+/temperature", "sensor/t1/temperature", True),
-    ("events/alerts/+", "events/#", False),
-    ("#", "$SYS/broker", False),
-    ("a/+", "a/b/c", False),
-])
-def test_topic_filter_coverage(wide, narrow, covered):
-    from replay.compat.topics import covers
-
-    assert covers(wide, narrow) is covered
-
-
 def test_refs_within_a_file_and_between_files():
     report = compare_sets(load_schema_set(FIXTURES / "refs" / "old"), load_schema_set(FIXTURES / "refs" / "new"))
     result = report.result("reading")

@@ -1,10 +1,13 @@
+"""The one topic-filter module (appliance/mqtt/topics.py): matching, coverage and overlap against
+the MQTT definition written plainly."""
+
 from __future__ import annotations
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.governance.topics import TopicTrie
+from appliance.mqtt.topics import TopicTrie, filter_covers, filters_overlap, topic_matches
 
 
 def matches(topic_filter: str, topic: str) -> bool:
@@ -42,6 +45,7 @@ def test_mqtt_matching(topic_filter, topic, expected):
     trie.insert(topic_filter, 1)
     assert bool(trie.match(topic)) is expected
     assert matches(topic_filter, topic) is expected
+    assert topic_matches(topic_filter, topic) is expected
 
 
 def test_most_specific_first():
@@ -74,3 +78,51 @@ def test_trie_agrees_with_definition(filter_list, topic_levels):
     for f in filter_list:
         trie.insert(f, f)
     assert sorted(f for f, _ in trie.match(topic)) == sorted(f for f in filter_list if matches(f, topic))
+
+
+@given(filters, st.lists(levels, min_size=1, max_size=5))
+def test_topic_matches_agrees_with_definition(topic_filter, topic_levels):
+    topic = "/".join(topic_levels)
+    assert topic_matches(topic_filter, topic) is matches(topic_filter, topic)
+
+
+@pytest.mark.parametrize(("wide", "narrow", "covered"), [
+    ("sensor/#", "sensor/+/temperature", True),
+    ("sensor/#", "sensor", True),
+    ("sensor/+/temperature", "sensor/#", False),
+    ("+/+/temperature", "sensor/t1/temperature", True),
+    ("events/alerts/+", "events/#", False),
+    ("#", "$SYS/broker", False),
+    ("#", "$SYS/#", False),
+    ("+/broker/#", "$SYS/broker/load", False),
+    ("$SYS/#", "$SYS/broker/load", True),
+    ("a/+", "a/b/c", False),
+    ("a/#", "a/+/c", True),
+    ("a/+", "a/#", False),
+    ("+/b", "x/b", True),
+])
+def test_filter_covers(wide, narrow, covered):
+    assert filter_covers(wide, narrow) is covered
+
+
+# Every topic of up to four levels over a small alphabet: enough to decide coverage by brute force.
+_TOPICS = ["/".join(t) for n in range(1, 5) for t in __import__("itertools").product(["a", "b", "", "$x"], repeat=n)]
+
+
+@given(filters, filters)
+def test_filter_covers_agrees_with_definition(wide, narrow):
+    """`wide` covers `narrow` exactly when no topic (of the sample) matches `narrow` but not `wide`,
+    for filters whose every match lies within the sample (at most four levels, no `#`)."""
+    if "#" in narrow:
+        return  # `#` matches topics of any depth: not decidable by this sample
+    expected = all(matches(wide, t) for t in _TOPICS if matches(narrow, t))
+    assert filter_covers(wide, narrow) is expected
+
+
+@pytest.mark.parametrize(("a", "b", "overlap"), [
+    ("sensor/#", "#", True), ("sensor/t1", "sensor/+", True), ("a/b", "a/c", False),
+    ("a/b", "a/b/c", False), ("a/#", "a", True), ("+/x", "y/+", True), ("a/+", "a/b/c", False),
+    ("a/+", "+/b", True),
+])
+def test_filters_overlap(a, b, overlap):
+    assert filters_overlap(a, b) is overlap and filters_overlap(b, a) is overlap

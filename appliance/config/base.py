@@ -1,7 +1,8 @@
 """Building blocks of the configuration, shared by every section: addresses, durations, sizes, TLS.
 
-Separate from config.py so that sections living elsewhere (appliance/forward/config.py) can build
-on them while config.py assembles the whole.
+Separate from the package's `__init__` (which assembles the whole config) so that sections in their
+own modules (`upstream.py`) can build on them. The config package imports no runtime code: only
+pydantic, yaml and the leaf modules `appliance.yamlsource` and `appliance.credentials`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A mapping's dead-letter republish: `on_reject: {republish: {...}}` in a schema set's manifest.
+"""What a mapping's dead-letter republish is (`on_reject: {republish: {...}}`, docs/schemas.md "Dead-letter topics"): the declaration, its checks (placeholders, loops) and topic rendering; pure. The republisher is `appliance/deadletter/`.
 
 Declared once per mapping, checked when the set loads, rendered per rejected message. Pure: no
 I/O, no imports from the governance package (which imports this), so a manifest can be checked

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, model_validator
 
 from appliance.credentials import read_credential
-from appliance.settings import Duration, Size, TLSConfig, WholeSeconds, _Section
+from appliance.config.base import Duration, Size, TLSConfig, WholeSeconds, _Section
 
 TEMPLATE_FIELDS = frozenset({"topic", "gateway_id", "client_id"})
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}

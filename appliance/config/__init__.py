@@ -12,17 +12,17 @@ import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from appliance.forward.config import UpstreamConfig
-from appliance.yamlsource import LineDict, LineLoader, did_you_mean
-from appliance.settings import (  # noqa: F401 - re-exported: the config's building blocks
+from appliance.config.base import (  # noqa: F401 - re-exported: the config's building blocks
     Address, Bytes, Duration, ListenerConfig, ListenerTLSConfig, Seconds, Size, TLSConfig, _address, _Section,
     parse_duration, parse_seconds, parse_size,
 )
+from appliance.config.upstream import UpstreamConfig
+from appliance.yamlsource import LineDict, LineLoader, did_you_mean
 
 DEFAULT_STATE_DIR = Path("/var/lib/mqtt-appliance")
 
@@ -315,9 +315,9 @@ def _section_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
         if info is None:
             return None
         annotation = info.annotation
-        if getattr(annotation, "__origin__", None) is list:
-            annotation = annotation.__args__[0]  # type: ignore[union-attr]
-        sections = [c for c in getattr(annotation, "__args__", (annotation,)) if isinstance(c, type) and issubclass(c, BaseModel)]
+        if get_origin(annotation) is list:
+            annotation = get_args(annotation)[0]
+        sections = [c for c in get_args(annotation) or (annotation,) if isinstance(c, type) and issubclass(c, BaseModel)]
         if not sections:
             return None
         model = sections[0]
@@ -386,9 +386,9 @@ def iter_settings(model: type[BaseModel] = Config, prefix: str = "") -> Iterator
         yield prefix + name, info
         annotation = info.annotation
         suffix = "."
-        if getattr(annotation, "__origin__", None) is list:
-            annotation, suffix = annotation.__args__[0], "[]."
-        for candidate in getattr(annotation, "__args__", (annotation,)):
+        if get_origin(annotation) is list:
+            annotation, suffix = get_args(annotation)[0], "[]."
+        for candidate in get_args(annotation) or (annotation,):
             if isinstance(candidate, type) and issubclass(candidate, _Section):
                 yield from iter_settings(candidate, f"{prefix}{name}{suffix}")
 

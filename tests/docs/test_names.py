@@ -1,0 +1,164 @@
+"""Event kinds and metric names: declared once (appliance/names.py), used by the code, documented
+(docs/audit.md's table of event kinds, docs/operations.md's table of metrics), all three in step."""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from appliance.metrics import AuditStats, DeadLetterStats, MetricsSink, Stats, UplinkStats, make_registry
+from appliance.names import PROXY_COUNTED, EventKind, Metric, counted
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCES = sorted([*(ROOT / "appliance").rglob("*.py"), *(ROOT / "replay").rglob("*.py")])
+# Functions that record an event; the kind is one of their first two positional arguments (or `kind=`).
+EMITTERS = {"on_event", "_on_event", "emit", "_emit", "_event", "record_event", "_record_event", "_append_event",
+            "event_record"}
+EVENT_NAME = re.compile(r"^[a-z]+(_[a-z]+)+$")
+
+
+def _table(doc: str, header: str) -> list[list[str]]:
+    """The rows of the markdown table under `header` (a header line), as lists of cells."""
+    lines = (ROOT / "docs" / doc).read_text().splitlines()
+    start = lines.index(header) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def _kinds_in_code() -> tuple[Counter[str], set[str]]:
+    """(event kinds written as string literals where events are recorded, EventKind members referenced)."""
+    literals: Counter[str] = Counter()
+    members: set[str] = set()
+    for path in SOURCES:
+        if path.name == "names.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "EventKind":
+                members.add(node.attr)
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            candidates: list[ast.expr] = []
+            if name in EMITTERS:
+                candidates = [*node.args[:2], *(k.value for k in node.keywords if k.arg == "kind")]
+            elif name == "append" and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Attribute) \
+                    and node.func.value.attr == "events" and node.args and isinstance(node.args[0], ast.Tuple):
+                candidates = node.args[0].elts[:1]  # session.events.append((kind, detail))
+            elif name == "call" and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
+                    and node.args[1].value == "audit_event":
+                candidates = [k.value for k in node.keywords if k.arg == "kind"]  # admin.call(..., "audit_event", kind=)
+            for candidate in candidates:
+                if isinstance(candidate, ast.Constant) and isinstance(candidate.value, str) and EVENT_NAME.match(candidate.value):
+                    literals[candidate.value] += 1
+    return literals, members
+
+
+def test_every_event_kind_in_the_code_is_declared():
+    literals, members = _kinds_in_code()
+    declared = {kind.value for kind in EventKind}
+    assert set(literals) <= declared, f"declare these in appliance/names.py: {sorted(set(literals) - declared)}"
+    assert members <= {kind.name for kind in EventKind}, members
+
+
+def test_every_declared_event_kind_is_recorded_somewhere():
+    literals, members = _kinds_in_code()
+    used = set(literals) | {EventKind[name].value for name in members}
+    assert used == {kind.value for kind in EventKind}, f"never recorded: {sorted({k.value for k in EventKind} - used)}"
+
+
+def test_the_finder_sees_each_way_of_recording_an_event():
+    """Literal kinds in the proxy (not yet EventKind members there) are found, and so are members."""
+    literals, members = _kinds_in_code()
+    assert {"auth_failed", "acl_denied", "limit_exceeded"} <= set(literals) or \
+        {"AUTH_FAILED", "ACL_DENIED", "LIMIT_EXCEEDED"} <= members
+    assert {"CONFIG_RELOAD", "UPLINK_UP", "LOG_TORN_TAIL", "QUARANTINE_PURGED"} <= members
+
+
+def test_every_event_kind_is_documented_and_every_documented_one_exists():
+    rows = _table("audit.md", "| kind | recorded when | detail |")
+    documented = [row[0].strip("`") for row in rows]
+    assert len(documented) == len(set(documented))
+    assert set(documented) == {kind.value for kind in EventKind}
+    assert all(row[1] for row in rows), "each kind says when it is recorded"
+
+
+def test_every_metric_is_documented_with_its_type_and_labels():
+    rows = _table("operations.md", "| metric | type | labels | meaning |")
+    # labels: "`status` (valid/invalid), `topic_filter`, `schema`": the names in backticks, outside brackets
+    documented = {row[0].strip("`"): (row[1], tuple(re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", row[2]))), row[3])
+                  for row in rows}
+    declared = {metric.value.exported: metric.value for metric in Metric}
+    assert set(documented) == set(declared), (sorted(set(documented) - set(declared)), sorted(set(declared) - set(documented)))
+    for name, (kind, labels, meaning) in documented.items():
+        spec = declared[name]
+        assert kind == spec.type, name
+        assert labels == spec.labels, (name, labels, spec.labels)
+        assert meaning, name
+
+
+def _collect(stats: Stats) -> dict[str, object]:
+    registry = make_registry(lambda: stats, MetricsSink())
+    return {family.name: family for family in registry.collect()}
+
+
+def test_the_collector_exports_every_declared_metric_and_no_other():
+    stats = Stats(
+        uptime_s=1.0, state_dir=ROOT, broker_up=True, broker_restarts=0, clients=2, reloads={"ok": 1},
+        counts={(Metric.LIMIT_EXCEEDED, "inflight"): 3, (Metric.AUDIT_UNAVAILABLE, ""): 2},
+        audit=AuditStats(quarantine_bytes=5, pending_records=1, lost_records=0, healthy=True, log_syncs=4,
+                         log_appended_bytes=100, helper_failures=0),
+        uplink=UplinkStats(up=True, depth=1, bytes=10, oldest_age_s=0.5, forwarded=7, dropped=0),
+        dead_letters=DeadLetterStats(totals={("local", "published"): 4}, queue=1),
+    )
+    families = _collect(stats)
+    ours = {name for name in families if name.startswith("mqtt_proxy_")}
+    assert ours == {metric.value.name for metric in Metric}
+    for metric in Metric:
+        family = families[metric.value.name]
+        assert family.type == metric.value.type and family.documentation == metric.value.help, metric
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("mqtt_proxy_limit_exceeded_total", (("limit", "inflight"),))] == 3
+    assert samples[("mqtt_proxy_audit_unavailable_total", ())] == 2
+    assert samples[("mqtt_proxy_dead_letters_total", (("outcome", "published"), ("to", "local")))] == 4
+
+
+def _proxy_count_keys() -> list[str]:
+    """The metric keys the proxy counts as text (`counts.append("name:label")`, `count("name:" + x)`)."""
+    keys = []
+    for path in sorted((ROOT / "appliance" / "proxy").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args):
+                continue
+            receiver = node.func.value
+            is_counts = node.func.attr == "append" and isinstance(receiver, ast.Attribute) and receiver.attr == "counts"
+            if not (is_counts or node.func.attr == "count"):
+                continue
+            arg = node.args[0]
+            while isinstance(arg, ast.BinOp):
+                arg = arg.left
+            if isinstance(arg, ast.IfExp):
+                arg = arg.body
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                keys.append(arg.value)
+    return keys
+
+
+def test_every_key_the_proxy_counts_is_a_declared_metric():
+    keys = _proxy_count_keys()
+    assert keys, "the proxy counts something"
+    for key in keys:
+        metric, label = counted(key)
+        assert metric in PROXY_COUNTED and bool(label or key.endswith(":")) == bool(metric.value.labels), key
+
+
+def test_counted_refuses_an_unknown_key():
+    with pytest.raises(KeyError):
+        counted("no_such_metric:x")

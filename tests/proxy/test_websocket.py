@@ -28,7 +28,7 @@ from appliance.config import ConfigError
 from appliance.mqtt import (
     NEED_DATA, Connack, Connect, Decoder, ProtocolVersion, Puback, Publish, ReasonCode, Suback, Subscribe, Subscription, encode_packet,
 )
-from appliance.settings import Address
+from appliance.config.base import Address
 from appliance.simulate import parse_broker, simulate_command
 from tests.conftest import make_config
 from tests.governance.payloads import temperature

@@ -13,6 +13,7 @@ durability of acks (`AckOrder`, acks.py). Its policies are small units it compos
 - subscriptions.py: the ACL's read side and the subscription quota on SUBSCRIBE, SUBACK merging;
 - limits.py: packet sizes, the in-flight limit, the message rate (token bucket);
 - aliases.py: MQTT 5 topic aliases; qos2.py: the QoS 2 flows the proxy finishes itself;
+- replies.py: what the proxy says itself (refusing CONNACKs, rejections' acks, DISCONNECTs);
 - framing.py: the incomplete packet at the end of a chunk.
 """
 
@@ -29,13 +30,9 @@ from appliance.mqtt import (
     Connack,
     Connect,
     ConnectReturnCode,
-    Disconnect,
     PacketType,
-    Properties,
     PropertyId,
     ProtocolVersion,
-    Puback,
-    Pubrec,
     ReasonCode,
     RemoteProtocolError,
     Suback,
@@ -70,6 +67,7 @@ from appliance.proxy.connect import (
 from appliance.proxy.framing import PacketBuffer
 from appliance.proxy.limits import SessionLimits, MessageRate, advertised, inflight_exceeded
 from appliance.proxy.qos2 import Qos2Flows
+from appliance.proxy.replies import Replies
 from appliance.proxy.subscriptions import Subscriptions
 from appliance.security.passwords import AuthResult
 
@@ -98,9 +96,6 @@ SYNC_HINT_INFLIGHT = 10
 # A client whose next packets arrive this soon after we released acks to it is clocked by our acks
 # (it sends when it hears back): whatever it has in flight, it is blocked on us once it waits.
 ACK_CLOCK_S = 0.002
-
-# Reason strings are a courtesy to the publisher; keep them short.
-MAX_REASON_STRING = 200
 # The reason codes a CONNACK may carry (MQTT 5 §3.2.2.2) among those a protocol error names.
 _CONNACK_ERRORS = frozenset({ReasonCode.UNSPECIFIED_ERROR, ReasonCode.MALFORMED_PACKET, ReasonCode.PROTOCOL_ERROR,
                              ReasonCode.PACKET_TOO_LARGE, ReasonCode.QUOTA_EXCEEDED})
@@ -119,8 +114,7 @@ class Session:
         "_pipeline", "_limits", "_credentials", "_durability", "_authenticator", "_identity", "_clock",
         "_max_packet_size", "_from_client", "_from_broker", "_acks", "_acks_released_at", "_ack_clocked",
         "_to_client", "_to_broker", "_notes", "_pause", "_open_broker", "_broker_up", "_close_broker",
-        "_close_client", "_subscriptions", "_rate", "_aliases", "_qos2", "_reason_strings",
-        "_client_max_packet", "_client_disconnected",
+        "_close_client", "_subscriptions", "_rate", "_aliases", "_qos2", "_replies", "_client_disconnected",
     )
 
     def __init__(
@@ -172,8 +166,8 @@ class Session:
         self._rate = MessageRate(limits, clock, self._notes) if limits.message_rate else None
         self._aliases = TopicAliases()
         self._qos2 = Qos2Flows()
-        self._reason_strings = True
-        self._client_max_packet: int | None = None
+        # Until a CONNECT names the client's version, the only reply is in 3.1.1, which all can read.
+        self._replies = Replies(ProtocolVersion.MQTT_3_1_1)
         self._client_disconnected = False
 
     # -- the commands of one input ---------------------------------------------------------------
@@ -299,11 +293,7 @@ class Session:
         client = self.client = ClientInfo(connect.client_id, username, self.peer, version)
         self._notes.client_id = client.client_id
         self._max_packet_size = self._limits.max_packet_size
-        if version is _MQTT5:
-            props = connect.properties
-            self._reason_strings = props.get(PropertyId.REQUEST_PROBLEM_INFORMATION, 1) == 1
-            max_packet = props.get(PropertyId.MAXIMUM_PACKET_SIZE)
-            self._client_max_packet = max_packet if isinstance(max_packet, int) else None
+        self._replies = Replies(version, connect)
         if self._authenticator is not None:
             result = self._authenticator.authenticate(connect.username, connect.password, identity=self._identity)
             if result is not AuthResult.OK:
@@ -322,17 +312,13 @@ class Session:
         self._open_broker = True
 
     def _refuse_will(self, verdict: Verdict) -> None:
-        assert self.version is not None
-        if self.version is _MQTT5:
-            connack = Connack(reason_code=verdict.reason_code, properties=self._reason_properties(verdict.reason_text))
-        else:
-            connack = Connack(reason_code=ConnectReturnCode.NOT_AUTHORIZED)
-        self._to_client.append(encode_packet(connack, self.version))
+        code = verdict.reason_code if self.version is _MQTT5 else ConnectReturnCode.NOT_AUTHORIZED
+        self._to_client.append(self._replies.connack(code, verdict.reason_text))
         self._close(f"will refused: {verdict.reason_text}", broker=False)
 
     def _refuse_auth(self, result: AuthResult) -> None:
         assert self.version is not None and self.client is not None
-        self._to_client.append(encode_packet(Connack(reason_code=refusal_code(result, self.version)), self.version))
+        self._to_client.append(self._replies.connack(refusal_code(result, self.version)))
         bad, text = result is AuthResult.BAD_CREDENTIALS, result.value
         self._notes.record("auth_failed", {"client_id": self.client.client_id, "username": self.client.username,
                                            "peer": self.peer, "reason": text})
@@ -364,8 +350,7 @@ class Session:
             if isinstance(alias, int):
                 topic = self._aliases.resolve(alias, topic)
         if qos and inflight_exceeded(self._limits, self._acks.publishes + len(self._qos2.forwarded), self._notes):
-            if version is _MQTT5:
-                self._to_client.append(encode_packet(Disconnect(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED), _MQTT5))
+            self._disconnect(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
             self._close("receive maximum exceeded")
             return None
         if self._rate is not None:
@@ -394,37 +379,22 @@ class Session:
         return None
 
     def _reject(self, qos: int, packet_id: int | None, verdict: Verdict, seq: int = 0) -> None:
-        version = self.version
-        assert version is not None
-        v5 = version is _MQTT5
         if verdict.action == "disconnect":
-            if v5:
-                disconnect = Disconnect(verdict.reason_code, self._reason_properties(verdict.reason_text))
-                self._to_client.append(encode_packet(disconnect, _MQTT5))
+            self._disconnect(verdict.reason_code, verdict.reason_text)
             self._close(f"disconnected by policy: {verdict.reason_text}")
             return
         if qos == 0:
             return
         assert packet_id is not None
-        ack: Puback | Pubrec
-        if v5:
-            props = self._reason_properties(verdict.reason_text)
-            ack = Puback(packet_id, verdict.reason_code, props) if qos == 1 else Pubrec(packet_id, verdict.reason_code, props)
-        else:
-            # 3.1.1 has no way to say "rejected": a plain ack stops the publisher from retrying.
-            ack = Puback(packet_id) if qos == 1 else Pubrec(packet_id)
         if qos == 2:
             self._qos2.refuse(packet_id)
-        self._acks.inject(encode_packet(ack, version), seq, self._to_client)
+        self._acks.inject(self._replies.rejection(qos, packet_id, verdict), seq, self._to_client)
 
-    def _reason_properties(self, text: str) -> Properties:
-        if not self._reason_strings or not text:
-            return Properties.EMPTY
-        text = text[:MAX_REASON_STRING]
-        # The client's Maximum Packet Size bounds what we may send it; leave room for the header.
-        if self._client_max_packet is not None and len(text.encode()) + 16 > self._client_max_packet:
-            return Properties.EMPTY
-        return Properties(((PropertyId.REASON_STRING, text),))
+    def _disconnect(self, code: ReasonCode, text: str = "") -> None:
+        """Tell an MQTT 5 client why it is being closed (3.1.1 has no DISCONNECT from the server)."""
+        disconnect = self._replies.disconnect(code, text)
+        if disconnect is not None:
+            self._to_client.append(disconnect)
 
     # -- broker → client -------------------------------------------------------------------------
 
@@ -524,22 +494,14 @@ class Session:
         return self._commands()
 
     def _failed_ack(self, packet_id: int, qos: int) -> bytes | None:
-        """An accepted message's record could not be stored: what its publisher gets instead of the
-        broker's success ack. MQTT 5 QoS 1: PUBACK 0x97 Quota exceeded (the client may resend).
-        Otherwise there is no honest ack to give: None, and the connection is closed, so the client
-        resends after reconnecting (MQTT 3.1.1 §4.4)."""
+        """An accepted message's record could not be stored: the ack its publisher gets instead of
+        the broker's (None: none, and the connection closes; replies.py)."""
         self._notes.count("audit_unavailable")
-        if self.version is _MQTT5 and qos == 1:
-            return encode_packet(
-                Puback(packet_id, ReasonCode.QUOTA_EXCEEDED, self._reason_properties("the message log cannot store messages")),
-                _MQTT5,
-            )
-        return None
+        return self._replies.unstored(packet_id, qos)
 
     def _close_if_unacknowledgeable(self) -> None:
         if self._acks.broken:
-            if self.version is _MQTT5:
-                self._to_client.append(encode_packet(Disconnect(ReasonCode.QUOTA_EXCEEDED), _MQTT5))
+            self._disconnect(ReasonCode.QUOTA_EXCEEDED)
             self._close("the message log could not store a message awaiting its acknowledgement")
 
     @property
@@ -562,7 +524,7 @@ class Session:
         """The broker leg could not be opened: tell the client the server is unavailable."""
         if self.state is State.CONNECTING and self.version is not None:
             code = ReasonCode.SERVER_UNAVAILABLE if self.version is _MQTT5 else ConnectReturnCode.SERVER_UNAVAILABLE
-            self._to_client.append(encode_packet(Connack(reason_code=code), self.version))
+            self._to_client.append(self._replies.connack(code))
         self._close("broker unavailable", broker=False)
         return self._commands()
 
@@ -579,15 +541,15 @@ class Session:
 
     def revoke(self, reason: str) -> list[Command]:
         """Access was withdrawn (a reload): tell MQTT 5 clients, then close."""
-        if self.state is State.CONNECTED and self.version is _MQTT5:
-            self._to_client.append(encode_packet(Disconnect(ReasonCode.NOT_AUTHORIZED), _MQTT5))
+        if self.state is State.CONNECTED:
+            self._disconnect(ReasonCode.NOT_AUTHORIZED)
         self._close(f"access revoked: {reason}")
         return self._commands()
 
     def shutdown(self) -> list[Command]:
         """The appliance is stopping: tell MQTT 5 clients why, then close."""
-        if self.state is State.CONNECTED and self.version is _MQTT5:
-            self._to_client.append(encode_packet(Disconnect(ReasonCode.SERVER_SHUTTING_DOWN), _MQTT5))
+        if self.state is State.CONNECTED:
+            self._disconnect(ReasonCode.SERVER_SHUTTING_DOWN)
         self._close("appliance shutting down")
         return self._commands()
 
@@ -595,21 +557,20 @@ class Session:
         if exc.reason_code == ReasonCode.PACKET_TOO_LARGE:
             limit = "connect_size" if self.state is State.AWAIT_CONNECT else "packet_size"
             self._notes.limit_exceeded(limit, exc.msg)
-        if self.state is State.CONNECTED and self.version is _MQTT5:
-            self._to_client.append(encode_packet(Disconnect(exc.reason_code), _MQTT5))
+        if self.state is State.CONNECTED:
+            self._disconnect(exc.reason_code)
         elif self.state is State.CONNECTING:
             # The CONNECT and a bad packet came together, before the broker's CONNACK: refuse the
             # connection with the reason (MQTT 5), and give the broker nothing of it.
             if self.version is _MQTT5:
                 code = exc.reason_code if exc.reason_code in _CONNACK_ERRORS else ReasonCode.PROTOCOL_ERROR
-                connack = Connack(reason_code=code, properties=self._reason_properties(exc.msg))
-                self._to_client.append(encode_packet(connack, _MQTT5))
+                self._to_client.append(self._replies.connack(code, exc.msg))
             self._to_broker.clear()
             self._open_broker = False
         elif self.state is State.AWAIT_CONNECT and exc.reason_code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
-            # What mosquitto answers too: the 3.1.1 CONNACK every version can read.
-            connack = Connack(reason_code=ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION)
-            self._to_client.append(encode_packet(connack, ProtocolVersion.MQTT_3_1_1))
+            # What mosquitto answers too: the 3.1.1 CONNACK every version can read (the session's
+            # replies are in 3.1.1 until a CONNECT is accepted).
+            self._to_client.append(self._replies.connack(ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION))
         self._close(f"protocol error: {exc}", broker=self.state is not State.AWAIT_CONNECT)
 
     def _close(self, reason: str, *, broker: bool = True) -> None:

@@ -13,7 +13,8 @@ Vocabulary:
 - The session's policies are small units it composes, each without I/O: connect.py
   (authentication, the will, broker credentials and client-id namespacing), subscriptions.py (ACL
   read side, subscription quota, SUBACK merging), limits.py (in flight, message rate), aliases.py
-  (topic aliases), qos2.py (QoS 2 flows the proxy finishes), framing.py (partial packets).
+  (topic aliases), qos2.py (QoS 2 flows the proxy finishes), replies.py (what the proxy says
+  itself), framing.py (partial packets).
 - `ProxyServer` (server.py) owns the proxy's sockets: asyncio Protocols, flow control between the
   two legs, and `ClientLeg.execute`, the one place the session's commands are carried out.
 """

@@ -65,7 +65,7 @@ from appliance.proxy.connect import (
     refusal_code,
 )
 from appliance.proxy.framing import PacketBuffer
-from appliance.proxy.limits import SessionLimits, MessageRate, advertised, inflight_exceeded
+from appliance.proxy.limits import MessageRate, SessionLimits, advertised, inflight_exceeded
 from appliance.proxy.qos2 import Qos2Flows
 from appliance.proxy.replies import Replies
 from appliance.proxy.subscriptions import Subscriptions

@@ -12,25 +12,28 @@ from appliance.mqtt.framing import MAX_PACKET_SIZE
 
 
 class PacketBuffer:
-    __slots__ = ("_pending", "_need")
+    """On the hot path the caller checks `pending` before calling `join` and calls `keep` only when
+    the scan stopped before the chunk's end: most chunks end with a complete packet."""
+
+    __slots__ = ("pending", "_need")
 
     def __init__(self) -> None:
-        self._pending = bytearray()
+        self.pending = bytearray()  # the start of a packet, or empty
         self._need = 0  # the kept packet's total size, once its fixed header is complete
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self.pending)
 
     def join(self, data: bytes) -> bytes | None:
         """The bytes to scan: what was kept, followed by `data`. None while the kept packet is still
         incomplete (a large packet arriving in many chunks is not rescanned for every chunk)."""
-        pending = self._pending
+        pending = self.pending
         if not pending:
             return data
         pending += data
         if len(pending) < self._need:
             return None
-        self._pending = bytearray()
+        self.pending = bytearray()
         return bytes(pending)
 
     def keep(self, data: bytes, pos: int, max_packet_size: int = MAX_PACKET_SIZE) -> None:
@@ -38,6 +41,6 @@ class PacketBuffer:
         at the end). The scan stopped there, so the header, if complete, is valid."""
         size = len(data)
         if pos < size:
-            self._pending = bytearray(data[pos:])
+            self.pending = bytearray(data[pos:])
             header = read_fixed_header(data, pos, size, max_packet_size)
             self._need = header[2] - pos if header else 0

@@ -113,7 +113,7 @@ class Session:
         "peer", "client", "version", "state", "close_reason", "password_user", "broker_client_id",
         "_pipeline", "_limits", "_credentials", "_durability", "_authenticator", "_identity", "_clock",
         "_max_packet_size", "_from_client", "_from_broker", "_acks", "_acks_released_at", "_ack_clocked",
-        "_to_client", "_to_broker", "_notes", "_pause", "_open_broker", "_broker_up", "_close_broker",
+        "_to_client", "_to_broker", "_notes", "_requests", "_pause", "_open_broker", "_broker_up", "_close_broker",
         "_close_client", "_subscriptions", "_rate", "_aliases", "_qos2", "_replies", "_client_disconnected",
     )
 
@@ -157,6 +157,7 @@ class Session:
         self._to_client: list[bytes] = []
         self._to_broker: list[bytes] = []
         self._notes = Notes(peer)
+        self._requests = False  # whether any of the four below is set (most inputs set none)
         self._pause = 0.0
         self._open_broker = False
         self._broker_up = False
@@ -175,21 +176,28 @@ class Session:
     def _commands(self) -> list[Command]:
         """What the input just handled produced, in the order the server executes it."""
         commands: list[Command] = []
-        if self._to_client:
-            commands.append(SendToClient(b"".join(self._to_client)))
-            self._to_client.clear()
+        to_client = self._to_client
+        if to_client:
+            commands.append(SendToClient(b"".join(to_client)))
+            to_client.clear()
         notes = self._notes.commands
         if notes:
             commands += notes
             notes.clear()
-        if self._pause > 0:
+        requests = self._requests
+        if requests and self._pause > 0:
             commands.append(Pause(self._pause))
             self._pause = 0.0
-        if self._acks.waiting_for_durability:
+        # Without a message log, no ack ever waits for one.
+        if self._durability is not None and self._acks.waiting_for_durability:
             commands.append(AWAIT_DURABLE_SYNC_NOW if self.blocked_on_durability else AWAIT_DURABLE)
-        if self._to_broker and self._broker_up:
-            commands.append(SendToBroker(b"".join(self._to_broker)))
-            self._to_broker.clear()
+        to_broker = self._to_broker
+        if to_broker and self._broker_up:
+            commands.append(SendToBroker(b"".join(to_broker)))
+            to_broker.clear()
+        if not requests:
+            return commands
+        self._requests = False
         if self._open_broker:
             commands.append(OPEN_BROKER)
             self._open_broker = False
@@ -225,10 +233,11 @@ class Session:
         if self.state is State.CLOSED:
             return self._commands()
         self._ack_clocked = self._clock() - self._acks_released_at < ACK_CLOCK_S
-        joined = self._from_client.join(data)
-        if joined is None:
-            return self._commands()
-        data = joined
+        if self._from_client.pending:
+            joined = self._from_client.join(data)
+            if joined is None:
+                return self._commands()
+            data = joined
         size = len(data)
         pos = run = 0  # data[run:pos] is a run of packets to relay as they are
         to_broker = self._to_broker
@@ -282,7 +291,8 @@ class Session:
             return self._commands()
         if run < pos:
             to_broker.append(data if run == 0 and pos == size else data[run:pos])
-        self._from_client.keep(data, pos, max_size)
+        if pos < size:
+            self._from_client.keep(data, pos, max_size)
         return self._commands()
 
     def _on_connect(self, first_byte: int, body: bytes, raw: bytes) -> None:
@@ -309,7 +319,7 @@ class Session:
         self._to_broker.append(raw)
         self._acks.wait_for(CONNACK_BARRIER, qos=0)
         self.state = State.CONNECTING
-        self._open_broker = True
+        self._open_broker = self._requests = True
 
     def _refuse_will(self, verdict: Verdict) -> None:
         code = verdict.reason_code if self.version is _MQTT5 else ConnectReturnCode.NOT_AUTHORIZED
@@ -349,7 +359,8 @@ class Session:
             alias = publish.properties.get(PropertyId.TOPIC_ALIAS)
             if isinstance(alias, int):
                 topic = self._aliases.resolve(alias, topic)
-        if qos and inflight_exceeded(self._limits, self._acks.publishes + len(self._qos2.forwarded), self._notes):
+        if qos and self._limits.max_inflight and \
+                inflight_exceeded(self._limits, self._acks.publishes + len(self._qos2.forwarded), self._notes):
             self._disconnect(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
             self._close("receive maximum exceeded")
             return None
@@ -357,6 +368,7 @@ class Session:
             pause = self._rate.take()
             if pause:
                 self._pause = pause
+                self._requests = True
         verdict, ticket = self._pipeline.judge(
             Message(topic, publish.payload, qos, publish.retain, self.client, publish.properties, False, time.time())
         )
@@ -404,10 +416,11 @@ class Session:
         return self._commands()
 
     def broker_data(self, data: bytes) -> list[Command]:
-        joined = self._from_broker.join(data)
-        if joined is None:
-            return self._commands()
-        data = joined
+        if self._from_broker.pending:
+            joined = self._from_broker.join(data)
+            if joined is None:
+                return self._commands()
+            data = joined
         size = len(data)
         pos = run = 0
         to_client = self._to_client
@@ -455,7 +468,8 @@ class Session:
             to_client.append(data if run == 0 and pos == size else data[run:pos])
         if acks.broken:
             self._close_if_unacknowledgeable()
-        self._from_broker.keep(data, pos)
+        if pos < size:
+            self._from_broker.keep(data, pos)
         return self._commands()
 
     def _on_connack(self, first_byte: int, body: bytes, raw: bytes) -> None:
@@ -578,7 +592,7 @@ class Session:
             return
         self.state = State.CLOSED
         self.close_reason = reason
-        self._close_client = True
+        self._close_client = self._requests = True
         self._close_broker = broker
         self._open_broker = self._open_broker and broker
 

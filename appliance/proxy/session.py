@@ -282,7 +282,7 @@ class Session:
                         to_broker.append(forward)
                     run = end
                 pos = end
-                if self.closed:
+                if self._close_client:  # this packet closed the connection: nothing after it counts
                     return self._commands()
         except RemoteProtocolError as exc:
             if run < pos:
@@ -350,7 +350,7 @@ class Session:
         assert version is not None and self.client is not None
         publish = decode_publish(first_byte, body, version)
         qos, packet_id = publish.qos, publish.packet_id
-        if qos == 2:
+        if qos == 2 and self._qos2.answered:
             assert packet_id is not None
             self._qos2.publish(packet_id)
         topic = publish.topic

@@ -426,8 +426,7 @@ class Appliance:
             if reason is None:
                 continue
             log.warning("closing %s: %s", session.describe(), reason)
-            session.revoke(reason)
-            leg.flush()
+            leg.revoke(reason)
             self.on_event(EventKind.ACCESS_REVOKED, {"client_id": session.client.client_id, "peer": session.peer, "reason": reason})
             if endpoint is not None and session.broker_client_id:
                 try:

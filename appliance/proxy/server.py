@@ -1,15 +1,19 @@
-"""The one module that owns sockets: the LAN listener and every client's two legs.
+"""The proxy's sockets: the LAN listener and every client's two legs.
 
 Each accepted client gets a `ClientLeg` protocol and, once its CONNECT has passed, a `BrokerLeg`
-to the broker. Both feed a `Session` and write what it queued, one write per received batch.
-Flow control: when one leg's write buffer passes the high-water mark, the other leg stops reading.
-Closing follows docs/evidence.md pitfall 2: the broker leg is half-closed (EOF) and read to its end,
-never reset, so mosquitto processes every PUBLISH it was sent.
+to the broker. Both feed the client's `Session` and execute the commands it returns
+(`ClientLeg.execute`, the one place they are carried out; see commands.py): one write per leg per
+received batch. Flow control: when one leg's write buffer passes the high-water mark, the other leg
+stops reading. Closing follows docs/evidence.md pitfall 2: the broker leg is half-closed (EOF) and
+read to its end, never reset, so mosquitto processes every PUBLISH it was sent.
 
 The server listens on one or more `Listener`s (plain or TLS). It also enforces what needs the
 socket: connections per source address, the TLS identity, and the message-rate throttle (the session
 asks for a pause; the server stops reading that client for that long). What sessions report (audit
 events, metric keys) goes to `on_event` and `counters`.
+
+`ClientLeg` only needs an asyncio transport (write, close, abort, pause/resume_reading,
+get_extra_info, set_write_buffer_limits): another transport presenting the same interface plugs in.
 """
 
 from __future__ import annotations
@@ -28,7 +32,21 @@ from typing import cast
 from appliance.broker import BrokerEndpoint
 from appliance.pipeline import Pipeline
 from appliance.proxy.acks import Durability
-from appliance.proxy.session import BrokerCredentials, Session, SessionLimits, State
+from appliance.proxy.commands import (
+    AwaitDurable,
+    CloseBroker,
+    CloseClient,
+    Command,
+    Count,
+    OpenBroker,
+    Pause,
+    Record,
+    SendToBroker,
+    SendToClient,
+)
+from appliance.proxy.connect import BrokerCredentials
+from appliance.proxy.limits import SessionLimits
+from appliance.proxy.session import Session
 from appliance.proxy.websocket import WebSocketLeg
 from appliance.security.acl import AclCheck
 from appliance.security.passwords import Authenticator
@@ -125,8 +143,8 @@ class ClientLeg(_Leg):
     # asyncio.Protocol ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses of it
-        self.transport = transport
+        # A stream transport, though uvloop's are not subclasses of asyncio.Transport.
+        transport = self.transport = cast(asyncio.Transport, transport)
         server = self._server
         peer = _peer_name(transport)
         if len(server.clients) >= server.max_connections:
@@ -166,8 +184,7 @@ class ClientLeg(_Leg):
         session = self.session
         if session is None:
             return
-        session.client_data(data)
-        self.flush()
+        self.execute(session.client_data(data))
 
     def eof_received(self) -> bool:
         # The client half-closed. Pass the EOF on and keep reading the broker leg to its end, so the
@@ -193,7 +210,7 @@ class ClientLeg(_Leg):
             self._connect_timer.cancel()
         if self.broker is not None:
             self.broker.write_eof()
-        elif self._broker_task is not None and not (self.session and self.session.to_broker):
+        elif self._broker_task is not None and not (self.session and self.session.holds_broker_data):
             self._broker_task.cancel()  # nothing to deliver; otherwise the opening leg delivers, then EOFs
         session = self.session
         if session is not None and session.client is not None:
@@ -210,42 +227,50 @@ class ClientLeg(_Leg):
         if self.broker is not None:
             self.broker.resume_reading()
 
-    # the session's requests ----------------------------------------------------------------------
+    # the session's commands ----------------------------------------------------------------------
 
-    def flush(self) -> None:
-        session = self.session
-        assert session is not None
-        transport = self.transport
-        assert transport is not None
-        if session.to_client:
-            if not self._closed:
-                transport.write(b"".join(session.to_client))
-            session.to_client.clear()
-        if session.events or session.counts:
-            self._server.report(session)
-        if session.pause_for > 0:
-            self._pause_for(session.pause_for)
-            session.pause_for = 0.0
-        if session.waiting_for_durability:
-            self._server.durable_waiters.add(self)
-            if session.blocked_on_durability:
-                self._server.sync_now()
-        if session.to_broker and self.broker is not None:
-            self.broker.write(b"".join(session.to_broker))
-            session.to_broker.clear()
-        if session.want_broker and self._broker_task is None and self.broker is None:
-            self._broker_task = asyncio.get_running_loop().create_task(self._open_broker(), name=f"broker-leg {session.peer}")
-            if self._connect_timer is not None:
-                self._connect_timer.cancel()
-                self._connect_timer = None
-            # Until the broker leg exists, what the client sends piles up here: stop reading it.
-            self.pause_reading()
-        if session.close_broker and self.broker is not None:
-            self.broker.write_eof()
-        if session.close_client:
-            if session.close_reason and session.state is State.CLOSED and not self._closed:
-                log.info("closing %s: %s", session.describe(), session.close_reason)  # once: flushes follow
-            self._close_transport()
+    def execute(self, commands: list[Command]) -> None:
+        """Carry out what the session asked for, in order (commands.py)."""
+        for command in commands:
+            # The frequent ones first: on the hot path a list holds one or two commands.
+            if isinstance(command, SendToBroker):
+                if self.broker is not None:
+                    self.broker.write(command.data)
+            elif isinstance(command, SendToClient):
+                if not self._closed:
+                    assert self.transport is not None
+                    self.transport.write(command.data)
+            elif isinstance(command, AwaitDurable):
+                self._server.durable_waiters.add(self)
+                if command.sync_now:
+                    self._server.sync_now()
+            elif isinstance(command, Count):
+                self._server.count(command.key)
+            elif isinstance(command, Record):
+                self._server.emit(command.kind, command.detail)
+            elif isinstance(command, Pause):
+                self._pause_for(command.seconds)
+            elif isinstance(command, OpenBroker):
+                self._start_broker_leg()
+            elif isinstance(command, CloseBroker):
+                if self.broker is not None:
+                    self.broker.write_eof()
+            elif isinstance(command, CloseClient):
+                if not self._closed:
+                    assert self.session is not None
+                    log.info("closing %s: %s", self.session.describe(), command.reason)
+                self._close_transport()
+
+    def _start_broker_leg(self) -> None:
+        if self._broker_task is not None or self.broker is not None:
+            return
+        assert self.session is not None
+        self._broker_task = asyncio.get_running_loop().create_task(self._open_broker(), name=f"broker-leg {self.session.peer}")
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        # Until the broker leg exists, what the client sends piles up in the session: stop reading it.
+        self.pause_reading()
 
     def _pause_for(self, seconds: float) -> None:
         """The message rate limit: stop reading this client for a while (flow control still applies)."""
@@ -273,8 +298,7 @@ class ClientLeg(_Leg):
 
     def _on_connect_timeout(self) -> None:
         assert self.session is not None
-        self.session.connect_timeout()
-        self.flush()
+        self.execute(self.session.connect_timeout())
 
     async def _open_broker(self) -> None:
         session = self.session
@@ -290,12 +314,11 @@ class ClientLeg(_Leg):
             )
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("cannot reach the broker for %s: %s", session.describe(), exc)
-            session.broker_unavailable()
-            self.flush()
+            self.execute(session.broker_unavailable())
             return
         finally:
             self._broker_task = None
-        if self._closed and not session.to_broker:
+        if self._closed and not session.holds_broker_data:
             leg.write_eof()
             return
         self.broker = leg
@@ -305,7 +328,7 @@ class ClientLeg(_Leg):
             "client_connected",
             {"client_id": session.client.client_id, "peer": session.peer, "protocol_version": int(session.version or 0)},
         )
-        self.flush()
+        self.execute(session.broker_connected())
         if self._closed or self._eof_pending:
             leg.write_eof()
 
@@ -314,8 +337,7 @@ class ClientLeg(_Leg):
     def from_broker(self, data: bytes) -> None:
         session = self.session
         assert session is not None
-        session.broker_data(data)
-        self.flush()
+        self.execute(session.broker_data(data))
 
     def broker_closed(self) -> None:
         self.broker = None
@@ -323,8 +345,12 @@ class ClientLeg(_Leg):
 
     def shutdown(self) -> None:
         if self.session is not None and not self._closed:
-            self.session.shutdown()
-            self.flush()
+            self.execute(self.session.shutdown())
+
+    def revoke(self, reason: str) -> None:
+        """Access was withdrawn (a reload): close the client (MQTT 5: DISCONNECT 0x87 first)."""
+        if self.session is not None:
+            self.execute(self.session.revoke(reason))
 
 
 class BrokerLeg(_Leg):
@@ -337,8 +363,7 @@ class BrokerLeg(_Leg):
         self._drain_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses of it
-        self.transport = transport
+        transport = self.transport = cast(asyncio.Transport, transport)  # see ClientLeg.connection_made
         transport.set_write_buffer_limits(high=self._client._server.write_buffer_high)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -453,8 +478,7 @@ class ProxyServer:
         waiters, self.durable_waiters = self.durable_waiters, set()
         for leg in waiters:
             if leg.session is not None and not leg._closed:
-                leg.session.release_acks()
-                leg.flush()
+                leg.execute(leg.session.release_acks())
 
     def emit(self, kind: str, detail: dict[str, object]) -> None:
         if self._on_event is not None:
@@ -462,14 +486,6 @@ class ProxyServer:
 
     def count(self, key: str) -> None:
         self.counters[key] += 1
-
-    def report(self, session: Session) -> None:
-        for key in session.counts:
-            self.counters[key] += 1
-        session.counts.clear()
-        events, session.events = session.events, []
-        for kind, detail in events:
-            self.emit(kind, detail)
 
     def refuse(self, transport: asyncio.Transport, peer: str, limit: str, detail: str) -> None:
         """A connection over a limit at accept: closed before any MQTT is exchanged."""

@@ -9,6 +9,9 @@ from appliance.mqtt import (
     Puback, Pubcomp, Publish, Pubrec, Pubrel, ReasonCode, Will, encode_packet,
 )
 from appliance.pipeline import CountingSink, Message, Pipeline, Reason, Verdict
+from appliance.proxy.commands import (
+    CloseBroker, CloseClient, Count, OpenBroker, Pause, Record, SendToBroker, SendToClient,
+)
 from appliance.proxy.session import BrokerCredentials, Session, SessionLimits, State
 
 V3 = ProtocolVersion.MQTT_3_1_1
@@ -37,34 +40,83 @@ def decode_all(data: list[bytes], version: ProtocolVersion) -> list[object]:
 
 
 class Transcript:
-    """Drives one Session as the server would, keeping what it sends each way."""
+    """Drives one Session as the server would, keeping what it sends each way and the other
+    commands. The broker leg opens as soon as the session asks (`open_broker=False`: never)."""
 
-    def __init__(self, version: ProtocolVersion = V5, checks=(), **session_kwargs):  # noqa: ANN001
+    def __init__(self, version: ProtocolVersion = V5, checks=(), *, open_broker: bool = True, **session_kwargs):  # noqa: ANN001
         self.version = version
         self.sink = CountingSink()
+        self.open_broker = open_broker
         self.session = Session(peer="192.0.2.7:5555", pipeline=Pipeline(checks, [self.sink]), **session_kwargs)
+        self.sent_to_client: list[bytes] = []
+        self.sent_to_broker: list[bytes] = []
+        self.commands: list[object] = []  # every command but the two sends, in order
+
+    def run(self, commands: list[object]) -> None:
+        """Execute what one input of the session returned."""
+        for command in commands:
+            if isinstance(command, SendToClient):
+                self.sent_to_client.append(command.data)
+            elif isinstance(command, SendToBroker):
+                self.sent_to_broker.append(command.data)
+            else:
+                self.commands.append(command)
+                if isinstance(command, OpenBroker) and self.open_broker:
+                    self.run(self.session.broker_connected())
 
     def client(self, *packets: object) -> None:
-        self.session.client_data(b"".join(encode_packet(p, self.version) for p in packets))
+        self.client_bytes(b"".join(encode_packet(p, self.version) for p in packets))
+
+    def client_bytes(self, data: bytes) -> None:
+        self.run(self.session.client_data(data))
 
     def broker(self, *packets: object) -> None:
-        self.session.broker_data(b"".join(encode_packet(p, self.version) for p in packets))
+        self.broker_bytes(b"".join(encode_packet(p, self.version) for p in packets))
 
-    def _take(self, attr: str) -> list[object]:
-        data = getattr(self.session, attr)
+    def broker_bytes(self, data: bytes) -> None:
+        self.run(self.session.broker_data(data))
+
+    def _take(self, data: list[bytes]) -> list[object]:
         packets = decode_all(data, self.version)
         data.clear()
         return packets
 
     def to_broker(self) -> list[object]:
-        return self._take("to_broker")
+        return self._take(self.sent_to_broker)
 
     def to_client(self) -> list[object]:
-        return self._take("to_client")
+        return self._take(self.sent_to_client)
+
+    def _of(self, kind: type) -> list:  # noqa: ANN201
+        return [c for c in self.commands if isinstance(c, kind)]
+
+    @property
+    def counts(self) -> list[str]:
+        return [c.key for c in self._of(Count)]
+
+    @property
+    def events(self) -> list[tuple[str, dict[str, object]]]:
+        return [(c.kind, c.detail) for c in self._of(Record)]
+
+    @property
+    def pauses(self) -> list[float]:
+        return [c.seconds for c in self._of(Pause)]
+
+    @property
+    def opened_broker(self) -> bool:
+        return bool(self._of(OpenBroker))
+
+    @property
+    def closed_client(self) -> bool:
+        return bool(self._of(CloseClient))
+
+    @property
+    def closed_broker(self) -> bool:
+        return bool(self._of(CloseBroker))
 
     def connect(self, **kwargs: object) -> None:
         self.client(Connect(client_id="dev", protocol_version=self.version, **kwargs))
-        assert self.session.want_broker
+        assert self.opened_broker
         [connect] = self.to_broker()
         assert isinstance(connect, Connect)
         props = Properties(((PropertyId.TOPIC_ALIAS_MAXIMUM, 10),)) if self.version is V5 else Properties.EMPTY
@@ -81,7 +133,7 @@ def test_accepted_publish_is_relayed_byte_for_byte(version):
     t.connect()
     publish = Publish("a/b", b'{"x":1}', qos=1, packet_id=5)
     t.client(publish)
-    assert t.session.to_broker == [encode_packet(publish, version)]
+    assert t.sent_to_broker == [encode_packet(publish, version)]
     assert t.sink.counts["accept"] == 1
     assert t.session.client == t.session.client.__class__("dev", None, "192.0.2.7:5555", version)
 
@@ -167,7 +219,7 @@ def test_disconnect_policy_closes_the_client_with_the_reason_code():
     [disconnect] = t.to_client()
     assert isinstance(disconnect, Disconnect) and disconnect.reason_code == ReasonCode.PAYLOAD_FORMAT_INVALID
     assert t.to_broker() == []  # nothing after the offending message is relayed
-    assert t.session.close_client and t.session.close_broker
+    assert t.closed_client and t.closed_broker
 
 
 def test_topic_alias_is_resolved_for_the_pipeline():
@@ -198,9 +250,9 @@ def test_bad_topic_alias_is_a_protocol_error(alias, code):
     # PUBLISH, QoS 0, empty topic, properties: TOPIC_ALIAS (0x23) = alias; built by hand since the
     # codec refuses to encode alias 0.
     body = b"\x00\x00" + b"\x03\x23" + alias.to_bytes(2, "big") + b"x"
-    t.session.client_data(bytes([0x30, len(body)]) + body)
+    t.client_bytes(bytes([0x30, len(body)]) + body)
     assert t.to_client() == [Disconnect(code)]
-    assert t.session.close_client
+    assert t.closed_client
 
 
 @pytest.mark.parametrize("version", [V3, V5])
@@ -209,7 +261,7 @@ def test_rejected_will_refuses_the_connection(version):
     t.client(Connect(client_id="dev", protocol_version=version, will=Will("status/dev", b"bad")))
     [connack] = t.to_client()
     assert connack.reason_code == (ReasonCode.PAYLOAD_FORMAT_INVALID if version is V5 else 5)
-    assert not t.session.want_broker and t.session.close_client
+    assert not t.opened_broker and t.closed_client
     assert t.sink.recent[-1][0].is_will
 
 
@@ -224,16 +276,16 @@ def test_broker_credentials_replace_the_clients():
 def test_connect_larger_than_max_connect_size_is_refused():
     t = Transcript(V5, limits=SessionLimits(max_connect_size=128))
     t.client(Connect(client_id="x" * 200, protocol_version=V5))
-    assert t.to_client() == [] and t.session.close_client and not t.session.want_broker
+    assert t.to_client() == [] and t.closed_client and not t.opened_broker
 
 
 def test_broker_unavailable_answers_server_unavailable():
     for version, code in ((V5, ReasonCode.SERVER_UNAVAILABLE), (V3, 3)):
-        t = Transcript(version)
+        t = Transcript(version, open_broker=False)
         t.client(Connect(client_id="dev", protocol_version=version))
-        t.session.broker_unavailable()
+        t.run(t.session.broker_unavailable())
         assert t.to_client() == [Connack(reason_code=code)]
-        assert t.session.close_client
+        assert t.closed_client and not t.closed_broker
 
 
 def test_assigned_client_identifier_is_used():
@@ -250,10 +302,10 @@ def test_input_split_anywhere(chunk):
         Connect(client_id="dev"), Publish("t", b"ok", qos=1, packet_id=1), Publish("t", b"bad", qos=1, packet_id=2),
     ])
     for i in range(0, len(data), chunk):
-        t.session.client_data(data[i : i + chunk])
+        t.client_bytes(data[i : i + chunk])
     reply = encode_packet(Connack(), V3) + encode_packet(Puback(1), V3)
     for i in range(0, len(reply), chunk):
-        t.session.broker_data(reply[i : i + chunk])
+        t.broker_bytes(reply[i : i + chunk])
     assert t.to_client() == [Connack(), Puback(1), Puback(2)]
     assert [type(p) for p in t.to_broker()] == [Connect, Publish]
 
@@ -399,6 +451,6 @@ def test_connect_and_a_too_large_publish_in_one_segment(version):
     t.client(Connect(client_id="dev", protocol_version=version), Publish("t", b"x" * 2000))
     expected = [Connack(reason_code=ReasonCode.PACKET_TOO_LARGE)] if version is V5 else []  # 3.1.1 has no such code
     assert [type(p) for p in t.to_client()] == [type(p) for p in expected]
-    assert t.to_broker() == [] and not t.session.want_broker  # the broker never hears of it
+    assert t.to_broker() == [] and not t.opened_broker  # the broker never hears of it
     assert t.session.state is State.CLOSED
-    assert t.session.counts == ["limit_exceeded:packet_size"]
+    assert t.counts == ["limit_exceeded:packet_size"]

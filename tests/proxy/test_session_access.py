@@ -35,9 +35,9 @@ def test_refused_connect_never_reaches_the_broker(version, username, password, c
     t = Transcript(version, authenticator=authenticator())
     t.client(Connect(client_id="dev", protocol_version=version, username=username, password=password))
     assert t.to_client() == [Connack(reason_code=code)]
-    assert t.session.to_broker == [] and not t.session.want_broker
+    assert t.sent_to_broker == [] and not t.opened_broker
     assert t.session.state is State.CLOSED
-    [(kind, detail)] = t.session.events
+    [(kind, detail)] = t.events
     assert kind == "auth_failed" and detail["client_id"] == "dev"
 
 
@@ -76,7 +76,7 @@ def test_subscribe_rewritten_and_suback_merged_in_order(version, failure):
     assert t.to_client() == []
     t.broker(Suback(7, (1, 2)))
     assert t.to_client() == [Suback(7, (failure, 1, failure, 2))]
-    assert [e[1]["topic_filter"] for e in t.session.events] == ["secret/#", "#"]
+    assert [e[1]["topic_filter"] for e in t.events] == ["secret/#", "#"]
 
 
 def test_subscribe_denied_whole_is_answered_by_the_proxy_after_the_connack():
@@ -116,7 +116,7 @@ def test_inflight_limit_advertised_and_enforced():
     t.client(Publish("a", b"4", qos=1, packet_id=4))
     assert t.to_broker() == []
     assert t.to_client()[-1] == Disconnect(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
-    assert t.session.state is State.CLOSED and "limit_exceeded:inflight" in t.session.counts
+    assert t.session.state is State.CLOSED and "limit_exceeded:inflight" in t.counts
 
 
 def test_message_rate_throttles_instead_of_dropping():
@@ -124,12 +124,12 @@ def test_message_rate_throttles_instead_of_dropping():
     t = Transcript(V5, limits=SessionLimits(message_rate=10, message_burst=2), clock=lambda: now[0])
     t.connect()
     t.client(*(Publish("a", b"x") for _ in range(2)))
-    assert t.session.pause_for == 0
+    assert t.pauses == []
     t.client(*(Publish("a", b"x") for _ in range(3)))
     assert len(t.to_broker()) == 5  # nothing dropped
-    assert t.session.pause_for == pytest.approx(0.3)
+    assert t.pauses == [pytest.approx(0.3)]  # one pause per batch: the last debt
     now[0] = 10.0
-    t.session.pause_for = 0
     t.client(Publish("a", b"x"))
-    assert t.session.pause_for == 0
-    assert [e[0] for e in t.session.events] == ["limit_exceeded"]  # one event per connection
+    assert len(t.pauses) == 1
+    assert t.counts == ["limit_exceeded:message_rate"] * 3  # every message over the rate
+    assert [e[0] for e in t.events] == ["limit_exceeded"]  # one event per connection

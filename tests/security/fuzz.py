@@ -29,6 +29,7 @@ from appliance.mqtt import (
     Unsuback, Unsubscribe, Will, decode_packet, encode_packet, read_fixed_header,
 )
 from appliance.pipeline import Message, Pipeline, Reason, Verdict
+from appliance.proxy.commands import Command, OpenBroker, SendToBroker, SendToClient
 from appliance.proxy.session import Session, SessionLimits
 from appliance.security import AclCheck, Authenticator, PasswordFile
 from appliance.security.acl import parse_acl
@@ -114,25 +115,32 @@ def run_session(chunks: list[bytes], broker_noise: bytes = b"") -> Session:
                       clock=lambda: now[0])
     broker = _Broker()
     to_client = bytearray()
+    to_broker: list[bytes] = []
+
+    def run(commands: list[Command]) -> None:
+        for command in commands:
+            if isinstance(command, SendToClient):
+                to_client.extend(command.data)
+            elif isinstance(command, SendToBroker):
+                to_broker.append(command.data)
+            elif isinstance(command, OpenBroker):
+                run(session.broker_connected())
+
     for i, chunk in enumerate(chunks):
         now[0] += 0.01
-        session.client_data(chunk)
+        run(session.client_data(chunk))
         _check_buffers(session)
         for _ in range(3):  # let the broker answer, and the answers release held acks
-            if session.to_broker and session.version is not None:
-                data = b"".join(session.to_broker)
-                session.to_broker.clear()
+            if to_broker and session.version is not None:
+                data = b"".join(to_broker)
+                to_broker.clear()
                 answer = broker.answer(data, session.version)
                 if i == len(chunks) // 2 and broker_noise:
                     answer += broker_noise
                 if answer:
-                    session.broker_data(answer)
+                    run(session.broker_data(answer))
                     _check_buffers(session)
-        to_client += b"".join(session.to_client)
-        session.to_client.clear()
-        session.to_broker.clear()
-        session.events.clear()
-        session.counts.clear()
+        to_broker.clear()
     if not broker_noise:
         _decode_all(bytes(to_client), session.version or V3)
     return session
@@ -140,8 +148,9 @@ def run_session(chunks: list[bytes], broker_noise: bytes = b"") -> Session:
 
 def _check_buffers(session: Session) -> None:
     bound = max(LIMITS.max_packet_size, LIMITS.max_connect_size)
-    assert len(session._client_pending) <= bound, len(session._client_pending)
-    assert len(session._broker_pending) <= 1 << 20
+    from_client, from_broker = session.buffered
+    assert from_client <= bound, from_client
+    assert from_broker <= 1 << 20
 
 
 # -- case generation -----------------------------------------------------------------------------

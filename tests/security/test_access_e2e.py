@@ -164,7 +164,7 @@ def test_partial_packet_after_connect_ends_with_the_keepalive(appliance):
     packet = encode_packet(Publish("slow/t", b"x" * 1000, qos=1, packet_id=1), V5)
     raw.send_raw(packet[:100])  # and never the rest
     [leg] = [c for c in appliance.app.proxy.clients if c.session and c.session.client and c.session.client.client_id == "slow"]
-    assert len(leg.session._client_pending) <= appliance.app.config.limits.max_packet_size
+    assert leg.session.buffered[0] <= appliance.app.config.limits.max_packet_size
     # mosquitto drops the client after 1.5 x keepalive without a complete packet; the proxy follows.
     packets = raw.receive_all()  # returns once the connection is closed
     assert all(getattr(p, "reason_code", None) == ReasonCode.KEEP_ALIVE_TIMEOUT for p in packets), packets

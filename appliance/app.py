@@ -34,7 +34,7 @@ from appliance.forward.check import OutboxFull
 from appliance.governance import Governance, SchemaSetError, load_schema_set
 from appliance.metrics import AuditStats, DeadLetterStats, MetricsPortInUse, MetricsServer, MetricsSink, Stats, UplinkStats, make_registry
 from appliance.msglog import Cursor
-from appliance.names import Counted, EventKind, counted
+from appliance.names import Counted, EventKind
 from appliance.pipeline import Check, CountingSink, Pipeline, Policy, Sink
 from appliance.proxy import ProxyServer, SessionLimits
 from appliance.proxy.server import Listener
@@ -188,7 +188,7 @@ class Appliance:
         broker, proxy, audit, forwarder = self.broker, self.proxy, self.audit, self.forwarder
         counts: Counter[Counted] = Counter()
         for key, count in list(proxy.counters.items()) if proxy is not None else ():
-            counts[counted(key)] += count
+            counts[key] += count
         audit_stats = uplink = None
         if audit is not None:
             status = audit.status()

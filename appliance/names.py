@@ -110,17 +110,7 @@ class Metric(Enum):
     DEAD_LETTER_QUEUE = MetricSpec("mqtt_proxy_dead_letter_queue", "gauge", "Dead letters waiting for the local broker.")
 
 
-# What the proxy counts per connection (session.py, server.py), as (metric, label) pairs: the metric
-# is one of these, the label its one label's value ("" for a metric without labels).
+# What the proxy counts per connection (its `Count` commands, server.py), as (metric, label) pairs:
+# the metric is one of these, the label its one label's value ("" for a metric without labels).
 PROXY_COUNTED = (Metric.LIMIT_EXCEEDED, Metric.AUTH_FAILURES, Metric.ACL_DENIED, Metric.AUDIT_UNAVAILABLE)
 Counted = tuple[Metric, str]
-
-_BY_SHORT_NAME = {metric.value.name.removeprefix("mqtt_proxy_"): metric for metric in PROXY_COUNTED}
-
-
-def counted(key: str) -> Counted:
-    """The structured form of a proxy counter key written as text, "name:label" (e.g.
-    "limit_exceeded:inflight") or "name"; KeyError for a name that is not a proxy counter. The proxy
-    (session.py, server.py) still counts such strings; they are parsed here, in one place."""
-    name, _, label = key.partition(":")
-    return _BY_SHORT_NAME[name], label

@@ -12,7 +12,7 @@ returns the list of commands that input produced, and the server executes them i
 - `Pause`: stop reading the client for a while (the message rate limit).
 - `AwaitDurable`: acks are waiting for the message log; call `Session.release_acks()` after its next
   commit (`sync_now`: the client is blocked on us, ask for the sync at once).
-- `Record`: an audit event; `Count`: a metric key ("name:label").
+- `Record`: an audit event; `Count`: a metric and its label, `(Metric, str)`.
 
 One input's commands come in this order: SendToClient, the Records and Counts as they happened,
 Pause, AwaitDurable, SendToBroker, OpenBroker, CloseBroker, CloseClient (so a leg is written before
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TypeAlias
+
+from appliance.names import Counted, EventKind, Metric
 
 
 @dataclass(slots=True)
@@ -72,7 +74,7 @@ class Record:
 
 @dataclass(slots=True)
 class Count:
-    key: str
+    key: Counted  # (metric, label); label "" for a metric without labels
 
 
 Command: TypeAlias = (
@@ -97,8 +99,8 @@ class Notes:
         self.peer = peer
         self.client_id: str | None = None  # set once the CONNECT named it (or the broker assigned it)
 
-    def count(self, key: str) -> None:
-        self.commands.append(Count(key))
+    def count(self, metric: Metric, label: str = "") -> None:
+        self.commands.append(Count((metric, label)))
 
     def record(self, kind: str, detail: dict[str, object]) -> None:
         self.commands.append(Record(kind, detail))
@@ -106,5 +108,5 @@ class Notes:
     def limit_exceeded(self, limit: str, text: str, *, count: bool = True) -> None:
         """A per-client limit was hit: the metric (unless `count` is False) and the audit event."""
         if count:
-            self.count("limit_exceeded:" + limit)
-        self.record("limit_exceeded", {"client_id": self.client_id, "peer": self.peer, "limit": limit, "detail": text})
+            self.count(Metric.LIMIT_EXCEEDED, limit)
+        self.record(EventKind.LIMIT_EXCEEDED, {"client_id": self.client_id, "peer": self.peer, "limit": limit, "detail": text})

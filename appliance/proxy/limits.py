@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from appliance.names import Metric
 from appliance.mqtt import Properties, PropertyId
 from appliance.proxy.commands import Notes
 
@@ -82,7 +83,7 @@ class MessageRate:
         self._at = now
         if tokens >= 0:
             return 0.0
-        self._notes.count("limit_exceeded:message_rate")
+        self._notes.count(Metric.LIMIT_EXCEEDED, "message_rate")
         if not self._throttled:
             self._throttled = True
             self._notes.limit_exceeded("message_rate", f"more than {rate:g} messages/s: throttled", count=False)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from appliance.names import Counted, EventKind, Metric
 from appliance.broker import BrokerEndpoint
 from appliance.pipeline import Pipeline
 from appliance.proxy.acks import Durability
@@ -165,8 +166,8 @@ class ClientLeg(_Leg):
             identity = certificate_identity(transport.get_extra_info("peercert"), listener.identity)
             if identity is None:
                 log.warning("refusing %s: its client certificate has no %s to use as the username", peer, listener.identity)
-                server.count("auth_failures:no_identity")
-                server.emit("auth_failed", {"peer": peer, "reason": f"client certificate without {listener.identity}"})
+                server.count((Metric.AUTH_FAILURES, "no_identity"))
+                server.emit(EventKind.AUTH_FAILED, {"peer": peer, "reason": f"client certificate without {listener.identity}"})
                 transport.abort()
                 self._closed = True
                 return
@@ -215,7 +216,7 @@ class ClientLeg(_Leg):
         session = self.session
         if session is not None and session.client is not None:
             self._server.emit(
-                "client_disconnected",
+                EventKind.CLIENT_DISCONNECTED,
                 {"client_id": session.client.client_id, "peer": session.peer, "reason": session.close_reason or (str(exc) if exc else "closed")},
             )
 
@@ -325,7 +326,7 @@ class ClientLeg(_Leg):
         self.resume_reading()
         assert session.client is not None
         self._server.emit(
-            "client_connected",
+            EventKind.CLIENT_CONNECTED,
             {"client_id": session.client.client_id, "peer": session.peer, "protocol_version": int(session.version or 0)},
         )
         self.execute(session.broker_connected())
@@ -431,8 +432,8 @@ class ProxyServer:
         self.listeners = list(listeners) or [Listener(host or "127.0.0.1", port)]
         self.max_connections_per_address = max_connections_per_address
         self.per_address: Counter[str] = Counter()
-        # Metric keys "name:label" → count: limits hit, authentication failures, ACL denials.
-        self.counters: Counter[str] = Counter()
+        # (metric, label) → count: limits hit, authentication failures, ACL denials.
+        self.counters: Counter[Counted] = Counter()
         self.access = access
         self.pipeline = pipeline
         self.endpoint = endpoint
@@ -484,14 +485,14 @@ class ProxyServer:
         if self._on_event is not None:
             self._on_event(kind, detail)
 
-    def count(self, key: str) -> None:
+    def count(self, key: Counted) -> None:
         self.counters[key] += 1
 
     def refuse(self, transport: asyncio.Transport, peer: str, limit: str, detail: str) -> None:
         """A connection over a limit at accept: closed before any MQTT is exchanged."""
         transport.abort()
-        self.count("limit_exceeded:" + limit)
-        self.emit("limit_exceeded", {"peer": peer, "limit": limit, "detail": detail})
+        self.count((Metric.LIMIT_EXCEEDED, limit))
+        self.emit(EventKind.LIMIT_EXCEEDED, {"peer": peer, "limit": limit, "detail": detail})
 
     def release_address(self, address: str) -> None:
         self.per_address[address] -= 1

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from appliance.names import EventKind, Metric
 from appliance.mqtt import (
     Connack,
     Connect,
@@ -330,9 +331,9 @@ class Session:
         assert self.version is not None and self.client is not None
         self._to_client.append(self._replies.connack(refusal_code(result, self.version)))
         bad, text = result is AuthResult.BAD_CREDENTIALS, result.value
-        self._notes.record("auth_failed", {"client_id": self.client.client_id, "username": self.client.username,
+        self._notes.record(EventKind.AUTH_FAILED, {"client_id": self.client.client_id, "username": self.client.username,
                                            "peer": self.peer, "reason": text})
-        self._notes.count("auth_failures:" + ("bad_credentials" if bad else "not_authorized"))
+        self._notes.count(Metric.AUTH_FAILURES, "bad_credentials" if bad else "not_authorized")
         self._close(f"authentication failed: {text}", broker=False)
 
     def _on_subscribe(self, first_byte: int, body: bytes) -> bytes | bool | None:
@@ -510,7 +511,7 @@ class Session:
     def _failed_ack(self, packet_id: int, qos: int) -> bytes | None:
         """An accepted message's record could not be stored: the ack its publisher gets instead of
         the broker's (None: none, and the connection closes; replies.py)."""
-        self._notes.count("audit_unavailable")
+        self._notes.count(Metric.AUDIT_UNAVAILABLE)
         return self._replies.unstored(packet_id, qos)
 
     def _close_if_unacknowledgeable(self) -> None:

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from appliance.names import EventKind, Metric
 from appliance.mqtt import ProtocolVersion, ReasonCode, Suback, Subscribe, Unsubscribe, decode_packet, encode_packet
 from appliance.pipeline import ClientInfo
 from appliance.proxy.commands import Notes
@@ -56,8 +57,8 @@ class Subscriptions:
             topic_filter = subscription.topic_filter
             if access is not None and not access.can_subscribe(client.username, client.client_id, topic_filter):
                 codes.append(ReasonCode.NOT_AUTHORIZED if v5 else V3_SUBACK_FAILURE)
-                notes.count("acl_denied:subscribe")
-                notes.record("acl_denied", {"client_id": client.client_id, "username": client.username,
+                notes.count(Metric.ACL_DENIED, "subscribe")
+                notes.record(EventKind.ACL_DENIED, {"client_id": client.client_id, "username": client.username,
                                             "peer": client.peer, "action": "subscribe", "topic_filter": topic_filter})
             elif limit and topic_filter not in granted and len(granted) >= limit:
                 codes.append(ReasonCode.QUOTA_EXCEEDED if v5 else V3_SUBACK_FAILURE)

@@ -29,6 +29,8 @@ from websockets.protocol import SEND_EOF, State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from appliance.names import Counted, EventKind, Metric
+
 log = logging.getLogger(__name__)
 # The library logs every opening and closing handshake at INFO: one line per client is too many.
 _library_log = logging.getLogger(__name__ + ".library")
@@ -40,7 +42,7 @@ SUBPROTOCOL = Subprotocol("mqtt")
 class Reporter(Protocol):
     """Where a closed connection's limit is counted (the proxy server)."""
 
-    def count(self, key: str) -> None: ...
+    def count(self, key: Counted) -> None: ...
 
     def emit(self, kind: str, detail: dict[str, object]) -> None: ...
 
@@ -163,8 +165,8 @@ class WebSocketLeg(asyncio.Protocol):
             self._error = f"WebSocket: frame too large ({parser_exc}): closed with 1009"
             log.info("closing %s: %s", self._peer, self._error)
             if self._reporter is not None:
-                self._reporter.count("limit_exceeded:packet_size")
-                self._reporter.emit("limit_exceeded", {"client_id": None, "peer": self._peer, "limit": "packet_size",
+                self._reporter.count((Metric.LIMIT_EXCEEDED, "packet_size"))
+                self._reporter.emit(EventKind.LIMIT_EXCEEDED, {"client_id": None, "peer": self._peer, "limit": "packet_size",
                                                        "detail": f"WebSocket frame: {parser_exc}"})
         elif parser_exc is not None and self._error is None and not isinstance(parser_exc, EOFError):
             self._error = f"WebSocket protocol error: {parser_exc}"

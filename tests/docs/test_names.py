@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.metrics import AuditStats, DeadLetterStats, MetricsSink, Stats, UplinkStats, make_registry
-from appliance.names import PROXY_COUNTED, EventKind, Metric, counted
+from appliance.names import PROXY_COUNTED, EventKind, Metric
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted([*(ROOT / "appliance").rglob("*.py"), *(ROOT / "replay").rglob("*.py")])
@@ -130,35 +130,18 @@ def test_the_collector_exports_every_declared_metric_and_no_other():
     assert samples[("mqtt_proxy_dead_letters_total", (("outcome", "published"), ("to", "local")))] == 4
 
 
-def _proxy_count_keys() -> list[str]:
-    """The metric keys the proxy counts as text (`counts.append("name:label")`, `count("name:" + x)`)."""
-    keys = []
+def _proxy_counted() -> list[str]:
+    """The metrics the proxy counts: `Metric.X` in every `count(...)` call of appliance/proxy/."""
+    found = []
     for path in sorted((ROOT / "appliance" / "proxy").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args):
-                continue
-            receiver = node.func.value
-            is_counts = node.func.attr == "append" and isinstance(receiver, ast.Attribute) and receiver.attr == "counts"
-            if not (is_counts or node.func.attr == "count"):
-                continue
-            arg = node.args[0]
-            while isinstance(arg, ast.BinOp):
-                arg = arg.left
-            if isinstance(arg, ast.IfExp):
-                arg = arg.body
-            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                keys.append(arg.value)
-    return keys
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count":
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "Metric":
+                        found.append(sub.attr)
+    return found
 
 
-def test_every_key_the_proxy_counts_is_a_declared_metric():
-    keys = _proxy_count_keys()
-    assert keys, "the proxy counts something"
-    for key in keys:
-        metric, label = counted(key)
-        assert metric in PROXY_COUNTED and bool(label or key.endswith(":")) == bool(metric.value.labels), key
-
-
-def test_counted_refuses_an_unknown_key():
-    with pytest.raises(KeyError):
-        counted("no_such_metric:x")
+def test_the_proxy_counts_exactly_the_declared_proxy_metrics():
+    counted = _proxy_counted()
+    assert set(counted) == {metric.name for metric in PROXY_COUNTED}, counted

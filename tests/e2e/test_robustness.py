@@ -13,6 +13,7 @@ from appliance.mqtt import (
     NEED_DATA, Connack, Connect, Decoder, Disconnect, PropertyId, ProtocolVersion, Publish, ReasonCode, Suback,
     Subscribe, Subscription, encode_packet,
 )
+from appliance.names import Metric
 from tests.helpers import Client, RawClient, wait_until
 
 
@@ -65,7 +66,7 @@ def test_publish_over_max_packet_size_gets_0x95(tmp_path):
         assert raw.receive() == Disconnect(ReasonCode.PACKET_TOO_LARGE)
         assert raw.receive() is None
         # Counted and recorded like every other limit (docs/security.md).
-        wait_until(lambda: running.app.proxy.counters["limit_exceeded:packet_size"] == 1, message="the count")
+        wait_until(lambda: running.app.proxy.counters[(Metric.LIMIT_EXCEEDED, "packet_size")] == 1, message="the count")
         [event] = [detail for kind, detail in running.events if kind == "limit_exceeded"]
         assert event["limit"] == "packet_size" and event["client_id"] == "big" and "5" in str(event["detail"])
     finally:

@@ -7,6 +7,7 @@ import pytest
 from appliance.mqtt import Properties, PropertyId
 from appliance.proxy.commands import Count, Notes, Record
 from appliance.proxy.limits import MAX_THROTTLE_PAUSE_S, MessageRate, SessionLimits, advertised, inflight_exceeded
+from appliance.names import Metric
 
 
 def test_inflight_limit():
@@ -35,7 +36,7 @@ def test_token_bucket_pauses_for_the_debt_and_records_once():
     clock.now += 0.5  # five tokens back, at most the burst
     assert [rate.take(), rate.take()] == [0.0, 0.0]
     assert rate.take() == pytest.approx(0.1)
-    assert [c.key for c in notes.commands if isinstance(c, Count)] == ["limit_exceeded:message_rate"] * 3
+    assert [c.key for c in notes.commands if isinstance(c, Count)] == [(Metric.LIMIT_EXCEEDED, "message_rate")] * 3
     assert len([c for c in notes.commands if isinstance(c, Record)]) == 1  # one event per connection
 
 

@@ -13,6 +13,7 @@ from appliance.proxy.commands import (
     CloseBroker, CloseClient, Count, OpenBroker, Pause, Record, SendToBroker, SendToClient,
 )
 from appliance.proxy.session import BrokerCredentials, Session, SessionLimits, State
+from appliance.names import Metric
 
 V3 = ProtocolVersion.MQTT_3_1_1
 V5 = ProtocolVersion.MQTT_5
@@ -453,4 +454,4 @@ def test_connect_and_a_too_large_publish_in_one_segment(version):
     assert [type(p) for p in t.to_client()] == [type(p) for p in expected]
     assert t.to_broker() == [] and not t.opened_broker  # the broker never hears of it
     assert t.session.state is State.CLOSED
-    assert t.counts == ["limit_exceeded:packet_size"]
+    assert t.counts == [(Metric.LIMIT_EXCEEDED, "packet_size")]

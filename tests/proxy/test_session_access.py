@@ -11,6 +11,7 @@ from appliance.mqtt import (
 from appliance.proxy.session import SessionLimits, State
 from appliance.security import AclCheck, Authenticator, PasswordFile
 from appliance.security.acl import parse_acl
+from appliance.names import Metric
 from tests.proxy.test_session import Transcript
 
 V3 = ProtocolVersion.MQTT_3_1_1
@@ -116,7 +117,7 @@ def test_inflight_limit_advertised_and_enforced():
     t.client(Publish("a", b"4", qos=1, packet_id=4))
     assert t.to_broker() == []
     assert t.to_client()[-1] == Disconnect(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
-    assert t.session.state is State.CLOSED and "limit_exceeded:inflight" in t.counts
+    assert t.session.state is State.CLOSED and (Metric.LIMIT_EXCEEDED, "inflight") in t.counts
 
 
 def test_message_rate_throttles_instead_of_dropping():
@@ -131,5 +132,5 @@ def test_message_rate_throttles_instead_of_dropping():
     now[0] = 10.0
     t.client(Publish("a", b"x"))
     assert len(t.pauses) == 1
-    assert t.counts == ["limit_exceeded:message_rate"] * 3  # every message over the rate
+    assert t.counts == [(Metric.LIMIT_EXCEEDED, "message_rate")] * 3  # every message over the rate
     assert [e[0] for e in t.events] == ["limit_exceeded"]  # one event per connection

@@ -10,6 +10,7 @@ from appliance.proxy.commands import (
     AwaitDurable, CloseBroker, CloseClient, Count, OpenBroker, Record, SendToBroker, SendToClient,
 )
 from appliance.proxy.session import SYNC_HINT_INFLIGHT, State
+from appliance.names import Metric
 from tests.proxy.test_session import V5, RejectBad, Transcript
 from tests.proxy.test_session_durability import Store
 
@@ -58,7 +59,7 @@ def test_notes_come_after_the_client_bytes_and_before_the_close():
     t.to_client()
     commands = t.session.client_data(b"\x30\xff\xff\xff\x7f")  # a PUBLISH of 256 MB
     assert [type(c) for c in commands] == [SendToClient, Count, Record, CloseBroker, CloseClient]
-    assert commands[1] == Count("limit_exceeded:packet_size")
+    assert commands[1] == Count((Metric.LIMIT_EXCEEDED, "packet_size"))
 
 
 def test_acks_waiting_for_the_log_ask_for_its_commit():
@@ -72,5 +73,5 @@ def test_acks_waiting_for_the_log_ask_for_its_commit():
         t.client(Publish("a/b", b"ok", qos=1, packet_id=pid))
     # The client has its window full: it is blocked on us, the sync is asked for at once.
     assert t.session.broker_data(encode_packet(Puback(2), V5)) == [AwaitDurable(sync_now=True)]
-    store.committed = 2
+    store.settled_seq = 2
     assert t.session.release_acks() == [SendToClient(encode_packet(Puback(1), V5) + encode_packet(Puback(2), V5))]

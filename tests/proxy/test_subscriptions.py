@@ -11,6 +11,7 @@ from appliance.proxy.commands import Count, Notes, Record
 from appliance.proxy.subscriptions import V3_SUBACK_FAILURE, Subscriptions
 from appliance.security import AclCheck
 from appliance.security.acl import parse_acl
+from appliance.names import Metric
 from tests.proxy.units import decode, split
 
 V3 = ProtocolVersion.MQTT_3_1_1
@@ -46,7 +47,7 @@ def test_denied_filters_are_cut_out_and_merged_back_in_order(version, failure):
     assert subs.awaiting_suback
     assert suback(subs, 7, 1, version=version) == Suback(7, (failure, 1, failure))
     assert not subs.awaiting_suback
-    assert [c.key for c in notes.commands if isinstance(c, Count)] == ["acl_denied:subscribe"] * 2
+    assert [c.key for c in notes.commands if isinstance(c, Count)] == [(Metric.ACL_DENIED, "subscribe")] * 2
     assert [c.detail["topic_filter"] for c in notes.commands if isinstance(c, Record)] == ["secret/#", "#"]
 
 
@@ -69,7 +70,7 @@ def test_quota_counts_granted_filters_until_unsubscribe():
     relayed = subscribe(subs, 1, "a", "b", "c")
     assert decode(relayed, V5) == Subscribe(1, (Subscription("a"), Subscription("b")))
     assert suback(subs, 1, 0, 0) == Suback(1, (0, 0, ReasonCode.QUOTA_EXCEEDED))
-    assert [c.key for c in notes.commands if isinstance(c, Count)] == ["limit_exceeded:subscriptions"]
+    assert [c.key for c in notes.commands if isinstance(c, Count)] == [(Metric.LIMIT_EXCEEDED, "subscriptions")]
     [event] = [c for c in notes.commands if isinstance(c, Record)]
     assert event.detail == {"client_id": "dev", "peer": "p", "limit": "subscriptions", "detail": "more than 2 subscriptions"}
     assert subscribe(subs, 2, "a") is True  # a re-subscribe is no new subscription

@@ -30,6 +30,7 @@ from appliance.mqtt import (
 )
 from appliance.config.base import Address
 from appliance.simulate import parse_broker, simulate_command
+from appliance.names import Metric
 from tests.conftest import make_config
 from tests.governance.payloads import temperature
 from tests.helpers import TIMEOUT, Client, RunningAppliance, wait_until
@@ -235,12 +236,12 @@ def test_a_text_frame_closes_with_1003_and_nothing_else_is_affected(gateway: Run
 
 def test_an_oversized_frame_closes_with_1009_and_counts_as_the_packet_size_limit(gateway: RunningAppliance) -> None:
     assert gateway.app.proxy is not None
-    before = gateway.app.proxy.counters["limit_exceeded:packet_size"]
+    before = gateway.app.proxy.counters[(Metric.LIMIT_EXCEEDED, "packet_size")]
     with raw_ws(ws_port(gateway)) as raw:
         raw.mqtt_connect("big-1")
         raw.ws.send(b"\x00" * (MAX_PACKET + 1))
         assert raw.closed_with() == 1009
-    wait_until(lambda: gateway.app.proxy is not None and gateway.app.proxy.counters["limit_exceeded:packet_size"] == before + 1,
+    wait_until(lambda: gateway.app.proxy is not None and gateway.app.proxy.counters[(Metric.LIMIT_EXCEEDED, "packet_size")] == before + 1,
                message="the packet_size limit counted")
     event = [d for kind, d in gateway.events if kind == "limit_exceeded" and "WebSocket frame" in str(d.get("detail"))]
     assert event and event[-1]["limit"] == "packet_size"

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from appliance.mqtt import Connack, Connect, ProtocolVersion, Publish, ReasonCode, encode_packet
+from appliance.names import Metric
 from tests.conftest import make_config
 from tests.helpers import Client, RawClient, RunningAppliance, wait_until
 from tests.tls import make_certificates
@@ -71,7 +72,7 @@ def test_passwords_from_mosquitto_passwd(secured, version):
     for c in (bad, anonymous):
         c.paho.loop_stop()
     wait_until(lambda: [e for e in secured.events if e[0] == "auth_failed"][1:], message="auth_failed events")
-    assert secured.app.proxy.counters["auth_failures:bad_credentials"] >= 1  # paho may retry
+    assert secured.app.proxy.counters[(Metric.AUTH_FAILURES, "bad_credentials")] >= 1  # paho may retry
 
 
 @pytest.mark.parametrize("version", [4, 5])
@@ -132,7 +133,7 @@ def test_connections_per_address(secured):
     wait_until(lambda: len(secured.app.proxy.clients) == 40, message="40 connections counted")
     extra = RawClient(secured.port)
     assert extra.closed_by_peer()
-    assert secured.app.proxy.counters["limit_exceeded:connections_per_address"] == 1
+    assert secured.app.proxy.counters[(Metric.LIMIT_EXCEEDED, "connections_per_address")] == 1
     for sock in socks:
         sock.close()
     wait_until(lambda: not secured.app.proxy.per_address, message="address count back to zero")
@@ -178,7 +179,7 @@ def test_limits_and_refusals_are_metrics(secured):
     bad.paho.username_pw_set("alice", "nope")
     bad.connect(expect_success=False)
     bad.paho.loop_stop()
-    wait_until(lambda: secured.app.proxy.counters["auth_failures:bad_credentials"], message="counted")
+    wait_until(lambda: secured.app.proxy.counters[(Metric.AUTH_FAILURES, "bad_credentials")], message="counted")
     port = secured.app.metrics_server.port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'mqtt_proxy_auth_failures_total{reason="bad_credentials"}' in text

@@ -204,3 +204,20 @@ def read_log(directory: Path, *, from_seq: int = 0, upto_seq: int | None = None,
                         scan.problem, info.path, scan.problem_offset)
             if on_problem is not None:
                 on_problem(info, scan.problem_offset or 0, scan.problem)
+
+
+def read_record(directory: Path, seq: int) -> LogRecord | None:
+    """The record with this seq, if a segment still holds it (one segment is scanned)."""
+    holder = None
+    for info in list_segments(directory):
+        if info.first_seq > seq:
+            break
+        holder = info
+    if holder is None:
+        return None
+    try:
+        for record in SegmentScan(holder.path, from_seq=seq, upto_seq=seq):
+            return record if record.seq == seq else None
+    except FileNotFoundError:
+        return None
+    return None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from appliance.msglog import LogRecord, list_segments
+from appliance.msglog.fileio import no_readahead
 from appliance.msglog.format import (
     CORRUPT,
     FILE_HEADER_SIZE,
@@ -54,6 +55,7 @@ class SegmentFiles:
         fd = self._fds.get(first_seq)
         if fd is None:
             fd = self._fds[first_seq] = os.open(self.directory / segment_name(first_seq), os.O_RDONLY | os.O_CLOEXEC)
+            no_readahead(fd)
         return fd
 
     def pread(self, first_seq: int, offset: int, length: int) -> bytes:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fileio import no_readahead
 from .format import (
     CORRUPT,
     END,
@@ -93,6 +94,7 @@ class SegmentScan:
             raise RuntimeError("a SegmentScan can be iterated once")
         self._used = True
         with open(self.path, "rb", buffering=0) as f:
+            no_readahead(f.fileno())  # it may be the active segment (fileio.no_readahead)
             size = self.size = os.fstat(f.fileno()).st_size
             head = f.read(FILE_HEADER_SIZE)
             first_seq = decode_file_header(head)

@@ -464,8 +464,10 @@ def record_id(kind: int, body: bytes) -> int | None:
     """The id of a decision or event record (None for other kinds)."""
     if kind in (DECISION.code, EVENT.code):
         return int.from_bytes(body[4:12], "little", signed=True)
-    if kind == COMPACT_DECISION:
-        return int(decode_compact(body)[0])
+    if kind == COMPACT_DECISION:  # the id's distance from its ts's is the first varint after the head
+        _flags, ts = _COMPACT_HEAD.unpack_from(body)
+        zigzag = _read_varint(body, _COMPACT_HEAD.size)[0]
+        return (int(ts * 1000) << IdClock.SEQUENCE_BITS) + (zigzag >> 1 if not zigzag & 1 else -((zigzag + 1) >> 1))
     return None
 
 

@@ -106,6 +106,7 @@ def test_an_id_the_clock_borrowed_or_wrote_back_is_kept_exactly():
     for record_id_ in (base, base + 1, base + (1 << 20) + 7, base - 3, base - (1 << 40)):
         row = log_decision(decision(record_id_, TS))
         assert _round_trip(row)[0] == record_id_
+        assert record_id(COMPACT_DECISION, compact_from_row(row, 1, 2)) == record_id_
 
 
 def test_a_typical_accepted_message_costs_about_its_payload_plus_15_bytes():

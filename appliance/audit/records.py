@@ -1,4 +1,6 @@
-"""The records of the message log, each declared once: `DECISION`, `EVENT` and `FORWARD_ONLY`.
+"""The records of the message log, each declared once: `DECISION`, `EVENT` and `FORWARD_ONLY`, and
+since record version 2 (`VERSION`) `CONNECTION` and `CONTEXT` (picked from DECISION's fields) with
+the compact decision that refers to them (below `AUDITED`).
 
 A declaration is a list of `Field`s (name, codec type, nullability, DuckDB type, whether the audit
 tables show it). Everything else is generated from it: the column tuples (`DECISION_COLUMNS`,
@@ -11,7 +13,8 @@ nullable fields are NULL first, then numbers, then the lengths of the variable f
 the variable fields' bytes (UTF-8 strings, payloads, JSON text) in order. Encoding a decision with
 a 100-byte payload takes ~1.5 µs and decoding ~1.5 µs (see `python -m appliance.audit.records`).
 Changing a declaration changes the format: add fields only at the end and bump `VERSION` if a
-reader must tell old bodies from new ones.
+reader must tell old bodies from new ones (version 1 segments, DECISION records only, stay
+readable: every reader goes through `Definitions.row` or the seal's stager, which take both).
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def bench_query(directory: Path, rows: int, files: int, row_group_rows: int, reg
     started = time.perf_counter()
     query = AuditQuery(directory)
     opened = time.perf_counter() - started
-    results = {"rows": rows, "files": files, "row_group_rows": row_group_rows, "open_s": round(opened, 3)}
+    results: dict[str, object] = {"rows": rows, "files": files, "row_group_rows": row_group_rows, "open_s": round(opened, 3)}
     sqls = {
         "group_by_verdict": "SELECT verdict, count(*) FROM decisions GROUP BY verdict",
         "group_by_client": "SELECT client_id, count(*) FILTER (WHERE verdict = 'reject') FROM decisions GROUP BY client_id",

@@ -26,7 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-from appliance.audit.records import DECISION, EVENT, payload_sha256
+from appliance.audit.records import (
+    COMPACT_DECISION,
+    CONNECTION,
+    CONTEXT,
+    DECISION,
+    EVENT,
+    compact_from_row,
+    payload_sha256,
+)
 
 SEGMENT_BYTES = 16 << 20
 
@@ -47,13 +55,16 @@ def _decision(i: int, t0: float, rng: random.Random, payload_bytes: int, rate: f
             rng.randrange(10, 500), "3f2a9c1b", False, False, None, not rejected, None, True)
 
 
-def write_log(log_dir: Path, records: int, payload_bytes: int, *, rate: float = 1000.0) -> int:
+def write_log(log_dir: Path, records: int, payload_bytes: int, *, rate: float = 1000.0, compact: bool = True) -> int:
+    """A log of `records` messages (an event every 500), version 2 records unless not `compact`."""
     from appliance.msglog.format import encode_file_header, encode_record, segment_name
 
     log_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1)
     t0 = time.time() - records / rate
     seq, first, parts, size = 0, 1, [encode_file_header(1)], 16
+    connections: dict[tuple[object, ...], int] = {}
+    contexts: dict[tuple[object, ...], int] = {}
     for i in range(records):
         seq += 1
         if i % 500 == 0:
@@ -61,14 +72,29 @@ def write_log(log_dir: Path, records: int, payload_bytes: int, *, rate: float = 
                                  "client_connected", "sensor-0001", "10.0.0.7:1", '{"keepalive":60}'))
             kind = EVENT.code
         else:
-            body = DECISION.encode(_decision(i, t0, rng, payload_bytes, rate))
-            kind = DECISION.code
+            row = _decision(i, t0, rng, payload_bytes, rate)
+            if compact:  # as the sink writes them: definitions once per segment, then references
+                refs = []
+                for table, definition in ((connections, CONNECTION), (contexts, CONTEXT)):
+                    key = tuple(row[DECISION.names.index(n)] for n in definition.names)
+                    if key not in table:
+                        record = encode_record(seq, definition.code, definition.encode(key))
+                        parts.append(record)
+                        size += len(record)
+                        table[key] = seq
+                        seq += 1
+                    refs.append(table[key])
+                body, kind = compact_from_row(row, refs[0], refs[1]), COMPACT_DECISION
+            else:
+                body, kind = DECISION.encode(row), DECISION.code
         record = encode_record(seq, kind, body)
         parts.append(record)
         size += len(record)
         if size >= SEGMENT_BYTES:
             (log_dir / segment_name(first)).write_bytes(b"".join(parts))
             first, parts, size = seq + 1, [encode_file_header(seq + 1)], 16
+            connections.clear()
+            contexts.clear()
     (log_dir / segment_name(first)).write_bytes(b"".join(parts))
     return seq
 

@@ -407,22 +407,32 @@ def _tail_rows(state_dir: Path, after: Any) -> list[tuple[Any, ...]]:
     """The decisions in the message log after the Parquet watermark, as audit rows (the payload
     only where the audit shows it), read and decoded here."""
     from appliance.audit.layout import Layout
-    from appliance.audit.records import DECISION
+    from appliance.audit.records import DECISION, Definitions
     from appliance.msglog import list_segments, read_segment
+    from appliance.msglog.reader import read_record
 
     width = len(DECISION_COLUMNS)
     payload_at = DECISION.names.index("payload")
     audited_at = DECISION.names.index("payload_audited")
-    code = DECISION.code
-    decode = DECISION.decode
+    log_dir = Layout(state_dir).log_dir
+
+    def lookup(seq: int) -> tuple[int, bytes] | None:
+        record = read_record(log_dir, seq)
+        return None if record is None else (record.kind, record.body)
+
+    definitions = Definitions(lookup)  # version 2 decisions refer to connection and context records
     rows = []
-    for info in list_segments(Layout(state_dir).log_dir):
+    for info in list_segments(log_dir):
         if info.first_seq <= after.segment:
             continue
         try:
-            for record in read_segment(info.path, from_seq=after.last_seq + 1):
-                if record.kind == code:
-                    row = decode(record.body)
+            for record in read_segment(info.path):  # from the start: definitions before `after` count
+                if record.seq <= after.last_seq:
+                    definitions.add(record.seq, record.kind, record.body)
+                    continue
+                found = definitions.row(record.seq, record.kind, record.body)
+                if found is not None and found[0] is DECISION:
+                    row = found[1]
                     if not row[audited_at] and row[payload_at] is not None:
                         row = (*row[:payload_at], None, *row[payload_at + 1:])
                     rows.append(row[:width])

@@ -30,10 +30,10 @@ from appliance.audit import quarantine as _quarantine
 from appliance.audit.errors import AuditError, QueryRefused, QueryTimeout
 from appliance.audit.guard import check_query
 from appliance.audit.layout import TABLES, Layout, Watermark, sql_string
-from appliance.audit.records import AUDITED, KINDS
+from appliance.audit.records import AUDITED, Definitions
 from appliance.audit.results import QueryResult
 from appliance.audit.seal import view_statements
-from appliance.msglog.reader import list_segments, read_segment
+from appliance.msglog.reader import list_segments, read_record, read_segment
 
 MEMORY_LIMIT = "64MB"
 _ATTEMPTS = 5
@@ -56,17 +56,25 @@ def load_tail(con: duckdb.DuckDBPyConnection, layout: Layout, mark: Watermark, *
         appenders[kind.code] = con.appender(stages[kind.code])
         buffers[kind.code] = []
     loaded = 0
+    definitions = Definitions(lambda seq: _definition(layout, seq))
+    after = mark.last_seq
     for info in list_segments(layout.log_dir):
         if info.first_seq <= mark.segment:
             continue
         try:
-            for record in read_segment(info.path, from_seq=mark.last_seq + 1):
-                buffer = buffers.get(record.kind)
-                if buffer is None:
+            # From the segment's start: the definitions before the watermark are needed too.
+            for record in read_segment(info.path):
+                if record.seq <= after:
+                    definitions.add(record.seq, record.kind, record.body)
                     continue
-                buffer.append(KINDS[record.kind].decode(record.body))
+                found = definitions.row(record.seq, record.kind, record.body)
+                if found is None:
+                    continue
+                kind, row = found
+                buffer = buffers[kind.code]
+                buffer.append(row)
                 if len(buffer) >= chunk:
-                    appenders[record.kind].append_rows(buffer)
+                    appenders[kind.code].append_rows(buffer)
                     loaded += len(buffer)
                     buffer.clear()
         except FileNotFoundError:
@@ -81,6 +89,11 @@ def load_tail(con: duckdb.DuckDBPyConnection, layout: Layout, mark: Watermark, *
                     f"SELECT {kind.select_from_stage()} FROM {stages[kind.code]}")
         con.execute(f"DROP TABLE {stages[kind.code]}")
     return loaded
+
+
+def _definition(layout: Layout, seq: int) -> tuple[int, bytes] | None:
+    record = read_record(layout.log_dir, seq)
+    return None if record is None else (record.kind, record.body)
 
 
 def parquet_source(paths: Sequence[Path]) -> str:

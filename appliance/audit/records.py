@@ -1,4 +1,6 @@
-"""The records of the message log, each declared once: `DECISION`, `EVENT` and `FORWARD_ONLY`.
+"""The records of the message log, each declared once: `DECISION`, `EVENT` and `FORWARD_ONLY`, and
+since record version 2 (`VERSION`) `CONNECTION` and `CONTEXT` (picked from DECISION's fields) with
+the compact decision that refers to them (below `AUDITED`).
 
 A declaration is a list of `Field`s (name, codec type, nullability, DuckDB type, whether the audit
 tables show it). Everything else is generated from it: the column tuples (`DECISION_COLUMNS`,
@@ -11,18 +13,22 @@ nullable fields are NULL first, then numbers, then the lengths of the variable f
 the variable fields' bytes (UTF-8 strings, payloads, JSON text) in order. Encoding a decision with
 a 100-byte payload takes ~1.5 µs and decoding ~1.5 µs (see `python -m appliance.audit.records`).
 Changing a declaration changes the format: add fields only at the end and bump `VERSION` if a
-reader must tell old bodies from new ones.
+reader must tell old bodies from new ones (version 1 segments, DECISION records only, stay
+readable: every reader goes through `Definitions.row` or the seal's stager, which take both).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+_log = logging.getLogger(__name__)
 
 REASON_TYPE = 'STRUCT("check" VARCHAR, message VARCHAR, "schema" VARCHAR, path VARCHAR)[]'
 
@@ -231,8 +237,313 @@ class RecordKind:
 DECISION = RecordKind(1, "decision", DECISION_FIELDS, "decisions")
 EVENT = RecordKind(2, "event", EVENT_FIELDS, "events")
 FORWARD_ONLY = RecordKind(3, "forward_only", FORWARD_ONLY_FIELDS, "")
-KINDS: dict[int, RecordKind] = {k.code: k for k in (DECISION, EVENT, FORWARD_ONLY)}
 AUDITED = (DECISION, EVENT)
+
+
+# -- Version 2: a decision refers to what repeats -------------------------------------------------
+#
+# A version 1 decision record (kind 1, DECISION above) carries all 27 fields: ~370 bytes for an
+# 86-byte payload. Most of them repeat: per connection (client id, username, peer, MQTT version)
+# and per topic and mapping (the schema, the topic filter, the config revision...). Version 2
+# writes each of those groups once as a small record of its own (CONNECTION, CONTEXT: declared
+# from DECISION's own fields, so the types stay in one place) and a COMPACT decision (kind 6) that
+# refers to them by their seq: ~120 bytes in all for the same message. Readers expand a compact
+# decision back into the DECISION row (`Definitions`), so the audit tables, the Parquet schema,
+# the outbox and replay see exactly what they saw before; version 1 records stay readable.
+#
+# The definitions a segment's decisions refer to are in the same segment, before them: the writer
+# starts a new "epoch" whenever it rolls a segment (or a batch fails), `MessageLog.append` refuses
+# a record appended for an older epoch, and the sink then writes its definitions again. A segment
+# can therefore be read, converted or removed on its own.
+
+VERSION = 2  # of the records' bodies: 1 wrote DECISION records only; 2 adds kinds 4, 5 and 6
+
+_BY_NAME = {f.name: f for f in DECISION_FIELDS}
+CONNECTION_FIELDS = tuple(_BY_NAME[n] for n in ("client_id", "username", "peer", "mqtt_version"))
+CONTEXT_FIELDS = tuple(_BY_NAME[n] for n in ("topic", "schema_set", "schema_name", "schema_version",
+                                             "topic_filter", "config_revision", "dry_run", "forward_qos"))
+CONNECTION = RecordKind(4, "connection", CONNECTION_FIELDS, "")
+CONTEXT = RecordKind(5, "context", CONTEXT_FIELDS, "")
+DEFINITIONS = (CONNECTION, CONTEXT)
+COMPACT_DECISION = 6  # the log's kind byte of a compact decision (codec below)
+KINDS: dict[int, RecordKind] = {k.code: k for k in (DECISION, EVENT, FORWARD_ONLY, CONNECTION, CONTEXT)}
+
+# A compact decision's own fields (the rest are its connection's and its context's), in the order
+# `decode_compact` returns them: "connection" and "context" are the seqs of those records, and
+# payload_sha256 is None when the payload is stored (it is computed from it when read).
+COMPACT_FIELDS = ("id", "ts", "connection", "context", "qos", "retain", "payload", "payload_size",
+                  "payload_sha256", "verdict", "reason_code", "reasons", "latency_us", "is_will",
+                  "released_from", "forward", "payload_audited")
+assert (set(COMPACT_FIELDS) - {"connection", "context"}) | set(CONNECTION.names) | set(CONTEXT.names) \
+    == set(DECISION.names), "every DECISION field is stored in exactly one place"
+
+# Body: <H flags><d ts>, then unsigned LEB128 varints: the id's distance from the one its ts would
+# give (zigzag: the clock may have borrowed), the connection's seq, the context's seq, latency_us;
+# then, per flag, reason_code (1 byte), released_from (varint), reasons (varint length + UTF-8);
+# then either the payload (the rest of the body: its size is its length) or, when it is not
+# stored, payload_size (varint) and the 32 raw bytes of its SHA-256.
+_COMPACT_HEAD = struct.Struct("<Hd")
+F_RETAIN, F_REJECT, F_FORWARD, F_AUDITED, F_WILL = 0x4, 0x8, 0x10, 0x20, 0x40
+F_PAYLOAD, F_RELEASED, F_REASONS = 0x80, 0x100, 0x200
+_ONE_BYTE = [bytes((i,)) for i in range(128)]
+
+
+def varint(n: int) -> bytes:
+    """Unsigned LEB128 (n >= 0)."""
+    if n < 0x80:
+        return _ONE_BYTE[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(body: bytes, o: int) -> tuple[int, int]:
+    b = body[o]
+    if b < 0x80:
+        return b, o + 1
+    n, shift = b & 0x7F, 7
+    while True:
+        o += 1
+        b = body[o]
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, o + 1
+        shift += 7
+        if shift > 70:
+            raise ValueError("varint too long")
+
+
+def pack_refs(connection: int, context: int) -> bytes:
+    """The two references of a compact decision (the sink keeps them per connection and context)."""
+    return varint(connection) + varint(context)
+
+
+def encode_compact(id_: int, ts: float, refs: bytes, qos: int, retain: bool, payload: bytes | None,
+                   payload_size: int, sha256_hex: str | None, verdict: str, reason_code: int, reasons: str,
+                   latency_us: int, is_will: bool, released_from: int | None, forward: bool,
+                   audited: bool) -> bytes:
+    """A compact decision's body; `refs` from pack_refs(connection seq, context seq)."""
+    flags = qos | (F_RETAIN if retain else 0) | (F_FORWARD if forward else 0) | (F_AUDITED if audited else 0) \
+        | (F_WILL if is_will else 0)
+    delta = id_ - (int(ts * 1000) << IdClock.SEQUENCE_BITS)
+    parts = [b"", varint(delta << 1 if delta >= 0 else ((-delta) << 1) - 1), refs,
+             varint(latency_us if latency_us > 0 else 0)]
+    if verdict != "accept":
+        flags |= F_REJECT
+        parts.append(_ONE_BYTE[reason_code] if reason_code < 128 else bytes((reason_code,)))
+    if released_from is not None:
+        flags |= F_RELEASED
+        parts.append(varint(released_from))
+    if reasons != "[]":
+        flags |= F_REASONS
+        text = reasons.encode()
+        parts.append(varint(len(text)))
+        parts.append(text)
+    if payload is not None:
+        flags |= F_PAYLOAD
+        parts.append(payload)
+    else:
+        parts.append(varint(payload_size))
+        parts.append(bytes.fromhex(sha256_hex or "") if sha256_hex else bytes(32))
+    parts[0] = _COMPACT_HEAD.pack(flags, ts)
+    return b"".join(parts)
+
+
+def decode_compact(body: bytes | memoryview) -> tuple[Any, ...]:
+    """A compact decision's own fields (COMPACT_FIELDS order)."""
+    if type(body) is not bytes:
+        body = bytes(body)
+    flags, ts = _COMPACT_HEAD.unpack_from(body)
+    o = _COMPACT_HEAD.size
+    zigzag, o = _read_varint(body, o)
+    connection, o = _read_varint(body, o)
+    context, o = _read_varint(body, o)
+    latency, o = _read_varint(body, o)
+    delta = zigzag >> 1 if not zigzag & 1 else -((zigzag + 1) >> 1)
+    id_ = (int(ts * 1000) << IdClock.SEQUENCE_BITS) + delta
+    if flags & F_REJECT:
+        verdict, reason_code = "reject", body[o]
+        o += 1
+    else:
+        verdict, reason_code = "accept", 0
+    released = None
+    if flags & F_RELEASED:
+        released, o = _read_varint(body, o)
+    reasons = "[]"
+    if flags & F_REASONS:
+        length, o = _read_varint(body, o)
+        if o + length > len(body):
+            raise ValueError("compact decision: reasons beyond the body")
+        reasons = body[o:o + length].decode()
+        o += length
+    if flags & F_PAYLOAD:
+        payload: bytes | None = body[o:]
+        size, sha = len(body) - o, None
+    else:
+        payload = None
+        size, o = _read_varint(body, o)
+        if len(body) - o != 32:
+            raise ValueError(f"compact decision body: {len(body)} bytes, expected {o + 32}")
+        sha = body[o:].hex()
+    return (id_, ts, connection, context, flags & 3, bool(flags & F_RETAIN), payload, size, sha, verdict,
+            reason_code, reasons, latency, bool(flags & F_WILL), released, bool(flags & F_FORWARD),
+            bool(flags & F_AUDITED))
+
+
+def compact_ts_forward(body: bytes) -> tuple[float, bool]:
+    """(ts, forward) of a compact decision without decoding it (the outbox reads every record)."""
+    flags, ts = _COMPACT_HEAD.unpack_from(body)
+    return ts, bool(flags & F_FORWARD)
+
+
+def _expander() -> Callable[[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]]:
+    """expand(compact, connection, context) -> the DECISION row (generated from the declarations)."""
+    sources: dict[str, str] = {}
+    for where, names in (("c", COMPACT_FIELDS), ("n", CONNECTION.names), ("x", CONTEXT.names)):
+        for i, name in enumerate(names):
+            sources.setdefault(name, f"{where}[{i}]")
+    sha = sources["payload_sha256"]
+    sources["payload_sha256"] = f"({sha} if {sha} is not None else _sha256({sources['payload']}).hexdigest())"
+    code = f"def expand(c, n, x):\n    return ({', '.join(sources[name] for name in DECISION.names)},)\n"
+    namespace: dict[str, Any] = {"_sha256": hashlib.sha256}
+    exec(compile(code, "<compact decision expander>", "exec"), namespace)  # noqa: S102 (declarations only)
+    return namespace["expand"]  # type: ignore[no-any-return]
+
+
+expand_compact = _expander()
+
+
+def compact_from_row(row: tuple[Any, ...], connection: int, context: int) -> bytes:
+    """A DECISION row as a compact decision referring to these records (rewrites, tests)."""
+    r = dict(zip(DECISION.names, row, strict=True))
+    stored = r["payload"]
+    return encode_compact(r["id"], r["ts"], pack_refs(connection, context), r["qos"], r["retain"], stored,
+                          r["payload_size"], None if stored is not None else r["payload_sha256"], r["verdict"],
+                          r["reason_code"], r["reasons"], r["latency_us"], r["is_will"], r["released_from"],
+                          r["forward"], r["payload_audited"])
+
+
+# Staging compact decisions in DuckDB (the seal helper): decisions keep their two references and
+# the definitions go to two small tables, so a segment of ~110k decisions stages in ~25 MB instead of
+# repeating every string per row (which spilled to disk under the helper's memory limit).
+def _stage_field(name: str) -> Field:
+    if name in ("connection", "context"):
+        return Field(name, "i64", "BIGINT")
+    f = _BY_NAME[name]
+    return replace(f, nullable=True) if name == "payload_sha256" else f
+
+
+COMPACT_STAGE_FIELDS = tuple(_stage_field(n) for n in COMPACT_FIELDS)
+
+
+def _stage_cols(fields: tuple[Field, ...]) -> str:
+    return ", ".join(f'"{f.name}" {f.stage_sql or f.sql}' for f in fields)
+
+
+def compact_stage_ddl(decisions: str, connections: str, contexts: str) -> list[str]:
+    """CREATE statements for the three staging tables (rows: `stage_row`, CONNECTION and CONTEXT
+    rows with their seq first)."""
+    return [f"CREATE OR REPLACE TEMP TABLE {decisions} ({_stage_cols(COMPACT_STAGE_FIELDS)})",
+            f'CREATE OR REPLACE TEMP TABLE {connections} ("connection" BIGINT, {_stage_cols(CONNECTION.fields)})',
+            f'CREATE OR REPLACE TEMP TABLE {contexts} ("context" BIGINT, {_stage_cols(CONTEXT.fields)})']
+
+
+def compact_stage_view(view: str, decisions: str, connections: str, contexts: str) -> str:
+    """A view over the staging tables with DECISION's staged fields (what DECISION.stage_ddl holds),
+    so `DECISION.select_from_stage()` reads it like a staging table of whole rows."""
+    cols = []
+    for name in DECISION.names:
+        if name == "payload_sha256":
+            cols.append('coalesce(d."payload_sha256", sha256(d."payload")) AS "payload_sha256"')
+        else:
+            table = "n" if name in CONNECTION.names else "x" if name in CONTEXT.names else "d"
+            cols.append(f'{table}."{name}"')
+    return (f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT {', '.join(cols)} FROM {decisions} d "
+            f'JOIN {connections} n ON n."connection" = d."connection" JOIN {contexts} x ON x."context" = d."context"')
+
+
+def record_id(kind: int, body: bytes) -> int | None:
+    """The id of a decision or event record (None for other kinds)."""
+    if kind in (DECISION.code, EVENT.code):
+        return int.from_bytes(body[4:12], "little", signed=True)
+    if kind == COMPACT_DECISION:  # the id's distance from its ts's is the first varint after the head
+        _flags, ts = _COMPACT_HEAD.unpack_from(body)
+        zigzag = _read_varint(body, _COMPACT_HEAD.size)[0]
+        return (int(ts * 1000) << IdClock.SEQUENCE_BITS) + (zigzag >> 1 if not zigzag & 1 else -((zigzag + 1) >> 1))
+    return None
+
+
+def placeholder(kind: RecordKind) -> tuple[Any, ...]:
+    """What a definition record that is no longer in the log reads as: "?" for its strings."""
+    return tuple("?" if f.type == "str" and not f.nullable else False if f.type == "bool"
+                 else 0 if not f.nullable else None for f in kind.fields)
+
+
+class Definitions:
+    """The CONNECTION and CONTEXT records a reader has seen (by seq), to expand compact decisions.
+
+    Read a log in seq order and hand every record to `row()`: definitions are remembered and
+    return None; decisions of both versions and events come back as (kind, row) in their table's
+    full form. `lookup(seq)`, when given, finds a definition this reader has not seen (it started
+    after it): it reads the segment holding that seq. A definition the log no longer has (only
+    after a failed write, once the segment before was removed) reads as `placeholder()`, counted
+    in `missing`."""
+
+    def __init__(self, lookup: Callable[[int], tuple[int, bytes] | None] | None = None):
+        self._defs: dict[int, tuple[Any, ...]] = {}
+        self._lookup = lookup
+        self.missing = 0
+
+    def __len__(self) -> int:
+        return len(self._defs)
+
+    def add(self, seq: int, kind: int, body: bytes) -> bool:
+        """Remember a definition record; False if it is not one."""
+        if kind == CONNECTION.code:
+            self._defs[seq] = CONNECTION.decode(body)
+        elif kind == CONTEXT.code:
+            self._defs[seq] = CONTEXT.decode(body)
+        else:
+            return False
+        return True
+
+    def forget_before(self, seq: int) -> None:
+        """Drop the definitions below `seq` (their segments are no longer read)."""
+        for old in [s for s in self._defs if s < seq]:
+            del self._defs[old]
+
+    def get(self, seq: int, kind: RecordKind) -> tuple[Any, ...]:
+        found = self._defs.get(seq)
+        if found is None:
+            record = self._lookup(seq) if self._lookup is not None else None
+            if record is not None and record[0] == kind.code:
+                self.add(seq, *record)
+                return self._defs[seq]
+            self.missing += 1
+            _log.warning("%s record %d is not in the message log: decisions referring to it read as %r",
+                         kind.name, seq, placeholder(kind))
+            found = self._defs[seq] = placeholder(kind)  # looked up once
+        return found
+
+    def decision(self, body: bytes) -> tuple[Any, ...]:
+        """A compact decision's full DECISION row."""
+        c = decode_compact(body)
+        return expand_compact(c, self.get(c[2], CONNECTION), self.get(c[3], CONTEXT))
+
+    def row(self, seq: int, kind: int, body: bytes) -> tuple[RecordKind, tuple[Any, ...]] | None:
+        """(DECISION or EVENT, its row) for an audited record; None for anything else (definitions
+        are remembered)."""
+        if kind == COMPACT_DECISION:
+            return DECISION, self.decision(body)
+        if kind == DECISION.code:
+            return DECISION, DECISION.decode(body)
+        if kind == EVENT.code:
+            return EVENT, EVENT.decode(body)
+        self.add(seq, kind, body)
+        return None
 
 # The audit tables' columns, in order (generated; the names and order the DuckDB store had).
 DECISION_COLUMNS = DECISION.columns

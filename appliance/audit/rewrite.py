@@ -15,9 +15,9 @@ from pathlib import Path
 import duckdb
 
 from appliance.audit.layout import publish, sql_string, temp_name
-from appliance.audit.records import DECISION
+from appliance.audit.records import COMPACT_DECISION, DECISION, Definitions, compact_from_row, decode_compact
 from appliance.msglog.format import encode_file_header, encode_record
-from appliance.msglog.reader import SegmentScan
+from appliance.msglog.reader import SegmentScan, read_record
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ def drop_payloads(con: duckdb.DuckDBPyConnection, files: Sequence[Path], conditi
 Match = Callable[[tuple[object, ...]], bool]
 
 
+def _definition(log_dir: Path, seq: int) -> tuple[int, bytes] | None:
+    record = read_record(log_dir, seq)
+    return None if record is None else (record.kind, record.body)
+
+
 def drop_payloads_in_segment(path: Path, match: Match) -> set[int]:
     """Rewrites a sealed segment with the payload of every decision record for which
     `match(row)` holds emptied (unless it is still to be forwarded: then only `payload_audited`
@@ -72,9 +77,22 @@ def drop_payloads_in_segment(path: Path, match: Match) -> set[int]:
     parts: list[bytes] = []
     changed: set[int] = set()
     payload, audited, forward = _FIELD["payload"], _FIELD["payload_audited"], _FIELD["forward"]
+    definitions = Definitions(lambda seq: _definition(path.parent, seq))
     for record in scan:
         body = record.body
-        if record.kind == DECISION.code:
+        if record.kind == COMPACT_DECISION:
+            row = definitions.decision(body)
+            if row[payload] is not None and row[audited] and match(row):
+                new = list(row)
+                new[audited] = False
+                if not row[forward]:
+                    new[payload] = None
+                c = decode_compact(body)
+                body = compact_from_row(tuple(new), c[2], c[3])
+                changed.add(int(row[0]))
+        elif definitions.add(record.seq, record.kind, body):
+            pass
+        elif record.kind == DECISION.code:
             row = DECISION.decode(body)
             if row[payload] is not None and row[audited] and match(row):
                 new = list(row)

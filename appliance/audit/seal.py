@@ -13,9 +13,13 @@ rerun's batch holds at least the rows of the interrupted one). Readers ignore fi
 the watermark (layout.py), so they never see a row twice either.
 
 How rows get into DuckDB (measured, docs/audit.md): records are decoded in Python and appended
-with DuckDB's appender into a staging table holding the log's fields (ts a double, JSON as text),
+with DuckDB's appender into staging tables holding the log's fields (ts a double, JSON as text),
 then each day is COPY'd out with the conversions of records.py: in one run, 49k rows/s against
-26k for NDJSON read back with read_json (which also ran out of the 64 MB memory limit).
+26k for NDJSON read back with read_json (which also ran out of the 64 MB memory limit). Decisions
+are staged as the compact records hold them (records.py, version 2: two references, no repeated
+strings, no SHA-256 when the payload is there) beside two small tables of connections and
+contexts, and joined when copied out: a 16 MiB segment then stages in memory, where whole rows
+spilled ~12 MB of temporary files per segment to disk (docs/performance.md).
 
 After converting, finished days' small files are merged (compact_days), and the views file is
 refreshed when a table got its first file or lost its last one.
@@ -48,15 +52,34 @@ from appliance.audit.layout import (
     write_durably,
 )
 from appliance.audit.legacy import needs_upgrade
-from appliance.audit.records import AUDITED, DECISION, EVENT, KINDS, RecordKind
-from appliance.msglog.reader import SegmentInfo, list_segments, read_segment
+from appliance.audit.records import (
+    AUDITED,
+    COMPACT_DECISION,
+    COMPACT_FIELDS,
+    CONNECTION,
+    CONTEXT,
+    DECISION,
+    EVENT,
+    KINDS,
+    RecordKind,
+    compact_stage_ddl,
+    compact_stage_view,
+    decode_compact,
+    placeholder,
+)
+from appliance.msglog.reader import SegmentInfo, list_segments, read_record, read_segment
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_BYTES = 16 << 20  # one default segment: peak RSS ~145 MB (64 MiB: ~290 MB)
-ROW_GROUP_ROWS = 122_880  # DuckDB's default row group: large groups scan fastest
+MAX_BATCH_BYTES = 16 << 20  # one default segment: peak RSS ~155 MB (64 MiB: ~290 MB)
+ROW_GROUP_ROWS = 122_880  # DuckDB's default row group: large groups scan fastest (compacted files)
+# A converted segment's row groups. The Parquet writer holds a row group in memory: a 16 MiB segment
+# of compact records is ~128k decisions, and 122,880-row groups then need ~190 MB (or spill ~90 MB of
+# temporary files at 96 MB); 32,768-row groups convert it in memory (96 MB limit, ~155 MB peak RSS,
+# nothing but the Parquet file written). A finished day's files are merged with large groups.
+CONVERT_ROW_GROUP_ROWS = 32_768
 APPEND_ROWS = 10_000
-MEMORY_LIMIT = "64MB"
+MEMORY_LIMIT = "96MB"
 COMPACT_ROWS = 2_000_000  # rows per file when merging a finished day's files
 _DAY = 86_400
 VIEWS_VERSION = 1
@@ -97,45 +120,126 @@ def _stage_name(kind: RecordKind) -> str:
     return f"stage_{kind.table}"
 
 
+# The staging tables of decisions (compact form) and their definitions; `stage_decisions` is the
+# view joining them (DECISION's staged fields), which copy_days reads like a table.
+_STAGE_COMPACT, _STAGE_CONNECTIONS, _STAGE_CONTEXTS = "stage_compact", "stage_connections", "stage_contexts"
+_CONNECTION_AT = [DECISION.names.index(n) for n in CONNECTION.names]
+_CONTEXT_AT = [DECISION.names.index(n) for n in CONTEXT.names]
+_COMPACT_AT = {n: DECISION.names.index(n) for n in COMPACT_FIELDS if n in DECISION.names}
+
+
+class _Stager:
+    """Appends decoded records to the staging tables, a buffer at a time."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, log_dir: Path, append_rows: int):
+        for ddl in compact_stage_ddl(_STAGE_COMPACT, _STAGE_CONNECTIONS, _STAGE_CONTEXTS):
+            con.execute(ddl)
+        con.execute(EVENT.stage_ddl(_stage_name(EVENT)))
+        con.execute(compact_stage_view(_stage_name(DECISION), _STAGE_COMPACT, _STAGE_CONNECTIONS, _STAGE_CONTEXTS))
+        self.tables = (_STAGE_COMPACT, _STAGE_CONNECTIONS, _STAGE_CONTEXTS, _stage_name(EVENT))
+        self.appenders = [con.appender(t) for t in self.tables]
+        self.buffers: list[list[tuple[object, ...]]] = [[], [], [], []]
+        self.append_rows = append_rows
+        self.log_dir = log_dir
+        self.decisions = self.events = 0
+        self.defined: list[set[int]] = [set(), set()]  # seqs of the connections and contexts staged
+        self.wanted: list[set[int]] = [set(), set()]  # ... and those the decisions refer to
+        # Version 1 decisions carry their connection and context: staged under negative numbers.
+        self._v1: list[dict[tuple[object, ...], int]] = [{}, {}]
+
+    def _add(self, table: int, row: tuple[object, ...]) -> None:
+        buffer = self.buffers[table]
+        buffer.append(row)
+        if len(buffer) >= self.append_rows:
+            appender = self.appenders[table]
+            appender.append_rows(buffer)
+            appender.flush()  # committed now: an appender holding a whole segment needs twice its memory
+            buffer.clear()
+
+    def record(self, seq: int, kind: int, body: bytes) -> bool:
+        """Stage one record; False if it is not one the audit keeps or defines."""
+        if kind == COMPACT_DECISION:
+            row = decode_compact(body)
+            self.wanted[0].add(row[2])
+            self.wanted[1].add(row[3])
+            self._add(0, row)
+            self.decisions += 1
+        elif kind == CONNECTION.code or kind == CONTEXT.code:
+            which = 0 if kind == CONNECTION.code else 1
+            if seq not in self.defined[which]:
+                self.defined[which].add(seq)
+                self._add(1 + which, (seq, *KINDS[kind].decode(body)))
+        elif kind == EVENT.code:
+            self._add(3, EVENT.decode(body))
+            self.events += 1
+        elif kind == DECISION.code:
+            self._version1(DECISION.decode(body))
+            self.decisions += 1
+        else:
+            return False
+        return True
+
+    def _version1(self, row: tuple[object, ...]) -> None:
+        refs = []
+        for which, at in enumerate((_CONNECTION_AT, _CONTEXT_AT)):
+            key = tuple(row[i] for i in at)
+            ref = self._v1[which].get(key)
+            if ref is None:
+                ref = self._v1[which][key] = -1 - len(self._v1[which])
+                self._add(1 + which, (ref, *key))
+            refs.append(ref)
+        self._add(0, tuple(refs[0] if n == "connection" else refs[1] if n == "context" else row[_COMPACT_AT[n]]
+                           for n in COMPACT_FIELDS))
+
+    def finish(self, report: SealReport | None) -> None:
+        """Stage the definitions this batch refers to but does not hold (an earlier segment's, after
+        a failed write), or placeholders if the log no longer has them; flush everything."""
+        for which, kind in enumerate((CONNECTION, CONTEXT)):
+            for seq in sorted(self.wanted[which] - self.defined[which]):
+                found = read_record(self.log_dir, seq)
+                if found is not None and found.kind == kind.code:
+                    self._add(1 + which, (seq, *kind.decode(found.body)))
+                    continue
+                problem = f"{kind.name} record {seq} is not in the log: its decisions are converted without it"
+                log.warning("%s", problem)
+                if report is not None:
+                    report.problems.append(problem)
+                self._add(1 + which, (seq, *placeholder(kind)))
+        for appender, buffer in zip(self.appenders, self.buffers, strict=True):
+            if buffer:
+                appender.append_rows(buffer)
+                buffer.clear()
+            appender.flush()
+
+
 def load_records(con: duckdb.DuckDBPyConnection, segments: list[SegmentInfo], *,
-                 append_rows: int = APPEND_ROWS, report: SealReport | None = None) -> int:
-    """Decodes the segments' audited records into the staging tables (created empty); returns the
-    last seq read (0 if none)."""
-    appenders = {}
-    buffers: dict[int, list[tuple[object, ...]]] = {}
-    for kind in AUDITED:
-        con.execute(kind.stage_ddl(_stage_name(kind)))
-        appenders[kind.code] = con.appender(_stage_name(kind))
-        buffers[kind.code] = []
+                 append_rows: int = APPEND_ROWS, report: SealReport | None = None,
+                 log_dir: Path | None = None) -> int:
+    """Decodes the segments' audited records into the staging tables (created empty; decisions
+    are read through the view `stage_decisions`); returns the last seq read (0 if none)."""
+    stager = _Stager(con, log_dir or (segments[0].path.parent if segments else Path(".")), append_rows)
     last_seq = 0
-    counts = {kind.code: 0 for kind in AUDITED}
     for info in segments:
         scan = read_segment(info.path)
         for record in scan:
-            buffer = buffers.get(record.kind)
-            if buffer is None:
-                if record.kind not in KINDS:
-                    log.warning("segment %s: seq %d has unknown kind %d; skipped", info.path, record.seq, record.kind)
-                continue  # FORWARD_ONLY: nothing to audit
-            buffer.append(KINDS[record.kind].decode(record.body))
-            if len(buffer) >= append_rows:
-                appenders[record.kind].append_rows(buffer)
-                counts[record.kind] += len(buffer)
-                buffer.clear()
+            if not stager.record(record.seq, record.kind, record.body) and record.kind not in KINDS:
+                log.warning("segment %s: seq %d has unknown kind %d; skipped", info.path, record.seq, record.kind)
         last_seq = max(last_seq, scan.last_seq)
         if scan.problem is not None and report is not None:
             report.problems.append(f"{info.path}: {scan.problem} at offset {scan.problem_offset}")
             log.warning("sealed segment %s: %s at offset %s; the rest of it is skipped",
                         info.path, scan.problem, scan.problem_offset)
-    for code, buffer in buffers.items():
-        if buffer:
-            appenders[code].append_rows(buffer)
-            counts[code] += len(buffer)
-        appenders[code].flush()
+    stager.finish(report)
     if report is not None:
-        report.decisions += counts[DECISION.code]
-        report.events += counts[EVENT.code]
+        report.decisions += stager.decisions
+        report.events += stager.events
     return last_seq
+
+
+def drop_stage(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(f"DROP VIEW IF EXISTS {_stage_name(DECISION)}")
+    for table in (_STAGE_COMPACT, _STAGE_CONNECTIONS, _STAGE_CONTEXTS, _stage_name(EVENT)):
+        con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 def copy_days(con: duckdb.DuckDBPyConnection, source: str, kind: RecordKind, target: Callable[[date], Path],
@@ -164,7 +268,7 @@ def copy_days(con: duckdb.DuckDBPyConnection, source: str, kind: RecordKind, tar
 
 
 def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
-                    row_group_rows: int = ROW_GROUP_ROWS, memory_limit: str = MEMORY_LIMIT,
+                    row_group_rows: int = CONVERT_ROW_GROUP_ROWS, memory_limit: str = MEMORY_LIMIT,
                     threads: int = 2, compact: bool = True, checkpoint: Checkpoint | None = None) -> SealReport:
     """Converts every sealed, unconverted segment; returns what it did. `checkpoint(step)` is
     called after each durable step (tests inject crashes there)."""
@@ -183,13 +287,13 @@ def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
                         break
                     batch.append(info)
                     size += _size(info.path)
-                last_seq = load_records(con, batch, report=report)
+                last_seq = load_records(con, batch, report=report, log_dir=layout.log_dir)
                 first = batch[0].first_seq
                 for kind in AUDITED:
                     report.files += copy_days(
                         con, _stage_name(kind), kind, _namer(layout, kind.table, first),
                         row_group_rows=row_group_rows, checkpoint=checkpoint)
-                    con.execute(f"DROP TABLE {_stage_name(kind)}")
+                drop_stage(con)
                 mark = Watermark(batch[-1].first_seq, max(mark.last_seq, last_seq))
                 layout.write_watermark(mark)
                 report.watermark = mark
@@ -370,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Convert sealed message-log segments to Parquet.")
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--max-batch-bytes", type=int, default=MAX_BATCH_BYTES)
-    parser.add_argument("--row-group-rows", type=int, default=ROW_GROUP_ROWS)
+    parser.add_argument("--row-group-rows", type=int, default=CONVERT_ROW_GROUP_ROWS)
     parser.add_argument("--memory-limit", default=MEMORY_LIMIT)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compact", dest="compact", action="store_false",

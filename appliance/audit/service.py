@@ -23,7 +23,7 @@ import orjson
 from appliance.audit.errors import AuditError
 from appliance.audit.helpers import HELPER_MODULE, HelperProcesses, HelperRun
 from appliance.audit.layout import Layout, make_dirs, previous_version, write_durably
-from appliance.audit.records import DECISION, EVENT, IdClock
+from appliance.audit.records import COMPACT_DECISION, DECISION, EVENT, IdClock, record_id
 from appliance.audit.sink import AuditSink, event_record
 from appliance.config import AuditConfig
 from appliance.msglog import MessageLog, SyncPolicy, list_segments, read_segment
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # An import interrupted half way (appliance/audit/upgrade.py): the next start finishes it.
 UPGRADE_PROGRESS = "upgrade.json"
 _EVENT = EVENT.code
-_ID_KINDS = (DECISION.code, EVENT.code)
+_ID_KINDS = (DECISION.code, EVENT.code, COMPACT_DECISION)
 
 
 def audit_dir(state_dir: Path) -> Path:
@@ -81,7 +81,7 @@ def last_id(log_dir: Path) -> int:
         found = 0
         for record in read_segment(segment.path):
             if record.kind in _ID_KINDS:
-                found = max(found, int.from_bytes(record.body[4:12], "little", signed=True))
+                found = max(found, record_id(record.kind, record.body) or 0)
         if found:
             return found
     return 0

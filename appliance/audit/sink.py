@@ -1,6 +1,11 @@
 """The pipeline sink that turns every verdict into a decision record in the message log (on the
 event loop: encode ~2 µs and an append to the writer's queue, no I/O). Its return value is the
-record's sequence number: the ticket a publisher's acknowledgement waits for."""
+record's sequence number: the ticket a publisher's acknowledgement waits for.
+
+Decisions are written in the compact form (records.py, version 2): what repeats per connection and
+per topic and mapping goes into a CONNECTION and a CONTEXT record, written the first time a
+decision of the current log epoch needs it (so once per segment), and the decision refers to them
+by seq."""
 
 from __future__ import annotations
 
@@ -10,18 +15,33 @@ from typing import Protocol
 
 import orjson
 
-from appliance.audit.records import DECISION, EVENT, IdClock
+from appliance.audit.records import (
+    COMPACT_DECISION,
+    CONNECTION,
+    CONTEXT,
+    EVENT,
+    IdClock,
+    encode_compact,
+    varint,
+)
+from appliance.msglog.log import EpochChanged
 from appliance.pipeline import Message, Policy, Verdict
 
 _NO_REASONS = "[]"
-_DECISION = DECISION.code
-_encode_decision = DECISION.encode
+_CONNECTION, _CONTEXT = CONNECTION.code, CONTEXT.code
+_encode_connection, _encode_context = CONNECTION.encode, CONTEXT.encode
+# Definitions kept per epoch before the sink starts over (a topic per message would grow them):
+# starting over only writes definitions again, the log stays readable.
+MAX_DEFINITIONS = 50_000
 
 
 class Appender(Protocol):
-    """Where records go: the message log (`MessageLog.append`)."""
+    """Where records go: the message log (`MessageLog.append`, `MessageLog.epoch`)."""
 
-    def append(self, kind: int, body: bytes) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+
+    def append(self, kind: int, body: bytes, epoch: int | None = None) -> int: ...
 
 
 class AuditSink:
@@ -42,6 +62,10 @@ class AuditSink:
         self._schema_parts: dict[str | None, tuple[str | None, str | None]] = {None: (None, None)}
         self.last_id = 0  # id of the last verdict recorded
         self.quarantined_bytes = 0  # payload bytes of rejected messages recorded (the quarantine grows)
+        # The definitions written in the log's current epoch: key -> varint of their seq.
+        self._epoch = -1
+        self._connections: dict[tuple[object, ...], bytes] = {}
+        self._contexts: dict[tuple[object, ...], bytes] = {}
 
     def _split_schema(self, schema: str | None) -> tuple[str | None, str | None]:
         parts = self._schema_parts.get(schema)
@@ -69,40 +93,44 @@ class AuditSink:
         forward = self._forward and delivered and verdict.forward and not message.is_will
         # A release that fails again keeps the original in quarantine, without a second copy.
         audited = self._record_payloads and (verdict.accepted or message.released_from is None)
-        self.last_id = self._clock.next(received)
+        self.last_id = record_id = self._clock.next(received)
         dry_run = policy.dry_run
         if audited and not verdict.accepted and not dry_run:
             self.quarantined_bytes += len(payload)
-        row = (
-            self.last_id,
-            received,
-            client.client_id,
-            client.username,
-            client.peer,
-            int(client.protocol_version),
-            message.topic,
-            message.qos,
-            message.retain,
-            payload if audited or forward else None,  # stored once, for the audit and the forwarder
-            len(payload),
-            hashlib.sha256(payload).hexdigest(),
-            verdict.schema_set,
-            schema_name,
-            schema_version,
-            verdict.topic_filter,
-            outcome,
-            code,
-            reasons,
-            latency_us,
-            policy.revision,
-            dry_run,
-            message.is_will,
-            message.released_from,
-            forward,
-            verdict.forward_qos,
-            audited,
-        )
-        return self._log.append(_DECISION, _encode_decision(row))
+        stored = audited or forward  # the payload is stored once, for the audit and the forwarder
+        connection_key = (client.client_id, client.username, client.peer, int(client.protocol_version))
+        context_key = (message.topic, verdict.schema_set, schema_name, schema_version, verdict.topic_filter,
+                       policy.revision, dry_run, verdict.forward_qos)
+        log = self._log
+        while True:
+            epoch = log.epoch
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._connections.clear()
+                self._contexts.clear()
+            try:
+                connection = self._connections.get(connection_key)
+                if connection is None:
+                    connection = self._define(self._connections, _CONNECTION,
+                                              _encode_connection(connection_key), connection_key, epoch)
+                context = self._contexts.get(context_key)
+                if context is None:
+                    context = self._define(self._contexts, _CONTEXT, _encode_context(context_key), context_key, epoch)
+                body = encode_compact(
+                    record_id, received, connection + context, message.qos, message.retain,
+                    payload if stored else None, len(payload),
+                    None if stored else hashlib.sha256(payload).hexdigest(), outcome, code, reasons, latency_us,
+                    message.is_will, message.released_from, forward, audited)
+                return log.append(COMPACT_DECISION, body, epoch)
+            except EpochChanged:
+                continue  # the log rolled meanwhile: define them again in the new segment
+
+    def _define(self, table: dict[tuple[object, ...], bytes], kind: int, body: bytes,
+                key: tuple[object, ...], epoch: int) -> bytes:
+        if len(table) >= MAX_DEFINITIONS:
+            table.clear()
+        ref = table[key] = varint(self._log.append(kind, body, epoch))
+        return ref
 
 
 def event_record(clock: IdClock, kind: str, detail: dict[str, object], now: float | None = None) -> bytes:

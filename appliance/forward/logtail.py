@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from appliance.msglog import LogRecord, list_segments
+from appliance.msglog.fileio import no_readahead
 from appliance.msglog.format import (
     CORRUPT,
     FILE_HEADER_SIZE,
@@ -54,6 +55,7 @@ class SegmentFiles:
         fd = self._fds.get(first_seq)
         if fd is None:
             fd = self._fds[first_seq] = os.open(self.directory / segment_name(first_seq), os.O_RDONLY | os.O_CLOEXEC)
+            no_readahead(fd)
         return fd
 
     def pread(self, first_seq: int, offset: int, length: int) -> bytes:
@@ -85,12 +87,16 @@ class LogTail:
     """Reads records with seq > after_seq, in order, across segments, a bit more on every call."""
 
     def __init__(self, directory: Path, after_seq: int, files: SegmentFiles | None = None, *,
-                 chunk: int = CHUNK, on_problem: ProblemCallback | None = None):
+                 chunk: int = CHUNK, on_problem: ProblemCallback | None = None,
+                 on_skipped: Callable[[LogRecord], None] | None = None):
+        """`on_skipped(record)`: each record of a segment read that lies at or below after_seq
+        (the outbox takes the definitions its messages refer to from them)."""
         self.directory = Path(directory)
         self.last_seq = after_seq  # the last record returned (or skipped: at or below after_seq)
         self.files = files or SegmentFiles(directory)
         self.chunk = chunk
         self.on_problem = on_problem
+        self.on_skipped = on_skipped
         self._segment: int | None = None  # first_seq of the segment being read
         self._offset = 0  # where the next record starts in it
         self._segment_last = 0  # the last seq read in it (scan_records insists on increasing seqs)
@@ -144,6 +150,8 @@ class LogTail:
             if record.seq > self.last_seq:
                 out.append(Located(record, segment, position))
                 self.last_seq = record.seq
+            elif self.on_skipped is not None:
+                self.on_skipped(record)
             position += RECORD_HEADER_SIZE + len(record.body)
             self._offset = position
             self._segment_last = record.seq

@@ -38,12 +38,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from appliance.audit.records import DECISION, FORWARD_ONLY, RecordKind
+from appliance.audit.records import (
+    COMPACT_DECISION,
+    DECISION,
+    FORWARD_ONLY,
+    Definitions,
+    RecordKind,
+    compact_ts_forward,
+)
 from appliance.config.upstream import OutboxBounds
 from appliance.forward.logtail import LogTail, SegmentFiles
 from appliance.forward.pending import Entry, Pending
+from appliance.msglog import LogRecord
 from appliance.msglog.cursor import Cursor
 from appliance.msglog.format import MAX_SEQ, RECORD_HEADER, RECORD_HEADER_SIZE
+from appliance.msglog.reader import read_record
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +150,9 @@ _forward_only_peek = _fixed_fields_reader(FORWARD_ONLY, ("ts",))
 
 def forward_ts(kind: int, body: bytes) -> float | None:
     """The receive time of a record that is a message to forward; None for any other record."""
+    if kind == COMPACT_DECISION:
+        ts, forward = compact_ts_forward(body)
+        return ts if forward else None
     if kind == _DECISION:
         ts, forward = _decision_peek(body)
         return ts if forward else None
@@ -150,10 +162,12 @@ def forward_ts(kind: int, body: bytes) -> float | None:
     return None
 
 
-def to_row(seq: int, kind: int, body: bytes) -> OutboxRow:
+def to_row(seq: int, kind: int, body: bytes, definitions: Definitions | None = None) -> OutboxRow:
+    """The message of a decision (either version; a compact one's references are looked up in
+    `definitions`) or a FORWARD_ONLY record."""
     size = RECORD_HEADER_SIZE + len(body)
-    if kind == _DECISION:
-        r = DECISION.decode(body)
+    if kind == COMPACT_DECISION or kind == _DECISION:
+        r = (definitions or Definitions()).decision(body) if kind == COMPACT_DECISION else DECISION.decode(body)
         name, version = r[_D["schema_name"]], r[_D["schema_version"]]
         schema = None if name is None else name if version is None else f"{name}:{version}"
         payload = r[_D["payload"]]
@@ -206,7 +220,9 @@ class Outbox:
             self._saved = self._forget_saved_cursor()
         self._saved_at = time.monotonic()
         self._moved_since_save = 0  # acknowledgements and drops not in the saved cursor yet
-        self._tail = LogTail(self.directory, self._saved, self._files, on_problem=self._damaged)
+        # The connection and context records the pending messages refer to (version 2 records).
+        self._definitions = Definitions(self._definition)
+        self._tail = self._new_tail(self._saved)
         self._full = False
         self._stale = False  # a read found a segment that changed under the index
         self._depth = OutboxDepth(0, 0, None)
@@ -343,6 +359,8 @@ class Outbox:
         oldest = segments[0] if segments else self._tail.segment
         if oldest is not None:
             self._files.close_before(oldest)
+            # A segment's messages refer to definitions in it: older ones are not needed any more.
+            self._definitions.forget_before(oldest)
 
     # -- counters --------------------------------------------------------------------------------
 
@@ -443,7 +461,10 @@ class Outbox:
                 self._error("read", f"outbox read failed: {exc}")
                 self._changed()
                 return
+            definitions = self._definitions
             for record, segment, offset in located:
+                if definitions.add(record.seq, record.kind, record.body):
+                    continue
                 try:
                     ts = forward_ts(record.kind, record.body)
                 except (ValueError, IndexError, UnicodeDecodeError) as exc:  # struct.error is a ValueError
@@ -498,7 +519,7 @@ class Outbox:
                     self._error("read", f"outbox: log segment {segment} changed under the outbox at offset {entry.offset}")
                     self._stale = True
                     return rows
-                rows.append(to_row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size]))
+                rows.append(to_row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size], self._definitions))
             i = j
         return rows
 
@@ -512,9 +533,21 @@ class Outbox:
             self._files = SegmentFiles(self.directory)
             self._pending = Pending()
             self._segments = []
-            self._tail = LogTail(self.directory, start, self._files, on_problem=self._damaged)
+            self._definitions = Definitions(self._definition)
+            self._tail = self._new_tail(start)
             self._stale = False
             self._catch_up()
+
+    def _new_tail(self, after_seq: int) -> LogTail:
+        return LogTail(self.directory, after_seq, self._files, on_problem=self._damaged, on_skipped=self._skipped)
+
+    def _skipped(self, record: LogRecord) -> None:
+        self._definitions.add(record.seq, record.kind, record.body)
+
+    def _definition(self, seq: int) -> tuple[int, bytes] | None:
+        """A definition the tail did not pass us (it is in a segment read before we started)."""
+        record = read_record(self.directory, seq)
+        return None if record is None else (record.kind, record.body)
 
     def _damaged(self, path: Path, offset: int, kind: str) -> None:
         self._error("damage", f"outbox: {kind} log segment {path.name} at offset {offset}: the rest of it is skipped")

@@ -92,6 +92,11 @@ class LogClosed(RuntimeError):
     """append() after stop(), or after the writer thread died of a bug."""
 
 
+class EpochChanged(RuntimeError):
+    """append(..., epoch=E) when the log's epoch is no longer E: the record would not land in the
+    segment (or after the records) the caller expected; see MessageLog.epoch."""
+
+
 Listener = Callable[[int], None]
 FailureListener = Callable[[int, int, str], None]
 EventCallback = Callable[[str, dict[str, Any]], None]
@@ -135,6 +140,7 @@ class MessageLog:
         self._next_seq = 1
         self._sync_requested = False
         self._stopping = False
+        self._epoch = 0
         self._closed = True  # until open(): append() refuses (no seq can be handed out before the scan)
         self._commands: list[tuple[Callable[[], Any], _Waiter]] = []
 
@@ -145,6 +151,7 @@ class MessageLog:
         self._end = 0  # end of the last record written to the active segment
         self._allocated = 0  # file size when preallocating
         self._unsynced = False  # os_buffered: written since the last fdatasync
+        self._roll_after = False  # the batch being written fills the segment: roll after it
         self._last_sync = 0.0
         self._next_probe = 0.0
         self._segments = 0
@@ -174,6 +181,16 @@ class MessageLog:
     def last_seq(self) -> int:
         """The last seq handed out by append()."""
         return self._next_seq - 1
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever records appended from now on may not land in the same segment as (or
+        may not follow) those appended before: the writer is about to roll the segment, or a batch
+        failed and the records after it were failed with it. A caller whose records refer to
+        earlier ones (the audit sink's definitions) passes the epoch it wrote those in to append(),
+        which refuses the record (EpochChanged) once it changed: the caller then writes its
+        definitions again. So a segment holds every definition its records refer to."""
+        return self._epoch
 
     @property
     def stats(self) -> dict[str, int]:
@@ -233,13 +250,16 @@ class MessageLog:
         self._thread = threading.Thread(target=self._run, name="msglog-writer", daemon=True)
         self._thread.start()
 
-    def append(self, kind: int, body: bytes) -> int:
-        """Queue one record; returns its seq. Never waits for the disk."""
+    def append(self, kind: int, body: bytes, epoch: int | None = None) -> int:
+        """Queue one record; returns its seq. Never waits for the disk. With `epoch`, raises
+        EpochChanged unless that is still the log's epoch (see `epoch`)."""
         if not 0 < kind < 256 or len(body) > MAX_BODY:
             raise FormatError(f"bad record: kind {kind!r}, {len(body)} bytes")
         with self._lock:
             if self._closed:
                 raise LogClosed("message log is not open, or stopped")
+            if epoch is not None and epoch != self._epoch:
+                raise EpochChanged(f"epoch {epoch} is over (now {self._epoch})")
             seq = self._next_seq
             self._next_seq = seq + 1
             length = len(body)
@@ -274,8 +294,7 @@ class MessageLog:
 
     def seal(self) -> SegmentInfo | None:
         """Roll the active segment now, if it holds any record; returns the segment sealed."""
-        return self._command(
-            lambda: self._roll() if self._fd is not None and self._end > FILE_HEADER_SIZE else None)
+        return self._command(self._roll_now)
 
     def remove_segments_before(self, seq: int) -> int:
         """Delete the sealed segments whose every record is below `seq`; returns how many."""
@@ -304,6 +323,10 @@ class MessageLog:
                 batch, first, last, final, commands = self._next_work()
                 if batch:
                     self._write_batch(batch, first, last)
+                    if self._roll_after:
+                        self._roll_after = False
+                        if self._fd is not None and self._end > FILE_HEADER_SIZE:
+                            self._roll()
                 self._timers()
                 for fn, waiter in commands:  # after the batch: seal() covers what was appended before
                     waiter.run(fn)
@@ -330,6 +353,11 @@ class MessageLog:
                     if (not power_safe or window <= 0 or self._sync_requested or len(self._buf) >= self._max_pending
                             or now >= self._since + window):
                         first = self._buf_first
+                        if self._fd is not None and self._end + len(self._buf) >= self.segment_bytes:
+                            # The batch that fills the segment is its last: what is appended from
+                            # now on goes to the next one (a new epoch), so roll right after it.
+                            self._epoch += 1
+                            self._roll_after = True
                         return self._take(), first, self._next_seq - 1, False, []
                     timeout = self._since + window - now
                 deadline = self._timer_deadline()
@@ -367,15 +395,13 @@ class MessageLog:
             self._sync_buffered()
         if (self.segment_max_age is not None and self._end > FILE_HEADER_SIZE
                 and now >= self._segment_opened + self.segment_max_age):
-            self._roll()
+            self._roll_now()
         if not self.healthy and now >= self._next_probe:
             self._probe()
 
     def _write_batch(self, batch: bytearray, first: int, last: int) -> None:
         self._stats["records"] += last - first + 1
         self._stats["bytes_appended"] += len(batch)
-        if self._fd is not None and self._end >= self.segment_bytes:
-            self._roll(first)
         if self._fd is None and not self._reopen(first):
             self._fail(first, last, self._last_error)
             return
@@ -470,6 +496,13 @@ class MessageLog:
             log.warning("message log: cannot cut %s back to %d: %s", self._segment, good_end, exc)
 
     def _fail(self, first: int, last: int, error: str) -> None:
+        # What was appended after the failed batch may refer to records in it: it fails too, and
+        # appends from now on belong to a new epoch (their definitions are written again).
+        with self._lock:
+            self._epoch += 1
+            rest = self._take()
+            if rest:
+                last = self._next_seq - 1
         self._stats["failed_batches"] += 1
         self.lost += last - first + 1
         self._degraded(error)
@@ -560,6 +593,19 @@ class MessageLog:
             self._last_error = _describe(exc)
             return False
         return True
+
+    def _roll_now(self) -> SegmentInfo | None:
+        """Seal the active segment now (seal(), its age): what was appended so far is written to it
+        first, and later appends belong to a new epoch (they go to the next segment)."""
+        with self._lock:
+            batch = self._take()
+            first, last = self._buf_first, self._next_seq - 1
+            self._epoch += 1
+        if batch:
+            self._write_batch(batch, first, last)
+        if self._fd is not None and self._end > FILE_HEADER_SIZE:
+            return self._roll()
+        return None
 
     def _roll(self, first_seq: int | None = None) -> SegmentInfo | None:
         """Seal the active segment (synced, cut to its last record) and start a new one, named after

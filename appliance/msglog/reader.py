@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from .fileio import no_readahead
 from .format import (
     CORRUPT,
     END,
@@ -94,6 +95,7 @@ class SegmentScan:
             raise RuntimeError("a SegmentScan can be iterated once")
         self._used = True
         with open(self.path, "rb", buffering=0) as f:
+            no_readahead(f.fileno())  # it may be the active segment (fileio.no_readahead)
             size = self.size = os.fstat(f.fileno()).st_size
             head = f.read(FILE_HEADER_SIZE)
             first_seq = decode_file_header(head)
@@ -205,3 +207,20 @@ def read_log(directory: Path, *, from_seq: int = 0, upto_seq: int | None = None,
                         scan.problem, info.path, scan.problem_offset)
             if on_problem is not None:
                 on_problem(info, scan.problem_offset or 0, scan.problem)
+
+
+def read_record(directory: Path, seq: int) -> LogRecord | None:
+    """The record with this seq, if a segment still holds it (one segment is scanned)."""
+    holder = None
+    for info in list_segments(directory):
+        if info.first_seq > seq:
+            break
+        holder = info
+    if holder is None:
+        return None
+    try:
+        for record in SegmentScan(holder.path, from_seq=seq, upto_seq=seq):
+            return record if record.seq == seq else None
+    except FileNotFoundError:
+        return None
+    return None

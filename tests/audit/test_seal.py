@@ -111,6 +111,8 @@ class Crash(Exception):
     pass
 
 
+# ~25 crash points, two conversions and several queries each: 118-127 s on the shared 2-core VM.
+@pytest.mark.timeout(400)
 def test_a_crash_after_any_step_then_a_rerun_leaves_every_row_exactly_once(tmp_path: Path):
     reference = tmp_path / "reference"
     _decisions, _events, _ = build_log(reference, per_segment=70)

@@ -158,3 +158,36 @@ def test_kill_9_under_load_loses_nothing_reported_durable(tmp_path: Path, mode: 
         seqs = [r.seq for r in records]
         assert seqs[:reported] == list(range(1, reported + 1)), "a record reported durable is missing"
         required = reported
+
+
+def _write_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("write_bytes"))
+
+
+def test_a_reader_at_the_tail_does_not_multiply_the_bytes_each_sync_writes(tmp_path: Path):
+    """The outbox reads the active segment right behind the writer. If its reads went ahead into the
+    preallocated tail, the page cache there would hold large folios, and every append dirtying one
+    would write it whole: ~90 KB per sync of 3 KB measured (docs/performance.md)."""
+    from appliance.forward.logtail import SegmentFiles
+
+    log = MessageLog(tmp_path / "log", segment_max_age=None)
+    log.open()
+    log.start(None)
+    files = SegmentFiles(tmp_path / "log")  # the outbox's positioned reads
+    try:
+        before, syncs = _write_bytes(), log.stats["syncs"]
+        end = 16
+        for _ in range(200):
+            seq = log.append(1, b"x" * 3000)
+            log.request_sync()
+            assert log.wait_durable(seq, timeout=30)
+            end += 3000 + 17
+            files.pread(1, end, 65536)  # what comes next, if anything (the tail's first read)
+        written, syncs = _write_bytes() - before, log.stats["syncs"] - syncs
+    finally:
+        files.close()
+        log.stop()
+    if written == 0:
+        pytest.skip("this file system does not count written bytes (tmpfs?)")
+    assert written / syncs <= 4 * 4096  # 3 KB a sync: one or two pages

@@ -44,7 +44,7 @@ from appliance.msglog.cursor import Cursor
 from appliance.msglog.log import EpochChanged
 from appliance.msglog.testing import FaultyIO
 from appliance.mqtt import ProtocolVersion, ReasonCode
-from appliance.pipeline import ClientInfo, Message, Reason, Verdict
+from appliance.pipeline import ClientInfo, Message, Policy, Reason, Verdict
 from tests.audit.factory import decision, epoch
 from tests.audit.logfiles import log_decision, write_segment
 
@@ -182,11 +182,17 @@ def _record(sink: AuditSink, i: int) -> int:
     message = Message(f"sensor/{client.client_id}/temperature", b'{"t": %d}' % i, i % 2, False, client,
                       received_at=time.time())
     verdict = _verdict(i)
-    return sink.record(message, verdict, latency_us=10 + i, delivered=verdict.accepted)
+    return sink.record(message, verdict, 10 + i, verdict.accepted, _POLICIES.get(id(sink), _POLICY))
 
 
-def _sink(log: MessageLog, revision: str = "rev1") -> AuditSink:
-    return AuditSink(log, IdClock(), record_payloads=True, config_revision=revision, dry_run=False, forward=True)
+_POLICY = Policy(revision="rev1")
+_POLICIES: dict[int, Policy] = {}  # sink -> the policy its messages are recorded under
+
+
+def _sink(log: MessageLog, revision: str = "rev1", forward: bool = True) -> AuditSink:
+    sink = AuditSink(log, IdClock(), record_payloads=True, forward=forward)
+    _POLICIES[id(sink)] = Policy(revision=revision)
+    return sink
 
 
 def _segment_alone(path: Path) -> tuple[list[tuple[object, ...]], int]:
@@ -365,7 +371,7 @@ def test_purge_rewrites_compact_decisions_and_keeps_their_sha256(tmp_path: Path)
     log = MessageLog(tmp_path / "log", segment_max_age=None)
     log.open()
     log.start(None)
-    sink = AuditSink(log, IdClock(), record_payloads=True, config_revision="r", dry_run=False, forward=False)
+    sink = _sink(log, revision="r", forward=False)
     for i in range(14):
         _record(sink, i)
     log.stop()

@@ -220,8 +220,8 @@ class ClientLeg(_Leg):
             session.pause_for = 0.0
         if session.waiting_for_durability:
             self._server.durable_waiters.add(self)
-            if session.blocked_on_durability:
-                self._server.sync_now()
+        if session.blocked_on_durability:  # not only once the broker acked: the sync overlaps its round trip
+            self._server.sync_now()
         if session.to_broker and self.broker is not None:
             self.broker.write(b"".join(session.to_broker))
             session.to_broker.clear()

@@ -633,9 +633,12 @@ class Session:
         messages in flight as it will send (no MQTT version announces that number; common clients
         stop at 10-20), or it is clocked by our acks (what it sent last came right after acks we
         released to it) and has any in flight. A device publishing at its own pace is neither: its
-        acks wait up to the sync window (audit.sync_window), which batches syncs."""
-        publishes = self._acks.publishes
-        return publishes >= SYNC_HINT_INFLIGHT or (self._ack_clocked and publishes > 0)
+        acks wait up to the sync window (audit.sync_window), which batches syncs.
+        Only while one of its records is not durable yet: asked as soon as its PUBLISH is judged,
+        the sync overlaps the broker's round trip instead of following it."""
+        acks = self._acks
+        publishes = acks.publishes
+        return (publishes >= SYNC_HINT_INFLIGHT or (self._ack_clocked and publishes > 0)) and acks.awaiting_durability
 
     # -- connection events -----------------------------------------------------------------------
 

@@ -260,6 +260,11 @@ class Link:
         return pid
 
     @property
+    def unsent(self) -> int:
+        """Bytes queued that the socket has not taken yet."""
+        return len(self._out)
+
+    @property
     def inflight(self) -> int:
         return len(self._inflight)
 

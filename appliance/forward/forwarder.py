@@ -45,6 +45,9 @@ DOWN_REMINDER_S = 300.0  # while the uplink stays down, a reminder in the log th
 # 10 ms: with the PUBACK wake-ups, ~90 wake-ups/s at 1,000 msg/s, each one costing GIL hand-overs
 # with the event loop (docs/performance.md).
 IDLE_POLL_S = 0.25
+# With messages in flight and room in the window, the longest the forwarder waits before it reads
+# their PUBACKs when nothing else wakes it (the cursor, the depth and forwarded_total follow them).
+ACK_LOOK_S = 0.05
 STABLE_SESSION_S = 10.0  # a connection that lasted this long resets the backoff
 RATE_WINDOW_S = 10.0
 STOP_GRACE_S = 2.0  # on stop, wait this long for in-flight acknowledgements (fewer duplicates later)
@@ -242,11 +245,14 @@ class Forwarder:
             read_to = 0  # every connection starts over from the oldest message not acknowledged
             buffer: deque[OutboxRow] = deque()
             seen = self._wakes
+            caught_up = False  # the last read found fewer messages than it asked for
             while not self._stopping.is_set():
                 now = time.monotonic()
                 if not buffer and len(inflight) < window:
                     seen = self._wakes
-                    rows = self.outbox.next_batch(read_to, max(window, 500))
+                    limit = max(window, 500)
+                    rows = self.outbox.next_batch(read_to, limit)
+                    caught_up = len(rows) < limit
                     buffer.extend(rows)
                     if rows:
                         read_to = self._handed_out = rows[-1].seq
@@ -262,17 +268,18 @@ class Forwarder:
                     self.sent_total += 1
                 waiting = not buffer or len(inflight) >= window
                 if waiting and len(inflight) < window and self._wake_r >= 0:
-                    # Nothing to send and room in the window: what comes next is new messages (the
-                    # log's syncs wake us). Send what was just published and take the PUBACKs already
-                    # here, then wait for the wake pipe alone: not one wake-up per PUBACK.
+                    # Nothing to send and room in the window: once the outbox is read to its end,
+                    # what comes next is new messages (the log's syncs wake us). Send what was just
+                    # published and take the PUBACKs already here, then wait for the wake pipe alone:
+                    # not one wake-up per PUBACK.
                     acked_pids, written = link.poll(0.0)
                     self._idle = True
                     if link.unsent:  # the socket is full: wait for it (or a wake-up) as well
                         more_acked, more_written = link.poll(IDLE_POLL_S, self._wake_r)
                         acked_pids += more_acked
                         written += more_written
-                    elif self._wakes == seen:  # else a wake-up came after the last read: read again
-                        self._wait_for_wake(IDLE_POLL_S)
+                    elif caught_up and self._wakes == seen:  # else there is more to read now
+                        self._wait_for_wake(ACK_LOOK_S if inflight else IDLE_POLL_S)
                     self._idle = False
                     self._drain_wakes()
                 elif waiting:

@@ -147,6 +147,29 @@ def test_wake_ups_while_the_forwarder_is_busy_are_not_lost(tmp_path: Path, monke
         broker.stop()
 
 
+def test_a_backlog_is_drained_without_waiting_for_wake_ups(tmp_path: Path, monkeypatch):  # noqa: ANN001
+    """The forwarder waits for a wake-up only once it has read the outbox to its end: a backlog
+    larger than one read (500 messages) and than its window drains with no wake-up at all."""
+    from appliance.forward import forwarder as forwarder_module
+
+    broker = CloudBroker(tmp_path / "cloud").start()
+    sub = Subscriber(broker.port, "#", version=5).start()
+    try:
+        with harness(tmp_path / "state") as h:
+            fwd = h.start_forwarder(upstream(broker.url, window=30))
+            wait_until(lambda: "uplink_up" in h.kinds(), message="connected")
+            monkeypatch.setattr(forwarder_module, "IDLE_POLL_S", 3600.0)
+            monkeypatch.setattr(forwarder_module, "ACK_LOOK_S", 3600.0)
+            wait_until(lambda: h.forwarder is not None and h.forwarder._idle, message="forwarder waiting")  # noqa: SLF001
+            fwd.outbox.waiter = None  # no wake-up from here on: only the first one below
+            h.add([h.row("s", i) for i in range(1234)])
+            fwd.wake()
+            wait_until(lambda: sub.count() == 1234, message="the whole backlog")
+    finally:
+        sub.stop()
+        broker.stop()
+
+
 def test_a_message_the_cloud_cannot_take_is_dropped_not_retried_forever(tmp_path: Path):
     """Over the broker's MQTT 5 Maximum Packet Size, a message would close the connection on
     every attempt and hold up everything behind it (FIFO): it is dropped with an event."""

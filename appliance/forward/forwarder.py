@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import random
+import select
 import ssl
 import threading
 import time
@@ -42,7 +43,14 @@ log = logging.getLogger(__name__)
 
 MAINTAIN_INTERVAL_S = 1.0
 DOWN_REMINDER_S = 300.0  # while the uplink stays down, a reminder in the log this often
-IDLE_POLL_S = 0.01  # how often an empty outbox is looked at again when nothing wakes the forwarder
+# How often an empty outbox is looked at again when nothing wakes the forwarder (the log's syncs
+# do, through wake()); also the longest a PUBACK waits to be read while the window has room. It was
+# 10 ms: with the PUBACK wake-ups, ~90 wake-ups/s at 1,000 msg/s, each one costing GIL hand-overs
+# with the event loop (docs/performance.md).
+IDLE_POLL_S = 0.25
+# With messages in flight and room in the window, the longest the forwarder waits before it reads
+# their PUBACKs when nothing else wakes it (the cursor, the depth and forwarded_total follow them).
+ACK_LOOK_S = 0.05
 STABLE_SESSION_S = 10.0  # a connection that lasted this long resets the backoff
 RATE_WINDOW_S = 10.0
 STOP_GRACE_S = 2.0  # on stop, wait this long for in-flight acknowledgements (fewer duplicates later)
@@ -114,6 +122,7 @@ class Forwarder:
         self._rate_samples: deque[tuple[float, int]] = deque()
         self._next_maintain = 0.0
         self._idle = False  # waiting in poll() for acks or new rows: wake() writes to the pipe
+        self._wakes = 0  # wake() calls so far (a wake-up between the last read and the wait is not lost)
         self._wake_r = self._wake_w = -1  # a pipe while started
         self._wake_lock = threading.Lock()
 
@@ -122,6 +131,7 @@ class Forwarder:
     def wake(self) -> None:
         """New messages are durable in the log (any thread; the outbox calls it from the log's
         durable listener): stop waiting. Without it, a live message waits up to IDLE_POLL_S."""
+        self._wakes += 1
         if not self._idle:
             return
         with self._wake_lock:  # stop() closes the pipe under it: never write to a reused descriptor
@@ -130,6 +140,11 @@ class Forwarder:
                     os.write(self._wake_w, b"w")
                 except OSError:
                     pass  # full: a wake-up is already pending
+
+    def _wait_for_wake(self, timeout: float) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        poller.poll(timeout * 1000)
 
     def _drain_wakes(self) -> None:
         try:
@@ -238,10 +253,15 @@ class Forwarder:
             self._uplink_is_up(window)
             read_to = 0  # every connection starts over from the oldest message not acknowledged
             buffer: deque[OutboxRow] = deque()
+            seen = self._wakes
+            caught_up = False  # the last read found fewer messages than it asked for
             while not self._stopping.is_set():
                 now = time.monotonic()
                 if not buffer and len(inflight) < window:
-                    rows = self.outbox.next_batch(read_to, max(window, 500))
+                    seen = self._wakes
+                    limit = max(window, 500)
+                    rows = self.outbox.next_batch(read_to, limit)
+                    caught_up = len(rows) < limit
                     buffer.extend(rows)
                     if rows:
                         read_to = self._handed_out = rows[-1].seq
@@ -256,7 +276,22 @@ class Forwarder:
                         inflight[pid] = (row.seq, now)
                     self.sent_total += 1
                 waiting = not buffer or len(inflight) >= window
-                if waiting:
+                if waiting and len(inflight) < window and self._wake_r >= 0:
+                    # Nothing to send and room in the window: once the outbox is read to its end,
+                    # what comes next is new messages (the log's syncs wake us). Send what was just
+                    # published and take the PUBACKs already here, then wait for the wake pipe alone:
+                    # not one wake-up per PUBACK.
+                    acked_pids, written = link.poll(0.0)
+                    self._idle = True
+                    if link.unsent:  # the socket is full: wait for it (or a wake-up) as well
+                        more_acked, more_written = link.poll(IDLE_POLL_S, self._wake_r)
+                        acked_pids += more_acked
+                        written += more_written
+                    elif caught_up and self._wakes == seen:  # else there is more to read now
+                        self._wait_for_wake(ACK_LOOK_S if inflight else IDLE_POLL_S)
+                    self._idle = False
+                    self._drain_wakes()
+                elif waiting:
                     self._idle = True
                     acked_pids, written = link.poll(IDLE_POLL_S, self._wake_r if self._wake_r >= 0 else None)
                     self._idle = False

@@ -227,6 +227,11 @@ class Link:
             self._unwritten.append((self._written + len(out), token))
         return pid
 
+    @property
+    def unsent(self) -> int:
+        """Bytes queued that the socket has not taken yet."""
+        return len(self._out)
+
     # -- the loop --------------------------------------------------------------------------------
 
     def poll(self, timeout: float, wake_fd: int | None = None) -> tuple[list[int], list[int]]:

@@ -33,8 +33,12 @@ from appliance.msglog.format import (
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
+CHUNK = 256 * 1024  # a backlog is read in reads this large (about what the outbox indexes per read)
 FIRST_READ = 64 * 1024  # at the tail a read finds a few records: do not copy a preallocated MiB each time
+# The smallest read at the tail. What lies past the last record there is the segment's preallocated
+# zeros: every byte read of it is copied and checked for zeros, under the GIL. Reading twice what the
+# last call found (at least this) keeps that small; a batch larger than the read is read on ("more").
+TAIL_READ = 8 * 1024
 
 
 class Located(NamedTuple):
@@ -135,7 +139,13 @@ class LogTail:
             return "end"  # removed by retention: its records are gone on purpose
         records: list[LogRecord] = []
         scan = scan_records(buf, 0, len(buf), last_seq=self._segment_last, out=records)
-        self._read_size = self.chunk if len(buf) == size and records else FIRST_READ
+        if records and len(buf) == size and scan.stop == INCOMPLETE:
+            self._read_size = self.chunk  # a record cut by the read: a backlog, read on in large chunks
+        else:
+            # At the tail: the rest of the buffer was zeros (preallocated) or the file's end. A
+            # preallocated segment always fills the read, so its size must not depend on that.
+            found = scan.offset
+            self._read_size = min(FIRST_READ, max(TAIL_READ, -(-2 * found // TAIL_READ) * TAIL_READ))
         if not records and scan.stop == INCOMPLETE:
             need = record_length_at(buf, 0)
             if need is not None and need > len(buf):  # one record bigger than a chunk

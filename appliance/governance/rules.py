@@ -92,10 +92,22 @@ def _env() -> Any:
     return cel.NewEnv(variables=_VARIABLES)
 
 
+# The commonest rule, "this field names the device the topic names": decided in Python when both
+# sides are strings (about 0.2 µs instead of ~4 µs through cel-cpp, most of it converting the
+# payload), by CEL otherwise, so that a missing key, another type or an index out of range fail
+# exactly as CEL says.
+class _AskCel:
+    """The fast path cannot decide: CEL must."""
+
+
+_ASK_CEL = _AskCel()
+_FIELD_EQUALS_LEVEL = re.compile(r"\s*payload\.([A-Za-z_][A-Za-z0-9_]*)\s*==\s*topic\[(0|[1-9][0-9]*)\]\s*")
+
+
 class Rule:
     """One compiled rule. Evaluating it is thread-safe and can be repeated any number of times."""
 
-    __slots__ = ("_failed", "_program", "expression", "name")
+    __slots__ = ("_failed", "_field_level", "_program", "expression", "name")
 
     name: str
     expression: str
@@ -105,12 +117,34 @@ class Rule:
         self.expression = expression
         self._program = program
         self._failed = RuleFailure(name, f"rule {name!r} failed: {expression}")
+        fast = _FIELD_EQUALS_LEVEL.fullmatch(expression)
+        self._field_level = (fast.group(1), int(fast.group(2))) if fast is not None else None
+
+    def _decide(self, activation: Mapping[str, object]) -> RuleFailure | None | _AskCel:
+        """The fast path's verdict, or _ASK_CEL."""
+        field_level = self._field_level
+        if field_level is None:
+            return _ASK_CEL
+        payload = activation["payload"]
+        if type(payload) is not dict:
+            return _ASK_CEL
+        value = payload.get(field_level[0])
+        levels = activation["topic"]
+        if type(value) is not str or type(levels) is not list or field_level[1] >= len(levels):
+            return _ASK_CEL
+        level = levels[field_level[1]]
+        if type(level) is not str:
+            return _ASK_CEL
+        return None if value == level else self._failed
 
     def __repr__(self) -> str:
         return f"Rule({self.name!r}, {self.expression!r})"
 
     def evaluate(self, activation: Mapping[str, object]) -> RuleFailure | None:
         """None if the rule holds for this message, else why not. Never raises for the message's sake."""
+        decided = self._decide(activation)
+        if decided is not _ASK_CEL:
+            return decided  # type: ignore[return-value]
         return self._judge(self._program.eval(data=activation))
 
     def _judge(self, result: Any) -> RuleFailure | None:
@@ -179,8 +213,15 @@ class RuleSet:
         if not self.rules:
             return None
         # Converting the variables once and reusing them is cheaper from the second rule on.
-        bound = _env().Activation(activation)
+        bound = None
         for rule in self.rules:
+            decided = rule._decide(activation)
+            if decided is not _ASK_CEL:
+                if decided is not None:
+                    return decided  # type: ignore[return-value]
+                continue
+            if bound is None:
+                bound = _env().Activation(activation)
             failure = rule._judge(rule._program.eval(bound))
             if failure is not None:
                 return failure

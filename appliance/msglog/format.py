@@ -109,11 +109,13 @@ _ZERO_BLOCK = bytes(1 << 16)
 
 
 def is_zero(buf: bytes | bytearray | memoryview, start: int, end: int) -> bool:
+    # Compared as bytes (a copy and a memcmp): comparing a memoryview goes item by item, ~20x slower
+    # (3 ms per MiB on the 2-core VM, under the GIL; measured in docs/performance.md).
     view = memoryview(buf)
     step = len(_ZERO_BLOCK)
     for pos in range(start, end, step):
         stop = min(pos + step, end)
-        if view[pos:stop] != _ZERO_BLOCK[:stop - pos]:
+        if view[pos:stop].tobytes() != _ZERO_BLOCK[:stop - pos]:
             return False
     return True
 

@@ -41,7 +41,7 @@ def _no_replacement(packet_id: int, qos: int) -> bytes | None:
 
 
 class AckOrder:
-    __slots__ = ("_queue", "_durability", "_on_failure", "broken", "publishes")
+    __slots__ = ("_queue", "_durability", "_on_failure", "broken", "publishes", "_last_seq")
 
     def __init__(self, durability: Durability | None = None,
                  on_failure: Callable[[int, int], bytes | None] = _no_replacement) -> None:
@@ -53,6 +53,7 @@ class AckOrder:
         self._on_failure = on_failure
         self.broken = False  # a failed record's ack could not be replaced: close the connection
         self.publishes = 0  # PUBLISH packets whose PUBACK/PUBREC the client has not received yet
+        self._last_seq = 0  # the highest record seq an entry waited for
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -67,6 +68,8 @@ class AckOrder:
         until its PUBCOMP instead)."""
         publish = counted and packet_id != CONNACK_BARRIER
         self.publishes += publish
+        if seq > self._last_seq:
+            self._last_seq = seq
         self._queue.append([packet_id, None, seq, publish, packet_id, qos])
 
     def inject(self, ack: bytes, seq: int, out: list[bytes], *, publish: bool = True) -> None:
@@ -75,6 +78,8 @@ class AckOrder:
             out.append(ack)
         else:
             self.publishes += publish
+            if seq > self._last_seq:
+                self._last_seq = seq
             self._queue.append([None, ack, seq, publish, 0, 0])
 
     def acked(self, packet_id: int, ack: bytes, out: list[bytes]) -> bool:
@@ -107,6 +112,11 @@ class AckOrder:
             self.publishes -= head[3]
             if ack:
                 out.append(ack)
+
+    @property
+    def awaiting_durability(self) -> bool:
+        """An entry waits for a record that is not settled yet (whether or not its broker ack came)."""
+        return bool(self._queue) and self._last_seq > self._settled_seq()
 
     @property
     def waiting_for_durability(self) -> bool:

@@ -190,8 +190,12 @@ class Session:
             commands.append(Pause(self._pause))
             self._pause = 0.0
         # Without a message log, no ack ever waits for one.
-        if self._durability is not None and self._acks.waiting_for_durability:
-            commands.append(AWAIT_DURABLE_SYNC_NOW if self.blocked_on_durability else AWAIT_DURABLE)
+        # A blocked client's sync is asked for as soon as its PUBLISH is judged (before the broker's
+        # ack comes back): the sync overlaps the broker's round trip instead of following it.
+        if self._durability is not None:
+            blocked = self.blocked_on_durability
+            if blocked or self._acks.waiting_for_durability:
+                commands.append(AWAIT_DURABLE_SYNC_NOW if blocked else AWAIT_DURABLE)
         to_broker = self._to_broker
         if to_broker and self._broker_up:
             commands.append(SendToBroker(b"".join(to_broker)))
@@ -529,9 +533,12 @@ class Session:
         messages in flight as it will send (no MQTT version announces that number; common clients
         stop at 10-20), or it is clocked by our acks (what it sent last came right after acks we
         released to it) and has any in flight. A device publishing at its own pace is neither: its
-        acks wait up to the sync window (audit.sync_window), which batches syncs."""
-        publishes = self._acks.publishes
-        return publishes >= SYNC_HINT_INFLIGHT or (self._ack_clocked and publishes > 0)
+        acks wait up to the sync window (audit.sync_window), which batches syncs.
+        Only while one of its records is not durable yet: asked as soon as its PUBLISH is judged,
+        the sync overlaps the broker's round trip instead of following it."""
+        acks = self._acks
+        publishes = acks.publishes
+        return (publishes >= SYNC_HINT_INFLIGHT or (self._ack_clocked and publishes > 0)) and acks.awaiting_durability
 
     # -- connection events -----------------------------------------------------------------------
 

@@ -66,7 +66,8 @@ def test_outage_10000_messages_arrive_in_order_once_the_broker_is_back(tmp_path:
             per_sensor, duplicates = check_per_sensor_order(payloads[:-1])
             assert per_sensor == {f"sensor-{s}": 1250 for s in range(8)}
             assert duplicates == 0
-            # The subscriber can have the end marker before the forwarder has its PUBACK.
+            # The subscriber can have the end marker before the forwarder has its PUBACK, which it
+            # reads when it next looks (it does not wake up per PUBACK).
             wait_until(lambda: fwd.status().depth == 0, message="the end marker acknowledged")
             status = fwd.status()
             assert status.depth == 0 and status.oldest_age_s is None and status.last_error is None
@@ -114,6 +115,57 @@ def test_a_durable_record_wakes_the_idle_forwarder(tmp_path: Path, monkeypatch):
             for i in range(3):
                 h.add([h.row("s", i)])
                 wait_until(lambda i=i: sub.count() == i + 1, message=f"live message {i}")
+    finally:
+        sub.stop()
+        broker.stop()
+
+
+def test_wake_ups_while_the_forwarder_is_busy_are_not_lost(tmp_path: Path, monkeypatch):  # noqa: ANN001
+    """Records made durable while the forwarder is reading or sending (not waiting) still wake it:
+    with the periodic look pushed out to an hour, every message of a quick series arrives. The cloud
+    broker's acknowledgements are read at the next look, not with one wake-up per PUBACK."""
+    from appliance.forward import forwarder as forwarder_module
+
+    broker = CloudBroker(tmp_path / "cloud").start()
+    sub = Subscriber(broker.port, "#", version=5).start()
+    try:
+        with harness(tmp_path / "state") as h:
+            fwd = h.start_forwarder(upstream(broker.url))
+            wait_until(lambda: "uplink_up" in h.kinds(), message="connected")
+            monkeypatch.setattr(forwarder_module, "IDLE_POLL_S", 3600.0)
+            wait_until(lambda: h.forwarder is not None and h.forwarder._idle, message="forwarder waiting")  # noqa: SLF001
+            for i in range(200):
+                h.add([h.row("s", i)])
+            wait_until(lambda: sub.count() == 200, message="all 200 live messages")
+            # PUBACKs that came after the last look are read at the next one (at most IDLE_POLL_S on).
+            monkeypatch.setattr(forwarder_module, "IDLE_POLL_S", 0.05)
+            h.add([h.row("s", 200)])
+            wait_until(lambda: sub.count() == 201, message="the last one")
+            wait_until(lambda: fwd.status().forwarded_total == 201, message="every acknowledgement read")
+            assert fwd.status().depth == 0
+    finally:
+        sub.stop()
+        broker.stop()
+
+
+def test_a_backlog_is_drained_without_waiting_for_wake_ups(tmp_path: Path, monkeypatch):  # noqa: ANN001
+    """The forwarder waits for a wake-up only once it has read the outbox to its end: a backlog
+    larger than one read (500 messages) and than its window drains with no wake-up at all."""
+    from appliance.forward import forwarder as forwarder_module
+
+    broker = CloudBroker(tmp_path / "cloud").start()
+    sub = Subscriber(broker.port, "#", version=5).start()
+    try:
+        with harness(tmp_path / "state") as h:
+            fwd = h.start_forwarder(upstream(broker.url, window=30))
+            wait_until(lambda: "uplink_up" in h.kinds(), message="connected")
+            monkeypatch.setattr(forwarder_module, "IDLE_POLL_S", 3600.0)
+            monkeypatch.setattr(forwarder_module, "ACK_LOOK_S", 3600.0)
+            wait_until(lambda: h.forwarder is not None and h.forwarder._idle, message="forwarder waiting")  # noqa: SLF001
+            fwd.outbox.waiter = None  # no wake-up from here on: only the first one below
+            h.add([h.row("s", i) for i in range(1234)])
+            fwd.wake()
+            wait_until(lambda: sub.count() == 1234, message="the whole backlog")
     finally:
         sub.stop()
         broker.stop()

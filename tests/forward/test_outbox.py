@@ -336,3 +336,18 @@ def test_damage_in_the_newest_segment_before_durable_records_is_reported(tmp_pat
         assert outbox.depth().messages == 4
         assert outbox.last_error is not None and "damaged record in the newest log segment" in outbox.last_error
         outbox.close()
+
+
+def test_a_backlog_larger_than_one_catch_up_read_is_indexed_whole_and_in_order(tmp_path: Path):
+    from appliance.forward import outbox as outbox_module
+
+    count = 2 * outbox_module.CATCH_UP_BATCH + 7
+    with harness(tmp_path) as h:
+        msgs = [h.row(f"sensor-{i % 5}", i) for i in range(count)]
+        assert h.add(msgs) == count
+        outbox = h.make_outbox()
+        assert outbox.depth().messages == count
+        assert outbox.depth().bytes == sum(m.size for m in msgs)
+        rows = outbox.next_batch(0, count + 10)
+        assert [r.id for r in rows] == [m.id for m in msgs]
+        outbox.close()

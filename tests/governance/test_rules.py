@@ -354,3 +354,33 @@ def test_rule_set_with_a_non_cel_value_in_the_payload_fails_instead_of_raising()
     rules = RuleSet([compile_rule("first", "true"), compile_rule("second", "payload.t > 0")])
     failure = rules.evaluate(activation({"t": 1, "extra": {1, 2}}))
     assert failure is not None and failure.rule == "second" and "set" in failure.message
+
+
+@pytest.mark.parametrize("expression", ["payload.device_id == topic[1]", " payload.device_id==topic[0] "])
+@pytest.mark.parametrize("payload", [
+    {"device_id": "dev-7"}, {"device_id": "other"}, {"device_id": ""}, {"device_id": 7}, {"device_id": None},
+    {"device_id": ["dev-7"]}, {}, {"other": "dev-7"}, None, "dev-7", [1, 2],
+])
+@pytest.mark.parametrize("topic", ["sensor/dev-7/temperature", "dev-7", "", "/dev-7", "sensor"])
+def test_the_field_equals_topic_level_fast_path_decides_exactly_as_cel(expression, payload, topic):
+    # The commonest rule is decided without cel-cpp when both sides are strings; every other case
+    # goes to CEL. Either way the verdict (and its message) is CEL's.
+    rule = compile_rule("device_matches_topic", expression)
+    activation = make_activation(payload, topic, "c", None, "p")
+    by_cel = rule._judge(rule._program.eval(data=activation))
+    assert rule.evaluate(activation) == by_cel
+    assert RuleSet([rule]).evaluate(activation) == by_cel
+    always = compile_rule("always", "true")
+    assert RuleSet([always, rule, always]).evaluate(activation) == by_cel
+
+
+def test_expressions_that_only_look_like_the_fast_path_go_to_cel():
+    for expression in ("payload.device_id == topic[1] && false", "payload.device_id != topic[1]",
+                       "payload.a.b == topic[1]", "payload.device_id == topic[01]"):
+        try:
+            rule = compile_rule("r", expression)
+        except RuleError:
+            continue
+        assert rule._field_level is None
+    activation = make_activation({"device_id": "x"}, "a/x", "c", None, "p")
+    assert compile_rule("r", "payload.device_id == topic[1] && false").evaluate(activation) is not None

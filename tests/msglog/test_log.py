@@ -146,6 +146,21 @@ def test_the_window_elapsing_triggers_a_sync(directory: Path) -> None:
     log.stop()
 
 
+def test_records_after_a_sync_are_synced_by_the_window_without_waking_the_writer(directory: Path) -> None:
+    # After a sync the writer looks again a window later by itself, so append() does not wake it;
+    # once a look finds nothing it is idle and the next append() wakes it again. Either way every
+    # record becomes durable within the window, without request_sync().
+    log = started(directory, policy=SyncPolicy(window=0.02, max_pending_bytes=1 << 30))
+    for round_ in range(5):
+        seqs = [log.append(1, b"r%d-%d" % (round_, i)) for i in range(3)]
+        assert log.wait_durable(seqs[-1], timeout=30)
+    wait_until(lambda: log._tick_at is None, message="the writer idle after a look found nothing")  # noqa: SLF001
+    assert log.wait_durable(log.append(1, b"after idle"), timeout=30)
+    log.stop()
+    bodies = [r.body for r in read_log(directory)]
+    assert len(bodies) == 16 and bodies[-1] == b"after idle"
+
+
 def test_stop_syncs_what_is_pending(directory: Path) -> None:
     log = started(directory, policy=PATIENT)
     recorder = Recorder(log)

@@ -118,6 +118,27 @@ def test_a_client_with_its_window_full_is_blocked_on_durability():
     assert t.session.blocked_on_durability
 
 
+def test_a_blocked_client_asks_for_a_sync_before_the_broker_acked_and_only_while_a_record_is_not_durable():
+    # Blocked on us as soon as its PUBLISHes are judged: the sync then runs during the broker's round
+    # trip. Once its records are durable, what it waits for is the broker: no sync to ask for.
+    store = Store()
+    t = transcript(V3, store)
+    for pid in range(1, SYNC_HINT_INFLIGHT + 1):
+        t.client(Publish("a/b", b"ok", qos=1, packet_id=pid))
+    assert not t.session.waiting_for_durability  # no broker ack yet
+    assert t.session.blocked_on_durability
+    store.committed = store.last
+    assert not t.session.blocked_on_durability
+    t.client(Publish("a/b", b"ok", qos=1, packet_id=SYNC_HINT_INFLIGHT + 1))
+    assert t.session.blocked_on_durability
+    for pid in range(1, SYNC_HINT_INFLIGHT + 2):
+        t.broker(Puback(pid))
+    store.committed = store.last
+    t.session.release_acks()
+    assert t.to_client() == [Puback(pid) for pid in range(1, SYNC_HINT_INFLIGHT + 2)]
+    assert not t.session.blocked_on_durability
+
+
 def test_failed_tickets_are_ranges():
     failed = FailedTickets(keep=2)
     failed.add(5, 7)

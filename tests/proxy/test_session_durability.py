@@ -7,6 +7,7 @@ import pytest
 
 from appliance.mqtt import Disconnect, Puback, Publish, ReasonCode
 from appliance.pipeline import FailedTickets, Message, Policy, Verdict
+from appliance.proxy.commands import AwaitDurable
 from appliance.proxy.session import SYNC_HINT_INFLIGHT, State
 from appliance.names import Metric
 from tests.proxy.test_session import V3, V5, RejectBad, Transcript
@@ -127,14 +128,15 @@ def test_a_blocked_client_asks_for_a_sync_before_the_broker_acked_and_only_while
         t.client(Publish("a/b", b"ok", qos=1, packet_id=pid))
     assert not t.session.waiting_for_durability  # no broker ack yet
     assert t.session.blocked_on_durability
-    store.committed = store.last
+    assert t.commands[-1] == AwaitDurable(sync_now=True)  # asked for before the broker's ack
+    store.settled_seq = store.last
     assert not t.session.blocked_on_durability
     t.client(Publish("a/b", b"ok", qos=1, packet_id=SYNC_HINT_INFLIGHT + 1))
     assert t.session.blocked_on_durability
     for pid in range(1, SYNC_HINT_INFLIGHT + 2):
         t.broker(Puback(pid))
-    store.committed = store.last
-    t.session.release_acks()
+    store.settled_seq = store.last
+    t.run(t.session.release_acks())
     assert t.to_client() == [Puback(pid) for pid in range(1, SYNC_HINT_INFLIGHT + 2)]
     assert not t.session.blocked_on_durability
 

@@ -76,6 +76,8 @@ class Console:
         self.local = Session("local", Role.VIEWER)  # loopback without users: may look, not act
         self.templates = Environment(loader=PackageLoader("appliance.console", "templates"),
                                      autoescape=select_autoescape(default=True, default_for_string=True))
+        self.templates.filters["health"] = _health
+        self.templates.filters["duration"] = _duration
         self.templates.filters["when"] = _when
         self.templates.filters["bytes"] = _bytes
         self.templates.filters["cell"] = _cell
@@ -122,9 +124,20 @@ def _when(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _health(value: Any) -> str:
+    return "ok" if value is True else "down" if value is False else "—" if value is None else str(value)
+
+
+def _duration(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "—"
+    seconds = round(value)
+    return f"{seconds} s" if seconds < 120 else f"{round(seconds / 60)} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _bytes(value: Any) -> str:
-    if value is None:
-        return ""
+    if not isinstance(value, (int, float)):
+        return "—"
     size = float(value)
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if size < 1000 or unit == "TB":
@@ -201,6 +214,9 @@ def build(console: Console) -> Starlette:
                 return await handler(request, session)
             except Denied as denied:
                 return Response(str(denied), status_code=denied.status, media_type="text/plain")
+            except Exception:  # noqa: BLE001 - logged with its traceback; the browser gets a plain 500
+                log.exception("console: %s %s failed", request.method, request.url.path)
+                return Response("internal error (see the console's log)", status_code=500, media_type="text/plain")
         return endpoint
 
     # -- login --------------------------------------------------------------------------------------

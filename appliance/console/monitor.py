@@ -1,6 +1,6 @@
 """Live state for the Overview and the Verdicts tail: the service's `status` over the admin socket
 every few seconds, the message log followed every second, both fanned out to the browsers' event
-streams (server-sent events). Charts are points every CHART_STEP_S seconds over the last hour,
+streams (server-sent events). Charts are a point per status sample over the last hour,
 seeded at start from the audit log itself so that a fresh console shows the hour already past."""
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 2.0
 TAIL_EVERY_S = 1.0
-CHART_STEP_S = 10
-CHART_POINTS = 3600 // CHART_STEP_S
+CHART_SEED_STEP_S = 10  # the hour before the console started, from the audit log
+CHART_POINTS = int(3600 / STATUS_EVERY_S)
 DISK_EVERY_S = 30.0
 
 
@@ -86,7 +86,6 @@ class Monitor:
         self.overview: dict[str, Any] = {"service": "starting"}
         self.chart: deque[tuple[float, float, float, int]] = deque(maxlen=CHART_POINTS)  # t, acc/s, rej/s, outbox
         self._previous: tuple[float, int, int] | None = None  # when, accepted, rejected (service totals)
-        self._chart_base: tuple[float, int, int] | None = None
         self._disk: dict[str, Any] = {}
         self._disk_at = float("-inf")
 
@@ -110,32 +109,36 @@ class Monitor:
     async def _seed_chart(self) -> None:
         now = self.clock()
         try:
-            buckets = await asyncio.to_thread(self.store.rates, since=now - 3600, bucket_s=CHART_STEP_S)
+            buckets = await asyncio.to_thread(self.store.rates, since=now - 3600, bucket_s=CHART_SEED_STEP_S)
         except (StoreUnavailable, Exception) as exc:  # noqa: BLE001 - no history is fine: the chart starts empty
             log.info("no chart history from the audit log: %s", exc)
             return
         for start, accepted, rejected in buckets:
-            if start + CHART_STEP_S <= now:
-                self.chart.append((start + CHART_STEP_S, accepted / CHART_STEP_S, rejected / CHART_STEP_S, 0))
+            if start + CHART_SEED_STEP_S <= now:
+                step = CHART_SEED_STEP_S
+                self.chart.append((start + step, accepted / step, rejected / step, 0))
 
     async def _sample(self) -> None:
         now = self.clock()
         try:
             answer = await asyncio.to_thread(admin.call, self.state_dir, "status", timeout=10.0)
         except (admin.AdminUnavailable, admin.AdminError, OSError, ValueError) as exc:
-            self.overview = {"service": "unreachable", "error": str(exc), "at": now, **self._disk_figures(now)}
+            disk = await asyncio.to_thread(self._disk_figures, now)
+            self.overview = {"service": "unreachable", "error": str(exc), "at": now, **disk}
             self._previous = None
             self.hub.publish("overview", self.overview)
             return
         status = answer["status"]
         counts = status.get("messages") or {}
         accepted, rejected = int(counts.get("accept", 0)), int(counts.get("reject", 0))
-        rates = (0.0, 0.0)
+        rates, measured = (0.0, 0.0), False
         if self._previous is not None and now > self._previous[0] and accepted >= self._previous[1]:
             elapsed = now - self._previous[0]
             rates = ((accepted - self._previous[1]) / elapsed, (rejected - self._previous[2]) / elapsed)
+            measured = True
         self._previous = (now, accepted, rejected)
         uplink = status.get("uplink") or {}
+        disk = await asyncio.to_thread(self._disk_figures, now)
         checks = status.get("checks") or {}
         self.overview = {
             "service": "running", "ready": status.get("ready"), "at": now,
@@ -147,23 +150,13 @@ class Monitor:
             "schema_set": checks.get("schema_set"), "revision": status.get("config_revision"),
             "clients": status.get("clients"), "uptime_s": status.get("uptime_s"),
             "broker_restarts": status.get("broker_restarts"),
-            **self._disk_figures(now),
+            **disk,
         }
-        point = self._chart_point(now, accepted, rejected, int(uplink.get("depth") or 0))
+        point: list[float] | None = None
+        if measured:
+            point = [now, rates[0], rates[1], int(uplink.get("depth") or 0)]
+            self.chart.append((now, rates[0], rates[1], int(uplink.get("depth") or 0)))
         self.hub.publish("overview", {**self.overview, "point": point})
-
-    def _chart_point(self, now: float, accepted: int, rejected: int, depth: int) -> list[float] | None:
-        base = self._chart_base
-        if base is None or accepted < base[1]:  # first sample, or the service restarted (totals reset)
-            self._chart_base = (now, accepted, rejected)
-            return None
-        if now - base[0] < CHART_STEP_S:
-            return None
-        elapsed = now - base[0]
-        point = (now, (accepted - base[1]) / elapsed, (rejected - base[2]) / elapsed, depth)
-        self.chart.append(point)
-        self._chart_base = (now, accepted, rejected)
-        return list(point)
 
     def _disk_figures(self, now: float) -> dict[str, Any]:
         if now - self._disk_at >= DISK_EVERY_S:

@@ -72,6 +72,7 @@
         document.body.dataset.updated = String(o.at);
         if (o.point) {
           add(o.point);
+          document.body.dataset.points = String(data[0].length);
           if (rates) rates.setData(data);
           if (outbox) outbox.setData(depth);
         }

@@ -11,7 +11,7 @@ PLACES = (
     Path(__file__).resolve().parents[2] / "docs" / "audit.md",  # a checkout
     Path("/usr/share/doc/mqtt-appliance/audit.md"),  # the Debian package
 )
-_ENTRY = re.compile(r"<!-- cookbook: (?P<name>[\w-]+) -->\n```sql\n(?P<sql>.*?)```", re.S)
+_ENTRY = re.compile(r"<!-- cookbook: (?P<name>[\w-]+) -->\n```sql\n(?P<sql>.*?)```", re.DOTALL)
 
 
 def parse(text: str) -> list[tuple[str, str, str]]:

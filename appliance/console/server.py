@@ -24,9 +24,10 @@ def console_command(config_path: Path | None, listen: str | None, state_dir: Pat
     """Serve the web console: overview, live verdicts, quarantine, SQL, clients, schema trials."""
     import uvicorn
 
-    from appliance.config import Address, ConfigError, load_config
+    from appliance.config import ConfigError, load_config
     from appliance.console.auth import ConsoleSetupError, check_setup
     from appliance.console.web import Console, build
+    from appliance.settings import Address
 
     overrides: dict[str, object] = {}
     if listen is not None:

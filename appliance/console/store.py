@@ -22,8 +22,8 @@ import duckdb
 from appliance.audit.errors import AuditError
 from appliance.audit.guard import check_query
 from appliance.audit.layout import sql_string
-from appliance.audit.query import AuditQuery
 from appliance.audit.quarantine import topic_filter_regex
+from appliance.audit.query import AuditQuery
 from appliance.audit.records import DECISION, KINDS
 from appliance.audit.results import QueryResult
 from appliance.msglog.reader import list_segments, read_log
@@ -241,9 +241,3 @@ class VerdictTail:
             pass  # a segment removed while reading: the next poll goes on from the next seq
         self.recent.extend(new)
         return new[-self.recent.maxlen:] if self.recent.maxlen else new
-
-    def find(self, decision_id: int) -> dict[str, Any] | None:
-        for row in reversed(self.recent):
-            if row["id"] == decision_id:
-                return row
-        return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import logging
 import re
@@ -27,7 +28,13 @@ from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -206,16 +213,17 @@ def build(console: Console) -> Starlette:
                     if not _same_origin(request):
                         raise Denied(403, "cross-site request refused")
                     form = await _form(request)
-                    token = request.headers.get("x-csrf-token") or (form.get("csrf") or [None])[0]
+                    token = request.headers.get("x-csrf-token") or next(iter(form.get("csrf") or []), None)
                     if not session.csrf_ok(token):
                         raise Denied(403, "missing or wrong CSRF token: reload the page")
                     request.state.form = form
                 if act and not session.may_act:
                     raise Denied(403, f"{session.user} is a viewer: only operators may do this")
                 return await handler(request, session)
-            except Denied as denied:
-                return Response(str(denied), status_code=denied.status, media_type="text/plain")
-            except Exception:  # noqa: BLE001 - logged with its traceback; the browser gets a plain 500
+            except Denied as denied:  # htmx swaps it into the page: HTML, escaped
+                return HTMLResponse(f'<p class="error" role="alert">{html.escape(str(denied))}</p>',
+                                    status_code=denied.status)
+            except Exception:
                 log.exception("console: %s %s failed", request.method, request.url.path)
                 return Response("internal error (see the console's log)", status_code=500, media_type="text/plain")
         return endpoint
@@ -417,10 +425,9 @@ def build(console: Console) -> Starlette:
         directory = (form.get("directory") or [""])[0]
         try:
             diff = await run_in_threadpool(console.trials.diff, directory)
-            error = None
         except trials.TrialError as exc:
-            diff, error = None, str(exc)
-        return console.render(request, "trial_diff.html", diff=diff, error=error)
+            return console.render(request, "trial_diff.html", status=400, diff=None, error=str(exc))
+        return console.render(request, "trial_diff.html", diff=diff, error=None)
 
     def get(path: str, handler: Callable[[Request, Session], Awaitable[Response]]) -> Route:
         return Route(path, page(handler), methods=["GET"])

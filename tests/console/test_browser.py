@@ -7,9 +7,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ from tests.helpers import Client, scaled, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+# Screenshots go to a temp dir; CONSOLE_SCREENSHOTS=docs/console refreshes the ones the docs show.
+SCREENSHOTS = Path(os.environ.get("CONSOLE_SCREENSHOTS") or tempfile.mkdtemp(prefix="console-shots-"))
+PAGE_BUDGET = 80_000  # bytes on the wire for a first visit of the overview (docs/console.md, page weight)
 WAIT = scaled(30)
 
 pytestmark = pytest.mark.skipif(
@@ -117,6 +121,38 @@ def test_overview_updates_when_messages_flow(driver, running):
                message="points added to the charts live")
     assert text_of(driver, "[data-field=schema_set]") == "v1"
     shot(driver, "overview")
+
+
+def page_weight(driver: Any) -> dict[str, int]:
+    """Bytes of the page and everything it loaded (not the event stream, which stays open)."""
+    return dict(driver.execute_script("""
+        const all = [...performance.getEntriesByType('navigation'), ...performance.getEntriesByType('resource')]
+          .filter(e => !e.name.includes('/events') && !e.name.includes('/stream'));
+        return {wire: all.reduce((n, e) => n + e.transferSize, 0),
+                decoded: all.reduce((n, e) => n + e.decodedBodySize, 0), requests: all.length};
+    """))
+
+
+def test_page_weight_of_a_first_visit_is_small(driver, running):
+    log_in(driver, running, VIEWER, VIEWER_PASSWORD)
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.clearBrowserCache", {})
+    weights = {}
+    for page in ("/", "/verdicts", "/quarantine", "/sql"):
+        driver.execute_cdp_cmd("Network.clearBrowserCache", {})
+        driver.get(f"{running.url}{page}")
+        wait_until(lambda: driver.execute_script("return document.readyState") == "complete", timeout=WAIT,
+                   message="page loaded")
+        weights[page] = page_weight(driver)
+    print("page weight (first visit):", json.dumps(weights))
+    assert weights["/"]["wire"] < PAGE_BUDGET, weights
+    assert all(w["wire"] < PAGE_BUDGET for w in weights.values()), weights
+    # Static files are cached: a second visit loads only the page itself.
+    driver.get(f"{running.url}/verdicts")
+    wait_until(lambda: driver.execute_script("return document.readyState") == "complete", timeout=WAIT,
+               message="page loaded")
+    again = page_weight(driver)
+    assert again["wire"] < 10_000, again
 
 
 def test_rejected_message_shows_in_the_tail_and_opens_with_its_reason_at_the_field(driver, running):

@@ -187,6 +187,7 @@ def test_trial_directory_outside_the_roots_is_refused(running, directory):
     token = browser.csrf()
     for action in ("run", "diff"):
         status, text = browser.post(f"/trials/{action}", {"directory": directory}, csrf=token)
+        assert status == 400
         assert "error" in text and ("outside" in text or "name a schema set" in text or "not a schema set" in text), text
         assert "trial-result" not in text and "diff-result" not in text
 
@@ -200,7 +201,7 @@ def test_trial_symlink_out_of_a_root_is_refused(running, tmp_path):
     try:
         browser = operator(running)
         status, text = browser.post("/trials/diff", {"directory": "sneaky"}, csrf=browser.csrf())
-        assert "outside the directories allowed" in text
+        assert status == 400 and "outside the directories allowed" in text
     finally:
         link.unlink()
 
@@ -218,6 +219,7 @@ def test_markup_in_topics_client_ids_and_payloads_is_inert(running, rejected):
     assert f"events/{EVIL}" in html.unescape(pages[2])  # the topic
     # The live tail carries it as JSON text; the page's script puts it in with textContent.
     status, headers, _ = browser.request("GET", "/verdicts")
+    assert status == 200
     assert "script-src 'self'" in headers["content-security-policy"]
     assert "unsafe-inline" not in headers["content-security-policy"]
     script = (Path(__file__).resolve().parents[2] / "appliance/console/static/console.js").read_text()

@@ -15,7 +15,14 @@ import pytest
 
 from appliance.config import load_config
 from appliance.console import cookbook
-from appliance.console.auth import ConsoleSetupError, LoginLimiter, Role, Sessions, Users, check_setup
+from appliance.console.auth import (
+    ConsoleSetupError,
+    LoginLimiter,
+    Role,
+    Sessions,
+    Users,
+    check_setup,
+)
 from appliance.console.payloads import show
 from appliance.console.trials import TrialError, Trials
 from appliance.security import PasswordFile
@@ -88,7 +95,7 @@ def config_with(tmp_path: Path, **console: object):
     return load_config(None, values)
 
 
-def setup_of(config):  # noqa: ANN001, ANN201
+def setup_of(config):
     return check_setup(config, config.console)
 
 

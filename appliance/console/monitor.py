@@ -99,7 +99,7 @@ class Monitor:
                 await self._sample()
             try:
                 rows = await asyncio.to_thread(self.tail.poll)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a damaged record must not stop the live views; logged
                 log.exception("following the message log failed")
                 rows = []
             if rows:

@@ -223,7 +223,7 @@ def build(console: Console) -> Starlette:
             except Denied as denied:  # htmx swaps it into the page: HTML, escaped
                 return HTMLResponse(f'<p class="error" role="alert">{html.escape(str(denied))}</p>',
                                     status_code=denied.status)
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged with its traceback; the browser gets a plain 500
                 log.exception("console: %s %s failed", request.method, request.url.path)
                 return Response("internal error (see the console's log)", status_code=500, media_type="text/plain")
         return endpoint

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -233,3 +234,5 @@ class Trials:
                     run.process.wait(5)
                 except subprocess.TimeoutExpired:
                     run.process.kill()
+                    run.process.wait()
+        shutil.rmtree(self._scratch, ignore_errors=True)

@@ -24,13 +24,14 @@ from urllib.parse import parse_qs, urlsplit
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
     JSONResponse,
+    PlainTextResponse,
     RedirectResponse,
     Response,
     StreamingResponse,
@@ -43,7 +44,7 @@ from appliance import admin
 from appliance.audit.errors import AuditError
 from appliance.audit.quarantine import topic_filter_regex
 from appliance.audit.results import QueryResult, format_result, to_jsonable
-from appliance.config import Config
+from appliance.config import Config, is_loopback
 from appliance.console import actions, cookbook, payloads, trials
 from appliance.console.auth import LoginLimiter, Role, Session, Sessions, Users
 from appliance.console.monitor import Monitor, verdict_summary
@@ -472,7 +473,8 @@ def build(console: Console) -> Starlette:
 
     # gzip: the vendored scripts are ~100 kB as files, ~40 kB on the wire (event streams are left alone).
     return Starlette(routes=routes, lifespan=lifespan,
-                     middleware=[Middleware(SecurityHeaders), Middleware(GZipMiddleware, minimum_size=1000)])
+                     middleware=[Middleware(SecurityHeaders, loopback=is_loopback(console.config.console.listen.host)),
+                                 Middleware(GZipMiddleware, minimum_size=1000)])
 
 
 class SecurityHeaders:
@@ -480,12 +482,18 @@ class SecurityHeaders:
     /static: a payload that got into the page as markup still could not run), no framing, no
     sniffing, no caching of anything but the static files."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, *, loopback: bool):
         self.app = app
+        self.loopback = loopback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if self.loopback and not _local_host(Headers(scope=scope).get("host", "")):
+            # A console on loopback answers only to loopback names: a page elsewhere whose name
+            # was made to resolve to 127.0.0.1 (DNS rebinding) gets nothing.
+            await PlainTextResponse("unexpected Host header", status_code=421)(scope, receive, send)
             return
         static = str(scope.get("path", "")).startswith("/static/")
         versioned = static and b"v=" in scope.get("query_string", b"")
@@ -504,6 +512,15 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+def _local_host(host: str) -> bool:
+    """Whether a Host header names this machine's loopback (with or without a port)."""
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    return name.lower() == "localhost" or is_loopback(name)
 
 
 async def _read(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -237,6 +237,14 @@ def test_markup_in_a_connected_client_id_is_inert_on_the_clients_page(running):
         client.disconnect()
 
 
+def test_a_loopback_console_answers_only_to_loopback_names(running):
+    browser = Browser(running.console_port)
+    for host in ("127.0.0.1", "localhost", f"localhost:{running.console_port}", f"127.0.0.1:{running.console_port}"):
+        assert browser.request("GET", "/login", headers={"Host": host})[0] == 200
+    for host in ("evil.example", f"evil.example:{running.console_port}", "127.0.0.1.evil.example"):
+        assert browser.request("GET", "/login", headers={"Host": host})[0] == 421
+
+
 def test_console_refuses_an_unsafe_bind(tmp_path):
     setup = write_setup(tmp_path)
     cases = [

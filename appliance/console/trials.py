@@ -62,7 +62,9 @@ class TrialRun:
             try:
                 self.report = json.loads(self.output.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                self.problem = _tail(self.errors) or f"replay exited with {code} and wrote no report"
+                lines = [line for line in re.split(r"[\r\n]+", _tail(self.errors))
+                         if line.strip() and not line.startswith("replaying")]
+                self.problem = "\n".join(lines[-5:]) or f"replay exited with {code} and wrote no report"
 
     @property
     def running(self) -> bool:
@@ -189,7 +191,9 @@ class Trials:
                    "--format", "json", "--output", str(output), "--fail-on", "never", "--jobs", "1", "--progress"]
         if self._config.schemas is not None:
             command += ["--baseline", str(self._config.schemas)]
-        env = {**os.environ, "FORCE_COLOR": "0", "TERM": "dumb", "COLUMNS": "100", "TTY_COMPATIBLE": "1",
+        # rich draws its progress bar only for a terminal: tell it stderr is one (no colours), and
+        # read "done/total" back from the file (progress()).
+        env = {**os.environ, "TERM": "xterm", "COLUMNS": "100", "NO_COLOR": "1", "TTY_COMPATIBLE": "1",
                "TTY_INTERACTIVE": "1"}
         with errors.open("wb") as err:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,

@@ -223,3 +223,18 @@ def test_console_over_https_sets_a_secure_cookie(tmp_path):
             plain.getresponse().read()
     finally:
         stop(proc)
+
+
+def test_trial_progress_is_read_from_the_replay_progress_bar(tmp_path):
+    import time
+
+    from appliance.console.trials import TrialRun
+
+    errors = tmp_path / "err"
+    errors.write_bytes(b"\x1b[?25lreplaying          0/40,004 -:--:--\r\x1b[2Kreplaying \xe2\x94\x81\xe2\x94\x81  5,004/40,004 0:00:03")
+    process = subprocess.Popen(["true"])
+    process.wait()
+    run = TrialRun("r", tmp_path, "u", time.time(), process, tmp_path / "missing.json", errors)
+    assert run.progress() == (5004, 40004)
+    assert not run.running
+    assert run.report is None and run.problem is not None and "replaying" not in run.problem

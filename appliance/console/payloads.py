@@ -6,6 +6,7 @@ property's reason sits at its object)."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +112,19 @@ def _json_lines(value: Any, path: str, depth: int, key: str | None, last: bool, 
         out.append(Line(depth, prefix + json.dumps(value, ensure_ascii=False) + comma, path))
 
 
+_PAYLOAD_FIELD = re.compile(r"\bpayload((?:\.[A-Za-z_]\w*)+)")
+
+
+def _rule_field(message: str, present: dict[str, Line]) -> str | None:
+    """A rule's reason has no path, but its message quotes the expression: the first field of
+    `payload` it reads that the payload has is where it is shown."""
+    for match in _PAYLOAD_FIELD.finditer(message):
+        where = "/" + match.group(1)[1:].replace(".", "/")
+        if where in present:
+            return where
+    return None
+
+
 def _place(lines: list[Line], reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
     first: dict[str, Line] = {}
     for line in lines:
@@ -118,6 +132,8 @@ def _place(lines: list[Line], reasons: list[dict[str, Any]]) -> list[dict[str, A
     unplaced = []
     for reason in reasons:
         path = reason.get("path")
+        if path is None and lines:
+            path = _rule_field(str(reason.get("message") or ""), first)
         if path is None or not lines:
             unplaced.append(reason)
             continue

@@ -51,6 +51,16 @@ def test_reasons_sit_at_the_line_their_path_points_at():
     assert [r["message"] for r in shown.unplaced] == ["device mismatch"]
 
 
+def test_a_rule_reason_sits_at_the_field_its_expression_reads():
+    shown = show(json.dumps({"device_id": "a", "n": {"v": 1}}).encode(), None, [
+        {"check": "rule", "message": "rule 'r' failed: payload.n.v > 2 && payload.device_id != ''", "path": None},
+        {"check": "rule", "message": "rule 'q' failed: payload.missing == 1", "path": None},
+    ])
+    assert [(line.path, [r["message"][:8] for r in line.reasons]) for line in shown.lines if line.reasons] == [
+        ("/n/v", ["rule 'r'"])]
+    assert [r["message"][:8] for r in shown.unplaced] == ["rule 'q'"]
+
+
 def test_keys_with_slashes_and_tildes_are_escaped_in_pointers():
     shown = show(json.dumps({"a/b": 1, "c~d": 2}).encode(), None,
                  [{"check": "schema", "message": "m", "path": "/a~1b"}, {"check": "schema", "message": "n", "path": "/c~0d"}])

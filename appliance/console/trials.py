@@ -102,6 +102,7 @@ class Trials:
         self._active: Any = None
         self._active_key: tuple[float, ...] | None = None
         self._lock = threading.Lock()
+        self._diffing = threading.Lock()
 
     # -- the set in force ---------------------------------------------------------------------------
 
@@ -222,8 +223,15 @@ class Trials:
         if self._config.schemas is None:
             raise TrialError("no schema set is in force to compare with")
         directory = self.candidate(text)
-        done = subprocess.run([*REPLAY, "diff", str(self._config.schemas), str(directory), "--format", "json"],
-                              capture_output=True, timeout=300, check=False)
+        if not self._diffing.acquire(blocking=False):
+            raise TrialError("a diff is running already: try again when it has finished")
+        try:
+            done = subprocess.run([*REPLAY, "diff", str(self._config.schemas), str(directory), "--format", "json"],
+                                  capture_output=True, timeout=300, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise TrialError("replay diff took longer than 5 minutes and was stopped") from exc
+        finally:
+            self._diffing.release()
         if done.returncode not in (0, 1):
             raise TrialError(done.stderr.decode("utf-8", "replace").strip() or f"replay diff exited with {done.returncode}")
         report: dict[str, Any] = json.loads(done.stdout)

@@ -111,9 +111,9 @@ class Console:
 
     def render(self, request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
         session = context.pop("session", None) or self.session(request)
-        html = self.templates.get_template(template).render(
+        page = self.templates.get_template(template).render(
             session=session, login_required=self.login_required, path=request.url.path, **context)
-        return HTMLResponse(html, status_code=status)
+        return HTMLResponse(page, status_code=status)
 
 
 def _static_url(name: str) -> str:

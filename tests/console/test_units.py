@@ -27,6 +27,7 @@ from appliance.console.payloads import show
 from appliance.console.trials import TrialError, Trials
 from appliance.security import PasswordFile
 from tests.console.conftest import start_console, stop, write_setup
+from tests.helpers import wait_until
 from tests.tls import make_certificates
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,6 +228,15 @@ def test_console_over_https_sets_a_secure_cookie(tmp_path):
         assert response.status == 303
         cookie = response.getheader("set-cookie") or ""
         assert "Secure" in cookie and "HttpOnly" in cookie
+
+        def overview() -> str:
+            connection.request("GET", "/", headers={"Cookie": cookie.split(";")[0]})
+            response = connection.getresponse()
+            assert response.status == 200
+            return response.read().decode()
+
+        # No appliance runs on this state dir: the overview says so (and the console keeps serving).
+        wait_until(lambda: 'data-field="service">unreachable<' in overview(), message="service unreachable")
         plain = http.client.HTTPConnection("127.0.0.1", setup.console_port, timeout=10)
         with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
             plain.request("GET", "/login")

@@ -38,6 +38,12 @@ def check_setup(config: Config, console: ConsoleConfig) -> bool:
         raise ConsoleSetupError(
             "console.operators/viewers name users, but auth.password_file is not set: the console logs users "
             "in with the appliance's password file")
+    if users:
+        assert config.auth.password_file is not None
+        try:
+            PasswordFile.load(config.auth.password_file)
+        except PasswordFileError as exc:
+            raise ConsoleSetupError(f"auth.password_file: {exc}") from exc
     if is_loopback(console.listen.host):
         return users
     if console.tls is None:

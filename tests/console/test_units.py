@@ -106,11 +106,19 @@ def config_with(tmp_path: Path, **console: object):
     return load_config(None, values)
 
 
+def _users(tmp_path: Path) -> None:
+    passwords = PasswordFile()
+    passwords.set("a", "pw")
+    passwords.set("v", "pw")
+    passwords.save(tmp_path / "passwd")
+
+
 def setup_of(config):
     return check_setup(config, config.console)
 
 
 def test_check_setup_refuses_unsafe_binds(tmp_path):
+    _users(tmp_path)
     assert setup_of(config_with(tmp_path)) is False  # loopback, no users: read-only without login
     assert setup_of(config_with(tmp_path, operators=["a"])) is True
     with pytest.raises(ConsoleSetupError, match="set console.tls"):
@@ -121,6 +129,9 @@ def test_check_setup_refuses_unsafe_binds(tmp_path):
     assert setup_of(config_with(tmp_path, listen="192.0.2.1:8443", tls=tls, viewers=["v"])) is True
     with pytest.raises(ConsoleSetupError, match="password_file is not set"):
         setup_of(load_config(None, {"console.operators": ["a"]}))
+    (tmp_path / "passwd").unlink()
+    with pytest.raises(ConsoleSetupError, match="no such password file"):
+        setup_of(config_with(tmp_path, operators=["a"]))
 
 
 def test_a_user_in_both_lists_is_a_config_error(tmp_path):

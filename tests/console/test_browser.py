@@ -228,6 +228,11 @@ def test_purge_removes_the_payload(driver, running):
     done = cli("appliance", "audit", "sql", "--state-dir", str(running.state_dir), "--format", "json",
                f"SELECT payload IS NULL AS gone FROM decisions WHERE id = {ids[0]}")
     assert json.loads(done.stdout)["rows"] == [{"gone": True}]
+    done = cli("appliance", "audit", "sql", "--state-dir", str(running.state_dir), "--format", "json",
+               "SELECT detail FROM events WHERE kind = 'quarantine_purged'")
+    details = [json.loads(row["detail"]) if isinstance(row["detail"], str) else row["detail"]
+               for row in json.loads(done.stdout)["rows"]]
+    assert any(d.get("console_user") == OPERATOR and d["ids"] == [ids[0]] and d["purged"] == 1 for d in details), details
 
 
 SQL = "SELECT client_id, verdict, count(*) AS n FROM decisions GROUP BY ALL ORDER BY ALL"

@@ -185,6 +185,20 @@ class Store:
             cursor.execute(sql, [client_ids])
             return {row[0]: {"since": row[1], "messages": row[2], "rejects": row[3]} for row in cursor.fetchall()}
 
+    def revisions(self, *, limit: int = 20) -> QueryResult:
+        """The config revisions that judged messages (newest first): when each was in force, with
+        which schema set, and how many messages it accepted and rejected."""
+        sql = """
+            SELECT config_revision AS revision, any_value(schema_set) AS schema_set,
+                   min(ts) AS first, max(ts) AS last,
+                   count(*) FILTER (WHERE verdict = 'accept') AS accepted,
+                   count(*) FILTER (WHERE verdict = 'reject') AS rejected
+            FROM decisions GROUP BY config_revision ORDER BY first DESC LIMIT ?"""
+        with self.cursor() as cursor:
+            cursor.execute(sql, [limit])
+            columns = [d[0] for d in cursor.description or ()]
+            return QueryResult(columns, cursor.fetchall(), False)
+
     def rates(self, *, since: float, bucket_s: int) -> list[tuple[float, int, int]]:
         """(bucket start, accepted, rejected) per `bucket_s` seconds since `since` (epoch seconds)."""
         sql = f"""

@@ -403,8 +403,13 @@ def build(console: Console) -> Starlette:
     # -- schema trials ----------------------------------------------------------------------------------
 
     async def trials_page(request: Request, session: Session) -> Response:
-        return console.render(request, "trials.html", active=console.trials.active(), runs=console.trials.runs(),
-                              roots=console.trials.roots(), diff=None, error=None)
+        try:
+            revisions = await _read(console.store.revisions)
+        except (StoreUnavailable, AuditError):
+            revisions = None
+        active = await run_in_threadpool(console.trials.active)
+        return console.render(request, "trials.html", active=active, runs=console.trials.runs(),
+                              roots=console.trials.roots(), revisions=revisions, diff=None, error=None)
 
     async def trial_run(request: Request, session: Session) -> Response:
         form = request.state.form

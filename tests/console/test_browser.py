@@ -323,6 +323,9 @@ def test_schema_trial_counts_match_the_replay_cli(driver, running):
     totals = json.loads(done.stdout)["totals"]
     assert shown == {key: totals[key] for key in shown}
     assert shown["replayed"] > 0
+    # The revisions that judged the traffic: before and after the reloads of the release test.
+    revisions = driver.find_elements(By.CSS_SELECTOR, "#revisions tbody tr")
+    assert len(revisions) >= 2 and all("v1" in r.text for r in revisions)
     driver.find_element(By.ID, "trial-diff").click()
     wait_until(lambda: driver.find_elements(By.ID, "diff-result"), timeout=WAIT, message="the diff")
     shot(driver, "trials")

@@ -90,8 +90,9 @@ class Monitor:
         self._disk_at = float("-inf")
 
     async def run(self) -> None:
+        await self._sample()  # the overview first: reading the hour past may take a while
         await self._seed_chart()
-        next_status = 0.0
+        next_status = time.monotonic() + STATUS_EVERY_S
         while True:
             now = time.monotonic()
             if now >= next_status:
@@ -113,10 +114,11 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001 - no history is fine: the chart starts empty
             log.info("no chart history from the audit log: %s", exc)
             return
-        for start, accepted, rejected in buckets:
-            if start + CHART_SEED_STEP_S <= now:
-                step = CHART_SEED_STEP_S
-                self.chart.append((start + step, accepted / step, rejected / step, 0))
+        step = CHART_SEED_STEP_S
+        first = self.chart[0][0] if self.chart else now
+        past = [(start + step, accepted / step, rejected / step, 0) for start, accepted, rejected in buckets
+                if start + step <= min(now, first)]
+        self.chart = deque([*past, *self.chart], maxlen=CHART_POINTS)
 
     async def _sample(self) -> None:
         now = self.clock()
@@ -132,9 +134,10 @@ class Monitor:
         counts = status.get("messages") or {}
         accepted, rejected = int(counts.get("accept", 0)), int(counts.get("reject", 0))
         rates, measured = (0.0, 0.0), False
-        if self._previous is not None and now > self._previous[0] and accepted >= self._previous[1]:
-            elapsed = now - self._previous[0]
-            rates = ((accepted - self._previous[1]) / elapsed, (rejected - self._previous[2]) / elapsed)
+        previous = self._previous
+        if previous is not None and now > previous[0] and accepted >= previous[1] and rejected >= previous[2]:
+            elapsed = now - previous[0]
+            rates = ((accepted - previous[1]) / elapsed, (rejected - previous[2]) / elapsed)
             measured = True
         self._previous = (now, accepted, rejected)
         uplink = status.get("uplink") or {}

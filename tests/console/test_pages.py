@@ -129,3 +129,27 @@ def test_the_overview_reports_the_service(traffic):
     assert f'data-field="revision">{status["config_revision"]}<' in page
     status_code, chart = browser.get("/api/chart")
     assert status_code == 200 and "points" in json.loads(chart)
+
+
+def test_the_chart_starts_with_the_hour_before_the_console(traffic):
+    """A console started now shows the traffic already recorded (the audit log's last hour)."""
+    import asyncio
+    import time
+
+    from appliance.console.monitor import CHART_SEED_STEP_S, Monitor
+    from appliance.console.store import Store
+
+    store = Store(traffic.state_dir)
+    try:
+        later = time.time() + CHART_SEED_STEP_S  # every bucket of the test's traffic has ended by then
+        monitor = Monitor(traffic.state_dir, store, clock=lambda: later)
+        asyncio.run(monitor._seed_chart())
+        accepted = sum(point[1] * CHART_SEED_STEP_S for point in monitor.chart)
+        rejected = sum(point[2] * CHART_SEED_STEP_S for point in monitor.chart)
+        counts = cli_csv(traffic, "SELECT count(*) FILTER (WHERE verdict = 'accept'), "
+                                  "count(*) FILTER (WHERE verdict = 'reject') FROM decisions")[1]
+        assert (round(accepted), round(rejected)) == (int(counts[0]), int(counts[1]))
+        times = [point[0] for point in monitor.chart]
+        assert times == sorted(times) and len(times) >= 1
+    finally:
+        store.close()

@@ -21,7 +21,10 @@ log = logging.getLogger(__name__)
               help="The appliance's state dir (overrides `state_dir`).")
 @click.option("--verbose", "-v", is_flag=True, help="Log debug messages.")
 def console_command(config_path: Path | None, listen: str | None, state_dir: Path | None, verbose: bool) -> None:
-    """Serve the web console: overview, live verdicts, quarantine, SQL, clients, schema trials."""
+    """Serve the web console.
+
+    Overview, live verdicts, quarantine review, SQL, clients and schema trials in a browser
+    (docs/console.md)."""
     import uvicorn
 
     from appliance.config import ConfigError, load_config

@@ -153,3 +153,39 @@ def test_the_chart_starts_with_the_hour_before_the_console(traffic):
         assert times == sorted(times) and len(times) >= 1
     finally:
         store.close()
+
+
+def test_the_overview_shows_the_outbox_while_the_uplink_is_down(tmp_path):
+    """Forwarding to a cloud broker that is not there: accepted messages wait in the outbox, and
+    the overview says how many and for how long."""
+    import re
+
+    from tests.console.conftest import start_console, stop, write_setup
+    from tests.processes import appliance_process, free_port
+
+    setup = write_setup(tmp_path)
+    config = json.loads(setup.config.read_text())
+    config["upstream"] = {"url": f"mqtt://127.0.0.1:{free_port()}"}  # nobody listens there
+    setup.config.write_text(json.dumps(config))
+    with appliance_process(["--config", str(setup.config)], port=setup.mqtt_port):
+        console = start_console(setup)
+        try:
+            client = Client(setup.mqtt_port, client_id="outbox-sensor").connect()
+            for value in (20.0, 21.0, 22.0):
+                client.publish("sensor/ob/temperature", temperature("ob", value), qos=1).wait_for_publish(10)
+            client.disconnect()
+            browser = viewer(setup)
+
+            def outbox() -> tuple[str, str, str] | None:
+                page = browser.get("/")[1]
+                depth = re.search(r'data-field="outbox_depth">([^<]*)<', page)
+                oldest = re.search(r'data-field="outbox_oldest_s" data-format="duration">([^<]*)<', page)
+                uplink = re.search(r'data-field="uplink">([^<]*)<', page)
+                assert depth and oldest and uplink
+                return (depth[1], oldest[1], uplink[1]) if depth[1] == "3" else None
+
+            depth, oldest, uplink = wait_until(outbox, message="three messages in the outbox")
+            assert uplink.startswith("down")
+            assert oldest.endswith((" s", " min"))
+        finally:
+            stop(console)

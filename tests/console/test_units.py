@@ -269,3 +269,19 @@ def test_trial_progress_is_read_from_the_replay_progress_bar(tmp_path):
     assert run.progress() == (5004, 40004)
     assert not run.running
     assert run.report is None and run.problem is not None and "replaying" not in run.problem
+
+
+def test_a_loopback_console_without_users_may_look_but_not_act(tmp_path):
+    from tests.console.conftest import Browser
+
+    setup = write_setup(tmp_path, operators=[], viewers=[])
+    proc = start_console(setup)
+    try:
+        browser = Browser(setup.console_port)
+        status, page = browser.get("/")
+        assert status == 200 and "local (viewer)" in page and "log out" not in page
+        status, _ = browser.post("/quarantine/purge", {"id": "1"}, csrf=browser.csrf())
+        assert status == 403
+        assert "read-only without login" in setup.console_output()
+    finally:
+        stop(proc)

@@ -105,7 +105,7 @@ def quarantined(setup: Setup, client_id: str) -> list[str]:
     return [row["id"] for row in json.loads(done.stdout)["rows"] if row["client_id"] == client_id]
 
 
-def test_overview_updates_when_messages_flow(driver, running):
+def test_overview_updates_when_messages_flow(driver: Any, running: Setup) -> None:
     from selenium.webdriver.common.by import By
 
     log_in(driver, running, OPERATOR, OPERATOR_PASSWORD)
@@ -133,7 +133,7 @@ def page_weight(driver: Any) -> dict[str, int]:
     """))
 
 
-def test_page_weight_of_a_first_visit_is_small(driver, running):
+def test_page_weight_of_a_first_visit_is_small(driver: Any, running: Setup) -> None:
     log_in(driver, running, VIEWER, VIEWER_PASSWORD)
     driver.execute_cdp_cmd("Network.enable", {})
     driver.execute_cdp_cmd("Network.clearBrowserCache", {})
@@ -155,7 +155,7 @@ def test_page_weight_of_a_first_visit_is_small(driver, running):
     assert again["wire"] < 10_000, again
 
 
-def test_rejected_message_shows_in_the_tail_and_opens_with_its_reason_at_the_field(driver, running):
+def test_rejected_message_shows_in_the_tail_and_opens_with_its_reason_at_the_field(driver: Any, running: Setup) -> None:
     from selenium.webdriver.common.by import By
 
     log_in(driver, running, VIEWER, VIEWER_PASSWORD)
@@ -177,7 +177,7 @@ def test_rejected_message_shows_in_the_tail_and_opens_with_its_reason_at_the_fie
     shot(driver, "verdicts")
 
 
-def test_release_from_the_quarantine_reaches_a_subscriber(driver, running):
+def test_release_from_the_quarantine_reaches_a_subscriber(driver: Any, running: Setup) -> None:
     from selenium.webdriver.common.by import By
 
     payload = temperature("r1", 70.0)
@@ -209,7 +209,7 @@ def test_release_from_the_quarantine_reaches_a_subscriber(driver, running):
     assert any(d.get("console_user") == OPERATOR and ids[0] in d["ids"] for d in details), details
 
 
-def test_purge_removes_the_payload(driver, running):
+def test_purge_removes_the_payload(driver: Any, running: Setup) -> None:
     from selenium.webdriver.common.by import By
 
     publish(running, "purge-me", "sensor/p1/temperature", temperature("p1", 99.0))
@@ -238,7 +238,7 @@ def test_purge_removes_the_payload(driver, running):
 SQL = "SELECT client_id, verdict, count(*) AS n FROM decisions GROUP BY ALL ORDER BY ALL"
 
 
-def test_sql_results_match_the_cli(driver, running):
+def test_sql_results_match_the_cli(driver: Any, running: Setup) -> None:
     from selenium.webdriver.common.by import By
 
     log_in(driver, running, VIEWER, VIEWER_PASSWORD)
@@ -263,7 +263,7 @@ def test_sql_results_match_the_cli(driver, running):
     assert "usual_reason" in text_of(driver, "#result thead")
 
 
-def test_a_viewer_cannot_release(driver, running):
+def test_a_viewer_cannot_release(driver: Any, running: Setup) -> None:
     from selenium.webdriver.common.by import By
 
     publish(running, "viewer-sees", "sensor/v1/temperature", temperature("v1", 80.0))
@@ -284,7 +284,7 @@ def test_a_viewer_cannot_release(driver, running):
     assert quarantined(running, "viewer-sees") == ids
 
 
-def test_clients_page_lists_a_connected_client(driver, running):
+def test_clients_page_lists_a_connected_client(driver: Any, running: Setup) -> None:
     from selenium.webdriver.common.by import By
 
     client = Client(running.mqtt_port, client_id="boiler-7", version=5).connect()
@@ -307,7 +307,7 @@ def test_clients_page_lists_a_connected_client(driver, running):
         client.disconnect()
 
 
-def test_schema_trial_counts_match_the_replay_cli(driver, running):
+def test_schema_trial_counts_match_the_replay_cli(driver: Any, running: Setup) -> None:
     from selenium.webdriver.common.by import By
 
     log_in(driver, running, OPERATOR, OPERATOR_PASSWORD)

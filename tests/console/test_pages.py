@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import urllib.parse
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -45,7 +46,7 @@ def cli_csv(setup: Setup, sql: str) -> list[list[str]]:
     return list(csv.reader(io.StringIO(done.stdout)))
 
 
-def test_csv_and_parquet_downloads_hold_the_query_result(traffic, tmp_path):
+def test_csv_and_parquet_downloads_hold_the_query_result(traffic: Setup, tmp_path: Path) -> None:
     browser = viewer(traffic)
     query = urllib.parse.quote(SQL)
     status, headers, text = browser.request("GET", f"/sql/download?format=csv&q={query}")
@@ -67,7 +68,7 @@ def test_csv_and_parquet_downloads_hold_the_query_result(traffic, tmp_path):
     assert [[str(v) for v in row[:5]] for row in rows] == [row[:5] for row in expected]
 
 
-def test_the_sql_page_shows_the_first_rows_and_says_so(traffic):
+def test_the_sql_page_shows_the_first_rows_and_says_so(traffic: Setup) -> None:
     browser = viewer(traffic)
     status, page = browser.get("/sql?q=" + urllib.parse.quote("SELECT * FROM range(1500)"))
     assert status == 200
@@ -95,7 +96,7 @@ def events(browser: Browser, path: str, wanted: int) -> list[dict[str, object]]:
     return rows
 
 
-def test_the_tail_filters_by_topic_client_verdict_and_reason(traffic):
+def test_the_tail_filters_by_topic_client_verdict_and_reason(traffic: Setup) -> None:
     browser = viewer(traffic)
     wait_until(lambda: len(events(browser, "/verdicts/stream?client=pages-sensor", 5)) >= 5, message="the tail")
     rejected = events(browser, "/verdicts/stream?client=pages-sensor&verdict=reject", 2)
@@ -108,7 +109,7 @@ def test_the_tail_filters_by_topic_client_verdict_and_reason(traffic):
     assert all(r["verdict"] == "reject" for r in events(browser, "/verdicts/stream?client=pages-sensor&reason=rule", 1))
 
 
-def test_a_protobuf_payload_opens_decoded_with_the_reason_at_its_field(traffic):
+def test_a_protobuf_payload_opens_decoded_with_the_reason_at_its_field(traffic: Setup) -> None:
     browser = viewer(traffic)
     rows = events(browser, "/verdicts/stream?client=pages-sensor&topic=device/%2B/status&verdict=reject", 1)
     status, page = browser.get(f"/messages/{rows[0]['id']}")
@@ -120,7 +121,7 @@ def test_a_protobuf_payload_opens_decoded_with_the_reason_at_its_field(traffic):
     assert "flagged" in line and "device_matches_topic" in line
 
 
-def test_the_overview_reports_the_service(traffic):
+def test_the_overview_reports_the_service(traffic: Setup) -> None:
     browser = viewer(traffic)
     wait_until(lambda: ">running<" in browser.get("/")[1], message="the overview's first sample")
     page = browser.get("/")[1]
@@ -131,7 +132,7 @@ def test_the_overview_reports_the_service(traffic):
     assert status_code == 200 and "points" in json.loads(chart)
 
 
-def test_the_chart_starts_with_the_hour_before_the_console(traffic):
+def test_the_chart_starts_with_the_hour_before_the_console(traffic: Setup) -> None:
     """A console started now shows the traffic already recorded (the audit log's last hour)."""
     import asyncio
     import time
@@ -155,7 +156,7 @@ def test_the_chart_starts_with_the_hour_before_the_console(traffic):
         store.close()
 
 
-def test_the_overview_shows_the_outbox_while_the_uplink_is_down(tmp_path):
+def test_the_overview_shows_the_outbox_while_the_uplink_is_down(tmp_path: Path) -> None:
     """Forwarding to a cloud broker that is not there: accepted messages wait in the outbox, and
     the overview says how many and for how long."""
     import re

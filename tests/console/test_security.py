@@ -43,9 +43,10 @@ def rejected(running: Setup) -> dict[str, object]:
     """A rejected message whose client id, topic level and payload carry markup."""
     client_id = f"evil{EVIL}"
     publisher = Client(running.mqtt_port, client_id=client_id).connect()
-    payload = temperature(device_id=EVIL, temperature=f"{EVIL}")
+    payload = temperature(device_id=EVIL, temperature=EVIL)  # type: ignore[arg-type]  # not a number on purpose
     publisher.publish(f"events/{EVIL}", payload, qos=1).wait_for_publish(10)
-    publisher.publish("sensor/t1/temperature", temperature(device_id="t1", temperature=EVIL), qos=1).wait_for_publish(10)
+    wrong = temperature(device_id="t1", temperature=EVIL)  # type: ignore[arg-type]  # not a number on purpose
+    publisher.publish("sensor/t1/temperature", wrong, qos=1).wait_for_publish(10)
     publisher.disconnect()
     ids = wait_until(lambda: quarantined_ids(running, client_id), message="the rejected message in the quarantine")
     return {"client_id": client_id, "id": ids[0]}
@@ -68,7 +69,7 @@ PAGES = ["/", "/verdicts", "/quarantine", "/sql?q=SELECT+1", "/clients", "/trial
 
 
 @pytest.mark.parametrize("path", PAGES)
-def test_no_session_sees_nothing(running, path):
+def test_no_session_sees_nothing(running: Setup, path: str) -> None:
     browser = Browser(running.console_port)
     status, headers, text = browser.request("GET", path, headers={"Accept": "application/json"})
     assert status == 401
@@ -79,12 +80,12 @@ def test_no_session_sees_nothing(running, path):
 
 
 @pytest.mark.parametrize("path", ["/quarantine/release", "/quarantine/purge", "/trials/run", "/trials/diff", "/logout"])
-def test_no_session_cannot_post(running, path):
+def test_no_session_cannot_post(running: Setup, path: str) -> None:
     status, _ = Browser(running.console_port).post(path, {"id": "1", "directory": "x"}, csrf="anything")
     assert status == 401
 
 
-def test_session_cookie_is_httponly_and_samesite_strict(running):
+def test_session_cookie_is_httponly_and_samesite_strict(running: Setup) -> None:
     browser = operator(running)
     cookie = browser.set_cookie_headers[-1]
     assert "HttpOnly" in cookie
@@ -93,14 +94,14 @@ def test_session_cookie_is_httponly_and_samesite_strict(running):
     assert status == 200, running.console_output()[-3000:]
 
 
-def test_wrong_password_and_unlisted_user_are_refused(running, tmp_path):
+def test_wrong_password_and_unlisted_user_are_refused(running: Setup, tmp_path: Path) -> None:
     browser = Browser(running.console_port)
     assert browser.login(OPERATOR, "wrong") == 401
     assert browser.login("nobody", OPERATOR_PASSWORD) == 401
     assert browser.cookies == {}
 
 
-def test_login_is_rate_limited(running):
+def test_login_is_rate_limited(running: Setup) -> None:
     # A console of its own (on the same appliance): the limit also counts per client address, and
     # every test here comes from 127.0.0.1.
     port = free_port()
@@ -117,14 +118,14 @@ def test_login_is_rate_limited(running):
         stop(proc)  # type: ignore[arg-type]
 
 
-def test_login_next_is_never_another_site(running):
+def test_login_next_is_never_another_site(running: Setup) -> None:
     browser = Browser(running.console_port)
     status, headers, _ = browser.request("POST", "/login", {"user": OPERATOR, "password": OPERATOR_PASSWORD,
                                                              "next": "//evil.example/x"})
     assert status == 303 and headers["location"] == "/"
 
 
-def test_viewer_cannot_release_or_purge(running, rejected):
+def test_viewer_cannot_release_or_purge(running: Setup, rejected: dict[str, object]) -> None:
     browser = viewer(running)
     token = browser.csrf()
     for action in ("release", "purge"):
@@ -136,13 +137,13 @@ def test_viewer_cannot_release_or_purge(running, rejected):
     assert 'id="release"' not in page and 'id="purge"' not in page
 
 
-def test_viewer_cannot_run_a_trial(running):
+def test_viewer_cannot_run_a_trial(running: Setup) -> None:
     browser = viewer(running)
     status, _ = browser.post("/trials/run", {"directory": "v2"}, csrf=browser.csrf())
     assert status == 403
 
 
-def test_forged_cross_site_post_is_refused(running, rejected):
+def test_forged_cross_site_post_is_refused(running: Setup, rejected: dict[str, object]) -> None:
     browser = operator(running)
     token = browser.csrf()
     # A page elsewhere posting with the operator's cookie: the browser says where it comes from.
@@ -168,7 +169,7 @@ def test_forged_cross_site_post_is_refused(running, rejected):
     ("ATTACH '/tmp/x.db' AS x", "ATTACH"),
     ("SELECT 1; DROP TABLE decisions", "multiple statements"),
 ])
-def test_sql_that_writes_or_reads_files_is_refused(running, sql, why):
+def test_sql_that_writes_or_reads_files_is_refused(running: Setup, sql: str, why: str) -> None:
     browser = viewer(running)
     for path in ("/sql?q=", "/sql/download?format=csv&q=", "/sql/download?format=parquet&q="):
         from urllib.parse import quote
@@ -182,7 +183,7 @@ def test_sql_that_writes_or_reads_files_is_refused(running, sql, why):
 @pytest.mark.parametrize("directory", [
     "../../../etc", "/etc", "v2/../../active/../../..", "\x00", "", "v2/../../../passwd",
 ])
-def test_trial_directory_outside_the_roots_is_refused(running, directory):
+def test_trial_directory_outside_the_roots_is_refused(running: Setup, directory: str) -> None:
     browser = operator(running)
     token = browser.csrf()
     for action in ("run", "diff"):
@@ -192,7 +193,7 @@ def test_trial_directory_outside_the_roots_is_refused(running, directory):
         assert "trial-result" not in text and "diff-result" not in text
 
 
-def test_trial_symlink_out_of_a_root_is_refused(running, tmp_path):
+def test_trial_symlink_out_of_a_root_is_refused(running: Setup, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     (outside).mkdir()
     (outside / "manifest.yaml").write_text("version: x\n")
@@ -206,7 +207,7 @@ def test_trial_symlink_out_of_a_root_is_refused(running, tmp_path):
         link.unlink()
 
 
-def test_markup_in_topics_client_ids_and_payloads_is_inert(running, rejected):
+def test_markup_in_topics_client_ids_and_payloads_is_inert(running: Setup, rejected: dict[str, object]) -> None:
     browser = operator(running)
     pages = [browser.get(f"/messages/{rejected['id']}")[1], browser.get("/quarantine")[1],
              browser.get("/sql?q=" + "SELECT+topic,client_id,payload::VARCHAR+AS+p+FROM+decisions")[1]]
@@ -226,7 +227,7 @@ def test_markup_in_topics_client_ids_and_payloads_is_inert(running, rejected):
     assert not re.search(r"\.(innerHTML|outerHTML)\s*=|insertAdjacentHTML|document\.write", script)
 
 
-def test_markup_in_a_connected_client_id_is_inert_on_the_clients_page(running):
+def test_markup_in_a_connected_client_id_is_inert_on_the_clients_page(running: Setup) -> None:
     client = Client(running.mqtt_port, client_id=f"c{EVIL}").connect()
     try:
         status, page = operator(running).get("/clients")
@@ -237,7 +238,7 @@ def test_markup_in_a_connected_client_id_is_inert_on_the_clients_page(running):
         client.disconnect()
 
 
-def test_a_loopback_console_answers_only_to_loopback_names(running):
+def test_a_loopback_console_answers_only_to_loopback_names(running: Setup) -> None:
     browser = Browser(running.console_port)
     for host in ("127.0.0.1", "localhost", f"localhost:{running.console_port}", f"127.0.0.1:{running.console_port}"):
         assert browser.request("GET", "/login", headers={"Host": host})[0] == 200
@@ -245,7 +246,7 @@ def test_a_loopback_console_answers_only_to_loopback_names(running):
         assert browser.request("GET", "/login", headers={"Host": host})[0] == 421
 
 
-def test_console_refuses_an_unsafe_bind(tmp_path):
+def test_console_refuses_an_unsafe_bind(tmp_path: Path) -> None:
     setup = write_setup(tmp_path)
     cases = [
         (["--listen", "0.0.0.0:18080"], "set console.tls"),
@@ -268,7 +269,7 @@ def test_console_refuses_an_unsafe_bind(tmp_path):
     assert done.returncode == 1 and "auth.password_file is not set" in done.stderr, done.stderr
 
 
-def test_admin_socket_answers_the_clients_operation(running):
+def test_admin_socket_answers_the_clients_operation(running: Setup) -> None:
     client = Client(running.mqtt_port, client_id="listed-client").connect()
     try:
         clients = admin.call(running.state_dir, "clients")["clients"]

@@ -10,10 +10,11 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from appliance.config import load_config
+from appliance.config import Config, load_config
 from appliance.console import cookbook
 from appliance.console.auth import (
     ConsoleSetupError,
@@ -33,9 +34,9 @@ from tests.tls import make_certificates
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_reasons_sit_at_the_line_their_path_points_at():
+def test_reasons_sit_at_the_line_their_path_points_at() -> None:
     payload = json.dumps({"device_id": "d", "reading": {"values": [1, 2, "x"]}}).encode()
-    reasons = [
+    reasons: list[dict[str, Any]] = [
         {"check": "schema", "message": "not a number", "path": "/reading/values/2"},
         {"check": "schema", "message": "'unit' is required", "path": "/reading/unit"},  # missing: at its object
         {"check": "rule", "message": "device mismatch", "path": None},
@@ -52,7 +53,7 @@ def test_reasons_sit_at_the_line_their_path_points_at():
     assert [r["message"] for r in shown.unplaced] == ["device mismatch"]
 
 
-def test_a_rule_reason_sits_at_the_field_its_expression_reads():
+def test_a_rule_reason_sits_at_the_field_its_expression_reads() -> None:
     shown = show(json.dumps({"device_id": "a", "n": {"v": 1}}).encode(), None, [
         {"check": "rule", "message": "rule 'r' failed: payload.n.v > 2 && payload.device_id != ''", "path": None},
         {"check": "rule", "message": "rule 'q' failed: payload.missing == 1", "path": None},
@@ -62,13 +63,13 @@ def test_a_rule_reason_sits_at_the_field_its_expression_reads():
     assert [r["message"][:8] for r in shown.unplaced] == ["rule 'q'"]
 
 
-def test_keys_with_slashes_and_tildes_are_escaped_in_pointers():
+def test_keys_with_slashes_and_tildes_are_escaped_in_pointers() -> None:
     shown = show(json.dumps({"a/b": 1, "c~d": 2}).encode(), None,
                  [{"check": "schema", "message": "m", "path": "/a~1b"}, {"check": "schema", "message": "n", "path": "/c~0d"}])
     assert [line.path for line in shown.lines if line.reasons] == ["/a~1b", "/c~0d"]
 
 
-def test_protobuf_payloads_are_decoded_with_the_topic_schema():
+def test_protobuf_payloads_are_decoded_with_the_topic_schema() -> None:
     from appliance.governance import load_schema_set
     from tests.governance.payloads import device_status
 
@@ -81,7 +82,7 @@ def test_protobuf_payloads_are_decoded_with_the_topic_schema():
     assert '"deviceId": "d1"' in text or '"device_id": "d1"' in text
 
 
-def test_binary_payloads_are_hex_and_text_is_text():
+def test_binary_payloads_are_hex_and_text_is_text() -> None:
     assert show(bytes(range(20)), None, []).kind == "hex"
     assert show(bytes(range(20)), None, []).lines[0].text.startswith("00000000  00 01 02")
     assert show(b"plain words", None, []).kind == "text"
@@ -89,7 +90,7 @@ def test_binary_payloads_are_hex_and_text_is_text():
     assert show(b"", None, []).kind == "empty"
 
 
-def test_cookbook_holds_every_query_of_the_docs():
+def test_cookbook_holds_every_query_of_the_docs() -> None:
     text = (ROOT / "docs" / "audit.md").read_text()
     entries = cookbook.parse(text)
     assert [name for name, _, _ in entries] == [m for m in __import__("re").findall(r"<!-- cookbook: ([\w-]+) -->", text)]
@@ -97,7 +98,7 @@ def test_cookbook_holds_every_query_of_the_docs():
     assert cookbook.queries() == entries
 
 
-def config_with(tmp_path: Path, **console: object):
+def config_with(tmp_path: Path, **console: object) -> Config:
     values: dict[str, object] = {"state_dir": str(tmp_path / "state")}
     for key, value in console.items():
         values[f"console.{key}"] = value
@@ -113,11 +114,11 @@ def _users(tmp_path: Path) -> None:
     passwords.save(tmp_path / "passwd")
 
 
-def setup_of(config):
+def setup_of(config: Config) -> bool:
     return check_setup(config, config.console)
 
 
-def test_check_setup_refuses_unsafe_binds(tmp_path):
+def test_check_setup_refuses_unsafe_binds(tmp_path: Path) -> None:
     _users(tmp_path)
     assert setup_of(config_with(tmp_path)) is False  # loopback, no users: read-only without login
     assert setup_of(config_with(tmp_path, operators=["a"])) is True
@@ -134,14 +135,14 @@ def test_check_setup_refuses_unsafe_binds(tmp_path):
         setup_of(config_with(tmp_path, operators=["a"]))
 
 
-def test_a_user_in_both_lists_is_a_config_error(tmp_path):
+def test_a_user_in_both_lists_is_a_config_error(tmp_path: Path) -> None:
     from appliance.config import ConfigError
 
     with pytest.raises(ConfigError, match="both as operators and viewers"):
         config_with(tmp_path, operators=["a"], viewers=["a"])
 
 
-def test_users_get_their_role_from_the_console_section(tmp_path):
+def test_users_get_their_role_from_the_console_section(tmp_path: Path) -> None:
     passwords = PasswordFile()
     for user in ("op", "view", "other"):
         passwords.set(user, f"{user}-pw")
@@ -157,7 +158,7 @@ def test_users_get_their_role_from_the_console_section(tmp_path):
     assert users.authenticate("op", "op-pw") is None  # the file is read again: a removed user is out at once
 
 
-def test_sessions_end_after_being_idle():
+def test_sessions_end_after_being_idle() -> None:
     now = [0.0]
     sessions = Sessions(60, clock=lambda: now[0])
     token, session = sessions.create("u", Role.VIEWER)
@@ -171,7 +172,7 @@ def test_sessions_end_after_being_idle():
     assert not session.csrf_ok(None) and not session.csrf_ok("x") and session.csrf_ok(session.csrf)
 
 
-def test_login_limiter_counts_per_user_and_per_address():
+def test_login_limiter_counts_per_user_and_per_address() -> None:
     now = [0.0]
     limiter = LoginLimiter(3, 60, clock=lambda: now[0])
     for _ in range(3):
@@ -184,7 +185,7 @@ def test_login_limiter_counts_per_user_and_per_address():
     assert limiter.allowed("u", "10.0.0.1")
 
 
-def test_trial_directories_must_stay_under_a_root(tmp_path):
+def test_trial_directories_must_stay_under_a_root(tmp_path: Path) -> None:
     root = tmp_path / "candidates"
     (root / "good").mkdir(parents=True)
     (root / "good" / "manifest.yaml").write_text("version: g\n")
@@ -208,7 +209,7 @@ UNIT = ROOT / "systemd" / "mqtt-appliance-console.service"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_systemd_analyze_verify_accepts_the_console_unit(tmp_path):
+def test_systemd_analyze_verify_accepts_the_console_unit(tmp_path: Path) -> None:
     appliance = Path(sys.executable).parent / "appliance"
     text = UNIT.read_text()
     assert "/opt/mqtt-appliance/venv/bin/appliance console --config /etc/mqtt-appliance/appliance.yaml" in text
@@ -219,12 +220,12 @@ def test_systemd_analyze_verify_accepts_the_console_unit(tmp_path):
     assert "mqtt-appliance-console.service" not in result.stderr, result.stderr
 
 
-def test_the_package_installs_the_console_unit():
+def test_the_package_installs_the_console_unit() -> None:
     build = (ROOT / "packaging" / "build-deb.sh").read_text()
     assert "systemd/mqtt-appliance-console.service" in build
 
 
-def test_console_over_https_sets_a_secure_cookie(tmp_path):
+def test_console_over_https_sets_a_secure_cookie(tmp_path: Path) -> None:
     certs = make_certificates(tmp_path / "certs")
     setup = write_setup(tmp_path, tls={"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)})
     proc = start_console(setup)  # no appliance needed: the pages say it is unreachable
@@ -256,7 +257,7 @@ def test_console_over_https_sets_a_secure_cookie(tmp_path):
         stop(proc)
 
 
-def test_trial_progress_is_read_from_the_replay_progress_bar(tmp_path):
+def test_trial_progress_is_read_from_the_replay_progress_bar(tmp_path: Path) -> None:
     import time
 
     from appliance.console.trials import TrialRun
@@ -271,7 +272,7 @@ def test_trial_progress_is_read_from_the_replay_progress_bar(tmp_path):
     assert run.report is None and run.problem is not None and "replaying" not in run.problem
 
 
-def test_a_loopback_console_without_users_may_look_but_not_act(tmp_path):
+def test_a_loopback_console_without_users_may_look_but_not_act(tmp_path: Path) -> None:
     from tests.console.conftest import Browser
 
     setup = write_setup(tmp_path, operators=[], viewers=[])

@@ -113,9 +113,13 @@ def test_overview_updates_when_messages_flow(driver: Any, running: Setup) -> Non
     wait_until(lambda: text_of(driver, "#live") == "live", timeout=WAIT, message="the event stream open")
     wait_until(lambda: text_of(driver, "[data-field=service]") == "running", timeout=WAIT, message="service running")
     before = int(text_of(driver, "[data-field=accepted_total]") or 0)
+    rejected = int(text_of(driver, "[data-field=rejected_total]") or 0)
     publish(running, "overview-sensor", "sensor/o1/temperature", temperature("o1", 21.0), count=5)
+    publish(running, "overview-sensor", "sensor/o1/temperature", temperature("o1", 90.0), count=2)
     wait_until(lambda: int(text_of(driver, "[data-field=accepted_total]") or 0) >= before + 5, timeout=WAIT,
                message="the overview counting the new messages")
+    wait_until(lambda: int(text_of(driver, "[data-field=rejected_total]") or 0) >= rejected + 2, timeout=WAIT,
+               message="the overview counting the rejected ones")
     assert driver.find_elements(By.CSS_SELECTOR, "#chart-rates .uplot"), "the rates chart is drawn"
     wait_until(lambda: int(driver.execute_script("return document.body.dataset.points || 0")) >= 2, timeout=WAIT,
                message="points added to the charts live")

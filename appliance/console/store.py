@@ -19,14 +19,13 @@ from typing import Any
 
 import duckdb
 
-from appliance.audit.errors import AuditError
 from appliance.audit.guard import check_query
 from appliance.audit.layout import sql_string
 from appliance.audit.quarantine import topic_filter_regex
 from appliance.audit.query import AuditQuery
 from appliance.audit.records import DECISION, KINDS
 from appliance.audit.results import QueryResult
-from appliance.msglog.reader import list_segments, read_log
+from appliance.console.follow import LogFollower
 
 REFRESH_AFTER_S = 1.0
 TAIL_KEEP = 500
@@ -230,28 +229,21 @@ def decision_row(body: bytes) -> dict[str, Any]:
 
 class VerdictTail:
     """Follows the message log: each `poll()` returns the decisions written since the last one (the
-    writer's records are readable once handed to the OS, before they are durable)."""
+    writer's records are readable once handed to the OS, before they are durable). At most `keep`
+    per poll are decoded (the newest): the live tail is for the eye; SQL has every verdict."""
 
     def __init__(self, log_dir: Path, *, keep: int = TAIL_KEEP):
         self.log_dir = log_dir
         self.recent: deque[dict[str, Any]] = deque(maxlen=keep)
-        self._next_seq: int | None = None
+        self._keep = keep
+        self._follower = LogFollower(log_dir)
 
     def poll(self) -> list[dict[str, Any]]:
-        if self._next_seq is None:
-            segments = list_segments(self.log_dir)
-            if not segments:
-                return []
-            self._next_seq = segments[-1].first_seq  # the newest segment: recent enough to start from
-        new: list[dict[str, Any]] = []
-        try:
-            for record in read_log(self.log_dir, from_seq=self._next_seq):
-                self._next_seq = record.seq + 1
-                if record.kind == DECISION.code:
-                    row = decision_row(record.body)
-                    del row["payload"]  # the live list needs none; a message opens from the store
-                    new.append(row)
-        except (FileNotFoundError, AuditError):
-            pass  # a segment removed while reading: the next poll goes on from the next seq
+        records = self._follower.poll(lambda record: record.kind == DECISION.code)
+        new = []
+        for record in records[-self._keep:]:
+            row = decision_row(record.body)
+            del row["payload"]  # the live list needs none; a message opens from the store
+            new.append(row)
         self.recent.extend(new)
-        return new[-self.recent.maxlen:] if self.recent.maxlen else new
+        return new

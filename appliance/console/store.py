@@ -19,15 +19,17 @@ from typing import Any
 
 import duckdb
 
+from appliance.audit.errors import AuditError
 from appliance.audit.guard import check_query
-from appliance.audit.layout import sql_string
+from appliance.audit.layout import Layout, sql_string
 from appliance.audit.quarantine import topic_filter_regex
 from appliance.audit.query import AuditQuery
 from appliance.audit.records import DECISION, KINDS
 from appliance.audit.results import QueryResult
 from appliance.console.follow import LogFollower
 
-REFRESH_AFTER_S = 1.0
+REFRESH_AFTER_S = 1.0  # without a service to say whether the log changed
+MAX_AGE_S = 60.0  # retention rewrites files without writing a record: a snapshot is never older
 TAIL_KEEP = 500
 GROUPS = {"reason": "reason", "topic": "topic", "client": "client_id"}
 
@@ -37,34 +39,45 @@ class StoreUnavailable(Exception):
 
 
 class Store:
-    def __init__(self, state_dir: Path, *, sync: Callable[[], bool] | None = None):
-        """`sync` asks the running appliance to make everything recorded so far readable (False when
-        none runs); called before a refresh."""
+    def __init__(self, state_dir: Path, *, sync: Callable[[], int | None] | None = None):
+        """`sync` asks the running appliance to make everything recorded so far readable and returns
+        the log's last seq (None when no appliance runs); called before each fresh read."""
         self.state_dir = state_dir
         self._sync = sync
         self._query: AuditQuery | None = None
+        self._seq: int | None = None  # the log's last seq when the snapshot was taken
         self._opened_at = 0.0
+        self._stale = False
+        self._layout = Layout(state_dir)
         self._lock = threading.Lock()
 
     def _snapshot(self, *, fresh: bool) -> AuditQuery:
+        """The snapshot, taken again when `fresh` and the log has changed since: a record was
+        written (the service says its last seq), a segment was converted (the watermark), or an
+        action changed the files. Without a service: when older than REFRESH_AFTER_S."""
         with self._lock:
-            if self._query is not None and (not fresh or time.monotonic() - self._opened_at < REFRESH_AFTER_S):
-                return self._query
-            if self._sync is not None:
-                self._sync()
-            if self._query is None:
+            query = self._query
+            if query is not None and not fresh:
+                return query
+            seq = self._sync() if self._sync is not None else None
+            if query is not None and not self._stale and time.monotonic() - self._opened_at < MAX_AGE_S:
+                if seq is not None and seq == self._seq and self._layout.read_watermark() == query.watermark:
+                    return query  # nothing new: reading the tail again would give the same tables
+                if seq is None and time.monotonic() - self._opened_at < REFRESH_AFTER_S:
+                    return query
+            if query is None:
                 if not (self.state_dir / "log").exists() and not (self.state_dir / "audit" / "parquet").exists():
                     raise StoreUnavailable(f"no audit log under {self.state_dir} yet: has the appliance run with it?")
-                self._query = AuditQuery(self.state_dir)
+                query = self._query = AuditQuery(self.state_dir)
             else:
-                self._query.refresh()
-            self._opened_at = time.monotonic()
-            return self._query
+                query.refresh()
+            self._seq, self._stale, self._opened_at = seq, False, time.monotonic()
+            return query
 
     def invalidate(self) -> None:
         """The next read takes a new snapshot (after an action changed the log or its files)."""
         with self._lock:
-            self._opened_at = float("-inf")
+            self._stale = True
 
     @contextmanager
     def cursor(self, *, fresh: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -81,6 +94,20 @@ class Store:
                 self._query = None
 
     # -- reads --------------------------------------------------------------------------------
+
+    def _fetch(self, sql: str, params: list[object]) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """One of the console's own queries (not analyst SQL: no guard), on a fresh snapshot; once
+        more on a new snapshot when a file of the old one is gone (merged or dropped meanwhile)."""
+        for attempt in (1, 2):
+            try:
+                with self.cursor() as cursor:
+                    cursor.execute(sql, params)
+                    return [d[0] for d in cursor.description or ()], cursor.fetchall()
+            except duckdb.IOException:
+                if attempt == 2:
+                    raise AuditError("the audit log's files changed during the query; try again") from None
+                self.invalidate()
+        raise AssertionError("unreachable")
 
     def sql(self, text: str, *, max_rows: int, timeout: float = 30.0) -> QueryResult:
         """Analyst SQL through the same guard as `appliance audit sql`."""
@@ -117,12 +144,8 @@ class Store:
             return target.read_bytes()
 
     def decision(self, decision_id: int) -> dict[str, Any] | None:
-        with self.cursor() as cursor:
-            cursor.execute("SELECT * FROM decisions WHERE id = ?", [decision_id])
-            row = cursor.fetchone()
-            if row is None:
-                return None
-            return dict(zip([d[0] for d in cursor.description or ()], row))
+        columns, rows = self._fetch("SELECT * FROM decisions WHERE id = ?", [decision_id])
+        return dict(zip(columns, rows[0])) if rows else None
 
     def quarantine(self, *, topic: str | None, client: str | None, reason: str | None, group: str | None,
                    limit: int) -> QueryResult:
@@ -152,19 +175,14 @@ class Store:
                    f"list(id ORDER BY id DESC)[1:200] AS ids FROM ({inner}) GROUP BY ALL ORDER BY messages DESC LIMIT ?")
         else:
             sql = f"{inner} ORDER BY id DESC LIMIT ?"
-        with self.cursor() as cursor:
-            cursor.execute(sql, [*params, limit + 1])
-            columns = [d[0] for d in cursor.description or ()]
-            rows = cursor.fetchall()
+        columns, rows = self._fetch(sql, [*params, limit + 1])
         return QueryResult(columns, rows[:limit], len(rows) > limit)
 
     def quarantined(self, ids: list[int]) -> dict[int, dict[str, Any]]:
         if not ids:
             return {}
-        with self.cursor() as cursor:
-            cursor.execute("SELECT * FROM quarantine WHERE list_contains(?, id)", [ids])
-            columns = [d[0] for d in cursor.description or ()]
-            return {int(row[0]): dict(zip(columns, row)) for row in cursor.fetchall()}
+        columns, rows = self._fetch("SELECT * FROM quarantine WHERE list_contains(?, id)", [ids])
+        return {int(row[0]): dict(zip(columns, row)) for row in rows}
 
     def client_figures(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
         """Per client: when it last connected (the audit events) and its messages and rejects since."""
@@ -180,9 +198,8 @@ class Store:
                    count(d.id) FILTER (WHERE d.verdict = 'reject') AS rejects
             FROM connected c LEFT JOIN decisions d ON d.client_id = c.client_id AND d.ts >= c.since
             GROUP BY ALL"""
-        with self.cursor() as cursor:
-            cursor.execute(sql, [client_ids])
-            return {row[0]: {"since": row[1], "messages": row[2], "rejects": row[3]} for row in cursor.fetchall()}
+        _columns, rows = self._fetch(sql, [client_ids])
+        return {row[0]: {"since": row[1], "messages": row[2], "rejects": row[3]} for row in rows}
 
     def revisions(self, *, limit: int = 20) -> QueryResult:
         """The config revisions that judged messages (newest first): when each was in force, with
@@ -193,10 +210,8 @@ class Store:
                    count(*) FILTER (WHERE verdict = 'accept') AS accepted,
                    count(*) FILTER (WHERE verdict = 'reject') AS rejected
             FROM decisions GROUP BY config_revision ORDER BY first DESC LIMIT ?"""
-        with self.cursor() as cursor:
-            cursor.execute(sql, [limit])
-            columns = [d[0] for d in cursor.description or ()]
-            return QueryResult(columns, cursor.fetchall(), False)
+        columns, rows = self._fetch(sql, [limit])
+        return QueryResult(columns, rows, False)
 
     def rates(self, *, since: float, bucket_s: int) -> list[tuple[float, int, int]]:
         """(bucket start, accepted, rejected) per `bucket_s` seconds since `since` (epoch seconds)."""
@@ -204,9 +219,8 @@ class Store:
             SELECT floor(epoch(ts) / {bucket_s}) * {bucket_s} AS bucket,
                    count(*) FILTER (WHERE verdict = 'accept'), count(*) FILTER (WHERE verdict = 'reject')
             FROM decisions WHERE ts >= ? GROUP BY ALL ORDER BY bucket"""
-        with self.cursor() as cursor:
-            cursor.execute(sql, [datetime.fromtimestamp(since, UTC)])
-            return [(float(r[0]), int(r[1]), int(r[2])) for r in cursor.fetchall()]
+        _columns, rows = self._fetch(sql, [datetime.fromtimestamp(since, UTC)])
+        return [(float(r[0]), int(r[1]), int(r[2])) for r in rows]
 
 
 _NAMES = DECISION.names

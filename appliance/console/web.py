@@ -92,15 +92,14 @@ class Console:
         self.templates.filters["cell"] = _cell
         self.templates.globals.update(static=_static_url, zip=zip, dict=dict)
 
-    def _sync(self) -> bool:
+    def _sync(self) -> int | None:
         try:
-            admin.call(self.state_dir, "audit_sync", timeout=30.0)
+            return int(admin.call(self.state_dir, "audit_sync", timeout=30.0)["last_seq"])
         except admin.AdminUnavailable:
-            return False
-        except admin.AdminError as exc:
+            return None
+        except (admin.AdminError, KeyError, TypeError, ValueError) as exc:
             log.warning("audit_sync: %s", exc)
-            return False
-        return True
+            return None
 
     # -- who asks ---------------------------------------------------------------------------------
 

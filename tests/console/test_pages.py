@@ -190,3 +190,28 @@ def test_the_overview_shows_the_outbox_while_the_uplink_is_down(tmp_path: Path) 
             assert oldest.endswith((" s", " min"))
         finally:
             stop(console)
+
+
+def test_the_store_reads_the_log_again_only_when_it_changed(traffic: Setup) -> None:
+    from appliance.console.store import Store
+
+    def last_seq() -> int:
+        return int(admin.call(traffic.state_dir, "audit_sync")["last_seq"])
+
+    store = Store(traffic.state_dir, sync=last_seq)
+    try:
+        store.revisions()
+        taken = store._opened_at
+        store.revisions()
+        assert store._opened_at == taken  # nothing written since: the same snapshot
+        client = Client(traffic.mqtt_port, client_id="store-sensor").connect()
+        client.publish("sensor/st/temperature", temperature("st", 22.0), qos=1).wait_for_publish(10)
+        client.disconnect()
+        columns, rows = store._fetch("SELECT count(*) FROM decisions WHERE client_id = 'store-sensor'", [])
+        assert rows == [(1,)] and store._opened_at > taken
+        store.invalidate()
+        before = store._opened_at
+        store.revisions()
+        assert store._opened_at > before  # after an action: always a new snapshot
+    finally:
+        store.close()

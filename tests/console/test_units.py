@@ -286,3 +286,11 @@ def test_a_loopback_console_without_users_may_look_but_not_act(tmp_path: Path) -
         assert "read-only without login" in setup.console_output()
     finally:
         stop(proc)
+
+
+def test_appliance_check_reports_a_missing_console_certificate(tmp_path: Path) -> None:
+    setup = write_setup(tmp_path, tls={"cert_file": str(tmp_path / "nope.pem"), "key_file": str(tmp_path / "nope.key")})
+    done = subprocess.run([sys.executable, "-m", "appliance", "check", "--config", str(setup.config)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert f"console.tls.cert_file: {tmp_path / 'nope.pem'}: No such file or directory" in done.stderr, done.stderr

@@ -5,7 +5,7 @@
 # dependency at the version and hash pinned in requirements-test.lock (`make lock` regenerates it).
 #   make deb         Debian packages for arm64 and amd64 in dist/ (docs/install.md)
 #   make test-arm64  install the arm64 package in an emulated Debian bookworm arm64 root filesystem
-#                    and smoke-test it there (FULL=1: the whole suite)
+#                    and smoke-test it there (FULL=1: the whole suite; TESTS="PATHS": those tests)
 #   make test-systemd  run both packages' unit under a real systemd (systemd-nspawn)
 
 PYTHON ?= python3
@@ -98,7 +98,7 @@ dist/mqtt-appliance_$(DEB_VERSION)_%.deb: $(DEB_INPUTS) | $(STAMP)
 # upgraded over itself, then the codec, governance and replay tests on it (FULL=1: every test).
 # Needs root; the root filesystem is cached in /var/cache/mqtt-appliance (ROOTFS_CACHE).
 test-arm64: $(DEB_ARM64)
-	PIP=$(BIN)/pip packaging/test-arm64.sh $(DEB_ARM64) $(FULL)
+	PIP=$(BIN)/pip TESTS="$(TESTS)" packaging/test-arm64.sh $(DEB_ARM64) $(FULL)
 
 # Each package's unit under a real systemd (a bookworm root filesystem of its architecture booted
 # with systemd-nspawn): start (Type=notify), a TLS key from a credential (amd64: qemu-user cannot set

@@ -27,6 +27,7 @@ from appliance.audit.operations import AuditOperations, forget_session
 from appliance.audit.service import AuditService, forward_cursor_path
 from appliance.broker import BrokerError, EmbeddedBroker, ExternalBroker, make_broker
 from appliance.config import AuthConfig, Config, ConfigError, is_loopback, load_config
+from appliance.deadletter.republisher import DeadLetterSink, Letter, LocalRepublisher, check_destinations
 from appliance.forward import Forwarder, Outbox
 from appliance.forward.check import OutboxFull
 from appliance.governance import Governance, SchemaSetError, load_schema_set
@@ -95,6 +96,7 @@ class Appliance:
         self.verdicts = CountingSink(keep=20)  # the last few verdicts, for tests and `status`
         self.metrics = MetricsSink()
         self.reloads: Counter[str] = Counter()
+        self.dead_letters: DeadLetterSink | None = None  # republishes rejections (on_reject.republish)
         self.forwarder: Forwarder | None = None  # the store-and-forward client, when upstream.url is set
         self.outbox: Outbox | None = None
         self._outbox_check: OutboxFull | None = None
@@ -108,7 +110,9 @@ class Appliance:
         if pipeline is None:
             checks: list[Check] = [self.acl]
             if config.schemas is not None:
-                self.governance = Governance(load_schema_set(config.schemas))
+                schema_set = load_schema_set(config.schemas)
+                check_destinations(schema_set, forwarding=config.upstream.url is not None)
+                self.governance = Governance(schema_set)
                 checks.append(self.governance)
             sinks: list[Sink] = [self.verdicts, self.metrics]
             if config.audit.enabled:
@@ -128,6 +132,17 @@ class Appliance:
                     audit = self.audit
                     self._outbox_check = OutboxFull(self.outbox, lambda: audit.healthy)
                     checks.append(self._outbox_check)
+            # After the audit sink: a dead letter names the verdict just recorded.
+            audit_sink = self.audit.sink if self.audit is not None else None
+            self.dead_letters = DeadLetterSink(
+                local=LocalRepublisher(lambda: self.broker.endpoint() if self.broker is not None else None,
+                                       on_drop=self._dead_letter_dropped),
+                log=self.audit.log if self.outbox is not None and self.audit is not None else None,
+                verdict_id=lambda: audit_sink.last_id if audit_sink is not None else None,
+                on_event=self.on_event,
+                cloud_full=self.outbox.is_full if self.outbox is not None else lambda: False,
+            )
+            sinks.append(self.dead_letters)
             pipeline = Pipeline(checks, sinks, dry_run=config.dry_run)
         self.pipeline = pipeline
         self.broker: EmbeddedBroker | ExternalBroker | None = None
@@ -167,7 +182,13 @@ class Appliance:
             report["audit"] = self.audit.status()
         if self.forwarder is not None:
             report["uplink"] = dataclasses.asdict(self.forwarder.status())
+        if self.dead_letters is not None and self.dead_letters.active:
+            report["dead_letters"] = self.dead_letters.stats()
         return report
+
+    def _dead_letter_dropped(self, letter: Letter, reason: str) -> None:
+        verdict_id = None if letter.verdict_id is None else str(letter.verdict_id)
+        self.on_event("dead_letter_dropped", {"verdict_id": verdict_id, "topic": letter.topic, "to": "local", "reason": reason})
 
     @property
     def revision(self) -> str:
@@ -269,7 +290,8 @@ class Appliance:
                 except (OSError, ValueError) as exc:
                     raise BrokerError(f"listener {spec.listen}: TLS: {exc}") from exc
             listeners.append(Listener(spec.listen.host, spec.listen.port, context,
-                                      spec.tls.use_identity_as_username if spec.tls else "none", authenticator))
+                                      spec.tls.use_identity_as_username if spec.tls else "none", authenticator,
+                                      websocket_path=spec.websocket_path))
         return listeners
 
     async def stop(self) -> None:
@@ -280,6 +302,8 @@ class Appliance:
             await self.admin.stop()
         if self.proxy is not None:
             await self.proxy.stop()
+        if self.dead_letters is not None:
+            await self.dead_letters.stop()  # while the broker still takes what is queued
         if self.broker is not None:
             await self.broker.stop()
         if self.forwarder is not None:
@@ -308,6 +332,8 @@ class Appliance:
         try:
             config = load_config(self.config_path, self.overrides) if self.config_path is not None else self.config
             schema_set = await asyncio.to_thread(load_schema_set, config.schemas) if config.schemas is not None else None
+            if schema_set is not None:
+                check_destinations(schema_set, forwarding=self.outbox is not None)
             passwords, acl = await asyncio.to_thread(load_access, config.auth)
         except (ConfigError, SchemaSetError, AccessError) as exc:
             self.reloads["failed"] += 1

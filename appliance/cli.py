@@ -27,7 +27,7 @@ class _LazyGroup(click.Group):
     imports neither (a test checks it matches the command's own)."""
 
     LAZY = {
-        "bench": ("appliance.bench", "bench", "Measure throughput, latency, CPU, memory and disk writes:..."),
+        "bench": ("bench", "bench", "Measure throughput, latency, CPU, memory and disk writes:..."),
         "console": ("appliance.console.server", "console_command", "Serve the web console."),
         "simulate": ("appliance.simulate", "simulate_command", "Publish demo sensor traffic (for schemas/v1, or an example..."),
     }
@@ -36,6 +36,8 @@ class _LazyGroup(click.Group):
         return sorted([*super().list_commands(ctx), *self.LAZY])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "bench":
+            return _bench_command()
         if cmd_name in self.LAZY:
             import importlib
 
@@ -55,6 +57,31 @@ class _LazyGroup(click.Group):
                 rows.append((name, command.get_short_help_str(limit)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+def _bench_command() -> click.Command:
+    """`appliance bench` is the harness in the source tree's top-level bench/ package, which the
+    installed package does not ship (as h11 keeps its benchmarks outside the package): found next
+    to a checkout's appliance/, else a command that says how to get it."""
+    import importlib
+
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "bench" / "__init__.py").is_file():
+        if str(checkout) not in sys.path:
+            sys.path.insert(0, str(checkout))
+        command: click.Command = importlib.import_module("bench").bench
+        return command
+
+    @click.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def missing() -> None:
+        """Measure throughput, latency, CPU, memory and disk writes (needs a source checkout)."""
+        raise click.ClickException(
+            "the benchmark harness is not part of the installed package: it lives in bench/ of the "
+            "source tree. From a checkout: `make setup` then `make bench` (or .venv/bin/appliance bench "
+            "--help); see docs/performance.md."
+        )
+
+    return missing
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -156,6 +183,10 @@ def check(config_path: Path | None, schemas: Path | None) -> None:
 
     try:
         schema_set = load_schema_set(config.schemas)
+        if config_path is not None:  # dead letters to the cloud need the config's upstream
+            from appliance.deadletter.republisher import check_destinations
+
+            check_destinations(schema_set, forwarding=config.upstream.url is not None)
     except SchemaSetError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(describe_schema_set(schema_set))

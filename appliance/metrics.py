@@ -154,6 +154,15 @@ class ApplianceCollector(Collector):
             helper_failures = sum(entry["failures"] for entry in status["helpers"].values())
             yield CounterMetricFamily("mqtt_proxy_audit_helper_failures", "Helper processes (Parquet sealing, retention) that failed.",
                                       value=helper_failures)
+        dead_letters = app.dead_letters
+        if dead_letters is not None:
+            family = CounterMetricFamily("mqtt_proxy_dead_letters", "Rejected messages republished to a dead-letter topic, "
+                                         "by destination (local, cloud) and outcome.", labels=["to", "outcome"])
+            for (to, outcome), count in sorted(dead_letters.totals().items()):
+                family.add_metric([to, outcome], count)
+            yield family
+            yield GaugeMetricFamily("mqtt_proxy_dead_letter_queue", "Dead letters waiting for the local broker.",
+                                    value=dead_letters.local_queue)
         forwarder = app.forwarder
         if forwarder is not None:
             status = forwarder.status()

@@ -12,9 +12,12 @@ from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from time import perf_counter_ns
-from typing import Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from appliance.mqtt import Properties, ProtocolVersion, ReasonCode
+
+if TYPE_CHECKING:
+    from appliance.deadletter import DeadLetter
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,8 @@ class Verdict:
     # Whether an accepted message goes to the store-and-forward outbox (the mapping's `forward`).
     forward: bool = True
     forward_qos: int | None = None  # the mapping's QoS towards the cloud; None: upstream.qos
+    # A rejection: where the mapping's on_reject.republish sends it (the dead-letter sink acts on it).
+    dead_letter: DeadLetter | None = None
 
     @classmethod
     def reject(
@@ -78,8 +83,9 @@ class Verdict:
         schema_set: str | None = None,
         topic_filter: str | None = None,
         schema: str | None = None,
+        dead_letter: DeadLetter | None = None,
     ) -> Verdict:
-        return cls(False, reasons, reason_code, action, schema_set, topic_filter, schema)
+        return cls(False, reasons, reason_code, action, schema_set, topic_filter, schema, dead_letter=dead_letter)
 
     @property
     def reason_text(self) -> str:

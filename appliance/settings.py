@@ -96,8 +96,27 @@ class ListenerTLSConfig(_Section):
 class ListenerConfig(_Section):
     listen: Address = Field(description="HOST:PORT this listener binds ([::]:8883 for IPv6).")
     tls: ListenerTLSConfig | None = Field(None, description="Serve MQTT over TLS with these settings; none: plain TCP.")
+    transport: Literal["tcp", "websockets"] = Field(
+        "tcp", description="tcp: MQTT over TCP; websockets: MQTT over WebSockets (ws://, or wss:// with tls), "
+        "subprotocol mqtt, binary frames.",
+    )
+    path: str | None = Field(None, description="websockets: the HTTP path clients connect to (default /mqtt).")
 
     _listen = field_validator("listen", mode="before")(_address)
+
+    @model_validator(mode="after")
+    def _path_is_for_websockets(self) -> ListenerConfig:
+        if self.path is not None:
+            if self.transport != "websockets":
+                raise ValueError("path needs transport: websockets")
+            if not self.path.startswith("/") or "?" in self.path or any(c.isspace() for c in self.path):
+                raise ValueError(f"path must be an HTTP path like /mqtt, got {self.path!r}")
+        return self
+
+    @property
+    def websocket_path(self) -> str | None:
+        """The HTTP path of a WebSocket listener; None for a TCP one."""
+        return (self.path or "/mqtt") if self.transport == "websockets" else None
 
 
 # One parser for every duration and one for every size in the config (docs/configuration.md, "Units").

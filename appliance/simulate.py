@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import orjson
@@ -163,7 +164,7 @@ class Tally:
 class Fleet:
     """One paho client per sensor (client id `<sensor>`), each on its own network thread."""
 
-    def __init__(self, sensors: list[str], address: Address, *, protocol: int, qos: int):
+    def __init__(self, sensors: list[str], address: Address, *, protocol: int, qos: int, websocket_path: str | None = None):
         self.qos = qos
         self.tally = Tally()
         self._lock = threading.Lock()
@@ -174,7 +175,10 @@ class Fleet:
         self._closing = False
         for sensor in sensors:
             client = paho.Client(CallbackAPIVersion.VERSION2, client_id=sensor,
-                                 protocol=paho.MQTTv5 if protocol == 5 else paho.MQTTv311)
+                                 protocol=paho.MQTTv5 if protocol == 5 else paho.MQTTv311,
+                                 transport="websockets" if websocket_path else "tcp")
+            if websocket_path:
+                client.ws_set_options(path=websocket_path)
             client.max_inflight_messages_set(100)
             client.on_connect = self._on_connect
             client.on_disconnect = self._on_disconnect
@@ -284,15 +288,16 @@ def make_traffic(payload: str, sensors: int, invalid_rate: float, *, seed: int |
 
 def simulate(*, address: Address, sensors: int, rate: float, invalid_rate: float, duration: float | None = None,
              qos: int = 1, protocol: int = 5, seed: int | None = None, report: Callable[[str], None] | None = None,
-             stop: threading.Event | None = None, drain_timeout: float = 10.0, payload: str = "demo") -> Tally:
+             stop: threading.Event | None = None, drain_timeout: float = 10.0, payload: str = "demo",
+             websocket_path: str | None = None) -> Tally:
     """Publish at `rate` messages per second in total until `duration` passes or `stop` is set, wait
     (up to `drain_timeout`) for the outstanding acknowledgements, and return the tally. `report`
-    gets a summary line every second."""
+    gets a summary line every second. With `websocket_path`, MQTT over WebSockets (ws://)."""
     if rate <= 0:
         raise ValueError("rate must be positive")
     stop = stop or threading.Event()
     traffic = make_traffic(payload, sensors, invalid_rate, seed=seed)
-    fleet = Fleet(traffic.sensors, address, protocol=protocol, qos=qos)
+    fleet = Fleet(traffic.sensors, address, protocol=protocol, qos=qos, websocket_path=websocket_path)
     fleet.connect()
     start = time.monotonic()
     end = start + duration if duration is not None else float("inf")
@@ -325,6 +330,16 @@ def simulate(*, address: Address, sensors: int, rate: float, invalid_rate: float
     return fleet.snapshot()
 
 
+def parse_broker(text: str) -> tuple[Address, str | None]:
+    """`HOST[:PORT]` (1883), or `ws://HOST[:PORT][/PATH]` (80, /mqtt): the address and the WebSocket path."""
+    if "://" not in text:
+        return Address.parse(text if ":" in text else f"{text}:1883"), None
+    parts = urlsplit(text)
+    if parts.scheme != "ws" or not parts.hostname:
+        raise ValueError(f"expected HOST:PORT or ws://HOST:PORT/PATH, got {text!r}")
+    return Address(host=parts.hostname, port=parts.port or 80), parts.path or "/mqtt"
+
+
 @click.command("simulate")
 @click.option("--sensors", type=click.IntRange(min=1), default=10, show_default=True,
               help="Simulated sensors, each its own MQTT client; half thermometers (JSON), half device status (Protobuf).")
@@ -334,7 +349,7 @@ def simulate(*, address: Address, sensors: int, rate: float, invalid_rate: float
               help="Fraction of messages that are invalid: out of range, missing field, wrong device id, not JSON, "
                    "bad Protobuf, topic outside the allowlist.")
 @click.option("--broker", default="127.0.0.1:1883", show_default=True, metavar="HOST:PORT",
-              help="The appliance's MQTT listener.")
+              help="The appliance's MQTT listener; ws://HOST:PORT/PATH for a WebSocket listener.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Stop after this long (default: until Ctrl-C).")
 @click.option("--qos", type=click.Choice(["0", "1"]), default="1", show_default=True,
@@ -349,13 +364,15 @@ def simulate_command(sensors: int, rate: float, invalid_rate: float, broker: str
                      qos: str, protocol: str, seed: int | None, payload: str) -> None:
     """Publish demo sensor traffic (for schemas/v1, or an example set with --payload) and show what the appliance accepts and rejects."""
     try:
-        address = Address.parse(broker if ":" in broker else f"{broker}:1883")
+        address, websocket_path = parse_broker(broker)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--broker") from exc
-    click.echo(f"{sensors} sensors -> {address}, {rate:g} msg/s, {invalid_rate:.0%} invalid, "
+    where = f"ws://{address}{websocket_path}" if websocket_path else str(address)
+    click.echo(f"{sensors} sensors -> {where}, {rate:g} msg/s, {invalid_rate:.0%} invalid, "
                f"MQTT {'5' if protocol == '5' else '3.1.1'} QoS {qos}" + ("" if duration else "; Ctrl-C stops"))
     start = time.monotonic()
     tally = simulate(address=address, sensors=sensors, rate=rate, invalid_rate=invalid_rate, duration=duration,
-                     qos=int(qos), protocol=int(protocol), seed=seed, report=click.echo, payload=payload)
+                     qos=int(qos), protocol=int(protocol), seed=seed, report=click.echo, payload=payload,
+                     websocket_path=websocket_path)
     click.echo(render_tally(tally, elapsed=time.monotonic() - start, protocol=int(protocol), qos=int(qos)))
 

@@ -70,6 +70,26 @@ sudo_free_status=$(setpriv --reuid=mqtt-appliance --regid=mqtt-appliance --init-
 security=$(systemd-analyze security mqtt-appliance.service 2>/dev/null | tail -1)
 step "$security"
 
+step "the seal helper under the unit's hardening: a purge seals the active segment, the service converts it to Parquet"
+as_service() { setpriv --reuid=mqtt-appliance --regid=mqtt-appliance --init-groups "$@"; }
+out=$(as_service appliance quarantine purge --all --yes 2>&1) || fail "quarantine purge: $out"
+echo "$out" | grep -q "purged 1 message" || fail "quarantine purge: $out"
+# The purge sealed the active segment; the service's seal helper converts it in the background.
+for _ in $(seq 1 300); do
+  ls /var/lib/mqtt-appliance/audit/parquet/decisions/day=*/*.parquet >/dev/null 2>&1 && break
+  sleep 0.2
+done
+ls /var/lib/mqtt-appliance/audit/parquet/decisions/day=*/*.parquet >/dev/null 2>&1 \
+  || fail "no Parquet file within 60 s of the seal: $(find /var/lib/mqtt-appliance/audit /var/lib/mqtt-appliance/log | head -20)"
+out=$(as_service appliance audit sql --format csv \
+  "SELECT verdict, count(*) AS n, count(payload) AS kept FROM decisions GROUP BY verdict ORDER BY verdict" 2>&1) \
+  || fail "audit sql: $out"
+# The accepted payload is kept (record_payloads), the purged one is gone.
+echo "$out" | grep -q "^accept,1,1$" && echo "$out" | grep -q "^reject,1,0$" || fail "audit after the purge: $out"
+journalctl -u mqtt-appliance --no-pager | grep -Ei "seal.*(fail|error)|helper.*(fail|error)" \
+  && fail "the seal helper failed under the unit"
+step "sealed and purged under the unit: $(echo "$out" | tr '\n' ' ')"
+
 step "upgrade while running: the package stops the service and starts it again"
 if [ -e /var/tmp/newer.deb ]; then
   before_pid=$(systemctl show -p MainPID --value mqtt-appliance.service)

@@ -6,7 +6,7 @@
 # 2. dpkg -i of the package, then packaging/smoke.sh;
 # 3. dpkg -i of the same package as a newer version over it: config edits and state survive, and the
 #    smoke test passes again;
-# 4. the codec, governance and replay tests (FULL=1: the whole suite) on the installed package, with
+# 4. the codec, governance and replay tests (FULL=1: the whole suite; TESTS="PATHS": those) on the installed package, with
 #    the test tools from requirements-test.lock as aarch64 wheels.
 # APPLIANCE_TIMEOUT_SCALE (default 8) multiplies the timeouts that emulation makes too short.
 set -euo pipefail
@@ -73,7 +73,8 @@ tar -C . --anchored --exclude=./appliance --exclude=./replay --exclude=./.venv -
 for package in appliance replay; do
   ln -s "/opt/mqtt-appliance/venv/lib/python3.11/site-packages/$package" "$root/var/tmp/src/$package"
 done
-if [ -n "$full" ]; then targets=(tests); else targets=(tests/mqtt tests/governance tests/replay); fi
+if [ -n "${TESTS:-}" ]; then read -ra targets <<<"$TESTS"    # make test-arm64 TESTS="tests/audit/test_seal.py ..."
+elif [ -n "$full" ]; then targets=(tests); else targets=(tests/mqtt tests/governance tests/replay); fi
 tests_begin=$(date +%s)
 inside --chdir=/var/tmp/src --setenv=PYTHONPATH=/var/tmp/testdeps \
   /opt/mqtt-appliance/venv/bin/python -m pytest -q -p no:cacheprovider --timeout=$(( 120 * scale )) "${targets[@]}"

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from appliance.admin import AdminError, Handler
 from appliance.audit.service import AuditService
 from appliance.broker import BrokerEndpoint
-from appliance.mqtt import (
-    NEED_DATA,
-    Connect,
-    Decoder,
-    Disconnect,
-    ProtocolVersion,
-    Publish,
-    Pubrel,
-    encode_packet,
+from appliance.mqtt import ProtocolVersion, RemoteProtocolError
+from appliance.mqtt.client import (
+    Client,
+    Connected,
+    ConnectionRefused,
+    Event,
+    NeedData,
+    Published,
+    PublishReceived,
+    reason_name,
 )
 from appliance.pipeline import ClientInfo, Message, Pipeline
 
@@ -89,60 +91,72 @@ class AuditOperations:
 
 
 async def publish_once(endpoint: BrokerEndpoint, message: Message, *, timeout: float = 10.0) -> None:
-    """Publish one message straight to the broker (it has passed the pipeline already)."""
-    v = ProtocolVersion.MQTT_3_1_1
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(endpoint.host, endpoint.port, ssl=endpoint.ssl, server_hostname=endpoint.server_hostname),
-        timeout,
-    )
-    decoder = Decoder(version=v)
-
-    async def receive() -> Any:
-        while (packet := decoder.next_packet()) is NEED_DATA:
-            data = await asyncio.wait_for(reader.read(65536), timeout)
-            if not data:
-                raise AdminError("the broker closed the connection")
-            decoder.receive_data(data)
-        return packet
-
-    try:
-        writer.write(encode_packet(Connect(client_id=f"appliance-release-{time.monotonic_ns()}",
-                                           username=endpoint.username, password=endpoint.password), v))
-        connack = await receive()
-        if connack.reason_code != 0:
-            raise AdminError(f"the broker refused the connection (code {connack.reason_code})")
-        qos = message.qos
-        writer.write(encode_packet(Publish(message.topic, message.payload, qos=qos, retain=message.retain,
-                                           packet_id=1 if qos else None), v))
-        if qos == 2:
-            await receive()  # PUBREC
-            writer.write(encode_packet(Pubrel(1), v))
-        if qos:
-            await receive()  # PUBACK / PUBCOMP
-        writer.write(encode_packet(Disconnect(), v))
+    """Publish one message straight to the broker (it has passed the pipeline already) and wait for
+    its acknowledgement (QoS 1: PUBACK; QoS 2: PUBREC, PUBREL, PUBCOMP)."""
+    client = Client(f"appliance-release-{time.monotonic_ns()}", username=endpoint.username,
+                    password=endpoint.password)
+    async with _connection(endpoint, client, timeout) as (reader, writer):
+        packet_id, data = client.publish(message.topic, message.payload, message.qos, message.retain)
+        writer.write(data)
+        while packet_id:
+            event = await _next_event(client, reader, timeout)
+            if isinstance(event, PublishReceived):
+                writer.write(client.release(packet_id))
+            elif isinstance(event, Published):
+                if event.refused:
+                    raise AdminError(f"the broker refused the message: {reason_name(event.reason_code)}")
+                break
+            else:
+                raise AdminError(f"the broker answered the PUBLISH with {type(event).__name__}")
+        writer.write(client.disconnect())
         await writer.drain()
-    finally:
-        writer.close()
 
 
 async def forget_session(endpoint: BrokerEndpoint, client_id: str, *, timeout: float = 10.0) -> None:
     """Discard the broker's session for `client_id` (its subscriptions and queued messages): connect
-    with that id and a clean session, which replaces the old one, then disconnect."""
-    v = ProtocolVersion.MQTT_3_1_1
+    with that id and a clean session, which replaces the old one, then disconnect. Raises OSError
+    (or TimeoutError) when the broker could not be asked."""
+    client = Client(client_id, clean_start=True, username=endpoint.username, password=endpoint.password)
+    try:
+        async with _connection(endpoint, client, timeout) as (_, writer):
+            writer.write(client.disconnect())
+            await writer.drain()
+    except _Closed:
+        return  # the broker closed the connection: whatever it did, the old session is gone
+    except AdminError as exc:  # refused, or a protocol error
+        raise ConnectionError(str(exc)) from None
+
+
+class _Closed(AdminError):
+    """The broker closed the connection."""
+
+
+@asynccontextmanager
+async def _connection(endpoint: BrokerEndpoint, client: Client, timeout: float
+                      ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A connection to the local broker on which `client` is connected (CONNACK accepted)."""
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection(endpoint.host, endpoint.port, ssl=endpoint.ssl, server_hostname=endpoint.server_hostname),
         timeout,
     )
-    decoder = Decoder(version=v)
     try:
-        writer.write(encode_packet(Connect(client_id=client_id, clean_start=True,
-                                           username=endpoint.username, password=endpoint.password), v))
-        while (packet := decoder.next_packet()) is NEED_DATA:
-            data = await asyncio.wait_for(reader.read(65536), timeout)
-            if not data:
-                return
-            decoder.receive_data(data)
-        writer.write(encode_packet(Disconnect(), v))
-        await writer.drain()
+        writer.write(client.connect())
+        event = await _next_event(client, reader, timeout)
+        if isinstance(event, ConnectionRefused):
+            raise AdminError(f"the broker refused the connection: {event.reason} (code {event.reason_code})")
+        if not isinstance(event, Connected):
+            raise AdminError(f"the broker answered CONNECT with {type(event).__name__}")
+        yield reader, writer
+    except RemoteProtocolError as exc:
+        raise AdminError(f"protocol error from the broker: {exc}") from None
     finally:
         writer.close()
+
+
+async def _next_event(client: Client, reader: asyncio.StreamReader, timeout: float) -> Event:
+    while isinstance(event := client.next_event(), NeedData):
+        data = await asyncio.wait_for(reader.read(65536), timeout)
+        if not data:
+            raise _Closed("the broker closed the connection")
+        client.receive_data(data)
+    return event

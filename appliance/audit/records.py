@@ -95,7 +95,8 @@ EVENT_FIELDS = (
 )
 
 # A message to forward that has no audit row of its own: what the upgrade imports from an old
-# outbox (its verdict is already in the audit tables).
+# outbox (its verdict is already in the audit tables), and a dead letter for the cloud (id: the
+# rejection's verdict id; appliance/deadletter).
 FORWARD_ONLY_FIELDS = (
     Field("id", "i64", "BIGINT"),  # the verdict's id
     Field("ts", "f64", "TIMESTAMPTZ", stage_sql="DOUBLE", convert="to_timestamp(ts)"),

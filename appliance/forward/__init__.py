@@ -5,7 +5,8 @@ them.
 - `config`: the `upstream:` section (UpstreamConfig, OutboxBounds).
 - `outbox`: what is still to forward: the cursor, its index and bounds (Outbox); `pending` (the
   in-memory index) and `logtail` (reading the log forward from a position) serve it.
-- `forwarder`: the MQTT client that drains the outbox in order (Forwarder, ForwarderStatus).
+- `forwarder`: the MQTT client that drains the outbox in order (Forwarder, ForwarderStatus), over
+  `link` (its MQTT connection) and, for ws:// and wss:// URLs, `transport` (MQTT over WebSockets).
 """
 
 from __future__ import annotations

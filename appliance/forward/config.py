@@ -15,6 +15,7 @@ from appliance.credentials import read_credential
 from appliance.settings import Duration, Size, TLSConfig, WholeSeconds, _Section
 
 TEMPLATE_FIELDS = frozenset({"topic", "gateway_id", "client_id"})
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
 
 
 class OutboxBounds(_Section):
@@ -39,7 +40,8 @@ class OutboxBounds(_Section):
 class UpstreamConfig(_Section):
     url: str | None = Field(
         None,
-        description="Cloud broker: mqtt://host[:port] (1883) or mqtts://host[:port] (8883); null: forwarding off.",
+        description="Cloud broker: mqtt://host[:port] (1883) or mqtts://host[:port] (8883); MQTT over WebSockets: "
+        "ws://host[:port]/path (80) or wss://host[:port]/path (443); null: forwarding off.",
     )
     client_id: str | None = Field(
         None, description="Client id at the cloud broker (AWS IoT: the thing name); default: appliance-<gateway_id>."
@@ -53,7 +55,7 @@ class UpstreamConfig(_Section):
         "/etc/mqtt-appliance/credentials/upstream-password, passed in with LoadCredential=; docs/install.md).",
     )
     tls: TLSConfig | None = Field(
-        None, description="CA, client certificate and key for mqtts:// (mutual TLS); system CAs when unset."
+        None, description="CA, client certificate and key for mqtts:// and wss:// (mutual TLS); system CAs when unset."
     )
     topic_template: str = Field(
         "{topic}",
@@ -91,11 +93,13 @@ class UpstreamConfig(_Section):
     def _check(self) -> UpstreamConfig:
         if self.url is not None:
             parts = urlsplit(self.url)
-            if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-                raise ValueError(f"upstream.url must look like mqtt://host:1883 or mqtts://host:8883, got {self.url!r}")
+            if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+                raise ValueError(f"upstream.url must look like mqtt://host:1883, mqtts://host:8883 or wss://host/mqtt, got {self.url!r}")
             parts.port  # noqa: B018 - raises ValueError on a bad port
-            if self.tls is not None and parts.scheme != "mqtts":
-                raise ValueError("upstream.tls needs an mqtts:// url")
+            if self.tls is not None and parts.scheme not in ("mqtts", "wss"):
+                raise ValueError("upstream.tls needs an mqtts:// or wss:// url")
+            if parts.fragment:
+                raise ValueError(f"upstream.url: a #fragment means nothing here, got {self.url!r}")
         if self.password is not None and self.username is None:
             raise ValueError("upstream.password needs upstream.username")
         if self.tls is not None and self.tls.key_file is not None and self.tls.cert_file is None:
@@ -125,11 +129,18 @@ class UpstreamConfig(_Section):
     def port(self) -> int:
         assert self.url is not None
         parts = urlsplit(self.url)
-        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        return parts.port or _DEFAULT_PORTS[parts.scheme]
 
     @property
     def uses_tls(self) -> bool:
-        return self.url is not None and urlsplit(self.url).scheme == "mqtts"
+        return self.url is not None and urlsplit(self.url).scheme in ("mqtts", "wss")
+
+    @property
+    def websocket_url(self) -> str | None:
+        """The URL of a ws:// or wss:// uplink (MQTT over WebSockets); None for mqtt(s)://."""
+        if self.url is None or urlsplit(self.url).scheme not in ("ws", "wss"):
+            return None
+        return self.url
 
     @property
     def effective_client_id(self) -> str:

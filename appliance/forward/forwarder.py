@@ -33,6 +33,7 @@ from typing import Any
 from appliance.forward.config import UpstreamConfig
 from appliance.forward.link import Link, LinkClosed, TooLarge, reason_name, user_properties
 from appliance.forward.outbox import MAX_DROPS_PER_CALL, Dropped, Outbox, OutboxRow
+from appliance.mqtt import Properties
 from appliance.security.tls import client_ssl_context
 
 log = logging.getLogger(__name__)
@@ -295,12 +296,12 @@ class Forwarder:
             context = client_ssl_context(cfg.tls) if cfg.tls is not None else ssl.create_default_context()
         return Link(cfg.host, cfg.port, client_id=cfg.effective_client_id, protocol=cfg.protocol,
                     keepalive=cfg.keepalive, username=cfg.username, password=cfg.password, tls=context,
-                    write_timeout=self._ack_timeout)
+                    write_timeout=self._ack_timeout, websocket=cfg.websocket_url)
 
     def _publish(self, link: Link, row: OutboxRow) -> int:
         cfg = self.config
         topic = render_topic(self._topic_template, topic=row.topic, gateway_id=cfg.gateway_id, client_id=row.client_id)
-        properties = b"\x00"
+        properties = Properties.EMPTY
         if cfg.protocol == 5:
             user = [("message-id", str(row.id)), ("client-id", row.client_id)]  # id: the verdict's
             if row.schema:

@@ -1,14 +1,16 @@
-"""The forwarder's MQTT connection to the cloud broker, on the appliance's own codec.
+"""The forwarder's MQTT connection to the cloud broker: a thin driver of `appliance.mqtt.Client`.
+
+The protocol (CONNECT/CONNACK and the broker's limits, packet ids, PUBLISH encoding, acks, keepalive,
+DISCONNECT) is the sans-IO client core in appliance/mqtt/client.py, shared with the admin operations
+and the benchmark's sensors. This module does the I/O: one blocking connect (TCP, TLS handshake,
+CONNECT/CONNACK, each bounded by a timeout), then a non-blocking socket driven by `poll()` from the
+forwarder's thread, with no thread of its own.
 
 Why not paho-mqtt (which the forwarder used first): paho builds every PUBLISH in Python, wakes its
 own socket pair and calls `send()` once per message, and py-spy put 40 % of the appliance's samples
 in it, capping the cloud rate near 10k msg/s (docs/performance.md). Here a whole window of
 PUBLISHes is encoded into one buffer and written with as few `send()` calls as the kernel takes,
-and PUBACKs are cut from the received bytes in bulk. CONNECT, CONNACK, DISCONNECT and PINGRESP go
-through `appliance.mqtt`, the same codec the proxy uses (tested against paho and mosquitto).
-
-One blocking connect (TCP, TLS handshake, CONNECT/CONNACK, each bounded by a timeout), then a
-non-blocking socket driven by `poll()` from the forwarder's thread: no thread of its own.
+and acks are read from the socket in bulk.
 
 Errors end the connection with `LinkClosed(reason)`; the reason is what `status()` and the
 `uplink_down` event show.
@@ -23,28 +25,25 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from appliance.mqtt import (
-    Connack,
-    Connect,
-    ConnectReturnCode,
-    Disconnect,
-    FrameReader,
-    Pingresp,
-    Properties,
-    PropertyId,
-    ProtocolVersion,
-    ReasonCode,
-    RemoteProtocolError,
-    decode_packet,
-    encode_packet,
+from appliance.mqtt import Properties, ProtocolVersion, RemoteProtocolError
+from appliance.mqtt.client import (
+    NEED_DATA,
+    Client,
+    Connected,
+    ConnectionRefused,
+    Disconnected,
+    PacketTooLarge,
+    PingResponse,
+    Published,
+    reason_name,
 )
-from appliance.mqtt.framing import Frame, _NeedData
-from appliance.mqtt.wire import encode_varint
+from appliance.forward.transport import Stream, open_websocket
 
-_PUBACK = 0x40
-_PINGREQ = b"\xc0\x00"
+__all__ = ["Link", "LinkClosed", "TooLarge", "open_connection", "reason_name", "user_properties"]
+
 _READ_SIZE = 256 * 1024
-_MAX_PACKET = 1024 * 1024  # what the cloud broker sends us: acks, CONNACK, DISCONNECT
+_MAX_PACKET = 1024 * 1024  # what the cloud broker may send us: acks, CONNACK, DISCONNECT
+_MAX_QOS = 1  # the forwarder publishes at QoS 0 or 1
 
 
 class LinkClosed(Exception):
@@ -55,136 +54,140 @@ class TooLarge(ValueError):
     """A message this broker cannot take (its Maximum Packet Size, or a topic over 65,535 bytes)."""
 
 
-def user_properties(pairs: Iterable[tuple[str, str]]) -> bytes:
-    """MQTT 5 PUBLISH properties holding only user properties, encoded (length included)."""
-    body = bytearray()
-    for name, value in pairs:
-        body.append(PropertyId.USER_PROPERTY)
-        for text in (name, value):
-            data = text.encode()
-            body += len(data).to_bytes(2, "big") + data
-    return encode_varint(len(body)) + bytes(body)
+def user_properties(pairs: Iterable[tuple[str, str]]) -> Properties:
+    """MQTT 5 PUBLISH properties holding only user properties."""
+    return Properties.user(pairs)
 
 
-def reason_name(code: int) -> str:
+def open_connection(host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None,
+                    timeout: float) -> socket.socket:
+    """TCP (and a TLS handshake) to the broker within `timeout` seconds; raises LinkClosed.
+    The one place the link chooses its transport: the MQTT bytes above it are the same."""
+    deadline = time.monotonic() + timeout
     try:
-        return f"{ReasonCode(code).name.replace('_', ' ').lower()} (0x{code:02x})"
-    except ValueError:
-        return f"0x{code:02x}"
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise LinkClosed(f"cannot connect to {host}:{port}: {exc}") from None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is None:
+            return sock
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            return tls.wrap_socket(sock, server_hostname=server_hostname or host)
+        except ssl.SSLCertVerificationError as exc:
+            raise LinkClosed(
+                f"TLS: certificate verify failed: {exc.verify_message} "
+                "(is upstream.tls.ca_file the CA of the cloud broker?)"
+            ) from None
+        except ssl.SSLError as exc:
+            raise LinkClosed(f"TLS: {exc.reason or exc}") from None
+        except (TimeoutError, OSError) as exc:
+            raise LinkClosed(f"TLS handshake with {host}:{port} failed: {exc or 'timed out'}") from None
+    except BaseException:
+        sock.close()
+        raise
 
 
 class Link:
     """One connection. `publish()` queues, `poll()` writes, reads and returns what was acknowledged.
 
-    Packet identifiers are handed out here (1..65535, skipping those still in flight); the caller
-    keeps at most `window` messages in flight, so an identifier is always free."""
+    Packet identifiers are handed out by the client core (1..65535, skipping those still in
+    flight); the caller keeps at most `receive_maximum` messages in flight."""
 
     def __init__(self, host: str, port: int, *, client_id: str, protocol: int, keepalive: int,
                  username: str | None = None, password: str | None = None,
                  tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
-                 write_timeout: float = 30.0):
+                 write_timeout: float = 30.0, websocket: str | None = None):
         self.host, self.port = host, port
         self.version = ProtocolVersion.MQTT_5 if protocol == 5 else ProtocolVersion.MQTT_3_1_1
-        self.client_id = client_id
-        self.keepalive = keepalive
-        self.username, self.password = username, password
         self.tls, self.server_hostname = tls, server_hostname
+        self.websocket = websocket  # MQTT over WebSockets to this ws:// or wss:// URL (forward/transport.py)
         self.write_timeout = write_timeout  # bytes waiting this long without any being written: hung
-        # What the broker's MQTT 5 CONNACK allows (3.1.1: no limits announced).
-        self.receive_maximum: int | None = None  # its own window
-        self.maximum_qos = 1
-        self.retain_available = True
-        self.maximum_packet_size: int | None = None
+        self.client = Client(
+            client_id, version=self.version, keepalive=keepalive, clean_start=True, username=username,
+            password=password.encode() if password is not None else None, maximum_packet_size=_MAX_PACKET,
+        )
         self.refused: dict[int, int] = {}  # MQTT 5 PUBACK error reason code -> messages, until read
-        self._sock: socket.socket | None = None
+        self._v5 = self.version == ProtocolVersion.MQTT_5
+        self._sock: Stream | None = None
         self._out = bytearray()
-        self._reader = FrameReader(_MAX_PACKET)
-        self._next_pid = 0
-        self._inflight: set[int] = set()
         # QoS 0 messages count as delivered once written: (end offset in the output stream, token).
         self._unwritten: deque[tuple[int, int]] = deque()
         self._written = 0  # bytes written to the socket since connect
-        self._last_send = 0.0  # when bytes were last written
         self._progress_at = 0.0  # when bytes were last written, or started waiting in _out
-        self._ping_sent_at: float | None = None
+
+    # What the broker's MQTT 5 CONNACK allows (3.1.1: no limits announced).
+
+    @property
+    def keepalive(self) -> int:
+        return self.client.keepalive  # MQTT 5: the broker's Server Keep Alive replaces ours
+
+    @property
+    def receive_maximum(self) -> int | None:
+        return self.client.limits.receive_maximum
+
+    @property
+    def maximum_qos(self) -> int:
+        return min(self.client.limits.maximum_qos, _MAX_QOS)
+
+    @property
+    def retain_available(self) -> bool:
+        return self.client.limits.retain_available
+
+    @property
+    def maximum_packet_size(self) -> int | None:
+        return self.client.limits.maximum_packet_size
+
+    @property
+    def inflight(self) -> int:
+        return self.client.inflight
 
     # -- connecting ------------------------------------------------------------------------------
 
-    def connect(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> Connack:
+    def connect(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> Connected:
         """TCP, TLS and CONNECT → CONNACK, all within `timeout` seconds (TCP and TLS within 10 s at
         most); raises LinkClosed. While waiting for the CONNACK, `cancelled()` is asked every 50 ms."""
         deadline = time.monotonic() + timeout
-        self._cancelled = cancelled
+        raw = open_connection(self.host, self.port, tls=self.tls, server_hostname=self.server_hostname,
+                              timeout=min(timeout, 10.0))
+        sock: Stream = raw
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=min(timeout, 10.0))
-        except OSError as exc:
-            raise LinkClosed(f"cannot connect to {self.host}:{self.port}: {exc}") from None
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.tls is not None:
-                sock.settimeout(max(0.01, min(10.0, deadline - time.monotonic())))
+            if self.websocket is not None:
                 try:
-                    sock = self.tls.wrap_socket(sock, server_hostname=self.server_hostname or self.host)
-                except ssl.SSLCertVerificationError as exc:
-                    raise LinkClosed(
-                        f"TLS: certificate verify failed: {exc.verify_message} "
-                        "(is upstream.tls.ca_file the CA of the cloud broker?)"
-                    ) from None
-                except ssl.SSLError as exc:
-                    raise LinkClosed(f"TLS: {exc.reason or exc}") from None
-                except (TimeoutError, OSError) as exc:
-                    raise LinkClosed(f"TLS handshake with {self.host}:{self.port} failed: {exc or 'timed out'}") from None
+                    sock = open_websocket(raw, self.websocket, max(0.01, deadline - time.monotonic()))
+                except OSError as exc:
+                    raise LinkClosed(str(exc)) from None
             self._sock = sock
-            properties = Properties.EMPTY
-            connect = Connect(
-                client_id=self.client_id, protocol_version=self.version, clean_start=True,
-                keepalive=self.keepalive, username=self.username,
-                password=self.password.encode() if self.password is not None else None,
-                properties=properties,
-            )
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
-                sock.sendall(encode_packet(connect, self.version))
+                sock.sendall(self.client.connect())
             except OSError as exc:
                 raise LinkClosed(f"connection lost while sending CONNECT: {exc}") from None
-            connack = self._read_connack(deadline, timeout)
+            self.client.sent(time.monotonic())
+            connected = self._read_connack(deadline, timeout, cancelled)
         except BaseException:
             self._sock = None
             sock.close()
+            raw.close()
             raise
         sock.setblocking(False)
-        self._last_send = time.monotonic()
-        if connack.reason_code != 0:
-            self.close()
-            raise LinkClosed(f"the cloud broker refused the connection: {self._connack_reason(connack.reason_code)}")
-        props = connack.properties
-        maximum = props.get(PropertyId.RECEIVE_MAXIMUM)
-        self.receive_maximum = int(maximum) if isinstance(maximum, int) else None
-        server_keepalive = props.get(PropertyId.SERVER_KEEP_ALIVE)
-        if isinstance(server_keepalive, int) and server_keepalive > 0:
-            self.keepalive = server_keepalive  # MQTT 5: the broker's value replaces ours
-        qos = props.get(PropertyId.MAXIMUM_QOS)
-        self.maximum_qos = int(qos) if isinstance(qos, int) else 1
-        self.retain_available = props.get(PropertyId.RETAIN_AVAILABLE) != 0
-        size = props.get(PropertyId.MAXIMUM_PACKET_SIZE)
-        self.maximum_packet_size = int(size) if isinstance(size, int) else None
-        return connack
+        return connected
 
-    def _read_connack(self, deadline: float, timeout: float) -> Connack:
+    def _read_connack(self, deadline: float, timeout: float, cancelled: Callable[[], bool]) -> Connected:
         assert self._sock is not None
         while True:
-            frame = self._next_frame()
-            if isinstance(frame, Frame):
-                packet = decode_packet(frame.first_byte, frame.body, self.version)
-                if isinstance(packet, Connack):
-                    return packet
-                if isinstance(packet, Disconnect):
-                    raise LinkClosed(f"the cloud broker sent DISCONNECT: {reason_name(packet.reason_code)}")
-                raise LinkClosed(f"protocol error: {type(packet).__name__} before CONNACK")
+            event = self._next_event()
+            if isinstance(event, Connected):
+                return event
+            if isinstance(event, ConnectionRefused):
+                raise LinkClosed(f"the cloud broker refused the connection: {event.reason}")
+            if isinstance(event, Disconnected):
+                raise LinkClosed(f"the cloud broker sent DISCONNECT: {event.reason}")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise LinkClosed(f"no CONNACK within {timeout:g} s: uplink hung")
-            if self._cancelled():
+            if cancelled():
                 raise LinkClosed("stopped")
             self._sock.settimeout(min(left, 0.05))
             try:
@@ -195,73 +198,34 @@ class Link:
                 raise LinkClosed(f"connection lost while waiting for CONNACK: {exc}") from None
             if not data:
                 raise LinkClosed("connection lost while waiting for CONNACK: closed by the cloud broker")
-            self._reader.feed(data)
+            self.client.receive_data(data)
 
-    def _connack_reason(self, code: int) -> str:
-        if self.version == ProtocolVersion.MQTT_5:
-            return reason_name(code)
+    def _next_event(self) -> object:
         try:
-            return ConnectReturnCode(code).name.replace("_", " ").lower()
-        except ValueError:
-            return f"return code {code}"
-
-    def _next_frame(self) -> Frame | _NeedData:
-        try:
-            return self._reader.next_frame()
+            return self.client.next_event()
         except RemoteProtocolError as exc:
             raise LinkClosed(f"protocol error from the cloud broker: {exc}") from None
 
     # -- sending ---------------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool, properties: bytes = b"\x00",
-                token: int = 0) -> int:
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool,
+                properties: Properties = Properties.EMPTY, token: int = 0) -> int:
         """Queue one PUBLISH; returns its packet identifier (0 at QoS 0, whose `token` is returned
-        by poll() once written). `properties`: encoded MQTT 5 properties (user_properties()).
+        by poll() once written). `properties`: MQTT 5 only (user_properties()), left out on 3.1.1.
         QoS and retain are lowered to what the broker's CONNACK allows. Raises TooLarge for a
         message the broker would refuse to take (nothing is queued then)."""
-        data = topic.encode()
-        if len(data) > 0xFFFF:
-            raise TooLarge(f"topic of {len(data)} bytes (at most 65,535)")
-        qos = min(qos, self.maximum_qos)
-        retain = retain and self.retain_available
-        v5 = self.version == ProtocolVersion.MQTT_5
-        remaining = 2 + len(data) + (2 if qos else 0) + (len(properties) if v5 else 0) + len(payload)
-        length = encode_varint(remaining)
-        size = 1 + len(length) + remaining
-        if self.maximum_packet_size is not None and size > self.maximum_packet_size:
-            raise TooLarge(f"{size} bytes, the cloud broker takes packets up to {self.maximum_packet_size}")
-        if qos:
-            pid = self._take_pid()
-            variable = len(data).to_bytes(2, "big") + data + pid.to_bytes(2, "big")
-        else:
-            pid = 0
-            variable = len(data).to_bytes(2, "big") + data
-        if v5:
-            variable += properties
+        try:
+            pid, data = self.client.publish(topic, payload, min(qos, _MAX_QOS), retain,
+                                            properties if self._v5 else Properties.EMPTY)
+        except PacketTooLarge as exc:
+            raise TooLarge(str(exc)) from None
         out = self._out
         if not out:
             self._progress_at = time.monotonic()
-        out.append(0x30 | (qos << 1) | (1 if retain else 0))
-        out += length
-        out += variable
-        out += payload
-        if not qos:
+        out += data
+        if not pid:
             self._unwritten.append((self._written + len(out), token))
         return pid
-
-    def _take_pid(self) -> int:
-        pid = self._next_pid
-        while True:
-            pid = pid % 0xFFFF + 1
-            if pid not in self._inflight:
-                break
-        self._next_pid = pid
-        self._inflight.add(pid)
-        return pid
-
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -273,11 +237,11 @@ class Link:
         sock = self._sock
         if sock is None:
             raise LinkClosed("not connected")
+        client = self.client
         self._flush()
         now = time.monotonic()
-        if self._ping_sent_at is None and not self._out and now - self._last_send >= self.keepalive * 0.75:
-            self._out += _PINGREQ
-            self._ping_sent_at = now
+        if not self._out and client.ping_due(now):
+            self._out += client.ping(now)
             self._flush()
         pending_tls = isinstance(sock, ssl.SSLSocket) and sock.pending()
         if not pending_tls and timeout > 0:
@@ -297,8 +261,8 @@ class Link:
         # Deadlines after reading: a PINGRESP that arrived while this thread was busy elsewhere
         # is an answer, not a hung uplink.
         now = time.monotonic()
-        if self._ping_sent_at is not None and now - self._ping_sent_at > self.keepalive:
-            raise LinkClosed(f"no PINGRESP within {self.keepalive} s: uplink hung")
+        if client.pingresp_overdue(now):
+            raise LinkClosed(f"no PINGRESP within {client.keepalive} s: uplink hung")
         if self._out and now - self._progress_at > self.write_timeout:
             # The broker stopped reading (QoS 0 has no acknowledgement to wait for).
             raise LinkClosed(f"nothing written for {self.write_timeout:g} s ({len(self._out)} bytes waiting): uplink hung")
@@ -319,7 +283,8 @@ class Link:
                     break
                 del out[:sent]
                 self._written += sent
-                self._last_send = self._progress_at = time.monotonic()
+                self._progress_at = now = time.monotonic()
+                self.client.sent(now)
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             pass
         except OSError as exc:
@@ -328,6 +293,7 @@ class Link:
     def _read(self) -> list[int]:
         sock = self._sock
         assert sock is not None
+        client = self.client
         got = closed = False
         while True:
             try:
@@ -339,34 +305,24 @@ class Link:
             if not data:
                 closed = True  # the packets before the end (a DISCONNECT saying why) still count
                 break
-            self._reader.feed(data)
+            client.receive_data(data)
             got = True
             if len(data) < _READ_SIZE and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 break
         if not got and not closed:
             return []
         acked: list[int] = []
-        inflight = self._inflight
-        while isinstance(frame := self._next_frame(), Frame):
-            first, raw, body_at = frame
-            if first == _PUBACK and len(raw) >= body_at + 2:
-                pid = int.from_bytes(raw[body_at:body_at + 2], "big")
-                if pid in inflight:
-                    inflight.discard(pid)
-                    acked.append(pid)
-                    if len(raw) > body_at + 2 and raw[body_at + 2] >= 0x80:  # MQTT 5: an answer, but "no"
-                        self.refused[raw[body_at + 2]] = self.refused.get(raw[body_at + 2], 0) + 1
-                continue
-            try:
-                packet = decode_packet(first, raw[body_at:], self.version)
-            except RemoteProtocolError as exc:
-                raise LinkClosed(f"protocol error from the cloud broker: {exc}") from None
-            if isinstance(packet, Pingresp):
-                self._ping_sent_at = None
-            elif isinstance(packet, Disconnect):
-                raise LinkClosed(f"the cloud broker sent DISCONNECT: {reason_name(packet.reason_code)}")
+        while (event := self._next_event()) is not NEED_DATA:
+            if type(event) is Published:
+                acked.append(event.packet_id)
+                if event.reason_code >= 0x80:  # MQTT 5: an answer, but "no"
+                    self.refused[event.reason_code] = self.refused.get(event.reason_code, 0) + 1
+            elif isinstance(event, PingResponse):
+                pass
+            elif isinstance(event, Disconnected):
+                raise LinkClosed(f"the cloud broker sent DISCONNECT: {event.reason}")
             else:
-                raise LinkClosed(f"protocol error: unexpected {type(packet).__name__} from the cloud broker")
+                raise LinkClosed(f"protocol error: unexpected {type(event).__name__} from the cloud broker")
         if closed:
             raise LinkClosed("connection lost: closed by the cloud broker")
         return acked
@@ -374,7 +330,7 @@ class Link:
     def disconnect(self, grace: float = 0.1) -> None:
         """Send DISCONNECT (best effort, within `grace` seconds) and close."""
         if self._sock is not None:
-            self._out += encode_packet(Disconnect(), self.version)
+            self._out += self.client.disconnect()
             deadline = time.monotonic() + grace
             try:
                 poller = select.poll()

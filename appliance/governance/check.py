@@ -96,6 +96,7 @@ class Governance:
             schema_set=self._schema_set.version,
             topic_filter=mapping.topic_filter,
             schema=mapping.schema_name,
+            dead_letter=mapping.dead_letter,
         )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from appliance.deadletter.spec import DeadLetter, loop_problem, parse_on_reject
 from appliance.governance.builtins import MaxPayloadSize, RateLimit, parse_rate
 from appliance.governance.errors import SchemaError, SchemaSetError
 from appliance.governance.jsonschemas import JsonSchemaFileError, JsonSchemaRegistry
@@ -57,6 +58,7 @@ class Mapping:
     on_reject: Literal["reject", "disconnect"] = "reject"
     forward: bool = True
     forward_qos: int | None = None  # QoS towards the cloud broker; None: upstream.qos
+    dead_letter: DeadLetter | None = None  # on_reject.republish: where rejected messages are republished
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,11 @@ def _build(directory: Path, manifest: LineDict, problems: _Problems) -> SchemaSe
                 continue
             if not any(filters_overlap(topic_filter, pattern) for pattern, _ in patterns):
                 problems.add(MANIFEST, line, f"schema_mappings: {topic_filter!r} is not covered by topic_patterns, so it can never apply")
+            if mapping.dead_letter is not None and (
+                loop := loop_problem(mapping.dead_letter, topic_filter, mapping.schema_name, (p for p, _ in patterns))
+            ):
+                problems.add(MANIFEST, mapping.dead_letter.line or line,
+                             f"schema_mappings.{topic_filter}.on_reject.republish.topic: {loop}")
             try:
                 mappings.insert(topic_filter, mapping)
             except ValueError as exc:
@@ -338,23 +345,26 @@ def _mapping(
     rules: tuple[Any, Any, int],
     problems: _Problems,
 ) -> Mapping | None:
-    on_reject: Any = "reject"
+    on_reject: Literal["reject", "disconnect"] = "reject"
+    dead_letter: DeadLetter | None = None
     forward: Any = True
     forward_qos: Any = None
-    if isinstance(target, dict):
+    if isinstance(target, LineDict):  # what load_yaml makes of a mapping
         for key in target:
             if key not in MAPPING_KEYS:
                 problems.add(MANIFEST, target.line_of(key), f"schema_mappings.{topic_filter}: unknown key {key!r}{did_you_mean(key, MAPPING_KEYS)}")
-        on_reject = target.get("on_reject", "reject")
+        parsed = parse_on_reject(target.get("on_reject", "reject"), f"schema_mappings.{topic_filter}",
+                                 target.line_of("on_reject") if "on_reject" in target else line,
+                                 lambda at, message: problems.add(MANIFEST, at, message))
+        if parsed is None:
+            return None
+        on_reject, dead_letter = parsed
         forward = target.get("forward", True)
         forward_qos = target.get("forward_qos")
         if forward_qos not in (None, 0, 1) or isinstance(forward_qos, bool):
             problems.add(MANIFEST, target.line_of("forward_qos"), f"schema_mappings.{topic_filter}: forward_qos must be 0 or 1")
             return None
         target = target.get("schema")
-        if on_reject not in ("reject", "disconnect"):
-            problems.add(MANIFEST, line, f"schema_mappings.{topic_filter}: on_reject must be reject or disconnect")
-            return None
         if not isinstance(forward, bool):
             problems.add(MANIFEST, line, f"schema_mappings.{topic_filter}: forward must be true or false")
             return None
@@ -369,7 +379,7 @@ def _mapping(
                 problems.add(MANIFEST, line, f"schema_mappings.{topic_filter}: schema {target!r} is not in schema_files")
             return None
     rule_set, (max_size, rate), _ = rules
-    return Mapping(topic_filter, target, schema, rule_set, max_size, rate, on_reject, forward, forward_qos)
+    return Mapping(topic_filter, target, schema, rule_set, max_size, rate, on_reject, forward, forward_qos, dead_letter)
 
 
 def describe_schema_set(schema_set: SchemaSet) -> str:

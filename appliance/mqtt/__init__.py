@@ -34,6 +34,12 @@ Pull API::
     sock.send(encode_packet(Connack(), decoder.version))
 
 Hot path for relays: ``FrameReader`` + ``decode_publish`` + ``encode_publish``.
+
+Clients (the forwarder's uplink, the admin operations, the benchmark's sensors) drive one sans-IO
+client core, ``appliance.mqtt.client.Client``: ``connect()``/``publish()``... return the bytes to
+send, ``receive_data()`` + ``next_event()`` turn the server's bytes into events (``Connected``,
+``Published``, ``Disconnected``...), and keepalive is judged from a clock value the caller passes.
+
 Nothing in this package does I/O or knows about asyncio.
 """
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterable, Iterator
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .reason_codes import ReasonCode
@@ -114,6 +114,7 @@ RANGES.update({
     P.TOPIC_ALIAS: (1, 0xFFFF),
 })
 _WIRE_RANGE = {BYTE: (0, 0xFF), U16: (0, 0xFFFF), U32: (0, 0xFFFFFFFF), VARINT: (0, MAX_VARINT)}
+_USER_PROPERTY = P.USER_PROPERTY
 _BY_VALUE: dict[int, PropertyId] = {int(pid): pid for pid in PropertyId}
 
 
@@ -172,6 +173,18 @@ class Properties:
         object.__setattr__(obj, "items", items)
         return obj
 
+    @classmethod
+    def user(cls, pairs: Iterable[tuple[str, str]]) -> Properties:
+        """Only USER_PROPERTY items, checked for what they can get wrong: the cheap way to build
+        properties for every message (the forwarder's message-id, client-id and schema)."""
+        items = []
+        for pair in pairs:
+            name, value = pair
+            if type(name) is not str or type(value) is not str:
+                raise LocalProtocolError(f"USER_PROPERTY needs a (str, str) tuple, got {pair!r}")
+            items.append((_USER_PROPERTY, (name, value)))
+        return cls._trusted(tuple(items))
+
     def get(self, pid: PropertyId, default: object = None) -> object:
         for key, value in self.items:
             if key == pid:
@@ -209,6 +222,11 @@ class Properties:
 
     def check_allowed(self, context: int, where: str) -> None:
         """Raise LocalProtocolError unless every property may be sent in ``context``."""
+        for pid, _ in self.items:
+            if pid is not _USER_PROPERTY:
+                break
+        else:
+            return  # only user properties: allowed everywhere, any number of times
         seen = set()
         for pid, _ in self.items:
             if context not in SPEC[pid][1]:
@@ -270,7 +288,7 @@ def decode_properties(buf: bytes, pos: int, end: int, context: int) -> tuple[Pro
         limits = RANGES.get(pid)
         if limits is not None and not (limits[0] <= value <= limits[1]):  # type: ignore[operator]
             code = ReasonCode.TOPIC_ALIAS_INVALID if pid == P.TOPIC_ALIAS else ReasonCode.PROTOCOL_ERROR
-            raise RemoteProtocolError(f"{pid.name} value {value} out of range", code)
+            raise RemoteProtocolError(f"{pid.name} value {value!r} out of range", code)
         items.append((pid, value))
     return Properties._trusted(tuple(items)), pos
 
@@ -292,8 +310,17 @@ def encode_properties(props: Properties) -> bytes:
         elif wire_type == STR:
             out += encode_str(value)  # type: ignore[arg-type]
         elif wire_type == PAIR:
-            out += encode_str(value[0])  # type: ignore[index]
-            out += encode_str(value[1])  # type: ignore[index]
+            # Inline for the common case (user properties on every forwarded message); encode_str
+            # raises for what it would refuse.
+            for text in value:  # type: ignore[attr-defined]
+                try:
+                    data = text.encode()
+                except UnicodeEncodeError:
+                    data = encode_str(text)
+                if "\x00" in text or len(data) > 0xFFFF:
+                    encode_str(text)
+                out += len(data).to_bytes(2, "big")
+                out += data
         elif wire_type == BIN:
             out += encode_binary(value)  # type: ignore[arg-type]
         else:

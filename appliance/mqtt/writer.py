@@ -16,7 +16,7 @@ from .packets import (
 from .properties import Properties, encode_properties
 from .wire import encode_binary, encode_str, encode_varint
 
-__all__ = ["encode_packet", "encode_publish"]
+__all__ = ["encode_packet", "encode_publish", "encode_publish_fields"]
 
 _MQTT_5 = ProtocolVersion.MQTT_5
 
@@ -35,21 +35,28 @@ def _v3_properties(properties: Properties, what: str) -> None:
 
 
 def encode_publish(packet: Publish, version: ProtocolVersion) -> bytes:
-    topic = packet.topic.encode("utf-8")
-    if len(topic) > 0xFFFF:
+    return encode_publish_fields(packet.topic, packet.payload, packet.qos, packet.retain, packet.dup,
+                                 packet.packet_id, packet.properties, version)
+
+
+def encode_publish_fields(topic: str, payload: bytes, qos: int, retain: bool, dup: bool, packet_id: int | None,
+                          properties: Properties, version: ProtocolVersion) -> bytes:
+    """A PUBLISH from its fields, for a sender that has checked them (as ``Publish`` would) and
+    need not build the packet object: the client core, per message."""
+    data = topic.encode("utf-8")
+    if len(data) > 0xFFFF:
         raise LocalProtocolError("topic longer than 65535 bytes")
-    qos = packet.qos
-    first_byte = 0x30 | (qos << 1) | packet.retain | (packet.dup << 3)
-    parts = [len(topic).to_bytes(2, "big"), topic]
+    first_byte = 0x30 | (qos << 1) | retain | (dup << 3)
+    parts = [len(data).to_bytes(2, "big"), data]
     if qos:
-        parts.append(packet.packet_id.to_bytes(2, "big"))  # type: ignore[union-attr]
+        parts.append(packet_id.to_bytes(2, "big"))  # type: ignore[union-attr]
     if version == _MQTT_5:
-        parts.append(encode_properties(packet.properties))
+        parts.append(encode_properties(properties))
     else:
-        _v3_properties(packet.properties, "PUBLISH")
-        if not topic:
+        _v3_properties(properties, "PUBLISH")
+        if not data:
             raise LocalProtocolError("MQTT 3.1.1 has no empty topics (topic aliases need MQTT 5)")
-    parts.append(packet.payload)
+    parts.append(payload)
     body = b"".join(parts)
     return bytes((first_byte,)) + encode_varint(len(body)) + body
 
@@ -92,7 +99,7 @@ def _encode_connack(packet: Connack, version: ProtocolVersion) -> bytes:
 
 def _ack_encoder(first_byte: int) -> Callable[[Packet, ProtocolVersion], bytes]:
     def encode(packet: Packet, version: ProtocolVersion) -> bytes:
-        body = _u16(packet.packet_id)  # type: ignore[union-attr]
+        body = _u16(packet.packet_id)  # type: ignore[union-attr, arg-type]  # an ack: its packet_id is an int
         code = packet.reason_code  # type: ignore[union-attr]
         properties = packet.properties  # type: ignore[union-attr]
         if version == _MQTT_5:

@@ -10,6 +10,8 @@ Vocabulary:
   (`AckOrder`, acks.py). Broker→client traffic is relayed frame by frame.
 - `ProxyServer` (server.py) is the only code that touches sockets: asyncio Protocols, flow
   control between the two legs, one write per received batch.
+- On a `transport: websockets` listener, `WebSocketLeg` (websocket.py) wraps the client leg: the
+  WebSocket handshake and framing outside, the same MQTT byte stream inside.
 """
 
 from appliance.proxy.server import ProxyServer

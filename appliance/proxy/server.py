@@ -27,6 +27,7 @@ from appliance.broker import BrokerEndpoint
 from appliance.pipeline import Pipeline
 from appliance.proxy.acks import Durability
 from appliance.proxy.session import BrokerCredentials, Session, SessionLimits, State
+from appliance.proxy.websocket import WebSocketLeg
 from appliance.security.acl import AclCheck
 from appliance.security.passwords import Authenticator
 from appliance.security.tls import certificate_identity
@@ -49,9 +50,13 @@ class Listener:
     # "cn"/"san": the client certificate names the client (its username); "none": the CONNECT does.
     identity: str = "none"
     authenticator: Authenticator | None = None
+    # MQTT over WebSockets at this HTTP path (proxy/websocket.py); None: MQTT over TCP.
+    websocket_path: str | None = None
 
     def __str__(self) -> str:
         where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.websocket_path is not None:
+            return f"{where}{self.websocket_path} (WebSockets{' over TLS' if self.ssl is not None else ''})"
         return where + (" (TLS)" if self.ssl is not None else "")
 
 
@@ -478,7 +483,7 @@ class ProxyServer:
         try:
             for listener in self.listeners:
                 server = await loop.create_server(
-                    lambda listener=listener: ClientLeg(self, listener),  # type: ignore[misc]
+                    lambda listener=listener: self._accept(listener),  # type: ignore[misc]
                     listener.host, listener.port, reuse_address=True, backlog=1024, ssl=listener.ssl,
                     # A TLS handshake happens before connection_made (and so before the connection
                     # limits and the CONNECT timer see it): bound it by the same timeout.
@@ -493,6 +498,12 @@ class ProxyServer:
             for server in self._servers:
                 server.close()
             raise OSError(exc.errno, f"{listener}: {exc.strerror}") from exc
+
+    def _accept(self, listener: Listener) -> asyncio.Protocol:
+        leg = ClientLeg(self, listener)
+        if listener.websocket_path is None:
+            return leg
+        return WebSocketLeg(leg, path=listener.websocket_path, max_frame=self.limits.max_packet_size, reporter=self)
 
     async def stop(self, timeout: float = 5.0) -> None:
         for server in self._servers:

@@ -95,7 +95,19 @@ def _changed_mapping(path: str, old: Mapping, new: Mapping) -> list[Finding]:
         found.append(Finding("on_reject changed", path, old.on_reject, new.on_reject, NEITHER))
     if old.forward != new.forward:
         found.append(Finding("forward changed", path, old.forward, new.forward, NEITHER))
+    if old.dead_letter != new.dead_letter:
+        found.append(Finding("dead-letter republish changed", path, _dead_letter(old), _dead_letter(new), NEITHER,
+                             detail="where rejected messages are republished (on_reject.republish)"))
     return found
+
+
+def _dead_letter(mapping: Mapping) -> str | None:
+    dead = mapping.dead_letter
+    if dead is None:
+        return None
+    qos = "the message's QoS" if dead.qos is None else f"QoS {dead.qos}"
+    return (f"{dead.template} to {' and '.join(dead.destinations)}, {'envelope' if dead.envelope else 'payload as is'}, "
+            f"{qos}{', retained' if dead.retain else ''}")
 
 
 def _lost_mapping(path: str, old: Mapping, new: SchemaSet) -> list[Finding]:

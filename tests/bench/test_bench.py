@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from appliance.bench import BenchOptions, bench, run_benchmark
-from appliance.bench.load import Load, _check, invalid_count, planned_readings
-from appliance.bench.payloads import is_invalid, reading, synthetic_ts, timestamp, topic
-from appliance.bench.scenarios import REPO_SCHEMAS
+from bench import BenchOptions, bench, run_benchmark
+from bench.load import Load, _check, invalid_count, planned_readings
+from bench.payloads import is_invalid, reading, synthetic_ts, timestamp, topic
+from bench.scenarios import REPO_SCHEMAS
 
 needs_mosquitto = pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in ("mosquitto", "mosquitto_pub", "mosquitto_sub")),
@@ -113,7 +113,7 @@ def test_governance_and_bridge_deliver_locally_and_to_the_cloud() -> None:
         else:
             assert run.log is None and run.log_syncs_per_s is None and run.helper_processes is None
 
-    from appliance.bench.report import render_tables, to_json
+    from bench.report import render_tables, to_json
 
     assert report.processes is not None and set(report.processes.appliances) == {"governance"}
     assert (report.processes.service_peak_rss_kb("governance") or 0) > 0
@@ -182,8 +182,8 @@ def test_cli_writes_json_and_a_chart_next_to_it(tmp_path: Path) -> None:
 def test_chart_is_skipped_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import sys
 
-    from appliance.bench.report import write_chart
-    from appliance.bench.runner import BenchReport
+    from bench.report import write_chart
+    from bench.runner import BenchReport
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     report = BenchReport(options=BenchOptions(), summaries=[], warmup=[])
@@ -195,7 +195,7 @@ def test_verdict_bench_runs_every_case(tmp_path: Path) -> None:
     out = tmp_path / "verdict.json"
     result = CliRunner().invoke(bench, ["--verdict", "--quick", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    from appliance.bench.verdict import ALL_CASES
+    from bench.verdict import ALL_CASES
 
     assert set(json.loads(out.read_text())["verdict_us"]) == {case.name for case in ALL_CASES}
 
@@ -220,7 +220,7 @@ def test_process_watch_sees_each_child_with_its_peak_rss_and_lifetime(tmp_path: 
     import subprocess
     import sys
 
-    from appliance.bench.children import ProcessWatch
+    from bench.children import ProcessWatch
     from tests.helpers import wait_until
 
     # A child whose command is "mosquitto" (a copy of sleep) is the broker: not counted.
@@ -254,7 +254,7 @@ def test_process_watch_sees_each_child_with_its_peak_rss_and_lifetime(tmp_path: 
 def test_helper_runs_the_appliance_recorded_are_merged_and_resident_ones_count_against_the_target() -> None:
     import time
 
-    from appliance.bench.children import ChildProcess, ProcessWatch, memory_target, merge_helper_run
+    from bench.children import ChildProcess, ProcessWatch, memory_target, merge_helper_run
 
     watch = ProcessWatch({"governance": 1})
     watch._started = time.monotonic() - 100.0
@@ -287,9 +287,9 @@ def test_a_seal_helper_of_the_governance_appliance_is_reported(tmp_path: Path) -
     import subprocess
 
     from appliance import admin
-    from appliance.bench.children import ProcessWatch
-    from appliance.bench.scenarios import SCENARIOS
-    from appliance.bench.status import helper_stats, log_counters
+    from bench.children import ProcessWatch
+    from bench.scenarios import SCENARIOS
+    from bench.status import helper_stats, log_counters
     from tests.helpers import wait_until
 
     with SCENARIOS["governance"].start(tmp_path) as target:
@@ -309,3 +309,20 @@ def test_a_seal_helper_of_the_governance_appliance_is_reported(tmp_path: Path) -
     assert seal.reported and seal.exit_status == 0
     assert seal.peak_rss_kb > 0 and seal.lived_s > 0
     assert not any(p.name == "mosquitto" for p in watch.children())
+
+
+def test_an_installed_package_without_the_harness_says_how_to_get_it(tmp_path: Path) -> None:
+    """bench/ is not shipped: `appliance bench` from an installed package (here: appliance/ copied
+    alone) fails with a pointer to the source tree instead of an ImportError."""
+    import subprocess
+    import sys
+
+    import appliance
+
+    shutil.copytree(Path(appliance.__file__).parent, tmp_path / "site" / "appliance",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run([sys.executable, "-m", "appliance", "bench", "--quick"], cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "not part of the installed package" in done.stderr and "make bench" in done.stderr

@@ -31,11 +31,23 @@ def test_urls_ports_durations_and_sizes():
     assert config.ack_timeout == timedelta(minutes=2) and config.outbox.max_bytes == 64 * 1024**2
     assert config.effective_client_id == "appliance-gw7"
     assert UpstreamConfig(url="mqtt://cloud").port == 1883
+    assert UpstreamConfig(url="mqtt://cloud").websocket_url is None
+
+
+def test_websocket_urls():
+    wss = UpstreamConfig(url="wss://abc-ats.iot.eu-west-1.amazonaws.com/mqtt", tls=TLSConfig(ca_file=Path("ca.pem")))
+    assert (wss.host, wss.port, wss.uses_tls) == ("abc-ats.iot.eu-west-1.amazonaws.com", 443, True)
+    assert wss.websocket_url == "wss://abc-ats.iot.eu-west-1.amazonaws.com/mqtt"
+    ws = UpstreamConfig(url="ws://cloud:8080/mqtt?x=1")
+    assert (ws.host, ws.port, ws.uses_tls, ws.websocket_url) == ("cloud", 8080, False, "ws://cloud:8080/mqtt?x=1")
+    assert UpstreamConfig(url="ws://cloud/mqtt").port == 80
 
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"url": "http://cloud:80"}, "mqtt://host"),
-    ({"url": "mqtt://cloud", "tls": {"ca_file": "ca.pem"}}, "needs an mqtts:// url"),
+    ({"url": "mqtt://cloud", "tls": {"ca_file": "ca.pem"}}, "needs an mqtts:// or wss:// url"),
+    ({"url": "ws://cloud/mqtt", "tls": {"ca_file": "ca.pem"}}, "needs an mqtts:// or wss:// url"),
+    ({"url": "wss://cloud/mqtt#x"}, "fragment"),
     ({"password": "x"}, "needs upstream.username"),
     ({"topic_template": "gw/{gateway}/{topic}"}, "unknown field"),
     ({"topic_template": "gw/{topic"}, "topic_template"),

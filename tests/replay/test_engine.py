@@ -22,7 +22,7 @@ from appliance.governance import Governance, load_schema_set
 from appliance.mqtt import ProtocolVersion
 from appliance.pipeline import ClientInfo, Message
 from replay import engine
-from replay.bench import demo_traffic, generate
+from bench.replay_rate import demo_traffic, generate
 from replay.judge import NO_PAYLOAD, Judge, load_for_replay
 from replay.report import FailOn, build_report
 from replay.rows import Filters

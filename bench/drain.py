@@ -1,7 +1,7 @@
 """Drain-rate benchmark: a backlog in the outbox, live traffic arriving at a steady rate, and a
 forwarder draining both to a mosquitto on loopback.
 
-    python -m appliance.forward.bench --backlog 50000 --live-rate 1000
+    python -m bench.drain --backlog 50000 --live-rate 1000
 
 Reports the drain rate (messages acknowledged per second while the backlog drains, live traffic
 included), how much faster than the ingest rate that is, and the bytes written to disk per message
@@ -214,7 +214,7 @@ def run_benchmark(*, backlog: int = 50_000, live_rate: float = 1_000, live_secon
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m appliance.forward.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.drain", description=__doc__.splitlines()[0])
     parser.add_argument("--backlog", type=int, default=50_000)
     parser.add_argument("--live-rate", type=float, default=1_000)
     parser.add_argument("--live-seconds", type=float, default=5.0, help="live-only phase after the drain (bytes/message)")

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.bench import procfs
+from bench import procfs
 
 POLL_S = 0.1
 RESIDENT_FRACTION = 0.5

@@ -1,6 +1,6 @@
-"""Many sensors in one process: raw MQTT 3.1.1 clients on asyncio, one connection per sensor.
+"""Many sensors in one process: MQTT 3.1.1 clients on asyncio, one connection per sensor.
 
-Run by the benchmark as `python -m appliance.bench.sensors ...`, several processes at once. Each
+Run by the benchmark as `python -m bench.sensors ...`, several processes at once. Each
 process connects all its sensors, prints `ready`, waits for `go` on stdin, then publishes:
 
 - a fixed count per sensor as fast as the connection takes it (`--messages-each`), pre-built
@@ -10,8 +10,9 @@ process connects all its sensors, prints `ready`, waits for `go` on stdin, then 
   turn), each reading stamped with the time it is written, for latency.
 
 It waits for every PUBACK (QoS 1), sends DISCONNECT, waits for the broker to close, and writes every
-payload it published to `--out`, one per line. Raw sockets rather than paho: a paho client in
-Python costs more CPU per message than the broker, and the load generators share the cores with it.
+payload it published to `--out`, one per line. The appliance's own sans-IO client core
+(appliance/mqtt/client.py) on asyncio transports rather than paho: a paho client in Python costs
+more CPU per message than the broker, and the load generators share the cores with it.
 """
 
 from __future__ import annotations
@@ -25,41 +26,22 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from appliance.bench.payloads import reading, synthetic_ts, timestamp, topic
+from bench.payloads import reading, synthetic_ts, timestamp, topic
+from appliance.mqtt import RemoteProtocolError
+from appliance.mqtt.client import Client, Connected, ConnectionRefused, NeedData, Published
 
 BATCH = 64
 
 
-def _length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _string(value: bytes) -> bytes:
-    return len(value).to_bytes(2, "big") + value
-
-
-def connect_packet(client_id: str) -> bytes:
-    body = _string(b"MQTT") + b"\x04\x02" + (60).to_bytes(2, "big") + _string(client_id.encode())
-    return b"\x10" + _length(len(body)) + body
-
-
-def publish_packet(topic_name: bytes, payload: bytes, qos: int, packet_id: int) -> bytes:
-    body = _string(topic_name) + (packet_id.to_bytes(2, "big") if qos else b"") + payload
-    return bytes([0x30 | (qos << 1)]) + _length(len(body)) + body
-
-
 class Sensor(asyncio.Protocol):
-    """One sensor's connection: counts PUBACKs and lets the publisher wait for window space."""
+    """One sensor's connection, a driver of the MQTT client core: counts PUBACKs and lets the
+    publisher wait for window space."""
 
     def __init__(self, device: str, qos: int, window: int) -> None:
         loop = asyncio.get_running_loop()
         self.device, self.qos, self.window = device, qos, window
-        self.topic = topic(device).encode()
+        self.topic = topic(device)
+        self.client = Client(f"{device}-pub", keepalive=60)
         self.connack: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self.space = asyncio.Event()
@@ -67,13 +49,12 @@ class Sensor(asyncio.Protocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.sent = self.acked = 0
-        self.packet_id = 0
-        self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.published: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+        transport.write(self.client.connect())  # type: ignore[attr-defined]  # a BaseTransport does not write
 
     def pause_writing(self) -> None:
         self.writable.clear()
@@ -82,31 +63,29 @@ class Sensor(asyncio.Protocol):
         self.writable.set()
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while len(self.buffer) >= 2:
-            length, shift, index = 0, 0, 1
-            while True:
-                if index >= len(self.buffer):
-                    return
-                byte = self.buffer[index]
-                length += (byte & 0x7F) << shift
-                shift += 7
-                index += 1
-                if not byte & 0x80:
-                    break
-            if len(self.buffer) < index + length:
-                return
-            kind, body = self.buffer[0] >> 4, bytes(self.buffer[index : index + length])
-            del self.buffer[: index + length]
-            if kind == 2 and not self.connack.done():
-                if body[1] != 0:
-                    self.connack.set_exception(RuntimeError(f"{self.device}: CONNACK return code {body[1]}"))
-                else:
+        client = self.client
+        client.receive_data(data)
+        try:
+            while not isinstance(event := client.next_event(), NeedData):
+                if isinstance(event, Published):
+                    self.acked += 1
+                    if self.sent - self.acked < self.window:
+                        self.space.set()
+                elif isinstance(event, Connected):
                     self.connack.set_result(None)
-            elif kind == 4:
-                self.acked += 1
-                if self.sent - self.acked < self.window:
-                    self.space.set()
+                elif isinstance(event, ConnectionRefused):
+                    self._fail(RuntimeError(f"{self.device}: the broker refused the connection: {event.reason}"))
+                else:
+                    self._fail(RuntimeError(f"{self.device}: unexpected {type(event).__name__} from the broker"))
+        except RemoteProtocolError as exc:
+            self._fail(RuntimeError(f"{self.device}: protocol error from the broker: {exc}"))
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.connack.done():
+            self.connack.set_exception(exc)
+        print(f"sensors: {exc}", file=sys.stderr)
+        assert self.transport is not None
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.connack.done():
@@ -116,13 +95,10 @@ class Sensor(asyncio.Protocol):
         self.space.set()
         self.writable.set()
 
-    def _next_id(self) -> int:
-        self.packet_id = self.packet_id % 65535 + 1
-        return self.packet_id
-
     async def send(self, payloads: list[bytes]) -> None:
         """Publish `payloads`, batching writes; at QoS 1 never more than `window` unacknowledged."""
         assert self.transport is not None
+        publish = self.client.publish
         index = 0
         while index < len(payloads):
             if self.transport.is_closing():
@@ -135,8 +111,7 @@ class Sensor(asyncio.Protocol):
                     await self.space.wait()
                     continue
             chunk = payloads[index : index + room]
-            self.transport.write(b"".join(publish_packet(self.topic, p, self.qos, self._next_id() if self.qos else 0)
-                                          for p in chunk))
+            self.transport.write(b"".join([publish(self.topic, p, self.qos)[1] for p in chunk]))
             self.published.extend(chunk)
             self.sent += len(chunk)
             index += len(chunk)
@@ -156,7 +131,7 @@ class Sensor(asyncio.Protocol):
                 await asyncio.wait_for(self.space.wait(), timeout=max(0.01, deadline - time.monotonic()))
             except TimeoutError:
                 pass
-        self.transport.write(b"\xe0\x00")  # DISCONNECT; the broker closes and so flushes everything before it
+        self.transport.write(self.client.disconnect())  # the broker closes and so flushes everything before it
         await asyncio.wait_for(asyncio.shield(self.closed), timeout=max(0.1, deadline - time.monotonic()))
 
 
@@ -183,7 +158,6 @@ async def _main(args: argparse.Namespace) -> int:
             functools.partial(Sensor, device, args.qos, args.window), "127.0.0.1", args.port
         )
         sensor.transport = transport
-        transport.write(connect_packet(f"{device}-pub"))
         sensors.append(sensor)
     await asyncio.wait_for(asyncio.gather(*(s.connack for s in sensors)), timeout=15)
     print("ready", flush=True)
@@ -201,7 +175,7 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m appliance.bench.sensors", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.sensors", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--qos", type=int, choices=(0, 1), default=0)
     parser.add_argument("--devices", required=True, help="comma-separated device ids, one connection each")

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from appliance.bench import procfs
-from appliance.bench.processes import (
+from bench import procfs
+from bench.processes import (
     BenchError,
     accepts_connections,
     spawn_service,
@@ -33,9 +33,10 @@ from appliance.broker import find_mosquitto, free_loopback_port, render_mosquitt
 BROKER_EXTRA_CONFIG = ["max_queued_messages 0"]
 
 
-# The demo schema sets: a checkout's schemas/, or where the Debian package installs them (an
-# installed wheel has no schemas/ next to it).
-_CHECKOUT_SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+# The demo schema sets: the checkout's schemas/ (this harness lives in the source tree, next to it),
+# or where the Debian package installs them.
+CHECKOUT = Path(__file__).resolve().parents[1]
+_CHECKOUT_SCHEMAS = CHECKOUT / "schemas"
 PACKAGED_SCHEMAS = Path("/usr/share/mqtt-appliance/schemas")
 REPO_SCHEMAS = _CHECKOUT_SCHEMAS if _CHECKOUT_SCHEMAS.is_dir() else PACKAGED_SCHEMAS
 

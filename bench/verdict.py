@@ -18,7 +18,7 @@ from pathlib import Path
 
 import orjson
 
-from appliance.bench.scenarios import REPO_SCHEMAS
+from bench.scenarios import REPO_SCHEMAS
 from appliance.governance import Governance, load_schema_set
 from appliance.mqtt import ProtocolVersion
 from appliance.pipeline import ClientInfo, Message

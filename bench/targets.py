@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.bench.children import memory_target
-from appliance.bench.load import SENSORS
-from appliance.bench.runner import BenchReport, Summary
+from bench.children import memory_target
+from bench.load import SENSORS
+from bench.runner import BenchReport, Summary
 
 GOVERNANCE = "governance"
 BRIDGE = "bridge"

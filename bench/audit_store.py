@@ -1,9 +1,9 @@
 """Measurements behind the Parquet audit store (figures in docs/audit.md).
 
-    python -m appliance.audit.benchmark codec
-    python -m appliance.audit.benchmark seal  --dir DIR [--records 300000] [--payload 100]
-    python -m appliance.audit.benchmark query --dir DIR [--rows 10000000] [--files 100]
-    python -m appliance.audit.benchmark ingest --method appender|ndjson [--records 100000] [--memory-limit 64MB]
+    python -m bench.audit_store codec
+    python -m bench.audit_store seal  --dir DIR [--records 300000] [--payload 100]
+    python -m bench.audit_store query --dir DIR [--rows 10000000] [--files 100]
+    python -m bench.audit_store ingest --method appender|ndjson [--records 100000] [--memory-limit 64MB]
 
 `seal` writes a message log of realistic decisions in 16 MiB segments, runs the seal helper as its
 own process and reports rows/s and the helper's peak RSS. `ingest` compares how the helper could get decoded records into DuckDB (the appender into a
@@ -149,7 +149,7 @@ def bench_query(directory: Path, rows: int, files: int, row_group_rows: int, reg
     started = time.perf_counter()
     query = AuditQuery(directory)
     opened = time.perf_counter() - started
-    results = {"rows": rows, "files": files, "row_group_rows": row_group_rows, "open_s": round(opened, 3)}
+    results: dict[str, object] = {"rows": rows, "files": files, "row_group_rows": row_group_rows, "open_s": round(opened, 3)}
     sqls = {
         "group_by_verdict": "SELECT verdict, count(*) FROM decisions GROUP BY verdict",
         "group_by_client": "SELECT client_id, count(*) FILTER (WHERE verdict = 'reject') FROM decisions GROUP BY client_id",

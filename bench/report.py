@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from appliance.bench.children import memory_target, summarise_by_name
-from appliance.bench.runner import BenchReport, Summary
-from appliance.bench.scenarios import SCENARIOS
-from appliance.bench.targets import Target, evaluate
+from bench.children import memory_target, summarise_by_name
+from bench.runner import BenchReport, Summary
+from bench.scenarios import SCENARIOS
+from bench.targets import Target, evaluate
 
 COLUMNS = ("scenario", "msg/s", "× mosquitto", "× stock", "cloud msg/s", "cloud × mosq.", "latency ms p50/p99/max",
            "cloud latency ms", "CPU % proxy/mosq./cloud", "proxy CPU µs/msg", "log syncs/s", "peak RSS proxy/mosq.",
@@ -263,10 +263,11 @@ def write_chart(report: BenchReport, path: Path) -> bool:
     """A bar chart of each scenario's ratio to bare mosquitto per QoS and load (local and cloud).
     False when matplotlib is not installed (`pip install 'mqtt-governance-appliance[bench]'`)."""
     try:
-        import matplotlib
+        # Optional (the bench extra); it ships its own types when installed.
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         return False
     groups = [g for g in dict.fromkeys((s.qos, s.load) for s in report.summaries) if "/s" not in g[1]]

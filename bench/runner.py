@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.bench.children import ProcessWatch
-from appliance.bench.load import LOAD_KINDS, Load, RunResult, run_once
-from appliance.bench.procfs import filesystem_type
-from appliance.bench.scenarios import REFERENCE, SCENARIOS, STOCK_REFERENCE, Scenario, Target
-from appliance.bench.status import helper_stats
+from bench.children import ProcessWatch
+from bench.load import LOAD_KINDS, Load, RunResult, run_once
+from bench.procfs import filesystem_type
+from bench.scenarios import REFERENCE, SCENARIOS, STOCK_REFERENCE, Scenario, Target
+from bench.status import helper_stats
 
 
 @dataclass(frozen=True)

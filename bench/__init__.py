@@ -1,5 +1,11 @@
 """The benchmark harness (`appliance bench`): how fast, how much CPU, how much memory.
 
+It lives in the source tree, beside the `appliance` package rather than in it, and is not
+shipped (the wheel and the Debian package leave it out): `appliance bench` finds it next to a
+checkout's `appliance/`. The other measurements behind the docs are here too, each a
+`python -m` module: `bench.drain` (the forwarder's drain rate), `bench.audit_store` (the audit
+store's codec, seal, queries, ingest) and `bench.replay_rate` (replay over a generated recording).
+
 Vocabulary:
 - A *scenario* (scenarios.py) is a broker setup under test, started once for the whole benchmark:
   bare mosquitto (the reference every ratio is taken against), the appliance in front of its
@@ -12,7 +18,7 @@ Vocabulary:
   (runner.py). Round 0 is the warm-up.
 """
 
-from appliance.bench.cli import bench
-from appliance.bench.runner import BenchOptions, BenchReport, run_benchmark
+from bench.cli import bench
+from bench.runner import BenchOptions, BenchReport, run_benchmark
 
 __all__ = ["BenchOptions", "BenchReport", "bench", "run_benchmark"]

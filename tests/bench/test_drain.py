@@ -1,9 +1,9 @@
-"""The drain benchmark (python -m appliance.forward.bench) runs on the log-backed outbox and
+"""The drain benchmark (python -m bench.drain) runs on the log-backed outbox and
 accounts for every message it added."""
 
 from __future__ import annotations
 
-from appliance.forward.bench import run_benchmark
+from bench.drain import run_benchmark
 
 
 def test_a_small_drain_forwards_the_backlog_and_the_live_traffic():

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.bench.payloads import (
+from bench.payloads import (
     TOPIC_FILTER,
     device_of,
     is_invalid,
@@ -54,10 +54,10 @@ from appliance.bench.payloads import (
     topic,
     ts_of,
 )
-from appliance.bench.processes import BenchError, spawn_client, stop, wait_exit, wait_until
-from appliance.bench.procfs import Snapshot
-from appliance.bench.scenarios import Target
-from appliance.bench.status import log_counters
+from bench.processes import BenchError, spawn_client, stop, wait_exit, wait_until
+from bench.procfs import Snapshot
+from bench.scenarios import CHECKOUT, Target
+from bench.status import log_counters
 
 # APPLIANCE_TIMEOUT_SCALE stretches the waits for a slow machine (emulated arm64 runs 5-10x slower).
 _SCALE = float(os.environ.get("APPLIANCE_TIMEOUT_SCALE", "1"))
@@ -310,18 +310,26 @@ def audit_verdicts(state_dir: Path, tag: str) -> dict[str, int]:
     return {row["verdict"]: int(row["n"]) for row in json.loads(out)["rows"]}
 
 
+def _with_checkout_on_path() -> dict[str, str]:
+    """The environment for `python -m bench.sensors`: the harness is not installed with the
+    appliance, so its children find it through the checkout it runs from."""
+    path = [str(CHECKOUT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
 def _start_sensors(target: Target, load: Load, tag: str, workdir: Path) -> list[tuple[subprocess.Popen[bytes], Path]]:
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
     for index, devices in enumerate(_sensor_devices(tag)):
         out = workdir / f"{tag}-p{index}.sent"
-        args = [sys.executable, "-m", "appliance.bench.sensors", "--port", str(target.port), "--qos", str(load.qos),
+        args = [sys.executable, "-m", "bench.sensors", "--port", str(target.port), "--qos", str(load.qos),
                 "--devices", ",".join(devices), "--out", str(out)]
         if load.kind == "rate":
             args += ["--rate", str(load.rate / SENSOR_PROCESSES), "--duration", str(load.duration),
                      "--offset", str(index / SENSOR_PROCESSES)]
         else:
             args += ["--messages-each", str(load.total // SENSORS)]
-        process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=_with_checkout_on_path())
         started.append((process, out))
     for process, _ in started:
         assert process.stdout is not None

@@ -1,7 +1,7 @@
 """A reproducible recording for measuring replay, and the measurement itself.
 
-    python -m replay.bench generate OUT_DIR [--messages 1000000] [--seed 1] [--distinct N]
-    python -m replay.bench run OUT_DIR --against schemas/v2 [--jobs N] [--report FILE]
+    python -m bench.replay_rate generate OUT_DIR [--messages 1000000] [--seed 1] [--distinct N]
+    python -m bench.replay_rate run OUT_DIR --against schemas/v2 [--jobs N] [--report FILE]
 
 `generate` writes demo traffic (schemas/v1) the way the audit store lays it out: Parquet files with
 the columns of `appliance.audit.records.DECISION_COLUMNS`, partitioned by day
@@ -205,7 +205,7 @@ def _cpu_seconds() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m replay.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.replay_rate", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="write a demo recording as Parquet")
     gen.add_argument("out_dir", type=Path)

@@ -9,11 +9,11 @@ from types import FrameType
 
 import click
 
-from appliance.bench.load import LOAD_KINDS, RunResult
-from appliance.bench.processes import BenchError
-from appliance.bench.report import render_tables, to_json, write_chart
-from appliance.bench.runner import BenchOptions, run_benchmark
-from appliance.bench.scenarios import REFERENCE, SCENARIOS
+from bench.load import LOAD_KINDS, RunResult
+from bench.processes import BenchError
+from bench.report import render_tables, to_json, write_chart
+from bench.runner import BenchOptions, run_benchmark
+from bench.scenarios import REFERENCE, SCENARIOS
 
 QUICK_MESSAGES = 5_000
 QUICK_RUNS = 1
@@ -114,7 +114,7 @@ def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool | No
 
 
 def _verdict_bench(quick: bool, json_file: Path | None) -> None:
-    from appliance.bench.verdict import measure, measure_audit_recording
+    from bench.verdict import measure, measure_audit_recording
 
     iterations = 2_000 if quick else 20_000
     results = measure(iterations=iterations)

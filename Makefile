@@ -20,8 +20,8 @@ PYTEST_ARGS ?=
 
 setup: system-packages $(STAMP)
 
-# mosquitto (the embedded broker), its clients and openssl (used by tests) and python3-venv, from apt
-# when missing.
+# mosquitto (the embedded broker), its clients and openssl (used by tests), chromium and its driver
+# (the console's browser tests) and python3-venv, from apt when missing.
 # A freshly installed Debian mosquitto enables its own service on port 1883, which would collide with
 # the appliance's listener: we disable that service only when we installed the package ourselves.
 system-packages:
@@ -29,6 +29,8 @@ system-packages:
 	 { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing="$$missing mosquitto"; \
 	 command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
 	 command -v openssl >/dev/null || missing="$$missing openssl"; \
+	 command -v chromium >/dev/null || missing="$$missing chromium"; \
+	 command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	 $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	 if [ -n "$$missing" ]; then \
 	   echo "Installing with apt:$$missing"; \

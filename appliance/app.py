@@ -294,6 +294,7 @@ class Appliance:
             handlers = {}
         handlers["status"] = self._status_op
         handlers["reload"] = self._reload_op
+        handlers["clients"] = self._clients_op
         self.admin = AdminServer(socket_path(config.state_dir), handlers, refusals=(AuditError,))
         await self.admin.start()
         self.watcher.start(
@@ -439,6 +440,17 @@ class Appliance:
 
     async def _status_op(self, request: dict[str, object]) -> dict[str, object]:
         return {"status": self.status()}
+
+    async def _clients_op(self, request: dict[str, object]) -> dict[str, object]:
+        """The connected clients, for the console's Clients page (its audit figures come from the log)."""
+        clients = []
+        for leg in list(self.proxy.clients) if self.proxy is not None else []:
+            session = leg.session
+            if session is not None and session.client is not None:
+                client = session.client
+                clients.append({"client_id": client.client_id, "username": client.username, "peer": client.peer,
+                                "protocol": int(client.protocol_version)})
+        return {"clients": clients}
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
         """Run until `stop` is set or SIGINT/SIGTERM arrives, then shut down gracefully."""

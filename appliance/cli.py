@@ -28,6 +28,7 @@ class _LazyGroup(click.Group):
 
     LAZY = {
         "bench": ("bench", "bench", "Measure throughput, latency, CPU, memory and disk writes:..."),
+        "console": ("appliance.console.server", "console_command", "Serve the web console."),
         "simulate": ("appliance.simulate", "simulate_command", "Publish demo sensor traffic (for schemas/v1, or an example..."),
     }
 

@@ -34,6 +34,8 @@ def _tls_sections(config: Config) -> Iterator[tuple[str, TLSConfig | ListenerTLS
         yield "broker.tls", config.broker.tls
     if config.upstream.url is not None and config.upstream.tls is not None:
         yield "upstream.tls", config.upstream.tls
+    if config.console.tls is not None:  # the web console's (`appliance console`), checked here too
+        yield "console.tls", config.console.tls
 
 
 def problems(config: Config) -> list[str]:

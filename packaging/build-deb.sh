@@ -59,6 +59,7 @@ done
 
 # systemd: unit, account and directories where systemd looks for a package's files.
 install -D -m 0644 systemd/mqtt-appliance.service "$root/usr/lib/systemd/system/mqtt-appliance.service"
+install -D -m 0644 systemd/mqtt-appliance-console.service "$root/usr/lib/systemd/system/mqtt-appliance-console.service"
 install -D -m 0644 systemd/mqtt-appliance.sysusers "$root/usr/lib/sysusers.d/mqtt-appliance.conf"
 install -D -m 0644 systemd/mqtt-appliance.tmpfiles "$root/usr/lib/tmpfiles.d/mqtt-appliance.conf"
 # The config and the demo schema set (conffiles: local edits survive upgrades).

@@ -86,6 +86,30 @@ echo "$replayed" | tail -3
 # v2 requires a unit: the accepted reading would be newly rejected.
 [ "$code" = 1 ] && echo "$replayed" | grep -q "BREAKING: .* would be newly rejected by v2" || fail "replay (exit $code): $replayed"
 
+step "the web console, from its unit's command line, as the unit's user (read-only: the demo lists no users)"
+console_unit=/usr/lib/systemd/system/mqtt-appliance-console.service
+read -r -a console_command <<<"$(sed -n 's/^ExecStart=//p' "$console_unit")"
+cport=$(free_port)
+"${as_user[@]}" "${console_command[@]}" --listen "127.0.0.1:$cport" >>"$log" 2>&1 &
+cpid=$!
+console_up() { kill -0 "$cpid" && "$py" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$cport/', timeout=5)"; }
+wait_for 60 "the console (http://127.0.0.1:$cport/)" console_up
+"$py" - "$cport" "$device" <<'PY' || fail "console pages"
+import sys, urllib.parse, urllib.request
+base, device = f"http://127.0.0.1:{sys.argv[1]}", sys.argv[2]
+def get(path):
+    return urllib.request.urlopen(base + path, timeout=60).read().decode()
+assert 'data-field="service"' in get("/")
+assert "htmx" in get("/static/vendor/htmx-2.0.11.min.js")[:2000]
+page = get("/sql?q=" + urllib.parse.quote(f"SELECT verdict FROM decisions WHERE topic = 'sensor/{device}/temperature' ORDER BY verdict"))
+assert "<td>accept</td>" in page and "<td>reject</td>" in page, page[-2000:]
+print("console pages: ok")
+PY
+kill -TERM "$cpid"
+# uvicorn stops gracefully, then ends by the signal it caught (143): what systemd counts as clean.
+set +e; wait "$cpid"; code=$?; set -e
+[ "$code" = 0 ] || [ "$code" = 143 ] || fail "the console exited with $code on SIGTERM"
+
 step "clean stop (SIGTERM)"
 children=$(pgrep -P "$pid" || true)
 kill -TERM "$pid"

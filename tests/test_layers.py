@@ -41,7 +41,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("service", frozenset({"appliance.app", "appliance.preflight"})),
     # Command lines and tools, which may use anything below; replay is one of them.
     ("tools", frozenset({
-        "appliance.__main__", "appliance.cli", "appliance.cli_audit", "appliance.simulate",
+        "appliance.__main__", "appliance.cli", "appliance.cli_audit", "appliance.console", "appliance.simulate",
         "appliance.simulate_formats",
         "replay.capture", "replay.cli", "replay.compat", "replay.engine", "replay.errors",
         "replay.infer", "replay.judge", "replay.render", "replay.report", "replay.rows", "replay.sources",

@@ -21,12 +21,11 @@ from appliance.config.base import (  # noqa: F401 - re-exported: the config's bu
     Address, Bytes, Duration, ListenerConfig, ListenerTLSConfig, Seconds, Size, TLSConfig, _address, _Section,
     parse_duration, parse_seconds, parse_size,
 )
+from appliance.config.console import ConsoleConfig
 from appliance.config.upstream import UpstreamConfig
 from appliance.yamlsource import LineDict, LineLoader, did_you_mean
 
 DEFAULT_STATE_DIR = Path("/var/lib/mqtt-appliance")
-
-
 
 
 class ConfigError(Exception):
@@ -221,6 +220,7 @@ class Config(BaseModel):
         description="Store-and-forward of accepted messages to a cloud broker (off while upstream.url is null).",
     )
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-client limits.")
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig, description="The web console (`appliance console`, docs/console.md).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text for people, or JSON objects for log shippers (`appliance run --log-format`)."
@@ -277,6 +277,14 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             for key in ("ca_file", "cert_file", "key_file"):
                 if isinstance(listener["tls"].get(key), str):
                     listener["tls"][key] = os.path.normpath(base / listener["tls"][key])
+    console = data.get("console")
+    if isinstance(console, dict):
+        if isinstance(console.get("tls"), dict):
+            for key in ("ca_file", "cert_file", "key_file"):
+                if isinstance(console["tls"].get(key), str):
+                    console["tls"][key] = os.path.normpath(base / console["tls"][key])
+        if isinstance(console.get("trial_roots"), list):
+            console["trial_roots"] = [os.path.normpath(base / r) if isinstance(r, str) else r for r in console["trial_roots"]]
     broker = data.get("broker")
     if isinstance(broker, dict) and isinstance(broker.get("tls"), dict):
         for key in ("ca_file", "cert_file", "key_file"):

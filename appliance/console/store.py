@@ -1,0 +1,263 @@
+"""The audit store as the console reads it: one AuditQuery (DuckDB in this process, never in the
+service) refreshed on demand, and the message log followed record by record for the live tail.
+
+Everything here blocks (DuckDB, file reads): the web layer calls it in worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from appliance.audit.errors import AuditError
+from appliance.audit.guard import check_query
+from appliance.audit.layout import Layout, sql_string
+from appliance.audit.quarantine import topic_filter_regex
+from appliance.audit.query import AuditQuery
+from appliance.audit.records import DECISION, KINDS
+from appliance.audit.results import QueryResult
+from appliance.console.follow import LogFollower
+
+REFRESH_AFTER_S = 1.0  # without a service to say whether the log changed
+MAX_AGE_S = 60.0  # retention rewrites files without writing a record: a snapshot is never older
+TAIL_KEEP = 500
+GROUPS = {"reason": "reason", "topic": "topic", "client": "client_id"}
+
+
+class StoreUnavailable(Exception):
+    """No audit log under the state dir yet."""
+
+
+class Store:
+    def __init__(self, state_dir: Path, *, sync: Callable[[], int | None] | None = None):
+        """`sync` asks the running appliance to make everything recorded so far readable and returns
+        the log's last seq (None when no appliance runs); called before each fresh read."""
+        self.state_dir = state_dir
+        self._sync = sync
+        self._query: AuditQuery | None = None
+        self._seq: int | None = None  # the log's last seq when the snapshot was taken
+        self._opened_at = 0.0
+        self._stale = False
+        self._layout = Layout(state_dir)
+        self._lock = threading.Lock()
+
+    def _snapshot(self, *, fresh: bool) -> AuditQuery:
+        """The snapshot, taken again when `fresh` and the log has changed since: a record was
+        written (the service says its last seq), a segment was converted (the watermark), or an
+        action changed the files. Without a service: when older than REFRESH_AFTER_S."""
+        with self._lock:
+            query = self._query
+            if query is not None and not fresh:
+                return query
+            seq = self._sync() if self._sync is not None else None
+            if query is not None and not self._stale and time.monotonic() - self._opened_at < MAX_AGE_S:
+                if seq is not None and seq == self._seq and self._layout.read_watermark() == query.watermark:
+                    return query  # nothing new: reading the tail again would give the same tables
+                if seq is None and time.monotonic() - self._opened_at < REFRESH_AFTER_S:
+                    return query
+            if query is None:
+                if not (self.state_dir / "log").exists() and not (self.state_dir / "audit" / "parquet").exists():
+                    raise StoreUnavailable(f"no audit log under {self.state_dir} yet: has the appliance run with it?")
+                query = self._query = AuditQuery(self.state_dir)
+            else:
+                query.refresh()
+            self._seq, self._stale, self._opened_at = seq, False, time.monotonic()
+            return query
+
+    def invalidate(self) -> None:
+        """The next read takes a new snapshot (after an action changed the log or its files)."""
+        with self._lock:
+            self._stale = True
+
+    @contextmanager
+    def cursor(self, *, fresh: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+        cursor = self._snapshot(fresh=fresh).cursor()
+        try:
+            yield cursor
+        finally:
+            cursor.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._query is not None:
+                self._query.close()
+                self._query = None
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def _fetch(self, sql: str, params: list[object]) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """One of the console's own queries (not analyst SQL: no guard), on a fresh snapshot; once
+        more on a new snapshot when a file of the old one is gone (merged or dropped meanwhile)."""
+        for attempt in (1, 2):
+            try:
+                with self.cursor() as cursor:
+                    cursor.execute(sql, params)
+                    return [d[0] for d in cursor.description or ()], cursor.fetchall()
+            except duckdb.IOException:
+                if attempt == 2:
+                    raise AuditError("the audit log's files changed during the query; try again") from None
+                self.invalidate()
+        raise AssertionError("unreachable")
+
+    def sql(self, text: str, *, max_rows: int, timeout: float = 30.0) -> QueryResult:
+        """Analyst SQL through the same guard as `appliance audit sql`."""
+        return self._snapshot(fresh=True).query(text, timeout=timeout, max_rows=max_rows)
+
+    def sql_parquet(self, text: str, *, max_rows: int, timeout: float = 60.0) -> bytes:
+        """The guarded query's result as a Parquet file: run as for `sql`, typed by DESCRIBE of the
+        same checked statement, written by a DuckDB of its own that sees no audit file."""
+        query = self._snapshot(fresh=True)
+        result = query.query(text, timeout=timeout, max_rows=max_rows)
+        with self.cursor(fresh=False) as cursor:
+            cursor.execute(f"DESCRIBE {check_query(cursor, text)}")
+            types = [str(row[1]) for row in cursor.fetchall()]
+        names: list[str] = []
+        for name in result.columns:
+            unique, n = name, 1
+            while unique in names:
+                n += 1
+                unique = f"{name}_{n}"
+            names.append(unique)
+        columns = ", ".join(f'"{n.replace(chr(34), chr(34) * 2)}" {t}' for n, t in zip(names, types))
+        with tempfile.TemporaryDirectory(dir=query.layout.tmp_dir) as scratch:
+            target = Path(scratch) / "result.parquet"
+            con = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": "64MB",
+                                                      "autoinstall_known_extensions": False})
+            try:
+                con.execute(f"CREATE TABLE result ({columns})")
+                if result.rows:
+                    marks = ", ".join("?" for _ in names)
+                    con.executemany(f"INSERT INTO result VALUES ({marks})", [list(r) for r in result.rows])
+                con.execute(f"COPY result TO {sql_string(str(target))} (FORMAT parquet, COMPRESSION zstd)")
+            finally:
+                con.close()
+            return target.read_bytes()
+
+    def decision(self, decision_id: int) -> dict[str, Any] | None:
+        columns, rows = self._fetch("SELECT * FROM decisions WHERE id = ?", [decision_id])
+        return dict(zip(columns, rows[0])) if rows else None
+
+    def quarantine(self, *, topic: str | None, client: str | None, reason: str | None, group: str | None,
+                   limit: int) -> QueryResult:
+        where, params = ["TRUE"], []
+        if topic:
+            if "+" in topic or "#" in topic:
+                where.append("regexp_full_match(topic, ?)")
+                params.append(topic_filter_regex(topic))
+            else:
+                where.append("topic = ?")
+                params.append(topic)
+        if client:
+            where.append("client_id = ?")
+            params.append(client)
+        if reason:
+            where.append("len(list_filter(reasons, lambda r: lower(r.\"check\") = lower(?) "
+                         "OR contains(lower(r.message), lower(?)))) > 0")
+            params += [reason, reason]
+        inner = (
+            "SELECT id, ts, client_id, topic, schema_name, schema_version, "
+            "CASE WHEN len(reasons) > 0 THEN reasons[1].\"check\" || ': ' || reasons[1].message END AS reason, "
+            f"len(reasons) AS reasons, payload_size FROM quarantine WHERE {' AND '.join(where)}"
+        )
+        if group in GROUPS:
+            column = GROUPS[group]
+            sql = (f"SELECT {column} AS {group}, count(*) AS messages, min(ts) AS first, max(ts) AS last, "
+                   f"list(id ORDER BY id DESC)[1:200] AS ids FROM ({inner}) GROUP BY ALL ORDER BY messages DESC LIMIT ?")
+        else:
+            sql = f"{inner} ORDER BY id DESC LIMIT ?"
+        columns, rows = self._fetch(sql, [*params, limit + 1])
+        return QueryResult(columns, rows[:limit], len(rows) > limit)
+
+    def quarantined(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        if not ids:
+            return {}
+        columns, rows = self._fetch("SELECT * FROM quarantine WHERE list_contains(?, id)", [ids])
+        return {int(row[0]): dict(zip(columns, row)) for row in rows}
+
+    def client_figures(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Per client: when it last connected (the audit events) and its messages and rejects since."""
+        if not client_ids:
+            return {}
+        sql = """
+            WITH connected AS (
+                SELECT client_id, max(ts) AS since FROM events
+                WHERE kind = 'client_connected' AND list_contains(?, client_id) GROUP BY client_id
+            )
+            SELECT c.client_id, c.since,
+                   count(d.id) AS messages,
+                   count(d.id) FILTER (WHERE d.verdict = 'reject') AS rejects
+            FROM connected c LEFT JOIN decisions d ON d.client_id = c.client_id AND d.ts >= c.since
+            GROUP BY ALL"""
+        _columns, rows = self._fetch(sql, [client_ids])
+        return {row[0]: {"since": row[1], "messages": row[2], "rejects": row[3]} for row in rows}
+
+    def revisions(self, *, limit: int = 20) -> QueryResult:
+        """The config revisions that judged messages (newest first): when each was in force, with
+        which schema set, and how many messages it accepted and rejected."""
+        sql = """
+            SELECT config_revision AS revision, any_value(schema_set) AS schema_set,
+                   min(ts) AS first, max(ts) AS last,
+                   count(*) FILTER (WHERE verdict = 'accept') AS accepted,
+                   count(*) FILTER (WHERE verdict = 'reject') AS rejected
+            FROM decisions GROUP BY config_revision ORDER BY first DESC LIMIT ?"""
+        columns, rows = self._fetch(sql, [limit])
+        return QueryResult(columns, rows, False)
+
+    def rates(self, *, since: float, bucket_s: int) -> list[tuple[float, int, int]]:
+        """(bucket start, accepted, rejected) per `bucket_s` seconds since `since` (epoch seconds)."""
+        sql = f"""
+            SELECT floor(epoch(ts) / {bucket_s}) * {bucket_s} AS bucket,
+                   count(*) FILTER (WHERE verdict = 'accept'), count(*) FILTER (WHERE verdict = 'reject')
+            FROM decisions WHERE ts >= ? GROUP BY ALL ORDER BY bucket"""
+        _columns, rows = self._fetch(sql, [datetime.fromtimestamp(since, UTC)])
+        return [(float(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+
+_NAMES = DECISION.names
+_PAYLOAD_AUDITED = _NAMES.index("payload_audited")
+
+
+def decision_row(body: bytes) -> dict[str, Any]:
+    """A decision record from the log, with the audit table's meaning: the payload only when it
+    was recorded for the audit log, reasons parsed."""
+    values = KINDS[DECISION.code].decode(body)
+    row = dict(zip(_NAMES, values))
+    if not values[_PAYLOAD_AUDITED]:
+        row["payload"] = None
+    try:
+        row["reasons"] = json.loads(row["reasons"]) if row.get("reasons") else []
+    except ValueError:
+        row["reasons"] = []
+    return row
+
+
+class VerdictTail:
+    """Follows the message log: each `poll()` returns the decisions written since the last one (the
+    writer's records are readable once handed to the OS, before they are durable). At most `keep`
+    per poll are decoded (the newest): the live tail is for the eye; SQL has every verdict."""
+
+    def __init__(self, log_dir: Path, *, keep: int = TAIL_KEEP):
+        self.log_dir = log_dir
+        self.recent: deque[dict[str, Any]] = deque(maxlen=keep)
+        self._keep = keep
+        self._follower = LogFollower(log_dir)
+
+    def poll(self) -> list[dict[str, Any]]:
+        records = self._follower.poll(lambda record: record.kind == DECISION.code)
+        new = []
+        for record in records[-self._keep:]:
+            row = decision_row(record.body)
+            del row["payload"]  # the live list needs none; a message opens from the store
+            new.append(row)
+        self.recent.extend(new)
+        return new

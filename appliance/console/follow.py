@@ -35,6 +35,11 @@ class LogFollower:
         self._last_seq = 0
 
     @property
+    def first_seq(self) -> int | None:
+        """The first seq of the segment being followed (None before the first poll)."""
+        return self._segment.first_seq if self._segment is not None else None
+
+    @property
     def position(self) -> tuple[str | None, int]:
         return (self._segment.path.name if self._segment else None, self._offset)
 

@@ -24,9 +24,10 @@ from appliance.audit.guard import check_query
 from appliance.audit.layout import Layout, sql_string
 from appliance.audit.quarantine import topic_filter_regex
 from appliance.audit.query import AuditQuery
-from appliance.audit.records import DECISION, KINDS
+from appliance.audit.records import COMPACT_DECISION, CONNECTION, CONTEXT, DECISION, Definitions
 from appliance.audit.results import QueryResult
 from appliance.console.follow import LogFollower
+from appliance.msglog.reader import read_record
 
 REFRESH_AFTER_S = 1.0  # without a service to say whether the log changed
 MAX_AGE_S = 60.0  # retention rewrites files without writing a record: a snapshot is never older
@@ -227,10 +228,9 @@ _NAMES = DECISION.names
 _PAYLOAD_AUDITED = _NAMES.index("payload_audited")
 
 
-def decision_row(body: bytes) -> dict[str, Any]:
-    """A decision record from the log, with the audit table's meaning: the payload only when it
-    was recorded for the audit log, reasons parsed."""
-    values = KINDS[DECISION.code].decode(body)
+def decision_row(values: tuple[Any, ...]) -> dict[str, Any]:
+    """A decision from the log (its full DECISION row), with the audit table's meaning: the payload
+    only when it was recorded for the audit log, reasons parsed."""
     row = dict(zip(_NAMES, values))
     if not values[_PAYLOAD_AUDITED]:
         row["payload"] = None
@@ -239,6 +239,10 @@ def decision_row(body: bytes) -> dict[str, Any]:
     except ValueError:
         row["reasons"] = []
     return row
+
+
+# Decisions of both record versions, and the connection and context records compact ones refer to.
+_TAILED = frozenset({DECISION.code, COMPACT_DECISION, CONNECTION.code, CONTEXT.code})
 
 
 class VerdictTail:
@@ -251,13 +255,26 @@ class VerdictTail:
         self.recent: deque[dict[str, Any]] = deque(maxlen=keep)
         self._keep = keep
         self._follower = LogFollower(log_dir)
+        self._definitions = Definitions(lookup=self._lookup)
+
+    def _lookup(self, seq: int) -> tuple[int, bytes] | None:
+        """A definition written before the follower started (it starts at the newest segment's
+        start, so only after a failed batch): read from the segment holding it."""
+        record = read_record(self.log_dir, seq)
+        return (record.kind, record.body) if record is not None else None
 
     def poll(self) -> list[dict[str, Any]]:
-        records = self._follower.poll(lambda record: record.kind == DECISION.code)
+        records = self._follower.poll(lambda record: record.kind in _TAILED)
+        definitions = self._definitions
+        decisions = [r for r in records if not definitions.add(r.seq, r.kind, r.body)]
         new = []
-        for record in records[-self._keep:]:
-            row = decision_row(record.body)
+        for record in decisions[-self._keep:]:
+            found = definitions.row(record.seq, record.kind, record.body)
+            assert found is not None
+            row = decision_row(found[1])
             del row["payload"]  # the live list needs none; a message opens from the store
             new.append(row)
+        if (first := self._follower.first_seq) is not None:
+            definitions.forget_before(first)  # a segment's decisions refer to its own definitions
         self.recent.extend(new)
         return new

@@ -9,7 +9,7 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
-from appliance.audit.records import DECISION
+from appliance.audit.records import DECISION, Definitions
 from appliance.config import load_config
 from appliance.msglog.reader import read_log
 from appliance.mqtt import ProtocolVersion
@@ -85,10 +85,12 @@ def test_no_verdict_is_recorded_under_a_mismatched_revision_across_a_reload(tmp_
 
     revisions: dict[str | None, set[str]] = defaultdict(set)
     window_records = []
+    definitions = Definitions()  # decisions refer to connection and context records (record version 2)
     for record in read_log(tmp_path / "state" / "log"):
-        if record.kind != DECISION.code:
+        found = definitions.row(record.seq, record.kind, record.body)
+        if found is None or found[0] is not DECISION:
             continue
-        row = DECISION.decode(record.body)
+        row = found[1]
         revisions[row[_SCHEMA_SET]].add(row[_REVISION])
         if row[_TOPIC] == "sensor/window/temperature":
             window_records.append((record.seq, row[_SCHEMA_SET], row[_REVISION]))

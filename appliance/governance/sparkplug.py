@@ -18,8 +18,9 @@ A mapping to a `format: sparkplug_b` schema (usually `spBv1.0/#`) checks, for ev
    `Device Control/` and `Properties/` metrics need no declaration), with the declared datatype and
    within `min`/`max`.
 
-What BIRTH certificates said (aliases, datatypes, the last sequence number) is kept in a
-`SparkplugState` the schema owns, per group and node, in memory: it survives a node's reconnects and
+What BIRTH certificates said (aliases, datatypes, the last sequence number) is kept in one
+`SparkplugState` per schema set, shared by all its `sparkplug_b` schemas (a node's topics may map to
+several), per group and node, in memory: it survives a node's reconnects and
 a reload of the schema set, not a restart of the appliance. After a restart, a DATA message that
 names its metrics passes, one that only has aliases is rejected until the node's next NBIRTH (ask for
 one with `Node Control/Rebirth`), and the first sequence number seen is taken as it is. The state
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -50,7 +52,7 @@ from google.protobuf.message import DecodeError
 
 from appliance.governance.errors import SchemaError
 
-__all__ = ["DATATYPES", "MESSAGE_TYPES", "MetricSpec", "SparkplugSchema", "SparkplugState"]
+__all__ = ["DATATYPES", "MESSAGE_TYPES", "MetricSpec", "SparkplugSchema", "SparkplugState", "share_state"]
 
 NAMESPACE = "spBv1.0"
 NODE_TYPES = frozenset({"NBIRTH", "NDATA", "NDEATH", "NCMD"})
@@ -147,6 +149,17 @@ class SparkplugState:
                 self.nodes.clear()  # bounded: a client inventing node ids cannot grow it
             found = self.nodes[key] = _Node()
         return found
+
+
+def share_state(schemas: Iterable[object], state: SparkplugState | None = None) -> None:
+    """Gives every `sparkplug_b` schema among `schemas` (those of one set) one state: `state`, else
+    the first one's. A node's messages may map to several schemas (node topics to one, device topics
+    to another), but its BIRTHs, aliases and sequence numbers are one story."""
+    found = [schema for schema in schemas if isinstance(schema, SparkplugSchema)]
+    if found:
+        shared = state if state is not None else found[0].state
+        for schema in found:
+            schema.state = shared
 
 
 class SparkplugSchema:

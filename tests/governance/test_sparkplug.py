@@ -219,3 +219,37 @@ def test_a_release_from_quarantine_leaves_the_state_alone():
     released = Message(DEVICE.format("DDATA"), ddata(2), 1, False, CLIENT, released_from=17)
     assert governance.check(released).accepted
     assert governance.check(Message(DEVICE.format("DDATA"), ddata(4), 1, False, CLIENT)).accepted
+
+
+def split_set(root: Path, version: str) -> Path:
+    """A set whose node topics map to one sparkplug_b schema and device topics to another."""
+    d = root / version
+    d.mkdir()
+    (d / "manifest.yaml").write_text(
+        f"version: {version}\ntopic_patterns: ['spBv1.0/#']\n"
+        f"schema_mappings:\n  spBv1.0/+/+/+: nodes:{version}\n  spBv1.0/+/+/+/+: devices:{version}\n"
+        f"schema_files:\n  nodes:{version}: {{format: sparkplug_b}}\n  devices:{version}: {{format: sparkplug_b}}\n"
+        "policy:\n  unmapped: reject\n")
+    return d
+
+
+def ndata(seq: int) -> bytes:
+    message = P(timestamp=2, seq=seq)
+    message.metrics.add(alias=1, long_value=11)
+    return message.SerializeToString()
+
+
+def test_one_state_for_the_schemas_of_a_set(tmp_path):
+    # One node's sequence runs across its node and device topics, mapped to two schemas here.
+    governance = Governance(load_schema_set(split_set(tmp_path, "v1")))
+    sequence = [(NODE.format("NBIRTH"), nbirth(0)), (DEVICE.format("DBIRTH"), dbirth(1)),
+                (NODE.format("NDATA"), ndata(2)), (DEVICE.format("DDATA"), ddata(3))]
+    for topic, payload in sequence:
+        verdict = governance.check(Message(topic, payload, 1, False, CLIENT))
+        assert verdict.accepted, (topic, verdict.reasons)
+    # A reload carries that one state over as a whole, whatever the new schemas are called.
+    governance.schema_set = load_schema_set(split_set(tmp_path, "v2"))
+    assert governance.check(Message(NODE.format("NDATA"), ndata(4), 1, False, CLIENT)).accepted
+    assert governance.check(Message(DEVICE.format("DDATA"), ddata(5), 1, False, CLIENT)).accepted
+    late = governance.check(Message(NODE.format("NDATA"), ndata(5), 1, False, CLIENT))
+    assert not late.accepted and "expected 6" in late.reasons[0].message

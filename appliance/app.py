@@ -328,7 +328,9 @@ class Appliance:
                     raise StartupError(f"listener {spec.listen}: TLS: {exc}") from exc
             listeners.append(Listener(spec.listen.host, spec.listen.port, context,
                                       spec.tls.use_identity_as_username if spec.tls else "none", authenticator,
-                                      websocket_path=spec.websocket_path))
+                                      websocket_path=spec.websocket_path,
+                                      allowed_origins=None if spec.allowed_origins is None
+                                      else frozenset(o.lower() for o in spec.allowed_origins)))
         return listeners
 
     async def stop(self) -> None:

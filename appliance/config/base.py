@@ -102,6 +102,10 @@ class ListenerConfig(_Section):
         "subprotocol mqtt, binary frames.",
     )
     path: str | None = Field(None, description="websockets: the HTTP path clients connect to (default /mqtt).")
+    allowed_origins: list[str] | None = Field(
+        None, description="websockets: the web origins (https://host[:port]) whose pages may connect; a handshake "
+        "with another Origin header gets HTTP 403 (one without, from a non-browser client, passes). None: any.",
+    )
 
     _listen = field_validator("listen", mode="before")(_address)
 
@@ -112,6 +116,13 @@ class ListenerConfig(_Section):
                 raise ValueError("path needs transport: websockets")
             if not self.path.startswith("/") or "?" in self.path or any(c.isspace() for c in self.path):
                 raise ValueError(f"path must be an HTTP path like /mqtt, got {self.path!r}")
+        if self.allowed_origins is not None:
+            if self.transport != "websockets":
+                raise ValueError("allowed_origins needs transport: websockets")
+            for origin in self.allowed_origins:
+                if not re.fullmatch(r"https?://[^/\s?#]+", origin):
+                    raise ValueError(f"allowed_origins: expected an origin like https://console.example.com (scheme, host, "
+                                     f"optional port, no path), got {origin!r}")
         return self
 
     @property

@@ -17,8 +17,10 @@ rejection whose mapping has `on_reject.republish`, on the event loop and without
 - records a `dead_letter` event (docs/audit.md) naming the verdict, the topic and the destinations.
 
 Not republished: accepted messages, wills (judged at CONNECT), a message released from quarantine
-that fails again (its first rejection was republished already), and dry-run verdicts (the message is
-delivered as is; the event says `dry_run: true` and nothing is sent).
+that fails again (its first rejection was republished already), dry-run verdicts (the message is
+delivered as is; the event says `dry_run: true` and nothing is sent), and rejections for the
+mapping's rate limit (reason code 0x97 Quota exceeded): a client flooding past it would otherwise
+make one dead letter per message, the very load the limit sheds.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from appliance.audit.records import FORWARD_ONLY
 from appliance.broker import BrokerEndpoint
 from appliance.forward.link import Link, LinkClosed, TooLarge, user_properties
 from appliance.mqtt.properties import Properties
+from appliance.mqtt.reason_codes import ReasonCode
 from appliance.governance import SchemaSet, SchemaSetError
 from appliance.msglog import FormatError, LogClosed
 from appliance.names import EventKind
@@ -143,6 +146,8 @@ class DeadLetterSink:
         dead = verdict.dead_letter
         if dead is None or verdict.accepted or message.is_will or message.released_from is not None:
             return 0
+        if verdict.reason_code == ReasonCode.QUOTA_EXCEEDED:
+            return 0  # a flood past the rate limit would become a flood of dead letters
         client = message.client
         verdict_id = self._verdict_id()
         check = verdict.reasons[0].check if verdict.reasons else "schema"

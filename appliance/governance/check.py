@@ -109,15 +109,11 @@ class Governance:
 
 
 def _carry_state(old: SchemaSet, new: SchemaSet) -> None:
-    """Sparkplug B keeps what BIRTH certificates said across a reload: a schema of the new set takes
-    the state of the old set's schema of the same name (without version), else of its only one."""
-    old_states = {name.split(":", 1)[0]: cast("SparkplugSchema", schema).state
-                  for name, schema in old.schemas.items() if schema.format == "sparkplug_b"}
-    for name, schema in new.schemas.items():
-        if schema.format != "sparkplug_b":
-            continue
-        state = old_states.get(name.split(":", 1)[0])
-        if state is None and len(old_states) == 1:
-            state = next(iter(old_states.values()))
-        if state is not None:
-            cast("SparkplugSchema", schema).state = state
+    """Sparkplug B keeps what BIRTH certificates said across a reload: the old set's one state
+    (shared by its sparkplug_b schemas) becomes the new set's, whatever the schemas are named."""
+    old_state = next((cast("SparkplugSchema", schema).state for schema in old.schemas.values()
+                      if schema.format == "sparkplug_b"), None)
+    if old_state is not None and any(schema.format == "sparkplug_b" for schema in new.schemas.values()):
+        from appliance.governance.sparkplug import share_state
+
+        share_state(new.schemas.values(), old_state)

@@ -181,6 +181,10 @@ def _build(directory: Path, manifest: LineDict, problems: _Problems) -> SchemaSe
     digest = hashlib.sha256()
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         digest.update(path.relative_to(directory).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    if any(schema.format == "sparkplug_b" for schema in schemas.values()):
+        from appliance.governance.sparkplug import share_state
+
+        share_state(schemas.values())  # one state for the set: a node's topics may map to several schemas
     return SchemaSet(
         revision=digest.hexdigest()[:12],
         directory=directory,

@@ -18,8 +18,10 @@ A mapping to a `format: sparkplug_b` schema (usually `spBv1.0/#`) checks, for ev
    `Device Control/` and `Properties/` metrics need no declaration), with the declared datatype and
    within `min`/`max`.
 
-What BIRTH certificates said (aliases, datatypes, the last sequence number) is kept in a
-`SparkplugState` the schema owns, per group and node, in memory: it survives a node's reconnects and
+What BIRTH certificates said (aliases, datatypes, the last sequence number) is kept in one
+`SparkplugState` per schema set, shared by all its `sparkplug_b` schemas (a node's topics may map to
+several), per group and node, in memory and bounded (`MAX_NODES` nodes of `MAX_DEVICES_PER_NODE`
+devices each; past that the least recently used node or device is forgotten): it survives a node's reconnects and
 a reload of the schema set, not a restart of the appliance. After a restart, a DATA message that
 names its metrics passes, one that only has aliases is rejected until the node's next NBIRTH (ask for
 one with `Node Control/Rebirth`), and the first sequence number seen is taken as it is. The state
@@ -40,6 +42,8 @@ from __future__ import annotations
 
 import math
 import struct
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -50,7 +54,7 @@ from google.protobuf.message import DecodeError
 
 from appliance.governance.errors import SchemaError
 
-__all__ = ["DATATYPES", "MESSAGE_TYPES", "MetricSpec", "SparkplugSchema", "SparkplugState"]
+__all__ = ["DATATYPES", "MESSAGE_TYPES", "MetricSpec", "SparkplugSchema", "SparkplugState", "share_state"]
 
 NAMESPACE = "spBv1.0"
 NODE_TYPES = frozenset({"NBIRTH", "NDATA", "NDEATH", "NCMD"})
@@ -124,29 +128,61 @@ class _Scope:
     datatypes: dict[str, int] = field(default_factory=dict)  # name -> datatype
 
 
+# Bounds of the state, so that a client inventing node or device ids cannot grow it: past them the
+# least recently used node (device of the node) is forgotten, and its aliases need a rebirth.
+MAX_NODES = 100_000
+MAX_DEVICES_PER_NODE = 1_000
+
+
 @dataclass(slots=True)
 class _Node:
     scope: _Scope | None = None  # None until an NBIRTH was seen
-    devices: dict[str, _Scope] = field(default_factory=dict)
+    devices: OrderedDict[str, _Scope] = field(default_factory=OrderedDict)  # least recently used first
     seq: int | None = None  # the last sequence number seen
+
+    def device(self, device: str) -> _Scope | None:
+        scope = self.devices.get(device)
+        if scope is not None:
+            self.devices.move_to_end(device)
+        return scope
+
+    def add_device(self, device: str, scope: _Scope) -> None:
+        self.devices[device] = scope
+        self.devices.move_to_end(device)
+        if len(self.devices) > MAX_DEVICES_PER_NODE:
+            self.devices.popitem(last=False)
 
 
 class SparkplugState:
-    """BIRTH certificates and sequence numbers seen, per (group, node). In memory, bounded."""
+    """BIRTH certificates and sequence numbers seen, per (group, node). In memory, bounded: at most
+    `MAX_NODES` nodes of `MAX_DEVICES_PER_NODE` devices each, the least recently used forgotten."""
 
-    MAX_NODES = 100_000
+    MAX_NODES = MAX_NODES
 
     def __init__(self) -> None:
-        self.nodes: dict[tuple[str, str], _Node] = {}
+        self.nodes: OrderedDict[tuple[str, str], _Node] = OrderedDict()  # least recently used first
 
     def node(self, group: str, node: str) -> _Node:
         key = (group, node)
         found = self.nodes.get(key)
         if found is None:
             if len(self.nodes) >= self.MAX_NODES:
-                self.nodes.clear()  # bounded: a client inventing node ids cannot grow it
+                self.nodes.popitem(last=False)
             found = self.nodes[key] = _Node()
+        else:
+            self.nodes.move_to_end(key)
         return found
+
+
+def share_state(schemas: Iterable[object], state: SparkplugState | None = None) -> None:
+    """Gives every `sparkplug_b` schema among `schemas` (those of one set) one state: `state`, else
+    the first one's. A node's messages may map to several schemas (node topics to one, device topics
+    to another), but its BIRTHs, aliases and sequence numbers are one story."""
+    found = [schema for schema in schemas if isinstance(schema, SparkplugSchema)]
+    if found:
+        shared = state if state is not None else found[0].state
+        for schema in found:
+            schema.state = shared
 
 
 class SparkplugSchema:
@@ -259,7 +295,7 @@ class _Check:
         elif self.device is None:
             scope = state.scope
         else:
-            scope = state.devices.get(self.device)
+            scope = state.device(self.device)
         declared = self.schema.device_metrics if self.device is not None else self.schema.node_metrics
         metrics = []
         values: dict[str, Any] = {}
@@ -284,7 +320,7 @@ class _Check:
             state.devices.clear()  # a new session of the node: its devices are born again
         elif kind == "DBIRTH":
             assert scope is not None
-            state.devices[self.device or ""] = scope
+            state.add_device(self.device or "", scope)
         decoded_payload: dict[str, Any] = {
             "message_type": kind, "group": self.group, "node": self.node_id, "device": self.device or "",
             "timestamp": message.timestamp, "metrics": metrics, "values": values,

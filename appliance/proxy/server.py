@@ -73,6 +73,8 @@ class Listener:
     authenticator: Authenticator | None = None
     # MQTT over WebSockets at this HTTP path (proxy/websocket.py); None: MQTT over TCP.
     websocket_path: str | None = None
+    # WebSockets: the Origin headers accepted (lowercase); None: any (proxy/websocket.py).
+    allowed_origins: frozenset[str] | None = None
 
     def __str__(self) -> str:
         where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -524,7 +526,8 @@ class ProxyServer:
         leg = ClientLeg(self, listener)
         if listener.websocket_path is None:
             return leg
-        return WebSocketLeg(leg, path=listener.websocket_path, max_frame=self.limits.max_packet_size, reporter=self)
+        return WebSocketLeg(leg, path=listener.websocket_path, max_frame=self.limits.max_packet_size, reporter=self,
+                            allowed_origins=listener.allowed_origins)
 
     async def stop(self, timeout: float = 5.0) -> None:
         for server in self._servers:

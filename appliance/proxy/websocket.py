@@ -13,7 +13,8 @@ apply as on a TCP listener.
 What the MQTT over WebSockets binding (MQTT 5, section 6) asks: the `mqtt` subprotocol (a client
 that does not offer it is refused with HTTP 400), binary frames only (a text frame closes the
 connection with 1003), and here a frame larger than `limits.max_packet_size` closes it with 1009
-and counts as that limit. A wrong path gets HTTP 404.
+and counts as that limit. A wrong path gets HTTP 404, an Origin header that the listener's
+`allowed_origins` does not list HTTP 403.
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
 class WebSocketLeg(asyncio.Protocol):
     """The TCP (or TLS) connection of one WebSocket client, carrying `inner`'s byte stream."""
 
-    def __init__(self, inner: asyncio.Protocol, *, path: str, max_frame: int, reporter: Reporter | None = None):
+    def __init__(self, inner: asyncio.Protocol, *, path: str, max_frame: int, reporter: Reporter | None = None,
+                 allowed_origins: frozenset[str] | None = None):
         self._inner = inner
         self._path = path
+        self._origins = allowed_origins
         self._reporter = reporter
         self._ws = ServerProtocol(subprotocols=[SUBPROTOCOL], max_size=(None, max_frame), logger=_library_log)
         self._raw: asyncio.Transport | None = None
@@ -124,6 +127,9 @@ class WebSocketLeg(asyncio.Protocol):
         if path != self._path:
             response = ws.reject(404, f"No MQTT over WebSockets at {path}: the path is {self._path}.\n")
             reason = f"path {path} (the listener's is {self._path})"
+        elif (origin := self._refused_origin(request)) is not None:
+            response = ws.reject(403, f"Origin {origin} may not connect to this listener (allowed_origins).\n")
+            reason = f"origin {origin} is not in allowed_origins"
         else:
             response = ws.accept(request)
             reason = str(ws.handshake_exc) if ws.handshake_exc is not None else ""
@@ -131,6 +137,18 @@ class WebSocketLeg(asyncio.Protocol):
         if response.status_code != 101:
             log.warning("refusing %s: WebSocket handshake: %s (HTTP %d)", self._peer, reason, response.status_code)
             self._error = f"WebSocket handshake refused: {reason}"
+
+    def _refused_origin(self, request: Request) -> str | None:
+        """The Origin header when `allowed_origins` excludes it. A browser sends one with every
+        WebSocket handshake and also presents its client certificate and cookies by itself, so a page
+        of any site could otherwise speak MQTT as the user (cross-site WebSocket hijacking); a client
+        that is not a browser sends none and is judged by its credentials alone."""
+        if self._origins is None:
+            return None
+        origin = request.headers.get("Origin")
+        if origin is None or origin.lower().rstrip("/") in self._origins:
+            return None
+        return origin[:200]
 
     def _frame(self, frame: Frame) -> bool:
         """One received frame; False once the connection is failing."""

@@ -18,13 +18,15 @@ How the appliance reads a payload adds to that (`compare_avro`):
 - `confluent` and `single_object` name the writer's schema: the set accepts every writer schema the
   entry lists (`schema_ids`, or the entry's file and `writers`) and resolves it into the entry's
   schema. BACKWARD then needs every writer the old set took to be listed and readable in the new set;
-  FORWARD the reverse.
+  FORWARD the reverse. A Confluent schema id that names another writer schema (by canonical form) in
+  the other set breaks: payloads framed with it are decoded with the wrong writer.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from appliance.governance.avro import fingerprint
 from replay.compat.model import BOTH, NARROWING, NEITHER, WIDENING, Direction, Finding
 
 _PROMOTIONS = {("int", "long"), ("int", "float"), ("int", "double"), ("long", "float"), ("long", "double"),
@@ -244,6 +246,14 @@ def _writer_side(findings: list[Finding], before: dict[Any, tuple[str, Any]], af
             findings.append(Finding("writer schema not accepted", f"/{label}", label, None, breaks,
                                     detail=f"{what} is not listed in the {which} set: payloads written with it are rejected"))
             continue
+        after_label, after_writer = after[key]
+        if isinstance(key, int) and fingerprint(writer) != fingerprint(after_writer):
+            # The id names another writer schema now: a payload framed with it is decoded with the
+            # other set's writer, whatever resolution would say about the two readers.
+            findings.append(Finding("schema id remapped", f"/{label}", label, after_label, breaks,
+                                    detail=f"schema id {key} maps to another writer schema in the {which} set ({after_label}): "
+                                           f"payloads written with {label} are decoded with the wrong schema"))
+            label, writer = after_label, after_writer  # what that id is read with from now on
         for kind, path, w, r, detail in resolution_problems(writer, reader):
             findings.append(Finding(kind, f"/{label}{path if path != '/' else ''}", w, r, breaks, proven=kind != BYTES_AS_STRING,
                                     detail=f"a record written with {label} cannot be read with the {which} schema: {detail}"))

@@ -13,7 +13,7 @@ import pytest
 from appliance.broker import BrokerEndpoint
 from appliance.deadletter.republisher import DeadLetterSink, Letter, LocalRepublisher
 from appliance.republish import DeadLetter, parse_template
-from appliance.mqtt import ProtocolVersion
+from appliance.mqtt import ProtocolVersion, ReasonCode
 from appliance.mqtt.properties import Properties
 from appliance.pipeline import ClientInfo, Message, Reason, Verdict
 from tests.forward.harness import CloudBroker, Subscriber
@@ -131,6 +131,9 @@ def test_the_sink_republishes_only_live_rejections():
     assert sink.record(message._replace(is_will=True), verdict, 0, False) == 0
     assert sink.record(message, Verdict(True, dead_letter=dead), 0, True) == 0
     assert sink.record(message, Verdict.reject(Reason("schema", "bad")), 0, False) == 0
+    # Nor a rejection for the mapping's rate limit: a flood past it would become a flood of dead letters.
+    limited = Verdict.reject(Reason("rule", "rate"), reason_code=ReasonCode.QUOTA_EXCEEDED, dead_letter=dead)
+    assert sink.record(message, limited, 0, False) == 0
     assert log.records == [] and events == []
     # A live rejection: the forward-only record is its ticket (the publisher's ack waits for it).
     assert sink.record(message, verdict, 0, False) == 101

@@ -270,3 +270,31 @@ def test_local_dead_letters_made_while_mosquitto_is_down_arrive_after_its_restar
     finally:
         running.stop()
 
+
+
+def test_a_flood_past_the_rate_limit_makes_no_dead_letters(tmp_path):
+    d = schema_set(
+        tmp_path / "set",
+        temperature=mapping("temperature:v1", "topic: deadletter/{topic}\nqos: 1"),
+        status=mapping("device_status:v1", "topic: deadletter/{topic}\nqos: 1"),
+    )
+    manifest = d / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace(
+        "    - name: max_size\n", "    - name: per_device\n      max_rate: 1/hour\n    - name: max_size\n"))
+    running = RunningAppliance(make_config(tmp_path / "state", schemas=str(d))).start()
+    try:
+        sub = Client(running.port, version=5, client_id="ops").connect()
+        sub.subscribe("deadletter/#", qos=1)
+        pub = Client(running.port, version=5, client_id="t1").connect()
+        first = pub.publish("sensor/t1/temperature", BAD_TEMPERATURE, qos=1)  # takes the hour's one message
+        flood = [pub.publish("sensor/t1/temperature", BAD_TEMPERATURE, qos=1) for _ in range(20)]
+        last = pub.publish("device/d1/status", BAD_STATUS, qos=1)  # no rate limit: a dead letter
+        assert pub.acks[first.mid].value == ReasonCode.PAYLOAD_FORMAT_INVALID
+        assert {pub.acks[info.mid].value for info in flood} == {ReasonCode.QUOTA_EXCEEDED}
+        assert pub.acks[last.mid].value == ReasonCode.PAYLOAD_FORMAT_INVALID
+        # Dead letters go out in order on one connection: the flood's would come before the last one.
+        assert [m.topic for m in sub.expect(2)] == ["deadletter/sensor/t1/temperature", "deadletter/device/d1/status"]
+        pub.disconnect()
+        sub.disconnect()
+    finally:
+        running.stop()

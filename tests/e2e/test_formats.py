@@ -7,7 +7,7 @@ import decimal
 from pathlib import Path
 
 from appliance.governance.sparkplug import payload_class
-from appliance.mqtt import Connect, ProtocolVersion, Puback, Publish, ReasonCode
+from appliance.mqtt import Connect, Disconnect, ProtocolVersion, Puback, Publish, ReasonCode
 from appliance.simulate_formats import meter_reading
 from tests.conftest import make_config
 from tests.helpers import Client, RawClient, RunningAppliance
@@ -26,9 +26,11 @@ def reading(meter: str = "m1", energy: str = "12.5") -> bytes:
                           "site": {"building": "A", "floor": 1}})
 
 
-def publish_all(port: int, messages: list[tuple[str, bytes]]) -> list[Puback]:
+def publish_all(port: int, messages: list[tuple[str, bytes]], *, client_id: str = "dev", disconnect: bool = False) -> list[Puback]:
+    """Publishes at QoS 1 on a new connection, one PUBACK each; `disconnect`: then leaves with a
+    DISCONNECT and waits for the appliance to close the connection."""
     raw = RawClient(port)
-    raw.send(Connect(client_id="dev", protocol_version=ProtocolVersion.MQTT_5))
+    raw.send(Connect(client_id=client_id, protocol_version=ProtocolVersion.MQTT_5))
     assert raw.receive().reason_code == 0
     acks = []
     for packet_id, (topic, payload) in enumerate(messages, start=1):
@@ -36,6 +38,10 @@ def publish_all(port: int, messages: list[tuple[str, bytes]]) -> list[Puback]:
         ack = raw.receive()
         assert isinstance(ack, Puback), ack
         acks.append(ack)
+    if disconnect:
+        raw.send(Disconnect())
+        assert raw.closed_by_peer()
+        raw.close()
     return acks
 
 
@@ -112,6 +118,42 @@ def test_sparkplug_b_through_the_proxy(tmp_path):
         assert "unknown Sparkplug message type 'BOGUS'" in reasons[8]
         got = sub.expect(4)
         assert [m.topic for m in got] == [messages[i][0] for i in accepted]
+        sub.disconnect()
+    finally:
+        appliance.stop()
+
+
+def test_sparkplug_aliases_survive_a_reconnect(tmp_path):
+    # The BIRTH certificates are the node's, not its connection's: a node that reconnects without a
+    # new NBIRTH (Sparkplug lets it) keeps publishing by alias.
+    payload = payload_class()
+    birth = payload(timestamp=1, seq=0)
+    birth.metrics.add(name="bdSeq", datatype=8, long_value=0)
+    birth.metrics.add(name="uptime_s", alias=1, datatype=8, long_value=10)
+    device = payload(timestamp=1, seq=1)
+    device.metrics.add(name="temperature", alias=10, datatype=9, float_value=21.0)
+
+    def by_alias(seq: int, alias: int, **value: float | int) -> bytes:
+        message = payload(timestamp=2, seq=seq)
+        message.metrics.add(alias=alias, **value)
+        return message.SerializeToString()
+
+    appliance = running(tmp_path, "sparkplug")
+    try:
+        sub = Client(appliance.port, version=5).connect()
+        sub.subscribe("spBv1.0/#", qos=1)
+        first = [("spBv1.0/plant1/NBIRTH/edge1", birth.SerializeToString()),
+                 ("spBv1.0/plant1/DBIRTH/edge1/dev1", device.SerializeToString())]
+        assert [ack.reason_code for ack in publish_all(appliance.port, first, client_id="edge1", disconnect=True)] == [0, 0]
+        again = [("spBv1.0/plant1/DDATA/edge1/dev1", by_alias(2, 10, float_value=23.5)),
+                 ("spBv1.0/plant1/NDATA/edge1", by_alias(3, 1, long_value=11)),
+                 ("spBv1.0/plant1/DDATA/edge1/dev1", by_alias(4, 99, float_value=1.0))]  # still checked
+        acks = publish_all(appliance.port, again, client_id="edge1")
+        assert [ack.reason_code for ack in acks[:2]] == [0, 0], [ack.properties.get(0x1F) for ack in acks]
+        assert acks[2].reason_code == ReasonCode.PAYLOAD_FORMAT_INVALID
+        assert "alias 99 was not declared in the DBIRTH" in acks[2].properties.get(0x1F)
+        got = sub.expect(4)
+        assert [(m.topic, m.payload) for m in got] == [*first, *again[:2]]
         sub.disconnect()
     finally:
         appliance.stop()

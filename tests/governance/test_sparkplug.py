@@ -219,3 +219,72 @@ def test_a_release_from_quarantine_leaves_the_state_alone():
     released = Message(DEVICE.format("DDATA"), ddata(2), 1, False, CLIENT, released_from=17)
     assert governance.check(released).accepted
     assert governance.check(Message(DEVICE.format("DDATA"), ddata(4), 1, False, CLIENT)).accepted
+
+
+def split_set(root: Path, version: str) -> Path:
+    """A set whose node topics map to one sparkplug_b schema and device topics to another."""
+    d = root / version
+    d.mkdir()
+    (d / "manifest.yaml").write_text(
+        f"version: {version}\ntopic_patterns: ['spBv1.0/#']\n"
+        f"schema_mappings:\n  spBv1.0/+/+/+: nodes:{version}\n  spBv1.0/+/+/+/+: devices:{version}\n"
+        f"schema_files:\n  nodes:{version}: {{format: sparkplug_b}}\n  devices:{version}: {{format: sparkplug_b}}\n"
+        "policy:\n  unmapped: reject\n")
+    return d
+
+
+def ndata(seq: int) -> bytes:
+    message = P(timestamp=2, seq=seq)
+    message.metrics.add(alias=1, long_value=11)
+    return message.SerializeToString()
+
+
+def test_one_state_for_the_schemas_of_a_set(tmp_path):
+    # One node's sequence runs across its node and device topics, mapped to two schemas here.
+    governance = Governance(load_schema_set(split_set(tmp_path, "v1")))
+    sequence = [(NODE.format("NBIRTH"), nbirth(0)), (DEVICE.format("DBIRTH"), dbirth(1)),
+                (NODE.format("NDATA"), ndata(2)), (DEVICE.format("DDATA"), ddata(3))]
+    for topic, payload in sequence:
+        verdict = governance.check(Message(topic, payload, 1, False, CLIENT))
+        assert verdict.accepted, (topic, verdict.reasons)
+    # A reload carries that one state over as a whole, whatever the new schemas are called.
+    governance.schema_set = load_schema_set(split_set(tmp_path, "v2"))
+    assert governance.check(Message(NODE.format("NDATA"), ndata(4), 1, False, CLIENT)).accepted
+    assert governance.check(Message(DEVICE.format("DDATA"), ddata(5), 1, False, CLIENT)).accepted
+    late = governance.check(Message(NODE.format("NDATA"), ndata(5), 1, False, CLIENT))
+    assert not late.accepted and "expected 6" in late.reasons[0].message
+
+
+def test_devices_per_node_are_capped_least_recently_used_first(schema, monkeypatch):
+    from appliance.governance import sparkplug
+
+    monkeypatch.setattr(sparkplug, "MAX_DEVICES_PER_NODE", 3)
+    assert schema.validate_topic(NODE.format("NBIRTH"), nbirth())[1] == []
+    seq = 0
+    for device in ("d1", "d2", "d3"):
+        seq += 1
+        assert schema.validate_topic(f"spBv1.0/plant1/DBIRTH/edge1/{device}", dbirth(seq))[1] == []
+    seq += 1
+    assert schema.validate_topic("spBv1.0/plant1/DDATA/edge1/d1", ddata(seq))[1] == []  # d1 used: d2 is the oldest
+    seq += 1
+    assert schema.validate_topic("spBv1.0/plant1/DBIRTH/edge1/d4", dbirth(seq))[1] == []
+    devices = schema.state.node("plant1", "edge1").devices
+    assert list(devices) == ["d3", "d1", "d4"]
+    seq += 1
+    _, errors = schema.validate_topic("spBv1.0/plant1/DDATA/edge1/d2", ddata(seq))
+    assert "no DBIRTH seen for plant1/edge1/d2" in messages(errors)  # forgotten: it needs a rebirth
+    seq += 1
+    assert schema.validate_topic("spBv1.0/plant1/DDATA/edge1/d1", ddata(seq))[1] == []
+
+
+def test_nodes_are_capped_least_recently_used_first(schema, monkeypatch):
+    monkeypatch.setattr(type(schema.state), "MAX_NODES", 2)
+    for node in ("n1", "n2"):
+        assert schema.validate_topic(f"spBv1.0/plant1/NBIRTH/{node}", nbirth())[1] == []
+    assert schema.validate_topic("spBv1.0/plant1/NDATA/n1", ndata(1))[1] == []  # n1 used: n2 is the oldest
+    assert schema.validate_topic("spBv1.0/plant1/NBIRTH/n3", nbirth())[1] == []
+    assert list(schema.state.nodes) == [("plant1", "n1"), ("plant1", "n3")]
+    # n1 kept its BIRTH (aliases resolve, the count goes on); n2 is forgotten, not every node.
+    assert schema.validate_topic("spBv1.0/plant1/NDATA/n1", ndata(2))[1] == []
+    _, errors = schema.validate_topic("spBv1.0/plant1/NDATA/n2", ndata(1))
+    assert "no NBIRTH seen for plant1/n2" in messages(errors)

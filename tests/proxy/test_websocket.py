@@ -49,7 +49,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory, certs: Certificates) -> Iterator[RunningAppliance]:
-    """Plain TCP on `listen`, then ws://…/mqtt, then wss://…/ws with client certificates naming the user."""
+    """Plain TCP on `listen`, then ws://…/mqtt, then wss://…/ws with client certificates naming the user,
+    then ws://…/mqtt for pages of one origin."""
     state = tmp_path_factory.mktemp("ws") / "state"
     config = make_config(state, schemas=str(REPO / "schemas" / "v1"), **{
         "limits.max_packet_size": MAX_PACKET, "limits.connect_timeout": 1.0,
@@ -58,6 +59,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, certs: Certificates) -> It
             {"listen": "127.0.0.1:0", "transport": "websockets", "path": "/ws", "tls": {
                 "cert_file": str(certs.server_cert), "key_file": str(certs.server_key), "ca_file": str(certs.ca),
                 "require_client_certificate": True, "use_identity_as_username": "cn"}},
+            {"listen": "127.0.0.1:0", "transport": "websockets", "allowed_origins": ["https://Dashboard.example:8443"]},
         ],
     })
     running = RunningAppliance(config).start()
@@ -185,6 +187,34 @@ def test_handshake_refusals_are_clear(gateway: RunningAppliance, path: str, subp
     response = refused.value.response
     assert response.status_code == status
     assert text in response.body.decode()
+
+
+@pytest.mark.parametrize(("origin", "status"), [
+    ("https://dashboard.example:8443", 101),  # origins compare without case
+    (None, 101),  # not a browser: its credentials decide
+    ("https://evil.example", 403),
+    ("http://dashboard.example:8443", 403),
+    ("null", 403),  # a sandboxed page or a file
+])
+def test_allowed_origins_refuse_other_sites_pages(gateway: RunningAppliance, origin: str | None, status: int) -> None:
+    assert gateway.app.proxy is not None
+    port = gateway.app.proxy.listeners[3].port
+    headers = {"Origin": origin} if origin is not None else None
+    if status == 101:
+        with connect(f"ws://127.0.0.1:{port}/mqtt", subprotocols=["mqtt"], origin=origin,  # type: ignore[list-item,arg-type]
+                     open_timeout=TIMEOUT) as ws:
+            raw = RawWs(ws)
+            raw.mqtt_connect(f"origin-{status}")
+        return
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"ws://127.0.0.1:{port}/mqtt", subprotocols=["mqtt"], additional_headers=headers,  # type: ignore[list-item]
+                open_timeout=TIMEOUT)
+    response = refused.value.response
+    assert response.status_code == 403 and f"Origin {origin} may not connect" in response.body.decode()
+    # The listeners without allowed_origins take any page (documented: set it where browsers reach).
+    with connect(f"ws://127.0.0.1:{ws_port(gateway)}/mqtt", subprotocols=["mqtt"], additional_headers=headers,  # type: ignore[list-item]
+                 open_timeout=TIMEOUT) as ws:
+        RawWs(ws).mqtt_connect("origin-any")
 
 
 def test_many_packets_in_one_frame_and_one_packet_over_many_frames(gateway: RunningAppliance) -> None:
@@ -362,6 +392,9 @@ def test_a_websocket_subscriber_that_never_reads_is_contained(gateway: RunningAp
     ({"listen": "127.0.0.1:8083", "path": "/mqtt"}, "path needs transport: websockets"),
     ({"listen": "127.0.0.1:8083", "transport": "websockets", "path": "mqtt"}, "an HTTP path like /mqtt"),
     ({"listen": "127.0.0.1:8083", "transport": "websocket"}, "transport"),
+    ({"listen": "127.0.0.1:8083", "allowed_origins": ["https://a.example"]}, "allowed_origins needs transport: websockets"),
+    ({"listen": "127.0.0.1:8083", "transport": "websockets", "allowed_origins": ["https://a.example/page"]}, "an origin like"),
+    ({"listen": "127.0.0.1:8083", "transport": "websockets", "allowed_origins": ["a.example"]}, "an origin like"),
 ])
 def test_listener_config_errors(tmp_path: Path, listener: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -4,6 +4,7 @@ written with one schema are read with the other, and the static verdict must agr
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import fastavro
@@ -106,3 +107,37 @@ def test_example_sets_v1_to_v2():
     back = compare_sets(load_schema_set(REPO / "fixtures" / "avro" / "v2"), load_schema_set(REPO / "fixtures" / "avro" / "v1"))
     # Going back to v1 drops schema id 2: producers already on v2 would be rejected.
     assert not back.result("meter_reading_registry").verdicts["BACKWARD"]
+
+
+def confluent_set(root: Path, version: str, files: dict[str, dict]) -> Path:
+    """A set with one `encoding: confluent` entry reading `a.avsc`, schema id 1 -> the first file."""
+    folder = root / version
+    folder.mkdir()
+    for name, schema in files.items():
+        (folder / name).write_text(json.dumps(schema))
+    first = next(iter(files))
+    (folder / "manifest.yaml").write_text(
+        f"version: {version}\ntopic_patterns: [r/+]\nschema_mappings:\n  r/+: reading:{version}\n"
+        f"schema_files:\n  reading:{version}:\n    file: {first}\n    format: avro\n    encoding: confluent\n"
+        f"    schema_ids:\n      1: {first}\npolicy:\n  unmapped: reject\n")
+    return folder
+
+
+def test_schema_id_remapped_to_another_writer_breaks(tmp_path):
+    # Id 1 means {a: int} in v1 and {a: string, b} in v2: a v1 producer's payload framed with id 1 is
+    # decoded with v2's writer schema, however the readers resolve.
+    old = confluent_set(tmp_path, "v1", {"a.avsc": record(field("a", "int"), name="R")})
+    new = confluent_set(tmp_path, "v2", {"b.avsc": record(field("a", "string"), field("b", "string", default=""), name="R")})
+    result = compare_sets(load_schema_set(old), load_schema_set(new)).result("reading")
+    assert result.verdicts == {"BACKWARD": False, "FORWARD": False, "FULL": False}
+    remaps = [f for f in result.findings if f.kind == "schema id remapped"]
+    assert {d.value for f in remaps for d in f.breaks} == {"BACKWARD", "FORWARD"}
+    assert "schema id 1" in remaps[0].detail and "b.avsc" in remaps[0].detail
+
+
+def test_schema_id_mapped_to_the_same_schema_in_another_file_is_fine(tmp_path):
+    schema = record(field("a", "int"), name="R")
+    old = confluent_set(tmp_path, "v1", {"a.avsc": schema})
+    new = confluent_set(tmp_path, "v2", {"copy.avsc": {**schema, "doc": "same canonical form"}})
+    result = compare_sets(load_schema_set(old), load_schema_set(new)).result("reading")
+    assert result.compatible and not [f for f in result.findings if f.kind == "schema id remapped"]

@@ -57,9 +57,10 @@ class AuditOperations:
 
     async def event(self, request: dict[str, Any]) -> dict[str, Any]:
         """An event another process wants in the audit log (e.g. who purged what)."""
-        kind = str(request["kind"])
-        if kind not in EXTERNAL_EVENT_KINDS:
-            raise OperationRefused(f"event kind {kind!r} cannot be recorded from outside")
+        name = str(request["kind"])
+        kind = next((k for k in EXTERNAL_EVENT_KINDS if k == name), None)
+        if kind is None:
+            raise OperationRefused(f"event kind {name!r} cannot be recorded from outside")
         detail = dict(request.get("detail") or {})
         if request.get("_peer"):
             detail["by"] = request["_peer"]  # who asked, from the kernel (SO_PEERCRED), not from the request

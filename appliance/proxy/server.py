@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 # How long a half-closed broker leg may take to finish before it is aborted.
 BROKER_DRAIN_TIMEOUT_S = 10.0
 
-EventCallback = Callable[[str, dict[str, object]], None]
+EventCallback = Callable[[EventKind, dict[str, object]], None]
 
 
 @dataclass
@@ -481,7 +481,7 @@ class ProxyServer:
             if leg.session is not None and not leg._closed:
                 leg.execute(leg.session.release_acks())
 
-    def emit(self, kind: str, detail: dict[str, object]) -> None:
+    def emit(self, kind: EventKind, detail: dict[str, object]) -> None:
         if self._on_event is not None:
             self._on_event(kind, detail)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.metrics import AuditStats, DeadLetterStats, MetricsSink, Stats, UplinkStats, make_registry
-from appliance.names import PROXY_COUNTED, EventKind, Metric
+from appliance.names import LIMITS, PROXY_COUNTED, EventKind, Metric
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted([*(ROOT / "appliance").rglob("*.py"), *(ROOT / "replay").rglob("*.py")])
@@ -153,3 +153,46 @@ def _proxy_counted() -> list[str]:
 def test_the_proxy_counts_exactly_the_declared_proxy_metrics():
     counted = _proxy_counted()
     assert set(counted) == {metric.name for metric in PROXY_COUNTED}, counted
+
+
+def _limits_in_code() -> set[str]:
+    """Every `limit` label the code gives: `limit_exceeded(limit, ...)`, `refuse(transport, peer, limit, ...)`,
+    `(Metric.LIMIT_EXCEEDED, limit)`, `{"limit": limit}` and `limit = a if ... else b`."""
+    found: set[str] = set()
+
+    def strings(node: ast.expr | None) -> list[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node.value]
+        if isinstance(node, ast.IfExp):
+            return strings(node.body) + strings(node.orelse)
+        return []
+
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr == "limit_exceeded" and node.args:
+                    found.update(strings(node.args[0]))
+                elif node.func.attr == "refuse" and len(node.args) >= 3:
+                    found.update(strings(node.args[2]))
+            elif isinstance(node, ast.Tuple) and len(node.elts) == 2 and isinstance(node.elts[0], ast.Attribute) \
+                    and node.elts[0].attr == "LIMIT_EXCEEDED":
+                found.update(strings(node.elts[1]))
+            elif isinstance(node, ast.Dict):
+                found.update(v for k, value in zip(node.keys, node.values)
+                             if isinstance(k, ast.Constant) and k.value == "limit" for v in strings(value))
+            elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "limit" for t in node.targets):
+                found.update(strings(node.value))
+    return found
+
+
+def test_every_limit_label_is_declared_and_documented():
+    used = _limits_in_code()
+    assert {"connect_size", "packet_size", "inflight", "connections"} <= used  # the finder sees each way
+    assert used == set(LIMITS), (sorted(used - set(LIMITS)), sorted(set(LIMITS) - used))
+    operations = next(row for row in _table("operations.md", "| metric | type | labels | meaning |")
+                      if row[0] == "`mqtt_proxy_limit_exceeded_total`")
+    audit = next(row for row in _table("audit.md", "| kind | recorded when | detail |") if row[0] == "`limit_exceeded`")
+    for limit in LIMITS:
+        assert limit in Metric.LIMIT_EXCEEDED.value.help, limit
+        assert f"`{limit}`" in operations[3], limit
+        assert f"`{limit}`" in audit[1], limit

@@ -470,9 +470,8 @@ class ProxyServer:
     def sync_now(self) -> None:
         """A publisher has as many messages in flight as it will send: waiting for the message log's
         sync window would only stall it. Ask for the sync now."""
-        request = getattr(self.durability, "request_sync", None)
-        if request is not None:
-            request()
+        if self.durability is not None:
+            self.durability.request_sync()
 
     def committed(self, seq: int) -> None:
         """The message log settled records up to `seq`: send the acks that waited for them."""

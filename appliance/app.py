@@ -141,7 +141,7 @@ class Appliance:
         self.proxy: ProxyServer | None = None
         self.admin: AdminServer | None = None
         self.events: list[tuple[str, dict[str, object]]] = []
-        self._event_callbacks: list[Callable[[str, dict[str, object]], None]] = []
+        self._event_callbacks: list[Callable[[EventKind, dict[str, object]], None]] = []
 
     def uptime(self) -> float:
         return time.monotonic() - self._started
@@ -234,14 +234,14 @@ class Appliance:
         recorded), the ACL, the schema set, the outbox's room."""
         return tuple(c for c in (self._store_check, self.acl, governance, self._outbox_check) if c is not None)
 
-    def on_event(self, kind: str, detail: dict[str, object]) -> None:
+    def on_event(self, kind: EventKind, detail: dict[str, object]) -> None:
         log.debug("event %s %s", kind, detail)
         if self.audit is not None:
             self.audit.record_event(kind, detail)
         for callback in self._event_callbacks:
             callback(kind, detail)
 
-    def add_event_callback(self, callback: Callable[[str, dict[str, object]], None]) -> None:
+    def add_event_callback(self, callback: Callable[[EventKind, dict[str, object]], None]) -> None:
         """`callback(kind, detail)` on the event loop for every event (a "listener" is a socket here)."""
         self._event_callbacks.append(callback)
 

@@ -133,7 +133,7 @@ class EmbeddedBroker:
         config: BrokerConfig,
         state_dir: Path,
         *,
-        on_event: Callable[[str, dict[str, object]], None] | None = None,
+        on_event: Callable[[EventKind, dict[str, object]], None] | None = None,
     ):
         self._config = config
         self._dir = state_dir / "mosquitto"
@@ -250,7 +250,7 @@ class EmbeddedBroker:
 
 
 def make_broker(
-    config: BrokerConfig, state_dir: Path, on_event: Callable[[str, dict[str, object]], None] | None = None
+    config: BrokerConfig, state_dir: Path, on_event: Callable[[EventKind, dict[str, object]], None] | None = None
 ) -> EmbeddedBroker | ExternalBroker:
     if config.mode == "external":
         return ExternalBroker(config)

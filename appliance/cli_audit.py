@@ -134,7 +134,7 @@ def _exclusive_or_running(state_dir: Path) -> Iterator[bool]:
         lock.close()
 
 
-def _record_event(state_dir: Path, kind: str, detail: dict[str, Any]) -> None:
+def _record_event(state_dir: Path, kind: EventKind, detail: dict[str, Any]) -> None:
     """An event in the audit log: through the running appliance (the log's one writer), or, when
     none runs, by opening the log for this one record while holding the state dir's lock."""
     with _exclusive_or_running(state_dir) as running:
@@ -147,7 +147,7 @@ def _record_event(state_dir: Path, kind: str, detail: dict[str, Any]) -> None:
         _append_event(state_dir, kind, detail)
 
 
-def _append_event(state_dir: Path, kind: str, detail: dict[str, Any]) -> None:
+def _append_event(state_dir: Path, kind: EventKind, detail: dict[str, Any]) -> None:
     from appliance.audit.records import EVENT
     from appliance.audit.service import id_clock
     from appliance.audit.sink import event_record

@@ -64,6 +64,11 @@ class MetricSpec:
         return self.name + "_total" if self.type == "counter" else self.name
 
 
+# The values of `limit` in `limit_exceeded` events and the mqtt_proxy_limit_exceeded metric.
+LIMITS = ("connections", "connections_per_address", "connect_size", "packet_size", "inflight", "subscriptions",
+          "message_rate")
+
+
 class Metric(Enum):
     """Every metric the appliance exports besides the standard process_* and python_* ones."""
 
@@ -81,8 +86,8 @@ class Metric(Enum):
     CONNECTED_CLIENTS = MetricSpec("mqtt_proxy_connected_clients", "gauge", "Client connections open now.")
     BROKER_RESTARTS = MetricSpec("mqtt_proxy_broker_restarts", "counter", "Times the embedded mosquitto was restarted.")
     CONFIG_RELOADS = MetricSpec("mqtt_proxy_config_reloads", "counter", "Config and schema set reloads, by result.", ("result",))
-    LIMIT_EXCEEDED = MetricSpec("mqtt_proxy_limit_exceeded", "counter", "Times a client hit a limit, by limit "
-                                "(connections, connections_per_address, inflight, subscriptions, message_rate).", ("limit",))
+    LIMIT_EXCEEDED = MetricSpec("mqtt_proxy_limit_exceeded", "counter",
+                                f"Times a client hit a limit, by limit ({', '.join(LIMITS)}).", ("limit",))
     AUTH_FAILURES = MetricSpec("mqtt_proxy_auth_failures", "counter", "Refused CONNECTs, by reason.", ("reason",))
     ACL_DENIED = MetricSpec("mqtt_proxy_acl_denied", "counter", "SUBSCRIBE filters the ACL denied (denied PUBLISHes "
                             "are invalid messages with check acl).", ("action",))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
 
+from appliance.mqtt.topics import filters_overlap, topic_filter_problem
 from appliance.yamlsource import LineDict, did_you_mean
 
 PLACEHOLDERS = ("topic", "client_id", "schema", "check")
@@ -213,6 +214,15 @@ def _filter_shape(topic_filter: str) -> tuple[Level, ...]:
     return tuple(_ONE if level == "+" else _ANY if level == "#" else level for level in topic_filter.split("/"))
 
 
+def _as_filter(shape: tuple[Level, ...]) -> str | None:
+    """The shape as a valid MQTT topic filter when it is one (no placeholder pattern, `#` only last), so
+    that mqtt/topics.py judges the overlap; None when only the shape search can."""
+    if any(isinstance(level, re.Pattern) for level in shape) or _ANY in shape[:-1]:
+        return None
+    rendered = "/".join("+" if level == _ONE else "#" if level == _ANY else str(level) for level in shape)
+    return rendered if topic_filter_problem(rendered) is None else None
+
+
 def template_shape(dead_letter: DeadLetter, mapping_filter: str, schema: str | None) -> tuple[Level, ...]:
     """Every topic the template can render for messages on `mapping_filter`: {topic} stands for the
     mapping's filter, {schema} for its schema name, {client_id} and {check} for any one level."""
@@ -278,8 +288,9 @@ def shapes_overlap(a: tuple[Level, ...], b: tuple[Level, ...]) -> bool:
 def loop_problem(dead_letter: DeadLetter, mapping_filter: str, schema: str | None, topic_patterns: Iterable[str]) -> str | None:
     """Why this dead-letter template is refused (a topic it can render is one the set judges), or None."""
     shape = template_shape(dead_letter, mapping_filter, schema)
+    rendered = _as_filter(shape)
     for pattern in topic_patterns:
-        if shapes_overlap(shape, _filter_shape(pattern)):
+        if filters_overlap(rendered, pattern) if rendered is not None else shapes_overlap(shape, _filter_shape(pattern)):
             return (f"dead-letter topic {dead_letter.template!r} can be a topic that topic_patterns entry "
                     f"{pattern!r} allows (here it renders as {_show(shape)}); dead-letter topics must lie outside "
                     "topic_patterns, so that a dead letter is never judged and no client can publish one through "

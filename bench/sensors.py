@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bench.payloads import reading, synthetic_ts, timestamp, topic
 from appliance.mqtt import RemoteProtocolError
@@ -53,8 +53,9 @@ class Sensor(asyncio.Protocol):
         self.published: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
-        transport.write(self.client.connect())  # type: ignore[attr-defined]  # a BaseTransport does not write
+        # A stream transport, though uvloop's are not subclasses of asyncio.Transport.
+        self.transport = stream = cast(asyncio.Transport, transport)
+        stream.write(self.client.connect())
 
     def pause_writing(self) -> None:
         self.writable.clear()

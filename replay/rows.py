@@ -3,7 +3,6 @@ no objects), and the filters that select which recorded messages are replayed.""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -66,25 +65,3 @@ class Filters:
             "limit": self.limit,
             "sample": self.sample,
         }
-
-
-def topic_filter_regex(topic_filter: str) -> str:
-    """An MQTT topic filter as a regular expression for SQL (`regexp_full_match`): `+` is one level,
-    `#` the parent level and everything below it, and a wildcard at the first level does not match
-    `$`-topics. Python sources match with the appliance's own TopicTrie instead; tests check both
-    agree."""
-    levels = topic_filter.split("/")
-    parts: list[str] = []
-    for index, level in enumerate(levels):
-        first = index == 0
-        if level == "#":
-            tail = "(?:[^$].*)?" if first else ".*"
-            if parts:
-                # "a/#" matches "a" itself as well as everything below it.
-                return "/".join(parts) + "(?:/" + tail + ")?" if not first else tail
-            return tail
-        if level == "+":
-            parts.append("(?:[^$/][^/]*)?" if first else "[^/]*")
-        else:
-            parts.append(re.escape(level))
-    return "/".join(parts)

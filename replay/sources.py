@@ -36,8 +36,9 @@ import duckdb
 import orjson
 
 from appliance.audit.records import DECISION_COLUMNS
+from appliance.mqtt.topics import topic_filter_regex
 from replay.errors import ReplayInputError
-from replay.rows import COLUMNS, Filters, Row, topic_filter_regex
+from replay.rows import COLUMNS, Filters, Row
 
 
 class Unit(Protocol):

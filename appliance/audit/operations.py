@@ -26,7 +26,7 @@ from appliance.mqtt.client import (
     PublishReceived,
     reason_name,
 )
-from appliance.names import EXTERNAL_EVENT_KINDS
+from appliance.names import EXTERNAL_EVENT_KINDS, EventKind
 from appliance.pipeline import ClientInfo, Message, Pipeline
 
 
@@ -57,9 +57,10 @@ class AuditOperations:
 
     async def event(self, request: dict[str, Any]) -> dict[str, Any]:
         """An event another process wants in the audit log (e.g. who purged what)."""
-        kind = str(request["kind"])
-        if kind not in EXTERNAL_EVENT_KINDS:
-            raise OperationRefused(f"event kind {kind!r} cannot be recorded from outside")
+        name = str(request["kind"])
+        if name not in EXTERNAL_EVENT_KINDS:
+            raise OperationRefused(f"event kind {name!r} cannot be recorded from outside")
+        kind = EventKind(name)
         detail = dict(request.get("detail") or {})
         if request.get("_peer"):
             detail["by"] = request["_peer"]  # who asked, from the kernel (SO_PEERCRED), not from the request

@@ -3,30 +3,18 @@ view), read through a cursor of AuditQuery. Purging their payloads is purge.py's
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from typing import Any
 
 import duckdb
 
 from appliance.audit.results import QueryResult
+from appliance.mqtt.topics import topic_filter_regex
 
 _LIST_COLUMNS = """
     id, ts, client_id, topic, schema_name, schema_version, reason_code,
     CASE WHEN len(reasons) > 0 THEN reasons[1]."check" || ': ' || reasons[1].message END AS reason,
     len(reasons) AS reasons, payload_size"""
-
-
-def topic_filter_regex(topic_filter: str) -> str:
-    """An MQTT topic filter ('sensor/+/temperature', 'sensor/#') as a full-match regular expression."""
-    parts: list[str] = []
-    levels = topic_filter.split("/")
-    for index, level in enumerate(levels):
-        if level == "#" and index == len(levels) - 1:
-            # 'a/#' also matches 'a' itself (MQTT 4.7.1.2).
-            return ("/".join(parts) + "(/.*)?") if parts else ".*"
-        parts.append("[^/]*" if level == "+" else re.escape(level))
-    return "/".join(parts)
 
 
 def list_held(

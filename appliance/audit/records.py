@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 _log = logging.getLogger(__name__)
 
@@ -399,7 +399,10 @@ def compact_ts_forward(body: bytes) -> tuple[float, bool]:
     return ts, bool(flags & F_FORWARD)
 
 
-def _expander() -> Callable[[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]]:
+_Expand = Callable[[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]]
+
+
+def _expander() -> _Expand:
     """expand(compact, connection, context) -> the DECISION row (generated from the declarations)."""
     sources: dict[str, str] = {}
     for where, names in (("c", COMPACT_FIELDS), ("n", CONNECTION.names), ("x", CONTEXT.names)):
@@ -410,7 +413,7 @@ def _expander() -> Callable[[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]],
     code = f"def expand(c, n, x):\n    return ({', '.join(sources[name] for name in DECISION.names)},)\n"
     namespace: dict[str, Any] = {"_sha256": hashlib.sha256}
     exec(compile(code, "<compact decision expander>", "exec"), namespace)  # noqa: S102 (declarations only)
-    return namespace["expand"]  # type: ignore[no-any-return]
+    return cast(_Expand, namespace["expand"])  # exec gives no types: the generated code has the signature above
 
 
 expand_compact = _expander()

@@ -115,7 +115,7 @@ class AuditService:
         config: AuditConfig,
         state_dir: Path,
         *,
-        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        on_event: Callable[[EventKind, dict[str, Any]], None] | None = None,
         forward: bool = False,
     ):
         self.config = config
@@ -190,10 +190,10 @@ class AuditService:
 
     # -- recording ----------------------------------------------------------------------------------
 
-    def record_event(self, kind: str, detail: dict[str, Any]) -> int:
+    def record_event(self, kind: EventKind, detail: dict[str, Any]) -> int:
         return self.log.append(_EVENT, event_record(self.clock, kind, detail))
 
-    def _log_event(self, kind: str, detail: dict[str, Any]) -> None:
+    def _log_event(self, kind: EventKind, detail: dict[str, Any]) -> None:
         """The log's own events (degraded, recovered, a torn tail cut...), from any thread."""
         if kind == "log_degraded":
             log.error("message log %s: cannot write (%s); QoS 1/2 publishes are refused until it can",

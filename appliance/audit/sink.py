@@ -26,6 +26,7 @@ from appliance.audit.records import (
 )
 from appliance.msglog.log import EpochChanged
 from appliance.pipeline import Message, Policy, Verdict
+from appliance.names import EventKind
 
 _NO_REASONS = "[]"
 _CONNECTION, _CONTEXT = CONNECTION.code, CONTEXT.code
@@ -133,7 +134,7 @@ class AuditSink:
         return ref
 
 
-def event_record(clock: IdClock, kind: str, detail: dict[str, object], now: float | None = None) -> bytes:
+def event_record(clock: IdClock, kind: EventKind, detail: dict[str, object], now: float | None = None) -> bytes:
     """An event's log record body (connects, reloads, uplink changes...)."""
     now = time.time() if now is None else now
     client_id = detail.get("client_id")

@@ -37,9 +37,9 @@ def pointer(parent: str, key: str | int) -> str:
 def decode(payload: bytes, schema: Any | None) -> tuple[str, Any]:
     """(kind, value): a JSON value for json/protobuf/avro, text, or the bytes for hex."""
     fmt = getattr(schema, "format", None)
-    if fmt in ("protobuf", "avro"):
+    if schema is not None and fmt in ("protobuf", "avro"):
         try:
-            value, _errors = schema.validate(payload)  # type: ignore[union-attr]
+            value, _errors = schema.validate(payload)
         except Exception:  # noqa: BLE001 - a payload the schema cannot decode is shown as hex
             value = None
         if value is not None:

@@ -22,7 +22,7 @@ import duckdb
 from appliance.audit.errors import AuditError
 from appliance.audit.guard import check_query
 from appliance.audit.layout import Layout, sql_string
-from appliance.audit.quarantine import topic_filter_regex
+from appliance.mqtt.topics import topic_filter_regex
 from appliance.audit.query import AuditQuery
 from appliance.audit.records import COMPACT_DECISION, CONNECTION, CONTEXT, DECISION, Definitions
 from appliance.audit.results import QueryResult

@@ -42,7 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import admin
 from appliance.audit.errors import AuditError
-from appliance.audit.quarantine import topic_filter_regex
+from appliance.mqtt.topics import topic_filter_regex
 from appliance.audit.results import QueryResult, format_result, to_jsonable
 from appliance.config import Config, is_loopback
 from appliance.console import actions, cookbook, payloads, trials

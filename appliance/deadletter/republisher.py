@@ -127,7 +127,7 @@ class DeadLetterSink:
         local: LocalRepublisher | None,
         log: Appender | None,
         verdict_id: Callable[[], int | None],
-        on_event: Callable[[str, dict[str, object]], None],
+        on_event: Callable[[EventKind, dict[str, object]], None],
         cloud_full: Callable[[], bool] = lambda: False,
     ):
         """`local`: where local dead letters go (None: they are dropped and counted; a set that wants

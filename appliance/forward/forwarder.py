@@ -95,7 +95,7 @@ class Forwarder:
         config: UpstreamConfig,
         outbox: Outbox,
         *,
-        on_event: Callable[[str, dict[str, Any]], None],
+        on_event: Callable[[EventKind, dict[str, Any]], None],
     ):
         if config.url is None:
             raise ValueError("upstream.url is not set: forwarding is off")
@@ -474,7 +474,7 @@ class Forwarder:
             self._emit(EventKind.UPLINK_DOWN, {"reason": reason, "depth": depth.messages, "url": self.config.url})
         self._down_reason = reason
 
-    def _emit(self, kind: str, detail: dict[str, Any]) -> None:
+    def _emit(self, kind: EventKind, detail: dict[str, Any]) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return

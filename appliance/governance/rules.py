@@ -32,11 +32,12 @@ payload.x > 0`).
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Final
 
 from cel_expr_python import cel  # type: ignore[import-untyped]  # ships .pyi but no py.typed
 
@@ -96,11 +97,13 @@ def _env() -> Any:
 # sides are strings (about 0.2 µs instead of ~4 µs through cel-cpp, most of it converting the
 # payload), by CEL otherwise, so that a missing key, another type or an index out of range fail
 # exactly as CEL says.
-class _AskCel:
-    """The fast path cannot decide: CEL must."""
+class _AskCel(enum.Enum):
+    """The fast path cannot decide: CEL must. An enum member so that `is not _ASK_CEL` narrows."""
+
+    ASK_CEL = enum.auto()
 
 
-_ASK_CEL = _AskCel()
+_ASK_CEL: Final = _AskCel.ASK_CEL
 _FIELD_EQUALS_LEVEL = re.compile(r"\s*payload\.([A-Za-z_][A-Za-z0-9_]*)\s*==\s*topic\[(0|[1-9][0-9]*)\]\s*")
 
 
@@ -144,7 +147,7 @@ class Rule:
         """None if the rule holds for this message, else why not. Never raises for the message's sake."""
         decided = self._decide(activation)
         if decided is not _ASK_CEL:
-            return decided  # type: ignore[return-value]
+            return decided
         return self._judge(self._program.eval(data=activation))
 
     def _judge(self, result: Any) -> RuleFailure | None:
@@ -218,7 +221,7 @@ class RuleSet:
             decided = rule._decide(activation)
             if decided is not _ASK_CEL:
                 if decided is not None:
-                    return decided  # type: ignore[return-value]
+                    return decided
                 continue
             if bound is None:
                 bound = _env().Activation(activation)

@@ -294,9 +294,9 @@ class Client:
         the client is closed) when the server broke the protocol."""
         try:
             frame = self._frames.next_frame()
-            if frame is NEED_DATA:
+            if isinstance(frame, _NeedData):
                 return NEED_DATA
-            first_byte, raw, offset = frame  # type: ignore[misc]
+            first_byte, raw, offset = frame
             size = len(raw) - offset
             if first_byte == _PUBACK_BYTE and (size == 2 or (
                     self.version == _MQTT_5 and (size == 3 or (size == 4 and not raw[offset + 3])))):

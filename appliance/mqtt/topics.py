@@ -9,16 +9,19 @@ knows their rules and how filters match.
   (§4.7.2). `topic_matches` (one filter, one topic), `TopicTrie` (many filters, one dict lookup per
   topic level), `filter_covers` (one filter matches everything another matches: ACL grants, schema
   set compatibility) and `filters_overlap` (some topic matches both).
+- `topic_filter_regex`: the same matching as a regular expression, for SQL (DuckDB's
+  `regexp_full_match`, RE2) and `re.fullmatch`, where the topics to match are rows, not a stream.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 __all__ = [
-    "TopicTrie", "filter_covers", "filters_overlap", "is_shared", "topic_filter_problem", "topic_matches",
-    "topic_name_problem",
+    "TopicTrie", "filter_covers", "filters_overlap", "is_shared", "topic_filter_problem", "topic_filter_regex",
+    "topic_matches", "topic_name_problem",
 ]
 
 SHARE_PREFIX = "$share/"
@@ -72,6 +75,25 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
         if level != "+" and level != t_levels[i]:
             return False
     return len(f_levels) == len(t_levels)
+
+
+def topic_filter_regex(topic_filter: str) -> str:
+    """`topic_filter` as a full-match regular expression in the syntax RE2 and Python share: `+` is one
+    level, `#` the parent level and everything below it, and a wildcard at the first level does not
+    match `$`-topics (§4.7.2), exactly as `topic_matches` (tests/mqtt/test_topics.py checks both agree)."""
+    parts: list[str] = []
+    levels = topic_filter.split("/")
+    for index, level in enumerate(levels):
+        first = index == 0
+        if level == "#" and index == len(levels) - 1:
+            tail = "(?:[^$].*)?" if first else ".*"
+            # "a/#" matches "a" itself as well as everything below it.
+            return "/".join(parts) + "(?:/" + tail + ")?" if parts else tail
+        if level == "+":
+            parts.append("(?:[^$/][^/]*)?" if first else "[^/]*")
+        else:
+            parts.append(re.escape(level))
+    return "/".join(parts)
 
 
 def filter_covers(outer: str, inner: str) -> bool:

@@ -99,7 +99,7 @@ class EpochChanged(RuntimeError):
 
 Listener = Callable[[int], None]
 FailureListener = Callable[[int, int, str], None]
-EventCallback = Callable[[str, dict[str, Any]], None]
+EventCallback = Callable[[EventKind, dict[str, Any]], None]
 
 
 class MessageLog:
@@ -786,7 +786,7 @@ class MessageLog:
             except Exception:
                 log.exception("message log: failure listener failed")
 
-    def _event(self, kind: str, detail: dict[str, Any], *, direct: bool = False) -> None:
+    def _event(self, kind: EventKind, detail: dict[str, Any], *, direct: bool = False) -> None:
         if self.on_event is None:
             return
         if direct:

@@ -28,12 +28,15 @@ CONNACK_BARRIER = -1
 
 class Durability(Protocol):
     """What the acks wait for: records numbered up to `settled_seq` are settled, durable unless
-    `failed(seq)`."""
+    `failed(seq)`. `request_sync()` asks for the next sync now rather than at the end of the sync
+    window (a publisher is blocked on its acks)."""
 
     @property
     def settled_seq(self) -> int: ...
 
     def failed(self, seq: int) -> bool: ...
+
+    def request_sync(self) -> None: ...
 
 
 def _no_replacement(packet_id: int, qos: int) -> bytes | None:

@@ -68,7 +68,7 @@ class AwaitDurable:
 
 @dataclass(slots=True)
 class Record:
-    kind: str
+    kind: EventKind
     detail: dict[str, object]
 
 
@@ -102,7 +102,7 @@ class Notes:
     def count(self, metric: Metric, label: str = "") -> None:
         self.commands.append(Count((metric, label)))
 
-    def record(self, kind: str, detail: dict[str, object]) -> None:
+    def record(self, kind: EventKind, detail: dict[str, object]) -> None:
         self.commands.append(Record(kind, detail))
 
     def limit_exceeded(self, limit: str, text: str, *, count: bool = True) -> None:

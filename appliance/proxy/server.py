@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 # How long a half-closed broker leg may take to finish before it is aborted.
 BROKER_DRAIN_TIMEOUT_S = 10.0
 
-EventCallback = Callable[[str, dict[str, object]], None]
+EventCallback = Callable[[EventKind, dict[str, object]], None]
 
 
 @dataclass
@@ -472,9 +472,8 @@ class ProxyServer:
     def sync_now(self) -> None:
         """A publisher has as many messages in flight as it will send: waiting for the message log's
         sync window would only stall it. Ask for the sync now."""
-        request = getattr(self.durability, "request_sync", None)
-        if request is not None:
-            request()
+        if self.durability is not None:
+            self.durability.request_sync()
 
     def committed(self, seq: int) -> None:
         """The message log settled records up to `seq`: send the acks that waited for them."""
@@ -483,7 +482,7 @@ class ProxyServer:
             if leg.session is not None and not leg._closed:
                 leg.execute(leg.session.release_acks())
 
-    def emit(self, kind: str, detail: dict[str, object]) -> None:
+    def emit(self, kind: EventKind, detail: dict[str, object]) -> None:
         if self._on_event is not None:
             self._on_event(kind, detail)
 

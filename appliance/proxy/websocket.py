@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from websockets.exceptions import InvalidState, PayloadTooBig
 from websockets.frames import CloseCode, Frame, Opcode
@@ -45,7 +45,7 @@ class Reporter(Protocol):
 
     def count(self, key: Counted) -> None: ...
 
-    def emit(self, kind: str, detail: dict[str, object]) -> None: ...
+    def emit(self, kind: EventKind, detail: dict[str, object]) -> None: ...
 
 
 class WebSocketClosed(ConnectionError):
@@ -78,7 +78,7 @@ class WebSocketLeg(asyncio.Protocol):
     # The TCP side --------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._raw = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        self._raw = cast(asyncio.Transport, transport)  # a stream transport; uvloop's are not subclasses
         self._peer = _peer_name(transport)
         self._view = _StreamTransport(self, transport)
         self._inner.connection_made(self._view)

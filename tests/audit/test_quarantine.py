@@ -9,7 +9,6 @@ import pytest
 
 from appliance.audit.purge import purge_quarantine
 from appliance.audit.query import AuditQuery
-from appliance.audit.quarantine import topic_filter_regex
 from tests.audit.factory import TOPIC_REASON, decision, epoch
 
 T0 = epoch("2026-11-27T10:00:00")
@@ -74,12 +73,6 @@ def test_list_filters(held: Path):
         assert found(reason="GREATER THAN THE MAXIMUM") == [4, 1]
         limited = query.quarantine_list(limit=2)
         assert ids(limited) == [4, 3] and limited.truncated
-
-
-def test_topic_filter_regex():
-    assert topic_filter_regex("a/+/c") == "a/[^/]*/c"
-    assert topic_filter_regex("#") == ".*"
-    assert topic_filter_regex("a.b/#") == "a\\.b(/.*)?"
 
 
 def test_get_returns_the_whole_row(held: Path):

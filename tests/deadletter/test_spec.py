@@ -4,8 +4,11 @@ dead-letter topic is rendered."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from appliance.republish import DeadLetter, parse_template, shapes_overlap, template_shape
+from appliance.mqtt.topics import filters_overlap
+from appliance.republish import DeadLetter, _filter_shape, loop_problem, parse_template, shapes_overlap, template_shape
 from appliance.governance import Governance, SchemaSetError, load_schema_set
 from appliance.mqtt import ProtocolVersion
 from appliance.pipeline import ClientInfo, Message
@@ -149,6 +152,30 @@ def test_shapes_overlap_like_mqtt_filters():
     assert shapes_overlap(shape("p-{client_id}/{schema}"), filt("p-7/s:v1"))
     assert not shapes_overlap(shape("p-{client_id}/{schema}"), filt("q-7/s:v1"))
     assert not shapes_overlap(shape("p-{client_id}/{schema}"), filt("p-7/s:v2"))
+
+
+_filters = st.lists(st.sampled_from(["a", "b", "", "+", "$x"]), min_size=1, max_size=4).flatmap(
+    lambda ls: st.sampled_from(["/".join(ls), "/".join([*ls, "#"]), "#"]))
+
+
+@given(_filters, _filters)
+def test_the_shape_search_agrees_with_mqtt_topics_on_plain_filters(a, b):
+    """loop_problem asks mqtt/topics.py when the template renders to a plain filter and the shape
+    search otherwise: both must give the same answer where both apply."""
+    assert shapes_overlap(_filter_shape(a), _filter_shape(b)) is filters_overlap(a, b)
+
+
+def test_loop_problem_on_plain_and_placeholder_templates():
+    def loop(template: str, mapping_filter: str, patterns: list[str]) -> str | None:
+        parts = parse_template(template, lambda message: pytest.fail(message))
+        assert parts is not None
+        return loop_problem(DeadLetter(template, parts), mapping_filter, "s:v1", patterns)
+
+    assert loop("dl/{topic}", "a/+", ["+/a/#"]) is not None            # a plain filter: dl/a/+
+    assert loop("dl/{topic}", "a/+", ["a/#", "deadletter/#"]) is None
+    assert loop("{topic}/x", "a/#", ["a/b/c/x"]) is not None           # '#' in the middle: the shape search
+    assert loop("p-{client_id}/x", "a/+", ["p-7/+"]) is not None        # a placeholder pattern
+    assert loop("p-{client_id}/x", "a/+", ["q-7/+"]) is None
 
 
 def test_appliance_check_refuses_cloud_dead_letters_without_forwarding(tmp_path):

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from appliance.metrics import AuditStats, DeadLetterStats, MetricsSink, Stats, UplinkStats, make_registry
-from appliance.names import PROXY_COUNTED, EventKind, Metric
+from appliance.names import LIMITS, PROXY_COUNTED, EventKind, Metric
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted([*(ROOT / "appliance").rglob("*.py"), *(ROOT / "replay").rglob("*.py")])
-# Functions that record an event; the kind is one of their first two positional arguments (or `kind=`).
+# Functions that record an event, and the proxy's `Record` command (a session's `notes.record(kind, detail)`);
+# the kind is one of their first two positional arguments (or `kind=`).
 EMITTERS = {"on_event", "_on_event", "emit", "_emit", "_event", "record_event", "_record_event", "_append_event",
-            "event_record"}
+            "event_record", "record", "Record"}
 EVENT_NAME = re.compile(r"^[a-z]+(_[a-z]+)+$")
 
 
@@ -38,27 +39,27 @@ def _kinds_in_code() -> tuple[Counter[str], set[str]]:
     literals: Counter[str] = Counter()
     members: set[str] = set()
     for path in SOURCES:
-        if path.name == "names.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "EventKind":
-                members.add(node.attr)
-            if not isinstance(node, ast.Call):
-                continue
-            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-            candidates: list[ast.expr] = []
-            if name in EMITTERS:
-                candidates = [*node.args[:2], *(k.value for k in node.keywords if k.arg == "kind")]
-            elif name == "append" and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Attribute) \
-                    and node.func.value.attr == "events" and node.args and isinstance(node.args[0], ast.Tuple):
-                candidates = node.args[0].elts[:1]  # session.events.append((kind, detail))
-            elif name == "call" and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
-                    and node.args[1].value == "audit_event":
-                candidates = [k.value for k in node.keywords if k.arg == "kind"]  # admin.call(..., "audit_event", kind=)
-            for candidate in candidates:
-                if isinstance(candidate, ast.Constant) and isinstance(candidate.value, str) and EVENT_NAME.match(candidate.value):
-                    literals[candidate.value] += 1
+        if path.name != "names.py":
+            _find_kinds(ast.parse(path.read_text(), str(path)), literals, members)
     return literals, members
+
+
+def _find_kinds(tree: ast.AST, literals: Counter[str], members: set[str]) -> None:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "EventKind":
+            members.add(node.attr)
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        candidates: list[ast.expr] = []
+        if name in EMITTERS:
+            candidates = [*node.args[:2], *(k.value for k in node.keywords if k.arg == "kind")]
+        elif name == "call" and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
+                and node.args[1].value == "audit_event":
+            candidates = [k.value for k in node.keywords if k.arg == "kind"]  # admin.call(..., "audit_event", kind=)
+        for candidate in candidates:
+            if isinstance(candidate, ast.Constant) and isinstance(candidate.value, str) and EVENT_NAME.match(candidate.value):
+                literals[candidate.value] += 1
 
 
 def test_every_event_kind_in_the_code_is_declared():
@@ -75,11 +76,18 @@ def test_every_declared_event_kind_is_recorded_somewhere():
 
 
 def test_the_finder_sees_each_way_of_recording_an_event():
-    """Literal kinds in the proxy (not yet EventKind members there) are found, and so are members."""
+    """EventKind members are found wherever they are used (the proxy's `notes.record`, the appliance's
+    `on_event`, the forwarder's `_emit`...), and a bare string given to any emitter, including the
+    proxy's `record` and `Record`, is found as well, so an undeclared kind cannot slip in."""
     literals, members = _kinds_in_code()
-    assert {"auth_failed", "acl_denied", "limit_exceeded"} <= set(literals) or \
-        {"AUTH_FAILED", "ACL_DENIED", "LIMIT_EXCEEDED"} <= members
+    assert {"AUTH_FAILED", "ACL_DENIED", "LIMIT_EXCEEDED"} <= members
     assert {"CONFIG_RELOAD", "UPLINK_UP", "LOG_TORN_TAIL", "QUARANTINE_PURGED"} <= members
+    found: Counter[str] = Counter()
+    _find_kinds(ast.parse(
+        'notes.record("acl_denied", {})\nRecord("limit_exceeded", {})\nself.on_event("config_reload", {})\n'
+        'self._emit("uplink_up", {})\nadmin.call(target, "audit_event", kind="quarantine_purged")\n'
+        'notes.record(kind="auth_failed", detail={})\nlog.info("not_an_event", 1)\n'), found, set())
+    assert set(found) == {"acl_denied", "limit_exceeded", "config_reload", "uplink_up", "quarantine_purged", "auth_failed"}
 
 
 def test_every_event_kind_is_documented_and_every_documented_one_exists():
@@ -145,3 +153,46 @@ def _proxy_counted() -> list[str]:
 def test_the_proxy_counts_exactly_the_declared_proxy_metrics():
     counted = _proxy_counted()
     assert set(counted) == {metric.name for metric in PROXY_COUNTED}, counted
+
+
+def _limits_in_code() -> set[str]:
+    """Every `limit` label the code gives: `limit_exceeded(limit, ...)`, `refuse(transport, peer, limit, ...)`,
+    `(Metric.LIMIT_EXCEEDED, limit)`, `{"limit": limit}` and `limit = a if ... else b`."""
+    found: set[str] = set()
+
+    def strings(node: ast.expr | None) -> list[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node.value]
+        if isinstance(node, ast.IfExp):
+            return strings(node.body) + strings(node.orelse)
+        return []
+
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr == "limit_exceeded" and node.args:
+                    found.update(strings(node.args[0]))
+                elif node.func.attr == "refuse" and len(node.args) >= 3:
+                    found.update(strings(node.args[2]))
+            elif isinstance(node, ast.Tuple) and len(node.elts) == 2 and isinstance(node.elts[0], ast.Attribute) \
+                    and node.elts[0].attr == "LIMIT_EXCEEDED":
+                found.update(strings(node.elts[1]))
+            elif isinstance(node, ast.Dict):
+                found.update(v for k, value in zip(node.keys, node.values)
+                             if isinstance(k, ast.Constant) and k.value == "limit" for v in strings(value))
+            elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "limit" for t in node.targets):
+                found.update(strings(node.value))
+    return found
+
+
+def test_every_limit_label_is_declared_and_documented():
+    used = _limits_in_code()
+    assert {"connect_size", "packet_size", "inflight", "connections"} <= used  # the finder sees each way
+    assert used == set(LIMITS), (sorted(used - set(LIMITS)), sorted(set(LIMITS) - used))
+    operations = next(row for row in _table("operations.md", "| metric | type | labels | meaning |")
+                      if row[0] == "`mqtt_proxy_limit_exceeded_total`")
+    audit = next(row for row in _table("audit.md", "| kind | recorded when | detail |") if row[0] == "`limit_exceeded`")
+    for limit in LIMITS:
+        assert limit in Metric.LIMIT_EXCEEDED.value.help, limit
+        assert f"`{limit}`" in operations[3], limit
+        assert f"`{limit}`" in audit[1], limit

@@ -3,11 +3,14 @@ the MQTT definition written plainly."""
 
 from __future__ import annotations
 
+import re
+
+import duckdb
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.mqtt.topics import TopicTrie, filter_covers, filters_overlap, topic_matches
+from appliance.mqtt.topics import TopicTrie, filter_covers, filters_overlap, topic_filter_regex, topic_matches
 
 
 def matches(topic_filter: str, topic: str) -> bool:
@@ -84,6 +87,40 @@ def test_trie_agrees_with_definition(filter_list, topic_levels):
 def test_topic_matches_agrees_with_definition(topic_filter, topic_levels):
     topic = "/".join(topic_levels)
     assert topic_matches(topic_filter, topic) is matches(topic_filter, topic)
+
+
+# Levels a regex could get wrong: a `$` first level, regex metacharacters, an empty level.
+regex_levels = st.sampled_from(["a", "a.b", "", "$SYS", "(x)*"])
+regex_filters = st.lists(st.one_of(regex_levels, st.just("+")), min_size=1, max_size=4).flatmap(
+    lambda ls: st.sampled_from(["/".join(ls), "/".join([*ls, "#"]), "#"])
+)
+
+
+@given(regex_filters, st.lists(regex_levels, min_size=1, max_size=5))
+def test_topic_filter_regex_agrees_with_definition(topic_filter, topic_levels):
+    topic = "/".join(topic_levels)
+    assert (re.fullmatch(topic_filter_regex(topic_filter), topic) is not None) is matches(topic_filter, topic)
+
+
+@pytest.mark.parametrize(("topic_filter", "topic", "expected"), [
+    ("+/x", "$SYS/x", False),
+    ("#", "$SYS/x", False),
+    ("#", "$SYS", False),
+    ("+/#", "$SYS/x", False),
+    ("+", "$SYS", False),
+    ("$SYS/#", "$SYS/x", True),
+    ("$SYS/+", "$SYS/x", True),
+    ("a/+/$x", "a/b/$x", True),  # only the first level is special
+    ("a/#", "a", True),
+    ("a.b/+", "axb/c", False),
+    ("+/x", "/x", True),
+])
+def test_topic_filter_regex_dollar_topics(topic_filter, topic, expected):
+    """Wildcards at the first level do not match `$`-topics (§4.7.2), in Python's re and in DuckDB's RE2."""
+    regex = topic_filter_regex(topic_filter)
+    assert (re.fullmatch(regex, topic) is not None) is expected is topic_matches(topic_filter, topic)
+    [(sql,)] = duckdb.execute("SELECT regexp_full_match(?, ?)", [topic, regex]).fetchall()
+    assert sql is expected
 
 
 @pytest.mark.parametrize(("wide", "narrow", "covered"), [

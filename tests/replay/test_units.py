@@ -7,10 +7,9 @@ import json
 import duckdb
 import pytest
 
-from appliance.mqtt.topics import TopicTrie
+from appliance.mqtt.topics import TopicTrie, topic_filter_regex
 from replay.infer import infer_schema
 from replay.report import FailOn
-from replay.rows import topic_filter_regex
 from replay.tally import normalise
 from tests.replay.recordings import START, demo_messages, write_ndjson
 

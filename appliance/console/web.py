@@ -310,6 +310,14 @@ def build(console: Console) -> Starlette:
         shown = payloads.show(None if row.get("payload") is None else bytes(row["payload"]), schema, reasons)
         return console.render(request, "message.html", row=row, shown=shown, wanted=raw)
 
+    async def reload(request: Request, session: Session) -> Response:
+        try:
+            outcome = await run_in_threadpool(actions.reload, console.state_dir, session.user)
+        except actions.ActionError as exc:
+            outcome = actions.Outcome(problems=[str(exc)])
+        log.info("console: %s reloaded the appliance: %s", session.user, outcome.done or outcome.problems)
+        return console.render(request, "reload_result.html", outcome=outcome, session=session)
+
     # -- quarantine ------------------------------------------------------------------------------------
 
     def _quarantine_filters(params: Any) -> dict[str, str]:
@@ -445,6 +453,7 @@ def build(console: Console) -> Starlette:
         Route("/login", login, methods=["POST"]),
         post("/logout", logout, act=False),
         get("/", overview),
+        post("/reload", reload, act=True),
         get("/api/chart", chart),
         get("/events", events),
         get("/verdicts", verdicts),

@@ -79,7 +79,8 @@ def test_no_session_sees_nothing(running: Setup, path: str) -> None:
         assert headers["location"].startswith("/login")
 
 
-@pytest.mark.parametrize("path", ["/quarantine/release", "/quarantine/purge", "/trials/run", "/trials/diff", "/logout"])
+@pytest.mark.parametrize("path", ["/quarantine/release", "/quarantine/purge", "/reload", "/trials/run", "/trials/diff",
+                                  "/logout"])
 def test_no_session_cannot_post(running: Setup, path: str) -> None:
     status, _ = Browser(running.console_port).post(path, {"id": "1", "directory": "x"}, csrf="anything")
     assert status == 401
@@ -141,6 +142,46 @@ def test_viewer_cannot_run_a_trial(running: Setup) -> None:
     browser = viewer(running)
     status, _ = browser.post("/trials/run", {"directory": "v2"}, csrf=browser.csrf())
     assert status == 403
+
+
+def reloads(setup: Setup) -> dict[str, int]:
+    return dict(admin.call(setup.state_dir, "status", timeout=30)["status"]["reloads"])
+
+
+def reload_events(setup: Setup) -> list[dict[str, object]]:
+    done = subprocess.run([sys.executable, "-m", "appliance", "audit", "sql", "--state-dir", str(setup.state_dir),
+                           "--format", "json", "SELECT detail FROM events WHERE kind = 'reload_requested'"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    details = [row["detail"] for row in json.loads(done.stdout)["rows"]]
+    return [json.loads(d) if isinstance(d, str) else d for d in details]
+
+
+def test_an_operator_reloads_the_appliance_and_is_recorded(running: Setup) -> None:
+    browser = operator(running)
+    _, page = browser.get("/")
+    assert 'id="reload"' in page and "hx-confirm" in page
+    before = reloads(running).get("ok", 0)
+    status, text = browser.post("/reload", {}, csrf=browser.csrf())
+    assert status == 200, text
+    assert "reloaded" in text
+    assert reloads(running).get("ok", 0) == before + 1
+    events = wait_until(lambda: [e for e in reload_events(running) if e.get("console_user") == OPERATOR],
+                        message="the reload_requested event")
+    assert events[-1]["reloaded"] is True and events[-1]["via"] == "console" and events[-1].get("by")
+
+
+def test_a_viewer_cannot_reload_nor_a_post_without_token(running: Setup) -> None:
+    before = reloads(running)
+    browser = viewer(running)
+    _, page = browser.get("/")
+    assert 'id="reload"' not in page
+    status, text = browser.post("/reload", {}, csrf=browser.csrf())
+    assert status == 403 and "viewer" in text
+    status, text = operator(running).post("/reload", {})
+    assert status == 403 and "CSRF" in text
+    status, _ = Browser(running.console_port).post("/reload", {}, csrf="anything")
+    assert status == 401
+    assert reloads(running) == before
 
 
 def test_forged_cross_site_post_is_refused(running: Setup, rejected: dict[str, object]) -> None:

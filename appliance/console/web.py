@@ -245,14 +245,17 @@ def build(console: Console) -> Starlette:
         password = (form.get("password") or [""])[0]
         target = _next((form.get("next") or ["/"])[0])
         address = request.client.host if request.client else "?"
-        if not console.limiter.allowed(user, address):
+        # Counted before the (slow) password check, taken back if right: concurrent attempts cannot
+        # all pass the limit while the first ones are still being checked.
+        stamp = console.limiter.reserve(user, address)
+        if stamp is None:
             return console.render(request, "login.html", status=429, next=target, session=None,
                                   error="too many failed attempts: wait a few minutes")
         role = await run_in_threadpool(console.users.authenticate, user, password)
         if role is None:
-            console.limiter.failed(user, address)
             return console.render(request, "login.html", status=401, next=target, session=None,
                                   error="wrong user name or password, or no console access")
+        console.limiter.succeeded(user, address, stamp)
         token, _session = console.sessions.create(user, role)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=console.secure, path="/")

@@ -10,6 +10,8 @@ import json
 import re
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,30 @@ def test_login_is_rate_limited(running: Setup) -> None:
         assert codes[:5] == [401] * 5 and codes[5] == 429
         assert browser.login(VIEWER, VIEWER_PASSWORD) == 429  # even the right password, until the window passes
         assert browser.login(OPERATOR, OPERATOR_PASSWORD) == 429  # the address is limited too
+    finally:
+        stop(proc)  # type: ignore[arg-type]
+
+
+def test_concurrent_wrong_logins_get_at_most_the_limit(running: Setup) -> None:
+    # Logins that arrive together all wait for the password check at once: each must count before
+    # it is checked, or all of them pass the limit's test before the first failure is recorded.
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "console", "--config", str(running.config),
+                             "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: can_connect(port), message="second console")
+        barrier = threading.Barrier(24)
+
+        def attempt(i: int) -> int:
+            barrier.wait()
+            return Browser(port).login(VIEWER, f"wrong-{i}")
+
+        with ThreadPoolExecutor(24) as pool:
+            codes = list(pool.map(attempt, range(24)))
+        assert set(codes) <= {401, 429}, codes
+        assert codes.count(401) <= 5, codes  # console.login_attempts: 5 by default
+        assert codes.count(429) >= 19, codes
+        assert Browser(port).login(VIEWER, VIEWER_PASSWORD) == 429
     finally:
         stop(proc)  # type: ignore[arg-type]
 

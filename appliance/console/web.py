@@ -167,9 +167,20 @@ def _cell(value: Any) -> str:
 
 
 async def _form(request: Request) -> dict[str, list[str]]:
-    body = await request.body()
-    if len(body) > MAX_FORM:
-        raise Denied(413, "request too large")
+    """The urlencoded form of a POST, of at most MAX_FORM bytes: a larger declared length is refused
+    before any of it is read, and a body without one (chunked) is read only up to the cap (the
+    login form takes this before anyone has logged in)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise Denied(400, "bad Content-Length")
+        if int(declared) > MAX_FORM:
+            raise Denied(413, "request too large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            raise Denied(413, "request too large")
     return parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
 
 
@@ -240,7 +251,10 @@ def build(console: Console) -> Starlette:
             return RedirectResponse("/", status_code=303)
         if not _same_origin(request):
             return Response("cross-site request refused", status_code=403)
-        form = await _form(request)
+        try:
+            form = await _form(request)
+        except Denied as denied:
+            return Response(str(denied), status_code=denied.status, media_type="text/plain")
         user = (form.get("user") or [""])[0][:200]
         password = (form.get("password") or [""])[0]
         target = _next((form.get("next") or ["/"])[0])

@@ -5,9 +5,11 @@ payloads, the login rate limit and the binds the console refuses."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -143,6 +145,37 @@ def test_concurrent_wrong_logins_get_at_most_the_limit(running: Setup) -> None:
         assert Browser(port).login(VIEWER, VIEWER_PASSWORD) == 429
     finally:
         stop(proc)  # type: ignore[arg-type]
+
+
+def raw_post(port: int, head: str, body: bytes) -> bytes:
+    """Send a request's head and part of its body, and read what the console answers meanwhile (a
+    console that waited for the whole body would answer nothing: the socket times out)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while b"\r\n\r\n" not in answer:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        return answer
+
+
+def test_an_oversized_login_body_is_refused_before_it_is_read(running: Setup) -> None:
+    host = f"127.0.0.1:{running.console_port}"
+    # A declared length of 1 GB: refused at once, after a few bytes of it.
+    head = (f"POST /login HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {1 << 30}\r\n\r\n")
+    assert raw_post(running.console_port, head, b"user=x&password=").startswith(b"HTTP/1.1 413"), "declared length"
+    # No declared length (chunked, never ending): refused once more than the cap has arrived.
+    head = (f"POST /login HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"x" * 65536
+    body = b"".join(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(5))
+    assert raw_post(running.console_port, head, body).startswith(b"HTTP/1.1 413"), "chunked"
+    # A body within the cap is still a login.
+    assert Browser(running.console_port).login(OPERATOR, OPERATOR_PASSWORD) == 303
 
 
 def test_login_next_is_never_another_site(running: Setup) -> None:

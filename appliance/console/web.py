@@ -195,15 +195,28 @@ def _same_origin(request: Request) -> bool:
     return parts.netloc == request.headers.get("host", "") and parts.scheme == request.url.scheme
 
 
+MAX_ID = 2**63 - 1  # decision ids are BIGINT in the audit store
+
+
+def _id(text: str) -> int | None:
+    """A message id: ASCII digits (str.isdigit() also takes "²" and other digits int() refuses)
+    within the store's BIGINT range; None otherwise."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
+
+
 def _ids(values: list[str]) -> list[int]:
     ids: list[int] = []
     for value in values:
         for part in value.split(","):
             part = part.strip()
             if part:
-                if not part.isdigit():
+                number = _id(part)
+                if number is None:
                     raise Denied(400, f"not a message id: {part[:40]!r}")
-                ids.append(int(part))
+                ids.append(number)
     return list(dict.fromkeys(ids))
 
 
@@ -317,12 +330,13 @@ def build(console: Console) -> Starlette:
 
     async def message(request: Request, session: Session) -> Response:
         raw = request.path_params["decision_id"]
-        if not raw.isdigit():
+        decision_id = _id(raw)
+        if decision_id is None:
             raise Denied(400, "not a message id")
-        row = await _read(console.store.decision, int(raw))
+        row = await _read(console.store.decision, decision_id)
         if row is None:
             return console.render(request, "message.html", status=404, row=None, shown=None, wanted=raw)
-        schema = console.trials.schema_for(row["topic"])
+        schema = await run_in_threadpool(console.trials.schema_for, row["topic"])  # may load the set: files
         reasons = [dict(r) for r in row.get("reasons") or []]
         shown = payloads.show(None if row.get("payload") is None else bytes(row["payload"]), schema, reasons)
         return console.render(request, "message.html", row=row, shown=shown, wanted=raw)
@@ -432,7 +446,8 @@ def build(console: Console) -> Starlette:
         except (StoreUnavailable, AuditError):
             revisions = None
         active = await run_in_threadpool(console.trials.active)
-        return console.render(request, "trials.html", active=active, runs=console.trials.runs(),
+        runs = await run_in_threadpool(console.trials.runs)  # polls each run: may read its report
+        return console.render(request, "trials.html", active=active, runs=runs,
                               roots=console.trials.roots(), revisions=revisions, diff=None, error=None)
 
     async def trial_run(request: Request, session: Session) -> Response:
@@ -445,10 +460,12 @@ def build(console: Console) -> Starlette:
         return console.render(request, "trial_run.html", run=run, error=None)
 
     async def trial_status(request: Request, session: Session) -> Response:
-        run = console.trials.get(request.path_params["run_id"])
+        # Polled every second while a trial runs: the poll reads the report when it ends and the page
+        # reads the progress from the replay's output, both files: off the event loop.
+        run = await run_in_threadpool(console.trials.get, request.path_params["run_id"])
         if run is None:
             return Response("no such trial", status_code=404)
-        return console.render(request, "trial_run.html", run=run, error=None)
+        return await run_in_threadpool(console.render, request, "trial_run.html", run=run, error=None, session=session)
 
     async def trial_diff(request: Request, session: Session) -> Response:
         form = request.state.form

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -199,8 +200,9 @@ def test_viewer_cannot_release_or_purge(running: Setup, rejected: dict[str, obje
 
 def test_viewer_cannot_run_a_trial(running: Setup) -> None:
     browser = viewer(running)
-    status, _ = browser.post("/trials/run", {"directory": "v2"}, csrf=browser.csrf())
-    assert status == 403
+    status, text = browser.post("/trials/run", {"directory": "v2"}, csrf=browser.csrf())
+    assert status == 403, text
+    assert f"{VIEWER} is a viewer: only operators may do this" in text
 
 
 def reloads(setup: Setup) -> dict[str, int]:
@@ -241,6 +243,22 @@ def test_a_viewer_cannot_reload_nor_a_post_without_token(running: Setup) -> None
     status, _ = Browser(running.console_port).post("/reload", {}, csrf="anything")
     assert status == 401
     assert reloads(running) == before
+
+
+@pytest.mark.parametrize("text", ["\u00b2", "\u0661", "1\u00b2", str(2**63), "9" * 40, "-1", "0x1"])
+def test_a_message_id_that_is_not_a_bigint_is_a_bad_request(running: Setup, rejected: dict[str, object],
+                                                             text: str) -> None:
+    # "²" and "١" (Arabic-Indic one) pass str.isdigit() but not int(); 2**63 does not fit the store's BIGINT.
+    browser = operator(running)
+    status, page = browser.get(f"/messages/{urllib.parse.quote(text)}")
+    assert status in (400, 404), page
+    assert "not a message id" in page or status == 404
+    token = browser.csrf()
+    for action in ("release", "purge"):
+        status, page = browser.post(f"/quarantine/{action}", {"id": [str(rejected["id"]), text]}, csrf=token)
+        assert status == 400, page
+        assert "not a message id" in page
+    assert rejected["id"] in quarantined_ids(running, str(rejected["client_id"]))
 
 
 def test_forged_cross_site_post_is_refused(running: Setup, rejected: dict[str, object]) -> None:

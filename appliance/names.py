@@ -39,13 +39,16 @@ class EventKind(StrEnum):
     # The quarantine, recorded by the CLI (through the admin socket, or appended offline).
     QUARANTINE_RELEASED = "quarantine_released"
     QUARANTINE_PURGED = "quarantine_purged"
+    # The console: a user asked the running appliance to reload (its outcome is the `config_reload` event).
+    RELOAD_REQUESTED = "reload_requested"
     # Dead-letter topics (on_reject.republish).
     DEAD_LETTER = "dead_letter"
     DEAD_LETTER_DROPPED = "dead_letter_dropped"
 
 
 # Kinds another process may ask the running appliance to record (the admin socket's `audit_event`).
-EXTERNAL_EVENT_KINDS = frozenset({EventKind.QUARANTINE_RELEASED, EventKind.QUARANTINE_PURGED})
+EXTERNAL_EVENT_KINDS = frozenset({EventKind.QUARANTINE_RELEASED, EventKind.QUARANTINE_PURGED,
+                                  EventKind.RELOAD_REQUESTED})
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """The `console:` config section: where the web console listens, with what TLS, and who may act.
 
 Users log in with the appliance's password file (`auth.password_file`); this section only says
-which of them are operators (may release, purge and run schema trials) and which are viewers (may
+which of them are operators (may release, purge, reload and run schema trials) and which are viewers (may
 look). A user in neither list cannot log in.
 """
 
@@ -26,7 +26,7 @@ class ConsoleConfig(_Section):
     operators: list[str] = Field(
         default_factory=list,
         description="Users of auth.password_file who may act in the console: release and purge quarantined "
-        "messages, run schema trials.",
+        "messages, reload the appliance, run schema trials.",
     )
     viewers: list[str] = Field(
         default_factory=list, description="Users of auth.password_file who may only look (every page, no actions).",

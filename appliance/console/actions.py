@@ -1,5 +1,5 @@
-"""What an operator does in the console, as `appliance quarantine release/purge` does it: through
-the running appliance (it re-judges and publishes released messages, seals its active segment
+"""What an operator does in the console, as `appliance quarantine release/purge` does it, and a
+reload (the admin socket's `reload`, as SIGHUP does): through the running appliance (it re-judges and publishes released messages, seals its active segment
 before a purge rewrites it, and writes the audit event). Each action's event names the console user
 (`console_user`); `by` is the process that asked, from the admin socket's peer credentials.
 
@@ -15,6 +15,7 @@ from typing import Any
 from appliance import admin
 from appliance.audit.purge import purge_quarantine
 from appliance.console.store import Store
+from appliance.names import EventKind
 
 _RELEASE_KEYS = ("client_id", "username", "peer", "mqtt_version", "topic", "qos", "retain")
 
@@ -45,6 +46,28 @@ def purge(state_dir: Path, store: Store, ids: list[int], user: str) -> Outcome:
         return _purge(state_dir, store, ids, user)
     finally:
         store.invalidate()
+
+
+def reload(state_dir: Path, user: str) -> Outcome:
+    """Have the running appliance load its config and schema set again. Its `config_reload` event
+    says how that went but not who asked: a `reload_requested` event names the console user."""
+    try:
+        reloaded = bool(admin.call(state_dir, "reload", timeout=120.0)["reloaded"])
+    except admin.AdminUnavailable as exc:
+        raise ActionError(f"{exc}: a reload asks the running appliance") from exc
+    except (admin.AdminError, KeyError, TypeError) as exc:
+        raise ActionError(f"reload: {exc}") from exc
+    outcome = Outcome()
+    if reloaded:
+        outcome.done.append("reloaded: the config and schema set on disk are in force")
+    else:
+        outcome.problems.append("the reload failed; the running config and schema set stay in force "
+                                "(the appliance's log and the config_reload event say why)")
+    try:
+        _record(state_dir, EventKind.RELOAD_REQUESTED, {"console_user": user, "via": "console", "reloaded": reloaded})
+    except (admin.AdminUnavailable, admin.AdminError) as exc:  # e.g. no audit log: the reload still happened
+        outcome.problems.append(f"the reload could not be recorded in the audit log: {exc}")
+    return outcome
 
 
 def _release(state_dir: Path, store: Store, ids: list[int], user: str) -> Outcome:

@@ -4,6 +4,7 @@ the web layer (web.py) turns these answers into cookies and status codes."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hmac
 import secrets
@@ -124,13 +125,22 @@ class Sessions:
 
 
 class LoginLimiter:
-    """At most `attempts` failed logins per user name and per client address in `window` seconds."""
+    """At most `attempts` failed logins per user name and per client address in `window` seconds.
+
+    An attempt counts before its password is checked (`reserve`) and is taken back when it proves
+    right (`succeeded`): logins sent together, which all wait for the slow hash at once, cannot
+    each pass the test before the first failure is recorded. Called on the event loop only (no
+    await between the test and the count)."""
 
     def __init__(self, attempts: int, window: float, *, clock: Callable[[], float] = time.monotonic):
         self._attempts = attempts
         self._window = window
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
+
+    @staticmethod
+    def _keys(user: str, address: str) -> tuple[str, str]:
+        return f"u:{user}", f"a:{address}"
 
     def _recent(self, key: str) -> deque[float]:
         times = self._failures.setdefault(key, deque())
@@ -140,12 +150,25 @@ class LoginLimiter:
         return times
 
     def allowed(self, user: str, address: str) -> bool:
-        return all(len(self._recent(key)) < self._attempts for key in (f"u:{user}", f"a:{address}"))
+        return all(len(self._recent(key)) < self._attempts for key in self._keys(user, address))
 
-    def failed(self, user: str, address: str) -> None:
-        now = self._clock()
-        for key in (f"u:{user}", f"a:{address}"):
-            self._recent(key).append(now)
+    def reserve(self, user: str, address: str) -> float | None:
+        """Count one attempt, as a failure until `succeeded` takes it back; None (nothing counted)
+        when the user name or the address has used up its attempts."""
+        if not self.allowed(user, address):
+            return None
+        stamp = self._clock()
+        for key in self._keys(user, address):
+            self._recent(key).append(stamp)
         if len(self._failures) > 10_000:  # many names or addresses: forget those with nothing recent
             for key in [k for k, v in self._failures.items() if not self._recent(k)]:
                 del self._failures[key]
+        return stamp
+
+    def succeeded(self, user: str, address: str, stamp: float) -> None:
+        """The reserved attempt was right: it is not a failure."""
+        for key in self._keys(user, address):
+            times = self._failures.get(key)
+            if times is not None:
+                with contextlib.suppress(ValueError):  # already out of the window
+                    times.remove(stamp)

@@ -184,7 +184,7 @@ class Trials:
 
     def start(self, text: str, *, user: str) -> TrialRun:
         directory = self.candidate(text)
-        if any(run.running for run in self._runs.values()):
+        if any(run.running for run in list(self._runs.values())):  # runs() may poll in a worker thread
             raise TrialError("a trial is running already: wait for it to finish")
         run_id = secrets.token_hex(6)
         output, errors = self._scratch / f"{run_id}.json", self._scratch / f"{run_id}.err"
@@ -214,9 +214,10 @@ class Trials:
         return run
 
     def runs(self) -> list[TrialRun]:
-        for run in self._runs.values():
+        runs = list(self._runs.values())  # a copy: start() may add one on the event loop meanwhile
+        for run in runs:
             run.poll()
-        return sorted(self._runs.values(), key=lambda r: -r.started)
+        return sorted(runs, key=lambda r: -r.started)
 
     def diff(self, text: str) -> dict[str, Any]:
         """`replay diff` of the set in force and the candidate, as JSON (exit 1 means breaking)."""

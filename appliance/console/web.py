@@ -167,9 +167,20 @@ def _cell(value: Any) -> str:
 
 
 async def _form(request: Request) -> dict[str, list[str]]:
-    body = await request.body()
-    if len(body) > MAX_FORM:
-        raise Denied(413, "request too large")
+    """The urlencoded form of a POST, of at most MAX_FORM bytes: a larger declared length is refused
+    before any of it is read, and a body without one (chunked) is read only up to the cap (the
+    login form takes this before anyone has logged in)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise Denied(400, "bad Content-Length")
+        if int(declared) > MAX_FORM:
+            raise Denied(413, "request too large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            raise Denied(413, "request too large")
     return parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
 
 
@@ -184,15 +195,28 @@ def _same_origin(request: Request) -> bool:
     return parts.netloc == request.headers.get("host", "") and parts.scheme == request.url.scheme
 
 
+MAX_ID = 2**63 - 1  # decision ids are BIGINT in the audit store
+
+
+def _id(text: str) -> int | None:
+    """A message id: ASCII digits (str.isdigit() also takes "²" and other digits int() refuses)
+    within the store's BIGINT range; None otherwise."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
+
+
 def _ids(values: list[str]) -> list[int]:
     ids: list[int] = []
     for value in values:
         for part in value.split(","):
             part = part.strip()
             if part:
-                if not part.isdigit():
+                number = _id(part)
+                if number is None:
                     raise Denied(400, f"not a message id: {part[:40]!r}")
-                ids.append(int(part))
+                ids.append(number)
     return list(dict.fromkeys(ids))
 
 
@@ -240,19 +264,25 @@ def build(console: Console) -> Starlette:
             return RedirectResponse("/", status_code=303)
         if not _same_origin(request):
             return Response("cross-site request refused", status_code=403)
-        form = await _form(request)
+        try:
+            form = await _form(request)
+        except Denied as denied:
+            return Response(str(denied), status_code=denied.status, media_type="text/plain")
         user = (form.get("user") or [""])[0][:200]
         password = (form.get("password") or [""])[0]
         target = _next((form.get("next") or ["/"])[0])
         address = request.client.host if request.client else "?"
-        if not console.limiter.allowed(user, address):
+        # Counted before the (slow) password check, taken back if right: concurrent attempts cannot
+        # all pass the limit while the first ones are still being checked.
+        stamp = console.limiter.reserve(user, address)
+        if stamp is None:
             return console.render(request, "login.html", status=429, next=target, session=None,
                                   error="too many failed attempts: wait a few minutes")
         role = await run_in_threadpool(console.users.authenticate, user, password)
         if role is None:
-            console.limiter.failed(user, address)
             return console.render(request, "login.html", status=401, next=target, session=None,
                                   error="wrong user name or password, or no console access")
+        console.limiter.succeeded(user, address, stamp)
         token, _session = console.sessions.create(user, role)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=console.secure, path="/")
@@ -300,15 +330,24 @@ def build(console: Console) -> Starlette:
 
     async def message(request: Request, session: Session) -> Response:
         raw = request.path_params["decision_id"]
-        if not raw.isdigit():
+        decision_id = _id(raw)
+        if decision_id is None:
             raise Denied(400, "not a message id")
-        row = await _read(console.store.decision, int(raw))
+        row = await _read(console.store.decision, decision_id)
         if row is None:
             return console.render(request, "message.html", status=404, row=None, shown=None, wanted=raw)
-        schema = console.trials.schema_for(row["topic"])
+        schema = await run_in_threadpool(console.trials.schema_for, row["topic"])  # may load the set: files
         reasons = [dict(r) for r in row.get("reasons") or []]
         shown = payloads.show(None if row.get("payload") is None else bytes(row["payload"]), schema, reasons)
         return console.render(request, "message.html", row=row, shown=shown, wanted=raw)
+
+    async def reload(request: Request, session: Session) -> Response:
+        try:
+            outcome = await run_in_threadpool(actions.reload, console.state_dir, session.user)
+        except actions.ActionError as exc:
+            outcome = actions.Outcome(problems=[str(exc)])
+        log.info("console: %s reloaded the appliance: %s", session.user, outcome.done or outcome.problems)
+        return console.render(request, "reload_result.html", outcome=outcome, session=session)
 
     # -- quarantine ------------------------------------------------------------------------------------
 
@@ -407,7 +446,8 @@ def build(console: Console) -> Starlette:
         except (StoreUnavailable, AuditError):
             revisions = None
         active = await run_in_threadpool(console.trials.active)
-        return console.render(request, "trials.html", active=active, runs=console.trials.runs(),
+        runs = await run_in_threadpool(console.trials.runs)  # polls each run: may read its report
+        return console.render(request, "trials.html", active=active, runs=runs,
                               roots=console.trials.roots(), revisions=revisions, diff=None, error=None)
 
     async def trial_run(request: Request, session: Session) -> Response:
@@ -420,10 +460,12 @@ def build(console: Console) -> Starlette:
         return console.render(request, "trial_run.html", run=run, error=None)
 
     async def trial_status(request: Request, session: Session) -> Response:
-        run = console.trials.get(request.path_params["run_id"])
+        # Polled every second while a trial runs: the poll reads the report when it ends and the page
+        # reads the progress from the replay's output, both files: off the event loop.
+        run = await run_in_threadpool(console.trials.get, request.path_params["run_id"])
         if run is None:
             return Response("no such trial", status_code=404)
-        return console.render(request, "trial_run.html", run=run, error=None)
+        return await run_in_threadpool(console.render, request, "trial_run.html", run=run, error=None, session=session)
 
     async def trial_diff(request: Request, session: Session) -> Response:
         form = request.state.form
@@ -445,6 +487,7 @@ def build(console: Console) -> Starlette:
         Route("/login", login, methods=["POST"]),
         post("/logout", logout, act=False),
         get("/", overview),
+        post("/reload", reload, act=True),
         get("/api/chart", chart),
         get("/events", events),
         get("/verdicts", verdicts),

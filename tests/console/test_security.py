@@ -5,11 +5,16 @@ payloads, the login rate limit and the binds the console refuses."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -79,7 +84,8 @@ def test_no_session_sees_nothing(running: Setup, path: str) -> None:
         assert headers["location"].startswith("/login")
 
 
-@pytest.mark.parametrize("path", ["/quarantine/release", "/quarantine/purge", "/trials/run", "/trials/diff", "/logout"])
+@pytest.mark.parametrize("path", ["/quarantine/release", "/quarantine/purge", "/reload", "/trials/run", "/trials/diff",
+                                  "/logout"])
 def test_no_session_cannot_post(running: Setup, path: str) -> None:
     status, _ = Browser(running.console_port).post(path, {"id": "1", "directory": "x"}, csrf="anything")
     assert status == 401
@@ -118,6 +124,61 @@ def test_login_is_rate_limited(running: Setup) -> None:
         stop(proc)  # type: ignore[arg-type]
 
 
+def test_concurrent_wrong_logins_get_at_most_the_limit(running: Setup) -> None:
+    # Logins that arrive together all wait for the password check at once: each must count before
+    # it is checked, or all of them pass the limit's test before the first failure is recorded.
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "console", "--config", str(running.config),
+                             "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: can_connect(port), message="second console")
+        barrier = threading.Barrier(24)
+
+        def attempt(i: int) -> int:
+            barrier.wait()
+            return Browser(port).login(VIEWER, f"wrong-{i}")
+
+        with ThreadPoolExecutor(24) as pool:
+            codes = list(pool.map(attempt, range(24)))
+        assert set(codes) <= {401, 429}, codes
+        assert codes.count(401) <= 5, codes  # console.login_attempts: 5 by default
+        assert codes.count(429) >= 19, codes
+        assert Browser(port).login(VIEWER, VIEWER_PASSWORD) == 429
+    finally:
+        stop(proc)  # type: ignore[arg-type]
+
+
+def raw_post(port: int, head: str, body: bytes) -> bytes:
+    """Send a request's head and part of its body, and read what the console answers meanwhile (a
+    console that waited for the whole body would answer nothing: the socket times out)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while b"\r\n\r\n" not in answer:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        return answer
+
+
+def test_an_oversized_login_body_is_refused_before_it_is_read(running: Setup) -> None:
+    host = f"127.0.0.1:{running.console_port}"
+    # A declared length of 1 GB: refused at once, after a few bytes of it.
+    head = (f"POST /login HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {1 << 30}\r\n\r\n")
+    assert raw_post(running.console_port, head, b"user=x&password=").startswith(b"HTTP/1.1 413"), "declared length"
+    # No declared length (chunked, never ending): refused once more than the cap has arrived.
+    head = (f"POST /login HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"x" * 65536
+    body = b"".join(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(5))
+    assert raw_post(running.console_port, head, body).startswith(b"HTTP/1.1 413"), "chunked"
+    # A body within the cap is still a login.
+    assert Browser(running.console_port).login(OPERATOR, OPERATOR_PASSWORD) == 303
+
+
 def test_login_next_is_never_another_site(running: Setup) -> None:
     browser = Browser(running.console_port)
     status, headers, _ = browser.request("POST", "/login", {"user": OPERATOR, "password": OPERATOR_PASSWORD,
@@ -139,8 +200,65 @@ def test_viewer_cannot_release_or_purge(running: Setup, rejected: dict[str, obje
 
 def test_viewer_cannot_run_a_trial(running: Setup) -> None:
     browser = viewer(running)
-    status, _ = browser.post("/trials/run", {"directory": "v2"}, csrf=browser.csrf())
-    assert status == 403
+    status, text = browser.post("/trials/run", {"directory": "v2"}, csrf=browser.csrf())
+    assert status == 403, text
+    assert f"{VIEWER} is a viewer: only operators may do this" in text
+
+
+def reloads(setup: Setup) -> dict[str, int]:
+    return dict(admin.call(setup.state_dir, "status", timeout=30)["status"]["reloads"])
+
+
+def reload_events(setup: Setup) -> list[dict[str, object]]:
+    done = subprocess.run([sys.executable, "-m", "appliance", "audit", "sql", "--state-dir", str(setup.state_dir),
+                           "--format", "json", "SELECT detail FROM events WHERE kind = 'reload_requested'"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    details = [row["detail"] for row in json.loads(done.stdout)["rows"]]
+    return [json.loads(d) if isinstance(d, str) else d for d in details]
+
+
+def test_an_operator_reloads_the_appliance_and_is_recorded(running: Setup) -> None:
+    browser = operator(running)
+    _, page = browser.get("/")
+    assert 'id="reload"' in page and "hx-confirm" in page
+    before = reloads(running).get("ok", 0)
+    status, text = browser.post("/reload", {}, csrf=browser.csrf())
+    assert status == 200, text
+    assert "reloaded" in text
+    assert reloads(running).get("ok", 0) == before + 1
+    events = wait_until(lambda: [e for e in reload_events(running) if e.get("console_user") == OPERATOR],
+                        message="the reload_requested event")
+    assert events[-1]["reloaded"] is True and events[-1]["via"] == "console" and events[-1].get("by")
+
+
+def test_a_viewer_cannot_reload_nor_a_post_without_token(running: Setup) -> None:
+    before = reloads(running)
+    browser = viewer(running)
+    _, page = browser.get("/")
+    assert 'id="reload"' not in page
+    status, text = browser.post("/reload", {}, csrf=browser.csrf())
+    assert status == 403 and "viewer" in text
+    status, text = operator(running).post("/reload", {})
+    assert status == 403 and "CSRF" in text
+    status, _ = Browser(running.console_port).post("/reload", {}, csrf="anything")
+    assert status == 401
+    assert reloads(running) == before
+
+
+@pytest.mark.parametrize("text", ["\u00b2", "\u0661", "1\u00b2", str(2**63), "9" * 40, "-1", "0x1"])
+def test_a_message_id_that_is_not_a_bigint_is_a_bad_request(running: Setup, rejected: dict[str, object],
+                                                             text: str) -> None:
+    # "²" and "١" (Arabic-Indic one) pass str.isdigit() but not int(); 2**63 does not fit the store's BIGINT.
+    browser = operator(running)
+    status, page = browser.get(f"/messages/{urllib.parse.quote(text)}")
+    assert status in (400, 404), page
+    assert "not a message id" in page or status == 404
+    token = browser.csrf()
+    for action in ("release", "purge"):
+        status, page = browser.post(f"/quarantine/{action}", {"id": [str(rejected["id"]), text]}, csrf=token)
+        assert status == 400, page
+        assert "not a message id" in page
+    assert rejected["id"] in quarantined_ids(running, str(rejected["client_id"]))
 
 
 def test_forged_cross_site_post_is_refused(running: Setup, rejected: dict[str, object]) -> None:

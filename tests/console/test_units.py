@@ -176,13 +176,25 @@ def test_login_limiter_counts_per_user_and_per_address() -> None:
     now = [0.0]
     limiter = LoginLimiter(3, 60, clock=lambda: now[0])
     for _ in range(3):
-        assert limiter.allowed("u", "10.0.0.1")
-        limiter.failed("u", "10.0.0.1")
-    assert not limiter.allowed("u", "10.0.0.2")  # the user name, from anywhere
-    assert not limiter.allowed("v", "10.0.0.1")  # the address, for any name
+        assert limiter.reserve("u", "10.0.0.1") is not None  # a wrong password: never taken back
+    assert limiter.reserve("u", "10.0.0.2") is None  # the user name, from anywhere
+    assert limiter.reserve("v", "10.0.0.1") is None  # the address, for any name
     assert limiter.allowed("v", "10.0.0.2")
     now[0] = 61
     assert limiter.allowed("u", "10.0.0.1")
+
+
+def test_login_limiter_counts_attempts_still_being_checked_and_takes_back_right_ones() -> None:
+    now = [0.0]
+    limiter = LoginLimiter(3, 60, clock=lambda: now[0])
+    pending = [limiter.reserve("u", "10.0.0.1") for _ in range(3)]  # three checks under way at once
+    assert None not in pending
+    assert limiter.reserve("u", "10.0.0.1") is None  # a fourth is refused before any of them ends
+    stamp = pending[0]
+    assert stamp is not None
+    limiter.succeeded("u", "10.0.0.1", stamp)  # the first one was right: not a failure
+    assert limiter.reserve("u", "10.0.0.1") is not None
+    assert limiter.reserve("u", "10.0.0.1") is None
 
 
 def test_trial_directories_must_stay_under_a_root(tmp_path: Path) -> None:

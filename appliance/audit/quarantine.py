@@ -17,6 +17,28 @@ _LIST_COLUMNS = """
     len(reasons) AS reasons, payload_size"""
 
 
+def conditions(*, topic: str | None, reason: str | None) -> tuple[list[str], list[object]]:
+    """SQL conditions (and their parameters) on quarantine rows: `topic` is a topic or an MQTT
+    filter; `reason` matches a check name exactly or any part of a reason's message
+    (case-insensitive). Used by `list_held` and the console's quarantine page."""
+    where: list[str] = ["TRUE"]
+    params: list[object] = []
+    if topic is not None:
+        if "+" in topic or "#" in topic:
+            where.append("regexp_full_match(topic, ?)")
+            params.append(topic_filter_regex(topic))
+        else:
+            where.append("topic = ?")
+            params.append(topic)
+    if reason is not None:
+        where.append(
+            "len(list_filter(reasons, lambda r: lower(r.\"check\") = lower(?) "
+            "OR contains(lower(r.message), lower(?)))) > 0"
+        )
+        params += [reason, reason]
+    return where, params
+
+
 def list_held(
     cursor: duckdb.DuckDBPyConnection,
     *,
@@ -27,24 +49,10 @@ def list_held(
 ) -> QueryResult:
     """Newest first. `topic` is a topic or an MQTT filter; `reason` matches a check name exactly
     or any part of a reason's message (case-insensitive)."""
-    where: list[str] = ["TRUE"]
-    params: list[object] = []
-    if topic is not None:
-        if "+" in topic or "#" in topic:
-            where.append("regexp_full_match(topic, ?)")
-            params.append(topic_filter_regex(topic))
-        else:
-            where.append("topic = ?")
-            params.append(topic)
+    where, params = conditions(topic=topic, reason=reason)
     if since is not None:
         where.append("ts >= ?")
         params.append(since if since.tzinfo else since.replace(tzinfo=UTC))
-    if reason is not None:
-        where.append(
-            "len(list_filter(reasons, lambda r: lower(r.\"check\") = lower(?) "
-            "OR contains(lower(r.message), lower(?)))) > 0"
-        )
-        params += [reason, reason]
     sql = (f"SELECT {_LIST_COLUMNS} FROM quarantine WHERE {' AND '.join(where)} "
            f"ORDER BY id DESC LIMIT ?")
     cursor.execute(sql, [*params, limit + 1])

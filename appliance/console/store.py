@@ -22,8 +22,8 @@ import duckdb
 from appliance.audit.errors import AuditError
 from appliance.audit.guard import check_query
 from appliance.audit.layout import Layout, sql_string
-from appliance.mqtt.topics import topic_filter_regex
 from appliance.audit.query import AuditQuery
+from appliance.audit.quarantine import conditions as quarantine_conditions
 from appliance.audit.records import COMPACT_DECISION, CONNECTION, CONTEXT, DECISION, Definitions
 from appliance.audit.results import QueryResult
 from appliance.console.follow import LogFollower
@@ -150,21 +150,10 @@ class Store:
 
     def quarantine(self, *, topic: str | None, client: str | None, reason: str | None, group: str | None,
                    limit: int) -> QueryResult:
-        where, params = ["TRUE"], []
-        if topic:
-            if "+" in topic or "#" in topic:
-                where.append("regexp_full_match(topic, ?)")
-                params.append(topic_filter_regex(topic))
-            else:
-                where.append("topic = ?")
-                params.append(topic)
+        where, params = quarantine_conditions(topic=topic or None, reason=reason or None)
         if client:
             where.append("client_id = ?")
             params.append(client)
-        if reason:
-            where.append("len(list_filter(reasons, lambda r: lower(r.\"check\") = lower(?) "
-                         "OR contains(lower(r.message), lower(?)))) > 0")
-            params += [reason, reason]
         inner = (
             "SELECT id, ts, client_id, topic, schema_name, schema_version, "
             "CASE WHEN len(reasons) > 0 THEN reasons[1].\"check\" || ': ' || reasons[1].message END AS reason, "

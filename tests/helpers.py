@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.packettypes import PacketTypes
@@ -274,3 +277,32 @@ def mosquitto_sub(port: int, topic: str, count: int, *, client_id: str, qos: int
     args = ["mosquitto_sub", "-p", str(port), "-t", topic, "-q", str(qos), "-c", "-i", client_id]
     subprocess.run([*args, "-E"], check=True, timeout=30)
     return subprocess.Popen([*args, "-C", str(count), "-W", "60"], stdout=subprocess.PIPE, text=True)
+
+
+# Debian's headless chromium and its driver (`make setup` installs them), for the browser tests.
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Debian's chromium and chromium-driver (`make setup` installs them)",
+)
+
+
+@contextmanager
+def chromium(*arguments: str, page_load_timeout: float) -> Iterator[Any]:
+    """A headless Chromium driven by Selenium through chromedriver; `arguments` are added to the
+    common ones."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-extensions", "--no-first-run", *arguments):
+        options.add_argument(argument)
+    browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    browser.set_page_load_timeout(page_load_timeout)
+    try:
+        yield browser
+    finally:
+        browser.quit()

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,37 +19,20 @@ import pytest
 
 from tests.console.conftest import OPERATOR, OPERATOR_PASSWORD, VIEWER, VIEWER_PASSWORD, Setup
 from tests.governance.payloads import temperature
-from tests.helpers import Client, scaled, wait_until
+from tests.helpers import Client, chromium, needs_chromium, scaled, wait_until
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 # Screenshots go to a temp dir; CONSOLE_SCREENSHOTS=docs/console refreshes the ones the docs show.
 SCREENSHOTS = Path(os.environ.get("CONSOLE_SCREENSHOTS") or tempfile.mkdtemp(prefix="console-shots-"))
 PAGE_BUDGET = 80_000  # bytes on the wire for a first visit of the overview (docs/console.md, page weight)
 WAIT = scaled(30)
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="needs Debian's chromium and chromium-driver (`make setup` installs them)",
-)
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
 def driver() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1360,900", "--disable-extensions", "--no-first-run", "--lang=en-US"):
-        options.add_argument(argument)
-    browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    browser.set_page_load_timeout(WAIT)
-    try:
+    with chromium("--window-size=1360,900", "--lang=en-US", page_load_timeout=WAIT) as browser:
         yield browser
-    finally:
-        browser.quit()
 
 
 def log_in(driver: Any, setup: Setup, user: str, password: str) -> None:

@@ -5,7 +5,6 @@ A paho subscriber on the TCP listener sees what passed; the verdicts are read ba
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,14 @@ from appliance.audit.query import AuditQuery
 from appliance.mqtt import ReasonCode
 from tests.conftest import make_config
 from tests.governance.payloads import temperature
-from tests.helpers import Client, RunningAppliance, scaled, wait_until
+from tests.helpers import Client, RunningAppliance, chromium, needs_chromium, scaled, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE = REPO / "fixtures" / "web" / "publish.html"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 WAIT = scaled(30)
 TOPIC = "sensor/b1/temperature"
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="needs Debian's chromium and chromium-driver (`make setup` installs them)",
-)
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +40,8 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAppli
 
 @pytest.fixture(scope="module")
 def driver() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--disable-extensions", "--no-first-run"):
-        options.add_argument(argument)
-    browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    browser.set_page_load_timeout(WAIT)
-    try:
+    with chromium(page_load_timeout=WAIT) as browser:
         yield browser
-    finally:
-        browser.quit()
 
 
 def text_of(driver: Any, element_id: str) -> str:

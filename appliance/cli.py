@@ -74,7 +74,7 @@ def _bench_command() -> click.Command:
 
     @click.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def missing() -> None:
-        """Measure throughput, latency, CPU, memory and disk writes (needs a source checkout)."""
+        """Measure throughput, latency, CPU, memory and disk writes: needs a source checkout."""
         raise click.ClickException(
             "the benchmark harness is not part of the installed package: it lives in bench/ of the "
             "source tree. From a checkout: `make setup` then `make bench` (or .venv/bin/appliance bench "

@@ -34,6 +34,17 @@ IGNORED_COMMANDS = frozenset({"mosquitto"})
 HELPER_MODULE = "appliance.audit.maintain"
 
 
+def _without_emulator(argv: list[str]) -> list[str]:
+    """The program's own command line when it runs under qemu-user through binfmt_misc (`make
+    test-arm64`): the kernel puts the interpreter and the program's path first, and with the
+    preserve-argv0 flag (Debian's `…/qemu-binfmt/aarch64-binfmt-P`) the original argv[0] after them;
+    without it the program's path stands for argv[0]."""
+    first = Path(argv[0]).name if argv else ""
+    if "binfmt" in first or first.startswith("qemu-"):
+        return argv[2:] if first.endswith("-P") else argv[1:]
+    return argv
+
+
 @dataclass
 class ChildProcess:
     """One process started by an appliance (directly or not), mosquitto aside."""
@@ -63,6 +74,7 @@ class ChildProcess:
 
 def process_name(argv: list[str], comm: str) -> str:
     """`python -m MODULE TASK ...` → "MODULE TASK"; otherwise the command name."""
+    argv = _without_emulator(argv)
     if "-m" in argv:
         index = argv.index("-m")
         module = argv[index + 1 : index + 2]

@@ -251,6 +251,21 @@ def test_process_watch_sees_each_child_with_its_peak_rss_and_lifetime(tmp_path: 
     assert (watch.helpers_cpu_s("appliance") or 0) > 0
 
 
+@pytest.mark.parametrize(("argv", "name"), [
+    (["/usr/bin/python3", "-m", "appliance.audit.maintain", "seal", "--x"], "appliance.audit.maintain seal"),
+    (["/usr/sbin/mosquitto", "-c", "m.conf"], "mosquitto"),
+    # Under qemu-user through binfmt_misc (make test-arm64), with and without the preserve-argv0 flag.
+    (["/usr/libexec/qemu-binfmt/aarch64-binfmt-P", "/usr/bin/python3", "python3", "-c", "x"], "python3"),
+    (["/usr/libexec/qemu-binfmt/aarch64-binfmt-P", "/usr/bin/python3", "python3", "-m", "m", "t"], "m t"),
+    (["/usr/bin/qemu-aarch64-static", "/usr/sbin/mosquitto", "-c", "m.conf"], "mosquitto"),
+    ([], "comm"),
+])
+def test_process_names_come_from_the_command_line_even_under_emulation(argv: list[str], name: str) -> None:
+    from bench.children import process_name
+
+    assert process_name(argv, "comm") == name
+
+
 def test_helper_runs_the_appliance_recorded_are_merged_and_resident_ones_count_against_the_target() -> None:
     import time
 

@@ -125,6 +125,8 @@ class Forwarder:
         self._wakes = 0  # wake() calls so far (a wake-up between the last read and the wait is not lost)
         self._wake_r = self._wake_w = -1  # a pipe while started
         self._wake_lock = threading.Lock()
+        self._wake_poller: select.poll | None = None  # watches _wake_r (made once, on the forwarder thread)
+        self._wake_pending = False  # the pipe may hold bytes: _drain_wakes() reads it
 
     # -- waking up -------------------------------------------------------------------------------
 
@@ -142,13 +144,20 @@ class Forwarder:
                     pass  # full: a wake-up is already pending
 
     def _wait_for_wake(self, timeout: float) -> None:
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        poller.poll(timeout * 1000)
+        if self._wake_poller is None:
+            self._wake_poller = select.poll()
+            self._wake_poller.register(self._wake_r, select.POLLIN)
+        if self._wake_poller.poll(timeout * 1000):
+            self._wake_pending = True
 
     def _drain_wakes(self) -> None:
+        """Empty the wake pipe. Only when a wait saw it readable (or may have: link.poll() watches
+        it too): reading an empty non-blocking pipe raises, i.e. an exception per wake-up."""
+        if not self._wake_pending:
+            return
+        self._wake_pending = False
         try:
-            while os.read(self._wake_r, 4096):
+            while len(os.read(self._wake_r, 4096)) == 4096:
                 pass
         except (BlockingIOError, OSError):
             pass
@@ -183,6 +192,7 @@ class Forwarder:
         with self._wake_lock:
             fds = (self._wake_r, self._wake_w)
             self._wake_r = self._wake_w = -1
+            self._wake_poller = None
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
@@ -284,6 +294,7 @@ class Forwarder:
                     acked_pids, written = link.poll(0.0)
                     self._idle = True
                     if link.unsent:  # the socket is full: wait for it (or a wake-up) as well
+                        self._wake_pending = True
                         more_acked, more_written = link.poll(IDLE_POLL_S, self._wake_r)
                         acked_pids += more_acked
                         written += more_written
@@ -293,6 +304,7 @@ class Forwarder:
                     self._drain_wakes()
                 elif waiting:
                     self._idle = True
+                    self._wake_pending = True
                     acked_pids, written = link.poll(IDLE_POLL_S, self._wake_r if self._wake_r >= 0 else None)
                     self._idle = False
                     self._drain_wakes()

@@ -54,11 +54,17 @@ class SegmentFiles:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self._fds: dict[int, int] = {}
+        self._paths: dict[int, str] = {}  # of the open ones: no Path built per look (replaced())
 
     def fd(self, first_seq: int) -> int:
         fd = self._fds.get(first_seq)
         if fd is None:
-            fd = self._fds[first_seq] = os.open(self.directory / segment_name(first_seq), os.O_RDONLY | os.O_CLOEXEC)
+            path = self._paths[first_seq] = str(self.directory / segment_name(first_seq))
+            try:
+                fd = self._fds[first_seq] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                del self._paths[first_seq]
+                raise
             no_readahead(fd)
         return fd
 
@@ -71,7 +77,7 @@ class SegmentFiles:
         if fd is None:
             return False
         try:
-            return os.stat(self.directory / segment_name(first_seq)).st_ino != os.fstat(fd).st_ino
+            return os.stat(self._paths[first_seq]).st_ino != os.fstat(fd).st_ino
         except FileNotFoundError:
             return True
 
@@ -79,6 +85,7 @@ class SegmentFiles:
         """Close the segments below this one (nothing there is needed any more)."""
         for seq in [s for s in self._fds if s < first_seq]:
             os.close(self._fds.pop(seq))
+            del self._paths[seq]
 
     def close(self) -> None:
         self.close_before(2**64)

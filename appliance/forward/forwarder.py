@@ -33,9 +33,8 @@ from datetime import timedelta
 from typing import Any
 
 from appliance.config.upstream import UpstreamConfig
-from appliance.forward.link import Link, LinkClosed, TooLarge, reason_name, user_properties
+from appliance.forward.link import Link, LinkClosed, TooLarge, reason_name
 from appliance.forward.outbox import MAX_DROPS_PER_CALL, Dropped, Outbox, OutboxRow
-from appliance.mqtt import Properties
 from appliance.names import EventKind
 from appliance.security.tls import client_ssl_context
 
@@ -356,14 +355,11 @@ class Forwarder:
     def _publish(self, link: Link, row: OutboxRow) -> int:
         cfg = self.config
         topic = render_topic(self._topic_template, topic=row.topic, gateway_id=cfg.gateway_id, client_id=row.client_id)
-        properties = Properties.EMPTY
-        if cfg.protocol == 5:
-            user = [("message-id", str(row.id)), ("client-id", row.client_id)]  # id: the verdict's
-            if row.schema:
-                user.append(("schema", row.schema))
-            properties = user_properties(user)
+        # User properties (MQTT 5; the link leaves them out on 3.1.1): "message-id" (the verdict's id),
+        # then these. The link puts each PUBLISH together from a template per topic and these.
+        user = (("client-id", row.client_id), ("schema", row.schema)) if row.schema else (("client-id", row.client_id),)
         qos = cfg.qos if row.qos is None else min(row.qos, 1)  # the mapping's forward_qos, else upstream.qos
-        return link.publish(topic, row.payload, qos, row.retain and cfg.retain, properties, token=row.seq)
+        return link.publish_message(topic, row.payload, qos, row.retain and cfg.retain, row.id, user, token=row.seq)
 
     def _drain_before_stop(self, link: Link, inflight: dict[int, tuple[int, float]], acked: list[int]) -> None:
         deadline = time.monotonic() + min(STOP_GRACE_S, self._ack_timeout)

@@ -192,6 +192,20 @@ class Client:
         self._publishes += 1
         return packet_id, data
 
+    def take_publish_id(self) -> int:
+        """The packet id of a QoS 1 PUBLISH the caller encodes itself, counted in the window and
+        awaiting its PUBACK as publish()'s are. For a sender of many messages whose topic and
+        properties publish() has checked once (the forwarder's templates): it must apply the
+        server's limits (QoS, retain, packet size) as publish() does."""
+        if self.state is not ClientState.CONNECTED:
+            self._require(ClientState.CONNECTED, "publish")
+        if self._publishes >= self.limits.window:
+            raise LocalProtocolError(f"the server's receive maximum ({self.limits.window}) is reached")
+        packet_id = self._next_pid = self._free_pid()
+        self._outgoing[packet_id] = _AWAIT_PUBACK
+        self._publishes += 1
+        return packet_id
+
     def release(self, packet_id: int) -> bytes:
         """PUBREL, after a ``PublishReceived`` that did not refuse the message."""
         if self._outgoing.get(packet_id) != _AWAIT_PUBCOMP:

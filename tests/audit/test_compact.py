@@ -40,12 +40,12 @@ from appliance.audit.seal import convert_pending
 from appliance.audit.sink import AuditSink
 from appliance.config.upstream import OutboxBounds
 from appliance.forward.outbox import Outbox, to_row
+from appliance.mqtt import ProtocolVersion, ReasonCode
 from appliance.msglog import MessageLog, list_segments, read_log, read_segment
 from appliance.msglog.cursor import Cursor
 from appliance.msglog.format import RECORD_HEADER_SIZE
 from appliance.msglog.log import EpochChanged
 from appliance.msglog.testing import FaultyIO
-from appliance.mqtt import ProtocolVersion, ReasonCode
 from appliance.pipeline import ClientInfo, Message, Policy, Reason, Verdict
 from tests.audit.factory import decision, epoch
 from tests.audit.logfiles import log_decision, write_segment

@@ -293,18 +293,18 @@ class Forwarder:
                     acked_pids, written = link.poll(0.0)
                     self._idle = True
                     if link.unsent:  # the socket is full: wait for it (or a wake-up) as well
-                        self._wake_pending = True
                         more_acked, more_written = link.poll(IDLE_POLL_S, self._wake_r)
                         acked_pids += more_acked
                         written += more_written
+                        self._wake_pending, link.woken = self._wake_pending or link.woken, False
                     elif caught_up and self._wakes == seen:  # else there is more to read now
                         self._wait_for_wake(ACK_LOOK_S if inflight else IDLE_POLL_S)
                     self._idle = False
                     self._drain_wakes()
                 elif waiting:
                     self._idle = True
-                    self._wake_pending = True
                     acked_pids, written = link.poll(IDLE_POLL_S, self._wake_r if self._wake_r >= 0 else None)
+                    self._wake_pending, link.woken = self._wake_pending or link.woken, False
                     self._idle = False
                     self._drain_wakes()
                 else:

@@ -130,6 +130,10 @@ class Link:
         self._unwritten: deque[tuple[int, int]] = deque()
         self._written = 0  # bytes written to the socket since connect
         self._templates: dict[tuple[str, tuple[tuple[str, str], ...]], _Template] = {}
+        self._poller: select.poll | None = None  # poll()'s, made at its first wait
+        self._poll_mask = 0  # what it watches the socket for
+        self._poll_wake: int | None = None  # the wake descriptor it watches too
+        self.woken = False  # a poll() saw its wake descriptor readable (the caller resets it)
         self._progress_at = 0.0  # when bytes were last written, or started waiting in _out
 
     # What the broker's MQTT 5 CONNACK allows (3.1.1: no limits announced).
@@ -331,17 +335,34 @@ class Link:
         pending_tls = isinstance(sock, ssl.SSLSocket) and sock.pending()
         if not pending_tls and timeout > 0:
             # poll(), not select(): the proxy may hold thousands of sockets, and select() cannot
-            # watch a descriptor numbered 1024 or more.
-            poller = select.poll()
-            poller.register(sock, select.POLLIN | (select.POLLOUT if self._out else 0))
-            if wake_fd is not None:
-                poller.register(wake_fd, select.POLLIN)
+            # watch a descriptor numbered 1024 or more. One poll object per connection, changed
+            # only when what it watches changes (this runs at every PUBACK wait of a full window).
+            poller = self._poller
+            mask = select.POLLIN | (select.POLLOUT if self._out else 0)
+            if poller is None:
+                poller = self._poller = select.poll()
+                poller.register(sock, mask)
+                self._poll_mask = mask
+            elif mask != self._poll_mask:
+                poller.modify(sock, mask)
+                self._poll_mask = mask
+            if wake_fd != self._poll_wake:
+                if self._poll_wake is not None:
+                    poller.unregister(self._poll_wake)
+                if wake_fd is not None:
+                    poller.register(wake_fd, select.POLLIN)
+                self._poll_wake = wake_fd
             try:
                 ready = poller.poll(timeout * 1000)
             except OSError as exc:
                 raise LinkClosed(f"connection lost: {exc}") from None
-            if any(fd == sock.fileno() and events & select.POLLOUT for fd, events in ready):
-                self._flush()
+            sock_fd = sock.fileno()
+            for fd, events in ready:
+                if fd == sock_fd:
+                    if events & select.POLLOUT:
+                        self._flush()
+                else:
+                    self.woken = True
         acked = self._read()
         # Deadlines after reading: a PINGRESP that arrived while this thread was busy elsewhere
         # is an answer, not a hung uplink.
@@ -429,6 +450,7 @@ class Link:
         self.close()
 
     def close(self) -> None:
+        self._poller = None
         if self._sock is not None:
             try:
                 self._sock.close()

@@ -158,20 +158,30 @@ class LogTail:
             if need is not None and need > len(buf):  # one record bigger than a chunk
                 buf = self.files.pread(segment, self._offset, need)
                 scan = scan_records(buf, 0, len(buf), last_seq=self._segment_last, out=records)
-        position = self._offset
-        for record in records:
-            if record.seq > upto:
-                return "upto"
-            if len(out) >= limit:
-                return "limit"
-            if record.seq > self.last_seq:
-                out.append(Located(record, segment, position))
-                self.last_seq = record.seq
-            elif self.on_skipped is not None:
-                self.on_skipped(record)
-            position += RECORD_HEADER_SIZE + len(record.body)
-            self._offset = position
-            self._segment_last = record.seq
+        # Positions are kept in locals and stored once (this runs for every record of the log).
+        position, last_seq, segment_last, room = self._offset, self.last_seq, self._segment_last, limit - len(out)
+        stop = "more"
+        try:
+            for record in records:
+                seq = record.seq
+                if seq > upto:
+                    stop = "upto"
+                    break
+                if room <= 0:
+                    stop = "limit"
+                    break
+                if seq > last_seq:
+                    out.append(Located(record, segment, position))
+                    last_seq = seq
+                    room -= 1
+                elif self.on_skipped is not None:
+                    self.on_skipped(record)
+                position += RECORD_HEADER_SIZE + len(record.body)
+                segment_last = seq
+        finally:
+            self._offset, self.last_seq, self._segment_last = position, last_seq, segment_last
+        if stop != "more":
+            return stop
         if records:
             self.stuck = None
             return "more"

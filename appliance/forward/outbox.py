@@ -516,23 +516,30 @@ class Outbox:
                 self._error("read", f"outbox read failed: {exc}")
                 self._changed()
                 return
-            definitions = self._definitions
-            for record, segment, offset in located:
-                if definitions.add(record.seq, record.kind, record.body):
+            definitions, add = self._definitions, pending.add
+            for (seq, kind, body), segment, offset in located:
+                # Most records are compact decisions: they are not definitions, look at them first.
+                if kind != COMPACT_DECISION and definitions.add(seq, kind, body):
                     continue
                 try:
-                    ts = forward_ts(record.kind, record.body)
+                    if kind == COMPACT_DECISION:
+                        ts, forward = compact_ts_forward(body)
+                        if not forward:
+                            continue
+                    else:
+                        found = forward_ts(kind, body)
+                        if found is None:
+                            continue
+                        ts = found
                 except (ValueError, IndexError, UnicodeDecodeError) as exc:  # struct.error is a ValueError
-                    self._error("decode", f"outbox: record {record.seq} cannot be decoded, not forwarded: {exc}")
-                    continue
-                if ts is None:
+                    self._error("decode", f"outbox: record {seq} cannot be decoded, not forwarded: {exc}")
                     continue
                 if not segments or segments[-1] != segment:
                     segments.append(segment)
-                size = RECORD_HEADER_SIZE + len(record.body)
-                pending.add(record.seq, ts, size, offset)
+                size = RECORD_HEADER_SIZE + len(body)
+                add(seq, ts, size, offset)
                 if len(fresh) < FRESH_MESSAGES and self._fresh_bytes + size <= FRESH_BYTES:
-                    fresh[record.seq] = (record.kind, record.body)
+                    fresh[seq] = (kind, body)
                     self._fresh_bytes += size
             if len(located) < CATCH_UP_BATCH:
                 break

@@ -106,6 +106,7 @@ class Forwarder:
         self._handed_out = 0  # the highest seq read for sending on the current connection
         self._stopping = threading.Event()
         self._topic_template = config.topic_template
+        self._plain_topic = config.topic_template == "{topic}"  # render_topic() would return the topic
         self._ack_timeout = _seconds(config.ack_timeout)
         # Shared with status() (reads of ints and references are atomic enough for a status view).
         self._uplink_up = False
@@ -274,16 +275,19 @@ class Forwarder:
                     buffer.extend(rows)
                     if rows:
                         read_to = self._handed_out = rows[-1].seq
+                sent = 0
+                publish = self._publish
                 while buffer and len(inflight) < window:
                     row = buffer.popleft()
                     try:
-                        pid = self._publish(link, row)
+                        pid = publish(link, row)
                     except TooLarge as exc:
                         self._drop_unsendable(row, str(exc))
                         continue
                     if pid:
                         inflight[pid] = (row.seq, now)
-                    self.sent_total += 1
+                    sent += 1
+                self.sent_total += sent
                 waiting = not buffer or len(inflight) >= window
                 if waiting and len(inflight) < window and self._wake_r >= 0:
                     # Nothing to send and room in the window: once the outbox is read to its end,
@@ -354,12 +358,15 @@ class Forwarder:
 
     def _publish(self, link: Link, row: OutboxRow) -> int:
         cfg = self.config
-        topic = render_topic(self._topic_template, topic=row.topic, gateway_id=cfg.gateway_id, client_id=row.client_id)
+        client_id = row.client_id
+        topic = row.topic if self._plain_topic else render_topic(
+            self._topic_template, topic=row.topic, gateway_id=cfg.gateway_id, client_id=client_id)
         # User properties (MQTT 5; the link leaves them out on 3.1.1): "message-id" (the verdict's id),
         # then these. The link puts each PUBLISH together from a template per topic and these.
-        user = (("client-id", row.client_id), ("schema", row.schema)) if row.schema else (("client-id", row.client_id),)
+        schema = row.schema
+        user = (("client-id", client_id), ("schema", schema)) if schema else (("client-id", client_id),)
         qos = cfg.qos if row.qos is None else min(row.qos, 1)  # the mapping's forward_qos, else upstream.qos
-        return link.publish_message(topic, row.payload, qos, row.retain and cfg.retain, row.id, user, token=row.seq)
+        return link.publish_message(topic, row.payload, qos, row.retain and cfg.retain, row.id, user, row.seq)
 
     def _drain_before_stop(self, link: Link, inflight: dict[int, tuple[int, float]], acked: list[int]) -> None:
         deadline = time.monotonic() + min(STOP_GRACE_S, self._ack_timeout)

@@ -322,9 +322,7 @@ class Outbox:
         meanwhile, or acknowledged already, is not counted)."""
         with self._lock:
             pending = self._pending
-            count = 0
-            for seq in seqs:
-                count += pending.acknowledge(seq)
+            count = pending.acknowledge_many(seqs)
             if count:
                 pending.advance()
                 self._moved_since_save += count
@@ -557,14 +555,13 @@ class Outbox:
         all were (live messages), else read back from the log (one pread per span)."""
         fresh, row = self._fresh, self._messages.row
         if fresh:
-            if all(entry.seq in fresh for entry in entries):
-                pop = fresh.pop
-                rows = [row(entry.seq, *pop(entry.seq)) for entry in entries]
+            found = [fresh.pop(entry.seq, None) for entry in entries]
+            if None not in found:
                 self._fresh_bytes -= sum(entry.size for entry in entries)
-                return rows
+                return [row(entry.seq, *item) for entry, item in zip(entries, found, strict=True) if item is not None]
             fresh.clear()  # not the newest messages (a new connection, a drop): read them back
             self._fresh_bytes = 0
-        rows = []
+        rows: list[OutboxRow] = []
         segments, files = self._segments, self._files
         i = 0
         while i < len(entries):

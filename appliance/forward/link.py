@@ -418,7 +418,15 @@ class Link:
         if not got and not closed:
             return []
         acked: list[int] = []
-        while (event := self._next_event()) is not NEED_DATA:
+        refused = self.refused
+        while True:
+            for packet_id, code in client.next_pubacks():  # a window of them at once, usually all there is
+                acked.append(packet_id)
+                if code >= 0x80:  # MQTT 5: an answer, but "no"
+                    refused[code] = refused.get(code, 0) + 1
+            event = self._next_event()
+            if event is NEED_DATA:
+                break
             if type(event) is Published:
                 acked.append(event.packet_id)
                 if event.reason_code >= 0x80:  # MQTT 5: an answer, but "no"

@@ -26,12 +26,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.audit.records import DECISION, IdClock, payload_sha256
+from appliance.audit.records import (
+    COMPACT_DECISION,
+    CONNECTION,
+    CONTEXT,
+    DECISION,
+    IdClock,
+    encode_compact,
+    payload_sha256,
+    varint,
+)
 from appliance.config.upstream import UpstreamConfig
 from appliance.forward.forwarder import Forwarder
 from appliance.forward.outbox import Outbox
 from appliance.msglog.cursor import Cursor
-from appliance.msglog.log import MessageLog
+from appliance.msglog.log import EpochChanged, MessageLog
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class DrainResult:
     bytes_written_per_message_live: float  # log syncs at the live rate (small batches), plus cursor saves
     sent_total: int
     forwarder_cpu_us_per_message: float  # the forwarder thread (log reads, index, MQTT), whole run
+    forwarder_cpu_us_per_message_live: float  # the same, live phase only (after the drain, at the live rate)
     cursor_saves: int
 
 
@@ -74,7 +84,7 @@ def _sync_and_bytes() -> int:
 
 
 async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_after: float, window: int,
-               payload_bytes: int, protocol: int) -> DrainResult:
+               payload_bytes: int, protocol: int, compact: bool = True) -> DrainResult:
     port = _free_port()
     conf = directory / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
@@ -92,6 +102,30 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
     sensors = [f"sensor-{i}" for i in range(20)]
     added = 0
     encode, code = DECISION.encode, DECISION.code
+    refs: dict[str, bytes] = {}  # client -> its connection and context records' seqs (this epoch)
+    epoch = -1
+
+    def append_compact(client: str, now: float) -> int:
+        # What the audit sink writes since record version 2: definitions once per segment, then
+        # compact decisions referring to them.
+        nonlocal epoch
+        while True:
+            if message_log.epoch != epoch:
+                epoch = message_log.epoch
+                refs.clear()
+            try:
+                ref = refs.get(client)
+                if ref is None:
+                    connection = message_log.append(CONNECTION.code, CONNECTION.encode(
+                        (client, None, "127.0.0.1:1", 5)), epoch)
+                    context = message_log.append(CONTEXT.code, CONTEXT.encode(
+                        (f"plant/{client}/reading", "v1", "reading", "v1", "plant/+/reading", "bench", False, 1)), epoch)
+                    ref = refs[client] = varint(connection) + varint(context)
+                return message_log.append(COMPACT_DECISION, encode_compact(
+                    clock.next(now), now, ref, 1, False, payload, len(payload), None, "accept", 0, "[]", 10, False,
+                    None, True, True), epoch)
+            except EpochChanged:
+                continue
 
     def add(count: int) -> int:
         nonlocal added
@@ -99,10 +133,13 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
         for _ in range(count):
             client = sensors[added % len(sensors)]
             now = time.time()
-            seq = message_log.append(code, encode((
-                clock.next(now), now, client, None, "127.0.0.1:1", 5, f"plant/{client}/reading", 1, False, payload,
-                len(payload), digest, "v1", "reading", "v1", "plant/+/reading", "accept", 0, "[]", 10, "bench",
-                False, False, None, True, 1, True)))
+            if compact:
+                seq = append_compact(client, now)
+            else:
+                seq = message_log.append(code, encode((
+                    clock.next(now), now, client, None, "127.0.0.1:1", 5, f"plant/{client}/reading", 1, False,
+                    payload, len(payload), digest, "v1", "reading", "v1", "plant/+/reading", "accept", 0, "[]", 10,
+                    "bench", False, False, None, True, 1, True)))
             added += 1
         return seq
 
@@ -154,6 +191,7 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
         # Steady state with live traffic only: bytes per message at the live rate.
         live_before_bytes = _sync_and_bytes()
         live_before_count = forwarder.forwarded_total
+        live_before_cpu = _thread_cpu(thread_id)
         await asyncio.sleep(live_seconds_after)
         stop_live.set()
         await live_task
@@ -162,6 +200,7 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
             await asyncio.sleep(0.01)
         cpu = _thread_cpu(thread_id)
         live_count = forwarder.forwarded_total - live_before_count
+        live_cpu = cpu - live_before_cpu
         live_bytes = _sync_and_bytes() - live_before_bytes
         await forwarder.stop()
         total_bytes = _sync_and_bytes() - before
@@ -176,6 +215,7 @@ async def _run(directory: Path, *, backlog: int, live_rate: float, live_seconds_
             bytes_written_per_message_live=round(live_bytes / max(1, live_count)),
             sent_total=forwarder.sent_total,
             forwarder_cpu_us_per_message=round(cpu / max(1, forwarder.forwarded_total) * 1e6, 1),
+            forwarder_cpu_us_per_message_live=round(live_cpu / max(1, live_count) * 1e6, 1),
             cursor_saves=cursor.saves,
         )
     finally:
@@ -193,7 +233,12 @@ class _CountingCursor(Cursor):
 
 
 def _thread_cpu(native_id: int | None) -> float:
-    """CPU seconds (user + system) of one thread of this process, from /proc."""
+    """CPU seconds of one thread of this process, from /proc: its run time in nanoseconds
+    (schedstat), else user + system in clock ticks (10 ms: too coarse for a few seconds)."""
+    try:
+        return int(Path(f"/proc/self/task/{native_id}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
+        pass
     try:
         fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
@@ -202,10 +247,11 @@ def _thread_cpu(native_id: int | None) -> float:
 
 
 def run_benchmark(*, backlog: int = 50_000, live_rate: float = 1_000, live_seconds_after: float = 5.0, window: int = 100,
-                  payload_bytes: int = 150, protocol: int = 5, uvloop: bool = True) -> DrainResult:
+                  payload_bytes: int = 150, protocol: int = 5, uvloop: bool = True, compact: bool = True) -> DrainResult:
     with tempfile.TemporaryDirectory(prefix="forward-bench-") as tmp:
         kwargs: dict[str, Any] = {"backlog": backlog, "live_rate": live_rate, "live_seconds_after": live_seconds_after,
-                                  "window": window, "payload_bytes": payload_bytes, "protocol": protocol}
+                                  "window": window, "payload_bytes": payload_bytes, "protocol": protocol,
+                                  "compact": compact}
         if uvloop:
             import uvloop as _uvloop
 
@@ -221,9 +267,13 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--payload", type=int, default=150)
     parser.add_argument("--protocol", type=int, choices=(4, 5), default=5)
+    parser.add_argument("--records", choices=("compact", "full"), default="compact",
+                        help="compact decisions with their definitions (what the appliance writes since record "
+                             "version 2) or full DECISION records (version 1)")
     args = parser.parse_args()
     result = run_benchmark(backlog=args.backlog, live_rate=args.live_rate, live_seconds_after=args.live_seconds,
-                           window=args.window, payload_bytes=args.payload, protocol=args.protocol)
+                           window=args.window, payload_bytes=args.payload, protocol=args.protocol,
+                           compact=args.records == "compact")
     print(json.dumps(asdict(result), indent=2))
 
 

@@ -33,9 +33,8 @@ from datetime import timedelta
 from typing import Any
 
 from appliance.config.upstream import UpstreamConfig
-from appliance.forward.link import Link, LinkClosed, TooLarge, reason_name, user_properties
+from appliance.forward.link import Link, LinkClosed, TooLarge, reason_name
 from appliance.forward.outbox import MAX_DROPS_PER_CALL, Dropped, Outbox, OutboxRow
-from appliance.mqtt import Properties
 from appliance.names import EventKind
 from appliance.security.tls import client_ssl_context
 
@@ -107,6 +106,7 @@ class Forwarder:
         self._handed_out = 0  # the highest seq read for sending on the current connection
         self._stopping = threading.Event()
         self._topic_template = config.topic_template
+        self._plain_topic = config.topic_template == "{topic}"  # render_topic() would return the topic
         self._ack_timeout = _seconds(config.ack_timeout)
         # Shared with status() (reads of ints and references are atomic enough for a status view).
         self._uplink_up = False
@@ -125,6 +125,8 @@ class Forwarder:
         self._wakes = 0  # wake() calls so far (a wake-up between the last read and the wait is not lost)
         self._wake_r = self._wake_w = -1  # a pipe while started
         self._wake_lock = threading.Lock()
+        self._wake_poller: select.poll | None = None  # watches _wake_r (made once, on the forwarder thread)
+        self._wake_pending = False  # the pipe may hold bytes: _drain_wakes() reads it
 
     # -- waking up -------------------------------------------------------------------------------
 
@@ -142,13 +144,20 @@ class Forwarder:
                     pass  # full: a wake-up is already pending
 
     def _wait_for_wake(self, timeout: float) -> None:
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        poller.poll(timeout * 1000)
+        if self._wake_poller is None:
+            self._wake_poller = select.poll()
+            self._wake_poller.register(self._wake_r, select.POLLIN)
+        if self._wake_poller.poll(timeout * 1000):
+            self._wake_pending = True
 
     def _drain_wakes(self) -> None:
+        """Empty the wake pipe. Only when a wait saw it readable (or may have: link.poll() watches
+        it too): reading an empty non-blocking pipe raises, i.e. an exception per wake-up."""
+        if not self._wake_pending:
+            return
+        self._wake_pending = False
         try:
-            while os.read(self._wake_r, 4096):
+            while len(os.read(self._wake_r, 4096)) == 4096:
                 pass
         except (BlockingIOError, OSError):
             pass
@@ -183,6 +192,7 @@ class Forwarder:
         with self._wake_lock:
             fds = (self._wake_r, self._wake_w)
             self._wake_r = self._wake_w = -1
+            self._wake_poller = None
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
@@ -265,16 +275,19 @@ class Forwarder:
                     buffer.extend(rows)
                     if rows:
                         read_to = self._handed_out = rows[-1].seq
+                sent = 0
+                publish = self._publish
                 while buffer and len(inflight) < window:
                     row = buffer.popleft()
                     try:
-                        pid = self._publish(link, row)
+                        pid = publish(link, row)
                     except TooLarge as exc:
                         self._drop_unsendable(row, str(exc))
                         continue
                     if pid:
                         inflight[pid] = (row.seq, now)
-                    self.sent_total += 1
+                    sent += 1
+                self.sent_total += sent
                 waiting = not buffer or len(inflight) >= window
                 if waiting and len(inflight) < window and self._wake_r >= 0:
                     # Nothing to send and room in the window: once the outbox is read to its end,
@@ -287,6 +300,7 @@ class Forwarder:
                         more_acked, more_written = link.poll(IDLE_POLL_S, self._wake_r)
                         acked_pids += more_acked
                         written += more_written
+                        self._wake_pending, link.woken = self._wake_pending or link.woken, False
                     elif caught_up and self._wakes == seen:  # else there is more to read now
                         self._wait_for_wake(ACK_LOOK_S if inflight else IDLE_POLL_S)
                     self._idle = False
@@ -294,6 +308,7 @@ class Forwarder:
                 elif waiting:
                     self._idle = True
                     acked_pids, written = link.poll(IDLE_POLL_S, self._wake_r if self._wake_r >= 0 else None)
+                    self._wake_pending, link.woken = self._wake_pending or link.woken, False
                     self._idle = False
                     self._drain_wakes()
                 else:
@@ -343,15 +358,15 @@ class Forwarder:
 
     def _publish(self, link: Link, row: OutboxRow) -> int:
         cfg = self.config
-        topic = render_topic(self._topic_template, topic=row.topic, gateway_id=cfg.gateway_id, client_id=row.client_id)
-        properties = Properties.EMPTY
-        if cfg.protocol == 5:
-            user = [("message-id", str(row.id)), ("client-id", row.client_id)]  # id: the verdict's
-            if row.schema:
-                user.append(("schema", row.schema))
-            properties = user_properties(user)
+        client_id = row.client_id
+        topic = row.topic if self._plain_topic else render_topic(
+            self._topic_template, topic=row.topic, gateway_id=cfg.gateway_id, client_id=client_id)
+        # User properties (MQTT 5; the link leaves them out on 3.1.1): "message-id" (the verdict's id),
+        # then these. The link puts each PUBLISH together from a template per topic and these.
+        schema = row.schema
+        user = (("client-id", client_id), ("schema", schema)) if schema else (("client-id", client_id),)
         qos = cfg.qos if row.qos is None else min(row.qos, 1)  # the mapping's forward_qos, else upstream.qos
-        return link.publish(topic, row.payload, qos, row.retain and cfg.retain, properties, token=row.seq)
+        return link.publish_message(topic, row.payload, qos, row.retain and cfg.retain, row.id, user, row.seq)
 
     def _drain_before_stop(self, link: Link, inflight: dict[int, tuple[int, float]], acked: list[int]) -> None:
         deadline = time.monotonic() + min(STOP_GRACE_S, self._ack_timeout)

@@ -24,11 +24,14 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
+from appliance.forward.transport import Stream, open_websocket
 from appliance.mqtt import Properties, ProtocolVersion, RemoteProtocolError
 from appliance.mqtt.client import (
     NEED_DATA,
     Client,
+    ClientState,
     Connected,
     ConnectionRefused,
     Disconnected,
@@ -37,13 +40,24 @@ from appliance.mqtt.client import (
     Published,
     reason_name,
 )
-from appliance.forward.transport import Stream, open_websocket
+from appliance.mqtt.wire import encode_varint
 
 __all__ = ["Link", "LinkClosed", "TooLarge", "open_connection", "reason_name", "user_properties"]
 
 _READ_SIZE = 256 * 1024
 _MAX_PACKET = 1024 * 1024  # what the cloud broker may send us: acks, CONNACK, DISCONNECT
 _MAX_QOS = 1  # the forwarder publishes at QoS 0 or 1
+
+
+_MESSAGE_ID = b"\x26\x00\x0amessage-id"  # USER_PROPERTY (0x26) named "message-id", its value follows
+_MAX_TEMPLATES = 10_000
+
+
+class _Template(NamedTuple):
+    """What publish_message() writes of every PUBLISH to one topic with the same user properties."""
+
+    topic: bytes  # length-prefixed UTF-8
+    user: bytes  # the user properties after message-id, encoded (MQTT 5; empty for 3.1.1)
 
 
 class LinkClosed(Exception):
@@ -115,6 +129,11 @@ class Link:
         # QoS 0 messages count as delivered once written: (end offset in the output stream, token).
         self._unwritten: deque[tuple[int, int]] = deque()
         self._written = 0  # bytes written to the socket since connect
+        self._templates: dict[tuple[str, tuple[tuple[str, str], ...]], _Template] = {}
+        self._poller: select.poll | None = None  # poll()'s, made at its first wait
+        self._poll_mask = 0  # what it watches the socket for
+        self._poll_wake: int | None = None  # the wake descriptor it watches too
+        self.woken = False  # a poll() saw its wake descriptor readable (the caller resets it)
         self._progress_at = 0.0  # when bytes were last written, or started waiting in _out
 
     # What the broker's MQTT 5 CONNACK allows (3.1.1: no limits announced).
@@ -227,6 +246,71 @@ class Link:
             self._unwritten.append((self._written + len(out), token))
         return pid
 
+    def publish_message(self, topic: str, payload: bytes, qos: int, retain: bool, message_id: int,
+                        user: tuple[tuple[str, str], ...] = (), token: int = 0) -> int:
+        """publish() of a forwarded message with the MQTT 5 user properties ("message-id",
+        str(message_id)) and then `user`: the same bytes, limits and errors. The topic and `user`
+        are checked by publish()'s own path the first time they come (at QoS 0 with an empty
+        payload: nothing is queued or taken); each message is then put together from what that
+        left (_Template) instead of being encoded field by field: 1 µs instead of 3 per message."""
+        client = self.client
+        limits = client.limits
+        sent_qos = min(qos, limits.maximum_qos, _MAX_QOS)
+        if client.state is not ClientState.CONNECTED or (sent_qos and client.send_quota <= 0):
+            # publish() raises what it raises then (not connected, the window is full)
+            return self.publish(topic, payload, qos, retain, user_properties((("message-id", str(message_id)), *user)),
+                                token)
+        qos = sent_qos
+        template = self._templates.get((topic, user))
+        if template is None:
+            template = self._template(topic, user)
+        if retain and not limits.retain_available:
+            retain = False
+        if self._v5:
+            mid = str(message_id).encode()
+            properties = b"".join((_MESSAGE_ID, len(mid).to_bytes(2, "big"), mid, template.user))
+            properties = encode_varint(len(properties)) + properties
+        else:
+            properties = b""
+        length = len(template.topic) + (2 if qos else 0) + len(properties) + len(payload)
+        remaining = encode_varint(length)
+        if limits.maximum_packet_size is not None and 1 + len(remaining) + length > limits.maximum_packet_size:
+            raise TooLarge(f"{1 + len(remaining) + length} bytes, the server takes packets up to "
+                           f"{limits.maximum_packet_size}")
+        first = 0x30 | (qos << 1) | retain
+        if qos:
+            pid = self.client.take_publish_id()
+            data = b"".join((bytes((first,)), remaining, template.topic, pid.to_bytes(2, "big"), properties, payload))
+        else:
+            pid = 0
+            data = b"".join((bytes((first,)), remaining, template.topic, properties, payload))
+        out = self._out
+        if not out:
+            self._progress_at = time.monotonic()
+        out += data
+        if not pid:
+            self._unwritten.append((self._written + len(out), token))
+        return pid
+
+    def _template(self, topic: str, user: tuple[tuple[str, str], ...]) -> _Template:
+        properties = user_properties((("message-id", "0"), *user)) if self._v5 else Properties.EMPTY
+        try:
+            self.client.publish(topic, b"", 0, False, properties)  # checks; raises what publish() would
+        except PacketTooLarge as exc:
+            raise TooLarge(str(exc)) from None
+        encoded = topic.encode()
+        parts = []
+        if self._v5:
+            for pair in user:
+                parts.append(b"\x26")
+                for text in pair:
+                    data = text.encode()
+                    parts.append(len(data).to_bytes(2, "big") + data)
+        if len(self._templates) >= _MAX_TEMPLATES:
+            self._templates.clear()
+        template = self._templates[topic, user] = _Template(len(encoded).to_bytes(2, "big") + encoded, b"".join(parts))
+        return template
+
     @property
     def unsent(self) -> int:
         """Bytes queued that the socket has not taken yet."""
@@ -251,17 +335,34 @@ class Link:
         pending_tls = isinstance(sock, ssl.SSLSocket) and sock.pending()
         if not pending_tls and timeout > 0:
             # poll(), not select(): the proxy may hold thousands of sockets, and select() cannot
-            # watch a descriptor numbered 1024 or more.
-            poller = select.poll()
-            poller.register(sock, select.POLLIN | (select.POLLOUT if self._out else 0))
-            if wake_fd is not None:
-                poller.register(wake_fd, select.POLLIN)
+            # watch a descriptor numbered 1024 or more. One poll object per connection, changed
+            # only when what it watches changes (this runs at every PUBACK wait of a full window).
+            poller = self._poller
+            mask = select.POLLIN | (select.POLLOUT if self._out else 0)
+            if poller is None:
+                poller = self._poller = select.poll()
+                poller.register(sock, mask)
+                self._poll_mask = mask
+            elif mask != self._poll_mask:
+                poller.modify(sock, mask)
+                self._poll_mask = mask
+            if wake_fd != self._poll_wake:
+                if self._poll_wake is not None:
+                    poller.unregister(self._poll_wake)
+                if wake_fd is not None:
+                    poller.register(wake_fd, select.POLLIN)
+                self._poll_wake = wake_fd
             try:
                 ready = poller.poll(timeout * 1000)
             except OSError as exc:
                 raise LinkClosed(f"connection lost: {exc}") from None
-            if any(fd == sock.fileno() and events & select.POLLOUT for fd, events in ready):
-                self._flush()
+            sock_fd = sock.fileno()
+            for fd, events in ready:
+                if fd == sock_fd:
+                    if events & select.POLLOUT:
+                        self._flush()
+                else:
+                    self.woken = True
         acked = self._read()
         # Deadlines after reading: a PINGRESP that arrived while this thread was busy elsewhere
         # is an answer, not a hung uplink.
@@ -317,7 +418,15 @@ class Link:
         if not got and not closed:
             return []
         acked: list[int] = []
-        while (event := self._next_event()) is not NEED_DATA:
+        refused = self.refused
+        while True:
+            for packet_id, code in client.next_pubacks():  # a window of them at once, usually all there is
+                acked.append(packet_id)
+                if code >= 0x80:  # MQTT 5: an answer, but "no"
+                    refused[code] = refused.get(code, 0) + 1
+            event = self._next_event()
+            if event is NEED_DATA:
+                break
             if type(event) is Published:
                 acked.append(event.packet_id)
                 if event.reason_code >= 0x80:  # MQTT 5: an answer, but "no"
@@ -349,6 +458,7 @@ class Link:
         self.close()
 
     def close(self) -> None:
+        self._poller = None
         if self._sock is not None:
             try:
                 self._sock.close()

@@ -54,11 +54,17 @@ class SegmentFiles:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self._fds: dict[int, int] = {}
+        self._paths: dict[int, str] = {}  # of the open ones: no Path built per look (replaced())
 
     def fd(self, first_seq: int) -> int:
         fd = self._fds.get(first_seq)
         if fd is None:
-            fd = self._fds[first_seq] = os.open(self.directory / segment_name(first_seq), os.O_RDONLY | os.O_CLOEXEC)
+            path = self._paths[first_seq] = str(self.directory / segment_name(first_seq))
+            try:
+                fd = self._fds[first_seq] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                del self._paths[first_seq]
+                raise
             no_readahead(fd)
         return fd
 
@@ -71,7 +77,7 @@ class SegmentFiles:
         if fd is None:
             return False
         try:
-            return os.stat(self.directory / segment_name(first_seq)).st_ino != os.fstat(fd).st_ino
+            return os.stat(self._paths[first_seq]).st_ino != os.fstat(fd).st_ino
         except FileNotFoundError:
             return True
 
@@ -79,6 +85,7 @@ class SegmentFiles:
         """Close the segments below this one (nothing there is needed any more)."""
         for seq in [s for s in self._fds if s < first_seq]:
             os.close(self._fds.pop(seq))
+            del self._paths[seq]
 
     def close(self) -> None:
         self.close_before(2**64)
@@ -151,20 +158,30 @@ class LogTail:
             if need is not None and need > len(buf):  # one record bigger than a chunk
                 buf = self.files.pread(segment, self._offset, need)
                 scan = scan_records(buf, 0, len(buf), last_seq=self._segment_last, out=records)
-        position = self._offset
-        for record in records:
-            if record.seq > upto:
-                return "upto"
-            if len(out) >= limit:
-                return "limit"
-            if record.seq > self.last_seq:
-                out.append(Located(record, segment, position))
-                self.last_seq = record.seq
-            elif self.on_skipped is not None:
-                self.on_skipped(record)
-            position += RECORD_HEADER_SIZE + len(record.body)
-            self._offset = position
-            self._segment_last = record.seq
+        # Positions are kept in locals and stored once (this runs for every record of the log).
+        position, last_seq, segment_last, room = self._offset, self.last_seq, self._segment_last, limit - len(out)
+        stop = "more"
+        try:
+            for record in records:
+                seq = record.seq
+                if seq > upto:
+                    stop = "upto"
+                    break
+                if room <= 0:
+                    stop = "limit"
+                    break
+                if seq > last_seq:
+                    out.append(Located(record, segment, position))
+                    last_seq = seq
+                    room -= 1
+                elif self.on_skipped is not None:
+                    self.on_skipped(record)
+                position += RECORD_HEADER_SIZE + len(record.body)
+                segment_last = seq
+        finally:
+            self._offset, self.last_seq, self._segment_last = position, last_seq, segment_last
+        if stop != "more":
+            return stop
         if records:
             self.stuck = None
             return "more"

@@ -36,14 +36,17 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from appliance.audit.records import (
     COMPACT_DECISION,
+    CONNECTION,
+    CONTEXT,
     DECISION,
     FORWARD_ONLY,
     Definitions,
     RecordKind,
+    compact_forward_fields,
     compact_ts_forward,
 )
 from appliance.config.upstream import OutboxBounds
@@ -64,6 +67,11 @@ READ_SPAN = 1 << 20  # one pread covers at most this much of a segment
 # Records indexed per log read while catching up. Each read holds its records' bodies in memory at
 # once: 50,000 of them were ~20 MB, the service's peak RSS under a backlog (docs/performance.md).
 CATCH_UP_BATCH = 2_000
+# The bodies of the messages the last reads of the log found, kept until they are sent (at most
+# this many, and bytes): live messages are sent right after they were indexed, and reading them
+# back (a pread, a stat of the segment, the headers checked again) cost more than decoding them.
+FRESH_MESSAGES = 1_000
+FRESH_BYTES = 1 << 20
 
 DropReason = Literal["expired", "max_messages", "max_bytes", "too_large"]
 
@@ -82,8 +90,10 @@ class CursorStore(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
+class OutboxRow(NamedTuple):
+    """One message to send. A NamedTuple, not a frozen dataclass: one is built per message on
+    the forwarder's thread, and a frozen dataclass's __init__ costs four times as much."""
+
     seq: int  # the record's position in the log: what the forwarder acknowledges
     id: int  # the verdict's id (the `message-id` user property; joins with the audit log)
     ts: float
@@ -167,19 +177,57 @@ def forward_ts(kind: int, body: bytes) -> float | None:
 def to_row(seq: int, kind: int, body: bytes, definitions: Definitions | None = None) -> OutboxRow:
     """The message of a decision (either version; a compact one's references are looked up in
     `definitions`) or a FORWARD_ONLY record."""
-    size = RECORD_HEADER_SIZE + len(body)
-    if kind == COMPACT_DECISION or kind == _DECISION:
-        r = (definitions or Definitions()).decision(body) if kind == COMPACT_DECISION else DECISION.decode(body)
-        name, version = r[_D["schema_name"]], r[_D["schema_version"]]
+    return MessageReader(definitions or Definitions()).row(seq, kind, body)
+
+
+_N_CLIENT_ID, _X_TOPIC = CONNECTION.names.index("client_id"), CONTEXT.names.index("topic")
+_X_FORWARD_QOS = CONTEXT.names.index("forward_qos")
+_X_SCHEMA_NAME, _X_SCHEMA_VERSION = CONTEXT.names.index("schema_name"), CONTEXT.names.index("schema_version")
+_Sender = tuple[str, str, int | None, str | None]  # client_id, topic, forward_qos, schema
+
+
+class MessageReader:
+    """Builds the OutboxRow of a record to forward. A compact decision is decoded only for the
+    fields the forwarder sends (`compact_forward_fields`: no reasons, no SHA-256, no 27-field
+    DECISION row), and what its two definitions give (client id, topic, QoS towards the cloud,
+    schema) is worked out once per pair of definitions, not per message."""
+
+    def __init__(self, definitions: Definitions):
+        self.definitions = definitions
+        self._senders: dict[tuple[int, int], _Sender] = {}
+
+    def forget_before(self, seq: int) -> None:
+        """Definitions below `seq` are gone (Definitions.forget_before)."""
+        for key in [k for k in self._senders if k[0] < seq or k[1] < seq]:
+            del self._senders[key]
+
+    def _sender(self, connection: int, context: int) -> _Sender:
+        n = self.definitions.get(connection, CONNECTION)
+        x = self.definitions.get(context, CONTEXT)
+        name, version = x[_X_SCHEMA_NAME], x[_X_SCHEMA_VERSION]
         schema = None if name is None else name if version is None else f"{name}:{version}"
-        payload = r[_D["payload"]]
-        return OutboxRow(seq, r[_D["id"]], r[_D["ts"]], r[_D["client_id"]], r[_D["topic"]],
-                         b"" if payload is None else payload, r[_D["forward_qos"]], r[_D["retain"]], schema, size)
-    if kind == _FORWARD_ONLY:
-        r = FORWARD_ONLY.decode(body)
-        return OutboxRow(seq, r[_F["id"]], r[_F["ts"]], r[_F["client_id"]], r[_F["topic"]], r[_F["payload"]],
-                         r[_F["qos"]], bool(r[_F["retain"]]), r[_F["schema"]], size)
-    raise ValueError(f"record kind {kind} is not a message to forward")
+        sender = self._senders[connection, context] = (n[_N_CLIENT_ID], x[_X_TOPIC], x[_X_FORWARD_QOS], schema)
+        return sender
+
+    def row(self, seq: int, kind: int, body: bytes) -> OutboxRow:
+        size = RECORD_HEADER_SIZE + len(body)
+        if kind == COMPACT_DECISION:
+            id_, ts, connection, context, retain, payload = compact_forward_fields(body)
+            sender = self._senders.get((connection, context)) or self._sender(connection, context)
+            return OutboxRow(seq, id_, ts, sender[0], sender[1], b"" if payload is None else payload, sender[2],
+                             retain, sender[3], size)
+        if kind == _DECISION:
+            r = DECISION.decode(body)
+            name, version = r[_D["schema_name"]], r[_D["schema_version"]]
+            schema = None if name is None else name if version is None else f"{name}:{version}"
+            payload = r[_D["payload"]]
+            return OutboxRow(seq, r[_D["id"]], r[_D["ts"]], r[_D["client_id"]], r[_D["topic"]],
+                             b"" if payload is None else payload, r[_D["forward_qos"]], r[_D["retain"]], schema, size)
+        if kind == _FORWARD_ONLY:
+            r = FORWARD_ONLY.decode(body)
+            return OutboxRow(seq, r[_F["id"]], r[_F["ts"]], r[_F["client_id"]], r[_F["topic"]], r[_F["payload"]],
+                             r[_F["qos"]], bool(r[_F["retain"]]), r[_F["schema"]], size)
+        raise ValueError(f"record kind {kind} is not a message to forward")
 
 
 class Outbox:
@@ -224,9 +272,13 @@ class Outbox:
         self._moved_since_save = 0  # acknowledgements and drops not in the saved cursor yet
         # The connection and context records the pending messages refer to (version 2 records).
         self._definitions = Definitions(self._definition)
+        self._messages = MessageReader(self._definitions)
         self._tail = self._new_tail(self._saved)
         self._full = False
         self._stale = False  # a read found a segment that changed under the index
+        # seq -> (kind, body) of messages just indexed, not yet read for sending (FRESH_MESSAGES)
+        self._fresh: dict[int, tuple[int, bytes]] = {}
+        self._fresh_bytes = 0
         self._depth = OutboxDepth(0, 0, None)
         with self._lock:
             self._catch_up()
@@ -270,9 +322,7 @@ class Outbox:
         meanwhile, or acknowledged already, is not counted)."""
         with self._lock:
             pending = self._pending
-            count = 0
-            for seq in seqs:
-                count += pending.acknowledge(seq)
+            count = pending.acknowledge_many(seqs)
             if count:
                 pending.advance()
                 self._moved_since_save += count
@@ -363,6 +413,7 @@ class Outbox:
             self._files.close_before(oldest)
             # A segment's messages refer to definitions in it: older ones are not needed any more.
             self._definitions.forget_before(oldest)
+            self._messages.forget_before(oldest)
 
     # -- counters --------------------------------------------------------------------------------
 
@@ -452,7 +503,7 @@ class Outbox:
 
     def _catch_up(self) -> None:
         """Index the messages the log made durable since the last call."""
-        tail, pending, segments = self._tail, self._pending, self._segments
+        tail, pending, segments, fresh = self._tail, self._pending, self._segments, self._fresh
         upto = self._durable_seq()
         if upto <= tail.last_seq:
             return
@@ -463,20 +514,31 @@ class Outbox:
                 self._error("read", f"outbox read failed: {exc}")
                 self._changed()
                 return
-            definitions = self._definitions
-            for record, segment, offset in located:
-                if definitions.add(record.seq, record.kind, record.body):
+            definitions, add = self._definitions, pending.add
+            for (seq, kind, body), segment, offset in located:
+                # Most records are compact decisions: they are not definitions, look at them first.
+                if kind != COMPACT_DECISION and definitions.add(seq, kind, body):
                     continue
                 try:
-                    ts = forward_ts(record.kind, record.body)
+                    if kind == COMPACT_DECISION:
+                        ts, forward = compact_ts_forward(body)
+                        if not forward:
+                            continue
+                    else:
+                        found = forward_ts(kind, body)
+                        if found is None:
+                            continue
+                        ts = found
                 except (ValueError, IndexError, UnicodeDecodeError) as exc:  # struct.error is a ValueError
-                    self._error("decode", f"outbox: record {record.seq} cannot be decoded, not forwarded: {exc}")
-                    continue
-                if ts is None:
+                    self._error("decode", f"outbox: record {seq} cannot be decoded, not forwarded: {exc}")
                     continue
                 if not segments or segments[-1] != segment:
                     segments.append(segment)
-                pending.add(record.seq, ts, RECORD_HEADER_SIZE + len(record.body), offset)
+                size = RECORD_HEADER_SIZE + len(body)
+                add(seq, ts, size, offset)
+                if len(fresh) < FRESH_MESSAGES and self._fresh_bytes + size <= FRESH_BYTES:
+                    fresh[seq] = (kind, body)
+                    self._fresh_bytes += size
             if len(located) < CATCH_UP_BATCH:
                 break
         if tail.stuck is not None and tail.last_seq < upto < MAX_SEQ:
@@ -489,7 +551,16 @@ class Outbox:
         self._changed()
 
     def _read(self, entries: list[Entry]) -> list[OutboxRow]:
-        """The messages at these index entries, read back from the log (one pread per span)."""
+        """The messages at these index entries: as the last reads of the log found them when they
+        all were (live messages), else read back from the log (one pread per span)."""
+        fresh, row = self._fresh, self._messages.row
+        if fresh:
+            found = [fresh.pop(entry.seq, None) for entry in entries]
+            if None not in found:
+                self._fresh_bytes -= sum(entry.size for entry in entries)
+                return [row(entry.seq, *item) for entry, item in zip(entries, found, strict=True) if item is not None]
+            fresh.clear()  # not the newest messages (a new connection, a drop): read them back
+            self._fresh_bytes = 0
         rows: list[OutboxRow] = []
         segments, files = self._segments, self._files
         i = 0
@@ -521,7 +592,7 @@ class Outbox:
                     self._error("read", f"outbox: log segment {segment} changed under the outbox at offset {entry.offset}")
                     self._stale = True
                     return rows
-                rows.append(to_row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size], self._definitions))
+                rows.append(row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size]))
             i = j
         return rows
 
@@ -536,8 +607,11 @@ class Outbox:
             self._pending = Pending()
             self._segments = []
             self._definitions = Definitions(self._definition)
+            self._messages = MessageReader(self._definitions)
             self._tail = self._new_tail(start)
             self._stale = False
+            self._fresh.clear()
+            self._fresh_bytes = 0
             self._catch_up()
 
     def _new_tail(self, after_seq: int) -> LogTail:

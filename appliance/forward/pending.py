@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
 from typing import NamedTuple
 
 _COMPACT_AT = 1 << 15  # consumed entries kept before the arrays are shifted down
@@ -77,6 +78,21 @@ class Pending:
         self.messages -= 1
         self.bytes -= self._size[i]
         return True
+
+    def acknowledge_many(self, seqs: Iterable[int]) -> int:
+        """acknowledge() each of these (a batch of PUBACKs); returns how many were waiting."""
+        index, sizes, acked, head = self._seq, self._size, self._acked, self._head
+        end = len(index)
+        count = freed = 0
+        for seq in seqs:
+            i = bisect_left(index, seq, head)
+            if i < end and index[i] == seq and seq not in acked:
+                acked.add(seq)
+                count += 1
+                freed += sizes[i]
+        self.messages -= count
+        self.bytes -= freed
+        return count
 
     def advance(self) -> None:
         """Remove the acknowledged prefix."""

@@ -30,7 +30,7 @@ from .client_events import (
     PublishReceived, ReleaseReceived, ServerLimits, Subscribed, Unsubscribed, reason_name,
 )
 from .errors import LocalProtocolError, RemoteProtocolError
-from .framing import MAX_PACKET_SIZE, NEED_DATA, FrameReader, _NeedData
+from .framing import _COMPACT_AFTER, MAX_PACKET_SIZE, NEED_DATA, FrameReader, _NeedData
 from .packets import (
     Connack, Connect, Disconnect, Packet, PacketType, Pingreq, Pingresp, ProtocolVersion, Puback,
     Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Subscription, Unsuback, Unsubscribe, Will,
@@ -192,6 +192,20 @@ class Client:
         self._publishes += 1
         return packet_id, data
 
+    def take_publish_id(self) -> int:
+        """The packet id of a QoS 1 PUBLISH the caller encodes itself, counted in the window and
+        awaiting its PUBACK as publish()'s are. For a sender of many messages whose topic and
+        properties publish() has checked once (the forwarder's templates): it must apply the
+        server's limits (QoS, retain, packet size) as publish() does."""
+        if self.state is not ClientState.CONNECTED:
+            self._require(ClientState.CONNECTED, "publish")
+        if self._publishes >= self.limits.window:
+            raise LocalProtocolError(f"the server's receive maximum ({self.limits.window}) is reached")
+        packet_id = self._next_pid = self._free_pid()
+        self._outgoing[packet_id] = _AWAIT_PUBACK
+        self._publishes += 1
+        return packet_id
+
     def release(self, packet_id: int) -> bytes:
         """PUBREL, after a ``PublishReceived`` that did not refuse the message."""
         if self._outgoing.get(packet_id) != _AWAIT_PUBCOMP:
@@ -319,6 +333,44 @@ class Client:
         except RemoteProtocolError:
             self.state = ClientState.CLOSED
             raise
+
+    def next_pubacks(self) -> list[tuple[int, int]]:
+        """(packet id, reason code) of the PUBACKs at the front of what was received, taken in one
+        pass: those next_event() would return as ``Published`` on its fast path (no properties,
+        acknowledging a QoS 1 PUBLISH in flight), with the same effect on the window. Stops at
+        anything else (an empty list when that comes first): next_event() takes it from there. For
+        the forwarder, which reads a window of PUBACKs at a time."""
+        frames = self._frames
+        buf, pos = frames._buf, frames._pos  # the same package's reader, read in place
+        end = len(buf)
+        outgoing = self._outgoing
+        v5 = self.version == _MQTT_5
+        out: list[tuple[int, int]] = []
+        while pos + 4 <= end and buf[pos] == _PUBACK_BYTE:
+            size = buf[pos + 1]
+            if size == 2:
+                code = 0
+            elif v5 and ((size == 3 and pos + 5 <= end) or (size == 4 and pos + 6 <= end and not buf[pos + 5])):
+                code = buf[pos + 4]
+            else:
+                break
+            packet_id = (buf[pos + 2] << 8) | buf[pos + 3]
+            if outgoing.get(packet_id) != _AWAIT_PUBACK:
+                break  # next_event() says what is wrong with it
+            del outgoing[packet_id]
+            out.append((packet_id, code))
+            pos += 2 + size
+        if out:
+            self._publishes -= len(out)
+            if pos == end:
+                buf.clear()
+                frames._pos = 0
+            elif pos > _COMPACT_AFTER:  # as next_frame() does: a partial packet stays, what was read goes
+                del buf[:pos]
+                frames._pos = 0
+            else:
+                frames._pos = pos
+        return out
 
     def _handle(self, packet: object) -> Event:
         cls = type(packet)

@@ -27,6 +27,7 @@ from appliance.audit.records import (
     EVENT,
     Definitions,
     IdClock,
+    compact_forward_fields,
     compact_from_row,
     decode_compact,
     expand_compact,
@@ -38,12 +39,13 @@ from appliance.audit.rewrite import drop_payloads_in_segment
 from appliance.audit.seal import convert_pending
 from appliance.audit.sink import AuditSink
 from appliance.config.upstream import OutboxBounds
-from appliance.forward.outbox import Outbox
+from appliance.forward.outbox import Outbox, to_row
+from appliance.mqtt import ProtocolVersion, ReasonCode
 from appliance.msglog import MessageLog, list_segments, read_log, read_segment
 from appliance.msglog.cursor import Cursor
+from appliance.msglog.format import RECORD_HEADER_SIZE
 from appliance.msglog.log import EpochChanged
 from appliance.msglog.testing import FaultyIO
-from appliance.mqtt import ProtocolVersion, ReasonCode
 from appliance.pipeline import ClientInfo, Message, Policy, Reason, Verdict
 from tests.audit.factory import decision, epoch
 from tests.audit.logfiles import log_decision, write_segment
@@ -134,6 +136,45 @@ def test_any_decision_round_trips(payload, size, qos, flags, code, latency, rele
     row[_N["verdict"]], row[_N["reason_code"]] = ("reject", code) if reject else ("accept", 0)
     row[_N["reasons"]], row[_N["latency_us"]], row[_N["released_from"]] = reasons, latency, released
     assert _round_trip(tuple(row)) == tuple(row)
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=st.one_of(st.none(), st.binary(max_size=300)), size=st.integers(0, 1 << 30),
+       flags=st.lists(st.booleans(), min_size=4, max_size=4), code=st.integers(0, 255),
+       latency=st.integers(0, 1 << 31), released=st.one_of(st.none(), st.integers(0, 1 << 62)),
+       reasons=st.sampled_from(["[]", '[{"check":"schema","message":"é","schema":null,"path":"/a"}]']),
+       ts=st.floats(1.6e9, 2.2e9), delta=st.integers(-(1 << 40), 1 << 40),
+       refs=st.tuples(st.integers(1, 1 << 40), st.integers(1, 1 << 40)),
+       forward_qos=st.one_of(st.none(), st.integers(0, 2)))
+def test_the_forwarders_fields_are_those_of_the_full_decode(payload, size, flags, code, latency, released, reasons,
+                                                            ts, delta, refs, forward_qos):
+    """compact_forward_fields (the forwarder's decode) and to_row give exactly what decode_compact
+    and the expanded DECISION row say, whatever optional fields the decision has."""
+    retain, forward, audited, reject = flags
+    row = list(log_decision(decision((int(ts * 1000) << 20) + delta, ts), forward=forward, payload_audited=audited,
+                            forward_qos=forward_qos))
+    row[_N["payload"]] = payload
+    row[_N["payload_size"]] = len(payload) if payload is not None else size
+    row[_N["payload_sha256"]] = payload_sha256(payload if payload is not None else b"z")
+    row[_N["retain"]] = retain
+    row[_N["verdict"]], row[_N["reason_code"]] = ("reject", code) if reject else ("accept", 0)
+    row[_N["reasons"]], row[_N["latency_us"]], row[_N["released_from"]] = reasons, latency, released
+    body = compact_from_row(tuple(row), *refs)
+    c = decode_compact(body)
+    assert compact_forward_fields(body) == (c[0], c[1], c[2], c[3], c[5], c[6])
+    connection, context = _parts(tuple(row))
+    definitions = Definitions()
+    definitions.add(refs[0], CONNECTION.code, CONNECTION.encode(connection))
+    definitions.add(refs[1], CONTEXT.code, CONTEXT.encode(context))
+    full = definitions.decision(body)
+    message = to_row(7, COMPACT_DECISION, body, definitions)
+    name, version = full[_N["schema_name"]], full[_N["schema_version"]]
+    assert message == (7, full[_N["id"]], full[_N["ts"]], full[_N["client_id"]], full[_N["topic"]],
+                       b"" if payload is None else payload, full[_N["forward_qos"]], full[_N["retain"]],
+                       None if name is None else name if version is None else f"{name}:{version}", RECORD_HEADER_SIZE + len(body))
+    if payload is None:
+        with pytest.raises(ValueError):
+            compact_forward_fields(body + b"x")  # a sha256 that is not 32 bytes, as decode_compact says
 
 
 def test_a_damaged_compact_body_is_refused():

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 from appliance.forward.link import Link, LinkClosed, user_properties
+from appliance.mqtt import LocalProtocolError, Properties, PropertyId, ProtocolVersion
+from appliance.mqtt.client import Connected
+from appliance.mqtt.packets import Connack
+from appliance.mqtt.writer import encode_packet
 from tests.forward.harness import CloudBroker, Subscriber
 from tests.forward.test_resilience import hung_server
 from tests.helpers import wait_until
@@ -267,3 +271,58 @@ def test_a_pingresp_that_arrived_while_the_thread_was_busy_counts(tmp_path: Path
         conn.disconnect()
     finally:
         broker.stop()
+
+
+def _connected_link(protocol: int, limits: tuple[tuple[PropertyId, int], ...]) -> Link:
+    """A Link whose client has had a CONNACK with these MQTT 5 limits (no socket: publishing only queues)."""
+    conn = link(1, protocol=protocol)
+    version = ProtocolVersion.MQTT_5 if protocol == 5 else ProtocolVersion.MQTT_3_1_1
+    conn.client.connect()
+    conn.client.receive_data(encode_packet(Connack(False, 0, Properties(limits if protocol == 5 else ())), version))
+    assert isinstance(conn.client.next_event(), Connected)
+    return conn
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+@pytest.mark.parametrize("limits", [
+    (),
+    ((PropertyId.MAXIMUM_QOS, 0), (PropertyId.RETAIN_AVAILABLE, 0)),
+    ((PropertyId.MAXIMUM_PACKET_SIZE, 300), (PropertyId.RECEIVE_MAXIMUM, 3)),
+])
+def test_publish_message_queues_the_bytes_publish_would_with_the_same_limits_and_errors(
+        protocol: int, limits: tuple[tuple[PropertyId, int], ...]) -> None:
+    """The forwarder's publish_message() puts PUBLISHes together from a template per topic and
+    user properties: byte for byte what publish() with ("message-id", id) first would queue,
+    the same packet ids, QoS and retain lowered and errors raised alike."""
+    from appliance.forward.link import TooLarge
+
+    generic, templated = _connected_link(protocol, limits), _connected_link(protocol, limits)
+    cases = [
+        ("plant/s-1/reading", b'{"t": 21.5}', 1, False, 1 << 40, (("client-id", "s-1"), ("schema", "reading:v1"))),
+        ("plant/s-1/reading", b"", 1, True, 5, (("client-id", "s-1"), ("schema", "reading:v1"))),
+        ("big", b"y" * 400, 1, False, 7, ()),  # over a 300-byte Maximum Packet Size
+        ("plant/s-1/reading", b"x" * 200, 0, True, 6, (("client-id", "s-1"),)),
+        ("dé/ünïcode", b"\x00\xff" * 70, 1, False, 123456789012345, (("client-id", "ç/1"),)),
+        ("t" * 70_000, b"x", 1, False, 8, ()),  # a topic over 65,535 bytes
+        ("no/#/wildcards", b"x", 1, False, 9, ()),  # not a topic name
+        ("plant/s-2/reading", b"z" * 60, 1, False, 10, (("client-id", "s-2"),)),
+        ("plant/s-2/reading", b"z" * 61, 1, False, 11, (("client-id", "s-2"),)),  # past a receive maximum of 3
+    ]
+    outcomes = []
+    for i, (topic, payload, qos, retain, message_id, user) in enumerate(cases):
+        results = []
+        for conn in (generic, templated):
+            try:
+                if conn is generic:
+                    result: object = conn.publish(topic, payload, qos, retain,
+                                                  user_properties((("message-id", str(message_id)), *user)), token=i)
+                else:
+                    result = conn.publish_message(topic, payload, qos, retain, message_id, user, token=i)
+            except Exception as exc:  # noqa: BLE001 - compared below: the same kind of error, or none
+                result = type(exc)
+            results.append((result, bytes(conn._out), list(conn._unwritten), conn.inflight))  # noqa: SLF001
+        assert results[0] == results[1], (i, results)
+        outcomes.append(results[0][0])
+    assert TooLarge in outcomes and LocalProtocolError in outcomes
+    if protocol == 5 and limits and limits[0] == (PropertyId.MAXIMUM_PACKET_SIZE, 300):
+        assert outcomes[2] is TooLarge and outcomes[-1] is LocalProtocolError  # the packet size; the window

@@ -287,3 +287,68 @@ def test_user_properties_are_checked() -> None:
     assert Properties.user([("a", "b")]) == Properties(((PropertyId.USER_PROPERTY, ("a", "b")),))
     with pytest.raises(LocalProtocolError, match="USER_PROPERTY"):
         Properties.user([("a", 1)])  # type: ignore[list-item]
+
+
+def _acks_stream(version: ProtocolVersion) -> bytes:
+    """PUBACKs for packet ids 1..12 in flight, in the shapes a server sends (MQTT 5: with a reason
+    code, refused ones, with an empty or a real property list), a PINGRESP in between and one
+    PUBACK for an id that is not in flight at the end (a protocol error)."""
+    if version == V311:
+        return h("4002 0001 4002 0002 d000 4002 0003" + "".join(f"4002 {i:04x}" for i in range(4, 13)) + "4002 0063")
+    return h("4002 0001 4003 0002 10 d000 4004 0003 87 00 4003 0004 00" + "".join(f"4002 {i:04x}" for i in range(5, 12))
+             + "4008 000c 00 04 1f 0001 78" + "4002 0063")  # 12: a reason string; 99: not in flight
+
+
+def _read_acks(client: Client, chunks: list[bytes], bulk: bool) -> tuple[list[tuple[int, int]], list[object]]:
+    acks: list[tuple[int, int]] = []
+    others: list[object] = []
+    for chunk in chunks:
+        client.receive_data(chunk)
+        while True:
+            if bulk:
+                acks += client.next_pubacks()
+            try:
+                event = client.next_event()
+            except RemoteProtocolError:
+                others.append(RemoteProtocolError)
+                return acks, others
+            if event is NEED_DATA:
+                break
+            if isinstance(event, Published):
+                acks.append((event.packet_id, event.reason_code))
+            else:
+                others.append(type(event))
+    return acks, others
+
+
+@pytest.mark.parametrize("version", [V311, V5])
+@pytest.mark.parametrize("split", ["whole", "bytewise", "threes"])
+def test_next_pubacks_takes_what_next_event_would_whole_or_in_pieces(version: ProtocolVersion, split: str) -> None:
+    """The forwarder's bulk PUBACK read gives the same (packet id, reason code)s in the same order,
+    leaves the window as next_event() does, stops at anything else (next_event() then takes it) and
+    leaves a PUBACK for an id not in flight to next_event()'s protocol error."""
+    stream = _acks_stream(version)
+    chunks = {"whole": [stream], "bytewise": [stream[i:i + 1] for i in range(len(stream))],
+              "threes": [stream[i:i + 3] for i in range(0, len(stream), 3)]}[split]
+    results = []
+    for bulk in (False, True):
+        client = connected(version)
+        for i in range(12):
+            client.publish("t", b"%d" % i, 1)
+        assert client.inflight == 12
+        acks, others = _read_acks(client, chunks, bulk)
+        results.append((acks, others, client.inflight, client.send_quota))
+    assert results[0] == results[1]
+    acks, others, inflight, _ = results[1]
+    assert [pid for pid, _ in acks] == list(range(1, 13)) and inflight == 0
+    assert others == [PingResponse, RemoteProtocolError]
+    if version == V5:
+        assert dict(acks)[3] == 0x87 and dict(acks)[2] == 0x10
+
+
+def test_next_pubacks_compacts_what_it_read() -> None:
+    client = connected(V311)
+    pids = [client.publish("t", b"x", 1)[0] for _ in range(20_000)]
+    client.receive_data(b"".join(h("4002") + pid.to_bytes(2, "big") for pid in pids) + h("40"))
+    assert [pid for pid, _ in client.next_pubacks()] == pids
+    assert client._frames.buffered == 1 and len(client._frames._buf) == 1  # the half PUBACK left

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -557,6 +557,11 @@ class Outbox:
         if fresh:
             found = [fresh.pop(entry.seq, None) for entry in entries]
             if None not in found:
+                if self._rewritten(entries):  # the bodies in memory may hold what a purge removed
+                    fresh.clear()
+                    self._fresh_bytes = 0
+                    self._stale = True
+                    return []
                 self._fresh_bytes -= sum(entry.size for entry in entries)
                 return [row(entry.seq, *item) for entry, item in zip(entries, found, strict=True) if item is not None]
             fresh.clear()  # not the newest messages (a new connection, a drop): read them back
@@ -595,6 +600,20 @@ class Outbox:
                 rows.append(row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size]))
             i = j
         return rows
+
+    def _rewritten(self, entries: list[Entry]) -> bool:
+        """Whether a segment holding one of these entries was replaced since it was read (one
+        stat and fstat per segment)."""
+        segments, files = self._segments, self._files
+        i = 0
+        while i < len(entries):
+            k = bisect_right(segments, entries[i].seq)
+            if files.replaced(segments[k - 1]):
+                return True
+            if k == len(segments):
+                return False
+            i = bisect_left(entries, segments[k], i, key=lambda entry: entry.seq)
+        return False
 
     def reload(self) -> None:
         """Forget the index and the open segment files, and read the log again from the cursor:

@@ -283,6 +283,56 @@ def test_a_segment_rewritten_under_the_outbox_is_indexed_again(tmp_path: Path):
         outbox.close()
 
 
+def test_a_segment_rewritten_under_messages_indexed_but_not_yet_read_is_indexed_again(tmp_path: Path):
+    """The messages the last look at the log indexed are kept in memory until they are read for
+    sending (with the uplink down, for hours): a purge rewriting their segment meanwhile must not
+    let the forwarder send the bytes it removed."""
+    with harness(tmp_path) as h:
+        msgs = [h.row("s", i) for i in range(30)]
+        h.add(msgs)
+        h.log.seal()
+        outbox = h.make_outbox()
+        rows = outbox.next_batch(0, 5)
+        outbox.acknowledge(r.seq for r in rows)
+        (segment,) = [info for info in list_segments(h.log_dir) if info.first_seq <= rows[0].seq][-1:]
+        records = list(read_segment(segment.path))
+        removed = [r for r in records if r.seq > rows[-1].seq][5].seq  # "s:10", not read for sending yet
+        kept = [r for r in records if r.seq != removed]
+        replacement = segment.path.with_suffix(".new")
+        replacement.write_bytes(encode_file_header(segment.first_seq) + b"".join(encode_record(*r) for r in kept))
+        os.replace(replacement, segment.path)
+        again = outbox.next_batch(0, 100)
+        assert [r.payload for r in again] == [m.payload for m in msgs[5:] if m.payload != b"s:10"]
+        assert outbox.depth().messages == 24
+        outbox.close()
+
+
+def test_a_rewrite_of_any_segment_of_a_batch_read_from_memory_is_noticed(tmp_path: Path):
+    """The batch spans two segments and the second one is rewritten: each segment is looked at."""
+    with harness(tmp_path) as h:
+        msgs = [h.row("s", i) for i in range(30)]
+        h.add(msgs[:15])
+        h.log.seal()
+        h.add(msgs[15:])
+        h.log.seal()
+        outbox = h.make_outbox()
+        rows = outbox.next_batch(0, 5)
+        outbox.acknowledge(r.seq for r in rows)
+        first, second = [info for info in list_segments(h.log_dir) if info.first_seq <= rows[-1].seq][-1:] + [
+            info for info in list_segments(h.log_dir) if info.first_seq > rows[-1].seq][:1]
+        assert first.first_seq < second.first_seq
+        records = list(read_segment(second.path))
+        removed = records[5].seq  # "s:20"
+        kept = [r for r in records if r.seq != removed]
+        replacement = second.path.with_suffix(".new")
+        replacement.write_bytes(encode_file_header(second.first_seq) + b"".join(encode_record(*r) for r in kept))
+        os.replace(replacement, second.path)
+        again = outbox.next_batch(0, 100)
+        assert [r.payload for r in again] == [m.payload for m in msgs[5:] if m.payload != b"s:20"]
+        assert outbox.depth().messages == 24
+        outbox.close()
+
+
 def test_the_saved_cursor_never_passes_what_the_log_synced(tmp_path: Path):
     """os_buffered: a record counts as stored (and is forwarded) once written to the OS, and is
     synced every `interval`. A power cut then takes the unsynced records and the log hands their

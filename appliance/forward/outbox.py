@@ -276,9 +276,12 @@ class Outbox:
         self._tail = self._new_tail(self._saved)
         self._full = False
         self._stale = False  # a read found a segment that changed under the index
-        # seq -> (kind, body) of messages just indexed, not yet read for sending (FRESH_MESSAGES)
+        # seq -> (kind, body) of messages just indexed, not yet read for sending (FRESH_MESSAGES),
+        # in seq order; only seqs above the highest next_batch handed out (the others are not
+        # asked for again on this connection)
         self._fresh: dict[int, tuple[int, bytes]] = {}
         self._fresh_bytes = 0
+        self._handed_out = 0
         self._depth = OutboxDepth(0, 0, None)
         with self._lock:
             self._catch_up()
@@ -310,11 +313,14 @@ class Outbox:
         """Up to `limit` messages waiting, with seq > after_seq, oldest first."""
         with self._lock:
             self._catch_up()
+            self._forget_fresh(after_seq)
             entries = self._pending.entries(after_seq, limit)
             rows = self._read(entries)
             if len(rows) < len(entries) and self._stale:
                 self.reload()  # a segment was rewritten under us: index it again, then read
                 rows = self._read(self._pending.entries(after_seq, limit))
+            if rows and rows[-1].seq > self._handed_out:
+                self._handed_out = rows[-1].seq
             return rows
 
     def acknowledge(self, seqs: Iterable[int]) -> int:
@@ -504,6 +510,7 @@ class Outbox:
     def _catch_up(self) -> None:
         """Index the messages the log made durable since the last call."""
         tail, pending, segments, fresh = self._tail, self._pending, self._segments, self._fresh
+        handed_out = self._handed_out
         upto = self._durable_seq()
         if upto <= tail.last_seq:
             return
@@ -536,7 +543,7 @@ class Outbox:
                     segments.append(segment)
                 size = RECORD_HEADER_SIZE + len(body)
                 add(seq, ts, size, offset)
-                if len(fresh) < FRESH_MESSAGES and self._fresh_bytes + size <= FRESH_BYTES:
+                if seq > handed_out and len(fresh) < FRESH_MESSAGES and self._fresh_bytes + size <= FRESH_BYTES:
                     fresh[seq] = (kind, body)
                     self._fresh_bytes += size
             if len(located) < CATCH_UP_BATCH:
@@ -600,6 +607,15 @@ class Outbox:
                 rows.append(row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size]))
             i = j
         return rows
+
+    def _forget_fresh(self, upto: int) -> None:
+        """Drop the bodies kept for seqs up to `upto`: the reader has gone past them."""
+        fresh = self._fresh
+        while fresh:
+            seq = next(iter(fresh))  # the lowest: kept in seq order
+            if seq > upto:
+                return
+            self._fresh_bytes -= RECORD_HEADER_SIZE + len(fresh.pop(seq)[1])
 
     def _rewritten(self, entries: list[Entry]) -> bool:
         """Whether a segment holding one of these entries was replaced since it was read (one

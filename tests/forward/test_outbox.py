@@ -12,7 +12,7 @@ import pytest
 
 from appliance.forward import Outbox
 from appliance.msglog import list_segments, read_segment
-from appliance.msglog.format import encode_file_header, encode_record
+from appliance.msglog.format import RECORD_HEADER_SIZE, encode_file_header, encode_record
 from appliance.msglog.cursor import Cursor
 from appliance.msglog.log import MessageLog, SyncPolicy
 from appliance.msglog.testing import CrashIO, FaultyIO
@@ -330,6 +330,39 @@ def test_a_rewrite_of_any_segment_of_a_batch_read_from_memory_is_noticed(tmp_pat
         again = outbox.next_batch(0, 100)
         assert [r.payload for r in again] == [m.payload for m in msgs[5:] if m.payload != b"s:20"]
         assert outbox.depth().messages == 24
+        outbox.close()
+
+
+def _kept_in_memory(outbox: Outbox) -> list[int]:
+    """The seqs whose bodies the outbox keeps for sending (white box: they use a bounded budget)."""
+    fresh = outbox._fresh
+    assert outbox._fresh_bytes == sum(RECORD_HEADER_SIZE + len(body) for _, body in fresh.values())
+    return list(fresh)
+
+
+def test_bodies_nobody_will_ask_for_are_not_kept_in_memory(tmp_path: Path):
+    """After reload() the messages in flight (handed out, not acknowledged) are indexed again, but
+    they are not read for sending again on this connection: their bodies are not kept. Nor are the
+    bodies of messages before the ones asked for."""
+    with harness(tmp_path) as h:
+        msgs = [h.row("s", i) for i in range(40)]
+        h.add(msgs)
+        outbox = h.make_outbox()
+        sent = outbox.next_batch(0, 10)
+        outbox.reload()
+        assert outbox.depth().messages == 40
+        assert _kept_in_memory(outbox) and min(_kept_in_memory(outbox)) > sent[-1].seq
+        rows = outbox.next_batch(sent[-1].seq, 10)
+        assert [r.payload for r in rows] == [m.payload for m in msgs[10:20]]
+        assert min(_kept_in_memory(outbox)) > rows[-1].seq
+
+        skipped_to = outbox.next_batch(rows[-1].seq + 5, 5)  # five left behind (messages never asked for)
+        assert [r.payload for r in skipped_to] == [m.payload for m in msgs[25:30]]
+        kept = _kept_in_memory(outbox)
+        later = outbox.next_batch(skipped_to[-1].seq, 100)
+        assert [r.payload for r in later] == [m.payload for m in msgs[30:]]
+        assert kept == [r.seq for r in later]
+        assert _kept_in_memory(outbox) == []
         outbox.close()
 
 

@@ -458,7 +458,7 @@ class Link:
         self.close()
 
     def close(self) -> None:
-        self._poller = None
+        self._poller, self._poll_mask, self._poll_wake = None, 0, None
         if self._sock is not None:
             try:
                 self._sock.close()

@@ -3,6 +3,7 @@ silent server: acks, QoS 0, big payloads, keepalive, refusals and the broker's D
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -250,6 +251,25 @@ def test_pubacks_with_an_error_reason_are_answers_and_counted(tmp_path: Path):
         assert conn.refused == {0x87: 1}
         conn.disconnect()
     finally:
+        broker.stop()
+
+
+def test_close_forgets_what_the_poll_object_watched(tmp_path: Path):
+    """close() drops the poll object and what it watched (the socket's mask, the wake descriptor):
+    nothing of the closed connection is left to be taken for the state of a new one."""
+    broker = CloudBroker(tmp_path / "cloud").start()
+    wake_r, wake_w = os.pipe()
+    try:
+        conn = link(broker.port)
+        conn.connect(5)
+        conn.publish("t", b"x", 1, False)
+        conn.poll(0.01, wake_r)
+        assert conn._poller is not None and conn._poll_wake == wake_r
+        conn.close()
+        assert (conn._poller, conn._poll_mask, conn._poll_wake) == (None, 0, None)
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
         broker.stop()
 
 

@@ -30,6 +30,7 @@ Threads: the forwarder's thread does the reading, acknowledging and bounding; th
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from bisect import bisect_left, bisect_right
@@ -536,7 +537,7 @@ class Outbox:
                         if found is None:
                             continue
                         ts = found
-                except (ValueError, IndexError, UnicodeDecodeError) as exc:  # struct.error is a ValueError
+                except (ValueError, IndexError, UnicodeDecodeError, struct.error) as exc:
                     self._error("decode", f"outbox: record {seq} cannot be decoded, not forwarded: {exc}")
                     continue
                 if not segments or segments[-1] != segment:

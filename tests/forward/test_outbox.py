@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.audit.records import COMPACT_DECISION
 from appliance.forward import Outbox
 from appliance.msglog import list_segments, read_segment
 from appliance.msglog.format import RECORD_HEADER_SIZE, encode_file_header, encode_record
@@ -363,6 +364,20 @@ def test_bodies_nobody_will_ask_for_are_not_kept_in_memory(tmp_path: Path):
         assert [r.payload for r in later] == [m.payload for m in msgs[30:]]
         assert kept == [r.seq for r in later]
         assert _kept_in_memory(outbox) == []
+        outbox.close()
+
+
+@pytest.mark.parametrize("body", [b"", b"\x10\x00\x00"])
+def test_a_message_record_that_cannot_be_decoded_is_reported_and_passed_over(tmp_path: Path, body: bytes):
+    """A compact decision whose body is too short even for its flags and receive time (written so,
+    its CRC is right): an error in last_error, not a crash of the forwarder thread."""
+    with harness(tmp_path) as h:
+        h.add([h.row("s", 0)])
+        h.call(lambda: h.log.append(COMPACT_DECISION, body))
+        h.add([h.row("s", 1)])
+        outbox = h.make_outbox()
+        assert [r.payload for r in outbox.next_batch(0, 10)] == [b"s:0", b"s:1"]
+        assert outbox.last_error is not None and "cannot be decoded" in outbox.last_error
         outbox.close()
 
 

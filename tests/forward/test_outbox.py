@@ -13,8 +13,8 @@ import pytest
 from appliance.audit.records import COMPACT_DECISION
 from appliance.forward import Outbox
 from appliance.msglog import list_segments, read_segment
-from appliance.msglog.format import RECORD_HEADER_SIZE, encode_file_header, encode_record
 from appliance.msglog.cursor import Cursor
+from appliance.msglog.format import RECORD_HEADER_SIZE, encode_file_header, encode_record
 from appliance.msglog.log import MessageLog, SyncPolicy
 from appliance.msglog.testing import CrashIO, FaultyIO
 from tests.forward.harness import bounds, harness

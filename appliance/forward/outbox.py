@@ -72,6 +72,8 @@ CATCH_UP_BATCH = 2_000
 # this many, and bytes): live messages are sent right after they were indexed, and reading them
 # back (a pread, a stat of the segment, the headers checked again) cost more than decoding them.
 FRESH_MESSAGES = 1_000
+# What decoding a damaged body (one with a right CRC: written so) raises; struct.error is not a ValueError.
+_UNDECODABLE = (ValueError, IndexError, UnicodeDecodeError, struct.error)
 FRESH_BYTES = 1 << 20
 
 DropReason = Literal["expired", "max_messages", "max_bytes", "too_large"]
@@ -537,7 +539,7 @@ class Outbox:
                         if found is None:
                             continue
                         ts = found
-                except (ValueError, IndexError, UnicodeDecodeError, struct.error) as exc:
+                except _UNDECODABLE as exc:
                     self._error("decode", f"outbox: record {seq} cannot be decoded, not forwarded: {exc}")
                     continue
                 if not segments or segments[-1] != segment:
@@ -571,7 +573,10 @@ class Outbox:
                     self._stale = True
                     return []
                 self._fresh_bytes -= sum(entry.size for entry in entries)
-                return [row(entry.seq, *item) for entry, item in zip(entries, found, strict=True) if item is not None]
+                try:
+                    return [row(entry.seq, *item) for entry, item in zip(entries, found, strict=True) if item is not None]
+                except _UNDECODABLE:
+                    return self._decoded(entries, found)  # one at a time, passing over the bad ones
             fresh.clear()  # not the newest messages (a new connection, a drop): read them back
             self._fresh_bytes = 0
         rows: list[OutboxRow] = []
@@ -605,7 +610,10 @@ class Outbox:
                     self._error("read", f"outbox: log segment {segment} changed under the outbox at offset {entry.offset}")
                     self._stale = True
                     return rows
-                rows.append(row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size]))
+                try:
+                    rows.append(row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size]))
+                except _UNDECODABLE as exc:
+                    self._undecodable(seq, exc)
             i = j
         return rows
 
@@ -617,6 +625,25 @@ class Outbox:
             if seq > upto:
                 return
             self._fresh_bytes -= RECORD_HEADER_SIZE + len(fresh.pop(seq)[1])
+
+    def _decoded(self, entries: list[Entry], found: list[tuple[int, bytes] | None]) -> list[OutboxRow]:
+        rows: list[OutboxRow] = []
+        for entry, item in zip(entries, found, strict=True):
+            if item is not None:
+                try:
+                    rows.append(self._messages.row(entry.seq, *item))
+                except _UNDECODABLE as exc:
+                    self._undecodable(entry.seq, exc)
+        return rows
+
+    def _undecodable(self, seq: int, exc: Exception) -> None:
+        """A message indexed (its receive time read) but refused when read for sending: reported,
+        and out of the outbox, as if acknowledged (every later read would refuse it too)."""
+        self._error("decode", f"outbox: record {seq} cannot be decoded, not forwarded: {exc}")
+        if self._pending.acknowledge(seq):
+            self._pending.advance()
+            self._moved_since_save += 1
+            self._changed()
 
     def _rewritten(self, entries: list[Entry]) -> bool:
         """Whether a segment holding one of these entries was replaced since it was read (one

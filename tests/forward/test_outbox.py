@@ -381,6 +381,33 @@ def test_a_message_record_that_cannot_be_decoded_is_reported_and_passed_over(tmp
         outbox.close()
 
 
+@pytest.mark.parametrize("from_the_log", [False, True])
+def test_a_message_that_cannot_be_decoded_when_read_for_sending_is_reported_and_passed_over(tmp_path: Path,
+                                                                                            from_the_log: bool):
+    """A compact decision to forward whose flags and receive time read but nothing after them: it
+    is indexed (the index reads only those), and refused when read for sending, from the bodies
+    kept in memory or from the log. An error in last_error, and the message leaves the outbox
+    (not a crash of the forwarder thread, again at every start)."""
+    with harness(tmp_path) as h:
+        h.add([h.row("s", 0)])
+        h.call(lambda: h.log.append(COMPACT_DECISION, b"\x10\x00" + bytes(8)))  # F_FORWARD, ts 0.0, then nothing
+        h.add([h.row("s", 1)])
+        outbox = h.make_outbox()
+        assert outbox.depth().messages == 3
+        if from_the_log:
+            assert [r.payload for r in outbox.next_batch(0, 1)] == [b"s:0"]  # sent again below: read back
+        rows = outbox.next_batch(0, 10)
+        assert [r.payload for r in rows] == [b"s:0", b"s:1"]
+        assert outbox.last_error is not None and "cannot be decoded" in outbox.last_error
+        assert outbox.depth().messages == 2
+        outbox.acknowledge(r.seq for r in rows)
+        assert outbox.cursor == rows[-1].seq and outbox.depth().messages == 0
+        outbox.close()
+        again = h.make_outbox()
+        assert again.depth().messages == 0
+        again.close()
+
+
 def test_the_saved_cursor_never_passes_what_the_log_synced(tmp_path: Path):
     """os_buffered: a record counts as stored (and is forwarded) once written to the OS, and is
     synced every `interval`. A power cut then takes the unsynced records and the log hands their

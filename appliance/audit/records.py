@@ -396,8 +396,11 @@ def decode_compact(body: bytes | memoryview) -> tuple[Any, ...]:
 def compact_forward_fields(body: bytes) -> tuple[int, float, int, int, bool, bytes | None]:
     """(id, ts, connection, context, retain, payload) of a compact decision: only what the
     forwarder sends (the rest of its message is in the two definitions). `payload` is None when
-    it is not stored. The same values and errors as `decode_compact`, without decoding the reasons
-    or building the 17 fields (the forwarder reads every message it sends once)."""
+    it is not stored. The same values as `decode_compact`, without building the 17 fields (the
+    forwarder reads every message it sends once) and without decoding the reasons: their bounds
+    are checked, but not that they are UTF-8. A body `decode_compact` refuses as damaged (cut
+    short, or with trailing bytes where the SHA-256 is) raises here too: struct.error, IndexError
+    or ValueError (ValueError where `decode_compact` raises IndexError for a missing reason code)."""
     flags, ts = _COMPACT_HEAD.unpack_from(body)
     o = _COMPACT_HEAD.size
     zigzag, o = _read_varint(body, o)
@@ -410,6 +413,8 @@ def compact_forward_fields(body: bytes) -> tuple[int, float, int, int, bool, byt
     id_ = (int(ts * 1000) << IdClock.SEQUENCE_BITS) + (zigzag >> 1 if not zigzag & 1 else -((zigzag + 1) >> 1))
     if flags & (F_REJECT | F_RELEASED | F_REASONS):
         if flags & F_REJECT:
+            if o >= len(body):
+                raise ValueError("compact decision: reason code beyond the body")
             o += 1
         if flags & F_RELEASED:
             o = _read_varint(body, o)[1]

@@ -331,6 +331,7 @@ class Forwarder:
             self._drain_before_stop(link, inflight, acked)
             return "stopped"
         except LinkClosed as ended:
+            self._collect(ended.acked, [], inflight, acked)  # acknowledged in the read that saw the end
             return str(ended)
         finally:
             if acked:
@@ -373,7 +374,8 @@ class Forwarder:
         while inflight and time.monotonic() < deadline:
             try:
                 acked_pids, written = link.poll(0.05)
-            except LinkClosed:
+            except LinkClosed as ended:
+                self._collect(ended.acked, [], inflight, acked)
                 break
             self._collect(acked_pids, written, inflight, acked)
 

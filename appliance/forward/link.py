@@ -61,7 +61,13 @@ class _Template(NamedTuple):
 
 
 class LinkClosed(Exception):
-    """The connection is over; the message says why."""
+    """The connection is over; the message says why. `acked`: the packet identifiers the broker
+    acknowledged in the last read before the end (the client core no longer counts them in flight:
+    the caller takes them as poll()'s, rather than send their messages again)."""
+
+    def __init__(self, message: str, acked: list[int] | None = None):
+        super().__init__(message)
+        self.acked: list[int] = [] if acked is None else acked
 
 
 class TooLarge(ValueError):
@@ -368,10 +374,11 @@ class Link:
         # is an answer, not a hung uplink.
         now = time.monotonic()
         if client.pingresp_overdue(now):
-            raise LinkClosed(f"no PINGRESP within {client.keepalive} s: uplink hung")
+            raise LinkClosed(f"no PINGRESP within {client.keepalive} s: uplink hung", acked)
         if self._out and now - self._progress_at > self.write_timeout:
             # The broker stopped reading (QoS 0 has no acknowledgement to wait for).
-            raise LinkClosed(f"nothing written for {self.write_timeout:g} s ({len(self._out)} bytes waiting): uplink hung")
+            raise LinkClosed(f"nothing written for {self.write_timeout:g} s ({len(self._out)} bytes waiting): uplink hung",
+                             acked)
         written: list[int] = []
         while self._unwritten and self._unwritten[0][0] <= self._written:
             written.append(self._unwritten.popleft()[1])
@@ -424,7 +431,10 @@ class Link:
                 acked.append(packet_id)
                 if code >= 0x80:  # MQTT 5: an answer, but "no"
                     refused[code] = refused.get(code, 0) + 1
-            event = self._next_event()
+            try:
+                event = client.next_event()
+            except RemoteProtocolError as exc:
+                raise LinkClosed(f"protocol error from the cloud broker: {exc}", acked) from None
             if event is NEED_DATA:
                 break
             if type(event) is Published:
@@ -434,11 +444,11 @@ class Link:
             elif isinstance(event, PingResponse):
                 pass
             elif isinstance(event, Disconnected):
-                raise LinkClosed(f"the cloud broker sent DISCONNECT: {event.reason}")
+                raise LinkClosed(f"the cloud broker sent DISCONNECT: {event.reason}", acked)
             else:
-                raise LinkClosed(f"protocol error: unexpected {type(event).__name__} from the cloud broker")
+                raise LinkClosed(f"protocol error: unexpected {type(event).__name__} from the cloud broker", acked)
         if closed:
-            raise LinkClosed("connection lost: closed by the cloud broker")
+            raise LinkClosed("connection lost: closed by the cloud broker", acked)
         return acked
 
     def disconnect(self, grace: float = 0.1) -> None:
@@ -458,7 +468,7 @@ class Link:
         self.close()
 
     def close(self) -> None:
-        self._poller = None
+        self._poller, self._poll_mask, self._poll_wake = None, 0, None
         if self._sock is not None:
             try:
                 self._sock.close()

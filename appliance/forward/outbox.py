@@ -30,9 +30,10 @@ Threads: the forwarder's thread does the reading, acknowledging and bounding; th
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,8 @@ CATCH_UP_BATCH = 2_000
 # this many, and bytes): live messages are sent right after they were indexed, and reading them
 # back (a pread, a stat of the segment, the headers checked again) cost more than decoding them.
 FRESH_MESSAGES = 1_000
+# What decoding a damaged body (one with a right CRC: written so) raises; struct.error is not a ValueError.
+_UNDECODABLE = (ValueError, IndexError, UnicodeDecodeError, struct.error)
 FRESH_BYTES = 1 << 20
 
 DropReason = Literal["expired", "max_messages", "max_bytes", "too_large"]
@@ -276,9 +279,12 @@ class Outbox:
         self._tail = self._new_tail(self._saved)
         self._full = False
         self._stale = False  # a read found a segment that changed under the index
-        # seq -> (kind, body) of messages just indexed, not yet read for sending (FRESH_MESSAGES)
+        # seq -> (kind, body) of messages just indexed, not yet read for sending (FRESH_MESSAGES),
+        # in seq order; only seqs above the highest next_batch handed out (the others are not
+        # asked for again on this connection)
         self._fresh: dict[int, tuple[int, bytes]] = {}
         self._fresh_bytes = 0
+        self._handed_out = 0
         self._depth = OutboxDepth(0, 0, None)
         with self._lock:
             self._catch_up()
@@ -310,11 +316,14 @@ class Outbox:
         """Up to `limit` messages waiting, with seq > after_seq, oldest first."""
         with self._lock:
             self._catch_up()
+            self._forget_fresh(after_seq)
             entries = self._pending.entries(after_seq, limit)
             rows = self._read(entries)
             if len(rows) < len(entries) and self._stale:
                 self.reload()  # a segment was rewritten under us: index it again, then read
                 rows = self._read(self._pending.entries(after_seq, limit))
+            if rows and rows[-1].seq > self._handed_out:
+                self._handed_out = rows[-1].seq
             return rows
 
     def acknowledge(self, seqs: Iterable[int]) -> int:
@@ -504,6 +513,7 @@ class Outbox:
     def _catch_up(self) -> None:
         """Index the messages the log made durable since the last call."""
         tail, pending, segments, fresh = self._tail, self._pending, self._segments, self._fresh
+        handed_out = self._handed_out
         upto = self._durable_seq()
         if upto <= tail.last_seq:
             return
@@ -529,14 +539,14 @@ class Outbox:
                         if found is None:
                             continue
                         ts = found
-                except (ValueError, IndexError, UnicodeDecodeError) as exc:  # struct.error is a ValueError
+                except _UNDECODABLE as exc:
                     self._error("decode", f"outbox: record {seq} cannot be decoded, not forwarded: {exc}")
                     continue
                 if not segments or segments[-1] != segment:
                     segments.append(segment)
                 size = RECORD_HEADER_SIZE + len(body)
                 add(seq, ts, size, offset)
-                if len(fresh) < FRESH_MESSAGES and self._fresh_bytes + size <= FRESH_BYTES:
+                if seq > handed_out and len(fresh) < FRESH_MESSAGES and self._fresh_bytes + size <= FRESH_BYTES:
                     fresh[seq] = (kind, body)
                     self._fresh_bytes += size
             if len(located) < CATCH_UP_BATCH:
@@ -557,8 +567,16 @@ class Outbox:
         if fresh:
             found = [fresh.pop(entry.seq, None) for entry in entries]
             if None not in found:
+                if self._rewritten(entries):  # the bodies in memory may hold what a purge removed
+                    fresh.clear()
+                    self._fresh_bytes = 0
+                    self._stale = True
+                    return []
                 self._fresh_bytes -= sum(entry.size for entry in entries)
-                return [row(entry.seq, *item) for entry, item in zip(entries, found, strict=True) if item is not None]
+                try:
+                    return [row(entry.seq, *item) for entry, item in zip(entries, found, strict=True) if item is not None]
+                except _UNDECODABLE:
+                    return self._decoded(entries, found)  # one at a time, passing over the bad ones
             fresh.clear()  # not the newest messages (a new connection, a drop): read them back
             self._fresh_bytes = 0
         rows: list[OutboxRow] = []
@@ -592,9 +610,54 @@ class Outbox:
                     self._error("read", f"outbox: log segment {segment} changed under the outbox at offset {entry.offset}")
                     self._stale = True
                     return rows
-                rows.append(row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size]))
+                try:
+                    rows.append(row(seq, kind, buf[at + RECORD_HEADER_SIZE : at + entry.size]))
+                except _UNDECODABLE as exc:
+                    self._undecodable(seq, exc)
             i = j
         return rows
+
+    def _forget_fresh(self, upto: int) -> None:
+        """Drop the bodies kept for seqs up to `upto`: the reader has gone past them."""
+        fresh = self._fresh
+        while fresh:
+            seq = next(iter(fresh))  # the lowest: kept in seq order
+            if seq > upto:
+                return
+            self._fresh_bytes -= RECORD_HEADER_SIZE + len(fresh.pop(seq)[1])
+
+    def _decoded(self, entries: list[Entry], found: list[tuple[int, bytes] | None]) -> list[OutboxRow]:
+        rows: list[OutboxRow] = []
+        for entry, item in zip(entries, found, strict=True):
+            if item is not None:
+                try:
+                    rows.append(self._messages.row(entry.seq, *item))
+                except _UNDECODABLE as exc:
+                    self._undecodable(entry.seq, exc)
+        return rows
+
+    def _undecodable(self, seq: int, exc: Exception) -> None:
+        """A message indexed (its receive time read) but refused when read for sending: reported,
+        and out of the outbox, as if acknowledged (every later read would refuse it too)."""
+        self._error("decode", f"outbox: record {seq} cannot be decoded, not forwarded: {exc}")
+        if self._pending.acknowledge(seq):
+            self._pending.advance()
+            self._moved_since_save += 1
+            self._changed()
+
+    def _rewritten(self, entries: list[Entry]) -> bool:
+        """Whether a segment holding one of these entries was replaced since it was read (one
+        stat and fstat per segment)."""
+        segments, files = self._segments, self._files
+        i = 0
+        while i < len(entries):
+            k = bisect_right(segments, entries[i].seq)
+            if files.replaced(segments[k - 1]):
+                return True
+            if k == len(segments):
+                return False
+            i = bisect_left(entries, segments[k], i, key=lambda entry: entry.seq)
+        return False
 
     def reload(self) -> None:
         """Forget the index and the open segment files, and read the log again from the cursor:

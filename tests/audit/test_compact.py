@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import struct
 import time
 from pathlib import Path
 
@@ -186,6 +187,34 @@ def test_a_damaged_compact_body_is_refused():
     body = compact_from_row(tuple(row), 1, 2)
     with pytest.raises(ValueError):
         decode_compact(body + b"x")  # a sha256 that is not 32 bytes
+
+
+@pytest.mark.parametrize("payload", [b"", b"abc"])
+@pytest.mark.parametrize("reasons", ["[]", '[{"check":"schema","message":"x","schema":null,"path":""}]'])
+def test_a_body_the_full_decode_refuses_is_refused_by_the_forwarders_decode(payload, reasons):
+    """Every prefix of a rejected decision with its payload (a record that passed its CRC but was
+    written short): where decode_compact refuses it, so does compact_forward_fields, with the error
+    of a damaged record (the outbox then reports it instead of sending an empty payload)."""
+    row = list(log_decision(decision(5, TS, verdict="reject")))
+    row[_N["payload"]], row[_N["payload_size"]], row[_N["reasons"]] = payload, len(payload), reasons
+    body = compact_from_row(tuple(row), 1, 2)
+    refused = 0
+    for end in range(len(body)):
+        short = body[:end]
+        try:
+            c = decode_compact(short)
+        except (ValueError, IndexError, struct.error):
+            refused += 1
+            with pytest.raises((ValueError, IndexError, struct.error)):
+                compact_forward_fields(short)
+        else:
+            assert compact_forward_fields(short) == (c[0], c[1], c[2], c[3], c[5], c[6])
+    assert refused > 1
+    if reasons == "[]":  # cut right after the latency: the reason code's byte is missing (payload b"" before)
+        after_latency = len(body) - len(payload) - 1
+        assert decode_compact(body)[9:11] == ("reject", body[after_latency])
+        with pytest.raises(ValueError, match="reason code"):
+            compact_forward_fields(body[:after_latency])
 
 
 def test_a_missing_definition_reads_as_a_placeholder_and_is_counted():

@@ -3,6 +3,7 @@ silent server: acks, QoS 0, big payloads, keepalive, refusals and the broker's D
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ from appliance.mqtt.client import Connected
 from appliance.mqtt.packets import Connack
 from appliance.mqtt.writer import encode_packet
 from tests.forward.harness import CloudBroker, Subscriber
-from tests.forward.test_resilience import hung_server
+from tests.forward.test_resilience import hung_server, read_packet
 from tests.helpers import wait_until
 
 
@@ -142,6 +143,47 @@ def test_refused_connect_and_the_brokers_disconnect_say_why(tmp_path: Path):
         thread.join(5)
 
 
+@pytest.mark.parametrize(("ending", "why"), [(b"\xe0\x02\x8b\x00", "sent DISCONNECT"), (b"\x00\x00", "protocol error")])
+def test_pubacks_read_with_the_brokers_disconnect_are_handed_over(tmp_path: Path, ending: bytes, why: str):
+    """A broker acknowledging messages and then disconnecting (or breaking the protocol), both in
+    one read: the client core
+    counts the PUBLISHes as acknowledged, so the link hands their packet ids to the caller with
+    the LinkClosed (else the messages would be sent again on the next connection)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                read_packet(conn)  # CONNECT
+                conn.sendall(b"\x20\x03\x00\x00\x00")  # CONNACK
+                pids: list[int] = []
+                while len(pids) < 3:
+                    first, body = read_packet(conn)
+                    if first >> 4 == 3:  # PUBLISH, QoS 1: topic, packet id
+                        n = int.from_bytes(body[:2], "big")
+                        pids.append(int.from_bytes(body[2 + n:4 + n], "big"))
+                # The PUBACKs and a DISCONNECT (server shutting down) or a packet of a reserved type, in one write.
+                conn.sendall(b"".join(b"\x40\x02" + pid.to_bytes(2, "big") for pid in pids) + ending)
+                conn.shutdown(socket.SHUT_WR)
+                while conn.recv(1024):
+                    pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        conn = link(server.getsockname()[1])
+        conn.connect(5)
+        pids = {conn.publish(f"t/{i}", b"m", 1, False) for i in range(3)}
+        acked: list[int] = []
+        deadline = time.monotonic() + 10
+        with pytest.raises(LinkClosed, match=why) as ended:
+            while time.monotonic() < deadline:
+                acked += conn.poll(0.05)[0]  # in case they arrive in separate reads
+        acked += ended.value.acked
+        assert sorted(acked) == sorted(pids)
+        assert conn.inflight == 0
+        conn.close()
+        thread.join(5)
+
+
 def test_receive_maximum_and_unreachable_broker(tmp_path: Path):
     broker = CloudBroker(tmp_path / "cloud", extra="max_inflight_messages 7\n").start()
     try:
@@ -250,6 +292,25 @@ def test_pubacks_with_an_error_reason_are_answers_and_counted(tmp_path: Path):
         assert conn.refused == {0x87: 1}
         conn.disconnect()
     finally:
+        broker.stop()
+
+
+def test_close_forgets_what_the_poll_object_watched(tmp_path: Path):
+    """close() drops the poll object and what it watched (the socket's mask, the wake descriptor):
+    nothing of the closed connection is left to be taken for the state of a new one."""
+    broker = CloudBroker(tmp_path / "cloud").start()
+    wake_r, wake_w = os.pipe()
+    try:
+        conn = link(broker.port)
+        conn.connect(5)
+        conn.publish("t", b"x", 1, False)
+        conn.poll(0.01, wake_r)
+        assert conn._poller is not None and conn._poll_wake == wake_r
+        conn.close()
+        assert (conn._poller, conn._poll_mask, conn._poll_wake) == (None, 0, None)
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
         broker.stop()
 
 

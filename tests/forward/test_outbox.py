@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from appliance.audit.records import COMPACT_DECISION
 from appliance.forward import Outbox
 from appliance.msglog import list_segments, read_segment
-from appliance.msglog.format import encode_file_header, encode_record
 from appliance.msglog.cursor import Cursor
+from appliance.msglog.format import RECORD_HEADER_SIZE, encode_file_header, encode_record
 from appliance.msglog.log import MessageLog, SyncPolicy
 from appliance.msglog.testing import CrashIO, FaultyIO
 from tests.forward.harness import bounds, harness
@@ -281,6 +282,130 @@ def test_a_segment_rewritten_under_the_outbox_is_indexed_again(tmp_path: Path):
         assert [r.payload for r in again] == [m.payload for m in msgs[5:] if m.payload != b"s:10"]
         assert outbox.depth().messages == 24
         outbox.close()
+
+
+def test_a_segment_rewritten_under_messages_indexed_but_not_yet_read_is_indexed_again(tmp_path: Path):
+    """The messages the last look at the log indexed are kept in memory until they are read for
+    sending (with the uplink down, for hours): a purge rewriting their segment meanwhile must not
+    let the forwarder send the bytes it removed."""
+    with harness(tmp_path) as h:
+        msgs = [h.row("s", i) for i in range(30)]
+        h.add(msgs)
+        h.log.seal()
+        outbox = h.make_outbox()
+        rows = outbox.next_batch(0, 5)
+        outbox.acknowledge(r.seq for r in rows)
+        (segment,) = [info for info in list_segments(h.log_dir) if info.first_seq <= rows[0].seq][-1:]
+        records = list(read_segment(segment.path))
+        removed = [r for r in records if r.seq > rows[-1].seq][5].seq  # "s:10", not read for sending yet
+        kept = [r for r in records if r.seq != removed]
+        replacement = segment.path.with_suffix(".new")
+        replacement.write_bytes(encode_file_header(segment.first_seq) + b"".join(encode_record(*r) for r in kept))
+        os.replace(replacement, segment.path)
+        again = outbox.next_batch(0, 100)
+        assert [r.payload for r in again] == [m.payload for m in msgs[5:] if m.payload != b"s:10"]
+        assert outbox.depth().messages == 24
+        outbox.close()
+
+
+def test_a_rewrite_of_any_segment_of_a_batch_read_from_memory_is_noticed(tmp_path: Path):
+    """The batch spans two segments and the second one is rewritten: each segment is looked at."""
+    with harness(tmp_path) as h:
+        msgs = [h.row("s", i) for i in range(30)]
+        h.add(msgs[:15])
+        h.log.seal()
+        h.add(msgs[15:])
+        h.log.seal()
+        outbox = h.make_outbox()
+        rows = outbox.next_batch(0, 5)
+        outbox.acknowledge(r.seq for r in rows)
+        first, second = [info for info in list_segments(h.log_dir) if info.first_seq <= rows[-1].seq][-1:] + [
+            info for info in list_segments(h.log_dir) if info.first_seq > rows[-1].seq][:1]
+        assert first.first_seq < second.first_seq
+        records = list(read_segment(second.path))
+        removed = records[5].seq  # "s:20"
+        kept = [r for r in records if r.seq != removed]
+        replacement = second.path.with_suffix(".new")
+        replacement.write_bytes(encode_file_header(second.first_seq) + b"".join(encode_record(*r) for r in kept))
+        os.replace(replacement, second.path)
+        again = outbox.next_batch(0, 100)
+        assert [r.payload for r in again] == [m.payload for m in msgs[5:] if m.payload != b"s:20"]
+        assert outbox.depth().messages == 24
+        outbox.close()
+
+
+def _kept_in_memory(outbox: Outbox) -> list[int]:
+    """The seqs whose bodies the outbox keeps for sending (white box: they use a bounded budget)."""
+    fresh = outbox._fresh
+    assert outbox._fresh_bytes == sum(RECORD_HEADER_SIZE + len(body) for _, body in fresh.values())
+    return list(fresh)
+
+
+def test_bodies_nobody_will_ask_for_are_not_kept_in_memory(tmp_path: Path):
+    """After reload() the messages in flight (handed out, not acknowledged) are indexed again, but
+    they are not read for sending again on this connection: their bodies are not kept. Nor are the
+    bodies of messages before the ones asked for."""
+    with harness(tmp_path) as h:
+        msgs = [h.row("s", i) for i in range(40)]
+        h.add(msgs)
+        outbox = h.make_outbox()
+        sent = outbox.next_batch(0, 10)
+        outbox.reload()
+        assert outbox.depth().messages == 40
+        assert _kept_in_memory(outbox) and min(_kept_in_memory(outbox)) > sent[-1].seq
+        rows = outbox.next_batch(sent[-1].seq, 10)
+        assert [r.payload for r in rows] == [m.payload for m in msgs[10:20]]
+        assert min(_kept_in_memory(outbox)) > rows[-1].seq
+
+        skipped_to = outbox.next_batch(rows[-1].seq + 5, 5)  # five left behind (messages never asked for)
+        assert [r.payload for r in skipped_to] == [m.payload for m in msgs[25:30]]
+        kept = _kept_in_memory(outbox)
+        later = outbox.next_batch(skipped_to[-1].seq, 100)
+        assert [r.payload for r in later] == [m.payload for m in msgs[30:]]
+        assert kept == [r.seq for r in later]
+        assert _kept_in_memory(outbox) == []
+        outbox.close()
+
+
+@pytest.mark.parametrize("body", [b"", b"\x10\x00\x00"])
+def test_a_message_record_that_cannot_be_decoded_is_reported_and_passed_over(tmp_path: Path, body: bytes):
+    """A compact decision whose body is too short even for its flags and receive time (written so,
+    its CRC is right): an error in last_error, not a crash of the forwarder thread."""
+    with harness(tmp_path) as h:
+        h.add([h.row("s", 0)])
+        h.call(lambda: h.log.append(COMPACT_DECISION, body))
+        h.add([h.row("s", 1)])
+        outbox = h.make_outbox()
+        assert [r.payload for r in outbox.next_batch(0, 10)] == [b"s:0", b"s:1"]
+        assert outbox.last_error is not None and "cannot be decoded" in outbox.last_error
+        outbox.close()
+
+
+@pytest.mark.parametrize("from_the_log", [False, True])
+def test_a_message_that_cannot_be_decoded_when_read_for_sending_is_reported_and_passed_over(tmp_path: Path,
+                                                                                            from_the_log: bool):
+    """A compact decision to forward whose flags and receive time read but nothing after them: it
+    is indexed (the index reads only those), and refused when read for sending, from the bodies
+    kept in memory or from the log. An error in last_error, and the message leaves the outbox
+    (not a crash of the forwarder thread, again at every start)."""
+    with harness(tmp_path) as h:
+        h.add([h.row("s", 0)])
+        h.call(lambda: h.log.append(COMPACT_DECISION, b"\x10\x00" + bytes(8)))  # F_FORWARD, ts 0.0, then nothing
+        h.add([h.row("s", 1)])
+        outbox = h.make_outbox()
+        assert outbox.depth().messages == 3
+        if from_the_log:
+            assert [r.payload for r in outbox.next_batch(0, 1)] == [b"s:0"]  # sent again below: read back
+        rows = outbox.next_batch(0, 10)
+        assert [r.payload for r in rows] == [b"s:0", b"s:1"]
+        assert outbox.last_error is not None and "cannot be decoded" in outbox.last_error
+        assert outbox.depth().messages == 2
+        outbox.acknowledge(r.seq for r in rows)
+        assert outbox.cursor == rows[-1].seq and outbox.depth().messages == 0
+        outbox.close()
+        again = h.make_outbox()
+        assert again.depth().messages == 0
+        again.close()
 
 
 def test_the_saved_cursor_never_passes_what_the_log_synced(tmp_path: Path):

@@ -161,6 +161,78 @@ def hung_server(*, connack: bytes | None) -> Iterator[tuple[int, list[int]]]:
             conn.close()
 
 
+def read_packet(conn: socket.socket) -> tuple[int, bytes]:
+    """One MQTT packet from a blocking socket: (first byte, the rest after the remaining length)."""
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            more = conn.recv(n - len(data))
+            assert more, "the client closed"
+            data += more
+        return data
+
+    first = exactly(1)[0]
+    length, shift = 0, 0
+    while True:
+        byte = exactly(1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return first, exactly(length)
+
+
+def test_messages_acknowledged_in_the_read_that_ends_the_connection_are_not_sent_again(tmp_path: Path):
+    """A broker acknowledges every message and disconnects in the same write (a shutdown): the
+    PUBACKs count, the outbox is empty, and the next connection has nothing to send again."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    sessions: list[int] = []  # PUBLISHes received, per connection
+    conns: list[socket.socket] = []
+
+    def serve(conn: socket.socket, first: bool) -> None:
+        try:
+            read_packet(conn)  # CONNECT
+            conn.sendall(b"\x20\x03\x00\x00\x00")  # CONNACK (MQTT 5)
+            pids: list[int] = []
+            while True:
+                kind, body = read_packet(conn)
+                if kind >> 4 != 3:
+                    continue
+                n = int.from_bytes(body[:2], "big")
+                pids.append(int.from_bytes(body[2 + n:4 + n], "big"))
+                sessions[-1] += 1
+                if first and len(pids) == 10:  # all PUBACKs and a DISCONNECT (server shutting down), one write
+                    conn.sendall(b"".join(b"\x40\x02" + pid.to_bytes(2, "big") for pid in pids) + b"\xe0\x02\x8b\x00")
+        except (AssertionError, OSError):
+            return
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            sessions.append(0)
+            threading.Thread(target=serve, args=(conn, len(conns) == 1), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with harness(tmp_path / "state") as h:
+            h.add(sensor_rows(h, sensors=1, per_sensor=10))
+            fwd = h.start_forwarder(upstream(f"mqtt://127.0.0.1:{port}", protocol=5))
+            wait_until(lambda: len(sessions) >= 2 and fwd.status().uplink_up, message="connected again")
+            downs = [detail["reason"] for kind, detail in h.events if kind == "uplink_down"]
+            assert downs and "server shutting down" in downs[0], downs
+            status = fwd.status()
+            assert status.depth == 0 and status.forwarded_total == 10
+            assert sessions[0] == 10
+    finally:
+        listener.close()
+        for conn in conns:
+            conn.close()
+
+
 @pytest.mark.parametrize(("connack", "expected"), [
     (None, "no CONNACK within"),
     (b"\x20\x02\x00\x00", "no acknowledgement within"),  # MQTT 3.1.1 CONNACK accepted, then silence

@@ -8,6 +8,7 @@ returns the process exit code.
 from __future__ import annotations
 
 import asyncio
+import gc
 import dataclasses
 import hashlib
 import logging
@@ -463,6 +464,7 @@ class Appliance:
         watchdog: asyncio.Task[None] | None = None
         try:
             await self.start()
+            gc.freeze()
             sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}")
             if (interval := sdnotify.watchdog_interval()) is not None:
                 watchdog = asyncio.create_task(sdnotify.feed_watchdog(interval), name="systemd-watchdog")

@@ -170,12 +170,21 @@ class Pipeline:
     In dry-run mode every verdict is computed and recorded, but the proxy is told to accept.
     """
 
-    __slots__ = ("policy", "_sinks")
+    __slots__ = ("policy", "_sinks", "_records")
 
     def __init__(self, checks: Sequence[Check] = (), sinks: Iterable[Sink] = (), *, dry_run: bool = False,
                  revision: str = ""):
         self.policy = Policy(tuple(checks), dry_run, revision)  # replaced whole, never changed in place
-        self._sinks = tuple(sinks)
+        self.sinks = tuple(sinks)
+
+    @property
+    def sinks(self) -> tuple[Sink, ...]:
+        return self._sinks
+
+    @sinks.setter
+    def sinks(self, sinks: tuple[Sink, ...]) -> None:
+        self._sinks = sinks
+        self._records = tuple(sink.record for sink in sinks)  # bound once, not looked up per message
 
     def judge(self, message: Message) -> Judged:
         policy = self.policy  # read once: a message sees one policy from its checks to its records
@@ -192,8 +201,8 @@ class Pipeline:
         # check is enforced even then (the ACL).
         delivered = verdict.accepted or (policy.dry_run and not getattr(check, "enforced_in_dry_run", False))
         ticket = 0
-        for sink in self._sinks:
-            ticket = sink.record(message, verdict, latency_us, delivered, policy) or ticket
+        for record in self._records:
+            ticket = record(message, verdict, latency_us, delivered, policy) or ticket
         return Judged(ACCEPT if delivered else verdict, ticket)
 
     @property

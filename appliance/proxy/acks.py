@@ -24,6 +24,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 CONNACK_BARRIER = -1
+# Acks waiting for durability at which a client is taken to be blocked on us (see
+# Session.blocked_on_durability): mosquitto_pub and paho keep 20 QoS 1 messages in flight by default.
+SYNC_HINT_INFLIGHT = 10
+# AckOrder.durability_request's answers (0: nothing).
+WAIT_FOR_COMMIT, SYNC_NOW = 1, 2
 
 
 class Durability(Protocol):
@@ -115,6 +120,20 @@ class AckOrder:
             self.publishes -= head[3]
             if ack:
                 out.append(ack)
+
+    def durability_request(self, clocked: bool) -> int:
+        """What the session asks of the message log after an input, in one call on the hot path:
+        0 nothing (no entry waits for a record), WAIT_FOR_COMMIT (the head is ready but for its
+        record: release() after the next commit), SYNC_NOW (the client is blocked on us: `clocked`,
+        or SYNC_HINT_INFLIGHT PUBLISHes unacknowledged, while a record is not settled; see
+        Session.blocked_on_durability)."""
+        queue = self._queue
+        if not queue:
+            return 0
+        publishes = self.publishes
+        if (publishes >= SYNC_HINT_INFLIGHT or (clocked and publishes > 0)) and self._last_seq > self._settled_seq():
+            return SYNC_NOW
+        return WAIT_FOR_COMMIT if queue[0][1] is not None else 0
 
     @property
     def awaiting_durability(self) -> bool:

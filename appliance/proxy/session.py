@@ -43,7 +43,7 @@ from appliance.mqtt import (
     read_fixed_header,
 )
 from appliance.pipeline import ClientInfo, Message, Pipeline, Verdict
-from appliance.proxy.acks import CONNACK_BARRIER, AckOrder, Durability
+from appliance.proxy.acks import CONNACK_BARRIER, SYNC_HINT_INFLIGHT, SYNC_NOW, AckOrder, Durability
 from appliance.proxy.aliases import TopicAliases
 from appliance.proxy.commands import (
     AWAIT_DURABLE,
@@ -91,9 +91,6 @@ _SUBSCRIBE = int(PacketType.SUBSCRIBE)
 _SUBACK = int(PacketType.SUBACK)
 _UNSUBSCRIBE = int(PacketType.UNSUBSCRIBE)
 _MQTT5 = ProtocolVersion.MQTT_5
-# Acks waiting for durability at which a client is taken to be blocked on us (see
-# blocked_on_durability): mosquitto_pub and paho keep 20 QoS 1 messages in flight by default.
-SYNC_HINT_INFLIGHT = 10
 # A client whose next packets arrive this soon after we released acks to it is clocked by our acks
 # (it sends when it hears back): whatever it has in flight, it is blocked on us once it waits.
 ACK_CLOCK_S = 0.002
@@ -193,9 +190,9 @@ class Session:
         # A blocked client's sync is asked for as soon as its PUBLISH is judged (before the broker's
         # ack comes back): the sync overlaps the broker's round trip instead of following it.
         if self._durability is not None:
-            blocked = self.blocked_on_durability
-            if blocked or self._acks.waiting_for_durability:
-                commands.append(AWAIT_DURABLE_SYNC_NOW if blocked else AWAIT_DURABLE)
+            request = self._acks.durability_request(self._ack_clocked)
+            if request:
+                commands.append(AWAIT_DURABLE_SYNC_NOW if request == SYNC_NOW else AWAIT_DURABLE)
         to_broker = self._to_broker
         if to_broker and self._broker_up:
             commands.append(SendToBroker(b"".join(to_broker)))
@@ -536,9 +533,7 @@ class Session:
         acks wait up to the sync window (audit.sync_window), which batches syncs.
         Only while one of its records is not durable yet: asked as soon as its PUBLISH is judged,
         the sync overlaps the broker's round trip instead of following it."""
-        acks = self._acks
-        publishes = acks.publishes
-        return (publishes >= SYNC_HINT_INFLIGHT or (self._ack_clocked and publishes > 0)) and acks.awaiting_durability
+        return self._acks.durability_request(self._ack_clocked) == SYNC_NOW
 
     # -- connection events -----------------------------------------------------------------------
 

@@ -116,7 +116,8 @@ class Appliance:
                 sinks.append(self.audit.sink)
                 if config.audit.durable_acks:
                     audit = self.audit
-                    self._store_check = StoreUnavailable(lambda: audit.healthy)
+                    message_log = audit.log  # read directly: this runs for every QoS 1/2 PUBLISH
+                    self._store_check = StoreUnavailable(lambda: message_log.healthy)
             if config.upstream.url is not None:
                 assert self.audit is not None  # the config requires it
                 self.outbox = Outbox.for_log(self.audit.log, Cursor(forward_cursor_path(config.state_dir)), config.upstream.outbox)

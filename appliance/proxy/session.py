@@ -37,9 +37,10 @@ from appliance.mqtt import (
     ReasonCode,
     RemoteProtocolError,
     Suback,
+    Publish,
     decode_packet,
-    decode_publish,
     encode_packet,
+    publish_fields,
     read_fixed_header,
 )
 from appliance.pipeline import ClientInfo, Message, Pipeline, Verdict
@@ -234,7 +235,8 @@ class Session:
     def client_data(self, data: bytes) -> list[Command]:
         if self.state is State.CLOSED:
             return self._commands()
-        self._ack_clocked = self._clock() - self._acks_released_at < ACK_CLOCK_S
+        if self._durability is not None:  # whether it is clocked by our acks matters only when they wait
+            self._ack_clocked = self._clock() - self._acks_released_at < ACK_CLOCK_S
         if self._from_client.pending:
             joined = self._from_client.join(data)
             if joined is None:
@@ -350,15 +352,15 @@ class Session:
         """Judge one PUBLISH: True to relay it as it is, bytes to relay instead, None to drop it."""
         version = self.version
         assert version is not None and self.client is not None
-        publish = decode_publish(first_byte, body, version)
-        qos, packet_id = publish.qos, publish.packet_id
+        # The fields, not a Publish: the packet is relayed as its own bytes unless an alias is resolved.
+        published, payload, qos, retain, dup, packet_id, properties = publish_fields(first_byte, body, version)
         if qos == 2 and self._qos2.answered:
             assert packet_id is not None
             self._qos2.publish(packet_id)
-        topic = publish.topic
+        topic = published
         alias = None
-        if version is _MQTT5 and publish.properties:
-            alias = publish.properties.get(PropertyId.TOPIC_ALIAS)
+        if version is _MQTT5 and properties:
+            alias = properties.get(PropertyId.TOPIC_ALIAS)
             if isinstance(alias, int):
                 topic = self._aliases.resolve(alias, topic)
         if qos and self._limits.max_inflight and \
@@ -372,7 +374,7 @@ class Session:
                 self._pause = pause
                 self._requests = True
         verdict, ticket = self._pipeline.judge(
-            Message(topic, publish.payload, qos, publish.retain, self.client, publish.properties, False, time.time())
+            Message(topic, payload, qos, retain, self.client, properties, False, time.time())
         )
         # The message log's sequence number of this message's verdict: its ack waits until it is durable.
         seq = ticket if self._durability is not None and qos else 0
@@ -384,11 +386,11 @@ class Session:
             elif qos:
                 assert packet_id is not None
                 self._acks.wait_for(packet_id, seq)
-            if isinstance(alias, int) and self._aliases.accepted(alias) and not publish.topic:
-                return encode_packet(replace(publish, topic=topic), _MQTT5)
+            if isinstance(alias, int) and self._aliases.accepted(alias) and not published:
+                return encode_packet(Publish(topic, payload, qos, retain, dup, packet_id, properties), _MQTT5)
             return True
         if isinstance(alias, int):
-            self._aliases.rejected(alias, publish.topic)
+            self._aliases.rejected(alias, published)
         self._reject(qos, packet_id, verdict, seq)
         return None
 

@@ -33,11 +33,15 @@ WAIT_FOR_COMMIT, SYNC_NOW = 1, 2
 
 class Durability(Protocol):
     """What the acks wait for: records numbered up to `settled_seq` are settled, durable unless
-    `failed(seq)`. `request_sync()` asks for the next sync now rather than at the end of the sync
-    window (a publisher is blocked on its acks)."""
+    `failed(seq)`; none above `last_failed` ever failed (0: none did), so an ack asks `failed()`
+    only after a failure. `request_sync()` asks for the next sync now rather than at the end of
+    the sync window (a publisher is blocked on its acks)."""
 
     @property
     def settled_seq(self) -> int: ...
+
+    @property
+    def last_failed(self) -> int: ...
 
     def failed(self, seq: int) -> bool: ...
 
@@ -106,12 +110,13 @@ class AckOrder:
         queue = self._queue
         settled = self._settled_seq()
         durability = self._durability
+        last_failed = durability.last_failed if durability is not None else 0
         while queue and not self.broken:
             head = queue[0]
             if head[1] is None or head[2] > settled:
                 return
             ack = head[1]
-            if head[5] and head[2] and durability is not None and durability.failed(head[2]):
+            if head[5] and 0 < head[2] <= last_failed and durability is not None and durability.failed(head[2]):
                 ack = self._on_failure(head[4], head[5])
                 if ack is None:
                     self.broken = True

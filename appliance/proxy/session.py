@@ -508,7 +508,8 @@ class Session:
         self._acks.release(self._to_client)
         if len(self._to_client) > queued:
             self._acks_released_at = self._clock()
-        self._close_if_unacknowledgeable()
+        if self._acks.broken:
+            self._close_if_unacknowledgeable()
         return self._commands()
 
     def _failed_ack(self, packet_id: int, qos: int) -> bytes | None:

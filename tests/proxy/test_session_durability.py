@@ -19,6 +19,7 @@ class Store:
     def __init__(self) -> None:
         self.last = 0
         self.settled_seq = 0
+        self.last_failed = 0
         self._failed = FailedTickets()
         self.syncs_requested = 0
 
@@ -31,6 +32,7 @@ class Store:
 
     def fail(self, first: int, last: int) -> None:
         self._failed.add(first, last)
+        self.last_failed = max(self.last_failed, last)
         self.settled_seq = max(self.settled_seq, last)
 
     def request_sync(self) -> None:

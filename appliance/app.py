@@ -88,8 +88,8 @@ class Appliance:
         self.overrides = dict(overrides or {})
         self._own_pipeline = pipeline is None
         self.watcher = ReloadWatcher(self.reload)
-        self.verdicts = CountingSink(keep=20)  # the last few verdicts, for tests and `status`
-        self.metrics = MetricsSink()
+        self.metrics = MetricsSink(keep=20)
+        self.verdicts: CountingSink = self.metrics  # the counts and the last few verdicts, for tests and `status`
         self.reloads: Counter[str] = Counter()
         self.dead_letters: DeadLetterSink | None = None  # republishes rejections (on_reject.republish)
         self.forwarder: Forwarder | None = None  # the store-and-forward client, when upstream.url is set
@@ -108,7 +108,7 @@ class Appliance:
                 schema_set = load_schema_set(config.schemas)
                 check_destinations(schema_set, forwarding=config.upstream.url is not None)
                 self.governance = Governance(schema_set)
-            sinks: list[Sink] = [self.verdicts, self.metrics]
+            sinks: list[Sink] = [self.metrics]
             if config.audit.enabled:
                 self.audit = AuditService(
                     config.audit, config.state_dir, on_event=self.on_event, forward=config.upstream.url is not None,

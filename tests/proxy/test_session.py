@@ -455,3 +455,10 @@ def test_connect_and_a_too_large_publish_in_one_segment(version):
     assert t.to_broker() == [] and not t.opened_broker  # the broker never hears of it
     assert t.session.state is State.CLOSED
     assert t.counts == [(Metric.LIMIT_EXCEEDED, "packet_size")]
+
+
+def test_the_fast_message_constructor_knows_every_field():
+    # Session._on_publish builds a Message with tuple.__new__ and every field in order: a new field
+    # must be added there too.
+    assert Message._fields == ("topic", "payload", "qos", "retain", "client", "properties", "is_will",
+                               "received_at", "released_from")

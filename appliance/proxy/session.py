@@ -193,7 +193,7 @@ class Session:
         # Without a message log, no ack ever waits for one.
         # A blocked client's sync is asked for as soon as its PUBLISH is judged (before the broker's
         # ack comes back): the sync overlaps the broker's round trip instead of following it.
-        if self._durability is not None:
+        if self._durability is not None and self._acks.entries:  # no entry: nothing waits for the log
             request = self._acks.durability_request(self._ack_clocked)
             if request:
                 commands.append(AWAIT_DURABLE_SYNC_NOW if request == SYNC_NOW else AWAIT_DURABLE)

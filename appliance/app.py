@@ -8,6 +8,7 @@ returns the process exit code.
 from __future__ import annotations
 
 import asyncio
+import gc
 import dataclasses
 import hashlib
 import logging
@@ -87,8 +88,8 @@ class Appliance:
         self.overrides = dict(overrides or {})
         self._own_pipeline = pipeline is None
         self.watcher = ReloadWatcher(self.reload)
-        self.verdicts = CountingSink(keep=20)  # the last few verdicts, for tests and `status`
-        self.metrics = MetricsSink()
+        self.metrics = MetricsSink(keep=20)
+        self.verdicts: CountingSink = self.metrics  # the counts and the last few verdicts, for tests and `status`
         self.reloads: Counter[str] = Counter()
         self.dead_letters: DeadLetterSink | None = None  # republishes rejections (on_reject.republish)
         self.forwarder: Forwarder | None = None  # the store-and-forward client, when upstream.url is set
@@ -107,7 +108,7 @@ class Appliance:
                 schema_set = load_schema_set(config.schemas)
                 check_destinations(schema_set, forwarding=config.upstream.url is not None)
                 self.governance = Governance(schema_set)
-            sinks: list[Sink] = [self.verdicts, self.metrics]
+            sinks: list[Sink] = [self.metrics]
             if config.audit.enabled:
                 self.audit = AuditService(
                     config.audit, config.state_dir, on_event=self.on_event, forward=config.upstream.url is not None,
@@ -115,7 +116,8 @@ class Appliance:
                 sinks.append(self.audit.sink)
                 if config.audit.durable_acks:
                     audit = self.audit
-                    self._store_check = StoreUnavailable(lambda: audit.healthy)
+                    message_log = audit.log  # read directly: this runs for every QoS 1/2 PUBLISH
+                    self._store_check = StoreUnavailable(lambda: message_log.healthy)
             if config.upstream.url is not None:
                 assert self.audit is not None  # the config requires it
                 self.outbox = Outbox.for_log(self.audit.log, Cursor(forward_cursor_path(config.state_dir)), config.upstream.outbox)
@@ -463,6 +465,7 @@ class Appliance:
         watchdog: asyncio.Task[None] | None = None
         try:
             await self.start()
+            gc.freeze()
             sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}")
             if (interval := sdnotify.watchdog_interval()) is not None:
                 watchdog = asyncio.create_task(sdnotify.feed_watchdog(interval), name="systemd-watchdog")

@@ -36,7 +36,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from appliance.names import PROXY_COUNTED, Counted, Metric
-from appliance.pipeline import Message, Policy, Verdict
+from appliance.pipeline import CountingSink, Message, Policy, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,23 @@ BUCKETS = (0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5,
 _BUCKETS_US = [b * 1_000_000 for b in BUCKETS]
 
 
-class MetricsSink:
-    """Counts verdicts by outcome, topic filter and schema, and the time the checks took."""
+class MetricsSink(CountingSink):
+    """Counts verdicts by outcome, topic filter and schema, and the time the checks took; and, as
+    a CountingSink, by outcome alone with the last few kept (for `status` and tests). One sink,
+    not two: every sink is a call per message on the event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 20) -> None:
+        super().__init__(keep)
         self.messages: Counter[tuple[str, str, str]] = Counter()
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.latency_sum_us = 0
 
-    def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool = True,
+    def record(self, message: Message, verdict: Verdict, latency_us: int = 0, delivered: bool = True,
                policy: Policy | None = None) -> None:
-        status = "valid" if verdict.accepted else "invalid"
-        self.messages[(status, verdict.topic_filter or "none", verdict.schema or "none")] += 1
+        accepted = verdict.accepted
+        self.counts["accept" if accepted else "reject"] += 1  # CountingSink.record, inline
+        self.recent.append((message, verdict))
+        self.messages[("valid" if accepted else "invalid", verdict.topic_filter or "none", verdict.schema or "none")] += 1
         self.buckets[bisect_left(_BUCKETS_US, latency_us)] += 1
         self.latency_sum_us += latency_us
 

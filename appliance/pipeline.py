@@ -121,7 +121,8 @@ class Sink(Protocol):
     """Receives every verdict, after the fact, with the time the checks took (µs) and the policy that
     judged it. Must be fast: it runs on the event loop. Returns a durability ticket: the message
     log's sequence number of the record it wrote (an acknowledgement waits until that record is
-    durable), or 0 when the sink wrote nothing durable."""
+    durable), or 0 when the sink wrote nothing durable. A sink with a true `only_rejections`
+    attribute gets only the verdicts that are not accepted."""
 
     def record(self, message: Message, verdict: Verdict, latency_us: int, delivered: bool, policy: Policy) -> int | None: ...
 
@@ -132,6 +133,9 @@ class Judged(NamedTuple):
 
     verdict: Verdict
     ticket: int
+
+
+_new_tuple = tuple.__new__
 
 
 class FailedTickets:
@@ -170,12 +174,24 @@ class Pipeline:
     In dry-run mode every verdict is computed and recorded, but the proxy is told to accept.
     """
 
-    __slots__ = ("policy", "_sinks")
+    __slots__ = ("policy", "_sinks", "_records", "_records_if_accepted")
 
     def __init__(self, checks: Sequence[Check] = (), sinks: Iterable[Sink] = (), *, dry_run: bool = False,
                  revision: str = ""):
         self.policy = Policy(tuple(checks), dry_run, revision)  # replaced whole, never changed in place
-        self._sinks = tuple(sinks)
+        self.sinks = tuple(sinks)
+
+    @property
+    def sinks(self) -> tuple[Sink, ...]:
+        return self._sinks
+
+    @sinks.setter
+    def sinks(self, sinks: tuple[Sink, ...]) -> None:
+        self._sinks = sinks
+        self._records = tuple(sink.record for sink in sinks)  # bound once, not looked up per message
+        # A sink that acts on rejections only (`only_rejections`: the dead letters) is not called
+        # for the others: a call per accepted message fewer on the event loop.
+        self._records_if_accepted = tuple(sink.record for sink in sinks if not getattr(sink, "only_rejections", False))
 
     def judge(self, message: Message) -> Judged:
         policy = self.policy  # read once: a message sees one policy from its checks to its records
@@ -192,9 +208,9 @@ class Pipeline:
         # check is enforced even then (the ACL).
         delivered = verdict.accepted or (policy.dry_run and not getattr(check, "enforced_in_dry_run", False))
         ticket = 0
-        for sink in self._sinks:
-            ticket = sink.record(message, verdict, latency_us, delivered, policy) or ticket
-        return Judged(ACCEPT if delivered else verdict, ticket)
+        for record in self._records_if_accepted if verdict.accepted else self._records:
+            ticket = record(message, verdict, latency_us, delivered, policy) or ticket
+        return _new_tuple(Judged, (ACCEPT if delivered else verdict, ticket))  # Judged(...), without its Python-level __new__
 
     @property
     def checks(self) -> tuple[Check, ...]:

@@ -140,7 +140,10 @@ class AuditService:
         self.clock = id_clock(state_dir)
         self.sink = AuditSink(self.log, self.clock, record_payloads=config.record_payloads, forward=forward)
         self._failed = FailedTickets()
-        self._last_failed = 0
+        self.last_failed = 0  # the highest seq that failed (0: none): acks ask failed() only up to it
+        # Records up to here are settled (durable, or failed): an attribute, not a property, since
+        # the acks read it several times per message; kept current by _durable and _failure.
+        self.settled_seq = self.log.durable_seq
         self._settled_callbacks: list[Callable[[int], None]] = []
         self.log.add_listener(self._durable)
         self.log.add_failure_listener(self._failure)
@@ -155,10 +158,6 @@ class AuditService:
         self._stopped = False
 
     # -- durability, as the proxy's acks see it ----------------------------------------------------
-
-    @property
-    def settled_seq(self) -> int:
-        return max(self.log.durable_seq, self._last_failed)
 
     def failed(self, seq: int) -> bool:
         return seq in self._failed
@@ -176,12 +175,13 @@ class AuditService:
         self._settled_callbacks.append(callback)
 
     def _durable(self, seq: int) -> None:
+        self.settled_seq = max(self.log.durable_seq, self.last_failed)
         for callback in list(self._settled_callbacks):
             callback(self.settled_seq)
 
     def _failure(self, first: int, last: int, error: str) -> None:
         self._failed.add(first, last)
-        self._last_failed = max(self._last_failed, last)
+        self.last_failed = max(self.last_failed, last)
         self._durable(last)
 
     @property

@@ -81,7 +81,6 @@ class AuditSink:
         client = message.client
         payload = message.payload
         received = message.received_at or time.time()
-        schema_name, schema_version = self._split_schema(verdict.schema)
         if verdict.accepted:
             outcome, code, reasons = "accept", 0, _NO_REASONS
         else:
@@ -99,8 +98,10 @@ class AuditSink:
         if audited and not verdict.accepted and not dry_run:
             self.quarantined_bytes += len(payload)
         stored = audited or forward  # the payload is stored once, for the audit and the forwarder
-        connection_key = (client.client_id, client.username, client.peer, int(client.protocol_version))
-        context_key = (message.topic, verdict.schema_set, schema_name, schema_version, verdict.topic_filter,
+        connection_key = (client.client_id, client.username, client.peer, client.protocol_version)
+        # The schema as the verdict names it ("temperature:v1"): split into the record's name and
+        # version only when the context is defined, not per message.
+        context_key = (message.topic, verdict.schema_set, verdict.schema, verdict.topic_filter,
                        policy.revision, dry_run, verdict.forward_qos)
         log = self._log
         while True:
@@ -113,10 +114,12 @@ class AuditSink:
                 connection = self._connections.get(connection_key)
                 if connection is None:
                     connection = self._define(self._connections, _CONNECTION,
-                                              _encode_connection(connection_key), connection_key, epoch)
+                                              _encode_connection(self._connection_fields(connection_key)),
+                                              connection_key, epoch)
                 context = self._contexts.get(context_key)
                 if context is None:
-                    context = self._define(self._contexts, _CONTEXT, _encode_context(context_key), context_key, epoch)
+                    context = self._define(self._contexts, _CONTEXT, _encode_context(self._context_fields(context_key)),
+                                           context_key, epoch)
                 body = encode_compact(
                     record_id, received, connection + context, message.qos, message.retain,
                     payload if stored else None, len(payload),
@@ -125,6 +128,19 @@ class AuditSink:
                 return log.append(COMPACT_DECISION, body, epoch)
             except EpochChanged:
                 continue  # the log rolled meanwhile: define them again in the new segment
+
+    @staticmethod
+    def _connection_fields(key: tuple[object, ...]) -> tuple[object, ...]:
+        """CONNECTION's fields from the sink's key (the protocol version as a number)."""
+        client_id, username, peer, version = key
+        assert isinstance(version, int)
+        return client_id, username, peer, int(version)
+
+    def _context_fields(self, key: tuple[object, ...]) -> tuple[object, ...]:
+        """CONTEXT's fields from the sink's key (the schema split into name and version)."""
+        topic, schema_set, schema, topic_filter, revision, dry_run, forward_qos = key
+        assert schema is None or isinstance(schema, str)
+        return (topic, schema_set, *self._split_schema(schema), topic_filter, revision, dry_run, forward_qos)
 
     def _define(self, table: dict[tuple[object, ...], bytes], kind: int, body: bytes,
                 key: tuple[object, ...], epoch: int) -> bytes:

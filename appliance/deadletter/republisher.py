@@ -121,6 +121,9 @@ def check_destinations(schema_set: SchemaSet, *, forwarding: bool) -> None:
 
 
 class DeadLetterSink:
+    # The pipeline calls it for rejections only (an accepted message has no dead letter).
+    only_rejections = True
+
     def __init__(
         self,
         *,

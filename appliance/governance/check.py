@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
-from appliance.governance.rules import make_activation
 from appliance.governance.schemaset import Mapping, SchemaSet
 from appliance.mqtt import ReasonCode
 from appliance.pipeline import Message, Reason, Verdict
@@ -91,7 +90,7 @@ class Governance:
                 )
         if mapping.rules is not None:
             client = message.client
-            failure = mapping.rules.evaluate(make_activation(decoded, topic, client.client_id, client.username, client.peer))
+            failure = mapping.rules.evaluate_message(decoded, topic, client.client_id, client.username, client.peer)
             if failure is not None:
                 return self._reject(mapping, Reason("rule", failure.message, schema=mapping.schema_name))
         return accepts[mapping.topic_filter]

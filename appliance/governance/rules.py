@@ -123,16 +123,14 @@ class Rule:
         fast = _FIELD_EQUALS_LEVEL.fullmatch(expression)
         self._field_level = (fast.group(1), int(fast.group(2))) if fast is not None else None
 
-    def _decide(self, activation: Mapping[str, object]) -> RuleFailure | None | _AskCel:
-        """The fast path's verdict, or _ASK_CEL."""
+    def _decide(self, payload: object, levels: object) -> RuleFailure | None | _AskCel:
+        """The fast path's verdict on the payload and the topic's levels, or _ASK_CEL."""
         field_level = self._field_level
         if field_level is None:
             return _ASK_CEL
-        payload = activation["payload"]
         if type(payload) is not dict:
             return _ASK_CEL
         value = payload.get(field_level[0])
-        levels = activation["topic"]
         if type(value) is not str or type(levels) is not list or field_level[1] >= len(levels):
             return _ASK_CEL
         level = levels[field_level[1]]
@@ -145,7 +143,7 @@ class Rule:
 
     def evaluate(self, activation: Mapping[str, object]) -> RuleFailure | None:
         """None if the rule holds for this message, else why not. Never raises for the message's sake."""
-        decided = self._decide(activation)
+        decided = self._decide(activation["payload"], activation["topic"])
         if decided is not _ASK_CEL:
             return decided
         return self._judge(self._program.eval(data=activation))
@@ -213,12 +211,28 @@ class RuleSet:
     def evaluate(self, activation: Mapping[str, object]) -> RuleFailure | None:
         if self._single is not None:
             return self._single.evaluate(activation)
-        if not self.rules:
-            return None
+        return self._evaluate(activation, 0)
+
+    def evaluate_message(self, payload: object, topic: str, client_id: str, username: str | None,
+                         peer: str) -> RuleFailure | None:
+        """`evaluate(make_activation(...))`, building the activation only once a rule needs CEL: the
+        fast path needs only the payload and the topic's levels (the hot path of every message)."""
+        levels = topic.split("/")
+        for index, rule in enumerate(self.rules):
+            decided = rule._decide(payload, levels)
+            if decided is _ASK_CEL:  # this rule and those after it: as evaluate() judges them
+                activation = make_activation(payload, topic, client_id, username, peer)
+                return rule.evaluate(activation) if self._single is not None else self._evaluate(activation, index)
+            if decided is not None:
+                return decided
+        return None
+
+    def _evaluate(self, activation: Mapping[str, object], start: int) -> RuleFailure | None:
         # Converting the variables once and reusing them is cheaper from the second rule on.
         bound = None
-        for rule in self.rules:
-            decided = rule._decide(activation)
+        payload, levels = activation["payload"], activation["topic"]
+        for rule in self.rules[start:]:
+            decided = rule._decide(payload, levels)
             if decided is not _ASK_CEL:
                 if decided is not None:
                     return decided

@@ -44,6 +44,8 @@ class PayloadSchema(Protocol):
 class CompiledRules(Protocol):
     def evaluate(self, activation: Any) -> Any: ...
 
+    def evaluate_message(self, payload: object, topic: str, client_id: str, username: str | None, peer: str) -> Any: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Mapping:

@@ -33,7 +33,8 @@ Pull API::
         ...
     sock.send(encode_packet(Connack(), decoder.version))
 
-Hot path for relays: ``FrameReader`` + ``decode_publish`` + ``encode_publish``.
+Hot path for relays: ``FrameReader`` + ``decode_publish`` (or ``publish_fields``, without the
+``Publish`` object) + ``encode_publish``.
 
 Clients (the forwarder's uplink, the admin operations, the benchmark's sensors) drive one sans-IO
 client core, ``appliance.mqtt.client.Client``: ``connect()``/``publish()``... return the bytes to
@@ -52,7 +53,7 @@ from .packets import (
     Unsubscribe, Will,
 )
 from .properties import Properties, PropertyId
-from .reader import decode_packet, decode_publish
+from .reader import PublishFields, decode_packet, decode_publish, publish_fields
 from .reason_codes import ConnectReturnCode, ReasonCode
 from .writer import encode_packet, encode_publish
 
@@ -61,6 +62,6 @@ __all__ = [
     "Properties", "Packet", "Connect", "Will", "Connack", "Publish", "Puback", "Pubrec", "Pubrel",
     "Pubcomp", "Subscribe", "Subscription", "Suback", "Unsubscribe", "Unsuback", "Pingreq",
     "Pingresp", "Disconnect", "Auth", "Frame", "FrameReader", "read_fixed_header", "Decoder", "decode_packet",
-    "decode_publish", "encode_packet", "encode_publish", "ProtocolError", "RemoteProtocolError",
+    "decode_publish", "publish_fields", "PublishFields", "encode_packet", "encode_publish", "ProtocolError", "RemoteProtocolError",
     "LocalProtocolError",
 ]

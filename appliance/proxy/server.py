@@ -337,11 +337,6 @@ class ClientLeg(_Leg):
 
     # called by the broker leg --------------------------------------------------------------------
 
-    def from_broker(self, data: bytes) -> None:
-        session = self.session
-        assert session is not None
-        self.execute(session.broker_data(data))
-
     def broker_closed(self) -> None:
         self.broker = None
         self._close_transport()
@@ -373,7 +368,10 @@ class BrokerLeg(_Leg):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        self._client.from_broker(data)
+        client = self._client  # the client's session takes the broker's bytes (no extra call per read)
+        session = client.session
+        assert session is not None
+        client.execute(session.broker_data(data))
 
     def eof_received(self) -> bool:
         return False  # the broker is done: close our side too

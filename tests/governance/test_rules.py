@@ -372,6 +372,9 @@ def test_the_field_equals_topic_level_fast_path_decides_exactly_as_cel(expressio
     assert RuleSet([rule]).evaluate(activation) == by_cel
     always = compile_rule("always", "true")
     assert RuleSet([always, rule, always]).evaluate(activation) == by_cel
+    # The hot path's entry point builds the activation only when CEL is needed: same verdicts.
+    for rules in (RuleSet([rule]), RuleSet([always, rule, always]), RuleSet([rule, compile_rule("never", "false")])):
+        assert rules.evaluate_message(payload, topic, "c", None, "p") == rules.evaluate(activation)
 
 
 def test_expressions_that_only_look_like_the_fast_path_go_to_cel():

@@ -38,6 +38,22 @@ def test_fast_publish_constructor_knows_every_field() -> None:
         "topic", "payload", "qos", "retain", "dup", "packet_id", "properties"]
 
 
+@pytest.mark.parametrize("version", [V311, V5])
+@pytest.mark.parametrize("packet", [
+    Publish("a/b", b"x"),
+    Publish("a/b", b"", qos=1, packet_id=7, retain=True, dup=True),
+    Publish("", b"payload", qos=2, packet_id=65535, properties=Properties(((P.TOPIC_ALIAS, 3),))),
+])
+def test_publish_fields_are_the_decoded_publish_in_field_order(packet: Publish, version: ProtocolVersion) -> None:
+    if version is V311 and packet.properties:
+        pytest.skip("properties are MQTT 5")
+    raw = encode_packet(packet, version)  # short packets: a 2-byte fixed header
+    fields = mqtt.publish_fields(raw[0], raw[2:], version)
+    decoded = mqtt.decode_publish(raw[0], raw[2:], version)
+    assert fields == tuple(getattr(decoded, f.name) for f in dataclasses.fields(Publish))
+    assert mqtt.Publish(*fields) == packet
+
+
 # ---- FrameReader -------------------------------------------------------------------------
 
 def test_frame_fields() -> None:

@@ -8,7 +8,7 @@ from appliance.mqtt import (
     NEED_DATA, Connack, Connect, Decoder, Disconnect, Pingreq, Properties, PropertyId, ProtocolVersion,
     Puback, Pubcomp, Publish, Pubrec, Pubrel, ReasonCode, Will, encode_packet,
 )
-from appliance.pipeline import CountingSink, Message, Pipeline, Reason, Verdict
+from appliance.pipeline import ClientInfo, CountingSink, Message, Pipeline, Reason, Verdict
 from appliance.proxy.commands import (
     CloseBroker, CloseClient, Count, OpenBroker, Pause, Record, SendToBroker, SendToClient,
 )
@@ -455,3 +455,23 @@ def test_connect_and_a_too_large_publish_in_one_segment(version):
     assert t.to_broker() == [] and not t.opened_broker  # the broker never hears of it
     assert t.session.state is State.CLOSED
     assert t.counts == [(Metric.LIMIT_EXCEEDED, "packet_size")]
+
+
+def test_the_fast_message_constructor_knows_every_field():
+    # Session._on_publish builds a Message with tuple.__new__ and every field in order: a new field
+    # must be added there too.
+    assert Message._fields == ("topic", "payload", "qos", "retain", "client", "properties", "is_will",
+                               "received_at", "released_from")
+
+
+def test_a_sink_for_rejections_only_is_not_called_for_accepted_messages():
+    class Rejections(CountingSink):
+        only_rejections = True
+
+    everything, rejections = CountingSink(), Rejections()
+    pipeline = Pipeline([RejectBad()], [everything, rejections])
+    client = ClientInfo("c", None, "p", V5)
+    for payload in (b"ok", b"bad", b"ok"):
+        pipeline.judge(Message("a/b", payload, 0, False, client))
+    assert everything.counts == {"accept": 2, "reject": 1}
+    assert rejections.counts == {"reject": 1}

@@ -65,7 +65,7 @@ def test_notes_come_after_the_client_bytes_and_before_the_close():
 def test_acks_waiting_for_the_log_ask_for_its_commit():
     store = Store()
     t = Transcript(V5, checks=[RejectBad()], durability=store)
-    t.session._pipeline._sinks += (store,)
+    t.session._pipeline.sinks += (store,)
     t.connect()
     t.client(Publish("a/b", b"ok", qos=1, packet_id=1))
     assert t.session.broker_data(encode_packet(Puback(1), V5)) == [AwaitDurable(sync_now=False)]

@@ -19,6 +19,7 @@ class Store:
     def __init__(self) -> None:
         self.last = 0
         self.settled_seq = 0
+        self.last_failed = 0
         self._failed = FailedTickets()
         self.syncs_requested = 0
 
@@ -31,6 +32,7 @@ class Store:
 
     def fail(self, first: int, last: int) -> None:
         self._failed.add(first, last)
+        self.last_failed = max(self.last_failed, last)
         self.settled_seq = max(self.settled_seq, last)
 
     def request_sync(self) -> None:
@@ -39,7 +41,7 @@ class Store:
 
 def transcript(version, store: Store) -> Transcript:  # noqa: ANN001
     t = Transcript(version, checks=[RejectBad()], durability=store)
-    t.session._pipeline._sinks += (store,)
+    t.session._pipeline.sinks += (store,)
     t.connect()
     return t
 
@@ -163,7 +165,7 @@ def test_a_client_clocked_by_our_acks_is_blocked_with_one_message_in_flight():
     whole sync window per message; one that publishes at its own pace batches syncs."""
     store, clock = Store(), FakeClock()
     t = Transcript(V3, checks=[RejectBad()], durability=store, clock=clock)
-    t.session._pipeline._sinks += (store,)
+    t.session._pipeline.sinks += (store,)
     t.connect()
     t.client(Publish("a/b", b"ok", qos=1, packet_id=1))
     assert not t.session.blocked_on_durability  # its own pace, as far as we know

@@ -244,6 +244,35 @@ def test_alias_set_by_a_rejected_message_is_sent_in_full_to_the_broker():
     assert t.to_broker() == [Publish("", b"ok again", properties=alias)]
 
 
+@pytest.mark.parametrize("first_rejected", [False, True])
+def test_alias_only_publish_keeps_qos_flags_packet_id_and_properties(first_rejected: bool) -> None:
+    """QoS 1, DUP and RETAIN on an alias-only PUBLISH: relayed as is when the broker knows the
+    alias; re-encoded with the full topic (session.py) when the message that set it was rejected,
+    and then every field but the topic is the client's."""
+    t = Transcript(V5, [RejectBad()])
+    t.connect()
+    props = Properties(((PropertyId.TOPIC_ALIAS, 1), (PropertyId.CONTENT_TYPE, "application/json")))
+    first = Publish("a/one", b"ok", qos=1, packet_id=1, properties=props)
+    t.client(first)
+    assert t.to_broker() == [first]  # the broker learns alias 1 = a/one
+    if first_rejected:
+        t.client(Publish("a/two", b"bad", qos=1, packet_id=2, properties=props))  # the broker still has a/one
+        assert t.to_broker() == []
+    alias_only = Publish("", b"ok", qos=1, retain=True, dup=True, packet_id=3, properties=props)
+    t.client(alias_only)
+    topic = "a/two" if first_rejected else "a/one"
+    assert [m.topic for m, _ in t.sink.recent][-1] == topic
+    if first_rejected:
+        assert t.to_broker() == [Publish(topic, b"ok", qos=1, retain=True, dup=True, packet_id=3, properties=props)]
+    else:
+        assert t.sent_to_broker == [encode_packet(alias_only, V5)]  # byte for byte
+        assert t.to_broker() == [alias_only]
+    t.broker(Puback(1), Puback(3))
+    acks = t.to_client()
+    assert all(isinstance(ack, Puback) for ack in acks)
+    assert [ack.packet_id for ack in acks] == ([1, 2, 3] if first_rejected else [1, 3])  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(("alias", "code"), [(0, ReasonCode.TOPIC_ALIAS_INVALID), (11, ReasonCode.TOPIC_ALIAS_INVALID), (2, ReasonCode.PROTOCOL_ERROR)])
 def test_bad_topic_alias_is_a_protocol_error(alias, code):
     t = Transcript(V5)

@@ -465,6 +465,9 @@ class Appliance:
         watchdog: asyncio.Task[None] | None = None
         try:
             await self.start()
+            # Collect start-up garbage first: frozen objects are never collected again, so garbage
+            # frozen now would stay for the life of the process.
+            gc.collect()
             gc.freeze()
             sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}")
             if (interval := sdnotify.watchdog_interval()) is not None:

@@ -172,6 +172,30 @@ def test_sessions_end_after_being_idle() -> None:
     assert not session.csrf_ok(None) and not session.csrf_ok("x") and session.csrf_ok(session.csrf)
 
 
+def test_expired_sessions_are_swept_at_login_and_at_lookups() -> None:
+    now = [0.0]
+    sessions = Sessions(600, clock=lambda: now[0])
+    for user in ("gone-1", "gone-2", "gone-3"):  # users who never come back
+        sessions.create(user, Role.VIEWER)
+    now[0] = 601
+    token, _ = sessions.create("back", Role.OPERATOR)  # a login sweeps
+    assert len(sessions) == 1
+    for user in ("gone-4", "gone-5"):
+        sessions.create(user, Role.VIEWER)
+    now[0] = 1202
+    assert sessions.get(token) is None and len(sessions) == 0  # a lookup more than a minute after the last sweep
+    token, session = sessions.create("active", Role.OPERATOR)
+    sessions.create("gone-6", Role.VIEWER)
+    now[0] = 1202 + 601
+    assert sessions.get(None) is None and len(sessions) == 0  # even one without a cookie
+    token, session = sessions.create("active", Role.OPERATOR)
+    sessions.create("gone-7", Role.VIEWER)
+    for _ in range(20):  # an active user keeps coming back: the others' sessions go once idle
+        now[0] += 59
+        assert sessions.get(token) is session
+    assert len(sessions) == 1
+
+
 def test_login_limiter_counts_per_user_and_per_address() -> None:
     now = [0.0]
     limiter = LoginLimiter(3, 60, clock=lambda: now[0])

@@ -142,6 +142,18 @@ def test_a_user_in_both_lists_is_a_config_error(tmp_path: Path) -> None:
         config_with(tmp_path, operators=["a"], viewers=["a"])
 
 
+@pytest.mark.parametrize("identity", ["cn", "san"])
+def test_console_tls_refuses_use_identity_as_username(tmp_path: Path, identity: str) -> None:
+    from appliance.config import ConfigError
+
+    tls = {"cert_file": "c.pem", "key_file": "k.pem", "ca_file": "ca.pem", "require_client_certificate": True}
+    with pytest.raises(ConfigError, match=r"console\.tls\.use_identity_as_username is not supported: the console "
+                       "authenticates with its password file"):
+        config_with(tmp_path, tls={**tls, "use_identity_as_username": identity})
+    config = config_with(tmp_path, tls={**tls, "use_identity_as_username": "none"})
+    assert config.console.tls is not None and config.console.tls.require_client_certificate
+
+
 def test_users_get_their_role_from_the_console_section(tmp_path: Path) -> None:
     passwords = PasswordFile()
     for user in ("op", "view", "other"):

@@ -98,6 +98,26 @@ def test_cookbook_holds_every_query_of_the_docs() -> None:
     assert cookbook.queries() == entries
 
 
+def test_cookbook_is_read_from_package_data_without_a_checkout_or_debian_docs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cookbook, "PLACES", (tmp_path / "docs" / "audit.md", tmp_path / "usr-share-doc" / "audit.md"))
+    cookbook.queries.cache_clear()
+    try:
+        entries = cookbook.queries()  # as in a wheel install: only appliance/console/audit.md
+    finally:
+        cookbook.queries.cache_clear()
+    assert entries and entries == cookbook.parse((ROOT / "docs" / "audit.md").read_text())
+
+
+def test_the_packaged_cookbook_is_the_docs_file_itself() -> None:
+    packaged = ROOT / "appliance" / "console" / cookbook.PACKAGED
+    assert packaged.is_symlink() and packaged.resolve() == (ROOT / "docs" / "audit.md").resolve()  # not a copy
+    import tomllib
+
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert cookbook.PACKAGED in package_data["appliance.console"]
+
+
 def config_with(tmp_path: Path, **console: object) -> Config:
     values: dict[str, object] = {"state_dir": str(tmp_path / "state")}
     for key, value in console.items():

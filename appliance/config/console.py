@@ -21,7 +21,8 @@ class ConsoleConfig(_Section):
         "non-loopback address needs tls and at least one user in operators or viewers.",
     )
     tls: ListenerTLSConfig | None = Field(
-        None, description="Serve the console over HTTPS with these settings (the same keys as a listener's tls).",
+        None, description="Serve the console over HTTPS with these settings (the same keys as a listener's tls, "
+        "except use_identity_as_username).",
     )
     operators: list[str] = Field(
         default_factory=list,
@@ -46,6 +47,14 @@ class ConsoleConfig(_Section):
     )
 
     _listen = field_validator("listen", mode="before")(_address)
+
+    @field_validator("tls")
+    @classmethod
+    def _no_identity_as_username(cls, tls: ListenerTLSConfig | None) -> ListenerTLSConfig | None:
+        if tls is not None and tls.use_identity_as_username != "none":
+            raise ValueError("console.tls.use_identity_as_username is not supported: the console authenticates "
+                             "with its password file")
+        return tls
 
     @model_validator(mode="after")
     def _roles_are_distinct(self) -> ConsoleConfig:

@@ -93,24 +93,41 @@ class Session:
 
 
 class Sessions:
-    """In memory: a restart of the console logs everybody out."""
+    """In memory: a restart of the console logs everybody out. Sessions idle for longer than `idle`
+    are swept at each login and, at most once every SWEEP_EVERY seconds, at a lookup: those of users
+    who never come back do not stay in memory."""
+
+    SWEEP_EVERY = 60.0
 
     def __init__(self, idle: float, *, clock: Callable[[], float] = time.monotonic):
         self._idle = idle
         self._clock = clock
         self._by_token: dict[str, Session] = {}
+        self._swept = clock()
+
+    def __len__(self) -> int:
+        return len(self._by_token)
+
+    def _sweep(self, now: float) -> None:
+        self._swept = now
+        for token in [t for t, s in self._by_token.items() if now - s.last_seen > self._idle]:
+            del self._by_token[token]
 
     def create(self, user: str, role: Role) -> tuple[str, Session]:
+        now = self._clock()
+        self._sweep(now)
         token = secrets.token_urlsafe(32)
-        session = Session(user, role, last_seen=self._clock())
+        session = Session(user, role, last_seen=now)
         self._by_token[token] = session
         return token, session
 
     def get(self, token: str | None) -> Session | None:
+        now = self._clock()
+        if now - self._swept >= self.SWEEP_EVERY:
+            self._sweep(now)
         if not token:
             return None
         session = self._by_token.get(token)
-        now = self._clock()
         if session is None:
             return None
         if now - session.last_seen > self._idle:

@@ -1,9 +1,12 @@
 """The cookbook queries of docs/audit.md (`<!-- cookbook: NAME -->` before a ```sql block), one click
-away on the SQL page. Read from the docs where this checkout or the Debian package keeps them."""
+away on the SQL page. Read from the docs where this checkout or the Debian package keeps them, else
+from the copy a wheel carries as package data (appliance/console/audit.md, a symlink to
+docs/audit.md in the source tree)."""
 
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import re
 from pathlib import Path
 
@@ -11,6 +14,7 @@ PLACES = (
     Path(__file__).resolve().parents[2] / "docs" / "audit.md",  # a checkout
     Path("/usr/share/doc/mqtt-appliance/audit.md"),  # the Debian package
 )
+PACKAGED = "audit.md"  # package data of appliance.console (pyproject.toml)
 _ENTRY = re.compile(r"<!-- cookbook: (?P<name>[\w-]+) -->\n```sql\n(?P<sql>.*?)```", re.DOTALL)
 
 
@@ -27,7 +31,7 @@ def parse(text: str) -> list[tuple[str, str, str]]:
 
 @functools.cache
 def queries() -> list[tuple[str, str, str]]:
-    for place in PLACES:
+    for place in (*PLACES, importlib.resources.files(__package__).joinpath(PACKAGED)):
         try:
             return parse(place.read_text(encoding="utf-8"))
         except OSError:

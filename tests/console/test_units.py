@@ -98,6 +98,26 @@ def test_cookbook_holds_every_query_of_the_docs() -> None:
     assert cookbook.queries() == entries
 
 
+def test_cookbook_is_read_from_package_data_without_a_checkout_or_debian_docs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cookbook, "PLACES", (tmp_path / "docs" / "audit.md", tmp_path / "usr-share-doc" / "audit.md"))
+    cookbook.queries.cache_clear()
+    try:
+        entries = cookbook.queries()  # as in a wheel install: only appliance/console/audit.md
+    finally:
+        cookbook.queries.cache_clear()
+    assert entries and entries == cookbook.parse((ROOT / "docs" / "audit.md").read_text())
+
+
+def test_the_packaged_cookbook_is_the_docs_file_itself() -> None:
+    packaged = ROOT / "appliance" / "console" / cookbook.PACKAGED
+    assert packaged.is_symlink() and packaged.resolve() == (ROOT / "docs" / "audit.md").resolve()  # not a copy
+    import tomllib
+
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert cookbook.PACKAGED in package_data["appliance.console"]
+
+
 def config_with(tmp_path: Path, **console: object) -> Config:
     values: dict[str, object] = {"state_dir": str(tmp_path / "state")}
     for key, value in console.items():
@@ -142,6 +162,18 @@ def test_a_user_in_both_lists_is_a_config_error(tmp_path: Path) -> None:
         config_with(tmp_path, operators=["a"], viewers=["a"])
 
 
+@pytest.mark.parametrize("identity", ["cn", "san"])
+def test_console_tls_refuses_use_identity_as_username(tmp_path: Path, identity: str) -> None:
+    from appliance.config import ConfigError
+
+    tls = {"cert_file": "c.pem", "key_file": "k.pem", "ca_file": "ca.pem", "require_client_certificate": True}
+    with pytest.raises(ConfigError, match=r"console\.tls\.use_identity_as_username is not supported: the console "
+                       "authenticates with its password file"):
+        config_with(tmp_path, tls={**tls, "use_identity_as_username": identity})
+    config = config_with(tmp_path, tls={**tls, "use_identity_as_username": "none"})
+    assert config.console.tls is not None and config.console.tls.require_client_certificate
+
+
 def test_users_get_their_role_from_the_console_section(tmp_path: Path) -> None:
     passwords = PasswordFile()
     for user in ("op", "view", "other"):
@@ -170,6 +202,30 @@ def test_sessions_end_after_being_idle() -> None:
     assert sessions.get(token) is None
     assert sessions.get("forged") is None and sessions.get(None) is None
     assert not session.csrf_ok(None) and not session.csrf_ok("x") and session.csrf_ok(session.csrf)
+
+
+def test_expired_sessions_are_swept_at_login_and_at_lookups() -> None:
+    now = [0.0]
+    sessions = Sessions(600, clock=lambda: now[0])
+    for user in ("gone-1", "gone-2", "gone-3"):  # users who never come back
+        sessions.create(user, Role.VIEWER)
+    now[0] = 601
+    token, _ = sessions.create("back", Role.OPERATOR)  # a login sweeps
+    assert len(sessions) == 1
+    for user in ("gone-4", "gone-5"):
+        sessions.create(user, Role.VIEWER)
+    now[0] = 1202
+    assert sessions.get(token) is None and len(sessions) == 0  # a lookup more than a minute after the last sweep
+    token, session = sessions.create("active", Role.OPERATOR)
+    sessions.create("gone-6", Role.VIEWER)
+    now[0] = 1202 + 601
+    assert sessions.get(None) is None and len(sessions) == 0  # even one without a cookie
+    token, session = sessions.create("active", Role.OPERATOR)
+    sessions.create("gone-7", Role.VIEWER)
+    for _ in range(20):  # an active user keeps coming back: the others' sessions go once idle
+        now[0] += 59
+        assert sessions.get(token) is session
+    assert len(sessions) == 1
 
 
 def test_login_limiter_counts_per_user_and_per_address() -> None:

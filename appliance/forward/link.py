@@ -244,13 +244,7 @@ class Link:
                                             properties if self._v5 else Properties.EMPTY)
         except PacketTooLarge as exc:
             raise TooLarge(str(exc)) from None
-        out = self._out
-        if not out:
-            self._progress_at = time.monotonic()
-        out += data
-        if not pid:
-            self._unwritten.append((self._written + len(out), token))
-        return pid
+        return self._queue(data, pid, token)
 
     def publish_message(self, topic: str, payload: bytes, qos: int, retain: bool, message_id: int,
                         user: tuple[tuple[str, str], ...] = (), token: int = 0) -> int:
@@ -290,6 +284,11 @@ class Link:
         else:
             pid = 0
             data = b"".join((bytes((first,)), remaining, template.topic, properties, payload))
+        return self._queue(data, pid, token)
+
+    def _queue(self, data: bytes, pid: int, token: int) -> int:
+        """Queue an encoded PUBLISH for the next write; a QoS 0 one's `token` is returned by poll()
+        once it is written."""
         out = self._out
         if not out:
             self._progress_at = time.monotonic()

@@ -12,7 +12,7 @@ import pytest
 
 from appliance.audit.records import COMPACT_DECISION
 from appliance.forward import Outbox
-from appliance.msglog import list_segments, read_segment
+from appliance.msglog import SegmentInfo, list_segments, read_segment
 from appliance.msglog.cursor import Cursor
 from appliance.msglog.format import RECORD_HEADER_SIZE, encode_file_header, encode_record
 from appliance.msglog.log import MessageLog, SyncPolicy
@@ -262,9 +262,13 @@ def test_a_cursor_beyond_the_end_of_the_log_is_not_followed(tmp_path: Path):
         again.close()
 
 
-def test_a_segment_rewritten_under_the_outbox_is_indexed_again(tmp_path: Path):
+@pytest.mark.parametrize("read_before", [True, False], ids=["read-for-sending", "indexed-only"])
+def test_a_segment_rewritten_under_the_outbox_is_indexed_again(tmp_path: Path, read_before: bool):
     """Something rewrote a sealed segment the outbox still needs (e.g. a purge dropping a record):
-    the stale offsets are noticed on the next read and the log is indexed again from the cursor."""
+    the stale offsets are noticed on the next read and the log is indexed again from the cursor.
+    Also when the removed message was only indexed, not yet read for sending: the bodies the last
+    look at the log found are kept in memory until sent (with the uplink down, for hours), and the
+    forwarder must not send the bytes a purge removed meanwhile."""
     with harness(tmp_path) as h:
         msgs = [h.row("s", i) for i in range(30)]
         h.add(msgs)
@@ -273,35 +277,11 @@ def test_a_segment_rewritten_under_the_outbox_is_indexed_again(tmp_path: Path):
         rows = outbox.next_batch(0, 5)
         outbox.acknowledge(r.seq for r in rows)
         (segment,) = [info for info in list_segments(h.log_dir) if info.first_seq <= rows[0].seq][-1:]
-        eleventh = outbox.next_batch(0, 6)[5].seq
-        kept = [r for r in read_segment(segment.path) if r.seq != eleventh]
-        replacement = segment.path.with_suffix(".new")
-        replacement.write_bytes(encode_file_header(segment.first_seq) + b"".join(encode_record(*r) for r in kept))
-        os.replace(replacement, segment.path)
-        again = outbox.next_batch(0, 100)
-        assert [r.payload for r in again] == [m.payload for m in msgs[5:] if m.payload != b"s:10"]
-        assert outbox.depth().messages == 24
-        outbox.close()
-
-
-def test_a_segment_rewritten_under_messages_indexed_but_not_yet_read_is_indexed_again(tmp_path: Path):
-    """The messages the last look at the log indexed are kept in memory until they are read for
-    sending (with the uplink down, for hours): a purge rewriting their segment meanwhile must not
-    let the forwarder send the bytes it removed."""
-    with harness(tmp_path) as h:
-        msgs = [h.row("s", i) for i in range(30)]
-        h.add(msgs)
-        h.log.seal()
-        outbox = h.make_outbox()
-        rows = outbox.next_batch(0, 5)
-        outbox.acknowledge(r.seq for r in rows)
-        (segment,) = [info for info in list_segments(h.log_dir) if info.first_seq <= rows[0].seq][-1:]
-        records = list(read_segment(segment.path))
-        removed = [r for r in records if r.seq > rows[-1].seq][5].seq  # "s:10", not read for sending yet
-        kept = [r for r in records if r.seq != removed]
-        replacement = segment.path.with_suffix(".new")
-        replacement.write_bytes(encode_file_header(segment.first_seq) + b"".join(encode_record(*r) for r in kept))
-        os.replace(replacement, segment.path)
+        if read_before:
+            removed = outbox.next_batch(0, 6)[5].seq
+        else:
+            removed = [r for r in read_segment(segment.path) if r.seq > rows[-1].seq][5].seq
+        _rewrite_without(segment, removed)  # "s:10"
         again = outbox.next_batch(0, 100)
         assert [r.payload for r in again] == [m.payload for m in msgs[5:] if m.payload != b"s:10"]
         assert outbox.depth().messages == 24
@@ -324,14 +304,19 @@ def test_a_rewrite_of_any_segment_of_a_batch_read_from_memory_is_noticed(tmp_pat
         assert first.first_seq < second.first_seq
         records = list(read_segment(second.path))
         removed = records[5].seq  # "s:20"
-        kept = [r for r in records if r.seq != removed]
-        replacement = second.path.with_suffix(".new")
-        replacement.write_bytes(encode_file_header(second.first_seq) + b"".join(encode_record(*r) for r in kept))
-        os.replace(replacement, second.path)
+        _rewrite_without(second, removed)
         again = outbox.next_batch(0, 100)
         assert [r.payload for r in again] == [m.payload for m in msgs[5:] if m.payload != b"s:20"]
         assert outbox.depth().messages == 24
         outbox.close()
+
+
+def _rewrite_without(segment: SegmentInfo, seq: int) -> None:
+    """Rewrite a segment without one record, as a purge does (a new file renamed over it)."""
+    kept = [r for r in read_segment(segment.path) if r.seq != seq]
+    replacement = segment.path.with_suffix(".new")
+    replacement.write_bytes(encode_file_header(segment.first_seq) + b"".join(encode_record(*r) for r in kept))
+    os.replace(replacement, segment.path)
 
 
 def _kept_in_memory(outbox: Outbox) -> list[int]:

@@ -72,6 +72,7 @@ mkdir -p "$root/usr/bin"
 ln -s "$venv/bin/appliance" "$root/usr/bin/appliance"
 ln -s "$venv/bin/replay" "$root/usr/bin/replay"
 install -D -m 0644 -t "$root/usr/share/doc/mqtt-appliance" docs/*.md README.md
+install -D -m 0644 -t "$root/usr/share/doc/mqtt-appliance/console" docs/console/*.png  # console.md's screenshots
 install -D -m 0644 -t "$root/usr/share/doc/mqtt-appliance/deploy" docs/deploy/grafana-dashboard.json docs/deploy/prometheus-alerts.yml
 printf 'mqtt-appliance\nLicense: Apache-2.0\nBundled Python packages: see %s/lib/python3.11/site-packages/*.dist-info\n' "$venv" \
   >"$root/usr/share/doc/mqtt-appliance/copyright"

@@ -32,6 +32,12 @@ port=$(free_port) mport=$(free_port)
 sed -i -e "s/^listen: .*/listen: 127.0.0.1:$port/" -e "s/^  listen: [^ ]*/  listen: 127.0.0.1:$mport/" "$conf"
 grep -q "^listen: 127.0.0.1:$port" "$conf" && grep -q "listen: 127.0.0.1:$mport" "$conf" || fail "could not edit $conf"
 
+step "the installed docs: every image console.md shows is there"
+docs=/usr/share/doc/mqtt-appliance
+images=$(grep -o '](console/[^)]*\.png)' "$docs/console.md" | sed 's/^](//; s/)$//')
+[ -n "$images" ] || fail "console.md shows no screenshot"
+for image in $images; do [ -s "$docs/$image" ] || fail "$docs/$image is missing"; done
+
 step "appliance check on the demo schema set"
 appliance check --config "$conf" | tee /dev/stderr | grep -q "schema set v1 (/etc/mqtt-appliance/schemas): ok" \
   || fail "appliance check"

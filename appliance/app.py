@@ -8,8 +8,8 @@ returns the process exit code.
 from __future__ import annotations
 
 import asyncio
-import gc
 import dataclasses
+import gc
 import hashlib
 import logging
 import resource

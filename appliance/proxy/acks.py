@@ -141,11 +141,6 @@ class AckOrder:
         return WAIT_FOR_COMMIT if queue[0][1] is not None else 0
 
     @property
-    def awaiting_durability(self) -> bool:
-        """An entry waits for a record that is not settled yet (whether or not its broker ack came)."""
-        return bool(self.entries) and self._last_seq > self._settled_seq()
-
-    @property
     def waiting_for_durability(self) -> bool:
         """The head is ready but for its record's commit: release() after the next commit."""
         return bool(self.entries) and self.entries[0][1] is not None

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -107,31 +108,34 @@ def test_wrong_password_and_unlisted_user_are_refused(running: Setup, tmp_path: 
     assert browser.cookies == {}
 
 
-def test_login_is_rate_limited(running: Setup) -> None:
-    # A console of its own (on the same appliance): the limit also counts per client address, and
-    # every test here comes from 127.0.0.1.
+@contextlib.contextmanager
+def second_console(running: Setup) -> Iterator[int]:
+    """A console of its own on the same appliance (its login limits start empty); yields its port."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "console", "--config", str(running.config),
                              "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: can_connect(port), message="second console")
+        yield port
+    finally:
+        stop(proc)  # type: ignore[arg-type]
+
+
+def test_login_is_rate_limited(running: Setup) -> None:
+    # A console of its own (on the same appliance): the limit also counts per client address, and
+    # every test here comes from 127.0.0.1.
+    with second_console(running) as port:
         browser = Browser(port)
         codes = [browser.login(VIEWER, f"wrong-{i}") for i in range(6)]
         assert codes[:5] == [401] * 5 and codes[5] == 429
         assert browser.login(VIEWER, VIEWER_PASSWORD) == 429  # even the right password, until the window passes
         assert browser.login(OPERATOR, OPERATOR_PASSWORD) == 429  # the address is limited too
-    finally:
-        stop(proc)  # type: ignore[arg-type]
 
 
 def test_concurrent_wrong_logins_get_at_most_the_limit(running: Setup) -> None:
     # Logins that arrive together all wait for the password check at once: each must count before
     # it is checked, or all of them pass the limit's test before the first failure is recorded.
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "console", "--config", str(running.config),
-                             "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: can_connect(port), message="second console")
+    with second_console(running) as port:
         barrier = threading.Barrier(24)
 
         def attempt(i: int) -> int:
@@ -144,8 +148,6 @@ def test_concurrent_wrong_logins_get_at_most_the_limit(running: Setup) -> None:
         assert codes.count(401) <= 5, codes  # console.login_attempts: 5 by default
         assert codes.count(429) >= 19, codes
         assert Browser(port).login(VIEWER, VIEWER_PASSWORD) == 429
-    finally:
-        stop(proc)  # type: ignore[arg-type]
 
 
 def raw_post(port: int, head: str, body: bytes) -> bytes:

@@ -89,7 +89,8 @@ class AuditOperations:
         untried = [str(row["id"]) for row in rows[len(results):]]
         released = [r["id"] for r in results if r.get("released")]
         if released or error is not None:
-            detail = dict(request.get("detail") or {})
+            # The asker's own words (e.g. the console user), never the outcome or who asked.
+            detail = {k: v for k, v in dict(request.get("detail") or {}).items() if k not in _RELEASE_OUTCOME}
             detail["ids"] = released
             if error is not None:
                 detail.update(failed=[r["id"] for r in results if "error" in r], not_attempted=untried, error=error)
@@ -117,6 +118,9 @@ class AuditOperations:
             raise OperationRefused("the broker is not running; try again once it is")
         await publish_once(endpoint, message)
         return {"id": str(decision_id), "released": True, "new_id": str(new_id)}
+
+
+_RELEASE_OUTCOME = frozenset({"ids", "failed", "not_attempted", "error", "by"})
 
 
 def _broker_failure(exc: BaseException) -> str:

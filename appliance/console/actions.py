@@ -1,7 +1,10 @@
 """What an operator does in the console, as `appliance quarantine release/purge` does it, and a
-reload (the admin socket's `reload`, as SIGHUP does): through the running appliance (it re-judges and publishes released messages, seals its active segment
-before a purge rewrites it, and writes the audit event). Each action's event names the console user
-(`console_user`); `by` is the process that asked, from the admin socket's peer credentials.
+reload (the admin socket's `reload`, as SIGHUP does): through the running appliance (it re-judges
+and publishes released messages and records that as one event, whatever part of the batch it got
+through; it seals its active segment before a purge rewrites it, and writes the audit events). Each
+action's event names the console user (`console_user`); `by` is the process that asked, from the
+admin socket's peer credentials. A purge that could not rewrite every file is recorded all the same
+(`failed`, `error`), and the page says what is left.
 
 Blocking (admin socket, DuckDB, file rewrites): called in worker threads.
 """

@@ -71,7 +71,7 @@ def test_a_broker_stopped_mid_release_leaves_an_event_of_what_was_released(tmp_p
             messages = [row(101, "release/a", b"first"), row(102, "release/b", b"second"),
                         row(103, "release/c", b"third")]
             answer = running.call(operations.quarantine_release(
-                {"messages": messages, "detail": {"console_user": "olga", "via": "console"},
+                {"messages": messages, "detail": {"console_user": "olga", "via": "console", "ids": ["spoofed"]},
                  "_peer": {"user": "tester", "uid": 0, "pid": 1}}))
             assert asked == 2
         subscriber.disconnect()

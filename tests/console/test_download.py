@@ -4,8 +4,10 @@ had in memory), the row limit holds, and the console's peak memory does not grow
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import urllib.parse
+import zlib
 from pathlib import Path
 
 import duckdb
@@ -22,12 +24,14 @@ def viewer(setup: Setup) -> Browser:
     return browser
 
 
-def download(browser: Browser, sql: str, fmt: str) -> tuple[int, dict[str, str], list[bytes]]:
-    """GET /sql/download over a plain socket: status, headers and the body's HTTP chunks as sent."""
+def download(browser: Browser, sql: str, fmt: str, *, gzip: bool = False) -> tuple[int, dict[str, str], list[bytes]]:
+    """GET /sql/download over a plain socket: status, headers and the body's HTTP chunks as sent
+    (`gzip`: accepting gzip, as browsers do)."""
     path = f"/sql/download?format={fmt}&q={urllib.parse.quote(sql)}"
     cookie = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+    accept = "Accept-Encoding: gzip\r\n" if gzip else ""
     with socket.create_connection(("127.0.0.1", browser.port), timeout=300) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{browser.port}\r\nCookie: {cookie}\r\n"
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{browser.port}\r\nCookie: {cookie}\r\n{accept}"
                      "Connection: close\r\n\r\n".encode())
         stream = sock.makefile("rb")
         status = int(stream.readline().split()[1])
@@ -64,6 +68,17 @@ def test_a_csv_download_of_many_pieces_is_whole_and_in_order(running: Setup) -> 
     assert b"".join(chunks).decode() == expected
     assert len(chunks) >= len(expected) // (2 * CHUNK_BYTES)
     assert max(len(c) for c in chunks) <= 2 * CHUNK_BYTES  # one step's rows at a time
+
+
+def test_a_browser_gets_the_csv_gzipped_as_it_is_streamed(running: Setup) -> None:
+    browser = viewer(running)
+    rows = 200_000
+    status, headers, chunks = download(browser, f"SELECT i AS n, md5(i::VARCHAR) AS d FROM range({rows}) t(i)", "csv",
+                                       gzip=True)
+    assert status == 200 and headers.get("content-encoding") == "gzip"
+    text = zlib.decompress(b"".join(chunks), wbits=31).decode()
+    assert text == "n,d\n" + "".join(f"{i},{hashlib.md5(str(i).encode()).hexdigest()}\n" for i in range(rows))
+    assert len(chunks) > 5  # compressed piece by piece, not once at the end
 
 
 def test_the_row_limit_holds_and_the_peak_memory_does_not_grow_with_the_result(running: Setup) -> None:

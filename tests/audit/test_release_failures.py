@@ -5,6 +5,9 @@ releases, a file that cannot be replaced (a directory squatting on its temp name
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,17 +16,20 @@ from typing import Any
 
 import pytest
 
+from appliance import admin
 from appliance.audit.layout import temp_name
 from appliance.audit.operations import AuditOperations
 from appliance.audit.purge import PurgeIncomplete, purge_quarantine
 from appliance.audit.query import AuditQuery
-from appliance.broker import BrokerEndpoint, render_mosquitto_conf
+from appliance.broker import BrokerEndpoint, EmbeddedBroker, render_mosquitto_conf
 from appliance.msglog.reader import list_segments
 from tests.audit.factory import TOPIC_REASON, decision, epoch
 from tests.conftest import make_config
+from tests.governance.payloads import temperature
 from tests.helpers import Client, RunningAppliance
 from tests.processes import free_port, mosquitto_process
 
+REPO = Path(__file__).resolve().parents[2]
 T0 = epoch("2026-11-27T10:00:00")
 P1, P3, P4 = b"secret-one", b"secret-three-payload", b"secret-four-payload-is-thirty!"
 
@@ -36,6 +42,10 @@ def events(state: Path, kind: str) -> list[dict[str, Any]]:
     with AuditQuery(state) as query:
         rows = query.query(f"SELECT detail FROM events WHERE kind = '{kind}' ORDER BY id").rows
     return [json.loads(r[0]) if isinstance(r[0], str) else r[0] for r in rows]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, timeout=120)
 
 
 def row(decision_id: int, topic: str, payload: bytes) -> dict[str, Any]:
@@ -165,3 +175,38 @@ def test_the_cli_purge_records_a_partial_purge_and_exits_1(held: Path) -> None:
     detail, = events(held, "quarantine_purged")
     assert detail["ids"] == ["1", "3", "4"] and detail["purged"] == 2 and detail["failed"] == ["3"]
     assert "could not be rewritten" in detail["error"] and detail["by"]["user"]
+
+
+def test_the_cli_says_what_a_release_did_not_do_and_exits_1(tmp_path: Path) -> None:
+    """`appliance quarantine release` while the appliance's own mosquitto is stopped (SIGSTOP: it
+    takes connections in the kernel and answers nothing): the CLI names the message not released
+    and why, exits 1, the message stays quarantined, and the appliance recorded the attempt."""
+    schemas = tmp_path / "schemas"
+    shutil.copytree(REPO / "schemas" / "v1", schemas)
+    state = tmp_path / "state"
+    running = RunningAppliance(make_config(state, schemas=str(schemas))).start()
+    try:
+        publisher = Client(running.port, version=5).connect()
+        publisher.publish("sensor/t1/temperature", temperature(temperature=150), qos=1)  # above the v1 maximum
+        publisher.disconnect()
+        listing = cli("quarantine", "list", "--state-dir", str(state), "--format", "json")
+        [entry] = json.loads(listing.stdout)["rows"]
+        path = schemas / "temperature.json"
+        path.write_text(path.read_text().replace('"maximum": 125', '"maximum": 200'))
+        assert admin.call(state, "reload", timeout=60)["reloaded"]  # the set in force now accepts it
+        broker = running.app.broker
+        assert isinstance(broker, EmbeddedBroker) and broker.pid is not None
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            released = cli("quarantine", "release", str(entry["id"]), "--state-dir", str(state))
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        assert released.returncode == 1, released.stdout + released.stderr
+        assert f"{entry['id']}: not released: " in released.stderr and "did not answer in time" in released.stderr
+        assert "released (new verdict" not in released.stdout
+        detail, = events(state, "quarantine_released")
+        assert detail["ids"] == [] and detail["failed"] == [str(entry["id"])] and detail["not_attempted"] == []
+        rows = json.loads(cli("quarantine", "list", "--state-dir", str(state), "--format", "json").stdout)["rows"]
+        assert [row["id"] for row in rows] == [entry["id"]]
+    finally:
+        running.stop()

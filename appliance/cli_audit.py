@@ -398,7 +398,7 @@ def quarantine_purge(decision_ids: tuple[str, ...], purge_all: bool, yes: bool, 
             else:
                 _append_event(target, EventKind.QUARANTINE_PURGED, detail)
     if isinstance(count, PurgeIncomplete):
-        raise click.ClickException(f"not purged: {', '.join(str(i) for i in sorted(count.kept))}: {count}")
+        raise click.ClickException(f"not purged: {count.not_purged()}: {count}")
     click.echo(f"purged {count} message(s)")
     for decision_id in missing:
         click.echo(f"{decision_id}: no quarantined message with this id", err=True)

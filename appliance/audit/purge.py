@@ -41,8 +41,12 @@ class PurgeIncomplete(AuditError):
         self.kept = kept
         self.failures = tuple(failures)
         files = "; ".join(f"{path.name}: {error}" for path, error in self.failures)
-        super().__init__(f"{len(kept)} payload(s) could not be removed ({len(self.failures)} file(s) could not be "
-                         f"rewritten: {files}); {len(purged)} purged")
+        super().__init__(f"{len(self.failures)} file(s) could not be rewritten ({files}): {len(kept)} payload(s) "
+                         f"are still on disk; {len(purged)} purged")
+
+    def not_purged(self) -> str:
+        """The ids still held, for a message ("unknown" when a file could not even be read)."""
+        return ", ".join(str(i) for i in sorted(self.kept)) or "unknown (a file could not be read)"
 
 
 def event_detail(ids: Sequence[int] | None, outcome: int | PurgeIncomplete) -> dict[str, Any]:
@@ -91,8 +95,9 @@ def purge_quarantine(state_dir: Path, ids: Sequence[int] | None, *,
         try:
             for path in files_with_rows(con, [f.path for f in layout.files("decisions")], held):
                 source = f"read_parquet({sql_string(path)}, hive_partitioning = false)"
-                in_file = {int(r[0]) for r in con.execute(f"SELECT id FROM {source} WHERE {held}").fetchall()}
+                in_file: set[int] = set()
                 try:
+                    in_file.update(int(r[0]) for r in con.execute(f"SELECT id FROM {source} WHERE {held}").fetchall())
                     drop_payloads_in_file(con, path, held)
                 except (OSError, duckdb.Error) as exc:
                     log.error("purge: %s could not be rewritten: %s", path, exc)
@@ -113,6 +118,9 @@ def purge_quarantine(state_dir: Path, ids: Sequence[int] | None, *,
                 log.error("purge: %s", exc)
                 kept |= exc.ids
                 failures.append((info.path, str(exc.__cause__ or exc)))
+            except OSError as exc:  # could not even be read: which ids it holds is unknown
+                log.error("purge: %s could not be read: %s", info.path, exc)
+                failures.append((info.path, f"could not be read: {exc}"))
     if failures:
         raise PurgeIncomplete(frozenset(purged - kept), frozenset(kept), failures)
     return len(purged)

@@ -159,7 +159,7 @@ def _purge(state_dir: Path, store: Store, ids: list[int], user: str) -> Outcome:
     _record_purge(state_dir, present, result, user, outcome)
     if isinstance(result, PurgeIncomplete):
         outcome.done.append(f"purged {len(result.purged)} message(s)")
-        outcome.problems.append(f"not purged: {', '.join(str(i) for i in sorted(result.kept))}: {result}")
+        outcome.problems.append(f"not purged: {result.not_purged()}: {result}")
     else:
         outcome.done.append(f"purged {result} message(s)")
     return outcome

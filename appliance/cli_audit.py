@@ -295,7 +295,8 @@ def _held(target: Path, ids: list[int]) -> dict[int, dict[str, Any]]:
 def quarantine_release(decision_ids: tuple[str, ...], config_path: Path | None, state_dir: Path | None) -> None:
     """Judge messages again with the schema set in force; publish those that now pass (and drop
     them from the quarantine)."""
-    from appliance.audit.purge import purge_quarantine
+    from appliance.audit.purge import PurgeIncomplete, event_detail, purge_quarantine
+    from appliance.audit.errors import AuditError
 
     target = _state_dir(config_path, state_dir)
     ids = [_parse_id(value) for value in decision_ids]
@@ -311,23 +312,41 @@ def quarantine_release(decision_ids: tuple[str, ...], config_path: Path | None, 
         messages.append({key: row[key] for key in ("id", "client_id", "username", "peer", "mqtt_version", "topic", "qos", "retain")}
                         | {"payload": bytes(row["payload"]).hex(), "id": str(decision_id)})
     if messages:
+        # The appliance records the quarantine_released event itself, whatever part it got through.
         try:
             answer = admin.call(target, "quarantine_release", messages=messages)
         except admin.AdminUnavailable as exc:
             raise click.ClickException(f"{exc}: releasing publishes through the running appliance") from exc
         except admin.AdminError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # no answer in time: it may still be publishing
+            raise click.ClickException(f"the appliance did not answer ({exc}): the quarantine_released event in "
+                                       "the audit log says what it released") from exc
         released = []
         for result in answer["results"]:
             if result.get("released"):
                 released.append(int(result["id"]))
                 click.echo(f"{result['id']}: released (new verdict {result['new_id']})")
+            elif "error" in result:
+                failed = True
+                click.echo(f"{result['id']}: not released: {result['error']}", err=True)
             else:
                 failed = True
                 click.echo(f"{result['id']}: still rejected: {'; '.join(result.get('reasons', []))}")
+        for decision_id in answer.get("not_attempted", []):
+            failed = True
+            click.echo(f"{decision_id}: not tried (the release stopped at the failure above)", err=True)
         if released:
-            purge_quarantine(target, released, seal=lambda: admin.call(target, "audit_seal"))
-            _record_event(target, EventKind.QUARANTINE_RELEASED, {"ids": [str(i) for i in released], "by": {"user": _who()}})
+            try:
+                purge_quarantine(target, released, seal=lambda: admin.call(target, "audit_seal"))
+            except PurgeIncomplete as exc:
+                _record_event(target, EventKind.QUARANTINE_PURGED,
+                              event_detail(released, exc) | {"after_release": True, "by": {"user": _who()}})
+                raise click.ClickException(f"released, but {len(exc.kept)} still held in the quarantine (releasing "
+                                           f"them again publishes them again): {exc}") from exc
+            except (admin.AdminError, AuditError) as exc:
+                raise click.ClickException(f"released, but still held in the quarantine (releasing them again "
+                                           f"publishes them again): {exc}") from exc
     if failed:
         raise SystemExit(1)
 
@@ -340,8 +359,8 @@ def quarantine_release(decision_ids: tuple[str, ...], config_path: Path | None, 
 def quarantine_purge(decision_ids: tuple[str, ...], purge_all: bool, yes: bool, config_path: Path | None,
                      state_dir: Path | None) -> None:
     """Remove quarantined payloads from disk (the verdicts stay in the audit log). Recorded as a
-    `quarantine_purged` event with the user who did it."""
-    from appliance.audit.purge import purge_quarantine
+    `quarantine_purged` event with the user who did it, also when some could not be removed."""
+    from appliance.audit.purge import PurgeIncomplete, event_detail, purge_quarantine
 
     if not decision_ids and not purge_all:
         raise click.UsageError("name message ids, or --all")
@@ -360,15 +379,17 @@ def quarantine_purge(decision_ids: tuple[str, ...], purge_all: bool, yes: bool, 
     def seal() -> object:
         return admin.call(target, "audit_seal")
 
-    detail: dict[str, Any] = {"ids": "all" if ids is None else [str(i) for i in ids], "by": {"user": _who()}}
-    count = 0
+    count: int | PurgeIncomplete = 0
     # While purging, either the appliance runs (it seals its active segment first, and writes the
     # event), or nobody may start one: purging a stopped appliance's newest segment rewrites it.
     with _exclusive_or_running(target) as running:
         if ids is None or ids:
-            count = purge_quarantine(target, ids, seal=seal if running else None)
+            try:
+                count = purge_quarantine(target, ids, seal=seal if running else None)
+            except PurgeIncomplete as exc:
+                count = exc
         if count or ids is None:
-            detail["purged"] = count
+            detail = event_detail(ids, count) | {"by": {"user": _who()}}
             if running:
                 try:
                     admin.call(target, "audit_event", kind=EventKind.QUARANTINE_PURGED, detail=detail)
@@ -376,6 +397,8 @@ def quarantine_purge(decision_ids: tuple[str, ...], purge_all: bool, yes: bool, 
                     raise click.ClickException(str(exc)) from exc
             else:
                 _append_event(target, EventKind.QUARANTINE_PURGED, detail)
+    if isinstance(count, PurgeIncomplete):
+        raise click.ClickException(f"not purged: {count.not_purged()}: {count}")
     click.echo(f"purged {count} message(s)")
     for decision_id in missing:
         click.echo(f"{decision_id}: no quarantined message with this id", err=True)

@@ -71,11 +71,9 @@ install -d -m 0700 "$root/etc/mqtt-appliance/credentials"
 mkdir -p "$root/usr/bin"
 ln -s "$venv/bin/appliance" "$root/usr/bin/appliance"
 ln -s "$venv/bin/replay" "$root/usr/bin/replay"
-install -D -m 0644 -t "$root/usr/share/doc/mqtt-appliance" docs/*.md README.md
-install -D -m 0644 -t "$root/usr/share/doc/mqtt-appliance/console" docs/console/*.png  # console.md's screenshots
-install -D -m 0644 -t "$root/usr/share/doc/mqtt-appliance/deploy" docs/deploy/grafana-dashboard.json docs/deploy/prometheus-alerts.yml
-printf 'mqtt-appliance\nLicense: Apache-2.0\nBundled Python packages: see %s/lib/python3.11/site-packages/*.dist-info\n' "$venv" \
-  >"$root/usr/share/doc/mqtt-appliance/copyright"
+packaging/install-docs.sh "$root" "$venv"  # audit.md once: the docs' copy links to the console's
+[ -f "$site/appliance/console/audit.md" ] && [ ! -L "$site/appliance/console/audit.md" ] \
+  || { echo "the wheel carries no appliance/console/audit.md (the docs' audit.md links to it)" >&2; exit 1; }
 mkdir -p "$root/usr/share/mqtt-appliance/schemas"
 cp -r schemas/v1 schemas/v2 "$root/usr/share/mqtt-appliance/schemas/"
 install -D -m 0644 packaging/debian/mosquitto_collision.py "$root/usr/lib/mqtt-appliance/mosquitto_collision.py"

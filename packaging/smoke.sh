@@ -37,6 +37,12 @@ docs=/usr/share/doc/mqtt-appliance
 images=$(grep -o '](console/[^)]*\.png)' "$docs/console.md" | sed 's/^](//; s/)$//')
 [ -n "$images" ] || fail "console.md shows no screenshot"
 for image in $images; do [ -s "$docs/$image" ] || fail "$docs/$image is missing"; done
+# audit.md once: a link to the console's package-data copy (its SQL cookbook), which must resolve.
+[ -L "$docs/audit.md" ] && [ -s "$docs/audit.md" ] || fail "$docs/audit.md is not a working link to the console's copy"
+[ "$(find /opt/mqtt-appliance /usr/share/doc/mqtt-appliance -name audit.md -type f | wc -l)" = 1 ] \
+  || fail "audit.md is installed more than once"
+/opt/mqtt-appliance/venv/bin/python3 -c 'from appliance.console import cookbook; assert cookbook.queries()' \
+  || fail "the console's cookbook is empty"
 
 step "appliance check on the demo schema set"
 appliance check --config "$conf" | tee /dev/stderr | grep -q "schema set v1 (/etc/mqtt-appliance/schemas): ok" \

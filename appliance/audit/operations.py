@@ -70,10 +70,38 @@ class AuditOperations:
 
     async def quarantine_release(self, request: dict[str, Any]) -> dict[str, Any]:
         """Judge each message again with the schema set in force; publish the ones that pass. The
-        CLI read them from the audit log: `messages` holds their rows (payload in hex)."""
-        results = [await self._release(row) for row in request["messages"]]
-        await self._service.sync()
-        return {"results": results}
+        CLI read them from the audit log: `messages` holds their rows (payload in hex).
+
+        The first message the broker does not take (down, refusing, no answer) ends the batch: the
+        rest are not tried. Whatever was done is recorded here, as one `quarantine_released` event
+        (released, failed and untried ids, the error, `detail` from the asker and who asked), in
+        the process that published: a released message is recorded even if the asker is gone."""
+        rows = list(request["messages"])
+        results: list[dict[str, Any]] = []
+        error = None
+        for row in rows:
+            try:
+                results.append(await self._release(row))
+            except (OSError, TimeoutError, OperationRefused) as exc:
+                error = f"{row['id']}: {_broker_failure(exc)}"
+                results.append({"id": str(row["id"]), "released": False, "error": error})
+                break
+        untried = [str(row["id"]) for row in rows[len(results):]]
+        released = [r["id"] for r in results if r.get("released")]
+        if released or error is not None:
+            # The asker's own words (e.g. the console user), never the outcome or who asked.
+            detail = {k: v for k, v in dict(request.get("detail") or {}).items() if k not in _RELEASE_OUTCOME}
+            detail["ids"] = released
+            if error is not None:
+                detail.update(failed=[r["id"] for r in results if "error" in r], not_attempted=untried, error=error)
+            if request.get("_peer"):
+                detail["by"] = request["_peer"]
+            self._service.record_event(EventKind.QUARANTINE_RELEASED, detail)
+        try:
+            await self._service.sync()
+        except TimeoutError:
+            error = (f"{error}; " if error else "") + "the message log has not written for 30 s: see the appliance's log"
+        return {"results": results, "not_attempted": untried, "error": error}
 
     async def _release(self, row: dict[str, Any]) -> dict[str, Any]:
         decision_id = int(row["id"])
@@ -90,6 +118,18 @@ class AuditOperations:
             raise OperationRefused("the broker is not running; try again once it is")
         await publish_once(endpoint, message)
         return {"id": str(decision_id), "released": True, "new_id": str(new_id)}
+
+
+_RELEASE_OUTCOME = frozenset({"ids", "failed", "not_attempted", "error", "by"})
+
+
+def _broker_failure(exc: BaseException) -> str:
+    if isinstance(exc, OperationRefused):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return "the broker did not answer in time (the message may or may not have reached it)"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"the connection to the broker failed ({reason}): not confirmed by the broker"
 
 
 async def publish_once(endpoint: BrokerEndpoint, message: Message, *, timeout: float = 10.0) -> None:

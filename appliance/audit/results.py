@@ -86,12 +86,16 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def csv_cells(row: tuple[Any, ...]) -> list[str]:
+    """One row's CSV cells (NULL empty), as the csv format writes them."""
+    return ["" if value is None else _text(value) for value in row]
+
+
 def _csv(result: QueryResult) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(result.columns)
-    for row in result.rows:
-        writer.writerow(["" if value is None else _text(value) for value in row])
+    writer.writerows(csv_cells(row) for row in result.rows)
     return out.getvalue()
 
 

@@ -8,6 +8,7 @@ Callers hold `Layout.maintenance()` so the seal helper does not convert a segmen
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -104,16 +105,33 @@ def drop_payloads_in_segment(path: Path, match: Match) -> set[int]:
         parts.append(encode_record(record.seq, record.kind, body))
     if not changed:
         return changed
-    with open(path, "rb") as f:
-        f.seek(scan.end_offset)
-        rest = f.read()
     tmp = temp_name(path)
-    with open(tmp, "wb") as out:
-        out.write(encode_file_header(scan.first_seq))
-        out.writelines(parts)
-        out.write(rest)
-    if not path.exists():  # removed meanwhile (the log's own retention): do not bring it back
-        tmp.unlink()
-        return set()
-    publish(tmp, path)
+    try:
+        with open(path, "rb") as f:
+            f.seek(scan.end_offset)
+            rest = f.read()
+        with open(tmp, "wb") as out:
+            out.write(encode_file_header(scan.first_seq))
+            out.writelines(parts)
+            out.write(rest)
+        if not path.exists():  # removed meanwhile (the log's own retention): do not bring it back
+            tmp.unlink()
+            return set()
+        publish(tmp, path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            if tmp.is_file():
+                tmp.unlink()
+        raise RewriteFailed(path, frozenset(changed), exc) from exc
     return changed
+
+
+class RewriteFailed(OSError):
+    """A file could not be rewritten: it still holds the payloads of `ids`."""
+
+    def __init__(self, path: Path, ids: frozenset[int], cause: BaseException):
+        super().__init__(f"{path}: {cause}")
+        self.path = path
+        self.ids = ids

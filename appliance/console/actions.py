@@ -1,7 +1,10 @@
 """What an operator does in the console, as `appliance quarantine release/purge` does it, and a
-reload (the admin socket's `reload`, as SIGHUP does): through the running appliance (it re-judges and publishes released messages, seals its active segment
-before a purge rewrites it, and writes the audit event). Each action's event names the console user
-(`console_user`); `by` is the process that asked, from the admin socket's peer credentials.
+reload (the admin socket's `reload`, as SIGHUP does): through the running appliance (it re-judges
+and publishes released messages and records that as one event, whatever part of the batch it got
+through; it seals its active segment before a purge rewrites it, and writes the audit events). Each
+action's event names the console user (`console_user`); `by` is the process that asked, from the
+admin socket's peer credentials. A purge that could not rewrite every file is recorded all the same
+(`failed`, `error`), and the page says what is left.
 
 Blocking (admin socket, DuckDB, file rewrites): called in worker threads.
 """
@@ -13,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance import admin
-from appliance.audit.purge import purge_quarantine
+from appliance.audit.errors import AuditError
+from appliance.audit.purge import PurgeIncomplete, event_detail, purge_quarantine
 from appliance.console.store import Store
 from appliance.names import EventKind
 
@@ -30,7 +34,7 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
 
 
-def _record(state_dir: Path, kind: str, detail: dict[str, Any]) -> None:
+def _record(state_dir: Path, kind: EventKind, detail: dict[str, Any]) -> None:
     admin.call(state_dir, "audit_event", kind=kind, detail=detail)
 
 
@@ -83,24 +87,57 @@ def _release(state_dir: Path, store: Store, ids: list[int], user: str) -> Outcom
                         | {"payload": bytes(row["payload"]).hex(), "id": str(decision_id)})
     if not messages:
         return outcome
+    # The appliance records the quarantine_released event itself (with this detail), whatever
+    # part of the batch it got through: nothing it published goes unrecorded.
     try:
-        answer = admin.call(state_dir, "quarantine_release", messages=messages)
-        released = []
-        for result in answer["results"]:
-            if result.get("released"):
-                released.append(int(result["id"]))
-                outcome.done.append(f"{result['id']}: released (new verdict {result['new_id']})")
-            else:
-                outcome.problems.append(f"{result['id']}: still rejected: {'; '.join(result.get('reasons', []))}")
-        if released:
-            purge_quarantine(state_dir, released, seal=lambda: admin.call(state_dir, "audit_seal"))
-            _record(state_dir, "quarantine_released",
-                    {"ids": [str(i) for i in released], "console_user": user, "via": "console"})
+        answer = admin.call(state_dir, "quarantine_release", messages=messages,
+                            detail={"console_user": user, "via": "console"})
     except admin.AdminUnavailable as exc:
         raise ActionError(f"{exc}: releasing publishes through the running appliance") from exc
     except admin.AdminError as exc:
         raise ActionError(str(exc)) from exc
+    except OSError as exc:  # no answer in time: it may still be publishing
+        raise ActionError(f"the appliance did not answer ({exc}): the quarantine_released event in the audit "
+                          "log says what it released") from exc
+    released = []
+    for result in answer["results"]:
+        if result.get("released"):
+            released.append(int(result["id"]))
+            outcome.done.append(f"{result['id']}: released (new verdict {result['new_id']})")
+        elif "error" in result:
+            outcome.problems.append(f"{result['id']}: not released: {result['error']}")
+        else:
+            outcome.problems.append(f"{result['id']}: still rejected: {'; '.join(result.get('reasons', []))}")
+    for decision_id in answer.get("not_attempted", []):
+        outcome.problems.append(f"{decision_id}: not tried (the release stopped at the failure above)")
+    if released:
+        _drop_released(state_dir, released, user, outcome)
     return outcome
+
+
+def _drop_released(state_dir: Path, released: list[int], user: str, outcome: Outcome) -> None:
+    """Take the released messages out of the quarantine (purge their payloads). A failure here is
+    recorded as a `quarantine_purged` event: those still held could be released (published) twice."""
+    try:
+        purge_quarantine(state_dir, released, seal=lambda: admin.call(state_dir, "audit_seal"))
+    except PurgeIncomplete as exc:
+        outcome.problems.append(f"released, but {len(exc.kept)} still held in the quarantine (releasing them again "
+                                f"publishes them again): {exc}")
+        _record_purge(state_dir, released, exc, user, outcome, after_release=True)
+    except (admin.AdminUnavailable, admin.AdminError, AuditError) as exc:
+        outcome.problems.append(f"released, but still held in the quarantine (releasing them again publishes them "
+                                f"again): {exc}")
+
+
+def _record_purge(state_dir: Path, ids: list[int], result: int | PurgeIncomplete, user: str, outcome: Outcome,
+                  *, after_release: bool = False) -> None:
+    detail = event_detail(ids, result) | {"console_user": user, "via": "console"}
+    if after_release:
+        detail["after_release"] = True
+    try:
+        _record(state_dir, EventKind.QUARANTINE_PURGED, detail)
+    except (admin.AdminUnavailable, admin.AdminError, OSError) as exc:
+        outcome.problems.append(f"the purge could not be recorded in the audit log: {exc}")
 
 
 def _purge(state_dir: Path, store: Store, ids: list[int], user: str) -> Outcome:
@@ -109,14 +146,20 @@ def _purge(state_dir: Path, store: Store, ids: list[int], user: str) -> Outcome:
     present = [i for i in ids if i in held]
     if not present:
         return outcome
+    result: int | PurgeIncomplete
     try:
-        count = purge_quarantine(state_dir, present, seal=lambda: admin.call(state_dir, "audit_seal"))
-        _record(state_dir, "quarantine_purged",
-                {"ids": [str(i) for i in present], "purged": count, "console_user": user, "via": "console"})
+        result = purge_quarantine(state_dir, present, seal=lambda: admin.call(state_dir, "audit_seal"))
+    except PurgeIncomplete as exc:
+        result = exc
     except admin.AdminUnavailable as exc:
         raise ActionError(f"{exc}: the console purges while the appliance runs "
                           "(`appliance quarantine purge` works on a stopped one)") from exc
-    except admin.AdminError as exc:
+    except admin.AdminError as exc:  # the seal, before anything was rewritten
         raise ActionError(str(exc)) from exc
-    outcome.done.append(f"purged {count} message(s)")
+    _record_purge(state_dir, present, result, user, outcome)
+    if isinstance(result, PurgeIncomplete):
+        outcome.done.append(f"purged {len(result.purged)} message(s)")
+        outcome.problems.append(f"not purged: {result.not_purged()}: {result}")
+    else:
+        outcome.done.append(f"purged {result} message(s)")
     return outcome

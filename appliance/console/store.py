@@ -7,7 +7,6 @@ Everything here blocks (DuckDB, file reads): the web layer calls it in worker th
 from __future__ import annotations
 
 import json
-import tempfile
 import threading
 import time
 from collections import deque
@@ -20,8 +19,7 @@ from typing import Any
 import duckdb
 
 from appliance.audit.errors import AuditError
-from appliance.audit.guard import check_query
-from appliance.audit.layout import Layout, sql_string
+from appliance.audit.layout import Layout
 from appliance.audit.query import AuditQuery
 from appliance.audit.quarantine import conditions as quarantine_conditions
 from appliance.audit.records import COMPACT_DECISION, CONNECTION, CONTEXT, DECISION, Definitions
@@ -51,29 +49,63 @@ class Store:
         self._stale = False
         self._layout = Layout(state_dir)
         self._lock = threading.Lock()
+        self._borrowed: dict[AuditQuery, int] = {}  # snapshots in use by a reader, and by how many
 
-    def _snapshot(self, *, fresh: bool) -> AuditQuery:
+    def _snapshot(self, *, fresh: bool, borrow: bool = False) -> AuditQuery:
         """The snapshot, taken again when `fresh` and the log has changed since: a record was
         written (the service says its last seq), a segment was converted (the watermark), or an
-        action changed the files. Without a service: when older than REFRESH_AFTER_S."""
+        action changed the files. Without a service: when older than REFRESH_AFTER_S. `borrow`:
+        the caller holds it until `_give_back` (a new snapshot then leaves it open until then)."""
         with self._lock:
-            query = self._query
-            if query is not None and not fresh:
-                return query
-            seq = self._sync() if self._sync is not None else None
-            if query is not None and not self._stale and time.monotonic() - self._opened_at < MAX_AGE_S:
-                if seq is not None and seq == self._seq and self._layout.read_watermark() == query.watermark:
-                    return query  # nothing new: reading the tail again would give the same tables
-                if seq is None and time.monotonic() - self._opened_at < REFRESH_AFTER_S:
-                    return query
-            if query is None:
-                if not (self.state_dir / "log").exists() and not (self.state_dir / "audit" / "parquet").exists():
-                    raise StoreUnavailable(f"no audit log under {self.state_dir} yet: has the appliance run with it?")
-                query = self._query = AuditQuery(self.state_dir)
-            else:
-                query.refresh()
-            self._seq, self._stale, self._opened_at = seq, False, time.monotonic()
+            query = self._take(fresh)
+            if borrow:
+                self._borrowed[query] = self._borrowed.get(query, 0) + 1
             return query
+
+    def _take(self, fresh: bool) -> AuditQuery:
+        query = self._query
+        if query is not None and not fresh:
+            return query
+        seq = self._sync() if self._sync is not None else None
+        if query is not None and not self._stale and time.monotonic() - self._opened_at < MAX_AGE_S:
+            if seq is not None and seq == self._seq and self._layout.read_watermark() == query.watermark:
+                return query  # nothing new: reading the tail again would give the same tables
+            if seq is None and time.monotonic() - self._opened_at < REFRESH_AFTER_S:
+                return query
+        if query is None:
+            if not (self.state_dir / "log").exists() and not (self.state_dir / "audit" / "parquet").exists():
+                raise StoreUnavailable(f"no audit log under {self.state_dir} yet: has the appliance run with it?")
+            query = self._query = AuditQuery(self.state_dir)
+        elif query in self._borrowed:
+            # A download still reads it (closing a snapshot ends its cursors' results): a new one.
+            query = self._query = AuditQuery(self.state_dir)
+        else:
+            query.refresh()
+        self._seq, self._stale, self._opened_at = seq, False, time.monotonic()
+        return query
+
+    def _give_back(self, query: AuditQuery) -> None:
+        with self._lock:
+            left = self._borrowed.pop(query) - 1
+            if left:
+                self._borrowed[query] = left
+            elif query is not self._query:
+                query.close()  # replaced while borrowed
+
+    @contextmanager
+    def borrowed(self) -> Iterator[AuditQuery]:
+        """A fresh snapshot that stays open while the caller uses it, even across new snapshots
+        taken meanwhile (a download reads for as long as its client takes)."""
+        query = self._snapshot(fresh=True, borrow=True)
+        try:
+            yield query
+        finally:
+            self._give_back(query)
+
+    def scratch_dir(self) -> Path:
+        """Where the console may put temporary files (DuckDB's spill directory's parent)."""
+        self._layout.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return self._layout.tmp_dir
 
     def invalidate(self) -> None:
         """The next read takes a new snapshot (after an action changed the log or its files)."""
@@ -82,16 +114,21 @@ class Store:
 
     @contextmanager
     def cursor(self, *, fresh: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
-        cursor = self._snapshot(fresh=fresh).cursor()
+        query = self._snapshot(fresh=fresh, borrow=True)
         try:
-            yield cursor
+            cursor = query.cursor()
+            try:
+                yield cursor
+            finally:
+                cursor.close()
         finally:
-            cursor.close()
+            self._give_back(query)
 
     def close(self) -> None:
         with self._lock:
             if self._query is not None:
-                self._query.close()
+                if self._query not in self._borrowed:
+                    self._query.close()
                 self._query = None
 
     # -- reads --------------------------------------------------------------------------------
@@ -112,37 +149,8 @@ class Store:
 
     def sql(self, text: str, *, max_rows: int, timeout: float = 30.0) -> QueryResult:
         """Analyst SQL through the same guard as `appliance audit sql`."""
-        return self._snapshot(fresh=True).query(text, timeout=timeout, max_rows=max_rows)
-
-    def sql_parquet(self, text: str, *, max_rows: int, timeout: float = 60.0) -> bytes:
-        """The guarded query's result as a Parquet file: run as for `sql`, typed by DESCRIBE of the
-        same checked statement, written by a DuckDB of its own that sees no audit file."""
-        query = self._snapshot(fresh=True)
-        result = query.query(text, timeout=timeout, max_rows=max_rows)
-        with self.cursor(fresh=False) as cursor:
-            cursor.execute(f"DESCRIBE {check_query(cursor, text)}")
-            types = [str(row[1]) for row in cursor.fetchall()]
-        names: list[str] = []
-        for name in result.columns:
-            unique, n = name, 1
-            while unique in names:
-                n += 1
-                unique = f"{name}_{n}"
-            names.append(unique)
-        columns = ", ".join(f'"{n.replace(chr(34), chr(34) * 2)}" {t}' for n, t in zip(names, types))
-        with tempfile.TemporaryDirectory(dir=query.layout.tmp_dir) as scratch:
-            target = Path(scratch) / "result.parquet"
-            con = duckdb.connect(":memory:", config={"threads": 1, "memory_limit": "64MB",
-                                                      "autoinstall_known_extensions": False})
-            try:
-                con.execute(f"CREATE TABLE result ({columns})")
-                if result.rows:
-                    marks = ", ".join("?" for _ in names)
-                    con.executemany(f"INSERT INTO result VALUES ({marks})", [list(r) for r in result.rows])
-                con.execute(f"COPY result TO {sql_string(str(target))} (FORMAT parquet, COMPRESSION zstd)")
-            finally:
-                con.close()
-            return target.read_bytes()
+        with self.borrowed() as query:
+            return query.query(text, timeout=timeout, max_rows=max_rows)
 
     def decision(self, decision_id: int) -> dict[str, Any] | None:
         columns, rows = self._fetch("SELECT * FROM decisions WHERE id = ?", [decision_id])

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -43,9 +44,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from appliance import admin
 from appliance.audit.errors import AuditError
 from appliance.mqtt.topics import topic_filter_regex
-from appliance.audit.results import QueryResult, format_result, to_jsonable
+from appliance.audit.results import QueryResult, to_jsonable
 from appliance.config import Config, is_loopback
 from appliance.console import actions, cookbook, payloads, trials
+from appliance.console.download import Download, open_download
 from appliance.console.auth import LoginLimiter, Role, Session, Sessions, Users
 from appliance.console.monitor import Monitor, verdict_summary
 from appliance.console.store import GROUPS, Store, StoreUnavailable
@@ -55,7 +57,8 @@ log = logging.getLogger(__name__)
 COOKIE = "console_session"
 MAX_FORM = 256 * 1024
 SQL_SHOWN_ROWS = 1000
-SQL_DOWNLOAD_ROWS = 1_000_000
+SQL_DOWNLOAD_ROWS = 1_000_000  # docs/console.md, SQL
+SQL_DOWNLOAD_TIMEOUT = 300.0  # seconds for a download's query, until its last row is fetched
 STATIC = Path(__file__).parent / "static"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'")
@@ -402,21 +405,19 @@ def build(console: Console) -> Starlette:
             except (StoreUnavailable, AuditError) as exc:
                 error = str(exc)
         return console.render(request, "sql.html", q=text, result=result, error=error,
-                              cookbook=cookbook.queries(), shown_rows=SQL_SHOWN_ROWS)
+                              cookbook=cookbook.queries(), shown_rows=SQL_SHOWN_ROWS, download_rows=SQL_DOWNLOAD_ROWS)
 
     async def sql_download(request: Request, session: Session) -> Response:
         text = request.query_params.get("q", "")
         fmt = request.query_params.get("format", "csv")
         try:
-            if fmt == "parquet":
-                data = await _read(console.store.sql_parquet, text, max_rows=SQL_DOWNLOAD_ROWS)
-                return Response(data, media_type="application/vnd.apache.parquet",
-                                headers={"Content-Disposition": 'attachment; filename="audit-query.parquet"'})
-            result = await _read(console.store.sql, text, max_rows=SQL_DOWNLOAD_ROWS)
+            download = await _read(open_download, console.store, text, fmt, max_rows=SQL_DOWNLOAD_ROWS,
+                                   timeout=SQL_DOWNLOAD_TIMEOUT)
         except (StoreUnavailable, AuditError) as exc:
             return Response(str(exc), status_code=400, media_type="text/plain")
-        return Response(format_result(result, "csv"), media_type="text/csv",
-                        headers={"Content-Disposition": 'attachment; filename="audit-query.csv"'})
+        headers = {"Content-Disposition": f'attachment; filename="{download.filename}"',
+                   "X-Row-Limit": str(SQL_DOWNLOAD_ROWS)}
+        return StreamingResponse(_pieces(download), media_type=download.media_type, headers=headers)
 
     # -- clients -------------------------------------------------------------------------------------
 
@@ -597,6 +598,24 @@ def _tail_match(row: dict[str, Any], wanted: dict[str, str]) -> bool:
         return False
     reason = wanted["reason"].lower()
     return not reason or reason in row["reason"].lower() or reason in (c.lower() for c in row["checks"])
+
+
+async def _pieces(download: Download) -> AsyncIterator[bytes]:
+    """A download's pieces, each taken in a worker thread when the one before has been sent (the
+    server waits for the client to take it: flow control), so one piece is in memory at a time.
+    A query failing midway ends the response without its last chunk: the client sees the download
+    fail, never a short file that looks whole. The download is closed however the response ends."""
+    try:
+        while (piece := await run_in_threadpool(download.next_piece)) is not None:
+            yield piece
+    except AuditError as exc:
+        log.warning("console: SQL download stopped after %d row(s): %s", download.rows, exc)
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):  # also when the client went away (cancelled)
+            await run_in_threadpool(download.close)
+        log.debug("console: SQL download: %d row(s) in %d piece(s), the largest %d bytes",
+                  download.rows, download.pieces, download.largest_piece)
 
 
 KEEPALIVE_S = 15.0

@@ -106,6 +106,7 @@ def test_overview_updates_when_messages_flow(driver: Any, running: Setup) -> Non
     wait_until(lambda: int(driver.execute_script("return document.body.dataset.points || 0")) >= 2, timeout=WAIT,
                message="points added to the charts live")
     assert text_of(driver, "[data-field=schema_set]") == "v1"
+    assert driver.find_elements(By.ID, "reload"), "an operator's overview offers the reload (docs/console.md)"
     shot(driver, "overview")
 
 

@@ -362,3 +362,34 @@ def test_appliance_check_reports_a_missing_console_certificate(tmp_path: Path) -
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 1
     assert f"console.tls.cert_file: {tmp_path / 'nope.pem'}: No such file or directory" in done.stderr, done.stderr
+
+
+def test_a_borrowed_snapshot_stays_open_across_new_ones(tmp_path: Path) -> None:
+    """A download reads its snapshot for as long as its client takes: a new snapshot taken meanwhile
+    is a new one beside it (refreshing it would end the download's result), and the borrowed one
+    is closed when given back; without a borrower a snapshot is refreshed in place."""
+    import duckdb
+
+    from appliance.console.store import Store
+    from tests.audit.factory import decision, epoch
+    from tests.audit.logfiles import build_state
+
+    state = build_state(tmp_path / "state", [decision(i, epoch("2026-11-27T10:00:00") + i) for i in range(1, 6)])
+    store = Store(state)
+    with store.borrowed() as reading:
+        cursor = reading.cursor()
+        cursor.execute("SELECT id FROM decisions ORDER BY id")
+        assert cursor.fetchmany(2) == [(1,), (2,)]
+        store.invalidate()
+        with store.cursor() as other:  # a page meanwhile: a fresh snapshot, not the borrowed one
+            assert other.execute("SELECT count(*) FROM decisions").fetchall() == [(5,)]
+        assert store._query is not reading
+        assert cursor.fetchall() == [(3,), (4,), (5,)]  # the download's result went on
+        cursor.close()
+    with pytest.raises(duckdb.Error):
+        reading.cursor()  # given back and no longer the store's: closed
+    current = store._query
+    store.invalidate()
+    with store.cursor():
+        assert store._query is current  # nobody borrowed it: refreshed in place
+    store.close()

@@ -82,3 +82,31 @@ def test_control_depends_on_debians_python_311_and_mosquitto():
     depends = next(line for line in control.splitlines() if line.startswith("Depends:"))
     # The wheels are for CPython 3.11's ABI: Debian 13's python3 (3.13) cannot load them.
     assert "python3 (>= 3.11)" in depends and "python3 (<< 3.12)" in depends and "mosquitto" in depends
+
+
+VENV = "/opt/mqtt-appliance/venv"  # packaging/build-deb.sh
+
+
+def test_the_package_installs_audit_md_once(tmp_path: Path) -> None:
+    """The docs the package installs (packaging/install-docs.sh, as build-deb.sh runs it), beside
+    the wheel's package data as pip lays it out: one audit.md file (the console's cookbook), and
+    the docs' audit.md a link to it; every screenshot console.md shows is there."""
+    from appliance.console import cookbook
+
+    root = tmp_path / "root"
+    subprocess.run([str(ROOT / "packaging" / "install-docs.sh"), str(root), VENV], check=True, timeout=60)
+    packaged = f"{VENV}/lib/python3.11/site-packages/appliance/console/{cookbook.PACKAGED}"
+    (root / packaged.lstrip("/")).parent.mkdir(parents=True)
+    (root / packaged.lstrip("/")).write_bytes((ROOT / "docs" / "audit.md").read_bytes())  # the wheel's copy
+
+    doc = root / "usr" / "share" / "doc" / "mqtt-appliance"
+    assert (doc / "audit.md").is_symlink() and str((doc / "audit.md").readlink()) == packaged
+    copies = [p for p in root.rglob("audit.md") if p.is_file() and not p.is_symlink()]
+    assert copies == [root / packaged.lstrip("/")]
+    installed = sorted(p.name for p in doc.glob("*.md"))
+    assert installed == sorted([p.name for p in (ROOT / "docs").glob("*.md")] + ["README.md"])
+    shown = __import__("re").findall(r"\]\((console/[^)]*\.png)\)", (doc / "console.md").read_text())
+    assert shown and all((doc / image).stat().st_size for image in shown)
+    build = (ROOT / "packaging" / "build-deb.sh").read_text()
+    assert 'packaging/install-docs.sh "$root" "$venv"' in build and "docs/*.md" not in build
+    assert f'venv={VENV}' in build

@@ -1,0 +1,281 @@
+"""SQL downloads, streamed: an analyst query's rows go from DuckDB to the HTTP response a bounded
+step at a time, so the console's memory does not grow with the result (on a Pi the whole service
+has ~80 MB).
+
+- **CSV** is written as the rows come: each step fetches as many rows as make about CHUNK_BYTES of
+  text (judged by the step before; at most MAX_FETCH_ROWS, at least one) and hands the text on.
+- **Parquet** cannot be: its footer describes the whole file, and the snapshot's DuckDB, which runs
+  analyst SQL, may not write files. Each step's rows are appended to a table in a DuckDB database
+  file of its own (its memory limit makes it spill to that file), which is then copied to a
+  Parquet file beside it; the file is sent in FILE_PIECE pieces and removed.
+
+The query goes through the same guard as `appliance audit sql` (check_query, then the locked-down
+snapshot: no file access, no writes, in a transaction that is rolled back), under a time limit
+that runs until its last row is fetched, and stops after `max_rows` rows.
+
+Everything here blocks (DuckDB, files): the web layer opens a download and takes each piece in a
+worker thread, and closes it when the response ends or the client goes away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import duckdb
+
+from appliance.audit.errors import AuditError, QueryRefused, QueryTimeout
+from appliance.audit.guard import check_query
+from appliance.audit.layout import sql_string
+from appliance.audit.results import csv_cells
+from appliance.console.store import Store
+
+CHUNK_BYTES = 256 * 1024
+FIRST_ROWS = 256
+MAX_FETCH_ROWS = 10_000
+FILE_PIECE = 64 * 1024
+STAGE_MEMORY = "24MB"  # with 4 MB row groups: enough for 2 kB rows (measured; 16 MB was not)
+
+T = TypeVar("T")
+
+
+class Download(Protocol):
+    media_type: str
+    filename: str
+    rows: int  # rows sent (CSV: so far)
+    pieces: int  # pieces handed out so far
+    largest_piece: int  # bytes
+
+    def next_piece(self) -> bytes | None:
+        """The next piece of the file, None at its end; raises AuditError when the query fails
+        (e.g. its time limit) after the first piece."""
+
+    def close(self) -> None:
+        """Ends the query (if still running) and removes what the download left on disk."""
+
+
+class GuardedRows:
+    """One analyst query's rows from a cursor of a borrowed snapshot (it stays open however long
+    the client takes), fetched step by step, at most `max_rows` of them."""
+
+    def __init__(self, store: Store, text: str, *, timeout: float, max_rows: int):
+        self._stack = contextlib.ExitStack()
+        self._lock = threading.Lock()
+        self._expired = threading.Event()
+        self.timeout = timeout
+        self.left = max_rows
+        self.truncated = False
+        try:
+            query = self._stack.enter_context(store.borrowed())
+            self._cursor = cursor = query.cursor()
+            self._stack.callback(cursor.close)
+            checked = check_query(cursor, text)
+            timer = threading.Timer(timeout, self._interrupt)
+            timer.daemon = True
+            timer.start()
+            self._stack.callback(timer.cancel)
+            self._call(cursor.begin)  # second layer: whatever got past the check is rolled back
+            self._stack.callback(self._rollback)
+            self._call(cursor.execute, checked)
+            description = cursor.description or ()
+            self.columns = [str(d[0]) for d in description]
+            self.types = [str(d[1]) for d in description]
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _interrupt(self) -> None:
+        self._expired.set()
+        self._cursor.interrupt()
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(duckdb.Error):
+            self._cursor.rollback()
+
+    def _call(self, func: Callable[..., T], *args: Any) -> T:
+        try:
+            return func(*args)
+        except duckdb.Error as error:
+            raise self._refusal(error) from None
+
+    def _refusal(self, error: duckdb.Error) -> AuditError:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if self._expired.is_set():
+            return QueryTimeout(f"the query ran longer than {self.timeout:g} s and was stopped: narrow the time "
+                                "range (WHERE ts >= ...) or add a LIMIT")
+        if isinstance(error, duckdb.IOException) and ("No such file" in first or "No files found" in first):
+            return QueryRefused("the audit log's files changed during the query; run it again")
+        if isinstance(error, duckdb.PermissionException):
+            return QueryRefused(f"reading or writing files is not allowed ({first})")
+        return QueryRefused(f"the query failed: {first}")
+
+    def fetch(self, wanted: int) -> list[tuple[Any, ...]]:
+        """Up to `wanted` more rows ([] at the end, or once `max_rows` were fetched)."""
+        with self._lock:
+            if self.left <= 0:
+                return []
+            rows = self._call(self._cursor.fetchmany, min(wanted, self.left + 1))
+            if len(rows) > self.left:
+                self.truncated = True
+                del rows[self.left:]
+            self.left -= len(rows)
+            if self.truncated:
+                self.left = 0
+            return rows
+
+    def close(self) -> None:
+        if not self._lock.acquire(blocking=False):  # a fetch is running in another thread: stop it
+            self._cursor.interrupt()
+            self._lock.acquire()
+        try:
+            self._stack.close()
+        finally:
+            self._lock.release()
+
+
+def _next_step(rows: int, size: int) -> int:
+    """How many rows the next step fetches: about CHUNK_BYTES' worth, judged by the last step."""
+    if rows == 0 or size == 0:
+        return FIRST_ROWS
+    return max(1, min(MAX_FETCH_ROWS, rows * CHUNK_BYTES // size))
+
+
+class CsvDownload:
+    media_type = "text/csv"
+    filename = "audit-query.csv"
+
+    def __init__(self, rows: GuardedRows):
+        """Fetches the first piece: most failures of a query come with its first rows, and are
+        better told with a 400 than by a download cut short."""
+        self._rows = rows
+        self._step = FIRST_ROWS
+        self._header: list[str] | None = rows.columns
+        self._done = False
+        self.rows = self.pieces = self.largest_piece = 0
+        try:
+            self._first = self._piece()
+        except BaseException:
+            rows.close()
+            raise
+
+    def next_piece(self) -> bytes | None:
+        if self._first is not None:
+            piece, self._first = self._first, None
+            return piece
+        return self._piece()
+
+    def _piece(self) -> bytes | None:
+        if self._done:
+            return None
+        batch = self._rows.fetch(self._step)
+        self._done = len(batch) < self._step
+        if not batch and self._header is None:
+            return None
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        if self._header is not None:
+            writer.writerow(self._header)
+            self._header = None
+        writer.writerows(csv_cells(row) for row in batch)
+        piece = out.getvalue().encode("utf-8")
+        self._step = _next_step(len(batch), len(piece))
+        self.rows += len(batch)
+        self.pieces += 1
+        self.largest_piece = max(self.largest_piece, len(piece))
+        return piece
+
+    def close(self) -> None:
+        self._rows.close()
+
+
+def _estimate(row: tuple[Any, ...]) -> int:
+    """A row's size in memory, roughly: its text and bytes, 16 bytes for anything else."""
+    return sum(len(v) if isinstance(v, (str, bytes)) else len(str(v)) if isinstance(v, (list, dict)) else 16
+               for v in row)
+
+
+class ParquetDownload:
+    media_type = "application/vnd.apache.parquet"
+    filename = "audit-query.parquet"
+
+    def __init__(self, rows: GuardedRows, scratch_root: Path):
+        """Runs the query to its end (into the staging database), then writes the Parquet file."""
+        self._scratch = Path(tempfile.mkdtemp(prefix="download-", dir=scratch_root))
+        self.rows = self.pieces = self.largest_piece = 0
+        self._file: io.BufferedReader | None = None
+        try:
+            target = self._scratch / "result.parquet"
+            self._stage(rows, target)
+            self._file = open(target, "rb")  # noqa: SIM115 - read piece by piece until close()
+            target.unlink()  # the open file stays readable; nothing is left behind if the console dies
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            rows.close()
+
+    def _stage(self, rows: GuardedRows, target: Path) -> None:
+        names: list[str] = []
+        for name in rows.columns:  # Parquet columns need distinct names
+            unique, n = name, 1
+            while unique in names:
+                n += 1
+                unique = f"{name}_{n}"
+            names.append(unique)
+        columns = ", ".join(f'"{n.replace(chr(34), chr(34) * 2)}" {"VARCHAR" if t == "NULL" else t}'
+                            for n, t in zip(names, rows.types))
+        con = duckdb.connect(str(self._scratch / "stage.duckdb"),
+                             config={"threads": 1, "memory_limit": STAGE_MEMORY, "preserve_insertion_order": True,
+                                     "temp_directory": str(self._scratch), "autoinstall_known_extensions": False,
+                                     "autoload_known_extensions": False})
+        try:
+            con.execute(f"CREATE TABLE result ({columns})")
+            appender = con.appender("result")
+            step = FIRST_ROWS
+            while batch := rows.fetch(step):
+                appender.append_rows(batch)
+                appender.flush()
+                self.rows += len(batch)
+                step = _next_step(len(batch), sum(_estimate(r) for r in batch))
+            con.execute(f"COPY result TO {sql_string(target)} (FORMAT parquet, COMPRESSION zstd, "
+                        "ROW_GROUP_SIZE_BYTES '4MB')")
+        except duckdb.Error as error:
+            raise AuditError(f"the Parquet file could not be written: {error}") from None
+        finally:
+            con.close()
+
+    def next_piece(self) -> bytes | None:
+        assert self._file is not None
+        piece = self._file.read(FILE_PIECE)
+        if not piece:
+            return None
+        self.pieces += 1
+        self.largest_piece = max(self.largest_piece, len(piece))
+        return piece
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+FORMATS = ("csv", "parquet")
+
+
+def open_download(store: Store, text: str, fmt: str, *, max_rows: int, timeout: float) -> Download:
+    """The download of one analyst query in `fmt` (FORMATS). A refused or failing query raises
+    AuditError here, before anything is sent."""
+    if fmt not in FORMATS:
+        raise QueryRefused(f"unknown format {fmt!r}: csv or parquet")
+    rows = GuardedRows(store, text, timeout=timeout, max_rows=max_rows)
+    if fmt == "parquet":
+        return ParquetDownload(rows, store.scratch_dir())
+    return CsvDownload(rows)

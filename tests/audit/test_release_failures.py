@@ -1,0 +1,212 @@
+"""Release and purge failing part-way: what was done is still recorded as an audit event, and the
+asker is told what failed. Faults at real boundaries: a real mosquitto stopped between two
+releases, a file that cannot be replaced (a directory squatting on its temp name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import admin
+from appliance.audit.layout import temp_name
+from appliance.audit.operations import AuditOperations
+from appliance.audit.purge import PurgeIncomplete, purge_quarantine
+from appliance.audit.query import AuditQuery
+from appliance.broker import BrokerEndpoint, EmbeddedBroker, render_mosquitto_conf
+from appliance.msglog.reader import list_segments
+from tests.audit.factory import TOPIC_REASON, decision, epoch
+from tests.conftest import make_config
+from tests.governance.payloads import temperature
+from tests.helpers import Client, RunningAppliance
+from tests.processes import free_port, mosquitto_process
+
+REPO = Path(__file__).resolve().parents[2]
+T0 = epoch("2026-11-27T10:00:00")
+P1, P3, P4 = b"secret-one", b"secret-three-payload", b"secret-four-payload-is-thirty!"
+
+
+def on_disk(state: Path, needle: bytes) -> list[Path]:
+    return [p for p in state.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def events(state: Path, kind: str) -> list[dict[str, Any]]:
+    with AuditQuery(state) as query:
+        rows = query.query(f"SELECT detail FROM events WHERE kind = '{kind}' ORDER BY id").rows
+    return [json.loads(r[0]) if isinstance(r[0], str) else r[0] for r in rows]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True, timeout=120)
+
+
+def row(decision_id: int, topic: str, payload: bytes) -> dict[str, Any]:
+    """A quarantined message as the CLI and the console send it to `quarantine_release`."""
+    return {"id": str(decision_id), "client_id": "sensor-1", "username": None, "peer": "127.0.0.1:1234",
+            "mqtt_version": 4, "topic": topic, "qos": 1, "retain": False, "payload": payload.hex()}
+
+
+def test_a_broker_stopped_mid_release_leaves_an_event_of_what_was_released(tmp_path: Path) -> None:
+    """Three messages to release; the broker is stopped after the first was published: the first
+    reaches a subscriber, the second fails, the third is not tried, and the appliance records all
+    of it in one quarantine_released event (with the asker's detail) and answers with the error."""
+    port = free_port()
+    conf = render_mosquitto_conf(port=port, data_dir=tmp_path / "broker", extra=[])
+    running = RunningAppliance(make_config(tmp_path / "state")).start()
+    try:
+        with mosquitto_process(conf, tmp_path / "broker", port) as broker:
+            subscriber = Client(port, client_id="release-watcher").connect()
+            subscriber.subscribe("release/#", qos=1)
+            asked = 0
+
+            def endpoint() -> BrokerEndpoint:
+                nonlocal asked
+                asked += 1
+                if asked == 2:  # the first message is out: stop the broker before the second
+                    subscriber.expect(1)  # (blocks the loop briefly: nothing else runs in this test)
+                    broker.terminate()
+                    broker.wait(10)
+                return BrokerEndpoint("127.0.0.1", port)
+
+            assert running.app.audit is not None
+            operations = AuditOperations(running.app.audit, running.app.pipeline, endpoint)
+            messages = [row(101, "release/a", b"first"), row(102, "release/b", b"second"),
+                        row(103, "release/c", b"third")]
+            answer = running.call(operations.quarantine_release(
+                {"messages": messages, "detail": {"console_user": "olga", "via": "console", "ids": ["spoofed"]},
+                 "_peer": {"user": "tester", "uid": 0, "pid": 1}}))
+            assert asked == 2
+        subscriber.disconnect()
+        results = answer["results"]
+        assert [r["id"] for r in results] == ["101", "102"]
+        assert results[0]["released"] is True
+        assert results[1]["released"] is False and "broker" in results[1]["error"]
+        assert answer["not_attempted"] == ["103"]
+        assert answer["error"].startswith("102: ")
+        state = tmp_path / "state"
+        recorded = events(state, "quarantine_released")
+        assert len(recorded) == 1, recorded
+        detail = recorded[0]
+        assert detail["ids"] == ["101"] and detail["failed"] == ["102"] and detail["not_attempted"] == ["103"]
+        assert detail["error"] == answer["error"]
+        assert detail["console_user"] == "olga" and detail["by"]["user"] == "tester"
+    finally:
+        running.stop()
+
+
+def test_a_release_that_fails_at_once_is_recorded_too(tmp_path: Path) -> None:
+    """No broker at all (nothing listens on the port): nothing is released, and the event says
+    that the release was tried, for which ids, and why it failed."""
+    running = RunningAppliance(make_config(tmp_path / "state")).start()
+    try:
+        assert running.app.audit is not None
+        operations = AuditOperations(running.app.audit, running.app.pipeline,
+                                     lambda: BrokerEndpoint("127.0.0.1", free_port()))
+        answer = running.call(operations.quarantine_release({"messages": [row(7, "release/x", b"x"),
+                                                                          row(8, "release/y", b"y")]}))
+        assert answer["results"][0]["released"] is False and answer["not_attempted"] == ["8"]
+        detail, = events(tmp_path / "state", "quarantine_released")
+        assert detail["ids"] == [] and detail["failed"] == ["7"] and detail["not_attempted"] == ["8"]
+        assert "could not" in detail["error"] or "failed" in detail["error"]
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def held(audit_state: Callable[..., Path]) -> Path:
+    """Ids 1-2 in Parquet, 3 in a sealed segment not converted yet, 4 in the active segment."""
+    return audit_state([
+        decision(1, T0, device="a", verdict="reject", payload=P1),
+        decision(2, T0 + 60, device="b", verdict="accept"),
+        decision(3, T0 + 120, device="b", verdict="reject", payload=P3, reasons=[TOPIC_REASON]),
+        decision(4, T0 + 180, device="c", verdict="reject", payload=P4, topic="sensor/c/humidity"),
+    ], split=(0.5, 0.75))
+
+
+def block_rewrite(state: Path, payload: bytes, suffix: str = ".seg") -> Path:
+    """Make the file (`suffix`) holding `payload` impossible to replace: a directory where its
+    rewrite's temp file must go (open() and DuckDB's COPY fail on it, as on a full disk)."""
+    holders = [p for p in on_disk(state, payload) if p.suffix == suffix]
+    assert len(holders) == 1, holders
+    temp_name(holders[0]).mkdir()
+    return holders[0]
+
+
+def test_a_purge_that_cannot_rewrite_one_file_purges_the_others_and_names_what_is_left(held: Path) -> None:
+    blocked = block_rewrite(held, P3)
+    assert blocked in [info.path for info in list_segments(held / "log")]
+    with pytest.raises(PurgeIncomplete) as raised:
+        purge_quarantine(held, [1, 3, 4], seal=None)
+    assert raised.value.kept == {3} and raised.value.purged == {1, 4}
+    assert [path for path, _ in raised.value.failures] == [blocked]
+    assert str(raised.value).startswith("1 file(s) could not be rewritten (") and "1 payload(s) are still on disk" in str(raised.value)
+    assert on_disk(held, P1) == [] and on_disk(held, P4) == []  # the other files were rewritten
+    assert on_disk(held, P3) == [blocked]
+    temp_name(blocked).rmdir()
+    assert purge_quarantine(held, [3], seal=None) == 1  # the fault gone, the rest follows
+    assert on_disk(held, P3) == []
+
+
+def test_a_parquet_file_that_cannot_be_rewritten_keeps_its_ids_out_of_the_purged(held: Path) -> None:
+    """Id 1 is in a Parquet file and in its (converted, kept) segment: the segment is rewritten, the
+    Parquet file is not, so 1 is not purged (its bytes are still on disk)."""
+    blocked = block_rewrite(held, P1, ".parquet")
+    with pytest.raises(PurgeIncomplete) as raised:
+        purge_quarantine(held, None, seal=None)
+    assert raised.value.kept == {1} and raised.value.purged == {3, 4}
+    assert on_disk(held, P1) == [blocked]
+
+
+def test_the_cli_purge_records_a_partial_purge_and_exits_1(held: Path) -> None:
+    """With the appliance stopped: the CLI writes the event itself, with the failure."""
+    block_rewrite(held, P3)
+    done = subprocess.run([sys.executable, "-m", "appliance", "quarantine", "purge", "1", "3", "4",
+                           "--state-dir", str(held)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "not purged: 3" in done.stderr
+    detail, = events(held, "quarantine_purged")
+    assert detail["ids"] == ["1", "3", "4"] and detail["purged"] == 2 and detail["failed"] == ["3"]
+    assert "could not be rewritten" in detail["error"] and detail["by"]["user"]
+
+
+def test_the_cli_says_what_a_release_did_not_do_and_exits_1(tmp_path: Path) -> None:
+    """`appliance quarantine release` while the appliance's own mosquitto is stopped (SIGSTOP: it
+    takes connections in the kernel and answers nothing): the CLI names the message not released
+    and why, exits 1, the message stays quarantined, and the appliance recorded the attempt."""
+    schemas = tmp_path / "schemas"
+    shutil.copytree(REPO / "schemas" / "v1", schemas)
+    state = tmp_path / "state"
+    running = RunningAppliance(make_config(state, schemas=str(schemas))).start()
+    try:
+        publisher = Client(running.port, version=5).connect()
+        publisher.publish("sensor/t1/temperature", temperature(temperature=150), qos=1)  # above the v1 maximum
+        publisher.disconnect()
+        listing = cli("quarantine", "list", "--state-dir", str(state), "--format", "json")
+        [entry] = json.loads(listing.stdout)["rows"]
+        path = schemas / "temperature.json"
+        path.write_text(path.read_text().replace('"maximum": 125', '"maximum": 200'))
+        assert admin.call(state, "reload", timeout=60)["reloaded"]  # the set in force now accepts it
+        broker = running.app.broker
+        assert isinstance(broker, EmbeddedBroker) and broker.pid is not None
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            released = cli("quarantine", "release", str(entry["id"]), "--state-dir", str(state))
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        assert released.returncode == 1, released.stdout + released.stderr
+        assert f"{entry['id']}: not released: " in released.stderr and "did not answer in time" in released.stderr
+        assert "released (new verdict" not in released.stdout
+        detail, = events(state, "quarantine_released")
+        assert detail["ids"] == [] and detail["failed"] == [str(entry["id"])] and detail["not_attempted"] == []
+        rows = json.loads(cli("quarantine", "list", "--state-dir", str(state), "--format", "json").stdout)["rows"]
+        assert [row["id"] for row in rows] == [entry["id"]]
+    finally:
+        running.stop()

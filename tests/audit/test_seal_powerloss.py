@@ -189,8 +189,11 @@ def lifetime(io: CrashIO, state: Path) -> None:
     service = AuditService(config.audit, state, io=io)
     try:
         service.log.start(None)
+        # What the service does after a seal helper run, even one that found nothing to convert:
+        # here, after a cut that came between a conversion and the removal of its segments.
+        service.remove_converted()
         # What the seal helper does when the service starts it (the helper is another process; the
-        # page cache, which CrashIO models, is the same for both).
+        # page cache, which CrashIO models, is the same for both); then the removal once it is done.
         convert_pending(service.layout, max_batch_bytes=1, threads=1)
         service.remove_converted()
     finally:

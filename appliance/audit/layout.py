@@ -156,7 +156,8 @@ def previous_version(state_dir: Path) -> bool:
 
 # The file tools below take the FileIO to go through (appliance/msglog/fileio.py): the real one by
 # default, CrashIO in the power-loss tests (tests/audit/test_seal_powerloss.py). A Layout carries
-# its own (`layout.io`), so the seal helper, purge and retention pass it on.
+# its own (`layout.io`), which the seal code and the service pass on (retention, purge and the
+# upgrade call these with the default one).
 
 def fsync_dir(path: Path, io: FileIO = OS_IO) -> None:
     io.fsync_dir(path)

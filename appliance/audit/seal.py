@@ -6,7 +6,8 @@ lives in the service. It converts every sealed segment after the watermark, in b
 (layout.py), then moves the watermark past the batch, then refreshes the views file.
 
 Crash safety: each file is written under a temp name, fsync'd, renamed and its directory fsync'd;
-the watermark is written the same way only after every file of the batch is in place. A batch's
+the watermark is written the same way only after every file of the batch is in place. Those steps
+go through `layout.io` (a FileIO), so tests/audit/test_seal_powerloss.py cuts the power at each. A batch's
 files are named after its first segment, and the next run starts at the same segment, so redoing a
 batch after a crash at any point replaces the files the crash left instead of adding rows (a
 rerun's batch holds at least the rows of the interrupted one). Readers ignore files named after

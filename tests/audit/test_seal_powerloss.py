@@ -2,14 +2,17 @@
 audit's own file operations, the way tests/msglog/test_powerloss.py puts it under the log.
 
 One lifetime of the service's sealing cycle is run for real: AuditService starts on the state dir
-(creating its directories, opening and recovering the log), the seal code converts every sealed
-segment (convert_pending: a batch per segment, then the compaction of finished days and the views
-file), and the service removes the converted segments (remove_converted). A counting run first
-finds how many FileIO operations the lifetime takes; then, for each n, a fresh copy of the same
-state dir gets a lifetime whose power is cut at its n-th operation (that operation does not
-happen: cutting at n + 1 is cutting right after n), whatever it is: a write, a file or directory
-fsync, a mkdir, a rename, an unlink. Every unsynced write is dropped, and every directory entry
-created, renamed or removed since its directory's last fsync is undone. After the cut, and again
+(creating its directories, opening and recovering the log) and removes what is converted already
+(remove_converted: a removal an earlier cut cut short), the seal code converts every sealed segment
+(convert_pending: a batch per segment, then the compaction of finished days and the views file),
+and the service removes the converted segments. Every FileIO operation is a place to cut the power
+(that operation does not happen: cutting at n + 1 is cutting right after n), whatever it is: a
+write, a file or directory fsync, a mkdir, a rename, an unlink. Every unsynced write is dropped
+("drop" mode), and every directory entry created, renamed or removed since its directory's last
+fsync is undone. What a cut leaves then changes only at a sync: a counting run lists the syncs
+that changed it, and a fresh copy of the same state dir is cut right after each of them (and at
+the first operation): a cut anywhere between two of them leaves the same files, so this covers
+every operation (22 distinct cuts of the lifetime's ~120 operations). After the cut, and again
 after the next (uninterrupted) lifetime and a power cut right after it, the checks are:
 
 - what the audit reader sees (AuditQuery: `appliance audit sql`'s Parquet files + tail) holds every
@@ -22,19 +25,25 @@ What the model covers and what it does not:
 
 - DuckDB writes the Parquet (and views) temp files itself, not through a FileIO. `LibraryCrashIO`
   treats whatever a file holds that did not come through it as unsynced, from the moment our code
-  touches the file (opens it to fsync it, renames or removes it), and a file it never saw as a
-  directory entry never synced: so the library's write is lost at a cut unless our code fsynced
+  touches the file (opens it to fsync it, renames or removes it), and a file or directory it never
+  saw (DuckDB's, or a reader's mkdir -p of audit/tmp) as a directory entry that only a later fsync
+  of its directory makes durable: so the library's write is lost at a cut unless our code fsynced
   the file and its directory. It does not model the library's own ordering or syncs (DuckDB is
   assumed to have written the whole file when COPY returns, as it does), nor files the library
   writes and removes by itself (spill files in audit/tmp, a views file's WAL): a cut drops them.
-- Crash mode "drop" (every unsynced write lost, nothing torn): the strictest for loss. Torn and
-  reordered writes of the log's own records are tests/msglog's subject.
+- Crash mode "drop" only (every unsynced write lost, nothing torn): the strictest for loss, and
+  the one in which what a cut leaves depends only on the syncs before it. Torn, partly kept and
+  reordered unsynced writes are tests/msglog's subject; here they could only touch temp files (no
+  file is renamed into place before its fsync) and the active segment (recovered as the log's
+  tests show).
 - The maintenance lock file and the readers' scratch directories are not written through a FileIO
-  (they need no durability); a cut removes them, as it would.
+  (they need no durability): entries of another process, as above.
 - Directory renames are not modelled (the audit renames files only), nor is the state dir's own
-  entry in its parent: it is CrashIO's root, always there (the service does not create it).
-- The forwarder's cursor (appliance/forward) is not in this lifetime: its power-loss tests are in
-  tests/forward; here segments are removed as soon as they are converted.
+  entry in its parent: it is CrashIO's root, always there (appliance/statedir.py creates it durably,
+  with the real FileIO, before the service starts).
+- The forwarder's cursor is not in this lifetime (its power-loss tests: tests/msglog/test_cursor.py,
+  tests/forward/test_outbox.py): here segments are removed as soon as they are converted. Nor are
+  retention, purge and the upgrade, which use the same layout.py tools but with the real FileIO.
 """
 
 from __future__ import annotations

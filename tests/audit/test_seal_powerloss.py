@@ -13,7 +13,12 @@ fsync is undone. What a cut leaves then changes only at a sync: a counting run l
 that changed it, and a fresh copy of the same state dir is cut right after each of them (and at
 the first operation): a cut anywhere between two of them leaves the same files, so this covers
 every operation (22 distinct cuts of the lifetime's ~120 operations). After the cut, and again
-after the next (uninterrupted) lifetime and a power cut right after it, the checks are:
+after the next (uninterrupted) lifetime and a power cut right after it, the checks are below.
+
+A process killed (kill -9) loses nothing, but what it did after its last fsync is not durable: the
+next start must make durable what it finds (a directory, a watermark) before relying on it. So the
+lifetime is also killed right after each mkdir, rename and unlink (25 kills), restarted, and the
+power cut right after the restart's lifetime; then the same checks:
 
 - what the audit reader sees (AuditQuery: `appliance audit sql`'s Parquet files + tail) holds every
   decision and event of the log exactly once;
@@ -122,10 +127,26 @@ class LibraryCrashIO(CrashIO):
     def rename(self, src: Path, dst: Path) -> None:
         self._touch(src)
         super().rename(src, dst)
+        self._changed()
 
     def unlink(self, path: Path) -> None:
         self._touch(path)
         super().unlink(path)
+        self._changed()
+
+    def mkdir(self, path: Path) -> None:
+        super().mkdir(path)
+        self._changed()
+
+    # With `killing`, reaching `crash_at` kills the process instead (kill -9: nothing is lost).
+
+    killing = False
+
+    def _crash(self, mode: str | None) -> dict[str, str]:
+        if self.killing:
+            self.kill()
+            return {}
+        return super()._crash(mode)
 
     def fsync_dir(self, path: Path) -> None:
         with self._lock:
@@ -143,6 +164,11 @@ class LibraryCrashIO(CrashIO):
 
     record_syncs = False
     syncs: list[tuple[int, int]]
+    entry_changes: list[int]  # the operations that changed a directory entry (mkdir, rename, unlink)
+
+    def _changed(self) -> None:
+        if self.record_syncs:
+            self.entry_changes.append(self.ops)
 
     def _synced(self) -> None:
         if not self.record_syncs:
@@ -237,32 +263,47 @@ def check(base: Base, state: Path, when: str) -> None:
             assert seen == base.ids[table], f"{when}: the audit reader does not see every {table} row exactly once"
 
 
-def cut_points(base: Base, root: Path) -> tuple[list[int], int]:
-    """Runs a whole lifetime; returns the operations to cut the power at (the first one, and each
-    one after a sync that changed what a cut leaves: a cut anywhere up to the next such sync leaves
-    the same files) and how many operations there were."""
+@dataclass(frozen=True)
+class Cuts:
+    power: list[int]  # the first operation, and each one right after a sync that changed what a cut leaves
+    kill: list[int]  # each operation right after one that changed a directory entry
+    total: int
+
+
+def cut_points(base: Base, root: Path) -> Cuts:
+    """Runs a whole lifetime; returns where to cut it (a power cut anywhere up to the next sync that
+    changes what a cut leaves leaves the same files) and how many operations there were."""
     state = fresh_copy(base, root)
     io = LibraryCrashIO(state)
-    io.record_syncs, io.syncs = True, []
+    io.record_syncs, io.syncs, io.entry_changes = True, [], []
     lifetime(io, state)
     total = io.ops
-    cuts = [1] + [op + 1 for op, _ in io.syncs if op < total]
-    # A lifetime that ran to its end leaves everything durable: a cut right after it loses nothing.
+    return Cuts([1] + [op + 1 for op, _ in io.syncs if op < total], [op + 1 for op in io.entry_changes], total)
+
+
+@pytest.fixture(scope="module")
+def cuts(base: Base, tmp_path_factory: pytest.TempPathFactory) -> Cuts:
+    return cut_points(base, tmp_path_factory.mktemp("count"))
+
+
+def test_a_power_cut_right_after_a_complete_lifetime_loses_nothing(base: Base, tmp_path: Path) -> None:
+    state = fresh_copy(base, tmp_path)
+    io = LibraryCrashIO(state)
+    lifetime(io, state)
     io.crash("drop")
     io.revive()
     check(base, state, "after a complete lifetime and a power cut")
-    mark = Layout(state).read_watermark()
-    assert mark.last_seq == SEALED_SEQ
+    assert Layout(state).read_watermark().last_seq == SEALED_SEQ
     assert [s.first_seq for s in list_segments(state / "log")] == [SEALED_SEQ + 1]
     assert all(Layout(state).visible(t) for t in TABLES)
-    return cuts, total
+    assert Layout(state).files("decisions")[0].last_seq > Layout(state).files("decisions")[0].first_seq  # compacted
 
 
-def test_a_power_cut_at_any_step_of_sealing_loses_and_duplicates_no_row(base: Base, tmp_path: Path) -> None:
-    cuts, total = cut_points(base, tmp_path / "count")
-    assert total > 50 and len(cuts) > 20  # every directory, file, rename and removal is an operation
+def test_a_power_cut_at_any_step_of_sealing_loses_and_duplicates_no_row(base: Base, cuts: Cuts, tmp_path: Path) -> None:
+    total = cuts.total
+    assert total > 50 and len(cuts.power) > 20  # every directory, file, rename and removal is an operation
     reached = set()
-    for cut in cuts:
+    for cut in cuts.power:
         state = fresh_copy(base, tmp_path / f"cut{cut}")
         io = LibraryCrashIO(state)
         io.crash_at, io.crash_mode = cut, "drop"
@@ -279,6 +320,28 @@ def test_a_power_cut_at_any_step_of_sealing_loses_and_duplicates_no_row(base: Ba
         assert Layout(state).read_watermark().last_seq == SEALED_SEQ
         shutil.rmtree(tmp_path / f"cut{cut}")
     assert reached == {0, PER_SEGMENT, 2 * PER_SEGMENT, SEALED_SEQ}  # cuts before, between and after every batch
+
+
+def test_a_process_killed_at_any_step_then_a_power_cut_after_the_next_start_loses_no_row(
+        base: Base, cuts: Cuts, tmp_path: Path) -> None:
+    """kill -9 right after a mkdir, a rename or an unlink, before the fsync that makes it durable:
+    nothing is lost then, but the next start must make durable what it finds (a directory, the
+    watermark, a removal) before it relies on it, or the power cut that follows takes it away."""
+    assert len(cuts.kill) > 20
+    for cut in cuts.kill:
+        state = fresh_copy(base, tmp_path / f"kill{cut}")
+        io = LibraryCrashIO(state)
+        io.crash_at, io.killing = cut, True
+        with pytest.raises(OSError, match="CrashIO"):
+            lifetime(io, state)
+        io.killing = False
+        io.revive()
+        lifetime(io, state)
+        io.crash("drop")
+        io.revive()
+        check(base, state, f"a kill at operation {cut}, the next start, then a power cut")
+        assert Layout(state).read_watermark().last_seq == SEALED_SEQ
+        shutil.rmtree(tmp_path / f"kill{cut}")
 
 
 @contextmanager

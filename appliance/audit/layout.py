@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from appliance.msglog.fileio import FileIO, OsIO
+
+OS_IO = OsIO()
 TABLES = ("decisions", "events")
 _PARQUET_NAME = re.compile(r"^(\d{20})(?:-(\d{20}))?\.parquet$")
 _DAY_DIR = re.compile(r"^day=(\d{4}-\d{2}-\d{2})$")
@@ -53,8 +56,9 @@ class ParquetFile:
 
 
 class Layout:
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, *, io: FileIO = OS_IO):
         self.state_dir = Path(state_dir).absolute()
+        self.io = io  # what writes, syncs, renames and removes its files (reads use os directly)
         self.log_dir = self.state_dir / "log"
         self.audit_dir = self.state_dir / "audit"
         self.parquet_dir = self.audit_dir / "parquet"
@@ -62,6 +66,10 @@ class Layout:
         self.watermark_file = self.audit_dir / "converted.json"
         self.lock_file = self.audit_dir / "maintenance.lock"
         self.tmp_dir = self.audit_dir / "tmp"  # DuckDB spills here
+
+    def make_dirs(self, path: Path) -> None:
+        """make_dirs() of a directory in the state dir, durable all the way down from it."""
+        make_dirs(path, self.io, within=self.state_dir)
 
     def table_dir(self, table: str) -> Path:
         return self.parquet_dir / table
@@ -112,12 +120,12 @@ class Layout:
 
     def write_watermark(self, mark: Watermark) -> None:
         write_durably(self.watermark_file, json.dumps(
-            {"segment": mark.segment, "last_seq": mark.last_seq}).encode() + b"\n")
+            {"segment": mark.segment, "last_seq": mark.last_seq}).encode() + b"\n", self.io)
 
     @contextmanager
     def maintenance(self) -> Iterator[None]:
         """One file rewriter at a time across processes (the seal helper, purge, retention)."""
-        make_dirs(self.audit_dir)
+        self.make_dirs(self.audit_dir)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -146,48 +154,56 @@ def previous_version(state_dir: Path) -> bool:
         (audit / "audit.duckdb").exists() and not (audit / ".views-key").exists())
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+# The file tools below take the FileIO to go through (appliance/msglog/fileio.py): the real one by
+# default, CrashIO in the power-loss tests (tests/audit/test_seal_powerloss.py). A Layout carries
+# its own (`layout.io`), which the seal code and the service pass on (retention, purge and the
+# upgrade call these with the default one).
+
+def fsync_dir(path: Path, io: FileIO = OS_IO) -> None:
+    io.fsync_dir(path)
+
+
+def fsync_file(path: Path, io: FileIO = OS_IO) -> None:
+    """Sync a file's data (and its size) to disk, whoever wrote it: DuckDB's COPY writes a Parquet
+    file through its own I/O, and only this sync makes it durable."""
+    fd = io.open(path)
     try:
-        os.fsync(fd)
+        io.fdatasync(fd)
     finally:
-        os.close(fd)
+        io.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def make_dirs(path: Path, io: FileIO = OS_IO, *, within: Path | None = None) -> None:
+    """mkdir -p, durably (FileIO.makedirs): every directory from `within` (the state dir; without
+    it, `path`'s parent) down to `path` is fsync'd into its parent, even one that exists already: a
+    process killed between its mkdir and that fsync left it behind, not durable yet."""
+    io.makedirs(Path(path), within=within)
 
 
-def make_dirs(path: Path) -> None:
-    """mkdir -p, fsyncing the parent of every directory it creates (so a power cut cannot take a
-    directory, and what was renamed into it, away)."""
-    path = Path(path)
-    if path.is_dir():
-        return
-    make_dirs(path.parent)
-    try:
-        path.mkdir()
-    except FileExistsError:
-        return
-    fsync_dir(path.parent)
-
-
-def publish(tmp: Path, final: Path) -> None:
+def publish(tmp: Path, final: Path, io: FileIO = OS_IO) -> None:
     """Make a fully written temp file durable under its final name: fsync, rename, fsync the dir."""
-    fsync_file(tmp)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    fsync_file(tmp, io)
+    io.rename(tmp, final)
+    fsync_dir(final.parent, io)
 
 
-def write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes, io: FileIO = OS_IO) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    publish(tmp, path)
+    fd = io.open(tmp, create=True)
+    try:
+        io.truncate(fd, 0)  # a crashed run's temp file may be longer
+        io.write_all(fd, data, 0)
+    finally:
+        io.close(fd)
+    publish(tmp, path, io)
+
+
+def unlink_if_exists(path: Path, io: FileIO = OS_IO) -> bool:
+    try:
+        io.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def temp_name(final: Path) -> Path:

@@ -6,7 +6,8 @@ lives in the service. It converts every sealed segment after the watermark, in b
 (layout.py), then moves the watermark past the batch, then refreshes the views file.
 
 Crash safety: each file is written under a temp name, fsync'd, renamed and its directory fsync'd;
-the watermark is written the same way only after every file of the batch is in place. A batch's
+the watermark is written the same way only after every file of the batch is in place. Those steps
+go through `layout.io` (a FileIO), so tests/audit/test_seal_powerloss.py cuts the power at each. A batch's
 files are named after its first segment, and the next run starts at the same segment, so redoing a
 batch after a crash at any point replaces the files the crash left instead of adding rows (a
 rerun's batch holds at least the rows of the interrupted one). Readers ignore files named after
@@ -45,10 +46,10 @@ from appliance.audit.layout import (
     ParquetFile,
     Watermark,
     fsync_dir,
-    make_dirs,
     publish,
     sql_string,
     temp_name,
+    unlink_if_exists,
     write_durably,
 )
 from appliance.audit.legacy import needs_upgrade
@@ -100,7 +101,7 @@ class SealReport:
 
 def connect(layout: Layout, *, memory_limit: str = MEMORY_LIMIT, threads: int = 2) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB for the helper's own work (full access: this is trusted code)."""
-    make_dirs(layout.tmp_dir)
+    layout.make_dirs(layout.tmp_dir)
     con = duckdb.connect(config={
         "memory_limit": memory_limit, "threads": threads, "temp_directory": str(layout.tmp_dir),
         "autoinstall_known_extensions": False, "autoload_known_extensions": False,
@@ -243,16 +244,18 @@ def drop_stage(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def copy_days(con: duckdb.DuckDBPyConnection, source: str, kind: RecordKind, target: Callable[[date], Path],
-              *, row_group_rows: int = ROW_GROUP_ROWS, checkpoint: Checkpoint | None = None) -> list[Path]:
+              *, layout: Layout, row_group_rows: int = ROW_GROUP_ROWS,
+              checkpoint: Checkpoint | None = None) -> list[Path]:
     """COPYs the staged rows of `source` (log fields) out as the audit table's columns, one Parquet
-    file per UTC day, each published durably."""
+    file per UTC day in `target(day)`, each published durably: DuckDB writes the temp file, then
+    `layout.io` syncs and renames it."""
     days = [int(d) for (d,) in con.execute(
         f"SELECT DISTINCT CAST(floor(ts / {_DAY}) AS BIGINT) AS d FROM {source} ORDER BY d").fetchall()]
     written = []
     for number in days:
         day = datetime.fromtimestamp(number * _DAY, UTC).date()
         final = target(day)
-        make_dirs(final.parent)
+        layout.make_dirs(final.parent)
         tmp = temp_name(final)
         con.execute(
             f"COPY (SELECT {kind.select_from_stage()} FROM {source} "
@@ -260,7 +263,7 @@ def copy_days(con: duckdb.DuckDBPyConnection, source: str, kind: RecordKind, tar
             f"TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group_rows})")
         if checkpoint:
             checkpoint("file_written")
-        publish(tmp, final)
+        publish(tmp, final, layout.io)
         if checkpoint:
             checkpoint("file_published")
         written.append(final)
@@ -292,7 +295,7 @@ def convert_pending(layout: Layout, *, max_batch_bytes: int = MAX_BATCH_BYTES,
                 for kind in AUDITED:
                     report.files += copy_days(
                         con, _stage_name(kind), kind, _namer(layout, kind.table, first),
-                        row_group_rows=row_group_rows, checkpoint=checkpoint)
+                        layout=layout, row_group_rows=row_group_rows, checkpoint=checkpoint)
                 drop_stage(con)
                 mark = Watermark(batch[-1].first_seq, max(mark.last_seq, last_seq))
                 layout.write_watermark(mark)
@@ -338,8 +341,8 @@ def compact_days(layout: Layout, con: duckdb.DuckDBPyConnection, *, before: date
                 except duckdb.Error as error:
                     log.warning("compacting %s of %s failed (%s); left as it is", table, day,
                                 str(error).splitlines()[0])
-                    temp_name(layout.parquet_path(table, day, run[0].first_seq, run[-1].last_seq)).unlink(
-                        missing_ok=True)
+                    unlink_if_exists(temp_name(layout.parquet_path(table, day, run[0].first_seq, run[-1].last_seq)),
+                                     layout.io)
                     continue
                 merged += len(run)
     return merged
@@ -378,12 +381,12 @@ def _merge(layout: Layout, con: duckdb.DuckDBPyConnection, table: str, day: date
                     f"TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group_rows})")
     finally:
         con.execute("RESET threads")
-    publish(tmp, final)  # from here on readers take it and skip the files it replaces
+    publish(tmp, final, layout.io)  # from here on readers take it and skip the files it replaces
     if checkpoint:
         checkpoint("compacted")
     for f in run:
-        f.path.unlink()
-    fsync_dir(final.parent)
+        layout.io.unlink(f.path)
+    fsync_dir(final.parent, layout.io)
 
 
 def remove_orphans(layout: Layout, mark: Watermark) -> int:
@@ -395,8 +398,8 @@ def remove_orphans(layout: Layout, mark: Watermark) -> int:
     for table in TABLES:
         for f in layout.files(table):
             if (table, f.path) not in covered:
-                f.path.unlink()
-                fsync_dir(f.path.parent)
+                layout.io.unlink(f.path)
+                fsync_dir(f.path.parent, layout.io)
                 removed += 1
     return removed
 
@@ -452,10 +455,10 @@ def write_views(layout: Layout) -> bool:
         log.warning("%s is an audit log of the previous version: not replaced before the upgrade "
                     "imports it", layout.views_file)
         return False
-    make_dirs(layout.audit_dir)
+    layout.make_dirs(layout.audit_dir)
     tmp = temp_name(layout.views_file)
     for stale in (tmp, tmp.with_name(tmp.name + ".wal")):
-        stale.unlink(missing_ok=True)
+        unlink_if_exists(stale, layout.io)
     con = duckdb.connect(str(tmp), config={"autoinstall_known_extensions": False,
                                            "autoload_known_extensions": False})
     try:
@@ -464,8 +467,8 @@ def write_views(layout: Layout) -> bool:
         con.execute("CHECKPOINT")
     finally:
         con.close()
-    publish(tmp, layout.views_file)
-    write_durably(key_file, key.encode())
+    publish(tmp, layout.views_file, layout.io)
+    write_durably(key_file, key.encode(), layout.io)
     return True
 
 

@@ -22,11 +22,11 @@ import orjson
 
 from appliance.audit.errors import AuditError
 from appliance.audit.helpers import HELPER_MODULE, HelperProcesses, HelperRun
-from appliance.audit.layout import Layout, make_dirs, previous_version, write_durably
+from appliance.audit.layout import OS_IO, Layout, make_dirs, previous_version, write_durably
 from appliance.audit.records import COMPACT_DECISION, DECISION, EVENT, IdClock, record_id
 from appliance.audit.sink import AuditSink, event_record
 from appliance.config import AuditConfig
-from appliance.msglog import MessageLog, SyncPolicy, list_segments, read_segment
+from appliance.msglog import FileIO, MessageLog, SyncPolicy, list_segments, read_segment
 from appliance.names import EventKind
 from appliance.pipeline import FailedTickets
 
@@ -117,14 +117,15 @@ class AuditService:
         *,
         on_event: Callable[[EventKind, dict[str, Any]], None] | None = None,
         forward: bool = False,
+        io: FileIO = OS_IO,
     ):
         self.config = config
         self.state_dir = state_dir
-        self.layout = Layout(state_dir)
-        make_dirs(self.layout.audit_dir)  # fsync'd into its parent: a power cut cannot take it away
+        self.layout = Layout(state_dir, io=io)  # io: CrashIO in the power-loss tests
+        self.layout.make_dirs(self.layout.audit_dir)  # fsync'd into its parent: a power cut cannot take it away
         # DuckDB's spill directory for the helpers and readers, owned by the service's user (a reader
         # run with sudo before the first seal would otherwise create it as root).
-        make_dirs(self.layout.tmp_dir)
+        self.layout.make_dirs(self.layout.tmp_dir)
         self._on_event = on_event or self.record_event
         upgrade_legacy(state_dir)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,6 +136,7 @@ class AuditService:
             segment_max_age=config.segment_max_age.total_seconds() if config.segment_max_age else None,
             on_event=self._log_event,
             on_seal=self._sealed,
+            io=io,
         )
         self.recovery = self.log.open()
         self.clock = id_clock(state_dir)
@@ -261,7 +263,7 @@ class AuditService:
         if self.keep_from is not None:
             upto = min(upto, self.keep_from())
         # The ids of the records about to go are all <= the clock's last: remembered first.
-        write_durably(self.layout.audit_dir / LAST_ID_FILE, f"{self.clock.last}\n".encode())
+        write_durably(self.layout.audit_dir / LAST_ID_FILE, f"{self.clock.last}\n".encode(), self.layout.io)
         return self.log.remove_segments_before(upto)
 
     async def start(self) -> None:

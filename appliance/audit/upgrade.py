@@ -34,7 +34,6 @@ import duckdb
 from appliance.audit.layout import (
     Layout,
     fsync_dir,
-    make_dirs,
     publish,
     sql_string,
     temp_name,
@@ -169,7 +168,7 @@ def _to_parquet(con: duckdb.DuckDBPyConnection, layout: Layout, journal: Path | 
         for day in days:
             start = datetime(day.year, day.month, day.day, tzinfo=UTC)
             final = layout.parquet_path(kind.table, day, UPGRADE_SEQ)
-            make_dirs(final.parent)
+            layout.make_dirs(final.parent)
             tmp = temp_name(final)
             row = con.execute(
                 f"COPY (SELECT * FROM import_{kind.table} WHERE ts >= TIMESTAMPTZ '{start.isoformat()}' "

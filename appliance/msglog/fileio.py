@@ -58,24 +58,29 @@ class FileIO:
 
     # Built from the primitives above, so every FileIO gets them right the same way.
 
-    def makedirs(self, path: Path) -> None:
-        """Create `path` and any missing parents, fsyncing each parent after adding an entry to it, and
-        `path` and its parent in any case (a process killed before its fsync may have created them),
-        so a power cut right after cannot take the directory or its entries away again."""
+    def makedirs(self, path: Path, *, within: Path | None = None) -> None:
+        """Create `path` and any missing parents, and make every one durable: each directory from
+        `within` (exclusive: a directory known to be durable, such as the state dir) down to `path`
+        is fsync'd into its parent, whether this call created it or found it (a process killed
+        between its mkdir and that fsync left it there, not durable), and `path` itself is fsync'd,
+        so a power cut right after cannot take the directory or its entries away again. Without
+        `within` (or with one `path` is not under), that is `path` and the missing ones above it."""
         path = Path(path).absolute()
-        missing = []
+        top = path.parent
+        if within is not None and (Path(within).absolute() == path or Path(within).absolute() in path.parents):
+            top = Path(within).absolute()
+        chain = []
         probe = path
-        while not probe.exists():
-            missing.append(probe)
+        while probe != probe.parent and (not probe.exists() or top in probe.parents):
+            chain.append(probe)
             probe = probe.parent
-        for directory in reversed(missing):
-            try:
-                self.mkdir(directory)
-            except FileExistsError:
-                pass
+        for directory in reversed(chain):
+            if not directory.exists():
+                try:
+                    self.mkdir(directory)
+                except FileExistsError:
+                    pass
             self.fsync_dir(directory.parent)
-        if not missing:
-            self.fsync_dir(path.parent)
         self.fsync_dir(path)
 
     def write_all(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

@@ -123,8 +123,7 @@ class Appliance:
                 self.outbox = Outbox.for_log(self.audit.log, Cursor(forward_cursor_path(config.state_dir)), config.upstream.outbox)
                 self.audit.keep_from = self.outbox.needed_from
                 if config.upstream.outbox.policy == "reject_new":
-                    audit = self.audit
-                    self._outbox_check = OutboxFull(self.outbox, lambda: audit.healthy)
+                    self._outbox_check = OutboxFull(self.outbox)
             # After the audit sink: a dead letter names the verdict just recorded.
             audit_sink = self.audit.sink if self.audit is not None else None
             self.dead_letters = DeadLetterSink(

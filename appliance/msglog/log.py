@@ -257,6 +257,8 @@ class MessageLog:
         if self._thread is not None:
             raise RuntimeError("MessageLog.start() called twice")
         self._loop = loop
+        if not self._has_headroom():  # started on a full disk: unhealthy until the probe finds room
+            self._degraded(f"less than {self._headroom()} bytes free in {self.directory}")
         self._thread = threading.Thread(target=self._run, name="msglog-writer", daemon=True)
         self._thread.start()
 

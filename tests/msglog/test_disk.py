@@ -147,6 +147,24 @@ def test_health_stays_down_while_the_disk_is_full(small_fs: Path, caplog: pytest
     assert [r.seq for r in read_log(directory)] == [*small, more]
 
 
+def test_started_on_a_full_disk_it_is_unhealthy_until_space_returns(small_fs: Path) -> None:
+    directory = small_fs / "log"
+    previous = MessageLog(directory)  # the log of a previous run
+    previous.open()
+    previous.stop()
+    filler = fill(small_fs)
+    events: list[str] = []
+    log = MessageLog(directory, on_event=lambda kind, detail: events.append(kind))
+    log.start()
+    try:
+        assert not log.healthy and events == ["log_degraded"]
+        filler.unlink()
+        wait_until(lambda: log.healthy, message="recovery after space returned")
+        assert events == ["log_degraded", "log_recovered"]
+    finally:
+        log.stop()
+
+
 CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path

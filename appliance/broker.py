@@ -5,7 +5,8 @@ Both kinds answer one question for the proxy: where do I open the broker leg for
 port, restarted with exponential backoff when it dies, and stopped on shutdown. It accepts only the
 appliance: every start generates a random password for the user `appliance`, written hashed to
 `STATE_DIR/mosquitto/passwd` (mode 0600) with `allow_anonymous false`; the proxy presents it in
-every relayed CONNECT, so a local process that finds mosquitto's port still cannot bypass the proxy. Clients of a broker
+every relayed CONNECT, so a local process that finds mosquitto's port still cannot bypass the proxy.
+On a full disk that file and the generated config are kept in memory instead (`_write_file`). Clients of a broker
 that died lose their connection and reconnect, as they would to a restarted mosquitto.
 """
 

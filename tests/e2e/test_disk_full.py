@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from appliance.audit.query import AuditQuery
+from appliance.mqtt import Connect, ProtocolVersion, Publish, Pubrec
 from tests.conftest import make_config
 from tests.e2e.test_operations import get, metric
 from tests.forward.harness import CloudBroker, Subscriber
-from tests.helpers import Client, RunningAppliance, scaled, wait_until
+from tests.helpers import Client, RawClient, RunningAppliance, scaled, wait_until
 from tests.msglog.test_disk import fill
 from tests.processes import free_port, output, start_appliance
 
@@ -218,6 +219,13 @@ def test_sigterm_and_restart_on_a_full_disk(tmp_path: Path, small_fs: Path):
                    message="the QoS 0 gap counted")
         info = v5.publish("plant/v5", b'{"v5":1}', qos=1)
         assert v5.acks[info.mid].value == QUOTA_EXCEEDED
+        raw = RawClient(port)  # QoS 2 (paho ignores a PUBREC's reason code)
+        raw.send(Connect(client_id="qos2", protocol_version=ProtocolVersion.MQTT_5))
+        assert raw.receive().reason_code == 0
+        raw.send(Publish("plant/v5", b'{"v5":2}', qos=2, packet_id=1))
+        pubrec = raw.receive()
+        assert isinstance(pubrec, Pubrec) and pubrec.reason_code == QUOTA_EXCEEDED
+        raw.close()
         assert not healthy()
 
         # MQTT 3.1.1 has no negative PUBACK: no ack, the connection closes, the device resends
@@ -237,7 +245,7 @@ def test_sigterm_and_restart_on_a_full_disk(tmp_path: Path, small_fs: Path):
         assert resent.is_published()
         wait_until(lambda: {b'{"before":1}', b'{"v311":1}'} <= set(consumer.payloads()),
                    message="the acknowledged messages in the cloud")
-        assert not {b'{"while":1}', b'{"v5":1}'} & set(consumer.payloads())
+        assert not {b'{"while":1}', b'{"v5":1}', b'{"v5":2}'} & set(consumer.payloads())
         for client in (device, v5, local):
             client.disconnect()
         printed = stop_cleanly(proc)

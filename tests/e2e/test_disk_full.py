@@ -7,6 +7,7 @@ and the appliance recovers by itself when space returns, also after a restart on
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance import broker
 from appliance.audit.query import AuditQuery
 from appliance.mqtt import Connect, ProtocolVersion, Publish, Pubrec
 from tests.conftest import make_config
@@ -24,7 +26,7 @@ from tests.helpers import Client, RawClient, RunningAppliance, scaled, wait_unti
 from tests.msglog.test_disk import fill
 from tests.processes import free_port, output, start_appliance
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a size-limited tmpfs: needs root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a size-limited tmpfs: needs root")
 
 QUOTA_EXCEEDED = 0x97
 HEALTH_EVENTS = ("log_degraded", "log_recovered")
@@ -91,6 +93,7 @@ def fill_log_with_qos0(pub: Client, healthy: Callable[[], bool]) -> int:
     return sent
 
 
+@needs_root
 @pytest.mark.parametrize("policy", ["drop_oldest", "reject_new"])
 def test_full_disk_refuses_instead_of_losing_and_recovers(tmp_path: Path, small_fs: Path, policy: str):
     """Filled by QoS 1 load with the uplink down, under both outbox policies: with reject_new the
@@ -108,6 +111,7 @@ def test_full_disk_refuses_instead_of_losing_and_recovers(tmp_path: Path, small_
         pub = Client(running.port, version=5, client_id="filler").connect()
         accepted, refused = fill_with_qos1(pub, "plant/fill")
         assert not running.app.audit.healthy
+        wait_until(lambda: health_events(running.events), message="the log_degraded event")  # via the loop
         assert health_events(running.events) == ["log_degraded"]
 
         # Still full: QoS 0 reaches the local subscriber (whatever the outbox policy), its records
@@ -123,6 +127,7 @@ def test_full_disk_refuses_instead_of_losing_and_recovers(tmp_path: Path, small_
         # Space returns: the log writes again by itself, and publishes are acknowledged again.
         subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
         wait_until(lambda: running.app.audit.healthy, timeout=30, message="the log writes again")
+        wait_until(lambda: len(health_events(running.events)) > 1, message="the log_recovered event")  # via the loop
         assert health_events(running.events) == ["log_degraded", "log_recovered"]
         for n in range(5):
             payload = f'{{"after":{n}}}'.encode()
@@ -170,6 +175,7 @@ def stop_cleanly(proc: subprocess.Popen[str]) -> str:
     return printed
 
 
+@needs_root
 def test_sigterm_and_restart_on_a_full_disk(tmp_path: Path, small_fs: Path):
     """`appliance run` (as systemd runs it) stopped with SIGTERM while the disk is full, started
     again on the still full disk: it serves QoS 0 with the gap counted, refuses QoS 1 (MQTT 5:
@@ -270,3 +276,28 @@ def test_sigterm_and_restart_on_a_full_disk(tmp_path: Path, small_fs: Path):
             proc.wait()
         consumer.stop()
         cloud.stop()
+
+
+def test_the_broker_starts_when_the_state_dir_cannot_take_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Without root, the full disk injected at the write: mosquitto's generated config and password
+    file are kept in memory, and it still lets in the appliance only."""
+    def no_space(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(broker, "write_private", no_space)
+    running = RunningAppliance(make_config(tmp_path / "state")).start()
+    try:
+        sub = Client(running.port, version=5).connect()
+        sub.subscribe("t/#", qos=1)
+        pub = Client(running.port, version=4).connect()
+        pub.publish("t/x", b"1", qos=1)
+        assert [m.payload for m in sub.expect(1)] == [b"1"]
+        assert not (tmp_path / "state" / "mosquitto" / "passwd").exists()
+        endpoint = running.app.broker.endpoint()
+        raw = RawClient(endpoint.port)
+        raw.send(Connect(client_id="bypass", protocol_version=ProtocolVersion.MQTT_5, username="appliance", password=b"guess"))
+        assert raw.receive().reason_code != 0
+        pub.disconnect()
+        sub.disconnect()
+    finally:
+        running.stop()

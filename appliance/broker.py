@@ -102,7 +102,7 @@ def _write_file(path: Path, text: str, in_memory: list[int]) -> Path:
     Where the state dir cannot take it (a full disk), the file is kept in memory instead (a memfd
     that mosquitto inherits and opens as /proc/self/fd/N; its descriptor is added to `in_memory`):
     neither file needs to survive the start, and a full disk must not stop the broker from
-    starting, or QoS 0 traffic from flowing (docs/audit.md, "Disk full")."""
+    starting, or QoS 0 traffic from flowing (docs/operations.md, "A full disk")."""
     try:
         write_private(path, text)
         return path

@@ -99,6 +99,9 @@ class Appliance:
         self._started = time.monotonic()
         self.governance: Governance | None = None
         self.audit: AuditService | None = None
+        # Until the audit log stops: events that reach the loop after that (the log's own
+        # log_degraded when its last write fails on a full disk) are logged, not recorded.
+        self._recording_events = True
         # Who may connect and what they may do; built now so that a broken file stops the start.
         self.passwords, self.acl = load_access(config.auth)
         self.authenticators: list[Authenticator] = []
@@ -123,8 +126,7 @@ class Appliance:
                 self.outbox = Outbox.for_log(self.audit.log, Cursor(forward_cursor_path(config.state_dir)), config.upstream.outbox)
                 self.audit.keep_from = self.outbox.needed_from
                 if config.upstream.outbox.policy == "reject_new":
-                    audit = self.audit
-                    self._outbox_check = OutboxFull(self.outbox, lambda: audit.healthy)
+                    self._outbox_check = OutboxFull(self.outbox)
             # After the audit sink: a dead letter names the verdict just recorded.
             audit_sink = self.audit.sink if self.audit is not None else None
             self.dead_letters = DeadLetterSink(
@@ -238,7 +240,7 @@ class Appliance:
 
     def on_event(self, kind: EventKind, detail: dict[str, object]) -> None:
         log.debug("event %s %s", kind, detail)
-        if self.audit is not None:
+        if self.audit is not None and self._recording_events:
             self.audit.record_event(kind, detail)
         for callback in self._event_callbacks:
             callback(kind, detail)
@@ -352,6 +354,7 @@ class Appliance:
         if self.outbox is not None:
             self.outbox.close()
         if self.audit is not None:
+            self._recording_events = False
             await self.audit.stop()
         log.info("stopped")
 

@@ -5,7 +5,8 @@ Both kinds answer one question for the proxy: where do I open the broker leg for
 port, restarted with exponential backoff when it dies, and stopped on shutdown. It accepts only the
 appliance: every start generates a random password for the user `appliance`, written hashed to
 `STATE_DIR/mosquitto/passwd` (mode 0600) with `allow_anonymous false`; the proxy presents it in
-every relayed CONNECT, so a local process that finds mosquitto's port still cannot bypass the proxy. Clients of a broker
+every relayed CONNECT, so a local process that finds mosquitto's port still cannot bypass the proxy.
+On a full disk that file and the generated config are kept in memory instead (`_write_file`). Clients of a broker
 that died lose their connection and reconnect, as they would to a restarted mosquitto.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from appliance.children import prepare_child
 from appliance.config import BrokerConfig
 from appliance.names import EventKind
-from appliance.security.passwords import PasswordFile, hash_password
+from appliance.security.passwords import PasswordFile, hash_password, write_private
 from appliance.security.tls import TLSFileError, client_ssl_context
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,28 @@ def render_mosquitto_conf(*, port: int, data_dir: Path, extra: list[str], passwo
         f"user {getpass.getuser()}",
     ]
     return "\n".join([*lines, *extra]) + "\n"
+
+
+def _write_file(path: Path, text: str, in_memory: list[int]) -> Path:
+    """Write one of mosquitto's generated files (mode 0600) and return the path mosquitto opens.
+    Where the state dir cannot take it (a full disk), the file is kept in memory instead (a memfd
+    that mosquitto inherits and opens as /proc/self/fd/N; its descriptor is added to `in_memory`):
+    neither file needs to survive the start, and a full disk must not stop the broker from
+    starting, or QoS 0 traffic from flowing (docs/operations.md, "A full disk")."""
+    try:
+        write_private(path, text)
+        return path
+    except OSError as exc:
+        log.warning("cannot write %s (%s): mosquitto reads it from memory for this start", path, exc.strerror or exc)
+    fd = os.memfd_create(path.name, 0)  # not close-on-exec: inherited through pass_fds
+    try:
+        os.fchmod(fd, 0o600)  # mosquitto warns about a world-readable password file
+        os.write(fd, text.encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    in_memory.append(fd)
+    return Path(f"/proc/self/fd/{fd}")
 
 
 class ExternalBroker:
@@ -162,18 +185,24 @@ class EmbeddedBroker:
     async def _spawn(self) -> None:
         port = free_loopback_port()
         password = secrets.token_urlsafe(24)
-        passwd = self._dir / "passwd"
-        PasswordFile({BROKER_USER: hash_password(password)}).save(passwd)
-        conf = self._dir / "mosquitto.conf"
-        conf.write_text(render_mosquitto_conf(port=port, data_dir=self._dir, extra=self._config.extra_config, password_file=passwd))
-        self._output.clear()
-        self._process = await asyncio.create_subprocess_exec(
-            self._binary, "-c", str(conf),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=prepare_child,
-        )
+        in_memory: list[int] = []  # descriptors of files kept in memory, passed to mosquitto
+        try:
+            passwd = _write_file(self._dir / "passwd", PasswordFile({BROKER_USER: hash_password(password)}).text(),
+                                 in_memory)
+            conf = _write_file(self._dir / "mosquitto.conf", render_mosquitto_conf(
+                port=port, data_dir=self._dir, extra=self._config.extra_config, password_file=passwd), in_memory)
+            self._output.clear()
+            self._process = await asyncio.create_subprocess_exec(
+                self._binary, "-c", str(conf),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=prepare_child,
+                pass_fds=in_memory,
+            )
+        finally:
+            for fd in in_memory:  # mosquitto has its own copies
+                os.close(fd)
         asyncio.create_task(self._pump_output(self._process), name="mosquitto-output")
         await self._wait_ready(self._process, port)
         self._endpoint = BrokerEndpoint("127.0.0.1", port, username=BROKER_USER, password=password.encode())

@@ -1,27 +1,27 @@
 """The `reject_new` outbox policy as a pipeline check: while the outbox is full, new messages are
-refused (MQTT 5 publishers get 0x97 Quota exceeded) instead of buffered."""
+refused (MQTT 5 publishers get 0x97 Quota exceeded) instead of buffered.
+
+A full disk is not a full outbox: while the message log cannot be written, `StoreUnavailable`
+(audit/check.py, before this check) refuses QoS 1/2 and QoS 0 keeps flowing to local subscribers,
+whatever the outbox policy."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from appliance.forward.outbox import Outbox
 from appliance.mqtt import ReasonCode
 from appliance.pipeline import Message, Reason, Verdict
 
+_FULL = Verdict.reject(
+    Reason("outbox", "the store-and-forward outbox is full (upstream.outbox.policy: reject_new)"),
+    reason_code=ReasonCode.QUOTA_EXCEEDED,
+)
+
 
 class OutboxFull:
     name = "outbox"
 
-    def __init__(self, outbox: Outbox, log_healthy: Callable[[], bool] = lambda: True):
+    def __init__(self, outbox: Outbox):
         self._outbox = outbox
-        self._log_healthy = log_healthy  # the message log's `healthy`
 
     def check(self, message: Message) -> Verdict | None:
-        # A log that cannot be written (full disk) cannot take the message either.
-        if self._outbox.is_full() or not self._log_healthy():
-            return Verdict.reject(
-                Reason("outbox", "the store-and-forward outbox is full (upstream.outbox.policy: reject_new)"),
-                reason_code=ReasonCode.QUOTA_EXCEEDED,
-            )
-        return None
+        return _FULL if self._outbox.is_full() else None

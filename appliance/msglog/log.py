@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import os
 import threading
 import time
 import zlib
@@ -51,6 +52,9 @@ OS_BUFFERED: SyncMode = "os_buffered"
 RETRY_INTERVAL = 1.0
 _PAGE = 4096  # while unhealthy, probe the disk at least this often
 PREALLOCATE_MODES = ("none", "fallocate", "zeros")
+# An unhealthy log counts as recovered only once its file system has this much free, or two full
+# batches if more (see _recovered).
+MIN_HEADROOM = 128 * 1024
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,8 @@ class MessageLog:
         if self._thread is not None:
             raise RuntimeError("MessageLog.start() called twice")
         self._loop = loop
+        if not self._has_headroom():  # started on a full disk: unhealthy until the probe finds room
+            self._degraded(f"less than {self._headroom()} bytes free in {self.directory}")
         self._thread = threading.Thread(target=self._run, name="msglog-writer", daemon=True)
         self._thread.start()
 
@@ -537,16 +543,38 @@ class MessageLog:
             self._event(EventKind.LOG_DEGRADED, {"error": error})
 
     def _recovered(self) -> None:
+        """A write or sync worked. Unhealthy until the file system also has headroom again: on a
+        full disk, cutting back a failed batch frees just enough for the next small write, and
+        counting that as recovered made the log flap (degraded, recovered 21 ms later, degraded)
+        while QoS 1/2 publishes were accepted only to fail."""
         if not self.healthy:
+            if not self._has_headroom():
+                return
             self.healthy = True
             log.warning("message log recovered")
             self._event(EventKind.LOG_RECOVERED, {})
 
+    def _headroom(self) -> int:
+        """Free bytes needed to count as recovered: room for two full batches (a preallocation
+        step is not needed: a failed one falls back to plain appends)."""
+        return max(2 * self._max_pending, MIN_HEADROOM)
+
+    def _has_headroom(self) -> bool:
+        try:
+            fs = os.statvfs(self.directory)
+        except OSError:
+            return True  # cannot tell (a test's in-memory directory): the probe's write decides
+        return fs.f_bavail * fs.f_frsize >= self._headroom()
+
     def _probe(self) -> None:
-        """Unhealthy and nothing to write: check whether the disk takes a page again."""
+        """Unhealthy and nothing to write: check whether the file system has headroom again and
+        the disk takes a page (written and synced, then cut off)."""
         self._next_probe = time.monotonic() + RETRY_INTERVAL
         if self._unsynced:
             self._sync_buffered()
+            return
+        if not self._has_headroom():
+            log.debug("message log: still less than %d bytes free in %s", self._headroom(), self.directory)
             return
         if self._fd is None:
             if self._reopen(self._written_seq + 1):

@@ -85,6 +85,20 @@ def verify_password(encoded: str, password: bytes) -> bool:
 _DUMMY_HASH = hash_password(b"no such user")
 
 
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` atomically with `text`, mode 0600; on an error (a full disk) the old file stays
+    and no temp file is left behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 class PasswordFile:
     """The users and hashes of one file; `load`, change, `save` (atomically, mode 0600)."""
 
@@ -125,19 +139,14 @@ class PasswordFile:
     def delete(self, user: str) -> bool:
         return self.entries.pop(user, None) is not None
 
+    def text(self) -> str:
+        """The file's contents, one `USER:HASH` line per user."""
+        return "".join(f"{user}:{encoded}\n" for user, encoded in self.entries.items())
+
     def save(self, path: Path | None = None) -> None:
         path = path or self.path
         assert path is not None
-        text = "".join(f"{user}:{encoded}\n" for user, encoded in self.entries.items())
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(text)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_private(path, self.text())
 
     def verify(self, user: str, password: bytes) -> bool:
         encoded = self.entries.get(user)

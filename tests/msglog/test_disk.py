@@ -4,6 +4,7 @@ ext4 image), and a writer process killed with SIGKILL under load."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import shutil
@@ -97,8 +98,8 @@ def test_disk_full_on_a_real_file_system(small_fs: Path, preallocate: str) -> No
     assert on_disk == durable  # every failed write was cut back off the segment
 
     filler.unlink()  # space returns: the writer notices by itself, no append needed
-    wait_until(lambda: log.healthy, message="recovery after space returned")
-    assert events == ["log_degraded", "log_recovered"]
+    wait_until(lambda: len(events) > 1, message="recovery after space returned")  # set healthy, then told
+    assert log.healthy and events == ["log_degraded", "log_recovered"]
     more = [log.append(1, body(log.last_seq + 1)) for _ in range(20)]
     assert log.wait_durable(more[-1], timeout=30)
     log.stop()
@@ -111,6 +112,57 @@ def test_disk_full_on_a_real_file_system(small_fs: Path, preallocate: str) -> No
     assert [r.seq for r in records] == durable + more
     assert all(r == LogRecord(r.seq, 1, body(r.seq)) for r in records)
     assert not set(lost) & {r.seq for r in records}
+
+
+def test_health_stays_down_while_the_disk_is_full(small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A failed batch that got part way is cut back, which frees its pages, and then the next small
+    write fits: health must stay down until the file system has headroom again (it flapped on a
+    full disk: log_degraded, then log_recovered 21 ms later, while QoS 1/2 was accepted again)."""
+    caplog.set_level(logging.DEBUG, logger="appliance.msglog.log")
+    directory = small_fs / "log"
+    events: list[str] = []
+    log = MessageLog(directory, policy=SyncPolicy(window=0), on_event=lambda kind, detail: events.append(kind),
+                     preallocate="none")
+    log.open()
+    log.start()
+    try:
+        filler = fill(small_fs)
+        os.truncate(filler, filler.stat().st_size - 3 * 4096)  # three pages free
+        big = log.append(1, b"b" * 40_000)
+        assert not log.wait_durable(big, timeout=30)
+        assert not log.healthy and events == ["log_degraded"]
+        small = [log.append(1, body(log.last_seq + 1)) for _ in range(5)]
+        assert log.wait_durable(small[-1], timeout=30)  # written and durable, but still nearly full
+        assert not log.healthy and events == ["log_degraded"]
+        wait_until(lambda: "still less than" in caplog.text, message="the writer's probe")
+        assert not log.healthy and events == ["log_degraded"]
+
+        filler.unlink()  # space returns: healthy again within a probe interval
+        wait_until(lambda: len(events) > 1, message="recovery after space returned")  # set healthy, then told
+        assert log.healthy and events == ["log_degraded", "log_recovered"]
+        more = log.append(1, body(log.last_seq + 1))
+        assert log.wait_durable(more, timeout=30)
+    finally:
+        log.stop()
+    assert [r.seq for r in read_log(directory)] == [*small, more]
+
+
+def test_started_on_a_full_disk_it_is_unhealthy_until_space_returns(small_fs: Path) -> None:
+    directory = small_fs / "log"
+    previous = MessageLog(directory)  # the log of a previous run
+    previous.open()
+    previous.stop()
+    filler = fill(small_fs)
+    events: list[str] = []
+    log = MessageLog(directory, on_event=lambda kind, detail: events.append(kind))
+    log.start()
+    try:
+        assert not log.healthy and events == ["log_degraded"]
+        filler.unlink()
+        wait_until(lambda: len(events) > 1, message="recovery after space returned")  # set healthy, then told
+        assert log.healthy and events == ["log_degraded", "log_recovered"]
+    finally:
+        log.stop()
 
 
 CHILD = textwrap.dedent("""

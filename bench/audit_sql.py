@@ -1,12 +1,16 @@
 """`appliance audit sql` GROUP BY over N recorded verdicts (issue #13: 10 million in < 0.5 s).
 
-The verdicts are written as the seal helper leaves them before a day is compacted: one Parquet file
-per 16 MiB log segment and UTC day, named after the segment's first seq, in 32,768-row groups,
-under a watermark that covers them (`appliance.audit.seal.copy_days` writes them, from a staging
-table filled by SQL instead of decoded log records: 10 million rows in seconds, where the log and
-the helper would take minutes). That is the most files a query meets: at 1,000 msg/s a segment holds
-~2 minutes of traffic and 10 million verdicts are ~80 files of one day; once the day is over the
-helper merges them into files of up to 2 million rows (`compact_days`), 5 for the same verdicts.
+The verdicts are laid out as a running appliance's audit log holds them. The newest are still in
+the message log, not converted yet: on average half a segment (the active one fills up to 16 MiB,
+then the seal helper converts it), which every query decodes when it opens (`AuditQuery`'s tail);
+they are written as real log records (`bench.audit_store.write_log`). The others are Parquet as
+the seal helper leaves them before a day is compacted: one file per 16 MiB log segment and UTC
+day, named after the segment's first seq, in 32,768-row groups, under a watermark that covers them
+(`appliance.audit.seal.copy_days` writes them, from a staging table filled by SQL instead of
+decoded log records: 10 million rows in under a minute, where the log and the helper would take
+several). That is the most files a query meets: at 1,000 msg/s a segment holds ~2 minutes of
+traffic and 10 million verdicts are ~80 files of one day; once the day is over the helper merges
+them into files of up to 2 million rows (`compact_days`), 5 for the same verdicts.
 
 Each query runs as the user runs it: `appliance audit sql --state-dir DIR --format csv SQL` in a
 process of its own (`python -c` around `appliance.cli.main`, so the process can say where its
@@ -28,6 +32,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from appliance.audit.layout import Layout
+
 ROWS = 10_000_000
 RATE = 1_000.0  # msg/s of the recorded traffic: sets the span of the time stamps (10M: 2.8 h)
 SENSORS = 100
@@ -42,14 +48,14 @@ QUERIES = {
 _STAGE = {
     "id": "(CAST(({t0} + i * {step}) * 1000 AS BIGINT) << 20) + (i & 1048575)",
     "ts": "{t0} + i * {step}",
-    "client_id": "'sensor-' || lpad(CAST(i % {sensors} AS VARCHAR), 3, '0')",
+    "client_id": "'sensor-' || lpad(CAST(i % {sensors} AS VARCHAR), 4, '0')",
     "username": "CAST(NULL AS VARCHAR)",
     "peer": "'10.0.0.' || CAST(i % {sensors} AS VARCHAR) || ':5' || lpad(CAST(i % {sensors} AS VARCHAR), 4, '0')",
     "mqtt_version": "CAST(5 AS UTINYINT)",
-    "topic": "'sensor/sensor-' || lpad(CAST(i % {sensors} AS VARCHAR), 3, '0') || '/temperature'",
+    "topic": "'sensor/sensor-' || lpad(CAST(i % {sensors} AS VARCHAR), 4, '0') || '/temperature'",
     "qos": "CAST(1 AS UTINYINT)",
     "retain": "false",
-    "payload": ("CAST('{{\"device_id\":\"sensor-' || lpad(CAST(i % {sensors} AS VARCHAR), 3, '0') || '\",\"ts\":' "
+    "payload": ("CAST('{{\"device_id\":\"sensor-' || lpad(CAST(i % {sensors} AS VARCHAR), 4, '0') || '\",\"ts\":' "
                 "|| CAST(round({t0} + i * {step}, 3) AS VARCHAR) || ',\"temperature\":' "
                 "|| CAST(CASE WHEN i % 10 = 9 THEN 999.5 ELSE (i * 7919) % 3000 / 100.0 END AS VARCHAR) || '}}' AS BLOB)"),
     "payload_size": "CAST(octet_length({payload}) AS INTEGER)",
@@ -89,12 +95,13 @@ finally:
 
 @dataclass(frozen=True)
 class AuditData:
-    rows: int
+    rows: int  # verdicts in all: in Parquet and in the log
     files: int
     rows_per_file: int
     row_group_rows: int
     parquet_bytes: int
     generate_s: float
+    tail: int = 0  # of them, verdicts in the log, not converted (with an event every 500 records)
 
 
 @dataclass
@@ -123,7 +130,8 @@ class AuditSqlFigures:
     queries: list[QueryTiming]
 
     def to_json(self) -> dict[str, Any]:
-        return {"rows": self.data.rows, "files": self.data.files, "rows_per_file": self.data.rows_per_file,
+        return {"rows": self.data.rows, "tail": self.data.tail, "files": self.data.files,
+                "rows_per_file": self.data.rows_per_file,
                 "row_group_rows": self.data.row_group_rows, "parquet_bytes": self.data.parquet_bytes,
                 "generate_s": round(self.data.generate_s, 2),
                 "queries": {q.name: q.to_json() for q in self.queries}}
@@ -139,7 +147,7 @@ def decisions_per_segment(segment_bytes: int = 16 << 20, *, sample: int = 5_000)
 
     definitions = decisions = 0
     for i in range(sample):
-        device = f"sensor-{i % SENSORS:03d}"
+        device = f"sensor-{i % SENSORS:04d}"
         payload = reading(device, i, synthetic_ts(i))
         rejected = i % 10 == 9
         row = (i, 1_795_766_400.0 + i / RATE, device, None, f"10.0.0.{i % SENSORS}:5{i % SENSORS:04d}", 5, topic(device),
@@ -156,27 +164,53 @@ def decisions_per_segment(segment_bytes: int = 16 << 20, *, sample: int = 5_000)
     return int((segment_bytes - 16 - definitions) / (decisions / sample))
 
 
-def generate(state_dir: Path, rows: int = ROWS, *, rows_per_file: int | None = None, row_group_rows: int | None = None,
-             rate: float = RATE) -> AuditData:
-    """Writes `rows` decisions into STATE_DIR's audit store as the seal helper would have converted
-    them (see the module's docstring), the last one recorded now; returns what it wrote."""
-    from appliance.audit.layout import Layout, Watermark, make_dirs
-    from appliance.audit.records import DECISION
-    from appliance.audit.seal import CONVERT_ROW_GROUP_ROWS, connect, copy_days, write_views
+def default_tail(rows: int) -> int:
+    """Records not converted yet, on average: half a segment (never more than half of `rows`)."""
+    return min(decisions_per_segment() // 2, rows // 2)
+
+
+def generate(state_dir: Path, rows: int = ROWS, *, tail: int | None = None, rows_per_file: int | None = None,
+             row_group_rows: int | None = None, rate: float = RATE) -> AuditData:
+    """Writes about `rows` decisions into STATE_DIR's audit store (see the module's docstring): the
+    last `tail` records in the message log (default: `default_tail`), the others in Parquet as the
+    seal helper converts them; the last one recorded now. Returns what it wrote."""
+    from appliance.audit.layout import Watermark, make_dirs
+    from appliance.audit.seal import CONVERT_ROW_GROUP_ROWS, write_views
+    from bench.audit_store import write_log
 
     started = time.perf_counter()
     per_file = rows_per_file or decisions_per_segment()
     row_groups = row_group_rows or CONVERT_ROW_GROUP_ROWS
+    tail = default_tail(rows) if tail is None else min(tail, rows)
     layout = Layout(state_dir)
-    make_dirs(layout.log_dir)  # an empty log: no tail
+    make_dirs(layout.log_dir)
+    files = _parquet(layout, rows - tail, per_file, row_groups, rate, end=time.time() - tail / rate)
+    layout.write_watermark(Watermark(files[-1][1] if files else -1, rows - tail))
+    write_views(layout)
+    # The log's records after the watermark: decisions, and an event every 500 (write_log's mix).
+    if tail:
+        write_log(layout.log_dir, tail, 86, rate=rate, first_seq=rows - tail + 1)
+    events = len(range(0, tail, 500))
+    return AuditData(rows=rows - events, tail=tail - events, files=len(files), rows_per_file=per_file,
+                     row_group_rows=row_groups, parquet_bytes=sum(p.stat().st_size for p, _ in files),
+                     generate_s=time.perf_counter() - started)
+
+
+def _parquet(layout: Layout, rows: int, per_file: int, row_groups: int, rate: float, *,
+             end: float) -> list[tuple[Path, int]]:
+    """`rows` decisions ending at `end` as converted segments of `per_file` rows; (file, its segment's
+    first seq) in order."""
+    from appliance.audit.records import DECISION
+    from appliance.audit.seal import connect, copy_days
+
     con = connect(layout, memory_limit="256MB")
     step = 1 / rate
-    t0 = time.time() - rows * step
+    t0 = end - rows * step
     values: dict[str, object] = {"t0": repr(t0), "step": repr(step), "sensors": SENSORS}
     values["payload"] = _STAGE["payload"].format(**values)
     select = ", ".join(f'{_STAGE[f.name].format(**values)} AS "{f.name}"' for f in DECISION.fields)
-    files: list[Path] = []
-    first = segment = 1
+    files: list[tuple[Path, int]] = []
+    first = 1
     try:
         con.execute(DECISION.stage_ddl("stage_bench"))
         while first <= rows:
@@ -187,14 +221,12 @@ def generate(state_dir: Path, rows: int = ROWS, *, rows_per_file: int | None = N
             def name(day: date, first_seq: int = first) -> Path:
                 return layout.parquet_path("decisions", day, first_seq)
 
-            files += copy_days(con, "stage_bench", DECISION, name, row_group_rows=row_groups)
-            segment, first = first, last + 1
+            written = copy_days(con, "stage_bench", DECISION, name, row_group_rows=row_groups)
+            files += [(path, first) for path in written]
+            first = last + 1
     finally:
         con.close()
-    layout.write_watermark(Watermark(segment, rows))
-    write_views(layout)
-    return AuditData(rows=rows, files=len(files), rows_per_file=per_file, row_group_rows=row_groups,
-                     parquet_bytes=sum(p.stat().st_size for p in files), generate_s=time.perf_counter() - started)
+    return files
 
 
 def run_query(state_dir: Path, sql: str, *, timeout: float = 300.0) -> tuple[dict[str, float], list[str]]:
@@ -212,11 +244,11 @@ def run_query(state_dir: Path, sql: str, *, timeout: float = 300.0) -> tuple[dic
     return figures, done.stdout.strip().splitlines()
 
 
-def measure(workdir: Path, rows: int = ROWS, *, runs: int = 3, rows_per_file: int | None = None,
-            queries: dict[str, str] | None = None) -> AuditSqlFigures:
+def measure(workdir: Path, rows: int = ROWS, *, tail: int | None = None, runs: int = 3,
+            rows_per_file: int | None = None, queries: dict[str, str] | None = None) -> AuditSqlFigures:
     """Generate the audit store under `workdir`, then time each query `runs` times."""
     state_dir = workdir / "audit-sql"
-    data = generate(state_dir, rows, rows_per_file=rows_per_file)
+    data = generate(state_dir, rows, tail=tail, rows_per_file=rows_per_file)
     timings = []
     for name, sql in (queries or QUERIES).items():
         timing = QueryTiming(name, sql)

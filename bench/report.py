@@ -97,9 +97,10 @@ def render_measurements(report: BenchReport) -> str | None:
         blocks.append("\n".join(lines))
     if (audit := report.audit_sql) is not None:
         data = audit.data
-        lines = [f"appliance audit sql: {data.rows:,} verdicts in {_files(data.files)} as the seal helper "
-                 f"writes them ({data.rows_per_file:,} rows per 16 MiB segment, {data.row_group_rows:,}-row groups, "
-                 f"{data.parquet_bytes / 1e6:.0f} MB; generated in {data.generate_s:.1f} s), {runs}"]
+        lines = [f"appliance audit sql: {data.rows:,} verdicts: {data.tail:,} in the message log, not converted yet, "
+                 f"the others in {_files(data.files)} as the seal helper writes them ({data.rows_per_file:,} rows "
+                 f"per 16 MiB segment, {data.row_group_rows:,}-row groups, {data.parquet_bytes / 1e6:.0f} MB); "
+                 f"generated in {data.generate_s:.1f} s; {runs}"]
         rows = [["query", "command s", "process s", "process start s", "of which imports s", "result rows"]]
         for query in audit.queries:
             if query.error is not None:
@@ -285,7 +286,7 @@ def to_json(report: BenchReport) -> dict[str, Any]:
                     "qos": list(options.qos), "scenarios": list(options.scenarios), "loads": list(options.loads_),
                     "rate": options.rate, "duration_s": options.duration,
                     "measurements": list(options.measurements), "replay_messages": options.replay_messages,
-                    "audit_rows": options.audit_rows},
+                    "audit_rows": options.audit_rows, "audit_tail": options.audit_tail},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "mosquitto": _mosquitto_version(),
                     "workdir_filesystem": report.workdir_fs},

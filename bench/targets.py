@@ -184,8 +184,9 @@ def audit_sql_target(figures: AuditSqlFigures | None, rows: int) -> Target:
         return target
     for query in figures.queries:
         measured = query.median("command_s") if query.error is None else None
-        files = f"{figures.data.files} file{'s' if figures.data.files != 1 else ''}"
-        target.checks.append(Check(f"{query.name}, {figures.data.rows:,} verdicts in {files}",
+        data = figures.data
+        where = f"{data.files} file{'s' if data.files != 1 else ''} + {data.tail:,} in the log"
+        target.checks.append(Check(f"{query.name}, {data.rows:,} verdicts ({where})",
                                    measured, AUDIT_SQL_S, _compare(measured, AUDIT_SQL_S, True), _start(query)))
     return target
 

@@ -209,7 +209,8 @@ def test_replay_and_audit_sql_are_measured_in_the_same_run_with_their_targets(tm
     assert replay["msg_per_s"] == run["msg_per_s"] > 0 and run["process_s"] > run["seconds"] > 0
 
     audit = document["audit_sql"]
-    assert audit["rows"] == 3000 and audit["files"] >= 1 and audit["generate_s"] > 0
+    # Half of them left in the log (half a segment, at most half of the rows): 1,500 records, 3 of them events.
+    assert (audit["rows"], audit["tail"]) == (2997, 1497) and audit["files"] >= 1 and audit["generate_s"] > 0
     assert set(audit["queries"]) == set(QUERIES)
     for name, query in audit["queries"].items():
         assert query["error"] is None, (name, query)
@@ -231,20 +232,24 @@ def test_replay_and_audit_sql_are_measured_in_the_same_run_with_their_targets(tm
         assert c["limit"] == 0.5 and c["met"] == (c["measured"] <= 0.5) and "process start" in c["detail"]
     assert targets["peak_rss_mb"]["met"] is None  # no broker scenario ran
     for heading in ("replay --from RECORDING --against schemas/v1: 2,000 messages",
-                    "appliance audit sql: 3,000 verdicts", "GROUP BY client_id", "Targets (issue #13)"):
+                    "appliance audit sql: 2,997 verdicts: 1,497 in the message log", "GROUP BY client_id", "Targets (issue #13)"):
         assert heading in result.output
 
 
 def test_generated_verdicts_are_what_the_real_command_reads(tmp_path: Path) -> None:
-    """The audit-sql data is laid out as the seal helper's (files per segment under a watermark):
-    `appliance audit sql` in its own process sees every row, with the planned verdicts."""
+    """The audit-sql data is laid out as a running appliance's (Parquet files per segment under a
+    watermark, the newest records still in the log): `appliance audit sql` in its own process sees
+    every row once, with the planned verdicts."""
     from bench.audit_sql import decisions_per_segment, generate, run_query
 
-    data = generate(tmp_path, 2500, rows_per_file=1000)
-    assert data.files >= 3 and data.rows_per_file == 1000 and data.parquet_bytes > 0
-    timings, lines = run_query(tmp_path, "SELECT verdict, count(*) AS n, count(DISTINCT id) AS ids "
-                                         "FROM decisions GROUP BY verdict ORDER BY verdict")
-    assert lines == ["verdict,n,ids", "accept,2250,2250", "reject,250,250"]
+    data = generate(tmp_path, 2500, tail=500, rows_per_file=1000)
+    # 2,000 in Parquet; 500 log records, one of them an event.
+    assert (data.rows, data.tail, data.rows_per_file) == (2499, 499, 1000)
+    assert data.files >= 2 and data.parquet_bytes > 0
+    timings, lines = run_query(tmp_path, "SELECT verdict, count(*) AS n, count(DISTINCT id) AS ids, "
+                                         "count(DISTINCT client_id) AS clients FROM decisions GROUP BY verdict ORDER BY verdict")
+    assert lines == ["verdict,n,ids,clients", "accept,2249,2249,100", "reject,250,250,50"]
+    assert run_query(tmp_path, "SELECT count(*) AS n FROM events")[1] == ["n", "1"]
     assert timings["process_s"] >= timings["command_s"] > 0
     # What a 16 MiB segment holds of the benchmark's readings (docs/audit.md: ~127,000 since record version 2).
     assert 100_000 < decisions_per_segment() < 160_000
@@ -259,7 +264,7 @@ def _replay_figures(msg_per_s: list[float], error: str | None = None) -> ReplayF
 
 def _audit_figures(command_s: dict[str, list[float]], error: str | None = None) -> AuditSqlFigures:
     data = AuditData(rows=10_000_000, files=79, rows_per_file=127_065, row_group_rows=32_768,
-                     parquet_bytes=431_000_000, generate_s=49.0)
+                     parquet_bytes=431_000_000, generate_s=49.0, tail=63_405)
     queries = []
     for name, times in command_s.items():
         query = QueryTiming(name, "SELECT ...", error=error if name == "GROUP BY hour" else None)
@@ -285,7 +290,7 @@ def test_replay_and_audit_sql_targets_given_numbers() -> None:
     assert replay.met is True and [c.measured for c in replay.checks] == [120_000]  # the median of 3 runs
     assert replay.checks[0].case == "1,000,000 messages" and "108,000 msg/s" in replay.checks[0].detail
     assert audit.met is True and [c.measured for c in audit.checks] == [0.1, 0.49]
-    assert audit.checks[0].case == "GROUP BY verdict, 10,000,000 verdicts in 79 files"
+    assert audit.checks[0].case == "GROUP BY verdict, 10,000,000 verdicts (79 files + 63,405 in the log)"
     assert "process start 0.200 s" in audit.checks[0].detail
 
     missed = targets(_replay_figures([99_999]), _audit_figures({"GROUP BY verdict": [0.1], "GROUP BY hour": [0.51]}))

@@ -187,11 +187,13 @@ def generate(state_dir: Path, rows: int = ROWS, *, tail: int | None = None, rows
     files = _parquet(layout, rows - tail, per_file, row_groups, rate, end=time.time() - tail / rate)
     layout.write_watermark(Watermark(files[-1][1] if files else -1, rows - tail))
     write_views(layout)
-    # The log's records after the watermark: decisions, and an event every 500 (write_log's mix).
-    if tail:
-        write_log(layout.log_dir, tail, 86, rate=rate, first_seq=rows - tail + 1)
-    events = len(range(0, tail, 500))
-    return AuditData(rows=rows - events, tail=tail - events, files=len(files), rows_per_file=per_file,
+    # The log's records after the watermark: `tail` decisions, and an event every 500 records (write_log's mix).
+    records = tail
+    while records - len(range(0, records, 500)) < tail:
+        records += 1
+    if records:
+        write_log(layout.log_dir, records, 86, rate=rate, first_seq=rows - tail + 1)
+    return AuditData(rows=rows, tail=tail, files=len(files), rows_per_file=per_file,
                      row_group_rows=row_groups, parquet_bytes=sum(p.stat().st_size for p, _ in files),
                      generate_s=time.perf_counter() - started)
 

@@ -209,8 +209,8 @@ def test_replay_and_audit_sql_are_measured_in_the_same_run_with_their_targets(tm
     assert replay["msg_per_s"] == run["msg_per_s"] > 0 and run["process_s"] > run["seconds"] > 0
 
     audit = document["audit_sql"]
-    # Half of them left in the log (half a segment, at most half of the rows): 1,500 records, 3 of them events.
-    assert (audit["rows"], audit["tail"]) == (2997, 1497) and audit["files"] >= 1 and audit["generate_s"] > 0
+    # Half of them left in the log (half a segment, at most half of the rows), with 4 events among them.
+    assert (audit["rows"], audit["tail"]) == (3000, 1500) and audit["files"] >= 1 and audit["generate_s"] > 0
     assert set(audit["queries"]) == set(QUERIES)
     for name, query in audit["queries"].items():
         assert query["error"] is None, (name, query)
@@ -232,7 +232,7 @@ def test_replay_and_audit_sql_are_measured_in_the_same_run_with_their_targets(tm
         assert c["limit"] == 0.5 and c["met"] == (c["measured"] <= 0.5) and "process start" in c["detail"]
     assert targets["peak_rss_mb"]["met"] is None  # no broker scenario ran
     for heading in ("replay --from RECORDING --against schemas/v1: 2,000 messages",
-                    "appliance audit sql: 2,997 verdicts: 1,497 in the message log", "GROUP BY client_id", "Targets (issue #13)"):
+                    "appliance audit sql: 3,000 verdicts: 1,500 in the message log", "GROUP BY client_id", "Targets (issue #13)"):
         assert heading in result.output
 
 
@@ -243,13 +243,13 @@ def test_generated_verdicts_are_what_the_real_command_reads(tmp_path: Path) -> N
     from bench.audit_sql import decisions_per_segment, generate, run_query
 
     data = generate(tmp_path, 2500, tail=500, rows_per_file=1000)
-    # 2,000 in Parquet; 500 log records, one of them an event.
-    assert (data.rows, data.tail, data.rows_per_file) == (2499, 499, 1000)
+    # 2,000 in Parquet; 500 in the log, with 2 events among them (one every 500 records).
+    assert (data.rows, data.tail, data.rows_per_file) == (2500, 500, 1000)
     assert data.files >= 2 and data.parquet_bytes > 0
     timings, lines = run_query(tmp_path, "SELECT verdict, count(*) AS n, count(DISTINCT id) AS ids, "
                                          "count(DISTINCT client_id) AS clients FROM decisions GROUP BY verdict ORDER BY verdict")
-    assert lines == ["verdict,n,ids,clients", "accept,2249,2249,100", "reject,250,250,50"]
-    assert run_query(tmp_path, "SELECT count(*) AS n FROM events")[1] == ["n", "1"]
+    assert lines == ["verdict,n,ids,clients", "accept,2250,2250,100", "reject,250,250,50"]
+    assert run_query(tmp_path, "SELECT count(*) AS n FROM events")[1] == ["n", "2"]
     assert timings["process_s"] >= timings["command_s"] > 0
     # What a 16 MiB segment holds of the benchmark's readings (docs/audit.md: ~127,000 since record version 2).
     assert 100_000 < decisions_per_segment() < 160_000

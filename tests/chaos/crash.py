@@ -10,8 +10,9 @@ What must hold at the end (after a clean restart that drains the outbox):
   the publisher never heard back), each with an `accept` verdict;
 - duplicates are allowed (at-least-once: a restarted forwarder sends again what the cloud
   acknowledged after its last saved cursor, docs/decisions/0004-message-log.md) and counted:
-  every copy of a message the cloud received more than once is one of those messages, and the
-  counts add up (copies received = distinct messages + duplicates).
+  every copy of a message the cloud received more than once is one of those messages, every copy
+  carries its verdict's id as the `message-id` user property (what consumers deduplicate on), and
+  the counts add up (copies received = distinct messages + duplicates).
 
 The suite runs a few rounds (tests/chaos/test_crash.py, which reports the duplicates); longer runs
 (docs/performance.md, "Long runs"; `make chaos`):
@@ -174,6 +175,10 @@ def run(workdir: Path, *, rounds: int, seed: int, publishers: int = 3, round_s: 
             proc.wait(30)
         copies = subscriber.payloads()
         received = Counter(copies)
+        carried: dict[bytes, set[str | None]] = {}  # the message-id user property of each payload's copies
+        for message in list(subscriber.messages):
+            properties = dict(getattr(message.properties, "UserProperty", None) or [])
+            carried.setdefault(bytes(message.payload), set()).add(properties.get("message-id"))
         outcome.received, outcome.in_cloud = len(copies), len(received)
         outcome.duplicates = sum(n - 1 for n in received.values())
         outcome.duplicated = sum(1 for n in received.values() if n > 1)
@@ -181,10 +186,13 @@ def run(workdir: Path, *, rounds: int, seed: int, publishers: int = 3, round_s: 
         assert outcome.received == outcome.in_cloud + outcome.duplicates
         with AuditQuery(workdir / "state") as audit_log:
             verdicts: dict[bytes, list[str]] = {}
-            for payload, verdict in audit_log.query("SELECT payload, verdict FROM decisions WHERE payload IS NOT NULL",
-                                                    max_rows=1 << 40).rows:
+            ids: dict[bytes, int] = {}
+            for payload, verdict, id_ in audit_log.query(
+                    "SELECT payload, verdict, id FROM decisions WHERE payload IS NOT NULL", max_rows=1 << 40).rows:
                 verdicts.setdefault(bytes(payload), []).append(verdict)
+                ids[bytes(payload)] = id_
         check(outcome, set(received), verdicts)
+        check_message_ids(carried, ids, outcome.summary())
     finally:
         subscriber.stop()
         cloud.stop()
@@ -208,6 +216,14 @@ def check(outcome: Outcome, in_cloud: set[bytes], verdicts: dict[bytes, list[str
         wrong = [p for p in payloads if verdicts.get(p) != [verdict]]
         assert not wrong, (f"{len(wrong)} of {len(payloads)} messages {what} do not have exactly one "
                            f"'{verdict}' verdict in the audit log, e.g. {wrong[0]!r}: {verdicts.get(wrong[0])} ({state})")
+
+
+def check_message_ids(carried: dict[bytes, set[str | None]], ids: dict[bytes, int], state: str = "") -> None:
+    """Consumers deduplicate on the `message-id` user property (docs/forwarding.md): every copy of
+    a message, duplicates included, must carry its verdict's id in the audit log."""
+    wrong = {p: found for p, found in carried.items() if found != {str(ids.get(p))}}
+    assert not wrong, (f"the copies of {len(wrong)} of {len(carried)} messages in the cloud do not all carry their "
+                       f"verdict's id as message-id, e.g. {next(iter(wrong.values()))} ({state})")
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.crash import Outcome, check, run
+from tests.chaos.crash import Outcome, check, check_message_ids, run
 
 
 def test_repeated_kill_9_with_the_uplink_cut_at_random_loses_nothing_acknowledged(
@@ -49,3 +49,12 @@ def test_the_end_state_check_finds_each_kind_of_loss_and_leak() -> None:
         check(outcome, {b"a1", b"a2"}, {**verdicts, b"a2": ["accept", "accept"]})  # recorded twice
     with pytest.raises(AssertionError, match="reject code do not have exactly one 'reject' verdict"):
         check(outcome, {b"a1", b"a2"}, {b"a1": ["accept"], b"a2": ["accept"]})
+
+
+def test_every_copy_must_carry_its_verdicts_id_as_message_id() -> None:
+    ids = {b"a": 7, b"b": 8}
+    check_message_ids({b"a": {"7"}, b"b": {"8"}}, ids)  # a duplicate of b carrying "8" again: fine
+    with pytest.raises(AssertionError, match="1 of 2 messages"):
+        check_message_ids({b"a": {"7"}, b"b": {"8", "9"}}, ids)  # one copy re-recorded under another id
+    with pytest.raises(AssertionError, match="1 of 1 messages"):
+        check_message_ids({b"a": {None}}, ids)  # no message-id at all

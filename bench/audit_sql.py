@@ -41,7 +41,8 @@ QUERIES = {
     "GROUP BY verdict": "SELECT verdict, count(*) AS n FROM decisions GROUP BY verdict",
     "GROUP BY client_id": ("SELECT client_id, count(*) FILTER (WHERE verdict = 'reject') AS rejected, count(*) AS n "
                            "FROM decisions GROUP BY client_id"),
-    "GROUP BY hour": "SELECT date_trunc('hour', ts) AS hour, count(*) AS n, avg(latency_us) AS latency FROM decisions GROUP BY hour",
+    "GROUP BY hour": ("SELECT date_trunc('hour', ts) AS hour, count(*) AS n, avg(latency_us) AS latency "
+                      "FROM decisions GROUP BY hour"),
 }
 # The staged fields (DECISION.stage_ddl) of row i, a reading of ~90 bytes from one of SENSORS sensors,
 # one in ten rejected. `{t0}` and `{step}`: the first time stamp and the seconds between two rows.

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.children import memory_target, summarise_by_name
-from bench.runner import BenchReport, Summary
+from bench.runner import MEASUREMENTS, BenchReport, Summary
 from bench.scenarios import SCENARIOS
 from bench.targets import Target, evaluate
 
@@ -290,7 +290,8 @@ def to_json(report: BenchReport) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "mosquitto": _mosquitto_version(),
                     "workdir_filesystem": report.workdir_fs},
-        "scenarios": {name: SCENARIOS[name].description for name in options.scenarios},
+        "scenarios": {**{name: SCENARIOS[name].description for name in options.scenarios},
+                      **{name: MEASUREMENTS[name] for name in options.measurements}},
         "results": [
             {
                 "scenario": s.scenario,

@@ -30,7 +30,11 @@ from bench.status import helper_stats
 # Measurements without a broker: `replay --against` over a generated recording, and `appliance
 # audit sql` GROUP BY queries over generated Parquet verdicts (bench/replay_rate.py, bench/audit_sql.py).
 REPLAY, AUDIT_SQL = "replay", "audit-sql"
-MEASUREMENTS = (REPLAY, AUDIT_SQL)
+MEASUREMENTS = {
+    REPLAY: "no broker: `replay --from RECORDING --against schemas/v1` over a generated recording of the demo traffic",
+    AUDIT_SQL: "no broker: `appliance audit sql` GROUP BY queries, each in its own process, over generated verdicts "
+               "laid out as a running appliance's audit log (Parquet files per segment + the active segment's records)",
+}
 
 
 @dataclass(frozen=True)

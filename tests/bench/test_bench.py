@@ -200,6 +200,7 @@ def test_replay_and_audit_sql_are_measured_in_the_same_run_with_their_targets(tm
     # No broker ran: neither scenario is one.
     assert document["results"] == [] and document["processes"] == {}
     assert document["options"]["measurements"] == ["replay", "audit-sql"]
+    assert set(document["scenarios"]) == {"replay", "audit-sql"}
     assert (document["options"]["replay_messages"], document["options"]["audit_rows"]) == (2000, 3000)
 
     replay = document["replay"]

@@ -235,7 +235,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         outcome = run(Path(tmp), rounds=args.rounds, seed=args.seed, publishers=args.publishers, log=True)
     print(f"ok: {outcome.summary()}; every accepted one in the cloud and in the audit log, nothing else "
-          "in the cloud but messages in flight at a kill, no rejected one")
+          "in the cloud but messages in flight at a kill, no rejected one; every copy with its verdict's message-id")
     return 0
 
 

@@ -35,6 +35,7 @@ from typing import Any
 from appliance.audit.layout import Layout
 
 ROWS = 10_000_000
+SEGMENT_BYTES = 16 << 20  # audit.segment_bytes' default
 RATE = 1_000.0  # msg/s of the recorded traffic: sets the span of the time stamps (10M: 2.8 h)
 SENSORS = 100
 QUERIES = {
@@ -165,24 +166,25 @@ def decisions_per_segment(segment_bytes: int = 16 << 20, *, sample: int = 5_000)
     return int((segment_bytes - 16 - definitions) / (decisions / sample))
 
 
-def default_tail(rows: int) -> int:
+def default_tail(rows: int, segment_bytes: int = SEGMENT_BYTES) -> int:
     """Records not converted yet, on average: half a segment (never more than half of `rows`)."""
-    return min(decisions_per_segment() // 2, rows // 2)
+    return min(decisions_per_segment(segment_bytes) // 2, rows // 2)
 
 
-def generate(state_dir: Path, rows: int = ROWS, *, tail: int | None = None, rows_per_file: int | None = None,
-             row_group_rows: int | None = None, rate: float = RATE) -> AuditData:
-    """Writes about `rows` decisions into STATE_DIR's audit store (see the module's docstring): the
-    last `tail` records in the message log (default: `default_tail`), the others in Parquet as the
-    seal helper converts them; the last one recorded now. Returns what it wrote."""
+def generate(state_dir: Path, rows: int = ROWS, *, tail: int | None = None, segment_bytes: int = SEGMENT_BYTES,
+             rows_per_file: int | None = None, row_group_rows: int | None = None, rate: float = RATE) -> AuditData:
+    """Writes `rows` decisions into STATE_DIR's audit store (see the module's docstring): the last
+    `tail` in the message log (default: `default_tail`), the others in Parquet as the seal helper
+    converts segments of `segment_bytes` (or files of `rows_per_file`); the last one recorded now.
+    Returns what it wrote."""
     from appliance.audit.layout import Watermark, make_dirs
     from appliance.audit.seal import CONVERT_ROW_GROUP_ROWS, write_views
     from bench.audit_store import write_log
 
     started = time.perf_counter()
-    per_file = rows_per_file or decisions_per_segment()
+    per_file = rows_per_file or decisions_per_segment(segment_bytes)
     row_groups = row_group_rows or CONVERT_ROW_GROUP_ROWS
-    tail = default_tail(rows) if tail is None else min(tail, rows)
+    tail = default_tail(rows, segment_bytes) if tail is None else min(tail, rows)
     layout = Layout(state_dir)
     make_dirs(layout.log_dir)
     files = _parquet(layout, rows - tail, per_file, row_groups, rate, end=time.time() - tail / rate)
@@ -247,11 +249,11 @@ def run_query(state_dir: Path, sql: str, *, timeout: float = 300.0) -> tuple[dic
     return figures, done.stdout.strip().splitlines()
 
 
-def measure(workdir: Path, rows: int = ROWS, *, tail: int | None = None, runs: int = 3,
-            rows_per_file: int | None = None, queries: dict[str, str] | None = None) -> AuditSqlFigures:
+def measure(workdir: Path, rows: int = ROWS, *, tail: int | None = None, segment_bytes: int = SEGMENT_BYTES,
+            runs: int = 3, rows_per_file: int | None = None, queries: dict[str, str] | None = None) -> AuditSqlFigures:
     """Generate the audit store under `workdir`, then time each query `runs` times."""
     state_dir = workdir / "audit-sql"
-    data = generate(state_dir, rows, tail=tail, rows_per_file=rows_per_file)
+    data = generate(state_dir, rows, tail=tail, segment_bytes=segment_bytes, rows_per_file=rows_per_file)
     timings = []
     for name, sql in (queries or QUERIES).items():
         timing = QueryTiming(name, sql)

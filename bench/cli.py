@@ -71,16 +71,19 @@ def _progress(result: RunResult) -> None:
               f"[default: 10,000,000; {QUICK_AUDIT_ROWS:,} with --quick]")
 @click.option("--audit-tail", type=click.IntRange(min=0),
               help="Of the audit-sql verdicts, how many are still in the message log (not converted to Parquet), "
-              "which every query decodes when it opens. [default: half a 16 MiB segment, what a running appliance "
+              "which every query decodes when it opens. [default: half a segment, what a running appliance "
               "has on average; 0: none]")
+@click.option("--audit-segment-bytes", type=click.IntRange(min=64 << 10),
+              help="The audit.segment_bytes the audit-sql layout models: a Parquet file per segment, half a segment "
+              "not converted. [default: 16 MiB, the setting's default]")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="Also write medians, ratios and every raw run to this file, and a PNG chart next to it (with matplotlib).")
 @click.option("--verdict", is_flag=True,
               help="Only measure the cost of one verdict (governance check on the demo schemas and the Avro and Sparkplug B example sets, one core, no sockets).")
 def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool | None, scenarios: tuple[str, ...],
           qos: tuple[str, ...], loads: tuple[str, ...], rate: float, duration: float | None, workdir: Path | None,
-          replay_messages: int | None, audit_rows: int | None, audit_tail: int | None, json_file: Path | None,
-          verdict: bool) -> None:
+          replay_messages: int | None, audit_rows: int | None, audit_tail: int | None,
+          audit_segment_bytes: int | None, json_file: Path | None, verdict: bool) -> None:
     """Measure throughput, latency, CPU, memory and disk writes: bare mosquitto, the appliance, the
     full governance path with forwarding, and a mosquitto bridge.
 
@@ -121,6 +124,7 @@ def bench(quick: bool, runs: int | None, messages: int | None, warmup: bool | No
         replay_messages=replay_messages or (QUICK_REPLAY_MESSAGES if quick else BenchOptions.replay_messages),
         audit_rows=audit_rows or (QUICK_AUDIT_ROWS if quick else BenchOptions.audit_rows),
         audit_tail=audit_tail,
+        audit_segment_bytes=audit_segment_bytes or BenchOptions.audit_segment_bytes,
     )
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:

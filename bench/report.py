@@ -99,7 +99,7 @@ def render_measurements(report: BenchReport) -> str | None:
         data = audit.data
         lines = [f"appliance audit sql: {data.rows:,} verdicts: {data.tail:,} in the message log, not converted yet, "
                  f"the others in {_files(data.files)} as the seal helper writes them ({data.rows_per_file:,} rows "
-                 f"per 16 MiB segment, {data.row_group_rows:,}-row groups, {data.parquet_bytes / 1e6:.0f} MB); "
+                 f"per {report.options.audit_segment_bytes / (1 << 20):g} MiB segment, {data.row_group_rows:,}-row groups, {data.parquet_bytes / 1e6:.0f} MB); "
                  f"generated in {data.generate_s:.1f} s; {runs}"]
         rows = [["query", "command s", "process s", "process start s", "of which imports s", "result rows"]]
         for query in audit.queries:
@@ -112,10 +112,15 @@ def render_measurements(report: BenchReport) -> str | None:
         blocks.append("\n".join(lines))
     if not blocks:
         return None
-    blocks.append("msg/s (--stats): messages ÷ the judging's wall time, as `replay --stats` prints it; whole command: "
-                  "÷ the process's wall time. command s: `appliance audit sql` from its arguments to its printed "
-                  "result (opening the snapshot, the query, printing); process start: the rest of the process's wall "
-                  "time (interpreter, imports, exit).")
+    legend = []
+    if replay is not None:
+        legend.append("msg/s (--stats): messages ÷ the judging's wall time, as `replay --stats` prints it; whole "
+                      "command: ÷ the process's wall time.")
+    if audit is not None:
+        legend.append("command s: `appliance audit sql` from its arguments to its printed result (opening the "
+                      "snapshot: decoding the records not converted, the views; the query; printing); process start: "
+                      "the rest of the process's wall time (interpreter, imports, exit).")
+    blocks.append(" ".join(legend))
     return "\n\n".join(blocks)
 
 
@@ -286,7 +291,8 @@ def to_json(report: BenchReport) -> dict[str, Any]:
                     "qos": list(options.qos), "scenarios": list(options.scenarios), "loads": list(options.loads_),
                     "rate": options.rate, "duration_s": options.duration,
                     "measurements": list(options.measurements), "replay_messages": options.replay_messages,
-                    "audit_rows": options.audit_rows, "audit_tail": options.audit_tail},
+                    "audit_rows": options.audit_rows, "audit_tail": options.audit_tail,
+                    "audit_segment_bytes": options.audit_segment_bytes},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "mosquitto": _mosquitto_version(),
                     "workdir_filesystem": report.workdir_fs},

@@ -55,6 +55,7 @@ class BenchOptions:
     replay_messages: int = 1_000_000
     audit_rows: int = 10_000_000
     audit_tail: int | None = None  # of them, records left in the log (None: half a segment)
+    audit_segment_bytes: int = 16 << 20  # the segment size the audit-sql layout models
 
     def loads(self) -> list[Load]:
         loads = []
@@ -250,7 +251,8 @@ def run_measurements(options: BenchOptions, *,
         if AUDIT_SQL in options.measurements:
             say(f"audit-sql: generating {options.audit_rows:,} verdicts as Parquet, then {options.runs} run(s) "
                 f"of each of {len(audit_sql.QUERIES)} `appliance audit sql` GROUP BY queries")
-            audit = audit_sql.measure(Path(tmp), options.audit_rows, tail=options.audit_tail, runs=options.runs)
+            audit = audit_sql.measure(Path(tmp), options.audit_rows, tail=options.audit_tail,
+                                      segment_bytes=options.audit_segment_bytes, runs=options.runs)
             for query in audit.queries:
                 outcome = f"{query.median('command_s') or 0:.3f} s" if query.error is None else f"FAILED: {query.error}"
                 say(f"audit-sql: {query.name}: {outcome}")

@@ -255,6 +255,7 @@ def test_generated_verdicts_are_what_the_real_command_reads(tmp_path: Path) -> N
     assert timings["process_s"] >= timings["command_s"] > 0
     # What a 16 MiB segment holds of the benchmark's readings (docs/audit.md: ~127,000 since record version 2).
     assert 100_000 < decisions_per_segment() < 160_000
+    assert 4 * decisions_per_segment(4 << 20) == pytest.approx(decisions_per_segment(), rel=0.01)
 
 
 def _replay_figures(msg_per_s: list[float], error: str | None = None) -> ReplayFigures:

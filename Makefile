@@ -16,7 +16,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench fuzz clean system-packages lock deb test-arm64 test-systemd
+.PHONY: setup run test bench fuzz chaos clean system-packages lock deb test-arm64 test-systemd
 
 setup: system-packages $(STAMP)
 
@@ -85,6 +85,11 @@ bench: setup
 # A long fuzz run of the codec and whole proxy sessions (outside the normal suite; docs/security.md).
 fuzz: setup
 	$(BIN)/python -m tests.security.fuzz --cases 1000000
+
+# A long crash run: 50 rounds of `kill -9` under load with the uplink cut at random, on one state dir
+# (outside the normal suite, which runs 4; docs/performance.md, "Long runs").
+chaos: setup
+	$(BIN)/python -m tests.chaos.crash --rounds 50 --seed 7
 
 # Debian packages for arm64 and amd64 (docs/install.md): the appliance in a virtualenv under
 # /opt/mqtt-appliance with requirements.lock's wheels for each architecture, for Debian's python3.

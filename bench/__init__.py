@@ -16,6 +16,9 @@ Vocabulary:
   one *run* is one load against one scenario, timed and then verified message by message.
 - A *round* measures every scenario under every load once; ratios are taken within a round
   (runner.py). Round 0 is the warm-up.
+- Two scenarios need no broker and run after the others: `replay` (replay_rate.py: `replay
+  --against` over a generated recording) and `audit-sql` (audit_sql.py: `appliance audit sql`
+  GROUP BY queries over generated Parquet verdicts), for issue #13's targets (targets.py).
 """
 
 from bench.cli import bench

@@ -55,14 +55,16 @@ def _decision(i: int, t0: float, rng: random.Random, payload_bytes: int, rate: f
             rng.randrange(10, 500), "3f2a9c1b", False, False, None, not rejected, None, True)
 
 
-def write_log(log_dir: Path, records: int, payload_bytes: int, *, rate: float = 1000.0, compact: bool = True) -> int:
-    """A log of `records` messages (an event every 500), version 2 records unless not `compact`."""
+def write_log(log_dir: Path, records: int, payload_bytes: int, *, rate: float = 1000.0, compact: bool = True,
+              first_seq: int = 1) -> int:
+    """A log of `records` messages (an event every 500), version 2 records unless not `compact`,
+    the first with seq `first_seq`, the last one recorded now; returns the last seq."""
     from appliance.msglog.format import encode_file_header, encode_record, segment_name
 
     log_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1)
     t0 = time.time() - records / rate
-    seq, first, parts, size = 0, 1, [encode_file_header(1)], 16
+    seq, first, parts, size = first_seq - 1, first_seq, [encode_file_header(first_seq)], 16
     connections: dict[tuple[object, ...], int] = {}
     contexts: dict[tuple[object, ...], int] = {}
     for i in range(records):

@@ -18,6 +18,11 @@ payload can make a run look faster than it would be. Per 100 messages, about:
 where replay judges each distinct message once per batch). The same seed gives the same files. `run` prints messages per second, the wall time and the CPU
 time of this process and its workers (user + system), so a figure from a busy machine can be read
 as CPU per message too.
+
+`appliance bench` measures issue #13's target with `measure()`: it generates a recording and runs
+the real `replay --from RECORDING --against schemas/v1` command on it, each run in a process of its
+own, and checks the report: every message replayed, and none judged differently from how v1
+recorded it.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ import json
 import os
 import random
 import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -202,6 +210,85 @@ def _cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+MESSAGES = 1_000_000
+# The `replay` command (replay.cli:main, the console script's entry point) in a process of its own.
+_REPLAY = "import sys; from replay.cli import main; sys.argv[0] = 'replay'; main()"
+
+
+@dataclass
+class ReplayFigures:
+    """`replay --against` over a generated recording: one entry per run, each a process of its own."""
+
+    messages: int
+    files: int
+    parquet_bytes: int
+    generate_s: float
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    def median(self, key: str) -> float | None:
+        values = [run[key] for run in self.runs if run.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    @property
+    def msg_per_s(self) -> float | None:
+        """What `replay --stats` prints: messages ÷ the judging's wall time (the report's `stats`)."""
+        return self.median("msg_per_s")
+
+    @property
+    def command_msg_per_s(self) -> float | None:
+        """Messages ÷ the whole process's wall time (start-up, opening the recording, the report)."""
+        return self.median("command_msg_per_s")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"messages": self.messages, "files": self.files, "parquet_bytes": self.parquet_bytes,
+                "generate_s": round(self.generate_s, 2), "msg_per_s": self.msg_per_s,
+                "command_msg_per_s": self.command_msg_per_s, "cpu_us_per_msg": self.median("cpu_us_per_msg"),
+                "error": self.error, "runs": self.runs}
+
+
+def run_command(recording: Path, against: Path, *, messages: int, timeout: float = 600.0) -> dict[str, Any]:
+    """`replay --from RECORDING --against AGAINST --format json` once in its own process; its figures.
+    Raises RuntimeError if it failed or its report does not account for every message as recorded."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _REPLAY, "--from", str(recording), "--against", str(against),
+                           "--format", "json", "--fail-on", "never", "--no-progress"],
+                          capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"replay exited with {done.returncode}: {done.stderr.strip()[-500:]}")
+    report = json.loads(done.stdout)
+    totals, stats = report["totals"], report["stats"]
+    changed = totals["newly_rejected"] + totals["newly_accepted"] + totals["errors"]
+    if totals["replayed"] != messages or changed:
+        raise RuntimeError(f"replayed {totals['replayed']:,} of {messages:,} messages, {changed:,} judged otherwise "
+                           "than recorded or not at all")
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"msg_per_s": round(stats["messages"] / stats["seconds"]), "seconds": stats["seconds"],
+            "workers": stats["workers"], "process_s": round(wall, 3), "command_msg_per_s": round(messages / wall),
+            "cpu_s": round(cpu, 2), "cpu_us_per_msg": round(1e6 * cpu / messages, 2)}
+
+
+def measure(workdir: Path, messages: int = MESSAGES, *, runs: int = 3, against: Path | None = None) -> ReplayFigures:
+    """Generate a recording of `messages` under `workdir`, then replay it `runs` times against
+    `against` (default: the demo set v1 the recording was judged with)."""
+    from bench.scenarios import REPO_SCHEMAS
+
+    against = against or REPO_SCHEMAS / "v1"
+    started = time.perf_counter()
+    recording = workdir / "replay-recording"
+    files = generate(recording, messages)
+    figures = ReplayFigures(messages, len(files), sum(p.stat().st_size for p in files), time.perf_counter() - started)
+    try:
+        for _ in range(runs):
+            figures.runs.append(run_command(recording, against, messages=messages))
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
+        figures.error = str(exc)
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:

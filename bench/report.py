@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.children import memory_target, summarise_by_name
-from bench.runner import BenchReport, Summary
+from bench.runner import MEASUREMENTS, BenchReport, Summary
 from bench.scenarios import SCENARIOS
 from bench.targets import Target, evaluate
 
@@ -61,23 +61,96 @@ def _row(summary: Summary) -> list[str]:
     ]
 
 
+def _table(rows: list[list[str]]) -> list[str]:
+    """Left-aligned first column, the others right-aligned, a rule under the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return lines
+
+
+def _files(count: int) -> str:
+    return f"{count} Parquet file{'s' if count != 1 else ''}"
+
+
+def render_measurements(report: BenchReport) -> str | None:
+    """The measurements without a broker: replay's rate, `appliance audit sql`'s GROUP BY times."""
+    blocks = []
+    runs = f"median of {report.options.runs} run{'s' if report.options.runs != 1 else ''}, each in a process of its own"
+    if (replay := report.replay) is not None:
+        lines = [f"replay --from RECORDING --against schemas/v1: {replay.messages:,} messages in "
+                 f"{_files(replay.files)} ({replay.parquet_bytes / 1e6:.0f} MB, generated in "
+                 f"{replay.generate_s:.1f} s), {runs}"]
+        if replay.error is not None:
+            lines.append(f"  FAILED: {replay.error}")
+        if replay.runs:
+            median = replay.median
+            lines += ["  " + line for line in _table([
+                ["msg/s (--stats)", "whole command msg/s", "process s", "CPU µs/msg", "workers"],
+                [_number(replay.msg_per_s), _number(replay.command_msg_per_s), _number(median("process_s"), 2),
+                 _number(median("cpu_us_per_msg"), 1), str(replay.runs[0]["workers"])],
+            ])]
+        blocks.append("\n".join(lines))
+    if (audit := report.audit_sql) is not None:
+        data = audit.data
+        lines = [f"appliance audit sql: {data.rows:,} verdicts: {data.tail:,} in the message log, not converted yet, "
+                 f"the others in {_files(data.files)} as the seal helper writes them ({data.rows_per_file:,} rows "
+                 f"per {report.options.audit_segment_bytes / (1 << 20):g} MiB segment, {data.row_group_rows:,}-row groups, {data.parquet_bytes / 1e6:.0f} MB); "
+                 f"generated in {data.generate_s:.1f} s; {runs}"]
+        rows = [["query", "command s", "process s", "process start s", "of which imports s", "result rows"]]
+        for query in audit.queries:
+            if query.error is not None:
+                lines.append(f"  {query.name}: FAILED: {query.error}")
+            rows.append([query.name, _number(query.median("command_s"), 3), _number(query.median("process_s"), 3),
+                         _number(query.median("start_s"), 3), _number(query.median("imports_s"), 3),
+                         "–" if query.result_rows is None else f"{query.result_rows:,}"])
+        lines += ["  " + line for line in _table(rows)]
+        blocks.append("\n".join(lines))
+    if not blocks:
+        return None
+    legend = []
+    if replay is not None:
+        legend.append("msg/s (--stats): messages ÷ the judging's wall time, as `replay --stats` prints it; whole "
+                      "command: ÷ the process's wall time.")
+    if audit is not None:
+        legend.append("command s: `appliance audit sql` from its arguments to its printed result (opening the "
+                      "snapshot: decoding the records not converted, the views; the query; printing); process start: "
+                      "the rest of the process's wall time (interpreter, imports, exit).")
+    blocks.append(" ".join(legend))
+    return "\n\n".join(blocks)
+
+
 def render_tables(report: BenchReport) -> str:
     options = report.options
     blocks: list[str] = []
     runs = f"median of {options.runs} run{'s' if options.runs != 1 else ''}"
     for load in dict.fromkeys((s.qos, s.load) for s in report.summaries):
         summaries = [s for s in report.summaries if (s.qos, s.load) == load]
-        rows = [list(COLUMNS)] + [_row(s) for s in summaries]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
         sent = summaries[0].runs[0].messages if summaries and summaries[0].runs else 0
         lines = [f"QoS {load[0]}, {load[1]}, {sent:,} messages (10% invalid), {runs}"]
-        for index, row in enumerate(rows):
-            cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
-            lines.append("  ".join(cells).rstrip())
-            if index == 0:
-                lines.append("  ".join("-" * width for width in widths))
+        lines += _table([list(COLUMNS)] + [_row(s) for s in summaries])
         blocks.append("\n".join(lines))
-    blocks.append(
+    if report.summaries:
+        blocks.append(_legend(report))
+    if (processes := render_processes(report)) is not None:
+        blocks.append(processes)
+    if (measurements := render_measurements(report)) is not None:
+        blocks.append(measurements)
+    failures = [run for s in report.summaries for run in s.runs if not run.ok]
+    if failures:
+        blocks.append("\n".join(["Failed runs:"] + [
+            f"  {run.scenario} QoS {run.qos} {run.load} run {run.round}: {run.error}" for run in failures
+        ]))
+    blocks.append(render_targets(evaluate(report)))
+    return "\n\n".join(blocks)
+
+
+def _legend(report: BenchReport) -> str:
+    return (
         "msg/s: messages published ÷ time until the last one was delivered (or rejected) at the local subscriber; "
         "cloud: at the cloud subscriber. × mosquitto: median of same-round ratios. proxy CPU µs/msg: the appliance "
         "process (all threads) per message sent. log syncs/s: the message log's fdatasync calls per second (its "
@@ -86,15 +159,6 @@ def render_tables(report: BenchReport) -> str:
         + (f"\nWARNING: the work directory is on {report.workdir_fs}: disk figures are meaningless."
            if report.workdir_fs in ("tmpfs", "ramfs") else "")
     )
-    if (processes := render_processes(report)) is not None:
-        blocks.append(processes)
-    failures = [run for s in report.summaries for run in s.runs if not run.ok]
-    if failures:
-        blocks.append("\n".join(["Failed runs:"] + [
-            f"  {run.scenario} QoS {run.qos} {run.load} run {run.round}: {run.error}" for run in failures
-        ]))
-    blocks.append(render_targets(evaluate(report)))
-    return "\n\n".join(blocks)
 
 
 def _helpers_cpu_us_per_msg(report: BenchReport, scenario: str) -> tuple[float | None, float | None]:
@@ -157,18 +221,23 @@ def _verdict(met: bool | None) -> str:
 def _measured(value: float | None, unit: str) -> str:
     if value is None:
         return "–"
+    if unit == "s":
+        return f"{value:,.3f}"
+    if unit == "msg/s":
+        return f"{value:,.0f}"
     return f"{value:,.2f}" if unit in ("×", "B/B") else f"{value:,.1f}"
 
 
 def render_targets(targets: list[Target]) -> str:
-    lines = ["Targets (issue #13), governance path:"]
+    lines = ["Targets (issue #13): the governance path, replay, audit sql"]
+    width = max([26, *(len(check.case) for target in targets for check in target.checks)])
     for target in targets:
         lines.append(f"  {_verdict(target.met):<12} {target.description}")
         for check in target.checks:
             comparison = "≤" if target.at_most else "≥"
             limit = "–" if check.limit is None else _measured(check.limit, target.unit)
             detail = f" ({check.detail})" if check.detail else ""
-            lines.append(f"      {check.case:<26} {_measured(check.measured, target.unit):>9} {target.unit} "
+            lines.append(f"      {check.case:<{width}} {_measured(check.measured, target.unit):>9} {target.unit} "
                          f"{comparison} {limit}: {_verdict(check.met)}{detail}")
     return "\n".join(lines)
 
@@ -220,11 +289,15 @@ def to_json(report: BenchReport) -> dict[str, Any]:
     return {
         "options": {"messages": options.messages, "runs": options.runs, "warmup": options.warmup,
                     "qos": list(options.qos), "scenarios": list(options.scenarios), "loads": list(options.loads_),
-                    "rate": options.rate, "duration_s": options.duration},
+                    "rate": options.rate, "duration_s": options.duration,
+                    "measurements": list(options.measurements), "replay_messages": options.replay_messages,
+                    "audit_rows": options.audit_rows, "audit_tail": options.audit_tail,
+                    "audit_segment_bytes": options.audit_segment_bytes},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "mosquitto": _mosquitto_version(),
                     "workdir_filesystem": report.workdir_fs},
-        "scenarios": {name: SCENARIOS[name].description for name in options.scenarios},
+        "scenarios": {**{name: SCENARIOS[name].description for name in options.scenarios},
+                      **{name: MEASUREMENTS[name] for name in options.measurements}},
         "results": [
             {
                 "scenario": s.scenario,
@@ -255,6 +328,8 @@ def to_json(report: BenchReport) -> dict[str, Any]:
         ],
         "warmup_runs": [_run(run) for run in report.warmup],
         "processes": _processes_json(report),
+        "replay": None if report.replay is None else report.replay.to_json(),
+        "audit_sql": None if report.audit_sql is None else report.audit_sql.to_json(),
         "targets": {target.key: target.to_json() for target in evaluate(report)},
     }
 

@@ -4,6 +4,9 @@ All scenarios run side by side for the whole benchmark (an idle broker costs not
 round measures every scenario once under each load, alternating which scenario goes first. Ratios
 are taken within a round, then the median over rounds is reported: the machine's drift between
 rounds cancels out. Round 0 is the warm-up and is discarded.
+
+The measurements that need no broker (issue #13's replay rate and `audit sql` GROUP BY time) run
+after the scenarios are stopped, in a work directory of their own (`MEASUREMENTS`).
 """
 
 from __future__ import annotations
@@ -16,11 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.audit_sql import AuditSqlFigures
 from bench.children import ProcessWatch
 from bench.load import LOAD_KINDS, Load, RunResult, run_once
 from bench.procfs import filesystem_type
+from bench.replay_rate import ReplayFigures
 from bench.scenarios import REFERENCE, SCENARIOS, STOCK_REFERENCE, Scenario, Target
 from bench.status import helper_stats
+
+# Measurements without a broker: `replay --against` over a generated recording, and `appliance
+# audit sql` GROUP BY queries over generated Parquet verdicts (bench/replay_rate.py, bench/audit_sql.py).
+REPLAY, AUDIT_SQL = "replay", "audit-sql"
+MEASUREMENTS = {
+    REPLAY: "no broker: `replay --from RECORDING --against schemas/v1` over a generated recording of the demo traffic",
+    AUDIT_SQL: "no broker: `appliance audit sql` GROUP BY queries, each in its own process, over generated verdicts "
+               "laid out as a running appliance's audit log (Parquet files per segment + the active segment's records)",
+}
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,12 @@ class BenchOptions:
     # QoS levels of the fixed-rate load (None: the same as `qos`)
     rate_qos: Sequence[int] | None = None
     workdir: Path | None = None
+    # Measurements without a broker (MEASUREMENTS) and their sizes: issue #13's by default
+    measurements: Sequence[str] = ()
+    replay_messages: int = 1_000_000
+    audit_rows: int = 10_000_000
+    audit_tail: int | None = None  # of them, records left in the log (None: half a segment)
+    audit_segment_bytes: int = 16 << 20  # the segment size the audit-sql layout models
 
     def loads(self) -> list[Load]:
         loads = []
@@ -142,19 +162,38 @@ class BenchReport:
     processes: ProcessWatch | None = None
     # Each appliance's own record of its helper processes at the end (status → audit.helpers)
     helper_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    replay: ReplayFigures | None = None
+    audit_sql: AuditSqlFigures | None = None
 
     @property
     def failed(self) -> int:
-        return sum(summary.failed for summary in self.summaries)
+        """Runs that failed, a measurement without a broker that failed counting as one."""
+        failed = sum(summary.failed for summary in self.summaries)
+        failed += int(self.replay is not None and self.replay.error is not None)
+        failed += sum(1 for q in self.audit_sql.queries if q.error is not None) if self.audit_sql is not None else 0
+        return failed
 
 
 Progress = Callable[[RunResult], None]
+Note = Callable[[str], None]
 
 
-def run_benchmark(options: BenchOptions, *, progress: Progress | None = None) -> BenchReport:
+def run_benchmark(options: BenchOptions, *, progress: Progress | None = None, note: Note | None = None) -> BenchReport:
     unknown = [name for name in options.scenarios if name not in SCENARIOS]
+    unknown += [name for name in options.measurements if name not in MEASUREMENTS]
     if unknown:
-        raise ValueError(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+        raise ValueError(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join([*SCENARIOS, *MEASUREMENTS])}")
+    if options.scenarios:
+        report = _run_scenarios(options, progress)
+    else:  # only measurements without a broker
+        report = _summarise(options, [], [])
+        report.workdir_fs = filesystem_type(options.workdir or Path(tempfile.gettempdir()))
+    if options.measurements:
+        report.replay, report.audit_sql = run_measurements(options, note=note)
+    return report
+
+
+def _run_scenarios(options: BenchOptions, progress: Progress | None) -> BenchReport:
     scenarios: list[Scenario] = [SCENARIOS[name] for name in options.scenarios]
     loads = options.loads()
     first_round = 0 if options.warmup else 1
@@ -191,6 +230,33 @@ def run_benchmark(options: BenchOptions, *, progress: Progress | None = None) ->
     report.processes = watch
     report.helper_stats = helpers
     return report
+
+
+def run_measurements(options: BenchOptions, *,
+                     note: Note | None = None) -> tuple[ReplayFigures | None, AuditSqlFigures | None]:
+    """The measurements without a broker that `options` asks for, each over data generated first
+    (the generation is timed and reported too)."""
+    from bench import audit_sql, replay_rate
+
+    say = note or (lambda text: None)
+    replay: ReplayFigures | None = None
+    audit: AuditSqlFigures | None = None
+    with tempfile.TemporaryDirectory(prefix="appliance-bench-data-", dir=options.workdir) as tmp:
+        if REPLAY in options.measurements:
+            say(f"replay: generating a recording of {options.replay_messages:,} messages, then "
+                f"{options.runs} run(s) of `replay --against schemas/v1`")
+            replay = replay_rate.measure(Path(tmp), options.replay_messages, runs=options.runs)
+            say(f"replay: FAILED: {replay.error}" if replay.error is not None
+                else f"replay: {replay.msg_per_s or 0:,.0f} msg/s")
+        if AUDIT_SQL in options.measurements:
+            say(f"audit-sql: generating {options.audit_rows:,} verdicts as Parquet, then {options.runs} run(s) "
+                f"of each of {len(audit_sql.QUERIES)} `appliance audit sql` GROUP BY queries")
+            audit = audit_sql.measure(Path(tmp), options.audit_rows, tail=options.audit_tail,
+                                      segment_bytes=options.audit_segment_bytes, runs=options.runs)
+            for query in audit.queries:
+                outcome = f"{query.median('command_s') or 0:.3f} s" if query.error is None else f"FAILED: {query.error}"
+                say(f"audit-sql: {query.name}: {outcome}")
+    return replay, audit
 
 
 def _summarise(options: BenchOptions, loads: list[Load], results: list[RunResult]) -> BenchReport:

@@ -3,7 +3,9 @@
 Each target has one or more checks (QoS 0 and 1, each load it names); a check is met, missed, or
 not measured (its scenario or load was not run, or every run of it failed). A target is met when
 every check is, missed when one is missed, and not measured otherwise. Figures are the medians the
-tables show (peak RSS: the maximum over the whole benchmark).
+tables show (peak RSS: the maximum over the whole benchmark). The replay and `audit sql` targets
+are judged at the sizes that ran (`--replay-messages`, `--audit-rows`; the issue's by default),
+which their checks name.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.audit_sql import AuditSqlFigures, QueryTiming
 from bench.children import memory_target
 from bench.load import SENSORS
-from bench.runner import BenchReport, Summary
+from bench.replay_rate import ReplayFigures
+from bench.runner import AUDIT_SQL, REPLAY, BenchReport, Summary
 
 GOVERNANCE = "governance"
 BRIDGE = "bridge"
@@ -25,6 +29,8 @@ DISK_BYTES_PER_PAYLOAD_BYTE = 4.0
 ADDED_P99_MS = 2.0
 CLOUD_P99_MS = 50.0
 PEAK_RSS_MB = 80.0
+REPLAY_MSG_PER_S = 100_000.0
+AUDIT_SQL_S = 0.5
 FLAT_OUT = ("1 publisher", f"{SENSORS} sensors")
 
 
@@ -142,8 +148,56 @@ def evaluate(report: BenchReport) -> list[Target]:
                _per_case(figures, list(FLAT_OUT), lambda s: s.cloud_ratio_to_mosquitto,
                          bridge(lambda s: s.cloud_ratio_to_mosquitto), False)),
         _peak_rss(report),
+        replay_target(report.replay, report.options.replay_messages),
+        audit_sql_target(report.audit_sql, report.options.audit_rows),
     ]
     return targets
+
+
+def replay_target(figures: ReplayFigures | None, messages: int) -> Target:
+    """`replay --against` over the recording: msg/s as `replay --stats` gives it (the judging's wall
+    time), the whole command's rate beside it."""
+    target = Target("replay_msg_per_s", f"`replay --against` over a recording ≥ {REPLAY_MSG_PER_S:,.0f} msg/s",
+                    "msg/s", False)
+    case = f"{(figures.messages if figures else messages):,} messages"
+    if figures is None:
+        target.checks.append(Check(case, None, REPLAY_MSG_PER_S, None, f"not run (--scenario {REPLAY})"))
+        return target
+    measured = figures.msg_per_s
+    if figures.error is not None:
+        detail = f"FAILED: {figures.error}"
+    else:
+        detail = (f"{figures.files} Parquet files; the whole command (process start to report) "
+                  f"{figures.command_msg_per_s or 0:,.0f} msg/s; {figures.runs[0]['workers']} worker(s)")
+    target.checks.append(Check(case, measured, REPLAY_MSG_PER_S, _compare(measured, REPLAY_MSG_PER_S, False), detail))
+    return target
+
+
+def audit_sql_target(figures: AuditSqlFigures | None, rows: int) -> Target:
+    """Each GROUP BY query: the `appliance audit sql` command's wall time from its arguments to its
+    printed result, in a process of its own; the process start (interpreter, imports) beside it."""
+    target = Target("audit_sql_group_by_s",
+                    f"`appliance audit sql` GROUP BY over recorded verdicts ≤ {AUDIT_SQL_S:g} s "
+                    "(the command, in its own process; process start beside it)", "s", True)
+    if figures is None:
+        target.checks.append(Check(f"{rows:,} verdicts", None, AUDIT_SQL_S, None, f"not run (--scenario {AUDIT_SQL})"))
+        return target
+    for query in figures.queries:
+        measured = query.median("command_s") if query.error is None else None
+        data = figures.data
+        where = f"{data.files} file{'s' if data.files != 1 else ''} + {data.tail:,} in the log"
+        target.checks.append(Check(f"{query.name}, {data.rows:,} verdicts ({where})",
+                                   measured, AUDIT_SQL_S, _compare(measured, AUDIT_SQL_S, True), _start(query)))
+    return target
+
+
+def _start(query: QueryTiming) -> str:
+    if query.error is not None:
+        return f"FAILED: {query.error}"
+    process, start, imports = query.median("process_s"), query.median("start_s"), query.median("imports_s")
+    if process is None or start is None or imports is None:
+        return ""
+    return f"whole process {process:.3f} s, of which process start {start:.3f} s (imports {imports:.3f} s)"
 
 
 def _peak_rss(report: BenchReport) -> Target:

@@ -10,6 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from bench import BenchOptions, bench, run_benchmark
+from bench.audit_sql import AuditData, AuditSqlFigures, QueryTiming
+from bench.replay_rate import ReplayFigures
+from bench.targets import Target
 from bench.load import Load, _check, invalid_count, planned_readings
 from bench.payloads import is_invalid, reading, synthetic_ts, timestamp, topic
 from bench.scenarios import REPO_SCHEMAS
@@ -20,6 +23,9 @@ needs_mosquitto = pytest.mark.skipif(
 )
 
 MESSAGES = 500
+TARGET_KEYS = {"cpu_us_per_msg", "disk_bytes_per_payload_byte_rate", "disk_bytes_per_payload_byte_flat_out",
+               "local_p99_ms", "cloud_p99_ms", "local_ratio_vs_bridge", "cloud_ratio_vs_bridge", "peak_rss_mb",
+               "replay_msg_per_s", "audit_sql_group_by_s"}
 
 
 def test_readings_are_judged_by_the_demo_schema_set_as_planned() -> None:
@@ -129,9 +135,10 @@ def test_governance_and_bridge_deliver_locally_and_to_the_cloud() -> None:
     for entry in document["results"]:
         assert {"log_syncs_per_s", "proxy_cpu_us_per_msg"} <= set(entry)
     targets = document["targets"]
-    assert set(targets) == {"cpu_us_per_msg", "disk_bytes_per_payload_byte_rate", "disk_bytes_per_payload_byte_flat_out",
-                            "local_p99_ms", "cloud_p99_ms", "local_ratio_vs_bridge", "cloud_ratio_vs_bridge",
-                            "peak_rss_mb"}
+    assert set(targets) == TARGET_KEYS
+    # The measurements without a broker were not asked for (BenchOptions' default): not measured.
+    assert targets["replay_msg_per_s"]["met"] is None and targets["audit_sql_group_by_s"]["met"] is None
+    assert document["replay"] is None and document["audit_sql"] is None
     measured = {(key, check["case"]): check for key, target in targets.items() for check in target["checks"]}
     # What ran (QoS 1, 100 sensors flat out and at the fixed rate) is measured and judged; QoS 0 was not run.
     for key, case in [("cpu_us_per_msg", "QoS 1, 100 sensors 2k/s"), ("disk_bytes_per_payload_byte_rate", "QoS 1, 100 sensors 2k/s"),
@@ -177,6 +184,146 @@ def test_cli_writes_json_and_a_chart_next_to_it(tmp_path: Path) -> None:
         assert not (tmp_path / "bench.png").exists()
     else:
         assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- issue #13's replay and audit sql targets: measured in the same run, without a broker ----------
+
+def test_replay_and_audit_sql_are_measured_in_the_same_run_with_their_targets(tmp_path: Path) -> None:
+    from bench.audit_sql import QUERIES, SENSORS
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(bench, ["--scenario", "replay", "--scenario", "audit-sql", "--replay-messages", "2000",
+                                        "--audit-rows", "3000", "--runs", "1", "--workdir", str(tmp_path),
+                                        "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    # No broker ran: neither scenario is one.
+    assert document["results"] == [] and document["processes"] == {}
+    assert document["options"]["measurements"] == ["replay", "audit-sql"]
+    assert set(document["scenarios"]) == {"replay", "audit-sql"}
+    assert (document["options"]["replay_messages"], document["options"]["audit_rows"]) == (2000, 3000)
+
+    replay = document["replay"]
+    assert replay["error"] is None and replay["messages"] == 2000 and replay["files"] >= 1
+    [run] = replay["runs"]
+    assert set(run) == {"msg_per_s", "seconds", "workers", "process_s", "command_msg_per_s", "cpu_s", "cpu_us_per_msg"}
+    assert replay["msg_per_s"] == run["msg_per_s"] > 0 and run["process_s"] > run["seconds"] > 0
+
+    audit = document["audit_sql"]
+    # Half of them left in the log (half a segment, at most half of the rows), with 4 events among them.
+    assert (audit["rows"], audit["tail"]) == (3000, 1500) and audit["files"] >= 1 and audit["generate_s"] > 0
+    assert set(audit["queries"]) == set(QUERIES)
+    for name, query in audit["queries"].items():
+        assert query["error"] is None, (name, query)
+        [timing] = query["runs"]
+        assert set(timing) == {"command_s", "imports_s", "start_s", "process_s"}
+        assert 0 < timing["command_s"] < timing["process_s"] and timing["imports_s"] < timing["start_s"]
+    assert audit["queries"]["GROUP BY verdict"]["result_rows"] == 2
+    assert audit["queries"]["GROUP BY client_id"]["result_rows"] == SENSORS
+
+    targets = document["targets"]
+    assert set(targets) == TARGET_KEYS
+    [check] = targets["replay_msg_per_s"]["checks"]
+    assert check["case"] == "2,000 messages" and check["measured"] == replay["msg_per_s"]
+    assert check["limit"] == 100_000 and check["met"] == (check["measured"] >= 100_000)
+    checks = targets["audit_sql_group_by_s"]["checks"]
+    assert [c["case"].split(",")[0] for c in checks] == list(QUERIES)
+    for c in checks:
+        assert c["measured"] == audit["queries"][c["case"].split(",")[0]]["command_s"]
+        assert c["limit"] == 0.5 and c["met"] == (c["measured"] <= 0.5) and "process start" in c["detail"]
+    assert targets["peak_rss_mb"]["met"] is None  # no broker scenario ran
+    for heading in ("replay --from RECORDING --against schemas/v1: 2,000 messages",
+                    "appliance audit sql: 3,000 verdicts: 1,500 in the message log", "GROUP BY client_id", "Targets (issue #13)"):
+        assert heading in result.output
+
+
+def test_generated_verdicts_are_what_the_real_command_reads(tmp_path: Path) -> None:
+    """The audit-sql data is laid out as a running appliance's (Parquet files per segment under a
+    watermark, the newest records still in the log): `appliance audit sql` in its own process sees
+    every row once, with the planned verdicts."""
+    from bench.audit_sql import decisions_per_segment, generate, run_query
+
+    data = generate(tmp_path, 2500, tail=500, rows_per_file=1000)
+    # 2,000 in Parquet; 500 in the log, with 2 events among them (one every 500 records).
+    assert (data.rows, data.tail, data.rows_per_file) == (2500, 500, 1000)
+    assert data.files >= 2 and data.parquet_bytes > 0
+    timings, lines = run_query(tmp_path, "SELECT verdict, count(*) AS n, count(DISTINCT id) AS ids, "
+                                         "count(DISTINCT client_id) AS clients FROM decisions GROUP BY verdict ORDER BY verdict")
+    # One in ten rejected: the readings of sensors 9, 19, ... 99 (row i comes from sensor i % 100).
+    assert lines == ["verdict,n,ids,clients", "accept,2250,2250,90", "reject,250,250,10"]
+    assert run_query(tmp_path, "SELECT count(*) AS n FROM events")[1] == ["n", "2"]
+    assert timings["process_s"] >= timings["command_s"] > 0
+    # What a 16 MiB segment holds of the benchmark's readings (docs/audit.md: ~127,000 since record version 2).
+    assert 100_000 < decisions_per_segment() < 160_000
+    assert 4 * decisions_per_segment(4 << 20) == pytest.approx(decisions_per_segment(), rel=0.01)
+
+
+def _replay_figures(msg_per_s: list[float], error: str | None = None) -> ReplayFigures:
+    figures = ReplayFigures(messages=1_000_000, files=8, parquet_bytes=52_000_000, generate_s=18.0, error=error)
+    figures.runs = [{"msg_per_s": rate, "command_msg_per_s": rate * 0.9, "workers": 2, "process_s": 1e6 / rate}
+                    for rate in msg_per_s]
+    return figures
+
+
+def _audit_figures(command_s: dict[str, list[float]], error: str | None = None) -> AuditSqlFigures:
+    data = AuditData(rows=10_000_000, files=79, rows_per_file=127_065, row_group_rows=32_768,
+                     parquet_bytes=431_000_000, generate_s=49.0, tail=63_405)
+    queries = []
+    for name, times in command_s.items():
+        query = QueryTiming(name, "SELECT ...", error=error if name == "GROUP BY hour" else None)
+        query.runs = [] if query.error else [{"command_s": t, "imports_s": 0.15, "start_s": 0.2, "process_s": t + 0.2}
+                                             for t in times]
+        queries.append(query)
+    return AuditSqlFigures(data, queries)
+
+
+def test_replay_and_audit_sql_targets_given_numbers() -> None:
+    """The verdict logic alone: medians over runs against the issue's bounds, failures not measured."""
+    from bench.report import render_targets
+    from bench.runner import BenchReport
+    from bench.targets import evaluate
+
+    def targets(replay: ReplayFigures | None, audit: AuditSqlFigures | None) -> dict[str, Target]:
+        report = BenchReport(options=BenchOptions(), summaries=[], warmup=[], replay=replay, audit_sql=audit)
+        return {t.key: t for t in evaluate(report)}
+
+    met = targets(_replay_figures([90_000, 120_000, 130_000]),
+                  _audit_figures({"GROUP BY verdict": [0.09, 0.6, 0.1], "GROUP BY hour": [0.49, 0.5, 0.45]}))
+    replay, audit = met["replay_msg_per_s"], met["audit_sql_group_by_s"]
+    assert replay.met is True and [c.measured for c in replay.checks] == [120_000]  # the median of 3 runs
+    assert replay.checks[0].case == "1,000,000 messages" and "108,000 msg/s" in replay.checks[0].detail
+    assert audit.met is True and [c.measured for c in audit.checks] == [0.1, 0.49]
+    assert audit.checks[0].case == "GROUP BY verdict, 10,000,000 verdicts (79 files + 63,405 in the log)"
+    assert "process start 0.200 s" in audit.checks[0].detail
+
+    missed = targets(_replay_figures([99_999]), _audit_figures({"GROUP BY verdict": [0.1], "GROUP BY hour": [0.51]}))
+    assert missed["replay_msg_per_s"].met is False
+    assert missed["audit_sql_group_by_s"].met is False  # one query over the bound misses the target
+    assert [c.met for c in missed["audit_sql_group_by_s"].checks] == [True, False]
+    text = render_targets(list(missed.values()))
+    assert "MISSED       `replay --against`" in text and "0.510 s ≤ 0.500: MISSED" in text
+
+    failed = targets(_replay_figures([], error="replayed 10 of 1,000,000 messages"),
+                     _audit_figures({"GROUP BY verdict": [0.1], "GROUP BY hour": [0.2]}, error="exited with 1"))
+    assert failed["replay_msg_per_s"].met is None and "FAILED: replayed 10" in failed["replay_msg_per_s"].checks[0].detail
+    hour = failed["audit_sql_group_by_s"].checks[1]
+    assert hour.measured is None and hour.met is None and hour.detail == "FAILED: exited with 1"
+    assert failed["audit_sql_group_by_s"].met is None  # measured and met where it ran, not measured where it failed
+
+    not_run = targets(None, None)
+    assert not_run["replay_msg_per_s"].met is None and not_run["audit_sql_group_by_s"].met is None
+    assert not_run["replay_msg_per_s"].checks[0].detail == "not run (--scenario replay)"
+    assert not_run["audit_sql_group_by_s"].checks[0].case == "10,000,000 verdicts"
+
+
+def test_a_failed_measurement_fails_the_benchmark() -> None:
+    from bench.runner import BenchReport
+
+    report = BenchReport(options=BenchOptions(), summaries=[], warmup=[])
+    assert report.failed == 0
+    report.replay = _replay_figures([], error="replay exited with 2")
+    report.audit_sql = _audit_figures({"GROUP BY hour": []}, error="exited with 1")
+    assert report.failed == 2
 
 
 def test_chart_is_skipped_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

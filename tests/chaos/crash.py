@@ -2,11 +2,20 @@
 publishers, with the uplink (a real cloud mosquitto) cut and restored at random, on one state dir.
 
 What must hold at the end (after a clean restart that drains the outbox):
-- every message acknowledged with a success code reached the cloud broker (duplicates allowed,
-  counted) and has its verdict in the audit log;
-- no message acknowledged with a reject code reached the cloud.
+- every message acknowledged with a success code reached the cloud broker and has an `accept`
+  verdict in the audit log; every one acknowledged with a reject code has a `reject` verdict and
+  did not reach the cloud;
+- the cloud received nothing else than those accepted messages and the ones still waiting for
+  their acknowledgement when their round ended (sent just before a kill: stored and forwarded, but
+  the publisher never heard back), each with an `accept` verdict;
+- duplicates are allowed (at-least-once: a restarted forwarder sends again what the cloud
+  acknowledged after its last saved cursor, docs/decisions/0004-message-log.md) and counted:
+  every copy of a message the cloud received more than once is one of those messages, every copy
+  carries its verdict's id as the `message-id` user property (what consumers deduplicate on), and
+  the counts add up (copies received = distinct messages + duplicates).
 
-The suite runs a few rounds (tests/chaos/test_crash.py); longer runs:
+The suite runs a few rounds (tests/chaos/test_crash.py, which reports the duplicates); longer runs
+(docs/performance.md, "Long runs"; `make chaos`):
 
     python -m tests.chaos.crash --rounds 50 --seed 7
 """
@@ -27,6 +36,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance.audit.query import AuditQuery
 from tests.forward.harness import CloudBroker, Subscriber
@@ -40,10 +50,21 @@ REPO = Path(__file__).resolve().parents[2]
 class Outcome:
     accepted: set[bytes] = field(default_factory=set)  # acknowledged with a success code
     rejected: set[bytes] = field(default_factory=set)  # acknowledged with a reject code
+    # Sent and never acknowledged: the appliance was killed first (or the ack took over 2 s)
+    unacknowledged: set[bytes] = field(default_factory=set)
     kills: int = 0
     uplink_cuts: int = 0
-    duplicates: int = 0
-    in_cloud: int = 0
+    received: int = 0  # copies the cloud subscriber received, duplicates included
+    in_cloud: int = 0  # distinct messages among them
+    duplicates: int = 0  # received - in_cloud
+    duplicated: int = 0  # messages received more than once
+    most_copies: int = 0  # of one message
+
+    def summary(self) -> str:
+        return (f"{self.kills} kills, {self.uplink_cuts} uplink cuts, {len(self.accepted)} accepted and "
+                f"{len(self.rejected)} rejected acknowledgements, {len(self.unacknowledged)} never acknowledged; "
+                f"the cloud received {self.received} copies of {self.in_cloud} messages: {self.duplicates} "
+                f"duplicates of {self.duplicated} messages (at most {self.most_copies} copies of one)")
 
 
 def _payload(name: str, seq: int) -> tuple[bytes, bool]:
@@ -65,7 +86,7 @@ class Publisher(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        acks: dict[int, object] = {}
+        acks: dict[int, ReasonCode] = {}
         self.client.on_publish = lambda c, u, mid, rc, p: acks.__setitem__(mid, rc)
         try:
             self.client.connect("127.0.0.1", self.port, keepalive=10)
@@ -80,15 +101,19 @@ class Publisher(threading.Thread):
                 try:
                     info.wait_for_publish(2)
                 except (RuntimeError, ValueError):
-                    return
-                if not info.is_published():
-                    return  # the appliance died: this one was never acknowledged
-                code = acks.get(info.mid)
+                    published = False
+                else:
+                    published = info.is_published()
+                code = acks.get(info.mid) if published else None
                 with self.lock:
-                    if code is not None and not code.is_failure:
+                    if code is None:  # the appliance died: stored and forwarded or not, never acknowledged
+                        self.outcome.unacknowledged.add(payload)
+                    elif not code.is_failure:
                         self.outcome.accepted.add(payload)
-                    elif code is not None:
+                    else:
                         self.outcome.rejected.add(payload)
+                if code is None:
+                    return
         finally:
             self.client.loop_stop()
             try:
@@ -148,22 +173,57 @@ def run(workdir: Path, *, rounds: int, seed: int, publishers: int = 3, round_s: 
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-        received = Counter(subscriber.payloads())
-        outcome.in_cloud = len(received)
+        copies = subscriber.payloads()
+        received = Counter(copies)
+        carried: dict[bytes, set[str | None]] = {}  # the message-id user property of each payload's copies
+        for message in list(subscriber.messages):
+            properties = dict(getattr(message.properties, "UserProperty", None) or [])
+            carried.setdefault(bytes(message.payload), set()).add(properties.get("message-id"))
+        outcome.received, outcome.in_cloud = len(copies), len(received)
         outcome.duplicates = sum(n - 1 for n in received.values())
-        leaked = outcome.rejected & set(received)
-        assert not leaked, f"{len(leaked)} messages acknowledged with a reject code reached the cloud"
+        outcome.duplicated = sum(1 for n in received.values() if n > 1)
+        outcome.most_copies = max(received.values(), default=0)
+        assert outcome.received == outcome.in_cloud + outcome.duplicates
         with AuditQuery(workdir / "state") as audit_log:
-            recorded = {bytes(row[0]) for row in
-                        audit_log.query("SELECT payload FROM decisions WHERE payload IS NOT NULL", max_rows=1 << 40).rows}
-        missing = outcome.accepted - recorded
-        assert not missing, f"{len(missing)} of {len(outcome.accepted)} acknowledged messages have no verdict"
-        missing = outcome.rejected - recorded
-        assert not missing, f"{len(missing)} rejected (and acknowledged) messages have no verdict"
+            verdicts: dict[bytes, list[str]] = {}
+            ids: dict[bytes, int] = {}
+            for payload, verdict, id_ in audit_log.query(
+                    "SELECT payload, verdict, id FROM decisions WHERE payload IS NOT NULL", max_rows=1 << 40).rows:
+                verdicts.setdefault(bytes(payload), []).append(verdict)
+                ids[bytes(payload)] = id_
+        check(outcome, set(received), verdicts)
+        check_message_ids(carried, ids, outcome.summary())
     finally:
         subscriber.stop()
         cloud.stop()
     return outcome
+
+
+def check(outcome: Outcome, in_cloud: set[bytes], verdicts: dict[bytes, list[str]]) -> None:
+    """The end state against what the publishers were told; `verdicts`: each recorded payload's
+    verdicts in the audit log (a payload is unique to one publish: exactly one verdict each)."""
+    state = outcome.summary()
+    leaked = outcome.rejected & in_cloud
+    assert not leaked, f"{len(leaked)} messages acknowledged with a reject code reached the cloud ({state})"
+    lost = outcome.accepted - in_cloud
+    assert not lost, f"{len(lost)} messages acknowledged with a success code are not in the cloud ({state})"
+    unexplained = in_cloud - outcome.accepted - outcome.unacknowledged
+    assert not unexplained, (f"{len(unexplained)} messages in the cloud were neither acknowledged as accepted "
+                             f"nor waiting for an acknowledgement at a kill ({state})")
+    for what, payloads, verdict in (("acknowledged with a success code", outcome.accepted, "accept"),
+                                    ("in the cloud", in_cloud, "accept"),
+                                    ("acknowledged with a reject code", outcome.rejected, "reject")):
+        wrong = [p for p in payloads if verdicts.get(p) != [verdict]]
+        assert not wrong, (f"{len(wrong)} of {len(payloads)} messages {what} do not have exactly one "
+                           f"'{verdict}' verdict in the audit log, e.g. {wrong[0]!r}: {verdicts.get(wrong[0])} ({state})")
+
+
+def check_message_ids(carried: dict[bytes, set[str | None]], ids: dict[bytes, int], state: str = "") -> None:
+    """Consumers deduplicate on the `message-id` user property (docs/forwarding.md): every copy of
+    a message, duplicates included, must carry its verdict's id in the audit log."""
+    wrong = {p: found for p, found in carried.items() if found != {str(ids.get(p))}}
+    assert not wrong, (f"the copies of {len(wrong)} of {len(carried)} messages in the cloud do not all carry their "
+                       f"verdict's id as message-id, e.g. {next(iter(wrong.values()))} ({state})")
 
 
 def main() -> int:
@@ -174,9 +234,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         outcome = run(Path(tmp), rounds=args.rounds, seed=args.seed, publishers=args.publishers, log=True)
-    print(f"ok: {outcome.kills} kills, {outcome.uplink_cuts} uplink cuts, {len(outcome.accepted)} accepted and "
-          f"{len(outcome.rejected)} rejected acknowledgements; all accepted in the cloud ({outcome.duplicates} "
-          "duplicates) and in the audit log; no rejected one in the cloud")
+    print(f"ok: {outcome.summary()}; every accepted one in the cloud and in the audit log, nothing else "
+          "in the cloud but messages in flight at a kill, no rejected one; every copy with its verdict's message-id")
     return 0
 
 

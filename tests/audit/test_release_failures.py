@@ -210,3 +210,18 @@ def test_the_cli_says_what_a_release_did_not_do_and_exits_1(tmp_path: Path) -> N
         assert [row["id"] for row in rows] == [entry["id"]]
     finally:
         running.stop()
+
+
+def test_a_release_event_cannot_be_recorded_through_the_admin_socket(tmp_path: Path) -> None:
+    """Only the process that published records a `quarantine_released` event: anything reaching the
+    admin socket asking `audit_event` for one is refused, and nothing is written."""
+    state = tmp_path / "state"
+    running = RunningAppliance(make_config(state)).start()
+    try:
+        with pytest.raises(admin.AdminError, match="cannot be recorded from outside"):
+            admin.call(state, "audit_event", kind="quarantine_released", detail={"ids": ["1"]})
+        admin.call(state, "audit_event", kind="quarantine_purged", detail={"ids": ["1"], "purged": 0})
+        assert events(state, "quarantine_released") == []
+        assert events(state, "quarantine_purged")[0]["ids"] == ["1"]
+    finally:
+        running.stop()

@@ -225,3 +225,42 @@ def test_a_release_event_cannot_be_recorded_through_the_admin_socket(tmp_path: P
         assert events(state, "quarantine_purged")[0]["ids"] == ["1"]
     finally:
         running.stop()
+
+
+@pytest.fixture
+def three_days(audit_state: Callable[..., Path]) -> Path:
+    """Ids 1-4 held, in three Parquet files (a day each) and in the converted segment beside them."""
+    return audit_state([
+        decision(1, T0, device="a", verdict="reject", payload=P1),
+        decision(2, T0 + 86_400, device="b", verdict="reject", payload=b"secret-two-on-day-two"),
+        decision(3, T0 + 2 * 86_400, device="b", verdict="reject", payload=P3),
+        decision(4, T0 + 2 * 86_400 + 60, device="c", verdict="reject", payload=P4),
+    ], split=(1.0, 1.0))
+
+
+def truncate_day(state: Path, day: str) -> Path:
+    """Cut a decisions file in half (its footer gone): DuckDB cannot read it at all."""
+    [path] = (state / "audit" / "parquet" / "decisions" / f"day={day}").glob("*.parquet")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_a_truncated_parquet_file_fails_alone_and_the_others_are_purged(three_days: Path) -> None:
+    broken = truncate_day(three_days, "2026-11-28")
+    with pytest.raises(PurgeIncomplete) as raised:
+        purge_quarantine(three_days, None, seal=None)
+    assert [path for path, _ in raised.value.failures] == [broken]
+    assert raised.value.failures[0][1].startswith("could not be read: ")
+    assert raised.value.unreadable == 1 and "unknown ids in 1 file(s)" in raised.value.not_purged()
+    assert on_disk(three_days, P1) == [] and on_disk(three_days, P3) == [] and on_disk(three_days, P4) == []
+
+
+def test_the_cli_records_a_purge_that_met_a_truncated_parquet_file(three_days: Path) -> None:
+    truncate_day(three_days, "2026-11-28")
+    done = cli("quarantine", "purge", "--all", "--yes", "--state-dir", str(three_days))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "could not be read" in done.stderr
+    detail, = events(three_days, "quarantine_purged")
+    assert detail["ids"] == "all" and "could not be read" in detail["error"]
+    assert on_disk(three_days, P1) == [] and on_disk(three_days, P4) == []

@@ -53,6 +53,10 @@ class Download(Protocol):
     pieces: int  # pieces handed out so far
     largest_piece: int  # bytes
 
+    @property
+    def truncated(self) -> bool:
+        """Stopped at the row limit (CSV: known only once its last row was fetched)."""
+
     def next_piece(self) -> bytes | None:
         """The next piece of the file, None at its end; raises AuditError when the query fails
         (e.g. its time limit) after the first piece."""
@@ -121,7 +125,8 @@ class GuardedRows:
         with self._lock:
             if self.left <= 0:
                 return []
-            rows = self._call(self._cursor.fetchmany, min(wanted, self.left + 1))
+            # Asking for the last rows allowed, ask for one more: whether the result goes on.
+            rows = self._call(self._cursor.fetchmany, wanted if wanted < self.left else self.left + 1)
             if len(rows) > self.left:
                 self.truncated = True
                 del rows[self.left:]
@@ -191,6 +196,10 @@ class CsvDownload:
         self.largest_piece = max(self.largest_piece, len(piece))
         return piece
 
+    @property
+    def truncated(self) -> bool:
+        return self._rows.truncated
+
     def close(self) -> None:
         self._rows.close()
 
@@ -203,16 +212,20 @@ def _estimate(row: tuple[Any, ...]) -> int:
 
 class ParquetDownload:
     media_type = "application/vnd.apache.parquet"
-    filename = "audit-query.parquet"
 
     def __init__(self, rows: GuardedRows, scratch_root: Path):
         """Runs the query to its end (into the staging database), then writes the Parquet file."""
         self._scratch = Path(tempfile.mkdtemp(prefix="download-", dir=scratch_root))
         self.rows = self.pieces = self.largest_piece = 0
+        self._truncated = False
+        self.filename = "audit-query.parquet"
         self._file: io.BufferedReader | None = None
         try:
             target = self._scratch / "result.parquet"
             self._stage(rows, target)
+            self._truncated = rows.truncated
+            if self._truncated:
+                self.filename = f"audit-query-first-{self.rows}-rows.parquet"
             self._file = open(target, "rb")  # noqa: SIM115 - read piece by piece until close()
             target.unlink()  # the open file stays readable; nothing is left behind if the console dies
         except BaseException:
@@ -250,6 +263,10 @@ class ParquetDownload:
             raise AuditError(f"the Parquet file could not be written: {error}") from None
         finally:
             con.close()
+
+    @property
+    def truncated(self) -> bool:
+        return self._truncated
 
     def next_piece(self) -> bytes | None:
         assert self._file is not None

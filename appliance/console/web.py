@@ -83,6 +83,8 @@ class Console:
         self.sessions = Sessions(console.session_idle)
         self.limiter = LoginLimiter(console.login_attempts, console.login_window)
         self.store = Store(self.state_dir, sync=self._sync)
+        # SQL download limits (docs/console.md, SQL): module constants, attributes so tests can lower them.
+        self.download_rows = SQL_DOWNLOAD_ROWS
         self.monitor = Monitor(self.state_dir, self.store)
         self.trials = trials.Trials(config)
         self.local = Session("local", Role.VIEWER)  # loopback without users: may look, not act
@@ -411,12 +413,14 @@ def build(console: Console) -> Starlette:
         text = request.query_params.get("q", "")
         fmt = request.query_params.get("format", "csv")
         try:
-            download = await _read(open_download, console.store, text, fmt, max_rows=SQL_DOWNLOAD_ROWS,
+            download = await _read(open_download, console.store, text, fmt, max_rows=console.download_rows,
                                    timeout=SQL_DOWNLOAD_TIMEOUT)
         except (StoreUnavailable, AuditError) as exc:
             return Response(str(exc), status_code=400, media_type="text/plain")
         headers = {"Content-Disposition": f'attachment; filename="{download.filename}"',
-                   "X-Row-Limit": str(SQL_DOWNLOAD_ROWS)}
+                   "X-Row-Limit": str(console.download_rows)}
+        if download.truncated:  # known before the first byte for Parquet only (CSV: see _pieces)
+            headers["X-Truncated"] = "true"
         return StreamingResponse(_pieces(download), media_type=download.media_type, headers=headers)
 
     # -- clients -------------------------------------------------------------------------------------
@@ -608,6 +612,10 @@ async def _pieces(download: Download) -> AsyncIterator[bytes]:
     try:
         while (piece := await run_in_threadpool(download.next_piece)) is not None:
             yield piece
+        if download.truncated:
+            # A CSV's headers went out before its end was known: exactly X-Row-Limit rows says it.
+            log.warning("console: SQL download (%s) cut at the row limit: %d row(s) sent, the result has more",
+                        download.filename, download.rows)
     except AuditError as exc:
         log.warning("console: SQL download stopped after %d row(s): %s", download.rows, exc)
         raise

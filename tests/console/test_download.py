@@ -4,18 +4,27 @@ had in memory), the row limit holds, and the console's peak memory does not grow
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import socket
+import threading
 import urllib.parse
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
+import pytest
+import uvicorn
 
-from appliance.console.download import CHUNK_BYTES, FILE_PIECE
-from appliance.console.web import SQL_DOWNLOAD_ROWS
+from appliance.config import load_config
+from appliance.console.download import CHUNK_BYTES, FILE_PIECE, FIRST_ROWS
+from appliance.console.web import SQL_DOWNLOAD_ROWS, Console, build
 from tests.console.conftest import VIEWER, VIEWER_PASSWORD, Browser, Setup
 from tests.helpers import scaled, wait_until
+from tests.processes import free_port
 
 
 def viewer(setup: Setup) -> Browser:
@@ -169,3 +178,60 @@ def test_a_client_that_goes_away_midway_ends_the_download(running: Setup) -> Non
                message="the download closed after the client went away")
     status, _, chunks = download(browser, "SELECT 42 AS answer", "csv")
     assert status == 200 and b"".join(chunks) == b"answer\n42\n"
+
+
+@contextlib.contextmanager
+def console_with(setup: Setup, **limits: Any) -> Iterator[Browser]:
+    """A second console on the same appliance, in this process (uvicorn on a thread, over HTTP)
+    with some of its limits lowered (`Console` attributes, e.g. download_rows); a viewer's browser
+    logged in to it."""
+    console = Console(load_config(setup.config), login=True, secure=False)
+    for name, value in limits.items():
+        assert hasattr(console, name), name
+        setattr(console, name, value)
+    server = uvicorn.Server(uvicorn.Config(build(console), host="127.0.0.1", port=free_port(), log_config=None,
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, name="console", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), timeout=scaled(30), message="console started")
+        assert server.started
+        browser = Browser(server.config.port)
+        assert browser.login(VIEWER, VIEWER_PASSWORD) == 303
+        yield browser
+    finally:
+        server.should_exit = True
+        thread.join(scaled(30))
+
+
+def parquet_rows(data: bytes, tmp_path: Path) -> tuple[Any, ...] | None:
+    (tmp_path / "r.parquet").write_bytes(data)
+    return duckdb.connect().execute(f"SELECT count(*), max(n) FROM '{tmp_path / 'r.parquet'}'").fetchone()
+
+
+def test_a_download_cut_at_the_row_limit_says_so(running: Setup, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The limit lowered to the first step's size (the step that asks for exactly the rows left
+    must still find out whether there are more): limit + 1 rows give `limit` rows; the Parquet
+    download says it was cut (X-Truncated, the file's name); the CSV one, whose headers went out
+    first, is logged as cut. A result of exactly `limit` rows is whole and says nothing."""
+    limit = FIRST_ROWS
+    sql = "SELECT i AS n FROM range({rows}) t(i)"
+    with console_with(running, download_rows=limit) as browser:
+        status, headers, chunks = download(browser, sql.format(rows=limit + 1), "parquet")
+        assert status == 200 and headers["x-truncated"] == "true" and headers["x-row-limit"] == str(limit)
+        assert f'filename="audit-query-first-{limit}-rows.parquet"' in headers["content-disposition"]
+        assert parquet_rows(b"".join(chunks), tmp_path) == (limit, limit - 1)
+        status, headers, chunks = download(browser, sql.format(rows=limit), "parquet")
+        assert status == 200 and "x-truncated" not in headers
+        assert 'filename="audit-query.parquet"' in headers["content-disposition"]
+        assert parquet_rows(b"".join(chunks), tmp_path) == (limit, limit - 1)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="appliance.console.web"):
+            status, headers, chunks = download(browser, sql.format(rows=limit), "csv")
+            assert status == 200 and b"".join(chunks).count(b"\n") == limit + 1
+            assert not [r for r in caplog.records if "cut at the row limit" in r.getMessage()]
+            status, headers, chunks = download(browser, sql.format(rows=limit + 1), "csv")
+            assert status == 200 and b"".join(chunks).count(b"\n") == limit + 1  # the header and `limit` rows
+            wait_until(lambda: [r for r in caplog.records if "cut at the row limit" in r.getMessage()],
+                       message="the cut CSV download logged")
+

@@ -7,7 +7,9 @@ has ~80 MB).
 - **Parquet** cannot be: its footer describes the whole file, and the snapshot's DuckDB, which runs
   analyst SQL, may not write files. Each step's rows are appended to a table in a DuckDB database
   file of its own (its memory limit makes it spill to that file), which is then copied to a
-  Parquet file beside it; the file is sent in FILE_PIECE pieces and removed.
+  Parquet file beside it; the file is sent in FILE_PIECE pieces and removed. The staging may take
+  at most STAGE_MAX_BYTES on disk, and stops while less than STAGE_RESERVE_BYTES would be left free
+  (a viewer must not fill the state dir's disk).
 
 The query goes through the same guard as `appliance audit sql` (check_query, then the locked-down
 snapshot: no file access, no writes, in a transaction that is rolled back), under a time limit
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 import shutil
 import tempfile
 import threading
@@ -42,6 +45,9 @@ FIRST_ROWS = 256
 MAX_FETCH_ROWS = 10_000
 FILE_PIECE = 64 * 1024
 STAGE_MEMORY = "24MB"  # with 4 MB row groups: enough for 2 kB rows (measured; 16 MB was not)
+STAGE_MAX_BYTES = 256 * 1024 * 1024  # a Parquet download's staging on disk, at most (docs/console.md)
+STAGE_RESERVE_BYTES = 64 * 1024 * 1024  # free space a Parquet download's staging leaves on the state dir's disk
+TOO_LARGE = "too large for a Parquet download: use CSV or narrow the query"
 
 T = TypeVar("T")
 
@@ -213,8 +219,11 @@ def _estimate(row: tuple[Any, ...]) -> int:
 class ParquetDownload:
     media_type = "application/vnd.apache.parquet"
 
-    def __init__(self, rows: GuardedRows, scratch_root: Path):
-        """Runs the query to its end (into the staging database), then writes the Parquet file."""
+    def __init__(self, rows: GuardedRows, scratch_root: Path, *, max_bytes: int = STAGE_MAX_BYTES,
+                 reserve_bytes: int = STAGE_RESERVE_BYTES):
+        """Runs the query to its end (into the staging database), then writes the Parquet file.
+        Raises AuditError when the staging would take more than `max_bytes` on disk or leave less
+        than `reserve_bytes` free."""
         self._scratch = Path(tempfile.mkdtemp(prefix="download-", dir=scratch_root))
         self.rows = self.pieces = self.largest_piece = 0
         self._truncated = False
@@ -222,7 +231,7 @@ class ParquetDownload:
         self._file: io.BufferedReader | None = None
         try:
             target = self._scratch / "result.parquet"
-            self._stage(rows, target)
+            self._stage(rows, target, max_bytes, reserve_bytes)
             self._truncated = rows.truncated
             if self._truncated:
                 self.filename = f"audit-query-first-{self.rows}-rows.parquet"
@@ -234,7 +243,19 @@ class ParquetDownload:
         finally:
             rows.close()
 
-    def _stage(self, rows: GuardedRows, target: Path) -> None:
+    def _check_room(self, max_bytes: int, reserve_bytes: int) -> None:
+        """After each step: the staging's files (database, WAL, spill) within `max_bytes`, and
+        `reserve_bytes` still free on their disk."""
+        used = sum(p.stat().st_size for p in self._scratch.rglob("*") if p.is_file())
+        if used > max_bytes:
+            raise AuditError(f"the result is {TOO_LARGE} (its staging passed {max_bytes >> 20} MB "
+                             f"after {self.rows:,} rows)")
+        disk = os.statvfs(self._scratch)
+        if disk.f_bavail * disk.f_frsize < reserve_bytes:
+            raise AuditError(f"the state dir's disk is nearly full ({reserve_bytes >> 20} MB must stay free): "
+                             f"the result is {TOO_LARGE}")
+
+    def _stage(self, rows: GuardedRows, target: Path, max_bytes: int, reserve_bytes: int) -> None:
         names: list[str] = []
         for name in rows.columns:  # Parquet columns need distinct names
             unique, n = name, 1
@@ -246,8 +267,8 @@ class ParquetDownload:
                             for n, t in zip(names, rows.types))
         con = duckdb.connect(str(self._scratch / "stage.duckdb"),
                              config={"threads": 1, "memory_limit": STAGE_MEMORY, "preserve_insertion_order": True,
-                                     "temp_directory": str(self._scratch), "autoinstall_known_extensions": False,
-                                     "autoload_known_extensions": False})
+                                     "temp_directory": str(self._scratch), "max_temp_directory_size": f"{max_bytes}B",
+                                     "autoinstall_known_extensions": False, "autoload_known_extensions": False})
         try:
             con.execute(f"CREATE TABLE result ({columns})")
             appender = con.appender("result")
@@ -256,10 +277,14 @@ class ParquetDownload:
                 appender.append_rows(batch)
                 appender.flush()
                 self.rows += len(batch)
+                self._check_room(max_bytes, reserve_bytes)
                 step = _next_step(len(batch), sum(_estimate(r) for r in batch))
             con.execute(f"COPY result TO {sql_string(target)} (FORMAT parquet, COMPRESSION zstd, "
                         "ROW_GROUP_SIZE_BYTES '4MB')")
         except duckdb.Error as error:
+            if isinstance(error, duckdb.OutOfMemoryException) or "max_temp_directory_size" in str(error):
+                raise AuditError(f"the result is {TOO_LARGE} (its staging passed {max_bytes >> 20} MB "
+                                 f"after {self.rows:,} rows)") from None
             raise AuditError(f"the Parquet file could not be written: {error}") from None
         finally:
             con.close()
@@ -287,12 +312,13 @@ class ParquetDownload:
 FORMATS = ("csv", "parquet")
 
 
-def open_download(store: Store, text: str, fmt: str, *, max_rows: int, timeout: float) -> Download:
+def open_download(store: Store, text: str, fmt: str, *, max_rows: int, timeout: float,
+                  stage_max_bytes: int = STAGE_MAX_BYTES, stage_reserve_bytes: int = STAGE_RESERVE_BYTES) -> Download:
     """The download of one analyst query in `fmt` (FORMATS). A refused or failing query raises
     AuditError here, before anything is sent."""
     if fmt not in FORMATS:
         raise QueryRefused(f"unknown format {fmt!r}: csv or parquet")
     rows = GuardedRows(store, text, timeout=timeout, max_rows=max_rows)
     if fmt == "parquet":
-        return ParquetDownload(rows, store.scratch_dir())
+        return ParquetDownload(rows, store.scratch_dir(), max_bytes=stage_max_bytes, reserve_bytes=stage_reserve_bytes)
     return CsvDownload(rows)

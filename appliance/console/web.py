@@ -47,7 +47,7 @@ from appliance.mqtt.topics import topic_filter_regex
 from appliance.audit.results import QueryResult, to_jsonable
 from appliance.config import Config, is_loopback
 from appliance.console import actions, cookbook, payloads, trials
-from appliance.console.download import Download, open_download
+from appliance.console.download import STAGE_MAX_BYTES, STAGE_RESERVE_BYTES, Download, open_download
 from appliance.console.auth import LoginLimiter, Role, Session, Sessions, Users
 from appliance.console.monitor import Monitor, verdict_summary
 from appliance.console.store import GROUPS, Store, StoreUnavailable
@@ -85,6 +85,8 @@ class Console:
         self.store = Store(self.state_dir, sync=self._sync)
         # SQL download limits (docs/console.md, SQL): module constants, attributes so tests can lower them.
         self.download_rows = SQL_DOWNLOAD_ROWS
+        self.stage_max_bytes = STAGE_MAX_BYTES
+        self.stage_reserve_bytes = STAGE_RESERVE_BYTES
         self.monitor = Monitor(self.state_dir, self.store)
         self.trials = trials.Trials(config)
         self.local = Session("local", Role.VIEWER)  # loopback without users: may look, not act
@@ -414,7 +416,8 @@ def build(console: Console) -> Starlette:
         fmt = request.query_params.get("format", "csv")
         try:
             download = await _read(open_download, console.store, text, fmt, max_rows=console.download_rows,
-                                   timeout=SQL_DOWNLOAD_TIMEOUT)
+                                   timeout=SQL_DOWNLOAD_TIMEOUT, stage_max_bytes=console.stage_max_bytes,
+                                   stage_reserve_bytes=console.stage_reserve_bytes)
         except (StoreUnavailable, AuditError) as exc:
             return Response(str(exc), status_code=400, media_type="text/plain")
         headers = {"Content-Disposition": f'attachment; filename="{download.filename}"',

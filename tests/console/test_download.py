@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 
 from appliance.config import load_config
-from appliance.console.download import CHUNK_BYTES, FILE_PIECE, FIRST_ROWS
+from appliance.console.download import CHUNK_BYTES, FILE_PIECE, FIRST_ROWS, TOO_LARGE
 from appliance.console.web import SQL_DOWNLOAD_ROWS, Console, build
 from tests.console.conftest import VIEWER, VIEWER_PASSWORD, Browser, Setup
 from tests.helpers import scaled, wait_until
@@ -183,8 +183,8 @@ def test_a_client_that_goes_away_midway_ends_the_download(running: Setup) -> Non
 @contextlib.contextmanager
 def console_with(setup: Setup, **limits: Any) -> Iterator[Browser]:
     """A second console on the same appliance, in this process (uvicorn on a thread, over HTTP)
-    with some of its limits lowered (`Console` attributes, e.g. download_rows); a viewer's browser
-    logged in to it."""
+    with some of its limits lowered (`Console` attributes: download_rows, stage_max_bytes,
+    stage_reserve_bytes); a viewer's browser logged in to it."""
     console = Console(load_config(setup.config), login=True, secure=False)
     for name, value in limits.items():
         assert hasattr(console, name), name
@@ -234,4 +234,22 @@ def test_a_download_cut_at_the_row_limit_says_so(running: Setup, tmp_path: Path,
             assert status == 200 and b"".join(chunks).count(b"\n") == limit + 1  # the header and `limit` rows
             wait_until(lambda: [r for r in caplog.records if "cut at the row limit" in r.getMessage()],
                        message="the cut CSV download logged")
+
+
+def test_a_parquet_download_too_large_for_its_staging_is_refused(running: Setup) -> None:
+    """~1 kB rows, 200,000 of them asked for as Parquet (~200 MB to stage): with the staging
+    limited to 4 MB the console stops at once, answers 400 saying why, and leaves nothing on disk;
+    the same with too little free space left on the disk."""
+    scratch = running.state_dir / "audit" / "tmp"
+    sql = "SELECT i AS n, repeat(md5(i::VARCHAR), 30) AS pad FROM range(200000) t(i)"
+    with console_with(running, stage_max_bytes=4 << 20) as browser:
+        status, _, chunks = download(browser, sql, "parquet")
+        assert status == 400 and TOO_LARGE in b"".join(chunks).decode(), b"".join(chunks)[:300]
+        assert not list(scratch.glob("download-*"))
+        status, _, chunks = download(browser, sql.replace("200000", "100"), "parquet")
+        assert status == 200  # a small one still goes
+    with console_with(running, stage_reserve_bytes=1 << 60) as browser:
+        status, _, chunks = download(browser, sql, "parquet")
+        assert status == 400 and "nearly full" in b"".join(chunks).decode(), b"".join(chunks)[:300]
+        assert not list(scratch.glob("download-*"))
 

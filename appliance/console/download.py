@@ -7,9 +7,11 @@ has ~80 MB).
 - **Parquet** cannot be: its footer describes the whole file, and the snapshot's DuckDB, which runs
   analyst SQL, may not write files. Each step's rows are appended to a table in a DuckDB database
   file of its own (its memory limit makes it spill to that file), which is then copied to a
-  Parquet file beside it; the file is sent in FILE_PIECE pieces and removed. The staging may take
-  at most STAGE_MAX_BYTES on disk, and stops while less than STAGE_RESERVE_BYTES would be left free
-  (a viewer must not fill the state dir's disk).
+  Parquet file beside it; the database is removed at once, the file sent in FILE_PIECE pieces and
+  removed. The staging may take at most STAGE_MAX_BYTES on disk, and stops while less than
+  STAGE_RESERVE_BYTES would be left free (a viewer must not fill the state dir's disk). Staging
+  directories are named with the console's pid: `sweep_stale` removes those of a console that died
+  (SIGKILL, OOM) before it could.
 
 The query goes through the same guard as `appliance audit sql` (check_query, then the locked-down
 snapshot: no file access, no writes, in a transaction that is rolled back), under a time limit
@@ -47,6 +49,7 @@ FILE_PIECE = 64 * 1024
 STAGE_MEMORY = "24MB"  # with 4 MB row groups: enough for 2 kB rows (measured; 16 MB was not)
 STAGE_MAX_BYTES = 256 * 1024 * 1024  # a Parquet download's staging on disk, at most (docs/console.md)
 STAGE_RESERVE_BYTES = 64 * 1024 * 1024  # free space a Parquet download's staging leaves on the state dir's disk
+STAGE_PREFIX = "download-"
 TOO_LARGE = "too large for a Parquet download: use CSV or narrow the query"
 
 T = TypeVar("T")
@@ -224,7 +227,7 @@ class ParquetDownload:
         """Runs the query to its end (into the staging database), then writes the Parquet file.
         Raises AuditError when the staging would take more than `max_bytes` on disk or leave less
         than `reserve_bytes` free."""
-        self._scratch = Path(tempfile.mkdtemp(prefix="download-", dir=scratch_root))
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=scratch_root))
         self.rows = self.pieces = self.largest_piece = 0
         self._truncated = False
         self.filename = "audit-query.parquet"
@@ -236,7 +239,7 @@ class ParquetDownload:
             if self._truncated:
                 self.filename = f"audit-query-first-{self.rows}-rows.parquet"
             self._file = open(target, "rb")  # noqa: SIM115 - read piece by piece until close()
-            target.unlink()  # the open file stays readable; nothing is left behind if the console dies
+            target.unlink()  # the open file stays readable; gone from the directory already
         except BaseException:
             self.close()
             raise
@@ -256,6 +259,16 @@ class ParquetDownload:
                              f"the result is {TOO_LARGE}")
 
     def _stage(self, rows: GuardedRows, target: Path, max_bytes: int, reserve_bytes: int) -> None:
+        database = self._scratch / "stage.duckdb"
+        try:
+            self._stage_in(database, rows, target, max_bytes, reserve_bytes)
+        finally:
+            # It holds a copy of the rows (payloads, maybe): gone as soon as the Parquet file is written.
+            for path in (database, database.with_name(database.name + ".wal")):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def _stage_in(self, database: Path, rows: GuardedRows, target: Path, max_bytes: int, reserve_bytes: int) -> None:
         names: list[str] = []
         for name in rows.columns:  # Parquet columns need distinct names
             unique, n = name, 1
@@ -265,7 +278,7 @@ class ParquetDownload:
             names.append(unique)
         columns = ", ".join(f'"{n.replace(chr(34), chr(34) * 2)}" {"VARCHAR" if t == "NULL" else t}'
                             for n, t in zip(names, rows.types))
-        con = duckdb.connect(str(self._scratch / "stage.duckdb"),
+        con = duckdb.connect(str(database),
                              config={"threads": 1, "memory_limit": STAGE_MEMORY, "preserve_insertion_order": True,
                                      "temp_directory": str(self._scratch), "max_temp_directory_size": f"{max_bytes}B",
                                      "autoinstall_known_extensions": False, "autoload_known_extensions": False})
@@ -307,6 +320,29 @@ class ParquetDownload:
             self._file.close()
             self._file = None
         shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def sweep_stale(scratch_root: Path) -> list[Path]:
+    """Removes the staging directories of consoles no longer running (killed before they could);
+    returns them. Those of a running console (another one on the same state dir) stay."""
+    swept = []
+    for path in scratch_root.glob(f"{STAGE_PREFIX}*"):
+        pid = path.name[len(STAGE_PREFIX):].partition("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        swept.append(path)
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 FORMATS = ("csv", "parquet")

@@ -47,7 +47,7 @@ from appliance.mqtt.topics import topic_filter_regex
 from appliance.audit.results import QueryResult, to_jsonable
 from appliance.config import Config, is_loopback
 from appliance.console import actions, cookbook, payloads, trials
-from appliance.console.download import STAGE_MAX_BYTES, STAGE_RESERVE_BYTES, Download, open_download
+from appliance.console.download import STAGE_MAX_BYTES, STAGE_RESERVE_BYTES, Download, open_download, sweep_stale
 from appliance.console.auth import LoginLimiter, Role, Session, Sessions, Users
 from appliance.console.monitor import Monitor, verdict_summary
 from appliance.console.store import GROUPS, Store, StoreUnavailable
@@ -516,6 +516,8 @@ def build(console: Console) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        for path in await run_in_threadpool(sweep_stale, console.store.scratch_dir()):
+            log.info("console: removed %s, a download's staging left by a console that is gone", path)
         task = asyncio.create_task(console.monitor.run(), name="console-monitor")
         try:
             yield

@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 import urllib.parse
 import zlib
@@ -173,7 +176,11 @@ def test_a_client_that_goes_away_midway_ends_the_download(running: Setup) -> Non
     with socket.create_connection(("127.0.0.1", browser.port), timeout=120) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{browser.port}\r\nCookie: {cookie}\r\n\r\n".encode())
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        assert [p for p in scratch.glob("download-*")], "the download is under way"
+        staging = [p for p in scratch.glob("download-*")]
+        assert staging, "the download is under way"
+        # The staging database (a copy of the rows) is gone once the file is written, and the
+        # file is unlinked while open: nothing of the rows is left in a directory to be found.
+        assert [list(p.iterdir()) for p in staging] == [[]]
     wait_until(lambda: not [p for p in scratch.glob("download-*")], timeout=scaled(30),
                message="the download closed after the client went away")
     status, _, chunks = download(browser, "SELECT 42 AS answer", "csv")
@@ -253,3 +260,26 @@ def test_a_parquet_download_too_large_for_its_staging_is_refused(running: Setup)
         assert status == 400 and "nearly full" in b"".join(chunks).decode(), b"".join(chunks)[:300]
         assert not list(scratch.glob("download-*"))
 
+
+def test_a_console_start_removes_the_staging_left_by_a_dead_console(running: Setup) -> None:
+    """A console killed mid-download (SIGKILL, OOM) leaves its staging directory, named with its
+    pid; the next console start removes it. One of a console still running stays."""
+    scratch = running.state_dir / "audit" / "tmp"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid = int(gone.stdout)
+    stale = scratch / f"download-{dead_pid}-abc123"
+    live = scratch / f"download-{os.getpid()}-def456"
+    for path in (stale, live):
+        path.mkdir(parents=True)
+        (path / "stage.duckdb").write_bytes(b"rows of a download" * 1000)
+    try:
+        with console_with(running):
+            assert not stale.exists()
+            assert (live / "stage.duckdb").exists()
+    finally:
+        for path in (stale, live):
+            if path.exists():
+                for f in path.iterdir():
+                    f.unlink()
+                path.rmdir()

@@ -27,6 +27,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
+from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES as GZIP_DEFAULT_EXCLUDED
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import (
@@ -528,10 +529,12 @@ def build(console: Console) -> Starlette:
             console.trials.stop()
             console.store.close()
 
-    # gzip: the vendored scripts are ~100 kB as files, ~40 kB on the wire (event streams are left alone).
+    # gzip: the vendored scripts are ~100 kB as files, ~40 kB on the wire (event streams are left alone,
+    # and Parquet downloads: zstd-compressed already, gzip would only cost the Pi's CPU).
+    gzip_excluded = (*GZIP_DEFAULT_EXCLUDED, "application/vnd.apache.parquet")
     return Starlette(routes=routes, lifespan=lifespan,
                      middleware=[Middleware(SecurityHeaders, loopback=is_loopback(console.config.console.listen.host)),
-                                 Middleware(GZipMiddleware, minimum_size=1000)])
+                                 Middleware(GZipMiddleware, minimum_size=1000, exclude_content_types=gzip_excluded)])
 
 
 class SecurityHeaders:

@@ -283,3 +283,14 @@ def test_a_console_start_removes_the_staging_left_by_a_dead_console(running: Set
                 for f in path.iterdir():
                     f.unlink()
                 path.rmdir()
+
+
+def test_a_parquet_download_is_not_gzipped(running: Setup) -> None:
+    """Parquet is zstd-compressed already: gzip would only cost the console's CPU, even for a
+    browser that accepts it (CSV still is gzipped: test_a_browser_gets_the_csv_gzipped...)."""
+    browser = viewer(running)
+    status, headers, chunks = download(browser, "SELECT i AS n, md5(i::VARCHAR) AS d FROM range(20000) t(i)",
+                                       "parquet", gzip=True)
+    assert status == 200 and "content-encoding" not in headers
+    data = b"".join(chunks)
+    assert data[:4] == b"PAR1" and data[-4:] == b"PAR1"

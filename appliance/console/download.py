@@ -43,7 +43,7 @@ from appliance.audit.results import csv_cells
 from appliance.console.store import Store
 
 CHUNK_BYTES = 256 * 1024
-FIRST_ROWS = 256
+FIRST_ROWS = 16  # before any row's size is known: 16 rows of 64 kB are still only 1 MB
 MAX_FETCH_ROWS = 10_000
 FILE_PIECE = 64 * 1024
 STAGE_MEMORY = "24MB"  # with 4 MB row groups: enough for 2 kB rows (measured; 16 MB was not)

@@ -294,3 +294,14 @@ def test_a_parquet_download_is_not_gzipped(running: Setup) -> None:
     assert status == 200 and "content-encoding" not in headers
     data = b"".join(chunks)
     assert data[:4] == b"PAR1" and data[-4:] == b"PAR1"
+
+
+def test_wide_rows_make_small_first_steps(running: Setup) -> None:
+    """Rows of 64 kB: before any row's size is known the first step takes only a few of them, so
+    no piece of the CSV is much over CHUNK_BYTES (a first step of 256 rows held 16 MB)."""
+    browser = viewer(running)
+    status, _, chunks = download(browser, "SELECT i AS n, repeat('x', 65536) AS wide FROM range(300) t(i)", "csv")
+    assert status == 200
+    lines = b"".join(chunks).split(b"\n")
+    assert len(lines) - 2 == 300 and all(len(line) == len(str(i)) + 1 + 65536 for i, line in enumerate(lines[1:-1]))
+    assert max(len(c) for c in chunks) <= 16 * 65_600, f"a piece of {max(len(c) for c in chunks) >> 10} kB"

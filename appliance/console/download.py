@@ -227,12 +227,13 @@ class ParquetDownload:
         """Runs the query to its end (into the staging database), then writes the Parquet file.
         Raises AuditError when the staging would take more than `max_bytes` on disk or leave less
         than `reserve_bytes` free."""
-        self._scratch = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=scratch_root))
         self.rows = self.pieces = self.largest_piece = 0
         self._truncated = False
         self.filename = "audit-query.parquet"
         self._file: io.BufferedReader | None = None
+        self._scratch: Path | None = None
         try:
+            self._scratch = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=scratch_root))
             target = self._scratch / "result.parquet"
             self._stage(rows, target, max_bytes, reserve_bytes)
             self._truncated = rows.truncated
@@ -246,19 +247,8 @@ class ParquetDownload:
         finally:
             rows.close()
 
-    def _check_room(self, max_bytes: int, reserve_bytes: int) -> None:
-        """After each step: the staging's files (database, WAL, spill) within `max_bytes`, and
-        `reserve_bytes` still free on their disk."""
-        used = sum(p.stat().st_size for p in self._scratch.rglob("*") if p.is_file())
-        if used > max_bytes:
-            raise AuditError(f"the result is {TOO_LARGE} (its staging passed {max_bytes >> 20} MB "
-                             f"after {self.rows:,} rows)")
-        disk = os.statvfs(self._scratch)
-        if disk.f_bavail * disk.f_frsize < reserve_bytes:
-            raise AuditError(f"the state dir's disk is nearly full ({reserve_bytes >> 20} MB must stay free): "
-                             f"the result is {TOO_LARGE}")
-
     def _stage(self, rows: GuardedRows, target: Path, max_bytes: int, reserve_bytes: int) -> None:
+        assert self._scratch is not None
         database = self._scratch / "stage.duckdb"
         try:
             self._stage_in(database, rows, target, max_bytes, reserve_bytes)
@@ -268,7 +258,21 @@ class ParquetDownload:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
+    def _check_room(self, max_bytes: int, reserve_bytes: int) -> None:
+        """After each step: the staging's files (database, WAL, spill) within `max_bytes`, and
+        `reserve_bytes` still free on their disk."""
+        assert self._scratch is not None
+        used = sum(p.stat().st_size for p in self._scratch.rglob("*") if p.is_file())
+        if used > max_bytes:
+            raise AuditError(f"the result is {TOO_LARGE} (its staging passed {max_bytes >> 20} MB "
+                             f"after {self.rows:,} rows)")
+        disk = os.statvfs(self._scratch)
+        if disk.f_bavail * disk.f_frsize < reserve_bytes:
+            raise AuditError(f"the state dir's disk is nearly full ({reserve_bytes >> 20} MB must stay free): "
+                             f"the result is {TOO_LARGE}")
+
     def _stage_in(self, database: Path, rows: GuardedRows, target: Path, max_bytes: int, reserve_bytes: int) -> None:
+        assert self._scratch is not None
         names: list[str] = []
         for name in rows.columns:  # Parquet columns need distinct names
             unique, n = name, 1
@@ -319,7 +323,8 @@ class ParquetDownload:
         if self._file is not None:
             self._file.close()
             self._file = None
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def sweep_stale(scratch_root: Path) -> list[Path]:
@@ -356,5 +361,10 @@ def open_download(store: Store, text: str, fmt: str, *, max_rows: int, timeout: 
         raise QueryRefused(f"unknown format {fmt!r}: csv or parquet")
     rows = GuardedRows(store, text, timeout=timeout, max_rows=max_rows)
     if fmt == "parquet":
-        return ParquetDownload(rows, store.scratch_dir(), max_bytes=stage_max_bytes, reserve_bytes=stage_reserve_bytes)
+        try:
+            scratch = store.scratch_dir()
+        except BaseException:
+            rows.close()
+            raise
+        return ParquetDownload(rows, scratch, max_bytes=stage_max_bytes, reserve_bytes=stage_reserve_bytes)
     return CsvDownload(rows)

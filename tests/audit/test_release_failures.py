@@ -368,3 +368,33 @@ def test_a_release_cut_short_by_a_stop_is_recorded(tmp_path: Path) -> None:
     finally:
         running.stop()
         silent.close()
+
+
+class StalledLog:
+    """The appliance's audit service, but its message log does not write in time (sync times out):
+    a fault at the log's boundary; everything else is the real service."""
+
+    def __init__(self, service: Any):
+        self._service = service
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._service, name)
+
+    async def sync(self, timeout: float = 30.0) -> None:
+        raise TimeoutError
+
+
+def test_a_log_that_does_not_write_is_a_warning_even_when_all_were_released(tmp_path: Path) -> None:
+    port = free_port()
+    conf = render_mosquitto_conf(port=port, data_dir=tmp_path / "broker", extra=[])
+    running = RunningAppliance(make_config(tmp_path / "state")).start()
+    try:
+        with mosquitto_process(conf, tmp_path / "broker", port):
+            assert running.app.audit is not None
+            operations = AuditOperations(StalledLog(running.app.audit), running.app.pipeline,  # type: ignore[arg-type]
+                                         lambda: BrokerEndpoint("127.0.0.1", port))
+            answer = running.call(operations.quarantine_release({"messages": [row(41, "release/a", b"a")]}))
+        assert answer["results"][0]["released"] is True and answer["error"] is None
+        assert "has not written for 30 s" in answer["warning"] and "may not be on disk yet" in answer["warning"]
+    finally:
+        running.stop()

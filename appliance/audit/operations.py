@@ -189,6 +189,8 @@ def _broker_failure(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, TimeoutError):
         return "the broker did not answer in time (the message may or may not have reached it)"
+    if isinstance(exc, ProtocolError):  # e.g. over the broker's maximum packet size: never sent
+        return f"the message could not be sent to the broker ({exc})"
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return f"the connection to the broker failed ({reason}): not confirmed by the broker"
 

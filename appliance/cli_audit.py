@@ -336,6 +336,8 @@ def quarantine_release(decision_ids: tuple[str, ...], config_path: Path | None, 
         for decision_id in answer.get("not_attempted", []):
             failed = True
             click.echo(f"{decision_id}: not tried (the release stopped at the failure above)", err=True)
+        if answer.get("warning"):
+            click.echo(f"warning: {answer['warning']}", err=True)
         if released:
             try:
                 purge_quarantine(target, released, seal=lambda: admin.call(target, "audit_seal"))

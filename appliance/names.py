@@ -36,7 +36,8 @@ class EventKind(StrEnum):
     UPLINK_DOWN = "uplink_down"
     OUTBOX_DROPPED = "outbox_dropped"
     OUTBOX_ERROR = "outbox_error"
-    # The quarantine, recorded by the CLI (through the admin socket, or appended offline).
+    # The quarantine: a release recorded by the appliance that published it; a purge by whoever ran it
+    # (the CLI or the console, through the admin socket, or the CLI appended offline).
     QUARANTINE_RELEASED = "quarantine_released"
     QUARANTINE_PURGED = "quarantine_purged"
     # The console: a user asked the running appliance to reload (its outcome is the `config_reload` event).
@@ -47,8 +48,9 @@ class EventKind(StrEnum):
 
 
 # Kinds another process may ask the running appliance to record (the admin socket's `audit_event`).
-EXTERNAL_EVENT_KINDS = frozenset({EventKind.QUARANTINE_RELEASED, EventKind.QUARANTINE_PURGED,
-                                  EventKind.RELOAD_REQUESTED})
+# Not QUARANTINE_RELEASED: only the process that published records a release (`quarantine_release`),
+# so nothing that reaches the admin socket can write one that did not happen.
+EXTERNAL_EVENT_KINDS = frozenset({EventKind.QUARANTINE_PURGED, EventKind.RELOAD_REQUESTED})
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
 from contextlib import asynccontextmanager
 from typing import Any
 
 from appliance.audit.errors import OperationRefused
 from appliance.audit.service import AuditService
 from appliance.broker import BrokerEndpoint
-from appliance.mqtt import ProtocolVersion, RemoteProtocolError
+from appliance.mqtt import ProtocolError, ProtocolVersion, RemoteProtocolError
 from appliance.mqtt.client import (
     Client,
     Connected,
@@ -35,6 +36,7 @@ class AuditOperations:
         self._service = service
         self._pipeline = pipeline
         self._endpoint = endpoint
+        self._releasing: set[int] = set()  # ids a `quarantine_release` is working on now
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]:
         return {
@@ -72,42 +74,64 @@ class AuditOperations:
         """Judge each message again with the schema set in force; publish the ones that pass. The
         CLI read them from the audit log: `messages` holds their rows (payload in hex).
 
-        The first message the broker does not take (down, refusing, no answer) ends the batch: the
-        rest are not tried. Whatever was done is recorded here, as one `quarantine_released` event
-        (released, failed and untried ids, the error, `detail` from the asker and who asked), in
-        the process that published: a released message is recorded even if the asker is gone."""
-        rows = list(request["messages"])
+        The request is checked whole before anything is published (a malformed row or `detail`
+        is refused, nothing done); an id given twice is released once, and an id another request
+        is releasing right now is refused. The first message the broker does not take (down,
+        refusing, no answer) ends the batch: the rest are not tried. Whatever was done is recorded
+        here, as one `quarantine_released` event (released, failed and untried ids, the error,
+        `detail` from the asker and who asked), in the process that published: a released message
+        is recorded even if the asker is gone, and also when the handler is cut short (the
+        appliance stopping cancels it), before that goes on."""
+        asked = _asked_detail(request.get("detail"))
+        messages = _held_messages(request.get("messages"))
+        busy = sorted(m.released_from for m in messages if m.released_from in self._releasing)
+        if busy:
+            raise OperationRefused(f"already being released by another request: {', '.join(map(str, busy))}")
+        ids = [str(m.released_from) for m in messages]
+        self._releasing.update(m.released_from for m in messages if m.released_from is not None)
         results: list[dict[str, Any]] = []
-        error = None
-        for row in rows:
-            try:
-                results.append(await self._release(row))
-            except (OSError, TimeoutError, OperationRefused) as exc:
-                error = f"{row['id']}: {_broker_failure(exc)}"
-                results.append({"id": str(row["id"]), "released": False, "error": error})
-                break
-        untried = [str(row["id"]) for row in rows[len(results):]]
-        released = [r["id"] for r in results if r.get("released")]
-        if released or error is not None:
-            # The asker's own words (e.g. the console user), never the outcome or who asked.
-            detail = {k: v for k, v in dict(request.get("detail") or {}).items() if k not in _RELEASE_OUTCOME}
-            detail["ids"] = released
-            if error is not None:
-                detail.update(failed=[r["id"] for r in results if "error" in r], not_attempted=untried, error=error)
-            if request.get("_peer"):
-                detail["by"] = request["_peer"]
-            self._service.record_event(EventKind.QUARANTINE_RELEASED, detail)
+        error: str | None = None
+        try:
+            for message, decision_id in zip(messages, ids):
+                try:
+                    results.append(await self._release(message))
+                except (OSError, TimeoutError, OperationRefused, ProtocolError) as exc:
+                    error = f"{decision_id}: {_broker_failure(exc)}"
+                    results.append({"id": decision_id, "released": False, "error": error})
+                    break
+        except BaseException as exc:  # cancelled (the appliance stopping) or a bug: record, then go on
+            if len(results) < len(ids):
+                decision_id = ids[len(results)]
+                error = (f"{decision_id}: the release was cut short ({type(exc).__name__}{f': {exc}' if str(exc) else ''}):"
+                         " it may or may not have reached the broker")
+                results.append({"id": decision_id, "released": False, "error": error})
+            raise
+        finally:
+            self._releasing.difference_update(m.released_from for m in messages if m.released_from is not None)
+            untried = ids[len(results):]
+            released = [r["id"] for r in results if r.get("released")]
+            if released or error is not None:
+                detail = dict(asked)
+                detail["ids"] = released
+                if error is not None:
+                    detail.update(failed=[r["id"] for r in results if "error" in r], not_attempted=untried,
+                                  error=error)
+                if request.get("_peer"):
+                    detail["by"] = request["_peer"]
+                self._service.record_event(EventKind.QUARANTINE_RELEASED, detail)
+        answer: dict[str, Any] = {"results": results, "not_attempted": untried, "error": error}
         try:
             await self._service.sync()
         except TimeoutError:
-            error = (f"{error}; " if error else "") + "the message log has not written for 30 s: see the appliance's log"
-        return {"results": results, "not_attempted": untried, "error": error}
+            # Not a failure of the release (what was published was published): a warning to show
+            # whatever the results, that the event may not be on disk yet.
+            answer["warning"] = ("the message log has not written for 30 s: the quarantine_released event may "
+                                 "not be on disk yet; see the appliance's log")
+        return answer
 
-    async def _release(self, row: dict[str, Any]) -> dict[str, Any]:
-        decision_id = int(row["id"])
-        client = ClientInfo(row["client_id"], row.get("username"), row["peer"], ProtocolVersion(row["mqtt_version"]))
-        message = Message(row["topic"], bytes.fromhex(row["payload"]), int(row["qos"]), bool(row["retain"]), client,
-                          received_at=time.time(), released_from=decision_id)
+    async def _release(self, held: Message) -> dict[str, Any]:
+        decision_id = held.released_from
+        message = held._replace(received_at=time.time())
         verdict = self._pipeline.judge(message).verdict
         new_id = self._service.sink.last_id
         if not verdict.accepted:
@@ -120,6 +144,43 @@ class AuditOperations:
         return {"id": str(decision_id), "released": True, "new_id": str(new_id)}
 
 
+def _asked_detail(detail: object) -> dict[str, Any]:
+    """The asker's own words for the event (e.g. the console user), never the outcome or who asked."""
+    if detail is None:
+        return {}
+    if not isinstance(detail, dict):
+        raise OperationRefused(f"detail must be an object, not {type(detail).__name__}")
+    return {str(k): v for k, v in detail.items() if k not in _RELEASE_OUTCOME}
+
+
+def _held_messages(rows: object) -> list[Message]:
+    """The rows to release as messages (`released_from` their id), each id once, in order; raises
+    OperationRefused naming the first malformed row."""
+    if not isinstance(rows, list):
+        raise OperationRefused("messages must be a list of quarantined messages")
+    messages: dict[int, Message] = {}
+    for n, row in enumerate(rows, 1):
+        try:
+            if not isinstance(row, dict):
+                raise TypeError(f"not an object but {type(row).__name__}")
+            decision_id = int(row["id"])
+            qos = int(row["qos"])
+            if qos not in (0, 1, 2):
+                raise ValueError(f"qos {qos}")
+            username = row.get("username")
+            client = ClientInfo(str(row["client_id"]), None if username is None else str(username), str(row["peer"]),
+                                ProtocolVersion(int(row["mqtt_version"])))
+            payload = bytes.fromhex(str(row["payload"]))
+            if not isinstance(row["topic"], str) or not isinstance(row["retain"], bool):
+                raise TypeError("topic must be a string and retain a boolean")
+            messages.setdefault(decision_id, Message(row["topic"], payload, qos, row["retain"], client,
+                                                     released_from=decision_id))
+        except (KeyError, TypeError, ValueError) as exc:
+            what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise OperationRefused(f"message {n} of the request is malformed ({what}): nothing was released") from None
+    return list(messages.values())
+
+
 _RELEASE_OUTCOME = frozenset({"ids", "failed", "not_attempted", "error", "by"})
 
 
@@ -128,6 +189,8 @@ def _broker_failure(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, TimeoutError):
         return "the broker did not answer in time (the message may or may not have reached it)"
+    if isinstance(exc, ProtocolError):  # e.g. over the broker's maximum packet size: never sent
+        return f"the message could not be sent to the broker ({exc})"
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return f"the connection to the broker failed ({reason}): not confirmed by the broker"
 
@@ -150,8 +213,11 @@ async def publish_once(endpoint: BrokerEndpoint, message: Message, *, timeout: f
                 break
             else:
                 raise OperationRefused(f"the broker answered the PUBLISH with {type(event).__name__}")
-        writer.write(client.disconnect())
-        await writer.drain()
+        # Published: from here on nothing may fail or wait (no drain: a connection lost now, or a
+        # cancellation, must not make a delivered message look failed; releasing it again would
+        # publish it twice). The DISCONNECT goes out as the connection closes.
+        with contextlib.suppress(OSError):
+            writer.write(client.disconnect())
 
 
 async def forget_session(endpoint: BrokerEndpoint, client_id: str, *, timeout: float = 10.0) -> None:

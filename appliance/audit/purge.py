@@ -20,13 +20,14 @@ import duckdb
 from appliance.audit.errors import AuditError
 from appliance.audit.layout import Layout, sql_string, temp_name
 from appliance.audit.records import DECISION
-from appliance.audit.rewrite import RewriteFailed, drop_payloads_in_file, drop_payloads_in_segment, files_with_rows
+from appliance.audit.rewrite import RewriteFailed, drop_payloads_in_file, drop_payloads_in_segment
 from appliance.audit.seal import connect
 from appliance.msglog.reader import list_segments
 
 # The quarantine view's condition, less `payload IS NOT NULL` (which the rewrite adds).
 QUARANTINED = "verdict = 'reject' AND NOT dry_run"
 _VERDICT, _DRY_RUN, _ID = (DECISION.names.index(n) for n in ("verdict", "dry_run", "id"))
+UNREADABLE = "could not be read"
 log = logging.getLogger(__name__)
 
 
@@ -44,9 +45,18 @@ class PurgeIncomplete(AuditError):
         super().__init__(f"{len(self.failures)} file(s) could not be rewritten ({files}): {len(kept)} payload(s) "
                          f"are still on disk; {len(purged)} purged")
 
+    @property
+    def unreadable(self) -> int:
+        """How many files could not even be read: which ids they hold is unknown."""
+        return sum(1 for _, error in self.failures if error.startswith(UNREADABLE))
+
     def not_purged(self) -> str:
-        """The ids still held, for a message ("unknown" when a file could not even be read)."""
-        return ", ".join(str(i) for i in sorted(self.kept)) or "unknown (a file could not be read)"
+        """The ids still held, for a message (and "unknown" ones when a file could not be read)."""
+        known = ", ".join(str(i) for i in sorted(self.kept))
+        if not self.unreadable:
+            return known
+        unknown = f"unknown ids in {self.unreadable} file(s) that could not be read"
+        return f"{known} and {unknown}" if known else unknown
 
 
 def event_detail(ids: Sequence[int] | None, outcome: int | PurgeIncomplete) -> dict[str, Any]:
@@ -93,11 +103,19 @@ def purge_quarantine(state_dir: Path, ids: Sequence[int] | None, *,
             segments = segments[:-1]  # the new active segment: only records appended after the seal
         con = connect(layout)
         try:
-            for path in files_with_rows(con, [f.path for f in layout.files("decisions")], held):
+            # One file at a time: a file DuckDB cannot read (truncated, damaged) is a failure of
+            # its own (which ids it holds is unknown), and every other file is still rewritten.
+            for path in [f.path for f in layout.files("decisions")]:
                 source = f"read_parquet({sql_string(path)}, hive_partitioning = false)"
-                in_file: set[int] = set()
                 try:
-                    in_file.update(int(r[0]) for r in con.execute(f"SELECT id FROM {source} WHERE {held}").fetchall())
+                    in_file = {int(r[0]) for r in con.execute(f"SELECT id FROM {source} WHERE {held}").fetchall()}
+                except (OSError, duckdb.Error) as exc:
+                    log.error("purge: %s could not be read: %s", path, exc)
+                    failures.append((path, f"{UNREADABLE}: {_first_line(exc)}"))
+                    continue
+                if not in_file:
+                    continue
+                try:
                     drop_payloads_in_file(con, path, held)
                 except (OSError, duckdb.Error) as exc:
                     log.error("purge: %s could not be rewritten: %s", path, exc)
@@ -120,7 +138,11 @@ def purge_quarantine(state_dir: Path, ids: Sequence[int] | None, *,
                 failures.append((info.path, str(exc.__cause__ or exc)))
             except OSError as exc:  # could not even be read: which ids it holds is unknown
                 log.error("purge: %s could not be read: %s", info.path, exc)
-                failures.append((info.path, f"could not be read: {exc}"))
+                failures.append((info.path, f"{UNREADABLE}: {exc}"))
     if failures:
         raise PurgeIncomplete(frozenset(purged - kept), frozenset(kept), failures)
     return len(purged)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

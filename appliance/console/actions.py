@@ -110,6 +110,8 @@ def _release(state_dir: Path, store: Store, ids: list[int], user: str) -> Outcom
             outcome.problems.append(f"{result['id']}: still rejected: {'; '.join(result.get('reasons', []))}")
     for decision_id in answer.get("not_attempted", []):
         outcome.problems.append(f"{decision_id}: not tried (the release stopped at the failure above)")
+    if answer.get("warning"):
+        outcome.problems.append(f"warning: {answer['warning']}")
     if released:
         _drop_released(state_dir, released, user, outcome)
     return outcome

@@ -7,7 +7,11 @@ has ~80 MB).
 - **Parquet** cannot be: its footer describes the whole file, and the snapshot's DuckDB, which runs
   analyst SQL, may not write files. Each step's rows are appended to a table in a DuckDB database
   file of its own (its memory limit makes it spill to that file), which is then copied to a
-  Parquet file beside it; the file is sent in FILE_PIECE pieces and removed.
+  Parquet file beside it; the database is removed at once, the file sent in FILE_PIECE pieces and
+  removed. The staging may take at most STAGE_MAX_BYTES on disk, and stops while less than
+  STAGE_RESERVE_BYTES would be left free (a viewer must not fill the state dir's disk). Staging
+  directories are named with the console's pid: `sweep_stale` removes those of a console that died
+  (SIGKILL, OOM) before it could.
 
 The query goes through the same guard as `appliance audit sql` (check_query, then the locked-down
 snapshot: no file access, no writes, in a transaction that is rolled back), under a time limit
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 import shutil
 import tempfile
 import threading
@@ -38,10 +43,14 @@ from appliance.audit.results import csv_cells
 from appliance.console.store import Store
 
 CHUNK_BYTES = 256 * 1024
-FIRST_ROWS = 256
+FIRST_ROWS = 16  # before any row's size is known: 16 rows of 64 kB are still only 1 MB
 MAX_FETCH_ROWS = 10_000
 FILE_PIECE = 64 * 1024
 STAGE_MEMORY = "24MB"  # with 4 MB row groups: enough for 2 kB rows (measured; 16 MB was not)
+STAGE_MAX_BYTES = 256 * 1024 * 1024  # a Parquet download's staging on disk, at most (docs/console.md)
+STAGE_RESERVE_BYTES = 64 * 1024 * 1024  # free space a Parquet download's staging leaves on the state dir's disk
+STAGE_PREFIX = "download-"
+TOO_LARGE = "too large for a Parquet download: use CSV or narrow the query"
 
 T = TypeVar("T")
 
@@ -52,6 +61,10 @@ class Download(Protocol):
     rows: int  # rows sent (CSV: so far)
     pieces: int  # pieces handed out so far
     largest_piece: int  # bytes
+
+    @property
+    def truncated(self) -> bool:
+        """Stopped at the row limit (CSV: known only once its last row was fetched)."""
 
     def next_piece(self) -> bytes | None:
         """The next piece of the file, None at its end; raises AuditError when the query fails
@@ -121,7 +134,8 @@ class GuardedRows:
         with self._lock:
             if self.left <= 0:
                 return []
-            rows = self._call(self._cursor.fetchmany, min(wanted, self.left + 1))
+            # Asking for the last rows allowed, ask for one more: whether the result goes on.
+            rows = self._call(self._cursor.fetchmany, wanted if wanted < self.left else self.left + 1)
             if len(rows) > self.left:
                 self.truncated = True
                 del rows[self.left:]
@@ -191,6 +205,10 @@ class CsvDownload:
         self.largest_piece = max(self.largest_piece, len(piece))
         return piece
 
+    @property
+    def truncated(self) -> bool:
+        return self._rows.truncated
+
     def close(self) -> None:
         self._rows.close()
 
@@ -203,25 +221,58 @@ def _estimate(row: tuple[Any, ...]) -> int:
 
 class ParquetDownload:
     media_type = "application/vnd.apache.parquet"
-    filename = "audit-query.parquet"
 
-    def __init__(self, rows: GuardedRows, scratch_root: Path):
-        """Runs the query to its end (into the staging database), then writes the Parquet file."""
-        self._scratch = Path(tempfile.mkdtemp(prefix="download-", dir=scratch_root))
+    def __init__(self, rows: GuardedRows, scratch_root: Path, *, max_bytes: int = STAGE_MAX_BYTES,
+                 reserve_bytes: int = STAGE_RESERVE_BYTES):
+        """Runs the query to its end (into the staging database), then writes the Parquet file.
+        Raises AuditError when the staging would take more than `max_bytes` on disk or leave less
+        than `reserve_bytes` free."""
         self.rows = self.pieces = self.largest_piece = 0
+        self._truncated = False
+        self.filename = "audit-query.parquet"
         self._file: io.BufferedReader | None = None
+        self._scratch: Path | None = None
         try:
+            self._scratch = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=scratch_root))
             target = self._scratch / "result.parquet"
-            self._stage(rows, target)
+            self._stage(rows, target, max_bytes, reserve_bytes)
+            self._truncated = rows.truncated
+            if self._truncated:
+                self.filename = f"audit-query-first-{self.rows}-rows.parquet"
             self._file = open(target, "rb")  # noqa: SIM115 - read piece by piece until close()
-            target.unlink()  # the open file stays readable; nothing is left behind if the console dies
+            target.unlink()  # the open file stays readable; gone from the directory already
         except BaseException:
             self.close()
             raise
         finally:
             rows.close()
 
-    def _stage(self, rows: GuardedRows, target: Path) -> None:
+    def _stage(self, rows: GuardedRows, target: Path, max_bytes: int, reserve_bytes: int) -> None:
+        assert self._scratch is not None
+        database = self._scratch / "stage.duckdb"
+        try:
+            self._stage_in(database, rows, target, max_bytes, reserve_bytes)
+        finally:
+            # It holds a copy of the rows (payloads, maybe): gone as soon as the Parquet file is written.
+            for path in (database, database.with_name(database.name + ".wal")):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def _check_room(self, max_bytes: int, reserve_bytes: int) -> None:
+        """After each step: the staging's files (database, WAL, spill) within `max_bytes`, and
+        `reserve_bytes` still free on their disk."""
+        assert self._scratch is not None
+        used = sum(p.stat().st_size for p in self._scratch.rglob("*") if p.is_file())
+        if used > max_bytes:
+            raise AuditError(f"the result is {TOO_LARGE} (its staging passed {max_bytes >> 20} MB "
+                             f"after {self.rows:,} rows)")
+        disk = os.statvfs(self._scratch)
+        if disk.f_bavail * disk.f_frsize < reserve_bytes:
+            raise AuditError(f"the state dir's disk is nearly full ({reserve_bytes >> 20} MB must stay free): "
+                             f"the result is {TOO_LARGE}")
+
+    def _stage_in(self, database: Path, rows: GuardedRows, target: Path, max_bytes: int, reserve_bytes: int) -> None:
+        assert self._scratch is not None
         names: list[str] = []
         for name in rows.columns:  # Parquet columns need distinct names
             unique, n = name, 1
@@ -231,10 +282,10 @@ class ParquetDownload:
             names.append(unique)
         columns = ", ".join(f'"{n.replace(chr(34), chr(34) * 2)}" {"VARCHAR" if t == "NULL" else t}'
                             for n, t in zip(names, rows.types))
-        con = duckdb.connect(str(self._scratch / "stage.duckdb"),
+        con = duckdb.connect(str(database),
                              config={"threads": 1, "memory_limit": STAGE_MEMORY, "preserve_insertion_order": True,
-                                     "temp_directory": str(self._scratch), "autoinstall_known_extensions": False,
-                                     "autoload_known_extensions": False})
+                                     "temp_directory": str(self._scratch), "max_temp_directory_size": f"{max_bytes}B",
+                                     "autoinstall_known_extensions": False, "autoload_known_extensions": False})
         try:
             con.execute(f"CREATE TABLE result ({columns})")
             appender = con.appender("result")
@@ -243,13 +294,21 @@ class ParquetDownload:
                 appender.append_rows(batch)
                 appender.flush()
                 self.rows += len(batch)
+                self._check_room(max_bytes, reserve_bytes)
                 step = _next_step(len(batch), sum(_estimate(r) for r in batch))
             con.execute(f"COPY result TO {sql_string(target)} (FORMAT parquet, COMPRESSION zstd, "
                         "ROW_GROUP_SIZE_BYTES '4MB')")
         except duckdb.Error as error:
+            if isinstance(error, duckdb.OutOfMemoryException) or "max_temp_directory_size" in str(error):
+                raise AuditError(f"the result is {TOO_LARGE} (its staging passed {max_bytes >> 20} MB "
+                                 f"after {self.rows:,} rows)") from None
             raise AuditError(f"the Parquet file could not be written: {error}") from None
         finally:
             con.close()
+
+    @property
+    def truncated(self) -> bool:
+        return self._truncated
 
     def next_piece(self) -> bytes | None:
         assert self._file is not None
@@ -264,18 +323,48 @@ class ParquetDownload:
         if self._file is not None:
             self._file.close()
             self._file = None
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def sweep_stale(scratch_root: Path) -> list[Path]:
+    """Removes the staging directories of consoles no longer running (killed before they could);
+    returns them. Those of a running console (another one on the same state dir) stay."""
+    swept = []
+    for path in scratch_root.glob(f"{STAGE_PREFIX}*"):
+        pid = path.name[len(STAGE_PREFIX):].partition("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        swept.append(path)
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 FORMATS = ("csv", "parquet")
 
 
-def open_download(store: Store, text: str, fmt: str, *, max_rows: int, timeout: float) -> Download:
+def open_download(store: Store, text: str, fmt: str, *, max_rows: int, timeout: float,
+                  stage_max_bytes: int = STAGE_MAX_BYTES, stage_reserve_bytes: int = STAGE_RESERVE_BYTES) -> Download:
     """The download of one analyst query in `fmt` (FORMATS). A refused or failing query raises
     AuditError here, before anything is sent."""
     if fmt not in FORMATS:
         raise QueryRefused(f"unknown format {fmt!r}: csv or parquet")
     rows = GuardedRows(store, text, timeout=timeout, max_rows=max_rows)
     if fmt == "parquet":
-        return ParquetDownload(rows, store.scratch_dir())
+        try:
+            scratch = store.scratch_dir()
+        except BaseException:
+            rows.close()
+            raise
+        return ParquetDownload(rows, scratch, max_bytes=stage_max_bytes, reserve_bytes=stage_reserve_bytes)
     return CsvDownload(rows)

@@ -27,6 +27,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
+from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES as GZIP_DEFAULT_EXCLUDED
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import (
@@ -47,7 +48,7 @@ from appliance.mqtt.topics import topic_filter_regex
 from appliance.audit.results import QueryResult, to_jsonable
 from appliance.config import Config, is_loopback
 from appliance.console import actions, cookbook, payloads, trials
-from appliance.console.download import Download, open_download
+from appliance.console.download import STAGE_MAX_BYTES, STAGE_RESERVE_BYTES, Download, open_download, sweep_stale
 from appliance.console.auth import LoginLimiter, Role, Session, Sessions, Users
 from appliance.console.monitor import Monitor, verdict_summary
 from appliance.console.store import GROUPS, Store, StoreUnavailable
@@ -83,6 +84,10 @@ class Console:
         self.sessions = Sessions(console.session_idle)
         self.limiter = LoginLimiter(console.login_attempts, console.login_window)
         self.store = Store(self.state_dir, sync=self._sync)
+        # SQL download limits (docs/console.md, SQL): module constants, attributes so tests can lower them.
+        self.download_rows = SQL_DOWNLOAD_ROWS
+        self.stage_max_bytes = STAGE_MAX_BYTES
+        self.stage_reserve_bytes = STAGE_RESERVE_BYTES
         self.monitor = Monitor(self.state_dir, self.store)
         self.trials = trials.Trials(config)
         self.local = Session("local", Role.VIEWER)  # loopback without users: may look, not act
@@ -411,12 +416,15 @@ def build(console: Console) -> Starlette:
         text = request.query_params.get("q", "")
         fmt = request.query_params.get("format", "csv")
         try:
-            download = await _read(open_download, console.store, text, fmt, max_rows=SQL_DOWNLOAD_ROWS,
-                                   timeout=SQL_DOWNLOAD_TIMEOUT)
+            download = await _read(open_download, console.store, text, fmt, max_rows=console.download_rows,
+                                   timeout=SQL_DOWNLOAD_TIMEOUT, stage_max_bytes=console.stage_max_bytes,
+                                   stage_reserve_bytes=console.stage_reserve_bytes)
         except (StoreUnavailable, AuditError) as exc:
             return Response(str(exc), status_code=400, media_type="text/plain")
         headers = {"Content-Disposition": f'attachment; filename="{download.filename}"',
-                   "X-Row-Limit": str(SQL_DOWNLOAD_ROWS)}
+                   "X-Row-Limit": str(console.download_rows)}
+        if download.truncated:  # known before the first byte for Parquet only (CSV: see _pieces)
+            headers["X-Truncated"] = "true"
         return StreamingResponse(_pieces(download), media_type=download.media_type, headers=headers)
 
     # -- clients -------------------------------------------------------------------------------------
@@ -509,6 +517,8 @@ def build(console: Console) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        for path in await run_in_threadpool(sweep_stale, console.store.scratch_dir()):
+            log.info("console: removed %s, a download's staging left by a console that is gone", path)
         task = asyncio.create_task(console.monitor.run(), name="console-monitor")
         try:
             yield
@@ -519,10 +529,12 @@ def build(console: Console) -> Starlette:
             console.trials.stop()
             console.store.close()
 
-    # gzip: the vendored scripts are ~100 kB as files, ~40 kB on the wire (event streams are left alone).
+    # gzip: the vendored scripts are ~100 kB as files, ~40 kB on the wire (event streams are left alone,
+    # and Parquet downloads: zstd-compressed already, gzip would only cost the Pi's CPU).
+    gzip_excluded = (*GZIP_DEFAULT_EXCLUDED, "application/vnd.apache.parquet")
     return Starlette(routes=routes, lifespan=lifespan,
                      middleware=[Middleware(SecurityHeaders, loopback=is_loopback(console.config.console.listen.host)),
-                                 Middleware(GZipMiddleware, minimum_size=1000)])
+                                 Middleware(GZipMiddleware, minimum_size=1000, exclude_content_types=gzip_excluded)])
 
 
 class SecurityHeaders:
@@ -608,6 +620,10 @@ async def _pieces(download: Download) -> AsyncIterator[bytes]:
     try:
         while (piece := await run_in_threadpool(download.next_piece)) is not None:
             yield piece
+        if download.truncated:
+            # A CSV's headers went out before its end was known: exactly X-Row-Limit rows says it.
+            log.warning("console: SQL download (%s) cut at the row limit: %d row(s) sent, the result has more",
+                        download.filename, download.rows)
     except AuditError as exc:
         log.warning("console: SQL download stopped after %d row(s): %s", download.rows, exc)
         raise

@@ -4,10 +4,12 @@ releases, a file that cannot be replaced (a directory squatting on its temp name
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 
 from appliance import admin
+from appliance.audit.errors import OperationRefused
 from appliance.audit.layout import temp_name
 from appliance.audit.operations import AuditOperations
 from appliance.audit.purge import PurgeIncomplete, purge_quarantine
@@ -208,5 +211,190 @@ def test_the_cli_says_what_a_release_did_not_do_and_exits_1(tmp_path: Path) -> N
         assert detail["ids"] == [] and detail["failed"] == [str(entry["id"])] and detail["not_attempted"] == []
         rows = json.loads(cli("quarantine", "list", "--state-dir", str(state), "--format", "json").stdout)["rows"]
         assert [row["id"] for row in rows] == [entry["id"]]
+    finally:
+        running.stop()
+
+
+def test_a_release_event_cannot_be_recorded_through_the_admin_socket(tmp_path: Path) -> None:
+    """Only the process that published records a `quarantine_released` event: anything reaching the
+    admin socket asking `audit_event` for one is refused, and nothing is written."""
+    state = tmp_path / "state"
+    running = RunningAppliance(make_config(state)).start()
+    try:
+        with pytest.raises(admin.AdminError, match="cannot be recorded from outside"):
+            admin.call(state, "audit_event", kind="quarantine_released", detail={"ids": ["1"]})
+        admin.call(state, "audit_event", kind="quarantine_purged", detail={"ids": ["1"], "purged": 0})
+        assert events(state, "quarantine_released") == []
+        assert events(state, "quarantine_purged")[0]["ids"] == ["1"]
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def three_days(audit_state: Callable[..., Path]) -> Path:
+    """Ids 1-4 held, in three Parquet files (a day each) and in the converted segment beside them."""
+    return audit_state([
+        decision(1, T0, device="a", verdict="reject", payload=P1),
+        decision(2, T0 + 86_400, device="b", verdict="reject", payload=b"secret-two-on-day-two"),
+        decision(3, T0 + 2 * 86_400, device="b", verdict="reject", payload=P3),
+        decision(4, T0 + 2 * 86_400 + 60, device="c", verdict="reject", payload=P4),
+    ], split=(1.0, 1.0))
+
+
+def truncate_day(state: Path, day: str) -> Path:
+    """Cut a decisions file in half (its footer gone): DuckDB cannot read it at all."""
+    [path] = (state / "audit" / "parquet" / "decisions" / f"day={day}").glob("*.parquet")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_a_truncated_parquet_file_fails_alone_and_the_others_are_purged(three_days: Path) -> None:
+    broken = truncate_day(three_days, "2026-11-28")
+    with pytest.raises(PurgeIncomplete) as raised:
+        purge_quarantine(three_days, None, seal=None)
+    assert [path for path, _ in raised.value.failures] == [broken]
+    assert raised.value.failures[0][1].startswith("could not be read: ")
+    assert raised.value.unreadable == 1 and "unknown ids in 1 file(s)" in raised.value.not_purged()
+    assert on_disk(three_days, P1) == [] and on_disk(three_days, P3) == [] and on_disk(three_days, P4) == []
+
+
+def test_the_cli_records_a_purge_that_met_a_truncated_parquet_file(three_days: Path) -> None:
+    truncate_day(three_days, "2026-11-28")
+    done = cli("quarantine", "purge", "--all", "--yes", "--state-dir", str(three_days))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "could not be read" in done.stderr
+    detail, = events(three_days, "quarantine_purged")
+    assert detail["ids"] == "all" and "could not be read" in detail["error"]
+    assert on_disk(three_days, P1) == [] and on_disk(three_days, P4) == []
+
+
+def test_a_malformed_request_is_refused_before_anything_is_published(tmp_path: Path) -> None:
+    """A later row that cannot be a message (bad hex, a missing field, an unknown protocol level)
+    or a `detail` that is not an object: refused whole, the broker never asked, nothing recorded."""
+    running = RunningAppliance(make_config(tmp_path / "state")).start()
+    try:
+        assert running.app.audit is not None
+        asked: list[int] = []
+        operations = AuditOperations(running.app.audit, running.app.pipeline,
+                                     lambda: asked.append(1) or BrokerEndpoint("127.0.0.1", free_port()))
+        good = row(21, "release/a", b"a")
+        bad_rows = [{**row(22, "release/b", b"b"), "payload": "zz"}, {k: v for k, v in good.items() if k != "topic"},
+                    {**row(23, "release/c", b"c"), "mqtt_version": 9}, "not a row"]
+        for bad in bad_rows:
+            with pytest.raises(OperationRefused, match="message 2 of the request is malformed"):
+                running.call(operations.quarantine_release({"messages": [good, bad]}))
+        with pytest.raises(OperationRefused, match="detail must be an object"):
+            running.call(operations.quarantine_release({"messages": [good], "detail": ["olga"]}))
+        assert asked == []
+        assert events(tmp_path / "state", "quarantine_released") == []
+    finally:
+        running.stop()
+
+
+def test_an_id_given_twice_is_released_once_and_one_being_released_is_refused(tmp_path: Path) -> None:
+    port = free_port()
+    conf = render_mosquitto_conf(port=port, data_dir=tmp_path / "broker", extra=[])
+    running = RunningAppliance(make_config(tmp_path / "state")).start()
+    try:
+        with mosquitto_process(conf, tmp_path / "broker", port):
+            subscriber = Client(port, client_id="release-watcher").connect()
+            subscriber.subscribe("release/#", qos=1)
+            assert running.app.audit is not None
+            operations = AuditOperations(running.app.audit, running.app.pipeline,
+                                         lambda: BrokerEndpoint("127.0.0.1", port))
+            answer = running.call(operations.quarantine_release(
+                {"messages": [row(5, "release/a", b"five"), row(5, "release/a", b"five"), row(6, "release/b", b"six")]}))
+            assert [(r["id"], r["released"]) for r in answer["results"]] == [("5", True), ("6", True)]
+            publisher = Client(port, client_id="sentinel").connect()
+            publisher.publish("release/sentinel", b"end", qos=1)  # after both releases were acknowledged
+            got = [m.payload for m in subscriber.expect(3)]
+            assert got == [b"five", b"six", b"end"]
+
+            async def both() -> list[Any]:
+                # The first request holds id 7 from its start (before its first wait) until its end.
+                return await asyncio.gather(
+                    operations.quarantine_release({"messages": [row(7, "release/c", b"seven")]}),
+                    operations.quarantine_release({"messages": [row(8, "release/d", b"eight"),
+                                                                row(7, "release/c", b"seven")]}),
+                    return_exceptions=True)
+
+            first, second = running.call(both())
+            assert first["results"][0]["released"] is True
+            assert isinstance(second, OperationRefused) and "already being released" in str(second) and "7" in str(second)
+            publisher.publish("release/sentinel", b"end", qos=1)
+            assert [m.payload for m in subscriber.expect(2)] == [b"seven", b"end"]
+            publisher.disconnect()
+            subscriber.disconnect()
+        assert [d["ids"] for d in events(tmp_path / "state", "quarantine_released")] == [["5", "6"], ["7"]]
+    finally:
+        running.stop()
+
+
+def test_a_release_cut_short_by_a_stop_is_recorded(tmp_path: Path) -> None:
+    """The handler is cancelled (as the appliance's graceful stop does) while a publish waits for a
+    broker that takes the connection and never answers: the batch's event is still written, the
+    message being published named as failed (it may or may not have arrived), the rest untried."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the kernel; nothing ever answers
+    running = RunningAppliance(make_config(tmp_path / "state")).start()
+    try:
+        assert running.app.audit is not None
+        asking = asyncio.Event()
+
+        def endpoint() -> BrokerEndpoint:
+            asking.set()
+            return BrokerEndpoint("127.0.0.1", silent.getsockname()[1])
+
+        operations = AuditOperations(running.app.audit, running.app.pipeline, endpoint)
+
+        async def cancelled() -> bool:
+            task = asyncio.create_task(operations.quarantine_release(
+                {"messages": [row(31, "release/a", b"a"), row(32, "release/b", b"b")], "detail": {"via": "test"}}))
+            await asking.wait()
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return True
+            return False
+
+        assert running.call(cancelled())
+        running.call(running.app.audit.sync())  # (a graceful stop writes it as the service stops)
+        detail, = events(tmp_path / "state", "quarantine_released")
+        assert detail["ids"] == [] and detail["failed"] == ["31"] and detail["not_attempted"] == ["32"]
+        assert "cut short (CancelledError)" in detail["error"] and detail["via"] == "test"
+    finally:
+        running.stop()
+        silent.close()
+
+
+class StalledLog:
+    """The appliance's audit service, but its message log does not write in time (sync times out):
+    a fault at the log's boundary; everything else is the real service."""
+
+    def __init__(self, service: Any):
+        self._service = service
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._service, name)
+
+    async def sync(self, timeout: float = 30.0) -> None:
+        raise TimeoutError
+
+
+def test_a_log_that_does_not_write_is_a_warning_even_when_all_were_released(tmp_path: Path) -> None:
+    port = free_port()
+    conf = render_mosquitto_conf(port=port, data_dir=tmp_path / "broker", extra=[])
+    running = RunningAppliance(make_config(tmp_path / "state")).start()
+    try:
+        with mosquitto_process(conf, tmp_path / "broker", port):
+            assert running.app.audit is not None
+            operations = AuditOperations(StalledLog(running.app.audit), running.app.pipeline,  # type: ignore[arg-type]
+                                         lambda: BrokerEndpoint("127.0.0.1", port))
+            answer = running.call(operations.quarantine_release({"messages": [row(41, "release/a", b"a")]}))
+        assert answer["results"][0]["released"] is True and answer["error"] is None
+        assert "has not written for 30 s" in answer["warning"] and "may not be on disk yet" in answer["warning"]
     finally:
         running.stop()

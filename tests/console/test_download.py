@@ -4,18 +4,30 @@ had in memory), the row limit holds, and the console's peak memory does not grow
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import os
 import socket
+import subprocess
+import sys
+import threading
 import urllib.parse
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
+import pytest
+import uvicorn
 
-from appliance.console.download import CHUNK_BYTES, FILE_PIECE
-from appliance.console.web import SQL_DOWNLOAD_ROWS
+from appliance.config import load_config
+from appliance.console.download import CHUNK_BYTES, FILE_PIECE, FIRST_ROWS, TOO_LARGE
+from appliance.console.web import SQL_DOWNLOAD_ROWS, Console, build
 from tests.console.conftest import VIEWER, VIEWER_PASSWORD, Browser, Setup
 from tests.helpers import scaled, wait_until
+from tests.processes import free_port
 
 
 def viewer(setup: Setup) -> Browser:
@@ -164,8 +176,132 @@ def test_a_client_that_goes_away_midway_ends_the_download(running: Setup) -> Non
     with socket.create_connection(("127.0.0.1", browser.port), timeout=120) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{browser.port}\r\nCookie: {cookie}\r\n\r\n".encode())
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        assert [p for p in scratch.glob("download-*")], "the download is under way"
+        staging = [p for p in scratch.glob("download-*")]
+        assert staging, "the download is under way"
+        # The staging database (a copy of the rows) is gone once the file is written, and the
+        # file is unlinked while open: nothing of the rows is left in a directory to be found.
+        assert [list(p.iterdir()) for p in staging] == [[]]
     wait_until(lambda: not [p for p in scratch.glob("download-*")], timeout=scaled(30),
                message="the download closed after the client went away")
     status, _, chunks = download(browser, "SELECT 42 AS answer", "csv")
     assert status == 200 and b"".join(chunks) == b"answer\n42\n"
+
+
+@contextlib.contextmanager
+def console_with(setup: Setup, **limits: Any) -> Iterator[Browser]:
+    """A second console on the same appliance, in this process (uvicorn on a thread, over HTTP)
+    with some of its limits lowered (`Console` attributes: download_rows, stage_max_bytes,
+    stage_reserve_bytes); a viewer's browser logged in to it."""
+    console = Console(load_config(setup.config), login=True, secure=False)
+    for name, value in limits.items():
+        assert hasattr(console, name), name
+        setattr(console, name, value)
+    server = uvicorn.Server(uvicorn.Config(build(console), host="127.0.0.1", port=free_port(), log_config=None,
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, name="console", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), timeout=scaled(30), message="console started")
+        assert server.started
+        browser = Browser(server.config.port)
+        assert browser.login(VIEWER, VIEWER_PASSWORD) == 303
+        yield browser
+    finally:
+        server.should_exit = True
+        thread.join(scaled(30))
+
+
+def parquet_rows(data: bytes, tmp_path: Path) -> tuple[Any, ...] | None:
+    (tmp_path / "r.parquet").write_bytes(data)
+    return duckdb.connect().execute(f"SELECT count(*), max(n) FROM '{tmp_path / 'r.parquet'}'").fetchone()
+
+
+def test_a_download_cut_at_the_row_limit_says_so(running: Setup, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The limit lowered to the first step's size (the step that asks for exactly the rows left
+    must still find out whether there are more): limit + 1 rows give `limit` rows; the Parquet
+    download says it was cut (X-Truncated, the file's name); the CSV one, whose headers went out
+    first, is logged as cut. A result of exactly `limit` rows is whole and says nothing."""
+    limit = FIRST_ROWS
+    sql = "SELECT i AS n FROM range({rows}) t(i)"
+    with console_with(running, download_rows=limit) as browser:
+        status, headers, chunks = download(browser, sql.format(rows=limit + 1), "parquet")
+        assert status == 200 and headers["x-truncated"] == "true" and headers["x-row-limit"] == str(limit)
+        assert f'filename="audit-query-first-{limit}-rows.parquet"' in headers["content-disposition"]
+        assert parquet_rows(b"".join(chunks), tmp_path) == (limit, limit - 1)
+        status, headers, chunks = download(browser, sql.format(rows=limit), "parquet")
+        assert status == 200 and "x-truncated" not in headers
+        assert 'filename="audit-query.parquet"' in headers["content-disposition"]
+        assert parquet_rows(b"".join(chunks), tmp_path) == (limit, limit - 1)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="appliance.console.web"):
+            status, headers, chunks = download(browser, sql.format(rows=limit), "csv")
+            assert status == 200 and b"".join(chunks).count(b"\n") == limit + 1
+            assert not [r for r in caplog.records if "cut at the row limit" in r.getMessage()]
+            status, headers, chunks = download(browser, sql.format(rows=limit + 1), "csv")
+            assert status == 200 and b"".join(chunks).count(b"\n") == limit + 1  # the header and `limit` rows
+            wait_until(lambda: [r for r in caplog.records if "cut at the row limit" in r.getMessage()],
+                       message="the cut CSV download logged")
+
+
+def test_a_parquet_download_too_large_for_its_staging_is_refused(running: Setup) -> None:
+    """~1 kB rows, 200,000 of them asked for as Parquet (~200 MB to stage): with the staging
+    limited to 4 MB the console stops at once, answers 400 saying why, and leaves nothing on disk;
+    the same with too little free space left on the disk."""
+    scratch = running.state_dir / "audit" / "tmp"
+    sql = "SELECT i AS n, repeat(md5(i::VARCHAR), 30) AS pad FROM range(200000) t(i)"
+    with console_with(running, stage_max_bytes=4 << 20) as browser:
+        status, _, chunks = download(browser, sql, "parquet")
+        assert status == 400 and TOO_LARGE in b"".join(chunks).decode(), b"".join(chunks)[:300]
+        assert not list(scratch.glob("download-*"))
+        status, _, chunks = download(browser, sql.replace("200000", "100"), "parquet")
+        assert status == 200  # a small one still goes
+    with console_with(running, stage_reserve_bytes=1 << 60) as browser:
+        status, _, chunks = download(browser, sql, "parquet")
+        assert status == 400 and "nearly full" in b"".join(chunks).decode(), b"".join(chunks)[:300]
+        assert not list(scratch.glob("download-*"))
+
+
+def test_a_console_start_removes_the_staging_left_by_a_dead_console(running: Setup) -> None:
+    """A console killed mid-download (SIGKILL, OOM) leaves its staging directory, named with its
+    pid; the next console start removes it. One of a console still running stays."""
+    scratch = running.state_dir / "audit" / "tmp"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid = int(gone.stdout)
+    stale = scratch / f"download-{dead_pid}-abc123"
+    live = scratch / f"download-{os.getpid()}-def456"
+    for path in (stale, live):
+        path.mkdir(parents=True)
+        (path / "stage.duckdb").write_bytes(b"rows of a download" * 1000)
+    try:
+        with console_with(running):
+            assert not stale.exists()
+            assert (live / "stage.duckdb").exists()
+    finally:
+        for path in (stale, live):
+            if path.exists():
+                for f in path.iterdir():
+                    f.unlink()
+                path.rmdir()
+
+
+def test_a_parquet_download_is_not_gzipped(running: Setup) -> None:
+    """Parquet is zstd-compressed already: gzip would only cost the console's CPU, even for a
+    browser that accepts it (CSV still is gzipped: test_a_browser_gets_the_csv_gzipped...)."""
+    browser = viewer(running)
+    status, headers, chunks = download(browser, "SELECT i AS n, md5(i::VARCHAR) AS d FROM range(20000) t(i)",
+                                       "parquet", gzip=True)
+    assert status == 200 and "content-encoding" not in headers
+    data = b"".join(chunks)
+    assert data[:4] == b"PAR1" and data[-4:] == b"PAR1"
+
+
+def test_wide_rows_make_small_first_steps(running: Setup) -> None:
+    """Rows of 64 kB: before any row's size is known the first step takes only a few of them, so
+    no piece of the CSV is much over CHUNK_BYTES (a first step of 256 rows held 16 MB)."""
+    browser = viewer(running)
+    status, _, chunks = download(browser, "SELECT i AS n, repeat('x', 65536) AS wide FROM range(300) t(i)", "csv")
+    assert status == 200
+    lines = b"".join(chunks).split(b"\n")
+    assert len(lines) - 2 == 300 and all(len(line) == len(str(i)) + 1 + 65536 for i, line in enumerate(lines[1:-1]))
+    assert max(len(c) for c in chunks) <= 16 * 65_600, f"a piece of {max(len(c) for c in chunks) >> 10} kB"

@@ -393,3 +393,29 @@ def test_a_borrowed_snapshot_stays_open_across_new_ones(tmp_path: Path) -> None:
     with store.cursor():
         assert store._query is current  # nobody borrowed it: refreshed in place
     store.close()
+
+
+def test_a_parquet_download_that_cannot_stage_gives_its_snapshot_back(tmp_path: Path) -> None:
+    """The staging directory cannot be made (the disk fails when the store makes it): the error
+    goes to the caller and the snapshot the download borrowed is given back, not left open."""
+    from appliance.console.download import open_download
+    from appliance.console.store import Store
+    from tests.audit.factory import decision, epoch
+    from tests.audit.logfiles import build_state
+
+    class FailingDisk(Store):
+        def scratch_dir(self) -> Path:
+            raise OSError(5, "Input/output error")
+
+    state = build_state(tmp_path / "state", [decision(i, epoch("2026-11-27T10:00:00") + i) for i in range(1, 6)])
+    store = FailingDisk(state)
+    failed: OSError | None = None
+    try:
+        open_download(store, "SELECT id FROM decisions", "parquet", max_rows=10, timeout=30)
+    except OSError as exc:
+        failed = exc
+    # Given back at once, not when the garbage collector happens to free the failed download (its
+    # exception's traceback, kept here as a caller or a reference cycle may keep it, holds its frame).
+    assert failed is not None and failed.__traceback__ is not None
+    assert store._borrowed == {}
+    store.close()

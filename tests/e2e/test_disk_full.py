@@ -98,7 +98,12 @@ def fill_log_with_qos0(pub: Client, healthy: Callable[[], bool]) -> int:
 def test_full_disk_refuses_instead_of_losing_and_recovers(tmp_path: Path, small_fs: Path, policy: str):
     """Filled by QoS 1 load with the uplink down, under both outbox policies: with reject_new the
     previous design acknowledged 16 messages it then lost, and refused QoS 0 as "outbox full"."""
-    cloud = CloudBroker(tmp_path / "cloud")  # not started: the uplink is down
+    cloud = CloudBroker(tmp_path / "cloud").start()
+    # The cloud consumer's persistent session exists before the uplink goes down (mosquitto saves it
+    # on SIGTERM): whatever is forwarded once the cloud is back is queued for it, even if the
+    # forwarder sends everything before the consumer's SUBSCRIBE arrives.
+    Subscriber(cloud.port, "plant/#").start().stop()
+    cloud.stop()  # the uplink is down
     state = small_fs / "state"
     config = make_config(state, **{
         "upstream.url": cloud.url, "upstream.backoff_initial": "0.1s", "upstream.backoff_max": "0.5s",
@@ -137,12 +142,15 @@ def test_full_disk_refuses_instead_of_losing_and_recovers(tmp_path: Path, small_
         pub.disconnect()
         local.disconnect()
 
-        # The uplink comes back: every acknowledged message reaches the cloud, no refused one does.
+        # The uplink comes back: every acknowledged message reaches the cloud, no refused one does;
+        # the consumer connects only once the cloud has acknowledged them all (its session queued them).
         cloud.start()
+        wait_until(lambda: running.app.outbox.refresh().messages == 0, timeout=scaled(30),
+                   message="the outbox forwarded")
         subscriber = Subscriber(cloud.port, "plant/#").start()
         try:
             wanted = set(accepted)
-            wait_until(lambda: wanted <= set(subscriber.payloads()), timeout=120,
+            wait_until(lambda: wanted <= set(subscriber.payloads()), timeout=scaled(30),
                        message=f"{len(wanted)} acknowledged messages in the cloud")
             assert not set(refused) & set(subscriber.payloads())
             print(f"\n{policy}: {len(accepted)} acknowledged and forwarded, {len(refused)} refused (0x97), "

@@ -117,10 +117,10 @@ class Appliance:
                     config.audit, config.state_dir, on_event=self.on_event, forward=config.upstream.url is not None,
                 )
                 sinks.append(self.audit.sink)
-                if config.audit.durable_acks:
-                    audit = self.audit
-                    message_log = audit.log  # read directly: this runs for every QoS 1/2 PUBLISH
-                    self._store_check = StoreUnavailable(lambda: message_log.healthy)
+                # Whatever durable_acks says: `false` means "do not wait for the sync", not
+                # "acknowledge what a log known unable to write will lose".
+                message_log = self.audit.log  # read directly: this runs for every QoS 1/2 PUBLISH
+                self._store_check = StoreUnavailable(lambda: message_log.healthy)
             if config.upstream.url is not None:
                 assert self.audit is not None  # the config requires it
                 self.outbox = Outbox.for_log(self.audit.log, Cursor(forward_cursor_path(config.state_dir)), config.upstream.outbox)

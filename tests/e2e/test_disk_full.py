@@ -167,6 +167,30 @@ def test_full_disk_refuses_instead_of_losing_and_recovers(tmp_path: Path, small_
     assert not missing, f"{len(missing)} of {len(accepted)} acknowledged messages have no verdict"
 
 
+@needs_root
+@pytest.mark.parametrize("policy", ["drop_oldest", "reject_new"])
+def test_without_durable_acks_a_full_disk_still_refuses_qos1(small_fs: Path, policy: str):
+    """`audit.durable_acks: false` acknowledges without waiting for the sync, but not on a disk the
+    log already knows is full: QoS 1 is refused (0x97) there too, and QoS 0 keeps flowing."""
+    config = make_config(small_fs / "state", **{
+        "audit.durable_acks": False, "upstream.url": f"mqtt://127.0.0.1:{free_port()}", "upstream.outbox.policy": policy,
+    })
+    running = RunningAppliance(config).start()
+    try:
+        local = Client(running.port, version=5, client_id="local").connect()
+        local.subscribe("plant/zero/#", qos=0)
+        pub = Client(running.port, version=5, client_id="pub").connect()
+        fill(small_fs)
+        fill_log_with_qos0(pub, lambda: running.app.audit.healthy)
+        info = pub.publish("plant/full", b'{"full":1}', qos=1)
+        assert pub.acks[info.mid].value == QUOTA_EXCEEDED
+        qos0_flows(pub, local, "plant/zero")
+        pub.disconnect()
+        local.disconnect()
+    finally:
+        running.stop()
+
+
 def metrics(port: int) -> str:
     code, text = get(port, "/metrics")
     assert code == 200

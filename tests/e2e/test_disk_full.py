@@ -7,6 +7,7 @@ and the appliance recovers by itself when space returns, also after a restart on
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import signal
@@ -18,6 +19,7 @@ import pytest
 
 from appliance import broker
 from appliance.audit.query import AuditQuery
+from appliance.config import BrokerConfig
 from appliance.mqtt import Connect, ProtocolVersion, Publish, Pubrec
 from tests.conftest import make_config
 from tests.e2e.test_operations import get, metric
@@ -310,11 +312,13 @@ def test_sigterm_and_restart_on_a_full_disk(tmp_path: Path, small_fs: Path):
         cloud.stop()
 
 
-def test_the_broker_starts_when_the_state_dir_cannot_take_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Without root, the full disk injected at the write: mosquitto's generated config and password
-    file are kept in memory, and it still lets in the appliance only."""
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT], ids=errno.errorcode.get)
+def test_the_broker_starts_when_the_state_dir_cannot_take_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    error: int):
+    """Without root, the full disk (or quota) injected at the write: mosquitto's generated config and
+    password file are kept in memory, and it still lets in the appliance only."""
     def no_space(path: Path, text: str) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise OSError(error, os.strerror(error))
 
     monkeypatch.setattr(broker, "write_private", no_space)
     running = RunningAppliance(make_config(tmp_path / "state")).start()
@@ -333,3 +337,16 @@ def test_the_broker_starts_when_the_state_dir_cannot_take_its_files(tmp_path: Pa
         sub.disconnect()
     finally:
         running.stop()
+
+
+def test_other_errors_writing_the_broker_files_stop_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Only a lack of space is worked around: a state dir the appliance may not write (here EACCES,
+    as for a mosquitto/ directory owned by root) is a broken install, not hidden behind a warning."""
+    def denied(path: Path, text: str) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(broker, "write_private", denied)
+    embedded = broker.EmbeddedBroker(BrokerConfig(), tmp_path / "state")
+    with pytest.raises(PermissionError):
+        asyncio.run(embedded.start())
+    assert embedded.pid is None  # no mosquitto started

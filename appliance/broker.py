@@ -116,7 +116,9 @@ def _write_file(path: Path, text: str, in_memory: list[int]) -> Path:
         if exc.errno not in _NO_SPACE:
             raise
         log.warning("cannot write %s (%s): mosquitto reads it from memory for this start", path, exc.strerror or exc)
-    fd = os.memfd_create(path.name, 0)  # not close-on-exec: inherited through pass_fds
+    # Close-on-exec (the default), so that no other child started meanwhile (a helper process from
+    # another thread) inherits it; pass_fds makes mosquitto's copy inheritable in mosquitto only.
+    fd = os.memfd_create(path.name)
     try:
         os.fchmod(fd, 0o600)  # mosquitto warns about a world-readable password file
         os.write(fd, text.encode())

@@ -350,3 +350,22 @@ def test_other_errors_writing_the_broker_files_stop_the_start(tmp_path: Path, mo
     with pytest.raises(PermissionError):
         asyncio.run(embedded.start())
     assert embedded.pid is None  # no mosquitto started
+
+
+def test_a_file_kept_in_memory_is_not_inherited_by_other_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Its memfd is close-on-exec like every other descriptor (a helper process started by another
+    thread meanwhile must not get it); pass_fds hands mosquitto its copy."""
+    def no_space(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(broker, "write_private", no_space)
+    in_memory: list[int] = []
+    opened = broker._write_file(tmp_path / "passwd", "appliance:hash\n", in_memory)
+    try:
+        [fd] = in_memory
+        assert opened == Path(f"/proc/self/fd/{fd}") and opened.read_text() == "appliance:hash\n"
+        assert not os.get_inheritable(fd)
+        assert os.stat(fd).st_mode & 0o777 == 0o600
+    finally:
+        for fd in in_memory:
+            os.close(fd)

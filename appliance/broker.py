@@ -116,6 +116,10 @@ def _write_file(path: Path, text: str, in_memory: list[int]) -> Path:
         if exc.errno not in _NO_SPACE:
             raise
         log.warning("cannot write %s (%s): mosquitto reads it from memory for this start", path, exc.strerror or exc)
+    try:  # the previous start's file (its port, its password's hash) must not pass for this one's
+        path.unlink(missing_ok=True)  # needs no space
+    except OSError as exc:
+        log.warning("cannot remove the stale %s (%s)", path, exc.strerror or exc)
     # Close-on-exec (the default), so that no other child started meanwhile (a helper process from
     # another thread) inherits it; pass_fds makes mosquitto's copy inheritable in mosquitto only.
     fd = os.memfd_create(path.name)

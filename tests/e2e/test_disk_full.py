@@ -316,10 +316,15 @@ def test_sigterm_and_restart_on_a_full_disk(tmp_path: Path, small_fs: Path):
 def test_the_broker_starts_when_the_state_dir_cannot_take_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                     error: int):
     """Without root, the full disk (or quota) injected at the write: mosquitto's generated config and
-    password file are kept in memory, and it still lets in the appliance only."""
+    password file are kept in memory, the previous start's copies are removed, and it still lets in
+    the appliance only."""
     def no_space(path: Path, text: str) -> None:
         raise OSError(error, os.strerror(error))
 
+    files = tmp_path / "state" / "mosquitto"
+    files.mkdir(parents=True)
+    for stale in ("passwd", "mosquitto.conf"):  # a previous start's
+        (files / stale).write_text("stale\n")
     monkeypatch.setattr(broker, "write_private", no_space)
     running = RunningAppliance(make_config(tmp_path / "state")).start()
     try:
@@ -328,7 +333,7 @@ def test_the_broker_starts_when_the_state_dir_cannot_take_its_files(tmp_path: Pa
         pub = Client(running.port, version=4).connect()
         pub.publish("t/x", b"1", qos=1)
         assert [m.payload for m in sub.expect(1)] == [b"1"]
-        assert not (tmp_path / "state" / "mosquitto" / "passwd").exists()
+        assert not (files / "passwd").exists() and not (files / "mosquitto.conf").exists()
         endpoint = running.app.broker.endpoint()
         raw = RawClient(endpoint.port)
         raw.send(Connect(client_id="bypass", protocol_version=ProtocolVersion.MQTT_5, username="appliance", password=b"guess"))

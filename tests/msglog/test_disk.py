@@ -165,6 +165,35 @@ def test_started_on_a_full_disk_it_is_unhealthy_until_space_returns(small_fs: Pa
         log.stop()
 
 
+def test_a_large_sync_bytes_does_not_keep_it_unhealthy(tmp_path: Path) -> None:
+    """Two batches of 64 MiB would be more headroom than this 16 MiB file system can ever have: the
+    headroom is capped (MAX_HEADROOM), so it recovers once space returns."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small file system needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if not _run("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", mnt):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        previous = MessageLog(mnt / "log")  # the log of a previous run
+        previous.open()
+        previous.stop()
+        filler = fill(mnt)
+        events: list[str] = []
+        log = MessageLog(mnt / "log", policy=SyncPolicy(max_pending_bytes=64 << 20),
+                         on_event=lambda kind, detail: events.append(kind))
+        log.start()
+        try:
+            assert not log.healthy and events == ["log_degraded"]
+            filler.unlink()
+            wait_until(lambda: len(events) > 1, message="recovery after space returned")  # set healthy, then told
+            assert log.healthy and events == ["log_degraded", "log_recovered"]
+        finally:
+            log.stop()
+    finally:
+        _run("umount", mnt) or _run("umount", "-l", mnt)
+
+
 CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path

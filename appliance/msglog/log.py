@@ -562,11 +562,15 @@ class MessageLog:
         return min(max(2 * self._max_pending, MIN_HEADROOM), MAX_HEADROOM)
 
     def _has_headroom(self) -> bool:
+        """What this process can still write: as root, ext4's reserved blocks too (its default
+        reserved-blocks user is root), so f_bfree, not f_bavail. A disk quota (EDQUOT) is not seen
+        here: under one, the first write that fails is what turns the log unhealthy."""
         try:
             fs = os.statvfs(self.directory)
         except OSError:
             return True  # cannot tell (a test's in-memory directory): the probe's write decides
-        return fs.f_bavail * fs.f_frsize >= self._headroom()
+        free = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
+        return free * fs.f_frsize >= self._headroom()
 
     def _probe(self) -> None:
         """Unhealthy and nothing to write: check whether the file system has headroom again and

@@ -21,6 +21,7 @@ from appliance import broker
 from appliance.audit.query import AuditQuery
 from appliance.config import BrokerConfig
 from appliance.mqtt import Connect, ProtocolVersion, Publish, Pubrec
+from appliance.names import EventKind
 from tests.conftest import make_config
 from tests.e2e.test_operations import get, metric
 from tests.forward.harness import CloudBroker, Subscriber
@@ -374,3 +375,30 @@ def test_a_file_kept_in_memory_is_not_inherited_by_other_children(tmp_path: Path
     finally:
         for fd in in_memory:
             os.close(fd)
+
+
+def test_events_while_the_audit_log_stops_are_recorded_and_after_it_logged(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          caplog: pytest.LogCaptureFixture):
+    """An event raised while the audit service stops its helpers (its log still open) is recorded;
+    one that reaches the loop once the log has stopped (its own log_degraded when its last write
+    fails on a full disk) is logged and passed to the callbacks, without raising LogClosed."""
+    state = tmp_path / "state"
+    running = RunningAppliance(make_config(state)).start()
+    app = running.app
+    helpers = app.audit.helpers
+    stop_helpers = helpers.stop
+
+    async def stop_raising_an_event(timeout: float = 30.0) -> None:
+        app.on_event(EventKind.BROKER_EXIT, {"while": "stopping"})
+        await stop_helpers(timeout)
+
+    monkeypatch.setattr(helpers, "stop", stop_raising_an_event)
+    running.stop()
+    with AuditQuery(state) as audit_log:
+        recorded = [row[0] for row in audit_log.query("SELECT detail FROM events WHERE kind = 'broker_exit'").rows]
+    assert len(recorded) == 1 and "stopping" in str(recorded[0]), recorded
+
+    app.on_event(EventKind.BROKER_EXIT, {"while": "stopped"})  # no LogClosed
+    assert ("broker_exit", {"while": "stopped"}) in running.events
+    assert "broker_exit while the audit log is closed" in caplog.text

@@ -34,7 +34,7 @@ from appliance.forward import Forwarder, Outbox
 from appliance.forward.check import OutboxFull
 from appliance.governance import Governance, SchemaSetError, load_schema_set
 from appliance.metrics import AuditStats, DeadLetterStats, MetricsPortInUse, MetricsServer, MetricsSink, Stats, UplinkStats, make_registry
-from appliance.msglog import Cursor
+from appliance.msglog import Cursor, LogClosed
 from appliance.names import Counted, EventKind
 from appliance.pipeline import Check, CountingSink, Pipeline, Policy, Sink
 from appliance.proxy import ProxyServer, SessionLimits
@@ -99,9 +99,6 @@ class Appliance:
         self._started = time.monotonic()
         self.governance: Governance | None = None
         self.audit: AuditService | None = None
-        # Until the audit log stops: events that reach the loop after that (the log's own
-        # log_degraded when its last write fails on a full disk) are logged, not recorded.
-        self._recording_events = True
         # Who may connect and what they may do; built now so that a broken file stops the start.
         self.passwords, self.acl = load_access(config.auth)
         self.authenticators: list[Authenticator] = []
@@ -117,10 +114,10 @@ class Appliance:
                     config.audit, config.state_dir, on_event=self.on_event, forward=config.upstream.url is not None,
                 )
                 sinks.append(self.audit.sink)
-                if config.audit.durable_acks:
-                    audit = self.audit
-                    message_log = audit.log  # read directly: this runs for every QoS 1/2 PUBLISH
-                    self._store_check = StoreUnavailable(lambda: message_log.healthy)
+                # Whatever durable_acks says: `false` means "do not wait for the sync", not
+                # "acknowledge what a log known unable to write will lose".
+                message_log = self.audit.log  # read directly: this runs for every QoS 1/2 PUBLISH
+                self._store_check = StoreUnavailable(lambda: message_log.healthy)
             if config.upstream.url is not None:
                 assert self.audit is not None  # the config requires it
                 self.outbox = Outbox.for_log(self.audit.log, Cursor(forward_cursor_path(config.state_dir)), config.upstream.outbox)
@@ -240,8 +237,13 @@ class Appliance:
 
     def on_event(self, kind: EventKind, detail: dict[str, object]) -> None:
         log.debug("event %s %s", kind, detail)
-        if self.audit is not None and self._recording_events:
-            self.audit.record_event(kind, detail)
+        if self.audit is not None:
+            try:
+                self.audit.record_event(kind, detail)
+            except LogClosed:
+                # Reached the loop after the audit log stopped (its own log_degraded when its last
+                # write fails on a full disk): the log line and the callbacks are all it gets.
+                log.warning("event %s while the audit log is closed (stopped), not recorded: %s", kind, detail)
         for callback in self._event_callbacks:
             callback(kind, detail)
 
@@ -354,7 +356,6 @@ class Appliance:
         if self.outbox is not None:
             self.outbox.close()
         if self.audit is not None:
-            self._recording_events = False
             await self.audit.stop()
         log.info("stopped")
 

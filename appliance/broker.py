@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import getpass
 import logging
 import os
@@ -97,18 +98,31 @@ def render_mosquitto_conf(*, port: int, data_dir: Path, extra: list[str], passwo
     return "\n".join([*lines, *extra]) + "\n"
 
 
+# Out of space or over quota: the only write errors kept in memory. Any other one (a state dir
+# mosquitto/ owned by another user, a read-only mount) is a broken install and stops the start.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
 def _write_file(path: Path, text: str, in_memory: list[int]) -> Path:
     """Write one of mosquitto's generated files (mode 0600) and return the path mosquitto opens.
-    Where the state dir cannot take it (a full disk), the file is kept in memory instead (a memfd
-    that mosquitto inherits and opens as /proc/self/fd/N; its descriptor is added to `in_memory`):
-    neither file needs to survive the start, and a full disk must not stop the broker from
-    starting, or QoS 0 traffic from flowing (docs/operations.md, "A full disk")."""
+    Where the state dir has no space for it (a full disk), the file is kept in memory instead (a
+    memfd that mosquitto inherits and opens as /proc/self/fd/N; its descriptor is added to
+    `in_memory`): neither file needs to survive the start, and a full disk must not stop the broker
+    from starting, or QoS 0 traffic from flowing (docs/operations.md, "A full disk")."""
     try:
         write_private(path, text)
         return path
     except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
         log.warning("cannot write %s (%s): mosquitto reads it from memory for this start", path, exc.strerror or exc)
-    fd = os.memfd_create(path.name, 0)  # not close-on-exec: inherited through pass_fds
+    try:  # the previous start's file (its port, its password's hash) must not pass for this one's
+        path.unlink(missing_ok=True)  # needs no space
+    except OSError as exc:
+        log.warning("cannot remove the stale %s (%s)", path, exc.strerror or exc)
+    # Close-on-exec (the default), so that no other child started meanwhile (a helper process from
+    # another thread) inherits it; pass_fds makes mosquitto's copy inheritable in mosquitto only.
+    fd = os.memfd_create(path.name)
     try:
         os.fchmod(fd, 0o600)  # mosquitto warns about a world-readable password file
         os.write(fd, text.encode())

@@ -53,8 +53,10 @@ RETRY_INTERVAL = 1.0
 _PAGE = 4096  # while unhealthy, probe the disk at least this often
 PREALLOCATE_MODES = ("none", "fallocate", "zeros")
 # An unhealthy log counts as recovered only once its file system has this much free, or two full
-# batches if more (see _recovered).
+# batches if more, but never more than MAX_HEADROOM: a large sync_bytes must not keep it unhealthy
+# on a disk with room to spare (see _recovered).
 MIN_HEADROOM = 128 * 1024
+MAX_HEADROOM = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -556,15 +558,19 @@ class MessageLog:
 
     def _headroom(self) -> int:
         """Free bytes needed to count as recovered: room for two full batches (a preallocation
-        step is not needed: a failed one falls back to plain appends)."""
-        return max(2 * self._max_pending, MIN_HEADROOM)
+        step is not needed: a failed one falls back to plain appends), within the bounds above."""
+        return min(max(2 * self._max_pending, MIN_HEADROOM), MAX_HEADROOM)
 
     def _has_headroom(self) -> bool:
+        """What this process can still write: as root, ext4's reserved blocks too (its default
+        reserved-blocks user is root), so f_bfree, not f_bavail. A disk quota (EDQUOT) is not seen
+        here: under one, the first write that fails is what turns the log unhealthy."""
         try:
             fs = os.statvfs(self.directory)
         except OSError:
             return True  # cannot tell (a test's in-memory directory): the probe's write decides
-        return fs.f_bavail * fs.f_frsize >= self._headroom()
+        free = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
+        return free * fs.f_frsize >= self._headroom()
 
     def _probe(self) -> None:
         """Unhealthy and nothing to write: check whether the file system has headroom again and

@@ -7,6 +7,7 @@ and the appliance recovers by itself when space returns, also after a restart on
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import signal
@@ -18,7 +19,9 @@ import pytest
 
 from appliance import broker
 from appliance.audit.query import AuditQuery
+from appliance.config import BrokerConfig
 from appliance.mqtt import Connect, ProtocolVersion, Publish, Pubrec
+from appliance.names import EventKind
 from tests.conftest import make_config
 from tests.e2e.test_operations import get, metric
 from tests.forward.harness import CloudBroker, Subscriber
@@ -98,7 +101,12 @@ def fill_log_with_qos0(pub: Client, healthy: Callable[[], bool]) -> int:
 def test_full_disk_refuses_instead_of_losing_and_recovers(tmp_path: Path, small_fs: Path, policy: str):
     """Filled by QoS 1 load with the uplink down, under both outbox policies: with reject_new the
     previous design acknowledged 16 messages it then lost, and refused QoS 0 as "outbox full"."""
-    cloud = CloudBroker(tmp_path / "cloud")  # not started: the uplink is down
+    cloud = CloudBroker(tmp_path / "cloud").start()
+    # The cloud consumer's persistent session exists before the uplink goes down (mosquitto saves it
+    # on SIGTERM): whatever is forwarded once the cloud is back is queued for it, even if the
+    # forwarder sends everything before the consumer's SUBSCRIBE arrives.
+    Subscriber(cloud.port, "plant/#").start().stop()
+    cloud.stop()  # the uplink is down
     state = small_fs / "state"
     config = make_config(state, **{
         "upstream.url": cloud.url, "upstream.backoff_initial": "0.1s", "upstream.backoff_max": "0.5s",
@@ -137,12 +145,15 @@ def test_full_disk_refuses_instead_of_losing_and_recovers(tmp_path: Path, small_
         pub.disconnect()
         local.disconnect()
 
-        # The uplink comes back: every acknowledged message reaches the cloud, no refused one does.
+        # The uplink comes back: every acknowledged message reaches the cloud, no refused one does;
+        # the consumer connects only once the cloud has acknowledged them all (its session queued them).
         cloud.start()
+        wait_until(lambda: running.app.outbox.refresh().messages == 0, timeout=scaled(30),
+                   message="the outbox forwarded")
         subscriber = Subscriber(cloud.port, "plant/#").start()
         try:
             wanted = set(accepted)
-            wait_until(lambda: wanted <= set(subscriber.payloads()), timeout=120,
+            wait_until(lambda: wanted <= set(subscriber.payloads()), timeout=scaled(30),
                        message=f"{len(wanted)} acknowledged messages in the cloud")
             assert not set(refused) & set(subscriber.payloads())
             print(f"\n{policy}: {len(accepted)} acknowledged and forwarded, {len(refused)} refused (0x97), "
@@ -157,6 +168,30 @@ def test_full_disk_refuses_instead_of_losing_and_recovers(tmp_path: Path, small_
                     audit_log.query("SELECT payload FROM decisions WHERE payload IS NOT NULL", max_rows=1 << 40).rows}
     missing = [p for p in accepted if p not in recorded]
     assert not missing, f"{len(missing)} of {len(accepted)} acknowledged messages have no verdict"
+
+
+@needs_root
+@pytest.mark.parametrize("policy", ["drop_oldest", "reject_new"])
+def test_without_durable_acks_a_full_disk_still_refuses_qos1(small_fs: Path, policy: str):
+    """`audit.durable_acks: false` acknowledges without waiting for the sync, but not on a disk the
+    log already knows is full: QoS 1 is refused (0x97) there too, and QoS 0 keeps flowing."""
+    config = make_config(small_fs / "state", **{
+        "audit.durable_acks": False, "upstream.url": f"mqtt://127.0.0.1:{free_port()}", "upstream.outbox.policy": policy,
+    })
+    running = RunningAppliance(config).start()
+    try:
+        local = Client(running.port, version=5, client_id="local").connect()
+        local.subscribe("plant/zero/#", qos=0)
+        pub = Client(running.port, version=5, client_id="pub").connect()
+        fill(small_fs)
+        fill_log_with_qos0(pub, lambda: running.app.audit.healthy)
+        info = pub.publish("plant/full", b'{"full":1}', qos=1)
+        assert pub.acks[info.mid].value == QUOTA_EXCEEDED
+        qos0_flows(pub, local, "plant/zero")
+        pub.disconnect()
+        local.disconnect()
+    finally:
+        running.stop()
 
 
 def metrics(port: int) -> str:
@@ -278,12 +313,19 @@ def test_sigterm_and_restart_on_a_full_disk(tmp_path: Path, small_fs: Path):
         cloud.stop()
 
 
-def test_the_broker_starts_when_the_state_dir_cannot_take_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Without root, the full disk injected at the write: mosquitto's generated config and password
-    file are kept in memory, and it still lets in the appliance only."""
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT], ids=errno.errorcode.get)
+def test_the_broker_starts_when_the_state_dir_cannot_take_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    error: int):
+    """Without root, the full disk (or quota) injected at the write: mosquitto's generated config and
+    password file are kept in memory, the previous start's copies are removed, and it still lets in
+    the appliance only."""
     def no_space(path: Path, text: str) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise OSError(error, os.strerror(error))
 
+    files = tmp_path / "state" / "mosquitto"
+    files.mkdir(parents=True)
+    for stale in ("passwd", "mosquitto.conf"):  # a previous start's
+        (files / stale).write_text("stale\n")
     monkeypatch.setattr(broker, "write_private", no_space)
     running = RunningAppliance(make_config(tmp_path / "state")).start()
     try:
@@ -292,7 +334,7 @@ def test_the_broker_starts_when_the_state_dir_cannot_take_its_files(tmp_path: Pa
         pub = Client(running.port, version=4).connect()
         pub.publish("t/x", b"1", qos=1)
         assert [m.payload for m in sub.expect(1)] == [b"1"]
-        assert not (tmp_path / "state" / "mosquitto" / "passwd").exists()
+        assert not (files / "passwd").exists() and not (files / "mosquitto.conf").exists()
         endpoint = running.app.broker.endpoint()
         raw = RawClient(endpoint.port)
         raw.send(Connect(client_id="bypass", protocol_version=ProtocolVersion.MQTT_5, username="appliance", password=b"guess"))
@@ -301,3 +343,62 @@ def test_the_broker_starts_when_the_state_dir_cannot_take_its_files(tmp_path: Pa
         sub.disconnect()
     finally:
         running.stop()
+
+
+def test_other_errors_writing_the_broker_files_stop_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Only a lack of space is worked around: a state dir the appliance may not write (here EACCES,
+    as for a mosquitto/ directory owned by root) is a broken install, not hidden behind a warning."""
+    def denied(path: Path, text: str) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(broker, "write_private", denied)
+    embedded = broker.EmbeddedBroker(BrokerConfig(), tmp_path / "state")
+    with pytest.raises(PermissionError):
+        asyncio.run(embedded.start())
+    assert embedded.pid is None  # no mosquitto started
+
+
+def test_a_file_kept_in_memory_is_not_inherited_by_other_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Its memfd is close-on-exec like every other descriptor (a helper process started by another
+    thread meanwhile must not get it); pass_fds hands mosquitto its copy."""
+    def no_space(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(broker, "write_private", no_space)
+    in_memory: list[int] = []
+    opened = broker._write_file(tmp_path / "passwd", "appliance:hash\n", in_memory)
+    try:
+        [fd] = in_memory
+        assert opened == Path(f"/proc/self/fd/{fd}") and opened.read_text() == "appliance:hash\n"
+        assert not os.get_inheritable(fd)
+        assert os.stat(fd).st_mode & 0o777 == 0o600
+    finally:
+        for fd in in_memory:
+            os.close(fd)
+
+
+def test_events_while_the_audit_log_stops_are_recorded_and_after_it_logged(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          caplog: pytest.LogCaptureFixture):
+    """An event raised while the audit service stops its helpers (its log still open) is recorded;
+    one that reaches the loop once the log has stopped (its own log_degraded when its last write
+    fails on a full disk) is logged and passed to the callbacks, without raising LogClosed."""
+    state = tmp_path / "state"
+    running = RunningAppliance(make_config(state)).start()
+    app = running.app
+    helpers = app.audit.helpers
+    stop_helpers = helpers.stop
+
+    async def stop_raising_an_event(timeout: float = 30.0) -> None:
+        app.on_event(EventKind.BROKER_EXIT, {"while": "stopping"})
+        await stop_helpers(timeout)
+
+    monkeypatch.setattr(helpers, "stop", stop_raising_an_event)
+    running.stop()
+    with AuditQuery(state) as audit_log:
+        recorded = [row[0] for row in audit_log.query("SELECT detail FROM events WHERE kind = 'broker_exit'").rows]
+    assert len(recorded) == 1 and "stopping" in str(recorded[0]), recorded
+
+    app.on_event(EventKind.BROKER_EXIT, {"while": "stopped"})  # no LogClosed
+    assert ("broker_exit", {"while": "stopped"}) in running.events
+    assert "broker_exit while the audit log is closed" in caplog.text

@@ -165,6 +165,70 @@ def test_started_on_a_full_disk_it_is_unhealthy_until_space_returns(small_fs: Pa
         log.stop()
 
 
+def test_a_large_sync_bytes_does_not_keep_it_unhealthy(tmp_path: Path) -> None:
+    """Two batches of 64 MiB would be more headroom than this 16 MiB file system can ever have: the
+    headroom is capped (MAX_HEADROOM), so it recovers once space returns."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small file system needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if not _run("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", mnt):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        previous = MessageLog(mnt / "log")  # the log of a previous run
+        previous.open()
+        previous.stop()
+        filler = fill(mnt)
+        events: list[str] = []
+        log = MessageLog(mnt / "log", policy=SyncPolicy(max_pending_bytes=64 << 20),
+                         on_event=lambda kind, detail: events.append(kind))
+        log.start()
+        try:
+            assert not log.healthy and events == ["log_degraded"]
+            filler.unlink()
+            wait_until(lambda: len(events) > 1, message="recovery after space returned")  # set healthy, then told
+            assert log.healthy and events == ["log_degraded", "log_recovered"]
+        finally:
+            log.stop()
+    finally:
+        _run("umount", mnt) or _run("umount", "-l", mnt)
+
+
+def test_as_root_the_reserved_blocks_count_as_headroom(tmp_path: Path) -> None:
+    """ext4 keeps blocks only root may use (here 10%): an unprivileged process filled the disk up to
+    them, root's log can still write there, so it is healthy (f_bavail, ~0 here, kept it unhealthy
+    with room to spare)."""
+    if os.geteuid() != 0 or not shutil.which("mount") or not shutil.which("mkfs.ext4"):
+        pytest.skip("mounting an ext4 image needs root")
+    mnt, image = tmp_path / "mnt", tmp_path / "fs.img"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(4 << 20)
+    if not (_run("mkfs.ext4", "-q", "-F", "-m", "10", image) and _run("mount", "-o", "loop", image, mnt)):
+        pytest.skip("cannot mount an ext4 image here")
+    try:
+        previous = MessageLog(mnt / "log")  # the log of a previous run
+        previous.open()
+        previous.stop()
+        with open(mnt / "filler", "wb") as filler:  # written by nobody: up to the reserved blocks
+            done = subprocess.run(["dd", "if=/dev/zero", "bs=4096"], stdout=filler, stderr=subprocess.PIPE,
+                                  user=65534, group=65534, extra_groups=[])
+        assert b"No space left" in done.stderr, done.stderr
+        fs = os.statvfs(mnt)
+        assert fs.f_bavail * fs.f_frsize < 16 * 1024 and fs.f_bfree * fs.f_frsize > 256 * 1024
+        events: list[str] = []
+        log = MessageLog(mnt / "log", on_event=lambda kind, detail: events.append(kind))
+        log.start()
+        try:
+            assert log.healthy and events == []
+            assert log.wait_durable(log.append(1, body(1)), timeout=30)
+        finally:
+            log.stop()
+        assert events == []
+    finally:
+        _run("umount", mnt) or _run("umount", "-l", mnt)
+
+
 CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path

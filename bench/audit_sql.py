@@ -226,7 +226,7 @@ def _parquet(layout: Layout, rows: int, per_file: int, row_groups: int, rate: fl
             def name(day: date, first_seq: int = first) -> Path:
                 return layout.parquet_path("decisions", day, first_seq)
 
-            written = copy_days(con, "stage_bench", DECISION, name, row_group_rows=row_groups)
+            written = copy_days(con, "stage_bench", DECISION, name, layout=layout, row_group_rows=row_groups)
             files += [(path, first) for path in written]
             first = last + 1
     finally:

@@ -1,0 +1,441 @@
+"""Segment recycling (docs/decisions/0006-segment-recycling.md): removed segments are kept as free
+files and reused for new segments; what a reused file held before must never come back as records,
+for any reader, after a kill or at any step of a power cut, and damage must still be detected."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from appliance.console.follow import LogFollower
+from appliance.forward.logtail import LogTail
+from appliance.msglog import LogRecord, MessageLog, SegmentScan, SyncPolicy, list_segments, read_log, read_segment
+from appliance.msglog.format import (
+    FILE_HEADER_SIZE,
+    FLAG_RECYCLED,
+    RECORD_HEADER_SIZE,
+    decode_file_header,
+    encode_file_header,
+    encode_record,
+    file_header_flags,
+    free_name,
+    parse_free_name,
+    parse_segment_name,
+)
+from appliance.msglog.reader import list_free
+from appliance.msglog.testing import CRASH_MODES, CrashIO, FaultyIO
+from appliance.names import EventKind
+
+KIND = 7
+BODY = 40  # every record of the old segment: 57 bytes on disk
+
+
+def fixed_body(seq: int, size: int = BODY) -> bytes:
+    return seq.to_bytes(8, "little") + bytes([seq % 251]) * (size - 8)
+
+
+class Scenario:
+    """A log with an old segment of 300 equal records turned into a free file, and a new segment
+    written over it: the records of the old one past the new ones' end are stale bytes."""
+
+    def __init__(self, directory: Path, **kwargs: object):
+        self.directory = directory
+        self.events: list[tuple[EventKind, dict[str, object]]] = []
+        self.log = MessageLog(directory, segment_max_age=None, on_event=lambda k, d: self.events.append((k, d)),
+                              **kwargs)  # type: ignore[arg-type]
+        self.log.open()
+        self.log.start()
+        self.known: dict[int, bytes] = {}
+        self.put(300)
+        self.old = self.log.seal()
+        assert self.old is not None
+        self.put(10)
+        self.log.seal()
+        assert self.log.remove_segments_before(self.old.first_seq + 300) == 1
+        self.free = directory / free_name(self.old.first_seq)
+        assert list_free(directory) == [self.free] and not self.old.path.exists()
+        self.put(5)
+        self.log.seal()  # the next segment reuses the free file
+        self.active = list_segments(directory)[-1]
+
+    def put(self, n: int, size: Callable[[int], int] = lambda seq: BODY) -> list[int]:
+        seqs = []
+        for _ in range(n):
+            seq = self.log.last_seq + 1
+            body = fixed_body(seq, size(seq))
+            assert self.log.append(KIND, body) == seq
+            self.known[seq] = body
+            seqs.append(seq)
+        assert self.log.wait_durable(seqs[-1], timeout=30)
+        return seqs
+
+    def records(self) -> list[LogRecord]:
+        """What the log holds: everything but the removed segment's records."""
+        return [LogRecord(seq, KIND, body) for seq, body in sorted(self.known.items()) if seq > 300]
+
+
+def assert_segments_hold_only_their_records(directory: Path, known: dict[int, bytes]) -> list[int]:
+    """Every record read lies in its segment's seq range, was appended with this body, and seqs
+    strictly increase across the log (a stale record would break one of these)."""
+    segments = list_segments(directory)
+    seqs: list[int] = []
+    for info, after in zip(segments, segments[1:] + [None]):
+        for record in SegmentScan(info.path):
+            assert record.seq >= info.first_seq and (after is None or record.seq < after.first_seq), record.seq
+            assert known.get(record.seq) == record.body, f"record {record.seq} was never appended so"
+            seqs.append(record.seq)
+    assert seqs == sorted(set(seqs))
+    return seqs
+
+
+@pytest.mark.parametrize("sizes", ["aligned", "mid-record"])
+def test_stale_bytes_after_the_end_of_a_reused_segment_read_as_the_end(tmp_path: Path, sizes: str) -> None:
+    """aligned: the new records are as long as the old ones, so the next old record (valid CRC,
+    older seq) starts exactly at the end; mid-record: the end falls inside an old record."""
+    directory = tmp_path / "log"
+    s = Scenario(directory)
+    assert s.log.stats["recycled"] == 1
+    assert s.active.path.stat().st_ino != 0 and not s.free.exists()
+    size = (lambda seq: BODY) if sizes == "aligned" else (lambda seq: 23 + seq % 5)
+    new = s.put(12, size)
+    head = s.active.path.read_bytes()[:FILE_HEADER_SIZE]
+    assert decode_file_header(head) == s.active.first_seq and file_header_flags(head) & FLAG_RECYCLED
+    end = FILE_HEADER_SIZE + sum(RECORD_HEADER_SIZE + len(s.known[seq]) for seq in new)
+    assert s.active.path.stat().st_size > end  # the old records are still there, past the end
+    if sizes == "aligned":  # the stale record at the end is whole and checks out, but for its seq
+        stale = s.active.path.read_bytes()[end:end + RECORD_HEADER_SIZE + BODY]
+        assert stale == encode_record(13, KIND, fixed_body(13))
+
+    problems: list[object] = []
+    assert list(read_log(directory, on_problem=lambda *a: problems.append(a))) == s.records()
+    assert problems == []
+    scan = read_segment(s.active.path)
+    assert [r.seq for r in scan] == new and scan.end_offset == end and scan.flags & FLAG_RECYCLED
+    # The forwarder's tail (in-process, right behind the writer) stops at the durable end, no damage:
+    tail = LogTail(directory, after_seq=0)
+    assert [located.record for located in tail.read(s.log.durable_seq)] == s.records()
+    assert tail.last_seq == s.log.durable_seq  # so the outbox reports no "damaged record"
+    # The console's follower (another process in production) reads the newest segment:
+    assert [r.seq for r in LogFollower(directory).poll()] == new
+
+    # Killed now (the OS keeps what was written): the copy is what a restart finds.
+    killed = tmp_path / "killed"
+    shutil.copytree(directory, killed)
+    events: list[tuple[EventKind, dict[str, object]]] = []
+    again = MessageLog(killed, on_event=lambda k, d: events.append((k, d)))
+    report = again.open()
+    assert report.last_seq == new[-1] and report.torn_tail is None and report.corrupt == []
+    newest = killed / s.active.path.name
+    assert report.stale_tail is not None and report.stale_tail[:2] == (newest, end)
+    assert events == []  # not reported as a torn tail or as corruption
+    assert newest.stat().st_size == end
+    again.start()
+    assert again.append(KIND, b"after") == new[-1] + 1
+    again.stop()
+    assert list(read_log(killed)) == [*s.records(), LogRecord(new[-1] + 1, KIND, b"after")]
+
+    # Sealed: cut to its records, so readers of sealed segments never meet the stale bytes.
+    s.log.seal()
+    assert s.active.path.stat().st_size == end
+    assert list(read_log(directory, on_problem=lambda *a: problems.append(a))) == s.records()
+    s.log.stop()
+    assert problems == [] and s.events == []
+
+
+def test_only_a_few_free_files_are_kept_and_a_clean_stop_cuts_the_stale_tail(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    log = MessageLog(directory, segment_max_age=None, recycle=2)
+    log.open()
+    log.start()
+    for _ in range(5):
+        for i in range(20):
+            log.append(KIND, fixed_body(i))
+        log.seal()
+    assert len(list_segments(directory)) == 6
+    assert log.remove_segments_before(log.last_seq + 1) == 5
+    assert [parse_free_name(p.name) for p in list_free(directory)] == [1, 21]  # the rest deleted
+    assert sorted(os.listdir(directory)) == sorted([free_name(1), free_name(21), list_segments(directory)[0].path.name])
+    for i in range(3):
+        log.append(KIND, fixed_body(i))
+    log.seal()
+    log.append(KIND, b"x")
+    log.stop()
+    assert log.stats["recycled"] == 1 and list_free(directory) == [directory / free_name(21)]
+    newest = list_segments(directory)[-1]
+    assert newest.path.stat().st_size == FILE_HEADER_SIZE + RECORD_HEADER_SIZE + 1  # stop cut the old bytes
+    assert [r.seq for r in read_log(directory)] == list(range(101, 105))
+    # A later run that keeps fewer deletes the extra ones on open.
+    fewer = MessageLog(directory, recycle=0)
+    fewer.open()
+    fewer.stop()
+    assert list_free(directory) == []
+
+
+def test_a_reader_of_a_segment_reused_under_it_stops_there(tmp_path: Path) -> None:
+    """A reader in another process (audit sql, replay) that opened a sealed segment before it was
+    removed must not go on reading the records a reuse writes over it."""
+    directory = tmp_path / "log"
+    log = MessageLog(directory, segment_max_age=None)
+    log.open()
+    log.start()
+    for seq in range(1, 301):
+        log.append(KIND, fixed_body(seq))
+    old = log.seal()
+    assert old is not None
+    for seq in range(301, 311):
+        log.append(KIND, fixed_body(seq))
+    log.seal()
+    scan = SegmentScan(old.path, chunk=256)
+    reading = iter(scan)
+    seen = [next(reading).seq for _ in range(3)]
+    log.remove_segments_before(311)
+    log.append(KIND, fixed_body(311))
+    log.seal()  # reuses the old segment's file
+    new = [log.append(KIND, fixed_body(seq)) for seq in range(312, 500)]
+    assert log.wait_durable(new[-1], timeout=30)
+    seen += [record.seq for record in reading]
+    log.stop()
+    assert seen == list(range(1, len(seen) + 1)) and len(seen) < 300
+    assert scan.reused and scan.problem is None
+
+
+def test_damage_in_a_reused_segment_is_still_detected(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    s = Scenario(directory)
+    new = s.put(40, lambda seq: 10 + seq % 31)
+    s.log.seal()
+    s.put(3)
+    s.log.stop()
+    reused = s.active
+    # A flipped byte in a record of the sealed, reused segment: reported there, records before kept.
+    data = bytearray(reused.path.read_bytes())
+    at = FILE_HEADER_SIZE + sum(RECORD_HEADER_SIZE + len(s.known[seq]) for seq in new[:20])
+    data[at + RECORD_HEADER_SIZE + 2] ^= 0x40
+    reused.path.write_bytes(bytes(data))
+    problems: list[tuple[object, ...]] = []
+    seqs = [r.seq for r in read_log(directory, on_problem=lambda *a: problems.append(a))]
+    assert problems == [(reused, at, "corrupt")]
+    assert set(new[:20]) <= set(seqs) and not set(new[20:]) & set(seqs)
+    events: list[tuple[EventKind, dict[str, object]]] = []
+    report = MessageLog(directory, on_event=lambda k, d: events.append((k, d))).open()
+    assert report.corrupt == [(reused.path, at, "corrupt")] and events[0][0] is EventKind.LOG_CORRUPTION
+
+
+def test_a_torn_record_at_the_end_of_a_reused_segment_is_cut_at_its_start(tmp_path: Path) -> None:
+    """A record torn past the reused file's old size: cut at its start like any torn tail (in a
+    reused segment reported as a stale tail: bytes from the middle of an old record can look torn
+    too, and neither was ever reported durable)."""
+    directory = tmp_path / "log"
+    s = Scenario(directory, preallocate="none")
+    old_size = s.active.path.stat().st_size
+    kept = s.put(3)
+    big = s.put(1, lambda seq: old_size)  # runs past the old end
+    s.log.stop()
+    data = s.active.path.read_bytes()
+    s.active.path.write_bytes(data[:-5])  # torn inside the record, at the end of the file
+    events: list[tuple[EventKind, dict[str, object]]] = []
+    report = MessageLog(directory, on_event=lambda k, d: events.append((k, d))).open()
+    end = FILE_HEADER_SIZE + 3 * (RECORD_HEADER_SIZE + BODY)
+    assert report.stale_tail == (s.active.path, end, len(data) - 5 - end) and report.torn_tail is None
+    assert report.last_seq == kept[-1] == big[0] - 1 and events == []
+    assert [r.seq for r in read_log(directory)][-3:] == kept
+
+
+def test_an_older_header_under_a_newer_name_is_never_read_as_its_records(tmp_path: Path) -> None:
+    """The safety net for a reused file whose new header did not reach the disk (the writer syncs
+    it before the rename, so this needs a disk that reorders): the old records stay unread."""
+    directory = tmp_path / "log"
+    directory.mkdir()
+    old = encode_file_header(1) + b"".join(encode_record(seq, KIND, fixed_body(seq)) for seq in range(1, 50))
+    (directory / "00000000000000000100.seg").write_bytes(old)
+    assert list(read_log(directory)) == []
+    report = MessageLog(directory).open()
+    assert report.last_seq == 99 and report.stale_tail == (directory / "00000000000000000100.seg", 0, len(old))
+    assert (directory / "00000000000000000100.seg").read_bytes() == encode_file_header(100)
+
+
+def test_a_state_dir_of_the_version_before_recycling_opens_and_then_recycles(tmp_path: Path) -> None:
+    """Segments without flags and a preallocated tail of zeros, no free files: as the previous
+    version leaves them."""
+    directory = tmp_path / "log"
+    directory.mkdir()
+    first = encode_file_header(1) + b"".join(encode_record(seq, KIND, fixed_body(seq)) for seq in range(1, 101))
+    second = encode_file_header(101) + b"".join(encode_record(seq, KIND, fixed_body(seq)) for seq in range(101, 121))
+    (directory / "00000000000000000001.seg").write_bytes(first)
+    (directory / "00000000000000000101.seg").write_bytes(second + bytes(1 << 16))
+    log = MessageLog(directory, segment_max_age=None)
+    report = log.open()
+    assert (report.last_seq, report.torn_tail, report.stale_tail, report.corrupt) == (120, None, None, [])
+    log.start()
+    log.seal()
+    assert log.remove_segments_before(101) == 1 and list_free(directory) == [directory / free_name(1)]
+    log.append(KIND, fixed_body(121))
+    log.seal()
+    log.append(KIND, fixed_body(122))
+    log.stop()
+    assert log.stats["recycled"] == 1
+    assert [r.seq for r in read_log(directory)] == list(range(101, 123))
+
+
+def test_disk_full_while_taking_a_free_file_fails_cleanly_and_recovers(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    io = FaultyIO()
+    log = MessageLog(directory, io=io, segment_max_age=None)
+    log.open()
+    log.start()
+    failed: list[tuple[int, int, str]] = []
+    log.add_failure_listener(lambda first, last, error: failed.append((first, last, error)))
+    for seq in range(1, 51):
+        log.append(KIND, fixed_body(seq))
+    log.seal()
+    log.append(KIND, fixed_body(51))
+    log.seal()
+    log.remove_segments_before(51)
+    assert len(list_free(directory)) == 1
+    log.append(KIND, fixed_body(52))
+    assert log.wait_durable(52, timeout=30)
+    io.space = 0  # the model refuses any write, even over allocated blocks
+    log.seal()
+    assert not log.healthy
+    refused = log.append(KIND, fixed_body(53))
+    assert not log.wait_durable(refused, timeout=30)
+    io.space = None
+    seq = log.append(KIND, fixed_body(54))
+    assert log.wait_durable(seq, timeout=30) and log.healthy
+    log.stop()
+    assert failed and failed[0][0] == 53
+    assert [r.seq for r in read_log(directory)] == [51, 52, 54]
+
+
+def _body(seq: int) -> bytes:
+    return fixed_body(seq, 30 + seq % 13)
+
+
+def _power_cut_while_reusing(root: Path, rng: random.Random, mode: str, step: int) -> bool:
+    """Cut the power at the step-th FileIO operation of: sealing the active segment, turning the
+    free file into the new one, and appending records into it. Returns whether the cut happened."""
+    io = CrashIO(root, rng=rng)
+    io.crash_mode = mode
+    directory = root / "log"
+    log = MessageLog(directory, io=io, segment_max_age=None, policy=SyncPolicy(window=0.0))
+    log.open()
+    log.start()
+    known: dict[int, bytes] = {}
+
+    def put(n: int) -> None:
+        for _ in range(n):
+            seq = log.last_seq + 1
+            known[seq] = _body(seq)
+            log.append(KIND, known[seq])
+        assert log.wait_durable(log.last_seq, timeout=30)
+
+    put(60)
+    log.seal()
+    put(5)
+    log.seal()
+    assert log.remove_segments_before(61) == 1
+    put(4)
+    required = set(known)
+    io.crash_at = io.ops + step
+    try:
+        log.seal()
+    except OSError:
+        pass
+    for _ in range(30):
+        if io.frozen:
+            break
+        seq = log.last_seq + 1
+        known[seq] = _body(seq)
+        log.append(KIND, known[seq])
+        if log.wait_durable(seq, timeout=30):
+            required.add(seq)
+    cut = io.frozen
+    if not cut:
+        io.crash(mode)  # after the whole sequence: what was synced survives all the same
+    io.crash_at = None
+    log.stop()
+    io.revive()
+    assert all(parse_segment_name(n) is not None or parse_free_name(n) is not None for n in os.listdir(directory))
+    again = MessageLog(directory, io=io)
+    report = again.open()
+    assert report.corrupt == []
+    seqs = assert_segments_hold_only_their_records(directory, known)
+    assert required - set(seqs) <= set(range(1, 61)), "durable records lost"  # 1..60 were removed on purpose
+    assert not set(seqs) & set(range(1, 61)) or not list_free(directory), "a removed segment is both back and free"
+    again.start()
+    seq = again.append(KIND, _body(report.last_seq + 1))
+    known[seq] = _body(seq)
+    again.stop()
+    assert_segments_hold_only_their_records(directory, known)
+    return cut
+
+
+@pytest.mark.parametrize("mode", CRASH_MODES)
+def test_a_power_cut_at_every_step_of_reusing_a_free_file(tmp_path: Path, mode: str) -> None:
+    rng = random.Random(mode)
+    step = 1
+    while _power_cut_while_reusing(tmp_path / str(step), rng, mode, step):
+        step += 1
+    assert step > 20  # the sequence has that many operations: every one of them was cut at
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_power_cuts_while_segments_are_removed_and_reused(tmp_path: Path, seed: int) -> None:
+    """Random rounds of appends, seals, removals and reuses, each ended by a power cut at a random
+    operation: nothing reported durable and not removed on purpose is lost, nothing stale is read."""
+    rng = random.Random(13 + seed)
+    io = CrashIO(tmp_path / "state", rng=rng)
+    directory = tmp_path / "state" / "log"
+    known: dict[int, bytes] = {}
+    required: set[int] = set()
+    removed_below = 0
+    reused = 0
+    for _ in range(30):
+        log = MessageLog(directory, io=io, segment_max_age=None, segment_bytes=rng.choice([600, 2048, 4096]),
+                         policy=SyncPolicy(window=rng.choice([0.0, 0.001])),
+                         preallocate=rng.choice(["none", "fallocate", "zeros"]), preallocate_bytes=512)
+        io.crash_at = io.ops + rng.randrange(1, 1500)
+        try:
+            log.open()
+        except OSError:
+            io.revive()
+            continue
+        seqs = assert_segments_hold_only_their_records(directory, known)
+        missing = required - set(seqs)
+        assert all(seq < removed_below for seq in missing), f"durable records lost: {sorted(missing)[:5]}"
+        log.start()
+        appended: list[int] = []
+        for i in range(rng.randrange(50, 600)):
+            if io.frozen:
+                break
+            seq = log.last_seq + 1
+            known[seq] = _body(seq)
+            log.append(KIND, known[seq])
+            appended.append(seq)
+            roll = rng.random()
+            if roll < 0.05:
+                log.request_sync()
+            elif roll < 0.08:
+                log.seal()  # a failing roll degrades the log, it does not raise
+            if rng.random() < 0.03:
+                segments = list_segments(directory)
+                if len(segments) > 2:
+                    removed_below = max(removed_below, segments[-2].first_seq)
+                    try:
+                        log.remove_segments_before(segments[-2].first_seq)
+                    except OSError:
+                        break
+        if not io.frozen:
+            io.crash()
+        io.crash_at = None
+        reused += log.stats["recycled"]
+        log.stop()
+        io.revive()
+        required |= {seq for seq in appended if log.wait_durable(seq, timeout=0)}
+    assert reused >= 10 and io.crashes >= 20, (reused, io.crashes)

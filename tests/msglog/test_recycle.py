@@ -439,3 +439,46 @@ def test_power_cuts_while_segments_are_removed_and_reused(tmp_path: Path, seed: 
         io.revive()
         required |= {seq for seq in appended if log.wait_durable(seq, timeout=0)}
     assert reused >= 10 and io.crashes >= 20, (reused, io.crashes)
+
+
+def test_the_audit_tail_and_replay_never_see_a_reused_segments_old_decisions(tmp_path: Path) -> None:
+    """`appliance audit sql` (AuditQuery's tail) and `replay` (its log tail) decode the segments
+    after the watermark in their own process: a reused segment's stale decisions stay unread."""
+    from appliance.audit.layout import Watermark
+    from appliance.audit.query import AuditQuery
+    from appliance.audit.records import DECISION_COLUMNS
+    from replay.sources import _tail_rows
+    from tests.audit.test_compact import _record, _sink
+
+    state = tmp_path / "state"
+    log = MessageLog(state / "log", segment_max_age=None)
+    log.open()
+    log.start(None)
+    sink = _sink(log)
+    for i in range(200):
+        _record(sink, i)
+    log.seal()
+    for i in range(200, 210):
+        _record(sink, i)
+    log.seal()
+    assert log.remove_segments_before(list_segments(state / "log")[1].first_seq) == 1
+    for i in range(210, 215):
+        _record(sink, i)
+    log.seal()  # reuses the first segment's file
+    for i in range(215, 218):
+        assert log.wait_durable(_record(sink, i), timeout=30)
+    assert log.stats["recycled"] == 1
+    newest = list_segments(state / "log")[-1]
+    assert newest.path.stat().st_size > read_segment(newest.path).end_offset + 1000  # stale decisions follow
+
+    expected = sorted(b'{"t": %d}' % i for i in range(200, 218))
+    payload = _tail_rows(state, Watermark(0, 0))
+    at = list(DECISION_COLUMNS).index("payload")
+    assert sorted(row[at] for row in payload) == expected
+    query = AuditQuery(state)
+    try:
+        result = query.query("SELECT payload FROM decisions ORDER BY id")
+    finally:
+        query.close()
+    log.stop()
+    assert sorted(row[0] for row in result.rows) == expected

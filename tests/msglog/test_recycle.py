@@ -8,17 +8,20 @@ import errno
 import os
 import random
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from appliance.console.follow import LogFollower
-from appliance.forward.logtail import LogTail
+from appliance.forward.logtail import FIRST_READ, LogTail, SegmentFiles
 from appliance.msglog import LogRecord, MessageLog, SegmentScan, SyncPolicy, list_segments, read_log, read_segment
 from appliance.msglog.format import (
     FILE_HEADER_SIZE,
     FLAG_RECYCLED,
+    MAX_BODY,
+    MAX_SEQ,
     RECORD_HEADER_SIZE,
     decode_file_header,
     encode_file_header,
@@ -146,6 +149,42 @@ def test_stale_bytes_after_the_end_of_a_reused_segment_read_as_the_end(tmp_path:
     assert list(read_log(directory, on_problem=lambda *a: problems.append(a))) == s.records()
     s.log.stop()
     assert problems == [] and s.events == []
+
+
+class CountingFiles(SegmentFiles):
+    """The forwarder's segment files, remembering how much each pread asked for."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.reads: list[int] = []
+
+    def pread(self, first_seq: int, offset: int, length: int) -> bytes:
+        self.reads.append(length)
+        return super().pread(first_seq, offset, length)
+
+
+def test_the_forwarders_reads_stay_small_at_a_reused_segments_tail(tmp_path: Path) -> None:
+    """Stale bytes can claim any length: the tail must neither take them for a backlog (reading
+    256 KiB at every look) nor try to read a "record" of up to 2 GiB."""
+    directory = tmp_path / "log"
+    s = Scenario(directory)
+    new = s.put(5)
+    files = CountingFiles(directory)
+    tail = LogTail(directory, after_seq=0, files=files)
+    assert [located.record for located in tail.read(s.log.durable_seq)] == s.records()
+    scan = read_segment(s.active.path)
+    assert [r.seq for r in scan] == new
+    end = scan.end_offset
+    with open(s.active.path, "r+b") as f:  # an old record's middle that looks like a huge header
+        f.seek(end)
+        f.write(struct.pack("<IIBQ", 0xDEADBEEF, MAX_BODY - 1, 1, 1 << 60))
+    for _ in range(3):
+        files.reads.clear()
+        for upto in (s.log.durable_seq, MAX_SEQ):
+            assert tail.read(upto) == [] and tail.last_seq == new[-1]
+        assert files.reads and max(files.reads) <= FIRST_READ
+    s.log.stop()
+    files.close()
 
 
 def test_only_a_few_free_files_are_kept_and_a_clean_stop_cuts_the_stale_tail(tmp_path: Path) -> None:
@@ -469,7 +508,8 @@ def test_the_audit_tail_and_replay_never_see_a_reused_segments_old_decisions(tmp
         assert log.wait_durable(_record(sink, i), timeout=30)
     assert log.stats["recycled"] == 1
     newest = list_segments(state / "log")[-1]
-    assert newest.path.stat().st_size > read_segment(newest.path).end_offset + 1000  # stale decisions follow
+    scan = read_segment(newest.path)
+    assert len(list(scan)) > 3 and newest.path.stat().st_size > scan.end_offset + 1000  # stale decisions follow
 
     expected = sorted(b'{"t": %d}' % i for i in range(200, 218))
     payload = _tail_rows(state, Watermark(0, 0))

@@ -9,6 +9,7 @@ that is only partly visible yet, or at the zeros: it simply resumes there next t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,6 +89,8 @@ class LogFollower:
                 if scan.stop == INCOMPLETE and len(buf) == want:
                     # More of the file than one chunk: read on (the whole record when it is longer).
                     need = record_length_at(buf, scan.offset)
+                    if need is not None and self._offset + need > os.fstat(f.fileno()).st_size:
+                        return INCOMPLETE  # not in the file (yet): a reused segment's stale bytes can claim any length
                     want = max(CHUNK, need or CHUNK)
                     continue
                 if scan.stop == END and len(buf) == want:

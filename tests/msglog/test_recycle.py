@@ -187,6 +187,58 @@ def test_the_forwarders_reads_stay_small_at_a_reused_segments_tail(tmp_path: Pat
     files.close()
 
 
+def test_the_consoles_follower_does_not_read_a_stale_huge_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.console import follow
+
+    directory = tmp_path / "log"
+    log = MessageLog(directory, segment_max_age=None)
+    log.open()
+    log.start()
+    for seq in range(1, 30_001):  # 3.5 MB of old records, to lie past the end of a reused file
+        log.append(KIND, fixed_body(seq, 100))
+    log.seal()
+    log.append(KIND, fixed_body(30_001))
+    log.seal()
+    assert log.remove_segments_before(30_001) == 1
+    log.append(KIND, fixed_body(30_002))
+    log.seal()
+    new = [log.append(KIND, fixed_body(seq)) for seq in range(30_003, 30_006)]
+    assert log.wait_durable(new[-1], timeout=30) and log.stats["recycled"] == 1
+    active = list_segments(directory)[-1]
+    scan = read_segment(active.path)
+    assert [r.seq for r in scan] == new and active.path.stat().st_size > scan.end_offset + follow.CHUNK
+    with open(active.path, "r+b") as f:  # an old record's middle that looks like a huge header
+        f.seek(scan.end_offset)
+        f.write(struct.pack("<IIBQ", 0xDEADBEEF, MAX_BODY - 1, 1, 1 << 60))
+    reads: list[int] = []
+
+    class Counting:
+        def __init__(self, path: Path, mode: str, buffering: int) -> None:
+            self.f = open(path, mode, buffering=buffering)
+
+        def __enter__(self) -> Counting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.f, name)
+
+        def read(self, n: int) -> bytes:
+            reads.append(n)
+            return bytes(self.f.read(n))
+
+    monkeypatch.setattr(follow, "open", Counting, raising=False)
+    follower = LogFollower(directory)
+    assert [r.seq for r in follower.poll()] == new
+    for _ in range(3):
+        reads.clear()
+        assert follower.poll() == []
+        assert reads and max(reads) <= follow.CHUNK
+    log.stop()
+
+
 def test_only_a_few_free_files_are_kept_and_a_clean_stop_cuts_the_stale_tail(tmp_path: Path) -> None:
     directory = tmp_path / "log"
     log = MessageLog(directory, segment_max_age=None, recycle=2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import errno
 import logging
 import threading
 import time
@@ -454,12 +455,14 @@ class MessageLog:
                     # A nearly full disk may still take the batch itself: preallocation is only an
                     # optimisation, so fall back to a plain append (and retry it next time).
                     log.debug("message log: preallocation failed: %s", exc)
+                    self._release_free(exc)
                     self._allocated = max(self._end, io.size(fd))
             io.write_all(fd, batch, offset)
             if self._power_safe:
                 io.fdatasync(fd)
         except OSError as exc:
             self._cut_back(offset)
+            self._release_free(exc)
             self._fail(first, last, _describe(exc))
             return
         self._end = offset + len(batch)
@@ -664,6 +667,23 @@ class MessageLog:
             return None
         self._stats["recycled"] += 1
         return fd, size
+
+    def _release_free(self, exc: OSError) -> None:
+        """The disk is full: the free files' space is worth more to the active segment (and to the
+        seal helper's Parquet files) than the journal commits reusing them would save."""
+        if exc.errno != errno.ENOSPC or not self._free:
+            return
+        for path in self._free:
+            try:
+                self.io.unlink(path)
+            except OSError:
+                pass
+        log.warning("message log: the disk is full: deleted %d free segment file(s)", len(self._free))
+        self._free = []
+        try:
+            self.io.fsync_dir(self.directory)
+        except OSError:
+            pass
 
     def _reopen(self, first_seq: int) -> bool:
         """No active segment (creating one failed): try again."""

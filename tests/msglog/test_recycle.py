@@ -404,6 +404,29 @@ def test_disk_full_while_taking_a_free_file_fails_cleanly_and_recovers(tmp_path:
     assert [r.seq for r in read_log(directory)] == [51, 52, 54]
 
 
+def test_a_full_disk_gives_the_free_files_space_back(tmp_path: Path) -> None:
+    """When preallocation (or a write) fails for want of space, the free files are deleted: their
+    space is the log's reserve, not something to keep while publishes are refused."""
+    directory = tmp_path / "log"
+    io = FaultyIO()
+    log = MessageLog(directory, io=io, segment_max_age=None, preallocate_bytes=4096)
+    log.open()
+    log.start()
+    for seq in range(1, 101):
+        log.append(KIND, fixed_body(seq))
+    log.seal()
+    log.append(KIND, fixed_body(101))
+    log.seal()  # the active segment is a new file: the free one comes after
+    assert log.remove_segments_before(101) == 1 and len(list_free(directory)) == 1
+    assert log.wait_durable(log.last_seq, timeout=30)
+    io.space = 3000  # preallocating 4 KiB no longer fits; the records themselves still do
+    seqs = [log.append(KIND, fixed_body(seq)) for seq in range(102, 140)]
+    assert log.wait_durable(seqs[-1], timeout=30)
+    assert list_free(directory) == [] and log.healthy
+    log.stop()
+    assert [r.seq for r in read_log(directory)] == list(range(101, 140))
+
+
 def _body(seq: int) -> bytes:
     return fixed_body(seq, 30 + seq % 13)
 

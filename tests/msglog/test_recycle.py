@@ -597,3 +597,32 @@ def test_the_audit_tail_and_replay_never_see_a_reused_segments_old_decisions(tmp
         query.close()
     log.stop()
     assert sorted(row[0] for row in result.rows) == expected
+
+
+def test_a_purged_reused_segment_keeps_its_flag(tmp_path: Path) -> None:
+    from appliance.audit.records import DECISION_COLUMNS
+    from appliance.audit.rewrite import drop_payloads_in_segment
+    from tests.audit.test_compact import _record, _sink
+
+    directory = tmp_path / "log"
+    log = MessageLog(directory, segment_max_age=None)
+    log.open()
+    log.start(None)
+    sink = _sink(log, forward=False)
+    for i in range(50):
+        _record(sink, i)
+    log.seal()
+    _record(sink, 50)
+    log.seal()
+    log.remove_segments_before(list_segments(directory)[1].first_seq)
+    _record(sink, 51)
+    log.seal()  # the next segment is written over the free file
+    for i in range(52, 80):
+        _record(sink, i)
+    reused = log.seal()
+    log.stop()
+    assert reused is not None and log.stats["recycled"] == 1
+    verdict = list(DECISION_COLUMNS).index("verdict")
+    assert drop_payloads_in_segment(reused.path, lambda row: row[verdict] == "reject")
+    head = reused.path.read_bytes()[:FILE_HEADER_SIZE]
+    assert decode_file_header(head) == reused.first_seq and file_header_flags(head) & FLAG_RECYCLED

@@ -37,6 +37,7 @@ from .format import (
     decode_file_header,
     encode_file_header,
     free_name,
+    parse_free_name,
     segment_name,
 )
 from .reader import SegmentInfo, SegmentScan, list_free, list_segments
@@ -234,11 +235,6 @@ class MessageLog:
         io.makedirs(self.directory)
         report = RecoveryReport(self.directory)
         self._free = list_free(self.directory, listdir=io.listdir)
-        if len(self._free) > self.recycle:  # kept by a run with a larger `recycle`
-            for path in self._free[self.recycle:]:
-                io.unlink(path)
-            io.fsync_dir(self.directory)
-            del self._free[self.recycle:]
         segments = list_segments(self.directory, listdir=self.io.listdir)
         last_seq = 0
         for info in segments[:-1]:
@@ -258,6 +254,7 @@ class MessageLog:
         else:
             report.created = True
             self._create_segment(last_seq + 1)
+        self._keep_free(last_seq)
         self._segments = len(list_segments(self.directory, listdir=self.io.listdir))
         report.segments = self._segments
         report.last_seq = last_seq
@@ -644,6 +641,13 @@ class MessageLog:
         whole (the preallocation trap in docs/decisions/0004)."""
         io = self.io
         free = self._free.pop(0)
+        below = parse_free_name(free.name)
+        if below is None or below > first_seq:
+            # Its old records may have seqs at or above first_seq (the log's seqs started over): they
+            # would read as this segment's records. Not reusable; its space returns.
+            log.warning("message log: %s may hold seqs from %d on: deleted, not reused", free, first_seq)
+            self._unlink_best_effort([free])
+            return None
         try:
             fd = io.open(free)
         except OSError as exc:
@@ -667,6 +671,36 @@ class MessageLog:
             return None
         self._stats["recycled"] += 1
         return fd, size
+
+    def _keep_free(self, last_seq: int) -> None:
+        """open(): keep the free files a new segment may take, at most `recycle` of them. A free file
+        named above last_seq + 1 holds seqs the log will hand out again (its segments were removed
+        or replaced and seqs started over); one whose name does not parse cannot be checked; the
+        rest beyond `recycle` were kept by a run with a larger `recycle`."""
+        odd = [self.directory / name for name in self.io.listdir(self.directory)
+               if name.startswith("free-") and name.endswith(".recycle") and parse_free_name(name) is None]
+        stale = [path for path in self._free if (parse_free_name(path.name) or 0) > last_seq + 1]
+        if stale:
+            log.warning("message log: %d free file(s) hold seqs above the log's last (%d): deleted",
+                        len(stale), last_seq)
+        keep = [path for path in self._free if path not in stale]
+        self._free = keep[:self.recycle]
+        self._unlink_best_effort(odd + stale + keep[self.recycle:])
+
+    def _unlink_best_effort(self, paths: list[Path]) -> None:
+        """Delete free files and sync the directory, best effort: a free file left behind is checked
+        again before it is reused."""
+        if not paths:
+            return
+        for path in paths:
+            try:
+                self.io.unlink(path)
+            except OSError as exc:
+                log.warning("message log: cannot delete %s: %s", path, _describe(exc))
+        try:
+            self.io.fsync_dir(self.directory)
+        except OSError as exc:
+            log.warning("message log: cannot sync %s: %s", self.directory, _describe(exc))
 
     def _release_free(self, exc: OSError) -> None:
         """The disk is full: the free files' space is worth more to the active segment (and to the
@@ -742,7 +776,9 @@ class MessageLog:
                 break
             if len(self._free) < self.recycle:
                 # Kept for a new segment to write over (no journal commit per sync: docs/decisions/0006).
-                free = self.directory / free_name(info.first_seq)
+                # Named after the segment that followed it: every seq in it is below that one, so a
+                # new segment may take it only if it starts at or above (seqs can start over).
+                free = self.directory / free_name(after.first_seq)
                 self.io.rename(info.path, free)
                 self._free.append(free)
             else:

@@ -61,7 +61,7 @@ class Scenario:
         self.put(10)
         self.log.seal()
         assert self.log.remove_segments_before(self.old.first_seq + 300) == 1
-        self.free = directory / free_name(self.old.first_seq)
+        self.free = directory / free_name(self.old.first_seq + 300)  # named after the next segment
         assert list_free(directory) == [self.free] and not self.old.path.exists()
         self.put(5)
         self.log.seal()  # the next segment reuses the free file
@@ -250,14 +250,14 @@ def test_only_a_few_free_files_are_kept_and_a_clean_stop_cuts_the_stale_tail(tmp
         log.seal()
     assert len(list_segments(directory)) == 6
     assert log.remove_segments_before(log.last_seq + 1) == 5
-    assert [parse_free_name(p.name) for p in list_free(directory)] == [1, 21]  # the rest deleted
-    assert sorted(os.listdir(directory)) == sorted([free_name(1), free_name(21), list_segments(directory)[0].path.name])
+    assert [parse_free_name(p.name) for p in list_free(directory)] == [21, 41]  # the rest deleted
+    assert sorted(os.listdir(directory)) == sorted([free_name(21), free_name(41), list_segments(directory)[0].path.name])
     for i in range(3):
         log.append(KIND, fixed_body(i))
     log.seal()
     log.append(KIND, b"x")
     log.stop()
-    assert log.stats["recycled"] == 1 and list_free(directory) == [directory / free_name(21)]
+    assert log.stats["recycled"] == 1 and list_free(directory) == [directory / free_name(41)]
     newest = list_segments(directory)[-1]
     assert newest.path.stat().st_size == FILE_HEADER_SIZE + RECORD_HEADER_SIZE + 1  # stop cut the old bytes
     assert [r.seq for r in read_log(directory)] == list(range(101, 105))
@@ -365,7 +365,7 @@ def test_a_state_dir_of_the_version_before_recycling_opens_and_then_recycles(tmp
     assert (report.last_seq, report.torn_tail, report.stale_tail, report.corrupt) == (120, None, None, [])
     log.start()
     log.seal()
-    assert log.remove_segments_before(101) == 1 and list_free(directory) == [directory / free_name(1)]
+    assert log.remove_segments_before(101) == 1 and list_free(directory) == [directory / free_name(101)]
     log.append(KIND, fixed_body(121))
     log.seal()
     log.append(KIND, fixed_body(122))
@@ -626,3 +626,72 @@ def test_a_purged_reused_segment_keeps_its_flag(tmp_path: Path) -> None:
     assert drop_payloads_in_segment(reused.path, lambda row: row[verdict] == "reject")
     head = reused.path.read_bytes()[:FILE_HEADER_SIZE]
     assert decode_file_header(head) == reused.first_seq and file_header_flags(head) & FLAG_RECYCLED
+
+
+def _restarted_over_free_files(directory: Path) -> MessageLog:
+    """A log whose segment 1..1000 became a free file, then whose segments were all removed (the log
+    directory emptied: seqs start over at 1, forward/outbox.py), the free file left behind."""
+    log = MessageLog(directory, segment_max_age=None)
+    log.open()
+    log.start()
+    for seq in range(1, 1011):
+        log.append(KIND, fixed_body(seq))
+        if seq == 1000:
+            log.seal()
+    assert log.wait_durable(1010, timeout=30)
+    log.seal()
+    assert log.remove_segments_before(1001) == 1
+    log.stop()
+    assert list_free(directory) == [directory / free_name(1001)]  # every seq in it is below 1001
+    for info in list_segments(directory):
+        info.path.unlink()
+    again = MessageLog(directory, segment_max_age=None)
+    report = again.open()
+    assert report.last_seq == 0
+    again.start()
+    return again
+
+
+def test_seqs_restart_with_free_files_left_over_read_no_old_records(tmp_path: Path) -> None:
+    """The old records' seqs (1..1000) are above the new ones: in a reused file they would read as
+    records of the new history (equal sizes: the 6th old record starts right at the end)."""
+    directory = tmp_path / "log"
+    log = _restarted_over_free_files(directory)
+    assert log.stats["recycled"] == 0 and list_free(directory) == []  # refused and deleted
+    new = [log.append(KIND, fixed_body(seq, BODY)[:8] + b"n" * (BODY - 8)) for seq in range(1, 6)]
+    assert log.wait_durable(new[-1], timeout=30)
+    assert [r.seq for r in read_log(directory)] == new
+    assert [r.seq for r in LogFollower(directory).poll()] == new
+    killed = tmp_path / "killed"
+    shutil.copytree(directory, killed)  # what a kill -9 leaves
+    log.stop()
+    report = MessageLog(killed).open()
+    assert (report.last_seq, report.stale_tail, report.torn_tail) == (5, None, None)
+    assert [r.seq for r in read_log(killed)] == new
+
+
+def test_seqs_restart_open_deletes_free_files_named_above_the_log(tmp_path: Path) -> None:
+    """open() keeps only free files a segment after the log's last seq may take."""
+    directory = tmp_path / "log"
+    log = _restarted_over_free_files(directory)
+    log.stop()
+    (directory / free_name(1001)).write_bytes(b"x" * 100)  # as if left by the run before
+    (directory / free_name(1)).write_bytes(b"x" * 100)  # at or below last_seq + 1: may be taken
+    (directory / "free-junk.recycle").write_bytes(b"x")
+    reopened = MessageLog(directory, segment_max_age=None)
+    assert reopened.open().last_seq == 0
+    assert sorted(os.listdir(directory)) == sorted([free_name(1), list_segments(directory)[0].path.name])
+    reopened.stop()
+
+
+def test_a_free_file_named_above_the_new_segment_is_not_reused(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    log = _restarted_over_free_files(directory)
+    (directory / free_name(50)).write_bytes(encode_file_header(40) + encode_record(45, KIND, fixed_body(45)))
+    log._free = [directory / free_name(50)]  # appeared while running (the check is at reuse, too)
+    for seq in range(1, 11):
+        log.append(KIND, fixed_body(seq))
+    log.seal()
+    log.stop()
+    assert log.stats["recycled"] == 0 and list_free(directory) == []
+    assert [r.seq for r in read_log(directory)] == list(range(1, 11))

@@ -188,3 +188,34 @@ def record_length_at(buf: bytes | bytearray | memoryview, offset: int) -> int | 
     if len(buf) - offset < RECORD_HEADER_SIZE:
         return None
     return RECORD_HEADER_SIZE + int(RECORD_HEADER.unpack_from(buf, offset)[1])
+
+
+def next_record_at(buf: bytes | bytearray | memoryview, last_seq: int, *, probe: int = 4) -> int | None:
+    """Where a record of ours lies in the bytes cut off after the record `last_seq`, or None.
+
+    For a reused segment's cut tail (docs/decisions/0006): stale records all have seqs below the
+    segment's first_seq, so a header carrying one of the next `probe` seqs is ours. Right at the
+    start (offset 0) a complete header with seq last_seq + 1 and a kind is enough (a record torn or
+    damaged in its body); further on the record must check out (its CRC), so that chance bytes in
+    an old record do not match.
+    """
+    header = RECORD_HEADER_SIZE
+    data = bytes(buf)
+    if len(data) >= header:
+        _crc, _length, kind, seq = RECORD_HEADER.unpack_from(data, 0)
+        if kind != 0 and seq == last_seq + 1:
+            return 0
+    seq_at = header - 8  # the seq is the header's last 8 bytes
+    for k in range(1, probe + 1):
+        if last_seq + k > MAX_SEQ:
+            break
+        key = struct.pack("<Q", last_seq + k)
+        i = data.find(key, seq_at)
+        while i != -1:
+            pos = i - seq_at
+            crc, length, kind, _seq = RECORD_HEADER.unpack_from(data, pos)
+            stop = pos + header + length
+            if kind != 0 and stop <= len(data) and zlib.crc32(data[pos + 4:stop]) == crc:
+                return pos
+            i = data.find(key, i + 1)
+    return None

@@ -37,6 +37,7 @@ from .format import (
     decode_file_header,
     encode_file_header,
     free_name,
+    next_record_at,
     parse_free_name,
     segment_name,
 )
@@ -826,16 +827,27 @@ class MessageLog:
         else:
             fd = io.open(newest.path)
             if scan.size > scan.end_offset:
+                ours: int | None = 0
+                if scan.problem is not None and scan.flags & FLAG_RECYCLED:
+                    # Past the last record of a reused file lie its old bytes, expected after a crash
+                    # or kill. The cut point is classified, not the file: a record of ours at the
+                    # cut, or further on, means damage to records that may have been acknowledged.
+                    ours = next_record_at(io.pread(fd, scan.size - scan.end_offset, scan.end_offset),
+                                          scan.last_seq)
                 io.truncate(fd, scan.end_offset)
                 io.fdatasync(fd)
-                if scan.problem is not None and scan.flags & FLAG_RECYCLED:
-                    # What a reused file held before, expected after a crash or kill: bytes from the
-                    # middle of an old record fail the CRC or claim a length past the end of the
-                    # file, so "corrupt" and "torn" both look like this; a record torn over them
-                    # does too (neither was ever reported durable): cut at the same place.
+                if scan.problem is not None and ours is None:
                     report.stale_tail = (newest.path, scan.end_offset, scan.size - scan.end_offset)
                     log.info("message log: cut %d stale bytes off recycled segment %s at offset %d",
                              scan.size - scan.end_offset, newest.path, scan.end_offset)
+                elif scan.problem is not None and ours:
+                    report.corrupt.append((newest.path, scan.end_offset, "corrupt"))
+                    log.warning("message log: corrupt record at offset %d of %s, record %d of ours found "
+                                "%d bytes further: cut %d bytes (records after the damage are lost)",
+                                scan.end_offset, newest.path, scan.last_seq + 1, ours,
+                                scan.size - scan.end_offset)
+                    self._event(EventKind.LOG_CORRUPTION, {"segment": str(newest.path), "offset": scan.end_offset,
+                                                           "problem": "corrupt"}, direct=True)
                 elif scan.problem is not None:
                     report.torn_tail = (newest.path, scan.end_offset, scan.size - scan.end_offset)
                     log.warning("message log: cut a torn tail of %d bytes off %s at offset %d",

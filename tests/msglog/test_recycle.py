@@ -319,9 +319,8 @@ def test_damage_in_a_reused_segment_is_still_detected(tmp_path: Path) -> None:
 
 
 def test_a_torn_record_at_the_end_of_a_reused_segment_is_cut_at_its_start(tmp_path: Path) -> None:
-    """A record torn past the reused file's old size: cut at its start like any torn tail (in a
-    reused segment reported as a stale tail: bytes from the middle of an old record can look torn
-    too, and neither was ever reported durable)."""
+    """A record torn past the reused file's old size: cut at its start and reported as a torn tail,
+    as in a segment that was not reused (its header, with the next seq, says it is ours)."""
     directory = tmp_path / "log"
     s = Scenario(directory, preallocate="none")
     old_size = s.active.path.stat().st_size
@@ -333,8 +332,9 @@ def test_a_torn_record_at_the_end_of_a_reused_segment_is_cut_at_its_start(tmp_pa
     events: list[tuple[EventKind, dict[str, object]]] = []
     report = MessageLog(directory, on_event=lambda k, d: events.append((k, d))).open()
     end = FILE_HEADER_SIZE + 3 * (RECORD_HEADER_SIZE + BODY)
-    assert report.stale_tail == (s.active.path, end, len(data) - 5 - end) and report.torn_tail is None
-    assert report.last_seq == kept[-1] == big[0] - 1 and events == []
+    assert report.torn_tail == (s.active.path, end, len(data) - 5 - end) and report.stale_tail is None
+    assert report.last_seq == kept[-1] == big[0] - 1
+    assert [k for k, _d in events] == [EventKind.LOG_TORN_TAIL]
     assert [r.seq for r in read_log(directory)][-3:] == kept
 
 
@@ -695,3 +695,42 @@ def test_a_free_file_named_above_the_new_segment_is_not_reused(tmp_path: Path) -
     log.stop()
     assert log.stats["recycled"] == 0 and list_free(directory) == []
     assert [r.seq for r in read_log(directory)] == list(range(1, 11))
+
+
+@pytest.mark.parametrize("where", ["body", "seq"])
+def test_damage_amid_the_records_of_a_reused_newest_segment_is_reported(tmp_path: Path, where: str) -> None:
+    """A bit flipped in record 11 of 100 acknowledged records of a reused newest segment: the cut is
+    reported (torn tail: the damaged record's header is ours; corruption: our records lie beyond
+    the cut), never as a stale tail at info level. Stale tails themselves stay quiet (the tests
+    above)."""
+    directory = tmp_path / "log"
+    s = Scenario(directory)
+    acked = s.put(100, lambda seq: 23 + seq % 5)
+    s.log.stop()  # a clean stop cuts only what is past the last record: the damage comes after
+    data = bytearray(s.active.path.read_bytes())
+    at = FILE_HEADER_SIZE + sum(RECORD_HEADER_SIZE + len(s.known[seq]) for seq in acked[:10])
+    data[at + (RECORD_HEADER_SIZE + 3 if where == "body" else RECORD_HEADER_SIZE - 8)] ^= 0x01
+    data += encode_record(5, KIND, fixed_body(5)) * 3  # and a stale tail after it, as a reused file has
+    s.active.path.write_bytes(bytes(data))
+    events: list[EventKind] = []
+    report = MessageLog(directory, on_event=lambda k, d: events.append(k)).open()
+    assert report.last_seq == acked[9] and report.stale_tail is None
+    if where == "body":
+        assert report.torn_tail == (s.active.path, at, len(data) - at) and events == [EventKind.LOG_TORN_TAIL]
+    else:
+        assert report.corrupt == [(s.active.path, at, "corrupt")] and events == [EventKind.LOG_CORRUPTION]
+
+
+def test_next_record_at_tells_our_records_from_stale_ones() -> None:
+    """format.next_record_at over what recovery cuts: stale records (seqs below), ours (a CRC that
+    checks out), a chance match of our seq in an old body (no CRC: not ours)."""
+    from appliance.msglog.format import next_record_at
+    stale = b"".join(encode_record(seq, KIND, fixed_body(seq)) for seq in range(1, 40))
+    assert next_record_at(stale, 100) is None
+    assert next_record_at(stale[5:], 100) is None
+    assert next_record_at(encode_record(101, KIND, b"x")[:-1], 100) == 0  # torn, but ours
+    chance = encode_record(3, KIND, (103).to_bytes(8, "little") * 4)
+    assert next_record_at(b"junk" + chance, 100) is None
+    ours = encode_record(102, KIND, b"y" * 30)
+    assert next_record_at(b"\xff" * 20 + stale + ours + stale, 100) == 20 + len(stale)
+    assert next_record_at(b"\xff" * 20 + stale + ours[:-1], 100) is None  # not whole: cannot check

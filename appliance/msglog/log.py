@@ -808,8 +808,9 @@ class MessageLog:
                 io.fdatasync(fd)
                 report.stale_tail = (newest.path, 0, scan.size)
                 log.warning("message log: %s holds an older segment's header: started it empty", newest.path)
-            elif scan.problem == "corrupt":
-                # Not ours, or damaged beyond a torn write: keep it for inspection, start a new one.
+            elif scan.problem == "corrupt" or scan.reused:
+                # Not ours, or damaged beyond a torn write (or a newer segment's header, which the
+                # writer never puts under an older name): keep it for inspection, start a new one.
                 aside = newest.path.with_name(newest.path.name + ".corrupt")
                 io.rename(newest.path, aside)
                 io.fsync_dir(self.directory)

@@ -27,6 +27,7 @@ from .format import (
     CORRUPT,
     END,
     FILE_HEADER_SIZE,
+    FLAG_RECYCLED,
     INCOMPLETE,
     RECORD_HEADER_SIZE,
     ZEROS,
@@ -123,6 +124,12 @@ class SegmentScan:
             size = self.size = os.fstat(f.fileno()).st_size
             head = f.read(FILE_HEADER_SIZE)
             first_seq = decode_file_header(head)
+            if (first_seq is not None and self.first_seq and first_seq > self.first_seq
+                    and file_header_flags(head) & FLAG_RECYCLED):
+                # Removed and reused for a newer segment between the open and this read: its records
+                # are gone on purpose, as for a file removed meanwhile.
+                self.reused = True
+                return
             if first_seq is None or (first_seq != self.first_seq and self.first_seq):
                 # A header that was never completely written (created just before a crash) is torn;
                 # anything else is not our file or damaged.

@@ -296,6 +296,39 @@ def test_a_reader_of_a_segment_reused_under_it_stops_there(tmp_path: Path) -> No
     assert scan.reused and scan.problem is None
 
 
+def test_a_segment_reused_between_the_open_and_the_header_read_is_reused_not_corrupt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reuse lands after the reader opened the file, before it read the header: the header is a
+    newer segment's (FLAG_RECYCLED, first_seq above the name's): reused, no problem, no records."""
+    import appliance.msglog.reader as reader_mod
+    directory = tmp_path / "log"
+    log = MessageLog(directory, segment_max_age=None)
+    log.open()
+    log.start()
+    for seq in range(1, 311):
+        log.append(KIND, fixed_body(seq))
+        if seq in (300, 310):
+            log.seal()
+    old = list_segments(directory)[0]
+    old_ino = old.path.stat().st_ino
+    real = reader_mod.no_readahead
+
+    def reuse_now(fd: int) -> None:
+        real(fd)
+        if os.fstat(fd).st_ino == old_ino:
+            log.remove_segments_before(311)
+            log.append(KIND, fixed_body(311))
+            log.seal()  # takes the free file (the old segment's inode) for segment 312
+            assert log.wait_durable(log.append(KIND, fixed_body(312)), timeout=30)
+
+    monkeypatch.setattr(reader_mod, "no_readahead", reuse_now)
+    scan = SegmentScan(old.path)
+    assert list(scan) == [] and scan.reused and scan.problem is None
+    monkeypatch.setattr(reader_mod, "no_readahead", real)
+    log.stop()
+    assert os.stat(list_segments(directory)[-1].path).st_ino == old_ino  # it was reused
+
+
 def test_damage_in_a_reused_segment_is_still_detected(tmp_path: Path) -> None:
     directory = tmp_path / "log"
     s = Scenario(directory)

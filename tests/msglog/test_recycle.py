@@ -767,3 +767,47 @@ def test_next_record_at_tells_our_records_from_stale_ones() -> None:
     ours = encode_record(102, KIND, b"y" * 30)
     assert next_record_at(b"\xff" * 20 + stale + ours + stale, 100) == 20 + len(stale)
     assert next_record_at(b"\xff" * 20 + stale + ours[:-1], 100) is None  # not whole: cannot check
+
+
+def test_the_consoles_follower_stops_at_a_segment_reused_while_it_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The follower opens a sealed segment by name; before its read, the segment is removed and its
+    file reused for a new segment: the read sees the new records under the old name. They must not
+    be returned as the old segment's (duplicates, out of order): it stops there as if removed."""
+    import builtins
+
+    import appliance.console.follow as follow_mod
+    directory = tmp_path / "log"
+    log = MessageLog(directory, segment_max_age=None)
+    log.open()
+    log.start()
+    for seq in range(1, 301):
+        log.append(KIND, fixed_body(seq))
+    assert log.wait_durable(300, timeout=30)
+    follower = LogFollower(directory)
+    assert [r.seq for r in follower.poll()] == list(range(1, 301))  # at the end of segment 1 (active)
+    old = list_segments(directory)[0]
+    for seq in range(301, 311):
+        log.append(KIND, fixed_body(seq))
+    log.seal()
+    log.append(KIND, fixed_body(311))
+    log.seal()  # 1 and 301 sealed, 312 active
+    real_open = builtins.open
+
+    def racing_open(path: object, *args: object, **kwargs: object) -> object:
+        f = real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+        if Path(str(path)) == old.path:
+            log.remove_segments_before(311)  # segment 1 becomes a free file
+            log.append(KIND, fixed_body(312))
+            log.seal()  # 313 reuses segment 1's file
+            for seq in range(313, 713):
+                log.append(KIND, fixed_body(seq))
+            assert log.wait_durable(712, timeout=30)
+        return f
+
+    monkeypatch.setattr(follow_mod, "open", racing_open, raising=False)
+    got = [r.seq for r in follower.poll()]
+    monkeypatch.setattr(follow_mod, "open", real_open, raising=False)
+    got += [r.seq for r in follower.poll()]
+    log.stop()
+    assert got == list(range(311, 713)), got[:20]  # 301..310 were removed too (below 311)

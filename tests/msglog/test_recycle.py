@@ -301,6 +301,7 @@ def test_a_segment_reused_between_the_open_and_the_header_read_is_reused_not_cor
     """The reuse lands after the reader opened the file, before it read the header: the header is a
     newer segment's (FLAG_RECYCLED, first_seq above the name's): reused, no problem, no records."""
     import appliance.msglog.reader as reader_mod
+    from appliance.msglog import fileio
     directory = tmp_path / "log"
     log = MessageLog(directory, segment_max_age=None)
     log.open()
@@ -311,7 +312,7 @@ def test_a_segment_reused_between_the_open_and_the_header_read_is_reused_not_cor
             log.seal()
     old = list_segments(directory)[0]
     old_ino = old.path.stat().st_ino
-    real = reader_mod.no_readahead
+    real = fileio.no_readahead
 
     def reuse_now(fd: int) -> None:
         real(fd)

@@ -23,6 +23,7 @@ from appliance.msglog.format import (
     INCOMPLETE,
     LogRecord,
     decode_file_header,
+    looks_like_next,
     record_length_at,
     scan_records,
 )
@@ -112,6 +113,9 @@ class LogFollower:
                     need = record_length_at(buf, scan.offset)
                     if need is not None and self._offset + need > os.fstat(f.fileno()).st_size:
                         return INCOMPLETE  # not in the file (yet): a reused segment's stale bytes can claim any length
+                    if need is not None and need > len(buf) - scan.offset and not looks_like_next(
+                            buf, scan.offset, self._last_seq):
+                        return INCOMPLETE  # stale bytes claiming a length that fits: not read at every poll
                     want = max(CHUNK, need or CHUNK)
                     continue
                 if scan.stop == END and len(buf) == want:

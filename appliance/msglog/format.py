@@ -219,3 +219,19 @@ def next_record_at(buf: bytes | bytearray | memoryview, last_seq: int, *, probe:
                 return pos
             i = data.find(key, i + 1)
     return None
+
+
+# Seqs skipped inside a segment: a failed batch's range is never written, the next batch goes on
+# after it. A record header claiming a seq further ahead than this is taken as not ours.
+SEQ_GAP = 1 << 24
+
+
+def looks_like_next(buf: bytes | bytearray | memoryview, offset: int, last_seq: int) -> bool:
+    """Could the record header at `offset` (the one after `last_seq`) be ours? Used before reading a
+    record longer than a chunk: past the end of a reused segment lie old bytes whose "length" can be
+    anything that fits the file, and a follower at the tail would read it again at every poll.
+    Ours has a kind and a seq above last_seq (normally last_seq + 1; more after a failed batch)."""
+    if len(buf) - offset < RECORD_HEADER_SIZE:
+        return False
+    _crc, _length, kind, seq = RECORD_HEADER.unpack_from(buf, offset)
+    return bool(kind != 0 and last_seq < seq <= last_seq + SEQ_GAP)

@@ -29,6 +29,7 @@ from .format import (
     FILE_HEADER_SIZE,
     FLAG_RECYCLED,
     INCOMPLETE,
+    RECORD_HEADER,
     RECORD_HEADER_SIZE,
     ZEROS,
     LogRecord,
@@ -192,6 +193,11 @@ class SegmentScan:
                 if at_eof or (need is not None and base + pos + need > size):
                     self._stop(TORN, base + pos)
                     return
+                if need is not None and not _may_follow(buf, pos, last_seq):
+                    # Kind 0 or a seq that does not increase: corrupt once read whole, so not read
+                    # (a reused segment's stale bytes can claim any length that fits the file).
+                    self._stop(CORRUPTION, base + pos)
+                    return
             else:
                 need = None
             # Read on: keep the unparsed rest and add at least a chunk (or the whole record).
@@ -217,6 +223,11 @@ class SegmentScan:
                 return self._reused_under_us(f)
             read_to += len(more)
         return True
+
+
+def _may_follow(buf: bytes, pos: int, last_seq: int) -> bool:
+    _crc, _length, kind, seq = RECORD_HEADER.unpack_from(buf, pos)
+    return bool(kind != 0 and seq > last_seq)
 
 
 def read_segment(path: Path, *, from_seq: int = 0) -> SegmentScan:

@@ -812,3 +812,44 @@ def test_the_consoles_follower_stops_at_a_segment_reused_while_it_reads(
     got += [r.seq for r in follower.poll()]
     log.stop()
     assert got == list(range(311, 713)), got[:20]  # 301..310 were removed too (below 311)
+
+
+def test_stale_bytes_claiming_a_length_that_fits_are_not_read_at_every_poll(tmp_path: Path) -> None:
+    """Past a reused segment's end, an old record's middle claims 8 MiB, which fits the ~16 MiB
+    file: an idle follower read it at every poll, and a SegmentScan of the newest segment once per
+    scan. A record longer than a chunk is read whole only if its header looks like ours; one of ours
+    (the next seq) still is."""
+    from appliance.console import follow
+    from appliance.msglog import reader
+
+    directory = tmp_path / "log"
+    directory.mkdir()
+    records = b"".join(encode_record(seq, KIND, fixed_body(seq)) for seq in range(1001, 1011))
+    stale = struct.pack("<IIBQ", 0x12345678, 8 << 20, KIND, 99) + b"\x01" * (16 << 20)
+    path = directory / "00000000000000001001.seg"
+    path.write_bytes(encode_file_header(1001, FLAG_RECYCLED) + records + stale)
+    follower = LogFollower(directory)
+    assert [r.seq for r in follower.poll()] == list(range(1001, 1011))
+    rchar = _rchar()
+    for _ in range(5):
+        assert follower.poll() == []
+    assert _rchar() - rchar < 5 * 2 * follow.CHUNK
+    rchar = _rchar()
+    scan = read_segment(path)
+    assert [r.seq for r in scan] == list(range(1001, 1011)) and scan.problem == "corrupt"
+    assert _rchar() - rchar < 2 * reader.CHUNK + (1 << 16)
+    # A long record of ours at the tail is still read whole, by both.
+    big = encode_record(1011, KIND, b"b" * (3 << 20))
+    with open(path, "r+b") as f:
+        f.seek(FILE_HEADER_SIZE + len(records))
+        f.write(big)
+    assert [r.seq for r in follower.poll()] == [1011]
+    assert [r.seq for r in read_segment(path)][-1] == 1011
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("rchar"):
+                return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")

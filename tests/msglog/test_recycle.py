@@ -856,3 +856,41 @@ def _rchar() -> int:
             if line.startswith("rchar"):
                 return int(line.split()[1])
     raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_the_seal_helper_never_converts_a_segment_reused_under_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_records on a segment that is removed and reused while it reads: a failure (the watermark
+    must not move past a segment converted in part), not a quiet partial conversion."""
+    import duckdb
+
+    import appliance.msglog.reader as reader_mod
+    from appliance.audit.seal import SegmentReused, load_records
+    from appliance.msglog import fileio
+    directory = tmp_path / "log"
+    log = MessageLog(directory, segment_max_age=None)
+    log.open()
+    log.start()
+    for seq in range(1, 311):
+        log.append(KIND, fixed_body(seq))
+        if seq in (300, 310):
+            log.seal()
+    old = list_segments(directory)[0]
+    old_ino = old.path.stat().st_ino
+
+    def reuse_now(fd: int) -> None:
+        fileio.no_readahead(fd)
+        if os.fstat(fd).st_ino == old_ino:
+            log.remove_segments_before(311)
+            log.append(KIND, fixed_body(311))
+            log.seal()
+            assert log.wait_durable(log.append(KIND, fixed_body(312)), timeout=30)
+
+    monkeypatch.setattr(reader_mod, "no_readahead", reuse_now)
+    con = duckdb.connect()
+    try:
+        with pytest.raises(SegmentReused):
+            load_records(con, [old], log_dir=directory)
+    finally:
+        con.close()
+        log.stop()

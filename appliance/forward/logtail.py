@@ -48,8 +48,10 @@ class Located(NamedTuple):
 
 
 class SegmentFiles:
-    """Open segment files by first_seq, for positioned reads (a removed segment stays readable
-    while its descriptor is open)."""
+    """Open segment files by first_seq, for positioned reads. A removed segment is not guaranteed to
+    stay readable through an open descriptor: its file may be kept as a free file and reused for a
+    new segment (docs/decisions/0006), so only segments at or above the forwarder's saved cursor
+    (never removed) are read through it; `replaced()` tells a file renamed over or removed."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)

@@ -780,8 +780,13 @@ class MessageLog:
                 # Named after the segment that followed it: every seq in it is below that one, so a
                 # new segment may take it only if it starts at or above (seqs can start over).
                 free = self.directory / free_name(after.first_seq)
-                self.io.rename(info.path, free)
-                self._free.append(free)
+                try:
+                    self.io.rename(info.path, free)
+                except OSError as exc:  # ENOSPC (a directory block), EIO...: removed the old way
+                    log.warning("message log: cannot keep %s as a free file: %s", info.path, _describe(exc))
+                    self.io.unlink(info.path)
+                else:
+                    self._free.append(free)
             else:
                 self.io.unlink(info.path)
             removed += 1

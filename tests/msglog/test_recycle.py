@@ -894,3 +894,23 @@ def test_the_seal_helper_never_converts_a_segment_reused_under_it(
     finally:
         con.close()
         log.stop()
+
+
+def test_a_removed_segment_that_cannot_be_renamed_to_a_free_file_is_deleted(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    io = FaultyIO()
+    log = MessageLog(directory, io=io, segment_max_age=None)
+    log.open()
+    log.start()
+    for seq in range(1, 52):
+        log.append(KIND, fixed_body(seq))
+        if seq in (50, 51):
+            log.seal()
+    io.rename_error = errno.ENOSPC
+    assert log.remove_segments_before(51) == 1
+    io.rename_error = None
+    assert list_free(directory) == [] and [s.first_seq for s in list_segments(directory)] == [51, 52]
+    log.append(KIND, fixed_body(52))
+    log.seal()
+    log.stop()
+    assert log.stats["recycled"] == 0 and [r.seq for r in read_log(directory)] == [51, 52]

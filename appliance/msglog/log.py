@@ -15,6 +15,7 @@ import asyncio
 import bisect
 import errno
 import logging
+import os
 import threading
 import time
 import zlib
@@ -219,7 +220,16 @@ class MessageLog:
 
     @property
     def stats(self) -> dict[str, int]:
-        return {**self._stats, "segments": self._segments}
+        """Counters, plus the free files kept for reuse now (`free_files`, `free_bytes`: disk space
+        the log holds beyond its segments)."""
+        free_bytes = 0
+        free = list(self._free)  # the writer thread may change the list meanwhile
+        for path in free:
+            try:
+                free_bytes += os.stat(path).st_size
+            except OSError:
+                pass
+        return {**self._stats, "segments": self._segments, "free_files": len(free), "free_bytes": free_bytes}
 
     def add_listener(self, fn: Listener) -> None:
         self._listeners.append(fn)

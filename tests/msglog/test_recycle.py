@@ -251,6 +251,8 @@ def test_only_a_few_free_files_are_kept_and_a_clean_stop_cuts_the_stale_tail(tmp
     assert len(list_segments(directory)) == 6
     assert log.remove_segments_before(log.last_seq + 1) == 5
     assert [parse_free_name(p.name) for p in list_free(directory)] == [21, 41]  # the rest deleted
+    free_bytes = sum(p.stat().st_size for p in list_free(directory))
+    assert (log.stats["free_files"], log.stats["free_bytes"]) == (2, free_bytes) and free_bytes > 0
     assert sorted(os.listdir(directory)) == sorted([free_name(21), free_name(41), list_segments(directory)[0].path.name])
     for i in range(3):
         log.append(KIND, fixed_body(i))

@@ -916,3 +916,31 @@ def test_a_removed_segment_that_cannot_be_renamed_to_a_free_file_is_deleted(tmp_
     log.seal()
     log.stop()
     assert log.stats["recycled"] == 0 and [r.seq for r in read_log(directory)] == [51, 52]
+
+
+def test_open_deletes_extra_free_files_even_if_the_directory_sync_fails(tmp_path: Path) -> None:
+    """Deleting surplus free files on open is housekeeping: a failing directory fsync after it is
+    logged, and the log opens (a free file that comes back is checked again before any reuse)."""
+
+    class DirSyncFailsAfterUnlink(FaultyIO):
+        armed = False
+
+        def unlink(self, path: Path) -> None:
+            super().unlink(path)
+            self.armed = True
+
+        def fsync_dir(self, path: Path) -> None:
+            if self.armed:
+                self.armed = False
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            super().fsync_dir(path)
+
+    directory = tmp_path / "log"
+    directory.mkdir()
+    (directory / "00000000000000000100.seg").write_bytes(encode_file_header(100))
+    for seq in (10, 20, 30):
+        (directory / free_name(seq)).write_bytes(b"x" * 64)
+    log = MessageLog(directory, io=DirSyncFailsAfterUnlink(), recycle=2)
+    assert log.open().last_seq == 99
+    assert list_free(directory) == [directory / free_name(10), directory / free_name(20)]
+    log.stop()

@@ -111,7 +111,7 @@ def drop_payloads_in_segment(path: Path, match: Match) -> set[int]:
             f.seek(scan.end_offset)
             rest = f.read()
         with open(tmp, "wb") as out:
-            out.write(encode_file_header(scan.first_seq))
+            out.write(encode_file_header(scan.first_seq, scan.flags))  # a reused segment stays flagged (its stale tail)
             out.writelines(parts)
             out.write(rest)
         if not path.exists():  # removed meanwhile (the log's own retention): do not bring it back

@@ -213,6 +213,10 @@ class _Stager:
             appender.flush()
 
 
+class SegmentReused(RuntimeError):
+    """A segment being converted was removed and its file reused under the reader."""
+
+
 def load_records(con: duckdb.DuckDBPyConnection, segments: list[SegmentInfo], *,
                  append_rows: int = APPEND_ROWS, report: SealReport | None = None,
                  log_dir: Path | None = None) -> int:
@@ -225,6 +229,10 @@ def load_records(con: duckdb.DuckDBPyConnection, segments: list[SegmentInfo], *,
         for record in scan:
             if not stager.record(record.seq, record.kind, record.body) and record.kind not in KINDS:
                 log.warning("segment %s: seq %d has unknown kind %d; skipped", info.path, record.seq, record.kind)
+        if scan.reused:
+            # Removed and reused for a newer segment while we read it (docs/decisions/0006): only part
+            # of it was read. Never converted (nor the watermark moved) on a part.
+            raise SegmentReused(f"{info.path} was removed and reused while it was being converted")
         last_seq = max(last_seq, scan.last_seq)
         if scan.problem is not None and report is not None:
             report.problems.append(f"{info.path}: {scan.problem} at offset {scan.problem_offset}")

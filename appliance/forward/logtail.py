@@ -48,8 +48,10 @@ class Located(NamedTuple):
 
 
 class SegmentFiles:
-    """Open segment files by first_seq, for positioned reads (a removed segment stays readable
-    while its descriptor is open)."""
+    """Open segment files by first_seq, for positioned reads. A removed segment is not guaranteed to
+    stay readable through an open descriptor: its file may be kept as a free file and reused for a
+    new segment (docs/decisions/0006), so only segments at or above the forwarder's saved cursor
+    (never removed) are read through it; `replaced()` tells a file renamed over or removed."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -146,16 +148,19 @@ class LogTail:
             return "end"  # removed by retention: its records are gone on purpose
         records: list[LogRecord] = []
         scan = scan_records(buf, 0, len(buf), last_seq=self._segment_last, out=records)
-        if records and len(buf) == size and scan.stop == INCOMPLETE:
+        # Past the last record of a reused segment lie an older segment's bytes (docs/decisions/0006),
+        # whose "length" can be anything: only a durable record still to come (seq <= upto) makes a
+        # cut read a backlog, and a record is read whole only if it fits in the file.
+        if records and len(buf) == size and scan.stop == INCOMPLETE and records[-1].seq < upto:
             self._read_size = self.chunk  # a record cut by the read: a backlog, read on in large chunks
         else:
             # At the tail: the rest of the buffer was zeros (preallocated) or the file's end. A
             # preallocated segment always fills the read, so its size must not depend on that.
             found = scan.offset
             self._read_size = min(FIRST_READ, max(TAIL_READ, -(-2 * found // TAIL_READ) * TAIL_READ))
-        if not records and scan.stop == INCOMPLETE:
+        if not records and scan.stop == INCOMPLETE and self.last_seq < upto:
             need = record_length_at(buf, 0)
-            if need is not None and need > len(buf):  # one record bigger than a chunk
+            if need is not None and len(buf) < need <= self._size(segment) - self._offset:  # bigger than a chunk
                 buf = self.files.pread(segment, self._offset, need)
                 scan = scan_records(buf, 0, len(buf), last_seq=self._segment_last, out=records)
         # Positions are kept in locals and stored once (this runs for every record of the log).

@@ -2,8 +2,17 @@
 
 A segment file is a 16-byte file header followed by records:
 
-    file header  <4sHHQ   magic b"MQLG", version (1), reserved (0), first_seq
+    file header  <4sHHQ   magic b"MQLG", version (1), flags, first_seq
     record       <IIBQ    crc32, body length, kind (1..255), seq   then `length` body bytes
+
+flags (the u16 that was "reserved, 0"): FLAG_RECYCLED (1) marks a segment written over a recycled
+file (a removed segment kept as `free-*.recycle` and renamed to the new segment's name): past its
+last record the file holds the old segment's bytes until the segment is cut at seal, stop or open.
+Those stale bytes read as the end, never as records, by the rule every reader already applies: a
+segment's records have seq >= its first_seq and strictly increasing, and every stale record is from
+an older segment, so its seq is below first_seq (a stale record that starts exactly at the end
+fails the seq check; stale bytes from the middle of an old record fail the CRC). Readers of version
+1 ignore the flags, so older builds read recycled segments the same way (docs/decisions/0006).
 
 The CRC (zlib.crc32) covers everything after the CRC field: length, kind, seq and body, so a record
 whose length field was torn fails its CRC instead of sending a reader off into the body. A kind of 0
@@ -35,6 +44,9 @@ MAX_BODY = (1 << 31) - 1  # a length above this is damage, not a record
 MAX_SEQ = (1 << 64) - 1
 SEGMENT_SUFFIX = ".seg"
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
+FLAG_RECYCLED = 1
+# A removed segment kept for reuse: no reader's glob (*.seg) or parse_segment_name matches it.
+_FREE_NAME = re.compile(r"^free-(\d{20})\.recycle$")
 
 
 class LogRecord(NamedTuple):
@@ -57,15 +69,32 @@ def parse_segment_name(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def encode_file_header(first_seq: int) -> bytes:
-    return FILE_HEADER.pack(MAGIC, VERSION, 0, first_seq)
+def free_name(first_seq: int) -> str:
+    """The name a removed segment (this first_seq) is kept under until a new segment reuses it."""
+    return f"free-{first_seq:020d}.recycle"
+
+
+def parse_free_name(name: str) -> int | None:
+    match = _FREE_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def encode_file_header(first_seq: int, flags: int = 0) -> bytes:
+    return FILE_HEADER.pack(MAGIC, VERSION, flags, first_seq)
+
+
+def file_header_flags(data: bytes | bytearray | memoryview) -> int:
+    """The flags of a segment's file header (0 if the header is missing or not ours)."""
+    if decode_file_header(data) is None:
+        return 0
+    return int(FILE_HEADER.unpack_from(data, 0)[2])
 
 
 def decode_file_header(data: bytes | bytearray | memoryview) -> int | None:
     """first_seq from a segment's file header, or None if the header is missing or not ours."""
     if len(data) < FILE_HEADER_SIZE:
         return None
-    magic, version, _reserved, first_seq = FILE_HEADER.unpack_from(data, 0)
+    magic, version, _flags, first_seq = FILE_HEADER.unpack_from(data, 0)
     if magic != MAGIC or version != VERSION:
         return None
     return int(first_seq)
@@ -159,3 +188,50 @@ def record_length_at(buf: bytes | bytearray | memoryview, offset: int) -> int | 
     if len(buf) - offset < RECORD_HEADER_SIZE:
         return None
     return RECORD_HEADER_SIZE + int(RECORD_HEADER.unpack_from(buf, offset)[1])
+
+
+def next_record_at(buf: bytes | bytearray | memoryview, last_seq: int, *, probe: int = 4) -> int | None:
+    """Where a record of ours lies in the bytes cut off after the record `last_seq`, or None.
+
+    For a reused segment's cut tail (docs/decisions/0006): stale records all have seqs below the
+    segment's first_seq, so a header carrying one of the next `probe` seqs is ours. Right at the
+    start (offset 0) a complete header with seq last_seq + 1 and a kind is enough (a record torn or
+    damaged in its body); further on the record must check out (its CRC), so that chance bytes in
+    an old record do not match.
+    """
+    header = RECORD_HEADER_SIZE
+    data = bytes(buf)
+    if len(data) >= header:
+        _crc, _length, kind, seq = RECORD_HEADER.unpack_from(data, 0)
+        if kind != 0 and seq == last_seq + 1:
+            return 0
+    seq_at = header - 8  # the seq is the header's last 8 bytes
+    for k in range(1, probe + 1):
+        if last_seq + k > MAX_SEQ:
+            break
+        key = struct.pack("<Q", last_seq + k)
+        i = data.find(key, seq_at)
+        while i != -1:
+            pos = i - seq_at
+            crc, length, kind, _seq = RECORD_HEADER.unpack_from(data, pos)
+            stop = pos + header + length
+            if kind != 0 and stop <= len(data) and zlib.crc32(data[pos + 4:stop]) == crc:
+                return pos
+            i = data.find(key, i + 1)
+    return None
+
+
+# Seqs skipped inside a segment: a failed batch's range is never written, the next batch goes on
+# after it. A record header claiming a seq further ahead than this is taken as not ours.
+SEQ_GAP = 1 << 24
+
+
+def looks_like_next(buf: bytes | bytearray | memoryview, offset: int, last_seq: int) -> bool:
+    """Could the record header at `offset` (the one after `last_seq`) be ours? Used before reading a
+    record longer than a chunk: past the end of a reused segment lie old bytes whose "length" can be
+    anything that fits the file, and a follower at the tail would read it again at every poll.
+    Ours has a kind and a seq above last_seq (normally last_seq + 1; more after a failed batch)."""
+    if len(buf) - offset < RECORD_HEADER_SIZE:
+        return False
+    _crc, _length, kind, seq = RECORD_HEADER.unpack_from(buf, offset)
+    return bool(kind != 0 and last_seq < seq <= last_seq + SEQ_GAP)

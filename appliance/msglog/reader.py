@@ -1,9 +1,16 @@
 """Reading the message log: from any thread, or from another process while the writer runs.
 
 A reader never writes. It stops a segment at the first record that is incomplete or fails its CRC:
-in the newest segment that is just "end" (a torn tail after a crash, or the record the writer is
-writing right now); in a sealed segment it is corruption, reported through `on_problem` and the
-logger, after which the rest of that segment is skipped and reading goes on with the next segment.
+in the newest segment that is just "end" (a torn tail after a crash, the record the writer is
+writing right now, or a recycled file's stale bytes); in a sealed segment it is corruption, reported
+through `on_problem` and the logger, after which the rest of that segment is skipped and reading
+goes on with the next segment.
+
+A removed segment may be kept as a free file and reused for a new segment (docs/decisions/0006):
+a reader that opened it before it was removed would then read the new segment's records under
+the old name. So after every read a SegmentScan checks that the file header is still the one it
+started with (the writer rewrites the header before it writes any record into a reused file): if
+not, the segment was removed meanwhile and reading it ends there, as for a removed file.
 """
 
 from __future__ import annotations
@@ -20,12 +27,16 @@ from .format import (
     CORRUPT,
     END,
     FILE_HEADER_SIZE,
+    FLAG_RECYCLED,
     INCOMPLETE,
+    RECORD_HEADER,
     RECORD_HEADER_SIZE,
     ZEROS,
     LogRecord,
     decode_file_header,
+    file_header_flags,
     is_zero,
+    parse_free_name,
     parse_segment_name,
     record_length_at,
     scan_records,
@@ -59,11 +70,23 @@ def list_segments(directory: Path, *, listdir: Callable[[Path], list[str]] = os.
     return found
 
 
+def list_free(directory: Path, *, listdir: Callable[[Path], list[str]] = os.listdir) -> list[Path]:
+    """The free files (removed segments kept for reuse) in `directory`, oldest first."""
+    try:
+        names = listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = sorted((seq, name) for name in names if (seq := parse_free_name(name)) is not None)
+    return [Path(directory) / name for _seq, name in found]
+
+
 class SegmentScan:
     """Iterate once over a segment's records; afterwards `end_offset` is the end of the last good
     record (where a writer would cut a torn tail), `last_seq` its seq (first_seq - 1 if none),
     `problem` is None, "torn" (a record or the file header runs past the end of the file) or
-    "corrupt" (damage that a partial write does not explain), at `problem_offset`."""
+    "corrupt" (damage that a partial write does not explain), at `problem_offset`. `flags` are the
+    file header's (format.FLAG_RECYCLED); `reused` is True if the file was removed and reused for
+    a newer segment while it was being read (the scan ended there: its records are gone on purpose)."""
 
     def __init__(self, path: Path, *, from_seq: int = 0, upto_seq: int | None = None, chunk: int = CHUNK):
         self.path = Path(path)
@@ -79,6 +102,9 @@ class SegmentScan:
         self.problem: str | None = None
         self.problem_offset: int | None = None
         self.reached_upto = False  # stopped at a record above upto_seq
+        self.flags = 0
+        self.reused = False
+        self._head = b""
         self._used = False
 
     def __repr__(self) -> str:
@@ -99,6 +125,12 @@ class SegmentScan:
             size = self.size = os.fstat(f.fileno()).st_size
             head = f.read(FILE_HEADER_SIZE)
             first_seq = decode_file_header(head)
+            if (first_seq is not None and self.first_seq and first_seq > self.first_seq
+                    and file_header_flags(head) & FLAG_RECYCLED):
+                # Removed and reused for a newer segment between the open and this read: its records
+                # are gone on purpose, as for a file removed meanwhile.
+                self.reused = True
+                return
             if first_seq is None or (first_seq != self.first_seq and self.first_seq):
                 # A header that was never completely written (created just before a crash) is torn;
                 # anything else is not our file or damaged.
@@ -106,14 +138,27 @@ class SegmentScan:
                 self._stop(TORN if torn else CORRUPTION, 0)
                 return
             self.first_seq = first_seq
+            self.flags = file_header_flags(head)
+            self._head = head
             self.end_offset = FILE_HEADER_SIZE
             yield from self._records(f, size)
+
+    def _reused_under_us(self, f: BinaryIO) -> bool:
+        """Checked after each read, before its records are used: the writer rewrites a reused file's
+        header before writing any record into it, so if the header is still ours, so was the read."""
+        if os.pread(f.fileno(), FILE_HEADER_SIZE, 0) == self._head:
+            return False
+        self.reused = True
+        return True
 
     def _records(self, f: BinaryIO, size: int) -> Iterator[LogRecord]:
         base = FILE_HEADER_SIZE  # file offset of buf[0]
         buf = f.read(min(self.chunk, size - base)) if size > base else b""
         read_to = base + len(buf)
         pos = 0
+        if buf and self._reused_under_us(f):
+            self._stop(None, base)
+            return
         last_seq = max(self.first_seq - 1, 0)
         upto = self.upto_seq
         while True:
@@ -148,6 +193,11 @@ class SegmentScan:
                 if at_eof or (need is not None and base + pos + need > size):
                     self._stop(TORN, base + pos)
                     return
+                if need is not None and not _may_follow(buf, pos, last_seq):
+                    # Kind 0 or a seq that does not increase: corrupt once read whole, so not read
+                    # (a reused segment's stale bytes can claim any length that fits the file).
+                    self._stop(CORRUPTION, base + pos)
+                    return
             else:
                 need = None
             # Read on: keep the unparsed rest and add at least a chunk (or the whole record).
@@ -155,6 +205,9 @@ class SegmentScan:
             more = f.read(min(want, size - read_to))
             if not more:  # the file shrank under us: whatever we have is the end
                 self._stop(TORN if pos < len(buf) else None, base + pos)
+                return
+            if self._reused_under_us(f):
+                self._stop(None, base + pos)
                 return
             read_to += len(more)
             buf = buf[pos:] + more
@@ -167,9 +220,14 @@ class SegmentScan:
             if not more:
                 return True
             if not is_zero(more, 0, len(more)):
-                return False
+                return self._reused_under_us(f)
             read_to += len(more)
         return True
+
+
+def _may_follow(buf: bytes, pos: int, last_seq: int) -> bool:
+    _crc, _length, kind, seq = RECORD_HEADER.unpack_from(buf, pos)
+    return bool(kind != 0 and seq > last_seq)
 
 
 def read_segment(path: Path, *, from_seq: int = 0) -> SegmentScan:

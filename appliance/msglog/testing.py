@@ -287,8 +287,8 @@ class FaultyIO(FileIO):
 
     space: bytes that writes and preallocation may still add (None: unlimited); a write that does
         not fit writes what fits (a short write), and the next one fails with ENOSPC.
-    sync_error / write_error / create_error: an errno to fail every fdatasync / pwrite / open(create)
-        with, until set back to None.
+    sync_error / write_error / create_error / rename_error: an errno to fail every fdatasync / pwrite
+        / open(create) / rename with, until set back to None.
     """
 
     def __init__(self, inner: FileIO | None = None):
@@ -297,6 +297,7 @@ class FaultyIO(FileIO):
         self.sync_error: int | None = None
         self.write_error: int | None = None
         self.create_error: int | None = None
+        self.rename_error: int | None = None
         self.failures = 0
 
     def _raise(self, code: int) -> None:
@@ -355,6 +356,8 @@ class FaultyIO(FileIO):
         self.inner.mkdir(path)
 
     def rename(self, src: Path, dst: Path) -> None:
+        if self.rename_error is not None:
+            self._raise(self.rename_error)
         self.inner.rename(src, dst)
 
     def unlink(self, path: Path) -> None:

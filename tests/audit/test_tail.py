@@ -21,6 +21,7 @@ from appliance.audit.records import (
     CONTEXT,
     DECISION,
     EVENT,
+    FORWARD_ONLY,
     IdClock,
     compact_from_row,
     decode_compact,
@@ -135,8 +136,9 @@ def _messages(sink: AuditSink) -> None:
 
 
 def _log_with_everything(state: Path) -> None:
-    """Two sinks (payloads recorded and not) writing compact decisions, events, and version 1
-    decisions (a state dir from before record version 2), in two segments."""
+    """Two sinks (payloads recorded and not) writing compact decisions, events, version 1
+    decisions (a state dir from before record version 2) and a forward-only record, in two
+    segments."""
     log = MessageLog(state / "log", segment_max_age=None)
     log.open()
     log.start(None)
@@ -152,6 +154,9 @@ def _log_with_everything(state: Path) -> None:
         not_stored = list(log_decision(decision(clock.next(TS + 203), TS + 203), payload_audited=False))
         not_stored[_N["payload"]] = None
         log.append(DECISION.code, DECISION.encode(tuple(not_stored)))
+        # Not audited: a message to forward without a verdict of its own (an upgrade's old outbox).
+        log.append(FORWARD_ONLY.code, FORWARD_ONLY.encode((clock.next(TS + 204), TS + 204, "dev-1", "up/t",
+                                                           b"{}", 1, False, None)))
         log.seal()  # the definitions are written again in the next segment
         _messages(AuditSink(log, clock, record_payloads=False, forward=True))
         last = log.append(EVENT.code, EVENT.encode(event(clock.next(TS + 400), TS + 400, "client_disconnected",

@@ -508,11 +508,11 @@ def compact_stage_view(view: str, decisions: str, connections: str, contexts: st
 
 # Staging compact decisions for a query's tail (query.py): `appliance audit sql` decodes every
 # record not converted yet each time it opens, so per record it does only what Python must (split
-# the body) and leaves the rest to the SQL that reads the staging table: the six flags stay one
-# integer, the SHA-256 of a stored payload is computed by DuckDB, and the repeated strings are the
-# definitions' (joined, as the seal helper's staging view does). Loading the 63,000 records of
-# half a segment took 0.35-0.40 s this way, 0.59-0.63 s as whole rows (docs/audit.md); this decode
-# is 1.15 µs of a decision's ~6 µs (decode_compact: 1.9 µs).
+# the body) and leaves the rest to the SQL that reads the staging table: the flags (QoS, retain,
+# verdict...) stay one integer, the SHA-256 of a stored payload is computed by DuckDB, and the
+# repeated strings are the definitions' (joined, as the seal helper's staging view does). Loading
+# the 63,000 records of half a segment took 0.30-0.34 s this way, 0.59-0.63 s as whole rows
+# (docs/audit.md); this decode is 1.15 µs of a record's ~5 µs (decode_compact: 1.9 µs).
 TAIL_STAGE_FIELDS = (
     Field("id", "i64", "BIGINT"),
     Field("ts", "f64", "DOUBLE"),
@@ -527,7 +527,7 @@ TAIL_STAGE_FIELDS = (
     Field("payload_size", "i32", "INTEGER"),
     Field("payload_sha256", "str", "VARCHAR", nullable=True),  # hex; NULL when the payload is stored
 )
-# COMPACT_FIELDS the tail stage keeps in `flags`, as SQL over the staged columns.
+# The DECISION fields the tail's staging table does not hold as they are: SQL over it (`d`).
 _FROM_FLAGS = {
     "qos": "CAST(d.flags & 3 AS UTINYINT)",
     "retain": f"(d.flags & {F_RETAIN}) <> 0",

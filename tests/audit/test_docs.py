@@ -41,3 +41,16 @@ def test_every_column_is_documented():
     text = DOC.read_text()
     missing = [c for c in (*DECISION_COLUMNS, *EVENT_COLUMNS) if f"| `{c}` |" not in text]
     assert missing == []
+
+
+def test_the_hourly_recipe_buckets_as_date_trunc_does(filled: AuditQuery):
+    """The cookbook groups by `time_bucket(INTERVAL 1 HOUR, ts)`, which took 0.74 s where
+    `date_trunc('hour', ts)` took 0.96 s over 10 million verdicts (docs/audit.md): the same hours
+    in `appliance audit sql` (UTC), shown here over the whole generated log (no now() bound)."""
+    sql = dict(cookbook())["rejection-rate-per-filter-and-hour"]
+    assert "time_bucket(INTERVAL 1 HOUR, ts)" in sql
+    unbounded = sql.replace("WHERE ts >= now() - INTERVAL 1 DAY\n", "")
+    assert "now()" not in unbounded
+    bucketed = filled.query(unbounded)
+    truncated = filled.query(unbounded.replace("time_bucket(INTERVAL 1 HOUR, ts)", "date_trunc('hour', ts)"))
+    assert len(bucketed.rows) > 24 and bucketed.rows == truncated.rows and bucketed.columns == truncated.columns

@@ -16,7 +16,7 @@ import pytest
 
 from appliance.console.follow import LogFollower
 from appliance.forward.logtail import FIRST_READ, LogTail, SegmentFiles
-from appliance.msglog import LogRecord, MessageLog, SegmentScan, SyncPolicy, list_segments, read_log, read_segment
+from appliance.msglog import LogRecord, MessageLog, SegmentInfo, SegmentScan, SyncPolicy, list_segments, read_log, read_segment
 from appliance.msglog.format import (
     FILE_HEADER_SIZE,
     FLAG_RECYCLED,
@@ -81,6 +81,38 @@ class Scenario:
     def records(self) -> list[LogRecord]:
         """What the log holds: everything but the removed segment's records."""
         return [LogRecord(seq, KIND, body) for seq, body in sorted(self.known.items()) if seq > 300]
+
+
+def _started_log(directory: Path) -> MessageLog:
+    log = MessageLog(directory, segment_max_age=None)
+    log.open()
+    log.start()
+    return log
+
+
+def _log_whose_first_segment_can_be_freed(directory: Path) -> tuple[MessageLog, SegmentInfo]:
+    """Segments 1 (seqs 1..300) and 301 (301..310) sealed, 311 active; returns the log and segment 1."""
+    log = _started_log(directory)
+    for seq in range(1, 311):
+        log.append(KIND, fixed_body(seq))
+        if seq in (300, 310):
+            log.seal()
+    return log, list_segments(directory)[0]
+
+
+def _reuse_on_read(log: MessageLog, old_ino: int) -> Callable[[int], None]:
+    """A stand-in for the reader's no_readahead: once a reader holds the file `old_ino` open, segment 1
+    is removed and segment 312 takes its free file (same inode) before the reader reads a byte."""
+    from appliance.msglog import fileio
+
+    def reuse_now(fd: int) -> None:
+        fileio.no_readahead(fd)
+        if os.fstat(fd).st_ino == old_ino:
+            log.remove_segments_before(311)
+            log.append(KIND, fixed_body(311))
+            log.seal()  # takes the free file (the old segment's inode) for segment 312
+            assert log.wait_durable(log.append(KIND, fixed_body(312)), timeout=30)
+    return reuse_now
 
 
 def assert_segments_hold_only_their_records(directory: Path, known: dict[int, bytes]) -> list[int]:
@@ -191,9 +223,7 @@ def test_the_consoles_follower_does_not_read_a_stale_huge_record(tmp_path: Path,
     from appliance.console import follow
 
     directory = tmp_path / "log"
-    log = MessageLog(directory, segment_max_age=None)
-    log.open()
-    log.start()
+    log = _started_log(directory)
     for seq in range(1, 30_001):  # 3.5 MB of old records, to lie past the end of a reused file
         log.append(KIND, fixed_body(seq, 100))
     log.seal()
@@ -274,9 +304,7 @@ def test_a_reader_of_a_segment_reused_under_it_stops_there(tmp_path: Path) -> No
     """A reader in another process (audit sql, replay) that opened a sealed segment before it was
     removed must not go on reading the records a reuse writes over it."""
     directory = tmp_path / "log"
-    log = MessageLog(directory, segment_max_age=None)
-    log.open()
-    log.start()
+    log = _started_log(directory)
     for seq in range(1, 301):
         log.append(KIND, fixed_body(seq))
     old = log.seal()
@@ -305,26 +333,10 @@ def test_a_segment_reused_between_the_open_and_the_header_read_is_reused_not_cor
     import appliance.msglog.reader as reader_mod
     from appliance.msglog import fileio
     directory = tmp_path / "log"
-    log = MessageLog(directory, segment_max_age=None)
-    log.open()
-    log.start()
-    for seq in range(1, 311):
-        log.append(KIND, fixed_body(seq))
-        if seq in (300, 310):
-            log.seal()
-    old = list_segments(directory)[0]
+    log, old = _log_whose_first_segment_can_be_freed(directory)
     old_ino = old.path.stat().st_ino
     real = fileio.no_readahead
-
-    def reuse_now(fd: int) -> None:
-        real(fd)
-        if os.fstat(fd).st_ino == old_ino:
-            log.remove_segments_before(311)
-            log.append(KIND, fixed_body(311))
-            log.seal()  # takes the free file (the old segment's inode) for segment 312
-            assert log.wait_durable(log.append(KIND, fixed_body(312)), timeout=30)
-
-    monkeypatch.setattr(reader_mod, "no_readahead", reuse_now)
+    monkeypatch.setattr(reader_mod, "no_readahead", _reuse_on_read(log, old_ino))
     scan = SegmentScan(old.path)
     assert list(scan) == [] and scan.reused and scan.problem is None
     monkeypatch.setattr(reader_mod, "no_readahead", real)
@@ -644,9 +656,7 @@ def test_a_purged_reused_segment_keeps_its_flag(tmp_path: Path) -> None:
     from tests.audit.test_compact import _record, _sink
 
     directory = tmp_path / "log"
-    log = MessageLog(directory, segment_max_age=None)
-    log.open()
-    log.start(None)
+    log = _started_log(directory)
     sink = _sink(log, forward=False)
     for i in range(50):
         _record(sink, i)
@@ -670,9 +680,7 @@ def test_a_purged_reused_segment_keeps_its_flag(tmp_path: Path) -> None:
 def _restarted_over_free_files(directory: Path) -> MessageLog:
     """A log whose segment 1..1000 became a free file, then whose segments were all removed (the log
     directory emptied: seqs start over at 1, forward/outbox.py), the free file left behind."""
-    log = MessageLog(directory, segment_max_age=None)
-    log.open()
-    log.start()
+    log = _started_log(directory)
     for seq in range(1, 1011):
         log.append(KIND, fixed_body(seq))
         if seq == 1000:
@@ -784,9 +792,7 @@ def test_the_consoles_follower_stops_at_a_segment_reused_while_it_reads(
 
     import appliance.console.follow as follow_mod
     directory = tmp_path / "log"
-    log = MessageLog(directory, segment_max_age=None)
-    log.open()
-    log.start()
+    log = _started_log(directory)
     for seq in range(1, 301):
         log.append(KIND, fixed_body(seq))
     assert log.wait_durable(300, timeout=30)
@@ -868,27 +874,9 @@ def test_the_seal_helper_never_converts_a_segment_reused_under_it(
 
     import appliance.msglog.reader as reader_mod
     from appliance.audit.seal import SegmentReused, load_records
-    from appliance.msglog import fileio
     directory = tmp_path / "log"
-    log = MessageLog(directory, segment_max_age=None)
-    log.open()
-    log.start()
-    for seq in range(1, 311):
-        log.append(KIND, fixed_body(seq))
-        if seq in (300, 310):
-            log.seal()
-    old = list_segments(directory)[0]
-    old_ino = old.path.stat().st_ino
-
-    def reuse_now(fd: int) -> None:
-        fileio.no_readahead(fd)
-        if os.fstat(fd).st_ino == old_ino:
-            log.remove_segments_before(311)
-            log.append(KIND, fixed_body(311))
-            log.seal()
-            assert log.wait_durable(log.append(KIND, fixed_body(312)), timeout=30)
-
-    monkeypatch.setattr(reader_mod, "no_readahead", reuse_now)
+    log, old = _log_whose_first_segment_can_be_freed(directory)
+    monkeypatch.setattr(reader_mod, "no_readahead", _reuse_on_read(log, old.path.stat().st_ino))
     con = duckdb.connect()
     try:
         with pytest.raises(SegmentReused):

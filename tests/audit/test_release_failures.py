@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,11 +27,10 @@ from appliance.broker import BrokerEndpoint, EmbeddedBroker, render_mosquitto_co
 from appliance.msglog.reader import list_segments
 from tests.audit.factory import TOPIC_REASON, decision, epoch
 from tests.conftest import make_config
-from tests.governance.payloads import temperature
+from tests.e2e.test_audit import a_quarantined_reading
 from tests.helpers import Client, RunningAppliance
 from tests.processes import free_port, mosquitto_process
 
-REPO = Path(__file__).resolve().parents[2]
 T0 = epoch("2026-11-27T10:00:00")
 P1, P3, P4 = b"secret-one", b"secret-three-payload", b"secret-four-payload-is-thirty!"
 
@@ -184,16 +182,7 @@ def test_the_cli_says_what_a_release_did_not_do_and_exits_1(tmp_path: Path) -> N
     """`appliance quarantine release` while the appliance's own mosquitto is stopped (SIGSTOP: it
     takes connections in the kernel and answers nothing): the CLI names the message not released
     and why, exits 1, the message stays quarantined, and the appliance recorded the attempt."""
-    schemas = tmp_path / "schemas"
-    shutil.copytree(REPO / "schemas" / "v1", schemas)
-    state = tmp_path / "state"
-    running = RunningAppliance(make_config(state, schemas=str(schemas))).start()
-    try:
-        publisher = Client(running.port, version=5).connect()
-        publisher.publish("sensor/t1/temperature", temperature(temperature=150), qos=1)  # above the v1 maximum
-        publisher.disconnect()
-        listing = cli("quarantine", "list", "--state-dir", str(state), "--format", "json")
-        [entry] = json.loads(listing.stdout)["rows"]
+    with a_quarantined_reading(tmp_path) as (running, state, schemas, entry):
         path = schemas / "temperature.json"
         path.write_text(path.read_text().replace('"maximum": 125', '"maximum": 200'))
         assert admin.call(state, "reload", timeout=60)["reloaded"]  # the set in force now accepts it
@@ -211,8 +200,6 @@ def test_the_cli_says_what_a_release_did_not_do_and_exits_1(tmp_path: Path) -> N
         assert detail["ids"] == [] and detail["failed"] == [str(entry["id"])] and detail["not_attempted"] == []
         rows = json.loads(cli("quarantine", "list", "--state-dir", str(state), "--format", "json").stdout)["rows"]
         assert [row["id"] for row in rows] == [entry["id"]]
-    finally:
-        running.stop()
 
 
 def test_a_release_event_cannot_be_recorded_through_the_admin_socket(tmp_path: Path) -> None:

@@ -10,7 +10,10 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -111,7 +114,10 @@ def test_export_to_parquet_and_read_back(audited, tmp_path):
     assert count == len(CASES)
 
 
-def test_quarantine_release_after_a_schema_fix(tmp_path):
+@contextmanager
+def a_quarantined_reading(tmp_path: Path) -> Iterator[tuple[RunningAppliance, Path, Path, dict[str, Any]]]:
+    """An appliance on a copy of the v1 schemas (tmp_path/schemas) that has quarantined one temperature
+    above the v1 maximum: (the appliance, its state dir, the schemas dir, the quarantine list's row)."""
     schemas = tmp_path / "schemas"
     shutil.copytree(REPO / "schemas" / "v1", schemas)
     state = tmp_path / "state"
@@ -122,12 +128,17 @@ def test_quarantine_release_after_a_schema_fix(tmp_path):
         pub.disconnect()
         listing = cli("quarantine", "list", "--state-dir", str(state), "--format", "json")
         [entry] = json.loads(listing.stdout)["rows"]
+        yield running, state, schemas, entry
+    finally:
+        running.stop()
+
+
+def test_quarantine_release_after_a_schema_fix(tmp_path):
+    with a_quarantined_reading(tmp_path) as (running, state, schemas, entry):
         shown = cli("quarantine", "show", str(entry["id"]), "--state-dir", str(state))
         assert '"temperature": 150' in shown.stdout and "maximum" in shown.stdout
         still = cli("quarantine", "release", str(entry["id"]), "--state-dir", str(state))
         assert still.returncode == 1 and "still rejected" in still.stdout
-    finally:
-        running.stop()
     manifest_schema = schemas / "temperature.json"
     manifest_schema.write_text(manifest_schema.read_text().replace('"maximum": 125', '"maximum": 200'))
     running = RunningAppliance(make_config(state, schemas=str(schemas))).start()

@@ -616,9 +616,7 @@ def test_the_audit_tail_and_replay_never_see_a_reused_segments_old_decisions(tmp
     from tests.audit.test_compact import _record, _sink
 
     state = tmp_path / "state"
-    log = MessageLog(state / "log", segment_max_age=None)
-    log.open()
-    log.start(None)
+    log = _started_log(state / "log")
     sink = _sink(log)
     for i in range(200):
         _record(sink, i)

@@ -147,14 +147,16 @@ def test_health_stays_down_while_the_disk_is_full(small_fs: Path, caplog: pytest
     assert [r.seq for r in read_log(directory)] == [*small, more]
 
 
-def test_started_on_a_full_disk_it_is_unhealthy_until_space_returns(small_fs: Path) -> None:
-    directory = small_fs / "log"
+def assert_a_start_on_a_full_disk_recovers(fs: Path, policy: SyncPolicy) -> None:
+    """A log of a previous run in fs/log, then every free byte of `fs` taken: the log starts unhealthy
+    (log_degraded) and turns healthy (log_recovered) once the space returns."""
+    directory = fs / "log"
     previous = MessageLog(directory)  # the log of a previous run
     previous.open()
     previous.stop()
-    filler = fill(small_fs)
+    filler = fill(fs)
     events: list[str] = []
-    log = MessageLog(directory, on_event=lambda kind, detail: events.append(kind))
+    log = MessageLog(directory, policy=policy, on_event=lambda kind, detail: events.append(kind))
     log.start()
     try:
         assert not log.healthy and events == ["log_degraded"]
@@ -163,6 +165,10 @@ def test_started_on_a_full_disk_it_is_unhealthy_until_space_returns(small_fs: Pa
         assert log.healthy and events == ["log_degraded", "log_recovered"]
     finally:
         log.stop()
+
+
+def test_started_on_a_full_disk_it_is_unhealthy_until_space_returns(small_fs: Path) -> None:
+    assert_a_start_on_a_full_disk_recovers(small_fs, SyncPolicy())
 
 
 def test_a_large_sync_bytes_does_not_keep_it_unhealthy(tmp_path: Path) -> None:
@@ -175,21 +181,7 @@ def test_a_large_sync_bytes_does_not_keep_it_unhealthy(tmp_path: Path) -> None:
     if not _run("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", mnt):
         pytest.skip("cannot mount a tmpfs here")
     try:
-        previous = MessageLog(mnt / "log")  # the log of a previous run
-        previous.open()
-        previous.stop()
-        filler = fill(mnt)
-        events: list[str] = []
-        log = MessageLog(mnt / "log", policy=SyncPolicy(max_pending_bytes=64 << 20),
-                         on_event=lambda kind, detail: events.append(kind))
-        log.start()
-        try:
-            assert not log.healthy and events == ["log_degraded"]
-            filler.unlink()
-            wait_until(lambda: len(events) > 1, message="recovery after space returned")  # set healthy, then told
-            assert log.healthy and events == ["log_degraded", "log_recovered"]
-        finally:
-            log.stop()
+        assert_a_start_on_a_full_disk_recovers(mnt, SyncPolicy(max_pending_bytes=64 << 20))
     finally:
         _run("umount", mnt) or _run("umount", "-l", mnt)
 

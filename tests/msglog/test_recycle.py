@@ -17,6 +17,7 @@ import pytest
 from appliance.console.follow import LogFollower
 from appliance.forward.logtail import FIRST_READ, LogTail, SegmentFiles
 from appliance.msglog import LogRecord, MessageLog, SegmentInfo, SegmentScan, SyncPolicy, list_segments, read_log, read_segment
+from appliance.msglog.fileio import FileIO
 from appliance.msglog.format import (
     FILE_HEADER_SIZE,
     FLAG_RECYCLED,
@@ -83,8 +84,8 @@ class Scenario:
         return [LogRecord(seq, KIND, body) for seq, body in sorted(self.known.items()) if seq > 300]
 
 
-def _started_log(directory: Path) -> MessageLog:
-    log = MessageLog(directory, segment_max_age=None)
+def _started_log(directory: Path, io: FileIO | None = None) -> MessageLog:
+    log = MessageLog(directory, io=io, segment_max_age=None)
     log.open()
     log.start()
     return log
@@ -425,9 +426,7 @@ def test_a_state_dir_of_the_version_before_recycling_opens_and_then_recycles(tmp
 def test_disk_full_while_taking_a_free_file_fails_cleanly_and_recovers(tmp_path: Path) -> None:
     directory = tmp_path / "log"
     io = FaultyIO()
-    log = MessageLog(directory, io=io, segment_max_age=None)
-    log.open()
-    log.start()
+    log = _started_log(directory, io)
     failed: list[tuple[int, int, str]] = []
     log.add_failure_listener(lambda first, last, error: failed.append((first, last, error)))
     for seq in range(1, 51):
@@ -887,9 +886,7 @@ def test_the_seal_helper_never_converts_a_segment_reused_under_it(
 def test_a_removed_segment_that_cannot_be_renamed_to_a_free_file_is_deleted(tmp_path: Path) -> None:
     directory = tmp_path / "log"
     io = FaultyIO()
-    log = MessageLog(directory, io=io, segment_max_age=None)
-    log.open()
-    log.start()
+    log = _started_log(directory, io)
     for seq in range(1, 52):
         log.append(KIND, fixed_body(seq))
         if seq in (50, 51):
